@@ -1,0 +1,157 @@
+//! Byte sources and sinks under the QCOW2 layer.
+//!
+//! The reader pulls bytes through [`ReadAt`], a positional, shared-reference read, so several
+//! threads can read one image at once and a later crate can serve bytes straight from object
+//! storage. Backing files and external data files are opened by name through [`Storage`], which
+//! is how a chain is followed on a local folder, an NFS mount or a bucket alike.
+//!
+//! The writer pushes bytes into an [`ImageSink`]: one pass, in ascending file order, with the
+//! header area handed over last so an interrupted write never leaves a valid-looking image.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Positional reads from an immutable byte source (a file, an object, a buffer).
+pub trait ReadAt: Send + Sync {
+    /// Fills `buf` with the bytes at `offset`; fails with [`io::ErrorKind::UnexpectedEof`]
+    /// when the source ends before `buf` is full.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// The source's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the source holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let meta = self.metadata()?;
+        if meta.file_type().is_file() {
+            return Ok(meta.len());
+        }
+        // Block devices report a zero length in their metadata; their size is where a seek to
+        // the end lands.
+        use std::io::Seek;
+        let mut handle = self.try_clone()?;
+        handle.seek(io::SeekFrom::End(0))
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        let bytes = self.get(start..end).ok_or_else(eof)?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.as_slice().len() as u64)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the source")
+}
+
+/// Opens byte sources by name: the top image, its backing files, external data files.
+///
+/// Names are `/`-separated paths as the reader resolved them (already joined with the folder of
+/// the image that names them and checked against the [`BackingPolicy`](crate::BackingPolicy)).
+pub trait Storage: Send + Sync {
+    /// Opens the source called `path`.
+    fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>>;
+}
+
+/// [`Storage`] on the local filesystem; relative names are relative to `root`.
+#[derive(Debug, Clone, Default)]
+pub struct LocalStorage {
+    root: Option<PathBuf>,
+}
+
+impl LocalStorage {
+    /// Names are taken as they are (relative to the process's working directory).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Relative names are resolved against `root`.
+    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: Some(root.into()),
+        }
+    }
+}
+
+impl Storage for LocalStorage {
+    fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>> {
+        let full = match &self.root {
+            Some(root) => root.join(path),
+            None => PathBuf::from(path),
+        };
+        Ok(Arc::new(File::open(full)?))
+    }
+}
+
+/// Where a one-pass QCOW2 writer sends an image.
+///
+/// The writer reserves a header area at the start of the image (at least one cluster, and at
+/// least [`min_header_len`](Self::min_header_len) rounded up to whole clusters), then calls
+/// [`append`](Self::append) with the rest of the image in ascending file order, starting at the
+/// end of that area. Once everything else is written it calls [`finish`](Self::finish) with the
+/// whole header area. Until `finish` succeeds, nothing at the destination may claim to be a
+/// complete image; a sink dropped without `finish` discards (or aborts) what it received.
+pub trait ImageSink {
+    /// The smallest header area this sink can accept (for example the minimum part size of a
+    /// multipart upload, whose first part is sent last). Zero means one cluster is enough.
+    fn min_header_len(&self) -> u64 {
+        0
+    }
+
+    /// Appends the next bytes of the image after the header area.
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+
+    /// Writes the header area (file offsets `0..header.len()`) and makes the image durable and
+    /// visible.
+    fn finish(&mut self, header: &[u8]) -> io::Result<()>;
+}

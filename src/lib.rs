@@ -1,0 +1,3 @@
+//! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
+
+pub use strata_qcow2 as qcow2;
