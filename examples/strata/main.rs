@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod convert;
+mod demo;
 mod info;
 mod map;
 
@@ -27,6 +28,8 @@ enum Command {
     Convert(convert::Args),
     /// Show where each guest range of an image is stored.
     Map(map::Args),
+    /// Build a small chain with qemu-img and read it back with Strata.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Map(args) => map::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

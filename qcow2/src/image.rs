@@ -63,7 +63,7 @@ impl Default for OpenOptions {
 }
 
 enum Layer {
-    Qcow2(Qcow2Layer),
+    Qcow2(Box<Qcow2Layer>),
     Raw {
         name: String,
         source: Arc<dyn ReadAt>,
@@ -222,7 +222,7 @@ impl Image {
                 };
                 next = Some((resolved, format));
             }
-            layers.push(Layer::Qcow2(layer));
+            layers.push(Layer::Qcow2(Box::new(layer)));
         }
         Ok(Self { layers })
     }

@@ -50,6 +50,8 @@
 //! resolved chain come out merged and in order ([`Image::for_each_extent`]), which is what a
 //! hydration loop wants: one walk, large reads, holes skipped.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod backing;
 mod compressed;
 mod error;
