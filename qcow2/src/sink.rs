@@ -1,0 +1,164 @@
+//! [`ImageSink`]s: a seekable file and a buffer in memory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::ImageSink;
+
+/// Appends are gathered into writes of this size.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Writes an image into a local file or block device.
+///
+/// The header area is left empty while the rest is appended after it, then written in place by
+/// `finish`, followed by an fsync. A `FileSink` dropped before `finish` succeeded removes the
+/// file it created (or, for one handed over with [`FileSink::from_file`], truncates a regular
+/// file to nothing), so an interrupted conversion never leaves a file with a QCOW2 magic.
+#[derive(Debug)]
+pub struct FileSink {
+    file: BufWriter<File>,
+    /// Set when this sink created the file and must remove it on failure.
+    created: Option<PathBuf>,
+    finished: bool,
+}
+
+impl FileSink {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Self {
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            created: Some(path.to_owned()),
+            finished: false,
+        })
+    }
+
+    /// Writes into an open file or block device, which it never removes.
+    pub fn from_file(file: File) -> Self {
+        Self {
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            created: None,
+            finished: false,
+        }
+    }
+
+    fn is_regular(&self) -> io::Result<bool> {
+        Ok(self.file.get_ref().metadata()?.file_type().is_file())
+    }
+}
+
+impl ImageSink for FileSink {
+    fn begin(&mut self, header_len: u64) -> io::Result<()> {
+        if self.is_regular()? {
+            // Whatever the file held before (a previous, longer image) goes.
+            self.file.get_ref().set_len(0)?;
+            self.file.seek(SeekFrom::Start(header_len))?;
+        } else {
+            // A device keeps old bytes: blank the header area so no old magic survives.
+            self.file.seek(SeekFrom::Start(0))?;
+            io::copy(&mut io::repeat(0).take(header_len), &mut self.file)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)
+    }
+
+    fn finish(&mut self, header: &[u8]) -> io::Result<()> {
+        self.file.flush()?;
+        let file = self.file.get_ref();
+        file.write_all_at(header, 0)?;
+        file.sync_all()?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Best effort: the write already failed, and the error that made it fail is reported.
+        match &self.created {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            None => {
+                if self.is_regular().unwrap_or(false) {
+                    let _ = self.file.get_ref().set_len(0);
+                }
+            }
+        }
+    }
+}
+
+/// Collects an image in memory (tests, small images, staging before an upload).
+#[derive(Debug, Default, Clone)]
+pub struct MemorySink {
+    bytes: Vec<u8>,
+    min_header_len: u64,
+    finished: bool,
+}
+
+impl MemorySink {
+    /// An empty sink asking for no more than one cluster of header area.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sink asking for a header area of at least `len` bytes, as a multipart upload would.
+    pub fn with_min_header_len(len: u64) -> Self {
+        Self {
+            min_header_len: len,
+            ..Self::default()
+        }
+    }
+
+    /// The complete image, once [`ImageSink::finish`] has run.
+    pub fn image(&self) -> Option<&[u8]> {
+        self.finished.then_some(self.bytes.as_slice())
+    }
+
+    /// The complete image, once [`ImageSink::finish`] has run.
+    pub fn into_image(self) -> Option<Vec<u8>> {
+        self.finished.then_some(self.bytes)
+    }
+}
+
+impl ImageSink for MemorySink {
+    fn min_header_len(&self) -> u64 {
+        self.min_header_len
+    }
+
+    fn begin(&mut self, header_len: u64) -> io::Result<()> {
+        let len = usize::try_from(header_len).map_err(io::Error::other)?;
+        self.bytes = vec![0; len];
+        Ok(())
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.bytes.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finish(&mut self, header: &[u8]) -> io::Result<()> {
+        let area = self.bytes.get_mut(..header.len()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "header area longer than announced",
+            )
+        })?;
+        area.copy_from_slice(header);
+        self.finished = true;
+        Ok(())
+    }
+}
