@@ -1,7 +1,7 @@
 //! [`ImageSink`]s: a seekable file and a buffer in memory.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,9 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// file to nothing), so an interrupted conversion never leaves a file with a QCOW2 magic.
 #[derive(Debug)]
 pub struct FileSink {
-    file: BufWriter<File>,
+    file: File,
+    /// Appended bytes not yet written; discarded (never flushed) when the sink is abandoned.
+    buffer: Vec<u8>,
     /// Set when this sink created the file and must remove it on failure.
     created: Option<PathBuf>,
     finished: bool,
@@ -34,7 +36,8 @@ impl FileSink {
             .truncate(true)
             .open(path)?;
         Ok(Self {
-            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            file,
+            buffer: Vec::with_capacity(WRITE_BUFFER),
             created: Some(path.to_owned()),
             finished: false,
         })
@@ -43,14 +46,21 @@ impl FileSink {
     /// Writes into an open file or block device, which it never removes.
     pub fn from_file(file: File) -> Self {
         Self {
-            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            file,
+            buffer: Vec::with_capacity(WRITE_BUFFER),
             created: None,
             finished: false,
         }
     }
 
+    fn flush_buffer(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.buffer)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
     fn is_regular(&self) -> io::Result<bool> {
-        Ok(self.file.get_ref().metadata()?.file_type().is_file())
+        Ok(self.file.metadata()?.file_type().is_file())
     }
 }
 
@@ -58,23 +68,37 @@ impl ImageSink for FileSink {
     fn begin(&mut self, header_len: u64) -> io::Result<()> {
         if self.is_regular()? {
             // Whatever the file held before (a previous, longer image) goes.
-            self.file.get_ref().set_len(0)?;
+            self.file.set_len(0)?;
             self.file.seek(SeekFrom::Start(header_len))?;
         } else {
             // A device keeps old bytes: blank the header area so no old magic survives.
             self.file.seek(SeekFrom::Start(0))?;
-            io::copy(&mut io::repeat(0).take(header_len), &mut self.file)?;
+            let zeros = vec![0u8; WRITE_BUFFER];
+            let mut left = header_len;
+            while left > 0 {
+                let len = left.min(WRITE_BUFFER as u64) as usize;
+                self.file.write_all(&zeros[..len])?;
+                left -= len as u64;
+            }
         }
         Ok(())
     }
 
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)
+        if self.buffer.len() + data.len() > WRITE_BUFFER {
+            self.flush_buffer()?;
+        }
+        if data.len() >= WRITE_BUFFER {
+            self.file.write_all(data)
+        } else {
+            self.buffer.extend_from_slice(data);
+            Ok(())
+        }
     }
 
     fn finish(&mut self, header: &[u8]) -> io::Result<()> {
-        self.file.flush()?;
-        let file = self.file.get_ref();
+        self.flush_buffer()?;
+        let file = &self.file;
         file.write_all_at(header, 0)?;
         file.sync_all()?;
         self.finished = true;
@@ -94,7 +118,7 @@ impl Drop for FileSink {
             }
             None => {
                 if self.is_regular().unwrap_or(false) {
-                    let _ = self.file.get_ref().set_len(0);
+                    let _ = self.file.set_len(0);
                 }
             }
         }
