@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::mpsc;
 
 use rustix::fs::{SeekFrom, seek};
 use rustix::io::Errno;
@@ -93,6 +94,11 @@ pub fn convert_raw<S: ImageSink>(
     writer.finish()
 }
 
+/// Buffers in flight between the reading thread and the writer.
+const READ_AHEAD: usize = 3;
+
+/// Reads the data ranges on a helper thread while the writer checks and appends the previous
+/// chunk, so reading the source overlaps writing the image.
 fn write_base<S: ImageSink>(
     writer: &mut Writer<S>,
     source: &File,
@@ -100,19 +106,65 @@ fn write_base<S: ImageSink>(
     chunk: u64,
 ) -> Result<(), WriteError> {
     let cluster = writer.cluster_size();
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), WriteError>>(READ_AHEAD);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..READ_AHEAD {
+        // The receiver is alive: it is ours.
+        let _ = empty_tx.send(Vec::with_capacity(chunk as usize));
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let result = read_data_chunks(
+                source,
+                ranges,
+                cluster,
+                chunk,
+                |offset, buf| full_tx.send(Ok((offset, buf))).is_ok(),
+                &empty_rx,
+            );
+            if let Err(err) = result {
+                let _ = full_tx.send(Err(err));
+            }
+        });
+        // Returning (on an error too) drops both channel ends held here, which stops the
+        // reading thread at its next send or wait for a buffer.
+        let returns = empty_tx;
+        for message in full_rx {
+            let (offset, buf) = message?;
+            writer.write_data(offset, &buf)?;
+            let _ = returns.send(buf);
+        }
+        Ok(())
+    })
+}
+
+/// Reads whole clusters around every data range, in chunks of at most `chunk` bytes, into
+/// buffers taken from `empty`; stops early when `deliver` returns false.
+fn read_data_chunks(
+    source: &File,
+    ranges: &mut DataRanges<'_>,
+    cluster: u64,
+    chunk: u64,
+    mut deliver: impl FnMut(u64, Vec<u8>) -> bool,
+    empty: &mpsc::Receiver<Vec<u8>>,
+) -> Result<(), WriteError> {
     let size = ranges.size;
-    let mut buf = vec![0u8; chunk as usize];
     let mut done = 0;
     while let Some((start, end)) = ranges.next_range()? {
-        // Whole clusters around the data, never going back over what was written.
+        // Whole clusters around the data, never going back over what was delivered.
         let start = (start - start % cluster).max(done);
         let end = end.next_multiple_of(cluster).min(size);
         let mut offset = start;
         while offset < end {
+            let Ok(mut buf) = empty.recv() else {
+                return Ok(());
+            };
             let len = (end - offset).min(chunk) as usize;
-            let part = &mut buf[..len];
-            read_source(source, part, offset)?;
-            writer.write_data(offset, part)?;
+            buf.resize(len, 0);
+            read_source(source, &mut buf, offset)?;
+            if !deliver(offset, buf) {
+                return Ok(());
+            }
             offset += len as u64;
         }
         done = done.max(end);

@@ -2,13 +2,19 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Advice, fadvise};
 
 use crate::ImageSink;
 
 /// Appends are gathered into writes of this size.
 const WRITE_BUFFER: usize = 1 << 20;
+/// After this many bytes, writeback of what was written is started in the background, so the
+/// final fsync has little left to wait for.
+const WRITEBACK_STEP: u64 = 64 << 20;
 
 /// Writes an image into a local file or block device.
 ///
@@ -21,6 +27,9 @@ pub struct FileSink {
     file: File,
     /// Appended bytes not yet written; discarded (never flushed) when the sink is abandoned.
     buffer: Vec<u8>,
+    /// File offset where the next write lands, and where background writeback was started up to.
+    position: u64,
+    writeback_from: u64,
     /// Set when this sink created the file and must remove it on failure.
     created: Option<PathBuf>,
     finished: bool,
@@ -38,6 +47,8 @@ impl FileSink {
         Ok(Self {
             file,
             buffer: Vec::with_capacity(WRITE_BUFFER),
+            position: 0,
+            writeback_from: 0,
             created: Some(path.to_owned()),
             finished: false,
         })
@@ -48,14 +59,32 @@ impl FileSink {
         Self {
             file,
             buffer: Vec::with_capacity(WRITE_BUFFER),
+            position: 0,
+            writeback_from: 0,
             created: None,
             finished: false,
         }
     }
 
     fn flush_buffer(&mut self) -> io::Result<()> {
-        self.file.write_all(&self.buffer)?;
+        let buffer = std::mem::take(&mut self.buffer);
+        let result = self.write_through(&buffer);
+        self.buffer = buffer;
         self.buffer.clear();
+        result
+    }
+
+    fn write_through(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.position += data.len() as u64;
+        if let Some(len) = NonZeroU64::new(self.position - self.writeback_from)
+            && len.get() >= WRITEBACK_STEP
+        {
+            // POSIX_FADV_DONTNEED starts writeback of the dirty pages without waiting for it;
+            // it is only a hint, so its failure changes nothing.
+            let _ = fadvise(&self.file, self.writeback_from, Some(len), Advice::DontNeed);
+            self.writeback_from = self.position;
+        }
         Ok(())
     }
 
@@ -69,7 +98,8 @@ impl ImageSink for FileSink {
         if self.is_regular()? {
             // Whatever the file held before (a previous, longer image) goes.
             self.file.set_len(0)?;
-            self.file.seek(SeekFrom::Start(header_len))?;
+            self.position = self.file.seek(SeekFrom::Start(header_len))?;
+            self.writeback_from = self.position;
         } else {
             // A device keeps old bytes: blank the header area so no old magic survives.
             self.file.seek(SeekFrom::Start(0))?;
@@ -77,7 +107,7 @@ impl ImageSink for FileSink {
             let mut left = header_len;
             while left > 0 {
                 let len = left.min(WRITE_BUFFER as u64) as usize;
-                self.file.write_all(&zeros[..len])?;
+                self.write_through(&zeros[..len])?;
                 left -= len as u64;
             }
         }
@@ -89,7 +119,7 @@ impl ImageSink for FileSink {
             self.flush_buffer()?;
         }
         if data.len() >= WRITE_BUFFER {
-            self.file.write_all(data)
+            self.write_through(data)
         } else {
             self.buffer.extend_from_slice(data);
             Ok(())
@@ -100,7 +130,7 @@ impl ImageSink for FileSink {
         self.flush_buffer()?;
         let file = &self.file;
         file.write_all_at(header, 0)?;
-        file.sync_all()?;
+        file.sync_data()?;
         self.finished = true;
         Ok(())
     }
