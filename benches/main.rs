@@ -1,9 +1,10 @@
-//! Criterion benches.
-use criterion::{Criterion, criterion_group, criterion_main};
+//! Criterion benches, each beside the peer tool where there is one, in the same run.
+#![allow(missing_docs)]
 
+use criterion::{criterion_group, criterion_main};
+
+mod hydrate;
 mod writer;
 
-fn placeholder(_c: &mut Criterion) {}
-
-criterion_group!(benches, placeholder, writer::benches);
+criterion_group!(benches, hydrate::chain_12_deep, writer::benches);
 criterion_main!(benches);

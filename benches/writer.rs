@@ -69,7 +69,7 @@ pub fn benches(c: &mut Criterion) {
         options.compression_type = method;
         options.compress();
         group.bench_with_input(
-            BenchmarkId::new("compressed", method),
+            BenchmarkId::new("compressed", method.name()),
             &options,
             |b, options| b.iter(|| write_volume(&small, options)),
         );

@@ -50,6 +50,29 @@ impl<R: ReadAt> BackingRead for RawBacking<R> {
     }
 }
 
+/// A resolved QCOW2 (or raw) chain as the backing of a new overlay: the usual case, where the
+/// previous backup is opened with [`Image::open`](crate::Image::open).
+impl BackingRead for crate::Image {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::Image::read_at(self, buf, offset).map_err(io::Error::other)
+    }
+
+    /// Asks the chain's map: only ranges with stored data anywhere in the chain are read.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let mut data = false;
+        self.for_each_extent(offset, len, |extent| {
+            data |= !extent.kind.is_zero();
+            Ok(())
+        })
+        .map_err(io::Error::other)?;
+        Ok(data)
+    }
+}
+
 /// Converts the raw file at `source` into a QCOW2 image at `destination` (created or
 /// replaced), as `qemu-img convert -f raw -O qcow2` does; with `backing`, the result is an
 /// overlay holding only what differs from it (name it in `options.backing_file`).

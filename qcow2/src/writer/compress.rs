@@ -3,7 +3,7 @@
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 
-use super::options::CompressionType;
+use crate::CompressionType;
 
 /// Window QEMU inflates deflate clusters with (2^12 bytes, no zlib header); a wider window could
 /// produce back-references it refuses.
@@ -122,7 +122,7 @@ mod tests {
             .collect();
         for method in [CompressionType::Deflate, CompressionType::Zstd] {
             let mut compressor = Compressor::new(method, cluster.len()).unwrap();
-            assert!(compressor.compress(&cluster).is_none(), "{method}");
+            assert!(compressor.compress(&cluster).is_none(), "{}", method.name());
         }
     }
 }

@@ -2,7 +2,8 @@
 //! (qcow2.rst, "Header", "Header extensions").
 
 use super::error::WriteError;
-use super::options::{Compat, CompressionType, WriterOptions};
+use super::options::{Compat, WriterOptions};
+use crate::CompressionType;
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Version 2 header length (qcow2.rst: "exactly 72 bytes").
@@ -64,7 +65,10 @@ pub(crate) fn encode(
         put64(&mut out, 0); // autoclear_features
         put32(&mut out, REFCOUNT_ORDER);
         put32(&mut out, header_len as u32);
-        out.push(compression.header_value());
+        out.push(match compression {
+            CompressionType::Deflate => 0,
+            CompressionType::Zstd => 1,
+        });
         out.resize(header_len, 0);
     }
     debug_assert_eq!(out.len(), header_len);

@@ -1,9 +1,7 @@
 //! What kind of image the writer produces: version, cluster size, compression, backing file.
 
-use std::fmt;
-use std::str::FromStr;
-
 use super::error::WriteError;
+use crate::CompressionType;
 
 /// Smallest cluster size, 512 bytes (qcow2.rst, "Header", `cluster_bits` must be at least 9).
 pub const MIN_CLUSTER_SIZE: u64 = 1 << 9;
@@ -33,32 +31,12 @@ impl Compat {
     }
 }
 
-/// How compressed clusters are encoded (qcow2.rst, "Additional fields", `compression_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CompressionType {
-    /// Raw deflate (RFC 1951) without a zlib header; QEMU calls it `zlib`.
-    #[default]
-    Deflate,
-    /// Zstandard; needs version 3 (incompatible feature bit 3).
-    Zstd,
-}
-
-impl CompressionType {
-    /// The header's `compression_type` byte.
-    pub fn header_value(self) -> u8 {
-        match self {
-            Self::Deflate => 0,
-            Self::Zstd => 1,
-        }
-    }
-}
-
 /// Everything about the image being written, except its content and virtual size.
 ///
 /// Parse QEMU's `-o` syntax with [`WriterOptions::parse_qemu_options`]:
 ///
 /// ```
-/// use strata_qcow2::{Compat, CompressionType, WriterOptions};
+/// use strata_qcow2::{Compat, WriterOptions};
 ///
 /// let mut options = WriterOptions::default();
 /// options.parse_qemu_options("cluster_size=1M,compat=0.10")?;
@@ -120,7 +98,13 @@ impl WriterOptions {
                         _ => return Err(invalid(item, "expected 0.10 or 1.1")),
                     }
                 }
-                "compression_type" => self.compression_type = value.parse()?,
+                "compression_type" => {
+                    self.compression_type = match value {
+                        "zlib" | "deflate" => CompressionType::Deflate,
+                        "zstd" => CompressionType::Zstd,
+                        _ => return Err(invalid(item, "expected zlib or zstd")),
+                    }
+                }
                 "backing_file" => self.backing_file = Some(value.to_owned()),
                 "backing_fmt" => self.backing_format = value.to_owned(),
                 _ => return Err(invalid(item, "unknown option")),
@@ -171,30 +155,6 @@ impl WriterOptions {
     /// The method written into the header: zstd marks it even when no cluster is compressed.
     pub(crate) fn header_compression(&self) -> CompressionType {
         self.compression.unwrap_or(self.compression_type)
-    }
-}
-
-impl FromStr for CompressionType {
-    type Err = WriteError;
-
-    fn from_str(value: &str) -> Result<Self, WriteError> {
-        match value {
-            "zlib" | "deflate" => Ok(Self::Deflate),
-            "zstd" => Ok(Self::Zstd),
-            _ => Err(invalid(
-                &format!("compression_type={value}"),
-                "expected zlib or zstd",
-            )),
-        }
-    }
-}
-
-impl fmt::Display for CompressionType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Deflate => "zlib",
-            Self::Zstd => "zstd",
-        })
     }
 }
 
