@@ -4,6 +4,7 @@
 use criterion::{criterion_group, criterion_main};
 
 mod hydrate;
+mod writer;
 
-criterion_group!(benches, hydrate::chain_12_deep);
+criterion_group!(benches, hydrate::chain_12_deep, writer::benches);
 criterion_main!(benches);

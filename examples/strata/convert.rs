@@ -16,10 +16,12 @@ pub struct Args {
     #[arg(short = 'f', value_parser = ["raw", "qcow2"])]
     source_format: Option<String>,
     /// Output format.
-    #[arg(short = 'O', value_parser = ["raw"], default_value = "raw")]
+    #[arg(short = 'O', value_parser = ["raw", "qcow2"], default_value = "raw")]
     output_format: String,
     #[command(flatten)]
     open: OpenArgs,
+    #[command(flatten)]
+    qcow2: crate::convert_qcow2::Args,
     /// The source image.
     source: PathBuf,
     /// The destination: a regular file (created or truncated, written sparse) or a block
@@ -29,6 +31,10 @@ pub struct Args {
 
 /// Runs `strata convert`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.output_format == "qcow2" {
+        let format = args.source_format.as_deref();
+        return crate::convert_qcow2::run(args.qcow2, args.open, format, &args.source, &args.dest);
+    }
     let format = args.source_format.as_deref().and_then(Format::parse);
     let image = Image::open_with_options(&args.source, &args.open.options(format))?;
     let dest = open_dest(&args.dest)?;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod convert;
+mod convert_qcow2;
 mod demo;
 mod info;
 mod map;

@@ -139,8 +139,8 @@ impl Storage for LocalStorage {
 /// Where a one-pass QCOW2 writer sends an image.
 ///
 /// The writer reserves a header area at the start of the image (at least one cluster, and at
-/// least [`min_header_len`](Self::min_header_len) rounded up to whole clusters), then calls
-/// [`append`](Self::append) with the rest of the image in ascending file order, starting at the
+/// least [`min_header_len`](Self::min_header_len) rounded up to whole clusters), announces its
+/// length with [`begin`](Self::begin), then calls [`append`](Self::append) with the rest of the image in ascending file order, starting at the
 /// end of that area. Once everything else is written it calls [`finish`](Self::finish) with the
 /// whole header area. Until `finish` succeeds, nothing at the destination may claim to be a
 /// complete image; a sink dropped without `finish` discards (or aborts) what it received.
@@ -149,6 +149,14 @@ pub trait ImageSink {
     /// multipart upload, whose first part is sent last). Zero means one cluster is enough.
     fn min_header_len(&self) -> u64 {
         0
+    }
+
+    /// Called once before the first [`append`](Self::append) with the length of the header
+    /// area, so a seekable sink knows where the appended bytes start. The default ignores it
+    /// (an append-only sink receives the header area separately in `finish`).
+    fn begin(&mut self, header_len: u64) -> io::Result<()> {
+        let _ = header_len;
+        Ok(())
     }
 
     /// Appends the next bytes of the image after the header area.

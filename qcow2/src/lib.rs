@@ -1,4 +1,4 @@
-//! A pure-Rust QCOW2 reader with backing chains, safe with hostile images.
+//! A pure-Rust QCOW2 reader and writer with backing chains, safe with hostile images.
 //!
 //! Strata stores every backup of a volume as a QCOW2 image: the first a full base image, each
 //! later one an overlay whose backing file is the previous backup. This crate reads every image
@@ -54,6 +54,7 @@
 
 mod backing;
 mod compressed;
+mod convert;
 mod error;
 mod header;
 mod hydrate;
@@ -62,6 +63,8 @@ mod io;
 mod l2;
 mod layer;
 mod map;
+mod sink;
+mod writer;
 
 pub use backing::BackingPolicy;
 pub use error::{Error, Result};
@@ -70,3 +73,11 @@ pub use hydrate::{HydrateStats, hydrate};
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info};
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
 pub use map::{Extent, ExtentKind};
+
+pub use convert::{BackingRead, RawBacking, convert_raw, convert_raw_file};
+pub use sink::{FileSink, MemorySink};
+pub use writer::error::WriteError;
+pub use writer::options::{
+    Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,
+};
+pub use writer::{WriteSummary, Writer};

@@ -1,0 +1,328 @@
+//! Converting a raw volume (a sparse file or a block device) into a QCOW2 image or overlay.
+//!
+//! Holes are found with `SEEK_DATA`/`SEEK_HOLE` and never read; data ranges are read in large
+//! chunks and checked for all-zero clusters by the [`Writer`]. For an overlay every cluster is
+//! compared with what the backing chain reads there, and only differing clusters are written.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::mpsc;
+
+use rustix::fs::{SeekFrom, seek};
+use rustix::io::Errno;
+
+use crate::writer::error::WriteError;
+use crate::writer::options::WriterOptions;
+use crate::writer::{WriteSummary, Writer, is_zero};
+use crate::{FileSink, ImageSink, ReadAt};
+
+/// Bytes read from the source at a time (rounded up to whole clusters).
+const CHUNK: u64 = 4 << 20;
+
+/// What the backing chain of an overlay reads, guest offset by guest offset.
+pub trait BackingRead {
+    /// Virtual size of the backing chain; past it, the overlay's backing reads as zeros.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the guest bytes at `offset` (`offset + buf.len() <= size()`).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Whether `offset..offset + len` may hold anything but zeros; `false` lets the converter
+    /// skip reading it. The default always answers `true`.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
+}
+
+/// A raw image (file, buffer, object) used as a backing file.
+#[derive(Debug, Clone)]
+pub struct RawBacking<R>(pub R);
+
+impl<R: ReadAt> BackingRead for RawBacking<R> {
+    fn size(&self) -> u64 {
+        self.0.len().unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+}
+
+/// A resolved QCOW2 (or raw) chain as the backing of a new overlay: the usual case, where the
+/// previous backup is opened with [`Image::open`](crate::Image::open).
+impl BackingRead for crate::Image {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::Image::read_at(self, buf, offset).map_err(io::Error::other)
+    }
+
+    /// Asks the chain's map: only ranges with stored data anywhere in the chain are read.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let mut data = false;
+        self.for_each_extent(offset, len, |extent| {
+            data |= !extent.kind.is_zero();
+            Ok(())
+        })
+        .map_err(io::Error::other)?;
+        Ok(data)
+    }
+}
+
+/// Converts the raw file at `source` into a QCOW2 image at `destination` (created or
+/// replaced), as `qemu-img convert -f raw -O qcow2` does; with `backing`, the result is an
+/// overlay holding only what differs from it (name it in `options.backing_file`).
+pub fn convert_raw_file(
+    source: &Path,
+    destination: &Path,
+    options: &WriterOptions,
+    backing: Option<&dyn BackingRead>,
+) -> Result<WriteSummary, WriteError> {
+    let source = File::open(source).map_err(WriteError::io("opening the source", 0))?;
+    let sink =
+        FileSink::create(destination).map_err(WriteError::io("creating the destination", 0))?;
+    convert_raw(&source, sink, options, backing).map(|(_, summary)| summary)
+}
+
+/// Converts a raw file or block device into a QCOW2 image written to `sink`.
+///
+/// Without `backing`, clusters in holes and all-zero clusters are left unallocated. With
+/// `backing` (the chain named by `options.backing_file`), a cluster equal to what the backing
+/// reads is left unallocated, one that became all zeros is a zero cluster, any other is stored.
+pub fn convert_raw<S: ImageSink>(
+    source: &File,
+    sink: S,
+    options: &WriterOptions,
+    backing: Option<&dyn BackingRead>,
+) -> Result<(S, WriteSummary), WriteError> {
+    if backing.is_some() != options.backing_file.is_some() {
+        return Err(WriteError::InvalidOption {
+            option: "backing_file".to_owned(),
+            reason: "an overlay needs both the backing file name and its content",
+        });
+    }
+    let size = ReadAt::len(source).map_err(WriteError::io("reading the source size", 0))?;
+    let mut writer = Writer::new(sink, options, size)?;
+    let chunk = CHUNK.next_multiple_of(writer.cluster_size());
+    // Ranges end at the source's length; the image's last sector may reach past it.
+    let mut ranges = DataRanges::new(source, size);
+    match backing {
+        None => write_base(&mut writer, source, &mut ranges, chunk)?,
+        Some(backing) => write_overlay(&mut writer, source, &mut ranges, backing, chunk)?,
+    }
+    writer.finish()
+}
+
+/// Buffers in flight between the reading thread and the writer.
+const READ_AHEAD: usize = 3;
+
+/// Reads the data ranges on a helper thread while the writer checks and appends the previous
+/// chunk, so reading the source overlaps writing the image.
+fn write_base<S: ImageSink>(
+    writer: &mut Writer<S>,
+    source: &File,
+    ranges: &mut DataRanges<'_>,
+    chunk: u64,
+) -> Result<(), WriteError> {
+    let cluster = writer.cluster_size();
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), WriteError>>(READ_AHEAD);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..READ_AHEAD {
+        // The receiver is alive: it is ours.
+        let _ = empty_tx.send(Vec::with_capacity(chunk as usize));
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let result = read_data_chunks(
+                source,
+                ranges,
+                cluster,
+                chunk,
+                |offset, buf| full_tx.send(Ok((offset, buf))).is_ok(),
+                &empty_rx,
+            );
+            if let Err(err) = result {
+                let _ = full_tx.send(Err(err));
+            }
+        });
+        // Returning (on an error too) drops both channel ends held here, which stops the
+        // reading thread at its next send or wait for a buffer.
+        let returns = empty_tx;
+        for message in full_rx {
+            let (offset, buf) = message?;
+            writer.write_data(offset, &buf)?;
+            let _ = returns.send(buf);
+        }
+        Ok(())
+    })
+}
+
+/// Reads whole clusters around every data range, in chunks of at most `chunk` bytes, into
+/// buffers taken from `empty`; stops early when `deliver` returns false.
+fn read_data_chunks(
+    source: &File,
+    ranges: &mut DataRanges<'_>,
+    cluster: u64,
+    chunk: u64,
+    mut deliver: impl FnMut(u64, Vec<u8>) -> bool,
+    empty: &mpsc::Receiver<Vec<u8>>,
+) -> Result<(), WriteError> {
+    let size = ranges.size;
+    let mut done = 0;
+    while let Some((start, end)) = ranges.next_range()? {
+        // Whole clusters around the data, never going back over what was delivered.
+        let start = (start - start % cluster).max(done);
+        let end = end.next_multiple_of(cluster).min(size);
+        let mut offset = start;
+        while offset < end {
+            let Ok(mut buf) = empty.recv() else {
+                return Ok(());
+            };
+            let len = (end - offset).min(chunk) as usize;
+            buf.resize(len, 0);
+            read_source(source, &mut buf, offset)?;
+            if !deliver(offset, buf) {
+                return Ok(());
+            }
+            offset += len as u64;
+        }
+        done = done.max(end);
+    }
+    Ok(())
+}
+
+fn write_overlay<S: ImageSink>(
+    writer: &mut Writer<S>,
+    source: &File,
+    ranges: &mut DataRanges<'_>,
+    backing: &dyn BackingRead,
+    chunk: u64,
+) -> Result<(), WriteError> {
+    let cluster = writer.cluster_size() as usize;
+    let size = writer.virtual_size();
+    let backing_size = backing.size();
+    let mut new = vec![0u8; chunk as usize];
+    let mut old = vec![0u8; chunk as usize];
+    let mut pending = ranges.next_range()?;
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(chunk);
+        let end = offset + len;
+        let new = &mut new[..len as usize];
+        let old = &mut old[..len as usize];
+
+        // The source: data ranges read, holes zero.
+        new.fill(0);
+        let mut source_data = false;
+        while let Some((start, stop)) = pending {
+            if start >= end {
+                break;
+            }
+            let lo = start.max(offset);
+            let hi = stop.min(end);
+            if lo < hi {
+                read_source(
+                    source,
+                    &mut new[(lo - offset) as usize..(hi - offset) as usize],
+                    lo,
+                )?;
+                source_data = true;
+            }
+            if stop > end {
+                break;
+            }
+            pending = ranges.next_range()?;
+        }
+
+        // The backing: zero past its end or where it says it holds nothing.
+        old.fill(0);
+        let backing_end = end.min(backing_size);
+        let mut backing_data = false;
+        if offset < backing_end {
+            let span = backing_end - offset;
+            let may = backing
+                .may_hold_data(offset, span)
+                .map_err(WriteError::io("mapping the backing chain", offset))?;
+            if may {
+                backing
+                    .read_at(&mut old[..span as usize], offset)
+                    .map_err(WriteError::io("reading the backing chain", offset))?;
+                backing_data = true;
+            }
+        }
+
+        if source_data || backing_data {
+            for (i, (now, before)) in new.chunks(cluster).zip(old.chunks(cluster)).enumerate() {
+                if now == before {
+                    continue;
+                }
+                let at = offset + (i * cluster) as u64;
+                if is_zero(now) {
+                    writer.write_zeros(at, now.len() as u64)?;
+                } else {
+                    writer.write_data_over_backing(at, now)?;
+                }
+            }
+        }
+        offset = end;
+    }
+    Ok(())
+}
+
+fn read_source(source: &File, buf: &mut [u8], offset: u64) -> Result<(), WriteError> {
+    ReadAt::read_exact_at(source, buf, offset).map_err(WriteError::io("reading the source", offset))
+}
+
+/// The data ranges of a file in ascending order, from `SEEK_DATA`/`SEEK_HOLE`; a file system
+/// without them reports the whole file as one range.
+struct DataRanges<'a> {
+    file: &'a File,
+    size: u64,
+    pos: u64,
+}
+
+impl<'a> DataRanges<'a> {
+    fn new(file: &'a File, size: u64) -> Self {
+        Self { file, size, pos: 0 }
+    }
+
+    fn next_range(&mut self) -> Result<Option<(u64, u64)>, WriteError> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        let start = match seek(self.file, SeekFrom::Data(self.pos)) {
+            Ok(start) => start,
+            Err(Errno::NXIO) => {
+                self.pos = self.size;
+                return Ok(None);
+            }
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => self.pos,
+            Err(errno) => {
+                return Err(WriteError::io("looking for data in the source", self.pos)(
+                    errno.into(),
+                ));
+            }
+        };
+        if start >= self.size {
+            self.pos = self.size;
+            return Ok(None);
+        }
+        let end = match seek(self.file, SeekFrom::Hole(start)) {
+            Ok(end) => end.min(self.size),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => self.size,
+            Err(errno) => {
+                return Err(WriteError::io("looking for holes in the source", start)(
+                    errno.into(),
+                ));
+            }
+        };
+        // A hole reported at `start` itself would stall; treat that byte range as data.
+        let end = if end <= start { self.size } else { end };
+        self.pos = end;
+        Ok(Some((start, end)))
+    }
+}
