@@ -279,18 +279,24 @@ fn read_source(source: &File, buf: &mut [u8], offset: u64) -> Result<(), WriteEr
 
 /// The data ranges of a file in ascending order, from `SEEK_DATA`/`SEEK_HOLE`; a file system
 /// without them reports the whole file as one range.
-struct DataRanges<'a> {
+/// The data ranges of a raw file or block device, found with `SEEK_DATA`/`SEEK_HOLE` so holes
+/// are never read. Where the file system cannot tell (or for a block device), the whole rest of
+/// the source is one data range.
+#[derive(Debug)]
+pub struct DataRanges<'a> {
     file: &'a File,
     size: u64,
     pos: u64,
 }
 
 impl<'a> DataRanges<'a> {
-    fn new(file: &'a File, size: u64) -> Self {
+    /// Ranges of `file` below `size`.
+    pub fn new(file: &'a File, size: u64) -> Self {
         Self { file, size, pos: 0 }
     }
 
-    fn next_range(&mut self) -> Result<Option<(u64, u64)>, WriteError> {
+    /// The next data range `(start, end)`, in ascending order.
+    pub fn next_range(&mut self) -> Result<Option<(u64, u64)>, WriteError> {
         if self.pos >= self.size {
             return Ok(None);
         }

@@ -398,7 +398,8 @@ impl<S: ImageSink> Writer<S> {
 const SECTOR: u64 = 512;
 
 /// Whether every byte is zero; checks 4 KiB at a time so the compiler can vectorise the OR.
-pub(crate) fn is_zero(bytes: &[u8]) -> bool {
+/// Whether `bytes` are all zeros (checked 4 KiB at a time, which vectorizes well).
+pub fn is_zero(bytes: &[u8]) -> bool {
     bytes
         .chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
