@@ -1,7 +1,7 @@
-//! Criterion benches.
-use criterion::{Criterion, criterion_group, criterion_main};
+//! Criterion benches, one module per crate.
+use criterion::{criterion_group, criterion_main};
 
-fn placeholder(_c: &mut Criterion) {}
+mod target;
 
-criterion_group!(benches, placeholder);
+criterion_group!(benches, target::benches);
 criterion_main!(benches);
