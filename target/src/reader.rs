@@ -124,7 +124,7 @@ impl ObjectReader {
                     evict(&mut state, cache_blocks);
                 }
                 Err(err) => {
-                    let message = Error::store("read", &path, err).to_string();
+                    let message = with_causes(&Error::store("read", &path, err));
                     for index in first..end {
                         state.in_flight.remove(&index);
                         state.failed.insert(index, message.clone());
@@ -156,6 +156,18 @@ async fn get_exact(
         });
     }
     Ok(bytes)
+}
+
+/// The error and its causes on one line (the cached failure outlives the error value).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 fn evict(state: &mut State, capacity: usize) {

@@ -41,7 +41,9 @@ pub struct BackupSpec {
     pub cluster_size: u64,
 }
 
-/// A backup being written. See the [module docs](self) for the protocol.
+/// A backup being written: reserved by [`Target::begin_backup`], streamed through
+/// [`image_sink`](Self::image_sink) and [`put_file`](Self::put_file), made visible by
+/// [`commit`](Self::commit) (see "Guarantees" in the crate docs).
 #[derive(Debug)]
 pub struct BackupUpload {
     target: Target,

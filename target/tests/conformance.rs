@@ -147,7 +147,7 @@ fn one_id_has_one_writer(f: Fixture) -> TestResult {
                 let mut upload = target.begin_backup(&v, spec)?;
                 write_image(&mut upload, 10 + i as u64, 1 << 20)?;
                 let manifest = upload.commit()?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(manifest)
+                Ok::<_, common::BoxError>(manifest)
             })
         })
         .collect();
@@ -193,7 +193,7 @@ fn concurrent_children_of_one_parent_fork_nothing(f: Fixture) -> TestResult {
                 let mut upload = target.begin_backup(&v, spec(Some(&base)))?;
                 write_image(&mut upload, 20 + i as u64, 1 << 20)?;
                 let manifest = upload.commit()?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(manifest)
+                Ok::<_, common::BoxError>(manifest)
             })
         })
         .collect();
@@ -539,7 +539,7 @@ fn qemu_io(path: &std::path::Path, command: &str) -> TestResult {
     Ok(())
 }
 
-fn compare(a: &std::path::Path, b: &std::path::Path) -> Result<bool, Box<dyn std::error::Error>> {
+fn compare(a: &std::path::Path, b: &std::path::Path) -> Result<bool, common::BoxError> {
     let status = std::process::Command::new("qemu-img")
         .args([
             "compare",

@@ -30,7 +30,7 @@ fn options(attempts: u32) -> TargetOptions {
     options
 }
 
-fn target(attempts: u32) -> Result<(Arc<FaultyStore>, Target), Box<dyn std::error::Error>> {
+fn target(attempts: u32) -> Result<(Arc<FaultyStore>, Target), common::BoxError> {
     let store = Arc::new(FaultyStore::default());
     let target = Target::from_store(store.clone(), "repo", options(attempts))?;
     Ok((store, target))
@@ -41,7 +41,7 @@ fn overlay(
     target: &Target,
     v: &VolumeName,
     base: &BackupManifest,
-) -> Result<BackupManifest, Box<dyn std::error::Error>> {
+) -> Result<BackupManifest, common::BoxError> {
     let mut upload = target.begin_backup(v, spec(Some(base)))?;
     write_image(&mut upload, 42, BODY)?;
     upload.put_file(

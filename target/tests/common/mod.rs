@@ -10,7 +10,8 @@ use std::sync::Arc;
 use strata_qcow2::{ImageSink, ReadAt};
 use strata_target::{BackupManifest, BackupSpec, BackupUpload, Target, TargetOptions, VolumeName};
 
-pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestResult = Result<(), BoxError>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -170,7 +171,7 @@ pub fn backup(
     parent: Option<&BackupManifest>,
     seed: u64,
     body_len: usize,
-) -> Result<(BackupManifest, Vec<u8>), Box<dyn std::error::Error>> {
+) -> Result<(BackupManifest, Vec<u8>), BoxError> {
     let mut upload = target.begin_backup(volume, spec(parent))?;
     let bytes = write_image(&mut upload, seed, body_len)?;
     Ok((upload.commit()?, bytes))
@@ -180,7 +181,7 @@ pub fn write_image(
     upload: &mut BackupUpload,
     seed: u64,
     body_len: usize,
-) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+) -> Result<Vec<u8>, BoxError> {
     let mut sink = upload.image_sink()?;
     let header_len = header_len_for(&sink);
     Ok(write_synthetic(&mut sink, seed, header_len, body_len)?)
