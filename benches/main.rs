@@ -1,9 +1,10 @@
-//! Criterion benches, one module per crate.
-// criterion_group! generates an undocumented public function.
+//! Criterion benches, each beside the peer tool where there is one, in the same run.
 #![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main};
 
+mod hydrate;
 mod target;
 
-criterion_group!(benches, target::benches);
+criterion_group!(benches, hydrate::chain_12_deep, target::benches);
 criterion_main!(benches);
