@@ -12,7 +12,7 @@ use common::{
     Fixture, Kind, TestResult, backup, fixture, read_all, spec, volume, write_image,
     write_synthetic,
 };
-use strata_qcow2::{ImageSink, Storage};
+use strata_qcow2::{Image, ImageSink, OpenOptions, Storage, hydrate};
 use strata_target::{
     AppBackupId, AppName, BackupId, BackupSpec, Error, FORMAT_VERSION, FileName, VolumeBackupRef,
 };
@@ -482,6 +482,18 @@ fn qemu_made_chain_round_trips(f: Fixture) -> TestResult {
     assert!(
         compare(&top_path, &downloaded)?,
         "downloaded chain differs from the original"
+    );
+
+    // Strata's reader opens the chain straight from the target, following the backing name.
+    let storage = f.target.storage(&v);
+    let image = Image::open_with(&storage, &top.image.object, &OpenOptions::default())?;
+    assert_eq!(image.virtual_size(), 64 << 20);
+    let raw_path = out.path().join("hydrated.raw");
+    let raw = std::fs::File::create(&raw_path)?;
+    hydrate(&image, &raw, "hydrated.raw")?;
+    assert!(
+        compare(&top_path, &raw_path)?,
+        "chain read from the target differs"
     );
     if let Some(folder) = f.target.local_image_dir(&v) {
         let in_repo = folder.join(&top.image.object);
