@@ -4,7 +4,13 @@
 use criterion::{criterion_group, criterion_main};
 
 mod hydrate;
+mod target;
 mod writer;
 
-criterion_group!(benches, hydrate::chain_12_deep, writer::benches);
+criterion_group!(
+    benches,
+    hydrate::chain_12_deep,
+    writer::benches,
+    target::benches
+);
 criterion_main!(benches);

@@ -2,3 +2,4 @@
 
 pub use strata_chain as chain;
 pub use strata_qcow2 as qcow2;
+pub use strata_target as target;

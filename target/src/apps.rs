@@ -1,0 +1,106 @@
+//! Application backups: a metadata archive plus references to the volume backups taken with it.
+
+use bytes::Bytes;
+use chrono::Utc;
+
+use crate::error::{Error, Result};
+use crate::layout::FORMAT_VERSION;
+use crate::manifest::{AppManifest, VolumeBackupRef, crc32, from_json, to_json};
+use crate::name::{AppBackupId, AppName};
+use crate::target::{Created, Target};
+
+impl Target {
+    /// Stores an application backup: the archive first, then its manifest, create-only, as the
+    /// commit. Fails with [`Error::BackupExists`] when the id is taken.
+    pub fn put_app_backup(
+        &self,
+        app: &AppName,
+        id: &AppBackupId,
+        volumes: Vec<VolumeBackupRef>,
+        archive: Bytes,
+    ) -> Result<AppManifest> {
+        let manifest = AppManifest {
+            format_version: FORMAT_VERSION,
+            app: app.clone(),
+            id: id.clone(),
+            created: Utc::now(),
+            volumes,
+            archive_size: archive.len() as u64,
+            archive_checksums: crc32(&archive),
+        };
+        let doc = manifest.clone();
+        self.block("put application backup", move |inner| async move {
+            let manifest_path = inner.layout.app_manifest(&doc.app, &doc.id);
+            let exists = || Error::BackupExists {
+                volume: format!("application {}", doc.app),
+                id: doc.id.to_string(),
+            };
+            match inner.get_bytes(&manifest_path).await {
+                Ok(_) => return Err(exists()),
+                Err(Error::NotFound { .. }) => {}
+                Err(err) => return Err(err),
+            }
+            inner
+                .put(&inner.layout.app_archive(&doc.app, &doc.id), archive)
+                .await?;
+            match inner
+                .put_create(&manifest_path, to_json(&doc).into())
+                .await?
+            {
+                Created::New => Ok(()),
+                Created::Exists(_) => Err(exists()),
+            }
+        })?;
+        Ok(manifest)
+    }
+
+    /// The committed backups of application `app`, oldest first.
+    pub fn app_backups(&self, app: &AppName) -> Result<Vec<AppManifest>> {
+        let app = app.clone();
+        self.block("list application backups", move |inner| async move {
+            let mut out = Vec::new();
+            for meta in inner.list(&inner.layout.applications(&app)).await? {
+                if meta.location.as_ref().ends_with(".json") {
+                    let bytes = inner.get_bytes(&meta.location).await?;
+                    out.push(from_json::<AppManifest>(
+                        "application manifest",
+                        meta.location.as_ref(),
+                        &bytes,
+                    )?);
+                }
+            }
+            out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok(out)
+        })
+    }
+
+    /// The metadata archive of a committed application backup, checked against its manifest.
+    pub fn read_app_archive(&self, app: &AppName, id: &AppBackupId) -> Result<Bytes> {
+        let (app, id) = (app.clone(), id.clone());
+        self.block("read application archive", move |inner| async move {
+            let manifest_path = inner.layout.app_manifest(&app, &id);
+            let manifest: AppManifest = match inner.get_bytes(&manifest_path).await {
+                Ok(bytes) => from_json("application manifest", manifest_path.as_ref(), &bytes)?,
+                Err(Error::NotFound { .. }) => {
+                    return Err(Error::NotFound {
+                        what: "application backup",
+                        name: format!("{app}/{id}"),
+                    });
+                }
+                Err(err) => return Err(err),
+            };
+            let path = inner.layout.app_archive(&app, &id);
+            let archive = inner.get_bytes(&path).await?;
+            if archive.len() as u64 != manifest.archive_size
+                || crc32(&archive) != manifest.archive_checksums
+            {
+                return Err(Error::Corrupt {
+                    what: "application archive",
+                    path: path.to_string(),
+                    reason: "size or CRC differs from the manifest".into(),
+                });
+            }
+            Ok(archive)
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The crate's error type.
+
+use std::io;
+
+/// What can go wrong with a backup target.
+///
+/// `Display` names the kind of failure and its context (operation, object, backup); the
+/// underlying cause, when there is one, is reachable through [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The target URL could not be understood or its scheme is not compiled in.
+    #[error("invalid target URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A volume, backup, application or file name breaks the naming rules of the layout.
+    #[error("invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        /// What was being named (`volume`, `backup id`, ...).
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// The object store failed (after retries, for transient errors).
+    #[error("object store failed to {operation} {path}")]
+    Store {
+        /// What was being done (`put`, `get`, `list`, ...).
+        operation: &'static str,
+        /// The object or prefix concerned.
+        path: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// Local file I/O failed (filesystem targets write images directly).
+    #[error("I/O error while trying to {operation} {path}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The file concerned.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A volume, backup, file or repository marker does not exist.
+    #[error("{what} {name} not found")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// Another writer already claimed (or committed) this backup id.
+    #[error("backup {id} of volume {volume} already exists or is being written")]
+    BackupExists {
+        /// The volume.
+        volume: String,
+        /// The backup id.
+        id: String,
+    },
+    /// The parent is no longer the head of its chain: another backup already extends it.
+    #[error(
+        "backup {parent} of volume {volume} is no longer the head of its chain: {child} already \
+         extends it"
+    )]
+    ParentNotHead {
+        /// The volume.
+        volume: String,
+        /// The parent the caller wanted to extend.
+        parent: String,
+        /// The backup (committed or in progress) that extends it.
+        child: String,
+    },
+    /// The repository was written by a newer (or unknown) layout version.
+    #[error(
+        "repository format {found:?} version {version} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedFormat {
+        /// The format name found in the marker.
+        found: String,
+        /// The version found.
+        version: u32,
+        /// The version this build understands.
+        supported: u32,
+    },
+    /// Stored bytes are not what they claim to be (bad JSON, size or checksum mismatch).
+    #[error("corrupt {what} at {path}: {reason}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// The object concerned.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The upload was used out of order (commit before the image was finished, a header area
+    /// smaller than the store's minimum part size, a second image, ...).
+    #[error("upload of {path} misused: {reason}")]
+    Upload {
+        /// The object being uploaded.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The target's background runtime stopped before the operation completed.
+    #[error("the target's I/O runtime stopped during {operation}")]
+    Runtime {
+        /// The operation that was cut short.
+        operation: &'static str,
+    },
+    /// The store lacks a capability this operation needs.
+    #[error("unsupported by this store: {feature}")]
+    Unsupported {
+        /// What is missing.
+        feature: &'static str,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn store(
+        operation: &'static str,
+        path: impl ToString,
+        source: object_store::Error,
+    ) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => Error::NotFound {
+                what: "object",
+                name: path.to_string(),
+            },
+            source => Error::Store {
+                operation,
+                path: path.to_string(),
+                source,
+            },
+        }
+    }
+
+    pub(crate) fn io(operation: &'static str, path: impl ToString, source: io::Error) -> Self {
+        Error::Io {
+            operation,
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        let kind = match &err {
+            Error::NotFound { .. } => io::ErrorKind::NotFound,
+            Error::BackupExists { .. } => io::ErrorKind::AlreadyExists,
+            Error::InvalidName { .. } | Error::Upload { .. } => io::ErrorKind::InvalidInput,
+            Error::Corrupt { .. } => io::ErrorKind::InvalidData,
+            Error::Unsupported { .. } => io::ErrorKind::Unsupported,
+            Error::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, err)
+    }
+}

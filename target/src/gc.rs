@@ -1,0 +1,122 @@
+//! Garbage collection of what interrupted or abandoned backups left behind.
+//!
+//! An object is garbage when it belongs to a backup id that is not committed and whose claim is
+//! missing or older than the grace period, and the object itself is older than the grace
+//! period. Data objects go first and claims last, so an interrupted `gc` is simply run again.
+//! Incomplete multipart uploads are aborted by the sink that started them; those of a crashed
+//! process cannot be listed through object_store, so object stores should also carry a
+//! lifecycle rule that aborts incomplete multipart uploads after a day.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use object_store::ObjectMeta;
+use object_store::path::Path;
+
+use crate::error::Result;
+use crate::layout::{IMAGE_EXTENSION, id_from_key};
+use crate::manifest::{Reservation, from_json};
+use crate::name::VolumeName;
+use crate::target::{Inner, Target};
+
+/// What [`Target::gc`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Keys of the objects removed.
+    pub removed: Vec<String>,
+}
+
+impl Target {
+    /// Removes the leftovers of backups that were never committed and whose writers have been
+    /// silent for longer than `grace`. A writer must commit within `grace` of claiming its id.
+    pub fn gc(&self, grace: Duration) -> Result<GcReport> {
+        let volumes = self.volumes()?;
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let mut report = GcReport::default();
+        for volume in volumes {
+            let removed = self.block("gc", move |inner| async move {
+                collect_volume(&inner, &volume, Utc::now() - grace).await
+            })?;
+            report.removed.extend(removed);
+        }
+        Ok(report)
+    }
+}
+
+/// The backup id an object of the volume belongs to, by folder.
+fn owner(dir: &str, key: &Path, rest: &[String]) -> Option<String> {
+    match dir {
+        "images" => {
+            let name = key.filename()?;
+            let (id, _) = name.split_once(IMAGE_EXTENSION)?;
+            Some(id.to_string())
+        }
+        "files" => rest.first().cloned(),
+        "claims" | "backups" => id_from_key(key, ".json"),
+        _ => None,
+    }
+}
+
+async fn collect_volume(
+    inner: &Inner,
+    volume: &VolumeName,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<String>> {
+    let volume_prefix = inner.layout.volume(volume);
+    let objects = inner.list(&volume_prefix).await?;
+    let depth = volume_prefix.parts().count();
+    let mut by_dir: HashMap<String, Vec<(ObjectMeta, Vec<String>)>> = HashMap::new();
+    for meta in objects {
+        let parts: Vec<String> = meta
+            .location
+            .parts()
+            .skip(depth)
+            .map(|p| p.as_ref().to_string())
+            .collect();
+        let Some((dir, rest)) = parts.split_first() else {
+            continue;
+        };
+        let rest = rest.to_vec();
+        by_dir.entry(dir.clone()).or_default().push((meta, rest));
+    }
+    let committed: HashSet<String> = by_dir
+        .get("backups")
+        .into_iter()
+        .flatten()
+        .filter_map(|(meta, rest)| owner("backups", &meta.location, rest))
+        .collect();
+    let live_claims: HashSet<String> = by_dir
+        .get("claims")
+        .into_iter()
+        .flatten()
+        .filter(|(meta, _)| meta.last_modified > cutoff)
+        .filter_map(|(meta, rest)| owner("claims", &meta.location, rest))
+        .collect();
+    let live = |id: &str| committed.contains(id) || live_claims.contains(id);
+    let mut removed = Vec::new();
+    for dir in ["images", "files", "children", "claims"] {
+        for (meta, rest) in by_dir.get(dir).into_iter().flatten() {
+            if meta.last_modified > cutoff {
+                continue;
+            }
+            let id = if dir == "children" {
+                // A child slot belongs to the backup it names.
+                let bytes = inner.get_bytes(&meta.location).await?;
+                from_json::<Reservation>("child slot", meta.location.as_ref(), &bytes)?
+                    .backup
+                    .to_string()
+            } else {
+                match owner(dir, &meta.location, rest) {
+                    Some(id) => id,
+                    None => continue,
+                }
+            };
+            if !live(&id) {
+                inner.delete(&meta.location).await?;
+                removed.push(meta.location.to_string());
+            }
+        }
+    }
+    Ok(removed)
+}

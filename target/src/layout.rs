@@ -1,0 +1,158 @@
+//! Where everything lives in a repository (format version 1).
+//!
+//! ```text
+//! <prefix>/strata-repository.json               marker: {"format": "strata-target", "version": 1}
+//! <prefix>/volumes/<volume>/images/<id>.qcow2    the chain's images, one folder per volume;
+//!                                                overlays name their parent "<parent>.qcow2"
+//! <prefix>/volumes/<volume>/backups/<id>.json    manifest: the commit point of a backup
+//! <prefix>/volumes/<volume>/claims/<id>.json     reservation of an id, made before any upload
+//! <prefix>/volumes/<volume>/children/<id>.json   reservation of the one child that extends <id>
+//! <prefix>/volumes/<volume>/files/<id>/<name>    side files of a backup (digest manifests, ...)
+//! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
+//! <prefix>/applications/<app>/<id>.archive       its metadata archive
+//! ```
+//!
+//! Every name in a key is one checked segment (see [`crate::name`]), so keys never escape the
+//! prefix. Staging files of filesystem uploads are `images/<id>.qcow2.<token>.partial`.
+
+use object_store::path::Path;
+
+use crate::name::{AppBackupId, AppName, BackupId, FileName, VolumeName};
+
+/// The format name written in the repository marker.
+pub const FORMAT_NAME: &str = "strata-target";
+/// The layout version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The marker object's name, directly under the target's prefix.
+pub const MARKER: &str = "strata-repository.json";
+/// The extension of image objects; backing names are `<parent id>` plus this.
+pub const IMAGE_EXTENSION: &str = ".qcow2";
+
+/// Object keys of one repository, relative to the object store's root.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    prefix: Path,
+}
+
+impl Layout {
+    pub(crate) fn new(prefix: Path) -> Self {
+        Self { prefix }
+    }
+
+    fn key<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Path {
+        let mut path = self.prefix.clone();
+        for part in parts {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    pub(crate) fn marker(&self) -> Path {
+        self.key([MARKER])
+    }
+
+    pub(crate) fn volumes(&self) -> Path {
+        self.key(["volumes"])
+    }
+
+    pub(crate) fn volume(&self, volume: &VolumeName) -> Path {
+        self.key(["volumes", volume.as_str()])
+    }
+
+    pub(crate) fn volume_dir(&self, volume: &VolumeName, dir: &'static str) -> Path {
+        self.key(["volumes", volume.as_str(), dir])
+    }
+
+    pub(crate) fn image(&self, volume: &VolumeName, image_name: &str) -> Path {
+        self.key(["volumes", volume.as_str(), "images", image_name])
+    }
+
+    pub(crate) fn manifest(&self, volume: &VolumeName, id: &BackupId) -> Path {
+        self.key(["volumes", volume.as_str(), "backups", &json(id.as_str())])
+    }
+
+    pub(crate) fn claim(&self, volume: &VolumeName, id: &BackupId) -> Path {
+        self.key(["volumes", volume.as_str(), "claims", &json(id.as_str())])
+    }
+
+    pub(crate) fn child_slot(&self, volume: &VolumeName, parent: &BackupId) -> Path {
+        self.key([
+            "volumes",
+            volume.as_str(),
+            "children",
+            &json(parent.as_str()),
+        ])
+    }
+
+    pub(crate) fn files_dir(&self, volume: &VolumeName, id: &BackupId) -> Path {
+        self.key(["volumes", volume.as_str(), "files", id.as_str()])
+    }
+
+    pub(crate) fn file(&self, volume: &VolumeName, id: &BackupId, name: &FileName) -> Path {
+        self.key([
+            "volumes",
+            volume.as_str(),
+            "files",
+            id.as_str(),
+            name.as_str(),
+        ])
+    }
+
+    pub(crate) fn applications(&self, app: &AppName) -> Path {
+        self.key(["applications", app.as_str()])
+    }
+
+    pub(crate) fn app_manifest(&self, app: &AppName, id: &AppBackupId) -> Path {
+        self.key(["applications", app.as_str(), &json(id.as_str())])
+    }
+
+    pub(crate) fn app_archive(&self, app: &AppName, id: &AppBackupId) -> Path {
+        self.key(["applications", app.as_str(), &format!("{id}.archive")])
+    }
+}
+
+/// The image object name (and backing name) of a backup.
+pub fn image_name(id: &BackupId) -> String {
+    format!("{id}{IMAGE_EXTENSION}")
+}
+
+fn json(name: &str) -> String {
+    format!("{name}.json")
+}
+
+/// The id named by the last segment of `path` when it ends in `suffix`.
+pub(crate) fn id_from_key(path: &Path, suffix: &str) -> Option<String> {
+    let last = path.filename()?;
+    last.strip_suffix(suffix).map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_nest_under_the_prefix() -> crate::Result<()> {
+        let layout = Layout::new(Path::from("backups/prod"));
+        let v = VolumeName::new("data")?;
+        let id = BackupId::new("b1")?;
+        assert_eq!(
+            layout.marker().as_ref(),
+            "backups/prod/strata-repository.json"
+        );
+        assert_eq!(
+            layout.manifest(&v, &id).as_ref(),
+            "backups/prod/volumes/data/backups/b1.json"
+        );
+        assert_eq!(
+            layout.image(&v, &image_name(&id)).as_ref(),
+            "backups/prod/volumes/data/images/b1.qcow2"
+        );
+        assert_eq!(
+            id_from_key(&layout.claim(&v, &id), ".json").as_deref(),
+            Some("b1")
+        );
+        let root = Layout::new(Path::default());
+        assert_eq!(root.marker().as_ref(), "strata-repository.json");
+        Ok(())
+    }
+}

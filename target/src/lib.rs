@@ -1,0 +1,176 @@
+//! Backup targets for Strata: a versioned repository of QCOW2 chains on object storage or in a
+//! folder, with atomic commits, streaming uploads and reads, and safe concurrent writers.
+//!
+//! A [`Target`] is opened by URL: a folder path or `file://` URL (the default, also an NFS
+//! mount), `s3://bucket/prefix` (configured from the `AWS_*` environment variables such as
+//! `AWS_ENDPOINT`, `AWS_REGION`, `AWS_ALLOW_HTTP`, plus [`TargetOptions::store_config`]),
+//! `memory://` for tests, and `gs://` / `az://` with the `gcs` / `azure` features.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use strata_qcow2::ImageSink;
+//! use strata_target::{BackupSpec, Target, VolumeName};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let target = Target::open("s3://backups/prod")?;
+//! let volume = VolumeName::new("pvc-data")?;
+//! let parent = target.latest(&volume)?;
+//! let mut upload = target.begin_backup(&volume, BackupSpec {
+//!     id: None,
+//!     parent: parent.map(|m| m.id),
+//!     virtual_size: 10 << 30,
+//!     cluster_size: 64 << 10,
+//! })?;
+//! // The overlay's header names its backing file `upload.backing_name()`.
+//! let mut sink = upload.image_sink()?;
+//! let header = vec![0u8; sink.min_header_len() as usize];
+//! sink.append(b"...clusters, in file order...")?;
+//! sink.finish(&header)?;
+//! let manifest = upload.commit()?;
+//!
+//! // Reading back: the QCOW2 reader opens the chain by name through `target.storage(..)`.
+//! let image = target.open_image(&volume, &manifest.id)?;
+//! # let _ = image;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use strata_qcow2::{ImageSink, ReadAt};
+//! use strata_target::{BackupSpec, Target, VolumeName};
+//!
+//! let target = Target::open("memory://")?;
+//! let volume = VolumeName::new("data")?;
+//! let spec = BackupSpec { id: None, parent: None, virtual_size: 1 << 20, cluster_size: 65536 };
+//! let mut upload = target.begin_backup(&volume, spec)?;
+//! let mut sink = upload.image_sink()?;
+//! let header = vec![7u8; sink.min_header_len() as usize];
+//! sink.append(&[1, 2, 3])?;
+//! sink.finish(&header)?;
+//! drop(sink);
+//! let committed = upload.commit()?;
+//! assert_eq!(target.backups(&volume)?, vec![committed.clone()]);
+//!
+//! let image = target.open_image(&volume, &committed.id)?;
+//! let mut tail = [0u8; 3];
+//! image.read_exact_at(&mut tail, header.len() as u64)?;
+//! assert_eq!(tail, [1, 2, 3]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Repository layout (format version 1)
+//!
+//! ```text
+//! <prefix>/strata-repository.json               {"format": "strata-target", "version": 1}
+//! <prefix>/volumes/<volume>/images/<id>.qcow2    the volume's images; an overlay's backing
+//!                                                name is "<parent id>.qcow2" (relative)
+//! <prefix>/volumes/<volume>/backups/<id>.json    manifest (the commit point)
+//! <prefix>/volumes/<volume>/claims/<id>.json     reservation of a backup id
+//! <prefix>/volumes/<volume>/children/<id>.json   reservation of the one child extending <id>
+//! <prefix>/volumes/<volume>/files/<id>/<name>    side files (digest manifests, ...)
+//! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
+//! <prefix>/applications/<app>/<id>.archive       its metadata archive
+//! ```
+//!
+//! A manifest ([`BackupManifest`]) holds the id, parent id, creation time, virtual size,
+//! cluster size, the image object's name, size, header length and CRC-32, and each side file's
+//! name, size and CRC-32. Every name is checked ([`VolumeName`], [`BackupId`], ...: ASCII
+//! letters, digits, `.`, `_`, `-`), so no key leaves its folder. The marker's version is
+//! checked on open; a newer layout is refused with [`Error::UnsupportedFormat`]. On a
+//! filesystem target the images of a volume sit in one folder
+//! ([`Target::local_image_dir`]), so `qemu-img info --backing-chain` and `qemu-img convert`
+//! work on it directly.
+//!
+//! # Guarantees
+//!
+//! - **Atomic commit.** The image and side files are written first, the manifest last with
+//!   `PutMode::Create`. Readers list manifests only, so a backup is visible complete or not at
+//!   all. Images appear under their final name only once whole (multipart completion, or a
+//!   synced staging file hard-linked into place).
+//! - **One writer per id, one child per parent.** Before any upload, the writer creates
+//!   `claims/<id>.json` and, for an overlay, `children/<parent>.json`, both create-only. The
+//!   loser gets [`Error::BackupExists`] or [`Error::ParentNotHead`] (naming the child that won)
+//!   before sending a byte, so chains never fork silently. Create-only puts are the one
+//!   conditional operation every object_store backend offers, the local filesystem included
+//!   (which has no compare-and-swap for a mutable HEAD object). A retried create recognises
+//!   its own earlier attempt by content (each writer puts a random token in its reservations).
+//! - **Clean failure.** An upload dropped before commit aborts its multipart upload (or
+//!   removes its staging file), deletes what it stored and releases its reservations. After a
+//!   crash, [`Target::gc`] removes the leftovers once older than a grace period; a writer must
+//!   commit within that period. Incomplete multipart uploads of a crashed process cannot be
+//!   listed through object_store: give buckets a lifecycle rule that aborts them.
+//! - **Retries.** Transient errors (object_store's `Generic`) are retried with exponential
+//!   backoff ([`RetryPolicy`]) on top of the HTTP client's own retries; part uploads are
+//!   idempotent, and short range reads count as transient.
+//!
+//! # Streaming and memory
+//!
+//! [`ImageUpload`] implements [`strata_qcow2::ImageSink`]: body parts (16 MiB, doubling every
+//! 1,000 parts) are sent in the background, 4 at a time; the header area, handed over last, is
+//! multipart part 1, so [`ImageSink::min_header_len`](strata_qcow2::ImageSink::min_header_len)
+//! asks the writer for at least the store's minimum part size (5 MiB). One upload holds at most
+//! [`TargetOptions::upload_memory_bound`] bytes (80 MiB by default). On a filesystem the image
+//! is written in place with a 1 MiB write buffer.
+//!
+//! [`ObjectReader`] implements [`strata_qcow2::ReadAt`] over range GETs: 1 MiB blocks, a
+//! 32-block LRU cache, adjacent misses coalesced into one request (up to 4 MiB, larger windows
+//! fetched in parallel), and a read-ahead window doubling to 16 MiB on sequential reads: at
+//! most [`TargetOptions::read_memory_bound`] bytes (48 MiB by default) per open image besides
+//! the caller's buffers. [`VolumeStorage`] implements [`strata_qcow2::Storage`], so the QCOW2
+//! reader opens a chain straight from the target and follows its relative backing names; on a
+//! filesystem target it opens the files themselves.
+//!
+//! # Sync and async
+//!
+//! The QCOW2 traits are synchronous, so is this crate's API. Each [`Target`] owns a small
+//! tokio runtime (2 threads by default); a call spawns its work there and blocks the calling
+//! thread on a channel. This never nests runtimes and never panics, but it does block: from
+//! async code, call the target inside `tokio::task::spawn_blocking`.
+//!
+//! # Performance
+//!
+//! Measured with `benches/target.rs` (one 1 GiB image, this 2-core machine, shared):
+//! see the README's strata-target section for the figures and how to rerun them.
+//!
+//! # Crate features
+//!
+//! - `s3` (default): `s3://` targets through object_store's `aws` feature.
+//! - `gcs`: `gs://` targets. `azure`: `az://` targets.
+
+mod apps;
+mod error;
+mod gc;
+mod layout;
+mod local_sink;
+mod manifest;
+mod name;
+mod options;
+mod reader;
+mod runtime;
+mod sink;
+mod storage;
+mod target;
+mod upload;
+mod url;
+
+pub use error::{Error, Result};
+pub use gc::GcReport;
+pub use layout::{FORMAT_NAME, FORMAT_VERSION, IMAGE_EXTENSION, MARKER, image_name};
+pub use manifest::{
+    AppManifest, BackupManifest, Checksums, Crc32, ImageInfo, RepositoryMarker, SideFile,
+    VolumeBackupRef,
+};
+pub use name::{AppBackupId, AppName, BackupId, FileName, VolumeName};
+pub use options::TargetOptions;
+pub use reader::ObjectReader;
+pub use runtime::RetryPolicy;
+pub use sink::ImageUpload;
+pub use storage::VolumeStorage;
+pub use target::Target;
+pub use upload::{BackupSpec, BackupUpload};
+
+/// Longest chain [`Target::chain`] follows before calling the repository corrupt.
+pub const MAX_CHAIN_DEPTH: usize = 1024;

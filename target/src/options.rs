@@ -1,0 +1,85 @@
+//! Tuning knobs of a target, with the defaults the memory bounds in the crate docs assume.
+
+use crate::runtime::RetryPolicy;
+
+const MIB: usize = 1 << 20;
+
+/// Tuning of uploads, reads and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetOptions {
+    /// Size of the first 1,000 body parts of a multipart upload; it doubles after every 1,000
+    /// parts so the 10,000-part limit of S3 is never reached. Default 16 MiB.
+    pub part_size: usize,
+    /// Parts of one upload in flight at once. Default 4.
+    pub upload_concurrency: usize,
+    /// The store's minimum size of every part but the last; the header area, sent last as part
+    /// 1, is at least this long. Default 5 MiB (S3's rule).
+    pub min_part_size: usize,
+    /// Header area reserved at the start of images written to a filesystem target. Default
+    /// 2 MiB, a whole number of clusters for every cluster size.
+    pub local_header_len: usize,
+    /// Granule of range reads and of the read cache. Default 1 MiB.
+    pub read_block_size: usize,
+    /// Blocks the read cache of one open image keeps. Default 32.
+    pub read_cache_blocks: usize,
+    /// Largest read-ahead window on sequential reads. Default 16 MiB.
+    pub max_readahead: usize,
+    /// Largest single range GET; bigger windows are fetched as several requests in parallel.
+    /// Default 4 MiB.
+    pub max_request: usize,
+    /// Retries of transient errors.
+    pub retry: RetryPolicy,
+    /// Threads of the target's I/O runtime. Default 2.
+    pub io_threads: usize,
+    /// Store settings applied over the environment, as object_store configuration keys and
+    /// values (for example `("aws_endpoint", "http://127.0.0.1:5000")`,
+    /// `("aws_allow_http", "true")`). Empty by default.
+    pub store_config: Vec<(String, String)>,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        Self {
+            part_size: 16 * MIB,
+            upload_concurrency: 4,
+            min_part_size: 5 * MIB,
+            local_header_len: 2 * MIB,
+            read_block_size: MIB,
+            read_cache_blocks: 32,
+            max_readahead: 16 * MIB,
+            max_request: 4 * MIB,
+            retry: RetryPolicy::default(),
+            io_threads: 2,
+            store_config: Vec::new(),
+        }
+    }
+}
+
+impl TargetOptions {
+    /// Upper bound of the memory one image upload holds: the part being filled plus the parts in
+    /// flight (for the first 1,000 parts; the bound doubles with the part size after that).
+    pub fn upload_memory_bound(&self) -> usize {
+        self.part_size
+            .saturating_mul(self.upload_concurrency.saturating_add(1))
+    }
+
+    /// Upper bound of the memory one open image's reader holds besides the caller's buffers:
+    /// its cache plus a full read-ahead window in flight.
+    pub fn read_memory_bound(&self) -> usize {
+        self.read_block_size
+            .saturating_mul(self.read_cache_blocks)
+            .saturating_add(self.max_readahead)
+    }
+
+    pub(crate) fn sanitized(mut self) -> Self {
+        self.part_size = self.part_size.max(self.min_part_size).max(1);
+        self.upload_concurrency = self.upload_concurrency.max(1);
+        self.read_block_size = self.read_block_size.max(4096);
+        self.read_cache_blocks = self.read_cache_blocks.max(2);
+        self.max_readahead = self.max_readahead.max(self.read_block_size);
+        self.max_request = self.max_request.max(self.read_block_size);
+        self.io_threads = self.io_threads.max(1);
+        self
+    }
+}

@@ -1,0 +1,264 @@
+//! [`ObjectReader`]: positional reads of one object over range GETs, with a small block cache,
+//! coalesced requests and read-ahead on sequential access.
+//!
+//! The object is read in blocks of
+//! [`TargetOptions::read_block_size`](crate::TargetOptions::read_block_size). A read asks for the
+//! blocks it covers that are neither cached nor already on their way; runs of adjacent missing
+//! blocks become one range GET (split at `max_request` so big runs are fetched in parallel).
+//! When a read starts where the previous one ended, the blocks after it are requested too, in
+//! a window that doubles up to `max_readahead`. Blocks land in a cache of `read_cache_blocks`
+//! blocks that evicts the least recently used; a reader copies each block it needs as soon as
+//! it lands, so eviction never loses data. A short or failed GET is retried; a block that keeps
+//! failing fails the reads that need it, and is fetched afresh by the next read.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use strata_qcow2::ReadAt;
+
+use crate::error::Error;
+use crate::target::Inner;
+
+/// Reads one object of the target; implements [`ReadAt`]. Obtained from
+/// [`Target::open_image`](crate::Target::open_image) or through
+/// [`VolumeStorage`](crate::VolumeStorage).
+#[derive(Debug)]
+pub struct ObjectReader {
+    inner: Arc<Inner>,
+    path: Path,
+    len: u64,
+    block: u64,
+    state: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    landed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    cache: HashMap<u64, (Bytes, u64)>,
+    in_flight: HashSet<u64>,
+    failed: HashMap<u64, String>,
+    tick: u64,
+    last_end: u64,
+    window: u64,
+}
+
+impl ObjectReader {
+    pub(crate) fn new(inner: Arc<Inner>, path: Path, len: u64) -> Self {
+        let block = inner.options.read_block_size as u64;
+        Self {
+            inner,
+            path,
+            len,
+            block,
+            state: Arc::new(Shared::default()),
+        }
+    }
+
+    fn lock(&self) -> io::Result<MutexGuard<'_, State>> {
+        self.state
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("read cache lock poisoned"))
+    }
+
+    /// Requests the missing blocks among `first..=last`, coalesced into runs.
+    fn request(&self, state: &mut State, first: u64, last: u64) {
+        let max_run = (self.inner.options.max_request as u64 / self.block).max(1);
+        let mut block = first;
+        while block <= last {
+            if state.cache.contains_key(&block) || state.in_flight.contains(&block) {
+                block += 1;
+                continue;
+            }
+            let start = block;
+            while block <= last
+                && block - start < max_run
+                && !state.cache.contains_key(&block)
+                && !state.in_flight.contains(&block)
+            {
+                state.in_flight.insert(block);
+                state.failed.remove(&block);
+                block += 1;
+            }
+            self.fetch(start, block);
+        }
+    }
+
+    /// Fetches blocks `first..end` in the background.
+    fn fetch(&self, first: u64, end: u64) {
+        let range = first * self.block..(end * self.block).min(self.len);
+        let (store, path, retry, shared, block) = (
+            self.inner.store.clone(),
+            self.path.clone(),
+            self.inner.options.retry,
+            self.state.clone(),
+            self.block,
+        );
+        let cache_blocks = self.inner.options.read_cache_blocks;
+        self.inner.runtime.handle().spawn(async move {
+            let result = retry.run(|| get_exact(&*store, &path, range.clone())).await;
+            let Ok(mut state) = shared.state.lock() else {
+                return;
+            };
+            match result {
+                Ok(bytes) => {
+                    for (i, index) in (first..end).enumerate() {
+                        let from = (i as u64 * block) as usize;
+                        let to = (from + block as usize).min(bytes.len());
+                        state.tick += 1;
+                        let tick = state.tick;
+                        state.in_flight.remove(&index);
+                        state
+                            .cache
+                            .insert(index, (bytes.slice(from.min(to)..to), tick));
+                    }
+                    evict(&mut state, cache_blocks);
+                }
+                Err(err) => {
+                    let message = with_causes(&Error::store("read", &path, err));
+                    for index in first..end {
+                        state.in_flight.remove(&index);
+                        state.failed.insert(index, message.clone());
+                    }
+                }
+            }
+            shared.landed.notify_all();
+        });
+    }
+}
+
+/// A range GET that fails (transiently, so it is retried) when the store returns fewer bytes.
+async fn get_exact(
+    store: &dyn ObjectStore,
+    path: &Path,
+    range: std::ops::Range<u64>,
+) -> object_store::Result<Bytes> {
+    let bytes = store.get_range(path, range.clone()).await?;
+    if bytes.len() as u64 != range.end - range.start {
+        return Err(object_store::Error::Generic {
+            store: "strata-target",
+            source: format!(
+                "short read of {path}: {} bytes for range {}..{}",
+                bytes.len(),
+                range.start,
+                range.end
+            )
+            .into(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The error and its causes on one line (the cached failure outlives the error value).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+fn evict(state: &mut State, capacity: usize) {
+    while state.cache.len() > capacity {
+        let oldest = state
+            .cache
+            .iter()
+            .min_by_key(|(_, (_, tick))| *tick)
+            .map(|(k, _)| *k);
+        match oldest {
+            Some(key) => state.cache.remove(&key),
+            None => break,
+        };
+    }
+}
+
+impl ReadAt for ObjectReader {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("read past the end of {}", self.path),
+                )
+            })?;
+        let first = offset / self.block;
+        let last = (end - 1) / self.block;
+        let last_block = (self.len - 1) / self.block;
+        let mut state = self.lock()?;
+        let max_window = (self.inner.options.max_readahead as u64 / self.block).max(1);
+        state.window = if offset == state.last_end && offset != 0 {
+            (state.window * 2).clamp(1, max_window)
+        } else {
+            0
+        };
+        state.last_end = end;
+        let ahead = (last + state.window).min(last_block);
+        self.request(&mut state, first, ahead);
+        let mut pending: Vec<u64> = (first..=last).collect();
+        loop {
+            let mut still = Vec::new();
+            for index in pending {
+                let next_tick = state.tick + 1;
+                if let Some((bytes, tick)) = state.cache.get_mut(&index) {
+                    state_copy(buf, offset, index * self.block, bytes);
+                    *tick = next_tick;
+                } else if let Some(message) = state.failed.remove(&index) {
+                    return Err(io::Error::other(message));
+                } else {
+                    still.push(index);
+                }
+            }
+            state.tick += 1;
+            if still.is_empty() {
+                return Ok(());
+            }
+            // Evicted before this read got to it: ask again.
+            for &index in &still {
+                if !state.in_flight.contains(&index) {
+                    self.request(&mut state, index, index);
+                }
+            }
+            pending = still;
+            state = self
+                .state
+                .landed
+                .wait(state)
+                .map_err(|_| io::Error::other("read cache lock poisoned"))?;
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+}
+
+/// Copies the overlap of block bytes (at object offset `block_start`) into `buf` (at `offset`).
+fn state_copy(buf: &mut [u8], offset: u64, block_start: u64, bytes: &Bytes) {
+    let start = offset.max(block_start);
+    let end = (offset + buf.len() as u64).min(block_start + bytes.len() as u64);
+    if start >= end {
+        return;
+    }
+    let dst = buf.get_mut((start - offset) as usize..(end - offset) as usize);
+    let src = bytes.get((start - block_start) as usize..(end - block_start) as usize);
+    if let (Some(dst), Some(src)) = (dst, src) {
+        dst.copy_from_slice(src);
+    }
+}

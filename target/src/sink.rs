@@ -1,0 +1,358 @@
+//! [`ImageUpload`]: the [`ImageSink`] the QCOW2 writer streams a backup image into.
+//!
+//! On object stores it is a multipart upload whose part 1 is the header area, sent last:
+//! body parts 2, 3, ... are cut from the appended bytes and sent in the background, at most
+//! `upload_concurrency` at a time, so memory stays within
+//! [`TargetOptions::upload_memory_bound`](crate::TargetOptions::upload_memory_bound). The header
+//! area must be at least the store's minimum part size (5 MiB on S3), which
+//! [`ImageSink::min_header_len`] tells the writer. On filesystem targets the image is written
+//! in place into a staging file that is renamed to its final name once complete
+//! ([`crate::local_sink`]).
+//!
+//! Either way the object appears under its final name only when `finish` succeeded; a sink
+//! dropped earlier aborts its multipart upload or removes its staging file.
+
+use std::io;
+use std::sync::{Arc, Mutex, mpsc};
+
+use bytes::Bytes;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{MultipartId, PutPayload};
+use strata_qcow2::ImageSink;
+
+use crate::error::{Error, Result};
+use crate::layout::image_name;
+use crate::local_sink::LocalSink;
+use crate::manifest::{Checksums, Crc32, ImageInfo};
+use crate::name::{BackupId, VolumeName};
+use crate::target::{Inner, Target};
+
+/// Streams one backup image to the target. Obtained from
+/// [`BackupUpload::image_sink`](crate::BackupUpload::image_sink).
+#[derive(Debug)]
+pub struct ImageUpload {
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Multipart(Box<MultipartSink>),
+    Local(Box<LocalSink>),
+}
+
+impl ImageUpload {
+    pub(crate) fn new(
+        target: &Target,
+        volume: &VolumeName,
+        id: &BackupId,
+        writer: &str,
+        result: Arc<Mutex<Option<ImageInfo>>>,
+    ) -> Result<Self> {
+        let inner = &target.inner;
+        let object = image_name(id);
+        let path = inner.layout.image(volume, &object);
+        if let Some(root) = &inner.local_root {
+            let file = crate::url::local_path(root, &path);
+            let sink =
+                LocalSink::create(file, object, writer, inner.options.local_header_len, result)?;
+            return Ok(Self {
+                kind: Kind::Local(Box::new(sink)),
+            });
+        }
+        let multipart = inner.multipart.clone().ok_or(Error::Unsupported {
+            feature: "multipart uploads (MultipartStore)",
+        })?;
+        let sink = MultipartSink::create(target.inner.clone(), multipart, path, object, result)?;
+        Ok(Self {
+            kind: Kind::Multipart(Box::new(sink)),
+        })
+    }
+}
+
+impl ImageSink for ImageUpload {
+    fn min_header_len(&self) -> u64 {
+        match &self.kind {
+            Kind::Multipart(sink) => sink.inner.options.min_part_size as u64,
+            Kind::Local(sink) => sink.reserved_header_len(),
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Multipart(sink) => sink.append(data).map_err(io::Error::from),
+            Kind::Local(sink) => sink.append(data).map_err(io::Error::from),
+        }
+    }
+
+    fn finish(&mut self, header: &[u8]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Multipart(sink) => sink.finish(header).map_err(io::Error::from),
+            Kind::Local(sink) => sink.finish(header).map_err(io::Error::from),
+        }
+    }
+}
+
+type PartResult = Result<(usize, PartId)>;
+
+struct MultipartSink {
+    inner: Arc<Inner>,
+    store: Arc<dyn MultipartStore>,
+    path: Path,
+    object: String,
+    upload: MultipartId,
+    /// The body part being filled.
+    part: Vec<u8>,
+    /// Index of the next body part (0 is the header, sent last).
+    next_index: usize,
+    parts: Vec<Option<PartId>>,
+    in_flight: usize,
+    sender: mpsc::Sender<PartResult>,
+    receiver: mpsc::Receiver<PartResult>,
+    body_len: u64,
+    body_crc: crc32fast::Hasher,
+    /// Set once finished, aborted or failed: later calls fail.
+    closed: bool,
+    result: Arc<Mutex<Option<ImageInfo>>>,
+}
+
+impl std::fmt::Debug for MultipartSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultipartSink")
+            .field("path", &self.path)
+            .field("next_index", &self.next_index)
+            .field("body_len", &self.body_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MultipartSink {
+    fn create(
+        inner: Arc<Inner>,
+        store: Arc<dyn MultipartStore>,
+        path: Path,
+        object: String,
+        result: Arc<Mutex<Option<ImageInfo>>>,
+    ) -> Result<Self> {
+        let (s, p, retry) = (store.clone(), path.clone(), inner.options.retry);
+        let upload = inner.runtime.run("create multipart upload", async move {
+            retry
+                .run(|| s.create_multipart(&p))
+                .await
+                .map_err(|err| Error::store("create multipart upload", &p, err))
+        })?;
+        let (sender, receiver) = mpsc::channel();
+        let part_size = inner.options.part_size;
+        Ok(Self {
+            inner,
+            store,
+            path,
+            object,
+            upload,
+            part: Vec::with_capacity(part_size),
+            next_index: 1,
+            parts: vec![None],
+            in_flight: 0,
+            sender,
+            receiver,
+            body_len: 0,
+            body_crc: crc32fast::Hasher::new(),
+            closed: false,
+            result,
+        })
+    }
+
+    /// Size of body part `index`: doubles every 1,000 parts (S3 allows 10,000).
+    fn part_size(&self, index: usize) -> usize {
+        let doublings = u32::try_from(index / 1000).unwrap_or(u32::MAX).min(8);
+        self.inner.options.part_size.saturating_mul(1 << doublings)
+    }
+
+    fn misuse(&self, reason: &str) -> Error {
+        Error::Upload {
+            path: self.path.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn append(&mut self, mut data: &[u8]) -> Result<()> {
+        if self.closed {
+            return Err(self.misuse("append after the upload finished or failed"));
+        }
+        self.body_crc.update(data);
+        self.body_len += data.len() as u64;
+        while !data.is_empty() {
+            let room = self.part_size(self.next_index) - self.part.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            self.part.extend_from_slice(now);
+            data = rest;
+            if self.part.len() == self.part_size(self.next_index) {
+                let next = Vec::with_capacity(self.part_size(self.next_index + 1));
+                let full = std::mem::replace(&mut self.part, next);
+                let index = self.next_index;
+                self.next_index += 1;
+                self.guard(|sink| sink.send(index, full.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `step`; on failure aborts the upload and closes the sink.
+    fn guard(&mut self, step: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        let outcome = step(self);
+        if outcome.is_err() {
+            self.abort();
+        }
+        outcome
+    }
+
+    /// Sends part `index` in the background once fewer than `upload_concurrency` are in flight.
+    fn send(&mut self, index: usize, bytes: Bytes) -> Result<()> {
+        while self.in_flight >= self.inner.options.upload_concurrency {
+            self.wait_one()?;
+        }
+        if self.parts.len() <= index {
+            self.parts.resize(index + 1, None);
+        }
+        let (store, path, upload, retry) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.inner.options.retry,
+        );
+        let sender = self.sender.clone();
+        self.inner.runtime.handle().spawn(async move {
+            let payload = PutPayload::from(bytes);
+            let result = retry
+                .run(|| store.put_part(&path, &upload, index, payload.clone()))
+                .await
+                .map(|part| (index, part))
+                .map_err(|err| Error::store("upload part of", &path, err));
+            // The sink may have been dropped (and the upload aborted) meanwhile.
+            let _ = sender.send(result);
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        let message = self.receiver.recv().map_err(|_| Error::Runtime {
+            operation: "part upload",
+        })?;
+        self.in_flight -= 1;
+        let (index, part) = message?;
+        if let Some(slot) = self.parts.get_mut(index) {
+            *slot = Some(part);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, header: &[u8]) -> Result<()> {
+        if self.closed {
+            return Err(self.misuse("finish after the upload finished or failed"));
+        }
+        let has_body = self.body_len > 0;
+        if has_body && header.len() < self.inner.options.min_part_size {
+            self.abort();
+            return Err(self.misuse(&format!(
+                "header area of {} bytes is below the minimum part size {} (see min_header_len)",
+                header.len(),
+                self.inner.options.min_part_size
+            )));
+        }
+        self.guard(|sink| {
+            if !sink.part.is_empty() {
+                let last = std::mem::take(&mut sink.part);
+                let index = sink.next_index;
+                sink.next_index += 1;
+                sink.send(index, last.into())?;
+            }
+            sink.send(0, Bytes::copy_from_slice(header))?;
+            while sink.in_flight > 0 {
+                sink.wait_one()?;
+            }
+            let parts = sink
+                .parts
+                .iter()
+                .cloned()
+                .collect::<Option<Vec<PartId>>>()
+                .ok_or_else(|| sink.misuse("a part id is missing"))?;
+            let (store, path, upload, retry) = (
+                sink.store.clone(),
+                sink.path.clone(),
+                sink.upload.clone(),
+                sink.inner.options.retry,
+            );
+            sink.inner
+                .runtime
+                .run("complete multipart upload", async move {
+                    retry
+                        .run(|| store.complete_multipart(&path, &upload, parts.clone()))
+                        .await
+                        .map_err(|err| Error::store("complete multipart upload", &path, err))
+                })?;
+            Ok(())
+        })?;
+        self.closed = true;
+        let info = image_info(&self.object, header, self.body_len, &self.body_crc);
+        let mut slot = self
+            .result
+            .lock()
+            .map_err(|_| self.misuse("result lock poisoned"))?;
+        *slot = Some(info);
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        // Let parts in flight land first, so the abort also frees them.
+        while self.in_flight > 0 && self.receiver.recv().is_ok() {
+            self.in_flight -= 1;
+        }
+        let (store, path, upload, retry) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.inner.options.retry,
+        );
+        // Best effort: a store that lost the upload has nothing left to free.
+        let _ = self
+            .inner
+            .runtime
+            .run("abort multipart upload", async move {
+                retry
+                    .run(|| store.abort_multipart(&path, &upload))
+                    .await
+                    .map_err(|err| Error::store("abort multipart upload", &path, err))
+            });
+    }
+}
+
+impl Drop for MultipartSink {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// The image's manifest entry: the whole-file CRC is the header's CRC combined with the body's.
+pub(crate) fn image_info(
+    object: &str,
+    header: &[u8],
+    body_len: u64,
+    body_crc: &crc32fast::Hasher,
+) -> ImageInfo {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(header);
+    crc.combine(body_crc);
+    ImageInfo {
+        object: object.to_string(),
+        size: header.len() as u64 + body_len,
+        header_len: header.len() as u64,
+        checksums: Checksums {
+            crc32: Crc32(crc.finalize()),
+        },
+    }
+}

@@ -1,0 +1,174 @@
+//! [`VolumeStorage`]: the QCOW2 reader's [`Storage`] over one volume's image folder, so a chain
+//! is opened by name straight from the target and follows its relative backing names.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use strata_qcow2::{ReadAt, Storage};
+
+use crate::error::{Error, Result};
+use crate::layout::image_name;
+use crate::manifest::{BackupManifest, Crc32};
+use crate::name::{BackupId, FileName, VolumeName};
+use crate::reader::ObjectReader;
+use crate::target::Target;
+
+/// Opens images of one volume by name (`<id>.qcow2`, as backing names say).
+///
+/// On filesystem targets the files are opened directly; on object stores each image is an
+/// [`ObjectReader`]. Names are confined to the volume's image folder: empty, absolute, `.` and
+/// `..` segments are refused with [`io::ErrorKind::InvalidInput`].
+#[derive(Debug, Clone)]
+pub struct VolumeStorage {
+    target: Target,
+    volume: VolumeName,
+}
+
+impl Target {
+    /// The [`Storage`] for `volume`'s images, for `Image::open_with(storage, "<id>.qcow2", ..)`.
+    pub fn storage(&self, volume: &VolumeName) -> VolumeStorage {
+        VolumeStorage {
+            target: self.clone(),
+            volume: volume.clone(),
+        }
+    }
+
+    /// Opens the image of a committed backup for positional reads.
+    pub fn open_image(&self, volume: &VolumeName, id: &BackupId) -> Result<Arc<dyn ReadAt>> {
+        let manifest = self.backup(volume, id)?;
+        self.storage(volume).open_object(&manifest.image.object)
+    }
+
+    /// Reads a side file of a committed backup, checking its size and CRC against the manifest.
+    pub fn read_file(&self, volume: &VolumeName, id: &BackupId, name: &FileName) -> Result<Bytes> {
+        let manifest = self.backup(volume, id)?;
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| &f.name == name)
+            .ok_or_else(|| Error::NotFound {
+                what: "side file",
+                name: format!("{volume}/{id}/{name}"),
+            })?
+            .clone();
+        let path = self.inner.layout.file(volume, id, name);
+        let bytes = self.block("read side file", move |inner| async move {
+            inner.get_bytes(&path).await
+        })?;
+        let found = crate::manifest::crc32(&bytes);
+        if bytes.len() as u64 != entry.size || found != entry.checksums {
+            return Err(Error::Corrupt {
+                what: "side file",
+                path: self.inner.layout.file(volume, id, name).to_string(),
+                reason: format!(
+                    "{} bytes with CRC {:08x}, the manifest says {} bytes with CRC {:08x}",
+                    bytes.len(),
+                    found.crc32.0,
+                    entry.size,
+                    entry.checksums.crc32.0
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Streams the image of a committed backup and checks its size and CRC-32 against the
+    /// manifest; [`Error::Corrupt`] names what differs.
+    pub fn verify_image(&self, volume: &VolumeName, id: &BackupId) -> Result<BackupManifest> {
+        let manifest = self.backup(volume, id)?;
+        let path = self.inner.layout.image(volume, &manifest.image.object);
+        let p = path.clone();
+        let (size, crc) = self.block("verify image", move |inner| async move {
+            let result = inner
+                .store
+                .get(&p)
+                .await
+                .map_err(|err| Error::store("get", &p, err))?;
+            let mut stream = result.into_stream();
+            let mut crc = crc32fast::Hasher::new();
+            let mut size = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|err| Error::store("read", &p, err))?;
+                crc.update(&chunk);
+                size += chunk.len() as u64;
+            }
+            Ok((size, Crc32(crc.finalize())))
+        })?;
+        if size != manifest.image.size || crc != manifest.image.checksums.crc32 {
+            return Err(Error::Corrupt {
+                what: "image",
+                path: path.to_string(),
+                reason: format!(
+                    "{size} bytes with CRC {:08x}, the manifest says {} bytes with CRC {:08x}",
+                    crc.0, manifest.image.size, manifest.image.checksums.crc32.0
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+}
+
+impl VolumeStorage {
+    /// The storage name of a backup's image (`<id>.qcow2`).
+    pub fn image_name(id: &BackupId) -> String {
+        image_name(id)
+    }
+
+    fn open_object(&self, name: &str) -> Result<Arc<dyn ReadAt>> {
+        let bad = |reason| Error::InvalidName {
+            kind: "image",
+            name: name.to_string(),
+            reason,
+        };
+        if name.is_empty() || name.starts_with('/') {
+            return Err(bad("must be a relative name"));
+        }
+        if name
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(bad("must not contain empty, '.' or '..' segments"));
+        }
+        let inner = &self.target.inner;
+        let mut path = inner.layout.volume_dir(&self.volume, "images");
+        for seg in name.split('/') {
+            path = path.clone().join(seg);
+        }
+        if let Some(root) = &inner.local_root {
+            let file_path = crate::url::local_path(root, &path);
+            let file = std::fs::File::open(&file_path).map_err(|err| match err.kind() {
+                io::ErrorKind::NotFound => Error::NotFound {
+                    what: "image",
+                    name: file_path.display().to_string(),
+                },
+                _ => Error::io("open", file_path.display(), err),
+            })?;
+            return Ok(Arc::new(file));
+        }
+        let p = path.clone();
+        let meta = self.target.block("open image", move |inner| async move {
+            inner
+                .options
+                .retry
+                .run(|| inner.store.head(&p))
+                .await
+                .map_err(|err| match err {
+                    object_store::Error::NotFound { .. } => Error::NotFound {
+                        what: "image",
+                        name: p.to_string(),
+                    },
+                    err => Error::store("head", &p, err),
+                })
+        })?;
+        Ok(Arc::new(ObjectReader::new(inner.clone(), path, meta.size)))
+    }
+}
+
+impl Storage for VolumeStorage {
+    fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>> {
+        self.open_object(path).map_err(io::Error::from)
+    }
+}

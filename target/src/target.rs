@@ -1,0 +1,359 @@
+//! Opening a target by URL, the repository marker, and reading what is committed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, Result};
+use crate::layout::{FORMAT_NAME, FORMAT_VERSION, Layout};
+use crate::manifest::{BackupManifest, RepositoryMarker, from_json, to_json};
+use crate::name::{BackupId, VolumeName};
+use crate::options::TargetOptions;
+use crate::runtime::IoRuntime;
+
+/// A backup repository on object storage or in a folder.
+///
+/// Cheap to clone and shareable between threads; every method blocks the calling thread while
+/// the target's own runtime does the I/O (see the crate docs for the async rule).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) multipart: Option<Arc<dyn MultipartStore>>,
+    /// The folder that object keys are relative to, on filesystem targets.
+    pub(crate) local_root: Option<PathBuf>,
+    pub(crate) layout: Layout,
+    pub(crate) options: TargetOptions,
+    pub(crate) url: String,
+    // Last, so it shuts down after everything that may hold tasks on it.
+    pub(crate) runtime: IoRuntime,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &self.url)
+            .field("store", &self.store)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a create-only put made the object or found one already there.
+pub(crate) enum Created {
+    /// Our bytes are stored (possibly by an earlier attempt of ours that looked failed).
+    New,
+    /// Someone else's object was there; its bytes.
+    Exists(Bytes),
+}
+
+impl Target {
+    /// Opens (and, when empty, initializes) the repository at `url` with default options.
+    ///
+    /// `url` is a folder path or `file://` URL, `memory://` (a fresh in-memory store),
+    /// `s3://bucket/prefix` (configured from the `AWS_*` environment variables, such as
+    /// `AWS_ENDPOINT`, `AWS_REGION`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`), and with the crate
+    /// features `gcs` and `azure`, `gs://bucket/prefix` and `az://container/prefix`.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, TargetOptions::default())
+    }
+
+    /// Like [`open`](Self::open), with explicit options.
+    pub fn open_with(url: &str, options: TargetOptions) -> Result<Self> {
+        let parsed = crate::url::parse(url, &options.store_config)?;
+        let runtime = IoRuntime::new(options.io_threads)?;
+        let target = Target {
+            inner: Arc::new(Inner {
+                store: parsed.store,
+                multipart: parsed.multipart,
+                local_root: parsed.local_root,
+                layout: Layout::new(parsed.prefix),
+                options: options.sanitized(),
+                url: url.to_string(),
+                runtime,
+            }),
+        };
+        target.init_marker()?;
+        Ok(target)
+    }
+
+    /// Opens the repository under `prefix` of an existing store (tests wrap stores this way).
+    pub fn from_store<S>(store: Arc<S>, prefix: &str, options: TargetOptions) -> Result<Self>
+    where
+        S: ObjectStore + MultipartStore,
+    {
+        let prefix = Path::parse(prefix).map_err(|err| Error::InvalidUrl {
+            url: prefix.to_string(),
+            reason: err.to_string(),
+        })?;
+        let runtime = IoRuntime::new(options.io_threads)?;
+        let url = format!("store:{store}");
+        let target = Target {
+            inner: Arc::new(Inner {
+                store: store.clone(),
+                multipart: Some(store),
+                local_root: None,
+                layout: Layout::new(prefix),
+                options: options.sanitized(),
+                url,
+                runtime,
+            }),
+        };
+        target.init_marker()?;
+        Ok(target)
+    }
+
+    /// The URL the target was opened with.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &TargetOptions {
+        &self.inner.options
+    }
+
+    /// The local folder holding `volume`'s images on a filesystem target (where
+    /// `qemu-img info --backing-chain` works directly), `None` on object stores.
+    pub fn local_image_dir(&self, volume: &VolumeName) -> Option<PathBuf> {
+        let root = self.inner.local_root.as_ref()?;
+        Some(crate::url::local_path(
+            root,
+            &self.inner.layout.volume_dir(volume, "images"),
+        ))
+    }
+
+    fn init_marker(&self) -> Result<()> {
+        self.block("open repository", |inner| async move {
+            let path = inner.layout.marker();
+            let marker = RepositoryMarker {
+                format: FORMAT_NAME.to_string(),
+                version: FORMAT_VERSION,
+            };
+            let found = match inner.get_bytes(&path).await {
+                Ok(bytes) => bytes,
+                Err(Error::NotFound { .. }) => {
+                    match inner.put_create(&path, to_json(&marker).into()).await? {
+                        Created::New => return Ok(()),
+                        Created::Exists(bytes) => bytes,
+                    }
+                }
+                Err(err) => return Err(err),
+            };
+            let found: RepositoryMarker = from_json("repository marker", path.as_ref(), &found)?;
+            if found.format != FORMAT_NAME || found.version != FORMAT_VERSION {
+                return Err(Error::UnsupportedFormat {
+                    found: found.format,
+                    version: found.version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs an async operation over the shared state on the target's runtime.
+    pub(crate) fn block<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        self.inner.runtime.run(operation, f(self.inner.clone()))
+    }
+
+    /// The volumes that have at least one object in the repository.
+    pub fn volumes(&self) -> Result<Vec<VolumeName>> {
+        self.block("list volumes", |inner| async move {
+            let prefix = inner.layout.volumes();
+            let listing = inner
+                .store
+                .list_with_delimiter(Some(&prefix))
+                .await
+                .map_err(|err| Error::store("list", &prefix, err))?;
+            let mut names: Vec<VolumeName> = listing
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().and_then(|name| VolumeName::new(name).ok()))
+                .collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    /// The committed backups of `volume`, oldest first (by creation time, then id). Backups in
+    /// progress, abandoned or interrupted are never listed.
+    pub fn backups(&self, volume: &VolumeName) -> Result<Vec<BackupManifest>> {
+        let volume = volume.clone();
+        self.block("list backups", |inner| async move {
+            let objects = inner
+                .list(&inner.layout.volume_dir(&volume, "backups"))
+                .await?;
+            let inner = &inner;
+            let mut manifests: Vec<BackupManifest> = futures::stream::iter(objects)
+                .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
+                .map(|meta| async move {
+                    let bytes = inner.get_bytes(&meta.location).await?;
+                    from_json::<BackupManifest>("backup manifest", meta.location.as_ref(), &bytes)
+                })
+                .buffer_unordered(8)
+                .try_collect()
+                .await?;
+            manifests.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok(manifests)
+        })
+    }
+
+    /// The manifest of one committed backup.
+    pub fn backup(&self, volume: &VolumeName, id: &BackupId) -> Result<BackupManifest> {
+        let (volume, id) = (volume.clone(), id.clone());
+        self.block("read backup", |inner| async move {
+            inner.manifest(&volume, &id).await
+        })
+    }
+
+    /// The most recently created committed backup of `volume`.
+    pub fn latest(&self, volume: &VolumeName) -> Result<Option<BackupManifest>> {
+        Ok(self.backups(volume)?.pop())
+    }
+
+    /// The chain that ends in backup `id`, base first. Fails with [`Error::Corrupt`] when a
+    /// parent is missing or the chain loops.
+    pub fn chain(&self, volume: &VolumeName, id: &BackupId) -> Result<Vec<BackupManifest>> {
+        let mut chain = vec![self.backup(volume, id)?];
+        while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
+            if chain.len() > crate::MAX_CHAIN_DEPTH || chain.iter().any(|m| m.id == parent) {
+                return Err(Error::Corrupt {
+                    what: "backup chain",
+                    path: self.inner.layout.manifest(volume, id).to_string(),
+                    reason: format!(
+                        "chain through {parent} loops or exceeds {} backups",
+                        crate::MAX_CHAIN_DEPTH
+                    ),
+                });
+            }
+            match self.backup(volume, &parent) {
+                Ok(manifest) => chain.push(manifest),
+                Err(Error::NotFound { .. }) => {
+                    return Err(Error::Corrupt {
+                        what: "backup chain",
+                        path: self.inner.layout.manifest(volume, id).to_string(),
+                        reason: format!("parent {parent} is not committed"),
+                    });
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+}
+
+impl Inner {
+    pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
+        self.options
+            .retry
+            .run(|| async { self.store.get(path).await?.bytes().await })
+            .await
+            .map_err(|err| Error::store("get", path, err))
+    }
+
+    pub(crate) async fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        let payload = PutPayload::from(bytes);
+        self.options
+            .retry
+            .run(|| self.store.put(path, payload.clone()))
+            .await
+            .map_err(|err| Error::store("put", path, err))?;
+        Ok(())
+    }
+
+    /// A create-only put that tells its own earlier (retried) attempt from someone else's object.
+    pub(crate) async fn put_create(&self, path: &Path, bytes: Bytes) -> Result<Created> {
+        let payload = PutPayload::from(bytes.clone());
+        let result = self
+            .options
+            .retry
+            .run(|| {
+                self.store
+                    .put_opts(path, payload.clone(), PutOptions::from(PutMode::Create))
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(Created::New),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = self.get_bytes(path).await?;
+                if existing == bytes {
+                    Ok(Created::New)
+                } else {
+                    Ok(Created::Exists(existing))
+                }
+            }
+            Err(err) => Err(Error::store("create", path, err)),
+        }
+    }
+
+    pub(crate) async fn delete(&self, path: &Path) -> Result<()> {
+        match self.options.retry.run(|| self.store.delete(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(Error::store("delete", path, err)),
+        }
+    }
+
+    pub(crate) async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        self.options
+            .retry
+            .run(|| self.store.list(Some(prefix)).try_collect::<Vec<_>>())
+            .await
+            .map_err(|err| Error::store("list", prefix, err))
+    }
+
+    pub(crate) async fn manifest(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+    ) -> Result<BackupManifest> {
+        let path = self.layout.manifest(volume, id);
+        let bytes = match self.get_bytes(&path).await {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NotFound {
+                    what: "backup",
+                    name: format!("{volume}/{id}"),
+                });
+            }
+            other => other?,
+        };
+        let manifest: BackupManifest = from_json("backup manifest", path.as_ref(), &bytes)?;
+        if &manifest.id != id || &manifest.volume != volume {
+            return Err(Error::Corrupt {
+                what: "backup manifest",
+                path: path.to_string(),
+                reason: format!("names backup {}/{}", manifest.volume, manifest.id),
+            });
+        }
+        Ok(manifest)
+    }
+}
+
+/// Builds a fresh in-memory target store (shared by the `memory://` scheme and tests).
+pub(crate) fn memory_store() -> Arc<InMemory> {
+    Arc::new(InMemory::new())
+}
+
+/// Builds the filesystem store rooted at `folder`, creating the folder.
+pub(crate) fn local_store(folder: &std::path::Path) -> Result<Arc<LocalFileSystem>> {
+    std::fs::create_dir_all(folder).map_err(|err| Error::io("create", folder.display(), err))?;
+    let store = LocalFileSystem::new_with_prefix(folder)
+        .map_err(|err| Error::store("open", folder.display(), err))?;
+    Ok(Arc::new(store))
+}

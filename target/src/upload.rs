@@ -1,0 +1,304 @@
+//! Writing one backup: reservations, the image, side files, and the commit.
+//!
+//! The protocol (all conditional puts are create-only, so it works on every store, including
+//! the local filesystem, where object_store has no compare-and-swap):
+//!
+//! 1. `claims/<id>.json` is created. Failing that, another writer owns the id:
+//!    [`Error::BackupExists`], before a single image byte is sent.
+//! 2. For an overlay, `children/<parent>.json` is created: one child per parent. Failing that,
+//!    the parent is no longer the head of its chain: [`Error::ParentNotHead`], naming the backup
+//!    that extends it (committed or still in progress). The claim is released.
+//! 3. The image streams in ([`ImageUpload`]) and side files are put.
+//! 4. The manifest is created last; its existence is the commit. Readers list manifests only.
+//!
+//! Dropping an upload before [`BackupUpload::commit`] removes what it wrote and releases its
+//! reservations. A crash leaves them behind; [`Target::gc`] removes them after the grace period.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::layout::{FORMAT_VERSION, image_name};
+use crate::manifest::{
+    BackupManifest, ImageInfo, Reservation, SideFile, crc32, from_json, to_json,
+};
+use crate::name::{BackupId, FileName, VolumeName};
+use crate::sink::ImageUpload;
+use crate::target::{Created, Target};
+
+/// What a new backup is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSpec {
+    /// Its id; a fresh time-sortable one when `None`.
+    pub id: Option<BackupId>,
+    /// The backup it is an overlay on; `None` for a full image.
+    pub parent: Option<BackupId>,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// QCOW2 cluster size in bytes.
+    pub cluster_size: u64,
+}
+
+/// A backup being written: reserved by [`Target::begin_backup`], streamed through
+/// [`image_sink`](Self::image_sink) and [`put_file`](Self::put_file), made visible by
+/// [`commit`](Self::commit) (see "Guarantees" in the crate docs).
+#[derive(Debug)]
+pub struct BackupUpload {
+    target: Target,
+    volume: VolumeName,
+    id: BackupId,
+    parent: Option<BackupId>,
+    created: DateTime<Utc>,
+    virtual_size: u64,
+    cluster_size: u64,
+    writer: String,
+    image: Arc<Mutex<Option<ImageInfo>>>,
+    image_started: bool,
+    files: Vec<SideFile>,
+    done: bool,
+}
+
+impl Target {
+    /// Reserves a new backup of `volume` (and, for an overlay, the parent's one child slot).
+    pub fn begin_backup(&self, volume: &VolumeName, spec: BackupSpec) -> Result<BackupUpload> {
+        let id = spec.id.unwrap_or_else(BackupId::generate);
+        let created = Utc::now();
+        let writer = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let reservation = Reservation {
+            backup: id.clone(),
+            parent: spec.parent.clone(),
+            writer: writer.clone(),
+            created,
+        };
+        let volume_c = volume.clone();
+        self.block("begin backup", move |inner| async move {
+            let volume = volume_c;
+            if let Some(parent) = &reservation.parent {
+                inner
+                    .manifest(&volume, parent)
+                    .await
+                    .map_err(|err| match err {
+                        Error::NotFound { .. } => Error::NotFound {
+                            what: "parent backup",
+                            name: format!("{volume}/{parent}"),
+                        },
+                        err => err,
+                    })?;
+            }
+            let claim = inner.layout.claim(&volume, &reservation.backup);
+            if let Created::Exists(_) = inner
+                .put_create(&claim, to_json(&reservation).into())
+                .await?
+            {
+                return Err(Error::BackupExists {
+                    volume: volume.to_string(),
+                    id: reservation.backup.to_string(),
+                });
+            }
+            if let Some(parent) = &reservation.parent {
+                let slot = inner.layout.child_slot(&volume, parent);
+                if let Created::Exists(other) = inner
+                    .put_create(&slot, to_json(&reservation).into())
+                    .await?
+                {
+                    inner.delete(&claim).await?;
+                    let other: Reservation = from_json("child slot", slot.as_ref(), &other)?;
+                    return Err(Error::ParentNotHead {
+                        volume: volume.to_string(),
+                        parent: parent.to_string(),
+                        child: other.backup.to_string(),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(BackupUpload {
+            target: self.clone(),
+            volume: volume.clone(),
+            id,
+            parent: spec.parent,
+            created,
+            virtual_size: spec.virtual_size,
+            cluster_size: spec.cluster_size,
+            writer,
+            image: Arc::new(Mutex::new(None)),
+            image_started: false,
+            files: Vec::new(),
+            done: false,
+        })
+    }
+}
+
+impl BackupUpload {
+    /// The backup's id.
+    pub fn id(&self) -> &BackupId {
+        &self.id
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &VolumeName {
+        &self.volume
+    }
+
+    /// The parent it extends.
+    pub fn parent(&self) -> Option<&BackupId> {
+        self.parent.as_ref()
+    }
+
+    /// The image's object name, `<id>.qcow2`.
+    pub fn image_name(&self) -> String {
+        image_name(&self.id)
+    }
+
+    /// The backing file name the overlay's header must carry: `<parent>.qcow2`, relative, so
+    /// the chain resolves inside the volume's image folder on every target.
+    pub fn backing_name(&self) -> Option<String> {
+        self.parent.as_ref().map(image_name)
+    }
+
+    /// The sink the QCOW2 writer streams the image into (one per backup).
+    pub fn image_sink(&mut self) -> Result<ImageUpload> {
+        if self.image_started {
+            return Err(Error::Upload {
+                path: self.image_name(),
+                reason: "the image sink was already taken".into(),
+            });
+        }
+        self.image_started = true;
+        ImageUpload::new(
+            &self.target,
+            &self.volume,
+            &self.id,
+            &self.writer,
+            self.image.clone(),
+        )
+    }
+
+    /// Stores a side file (a digest manifest, say) with the backup.
+    pub fn put_file(&mut self, name: &FileName, bytes: Bytes) -> Result<()> {
+        let path = self.target.inner.layout.file(&self.volume, &self.id, name);
+        let side = SideFile {
+            name: name.clone(),
+            size: bytes.len() as u64,
+            checksums: crc32(&bytes),
+        };
+        self.target
+            .block("put side file", move |inner| async move {
+                inner.put(&path, bytes).await
+            })?;
+        self.files.retain(|f| &f.name != name);
+        self.files.push(side);
+        Ok(())
+    }
+
+    /// Commits the backup: creates its manifest, after checking that the image is complete and
+    /// the reservations are still this writer's.
+    pub fn commit(mut self) -> Result<BackupManifest> {
+        let image = self
+            .image
+            .lock()
+            .map_err(|_| Error::Upload {
+                path: self.image_name(),
+                reason: "the image sink panicked".into(),
+            })?
+            .clone()
+            .ok_or_else(|| Error::Upload {
+                path: self.image_name(),
+                reason: "commit before the image sink finished".into(),
+            })?;
+        let manifest = BackupManifest {
+            format_version: FORMAT_VERSION,
+            volume: self.volume.clone(),
+            id: self.id.clone(),
+            parent: self.parent.clone(),
+            created: self.created,
+            virtual_size: self.virtual_size,
+            cluster_size: self.cluster_size,
+            image,
+            files: self.files.clone(),
+        };
+        let (volume, id, writer, doc) = (
+            self.volume.clone(),
+            self.id.clone(),
+            self.writer.clone(),
+            manifest.clone(),
+        );
+        self.target
+            .block("commit backup", move |inner| async move {
+                let claim_path = inner.layout.claim(&volume, &id);
+                let lost = || Error::Upload {
+                    path: claim_path.to_string(),
+                    reason:
+                        "the claim on this backup id was removed (by gc after the grace period?)"
+                            .into(),
+                };
+                let claim = match inner.get_bytes(&claim_path).await {
+                    Err(Error::NotFound { .. }) => return Err(lost()),
+                    other => other?,
+                };
+                let claim: Reservation = from_json("claim", claim_path.as_ref(), &claim)?;
+                if claim.writer != writer {
+                    return Err(lost());
+                }
+                let path = inner.layout.manifest(&volume, &id);
+                match inner.put_create(&path, to_json(&doc).into()).await? {
+                    Created::New => Ok(()),
+                    Created::Exists(_) => Err(Error::BackupExists {
+                        volume: volume.to_string(),
+                        id: id.to_string(),
+                    }),
+                }
+            })?;
+        self.done = true;
+        Ok(manifest)
+    }
+
+    /// Gives the backup up: removes the image and side files and releases the reservations.
+    /// Dropping an uncommitted upload does the same, ignoring errors.
+    pub fn abandon(mut self) -> Result<()> {
+        self.done = true;
+        self.clean_up()
+    }
+
+    fn clean_up(&self) -> Result<()> {
+        let (volume, id, parent, writer) = (
+            self.volume.clone(),
+            self.id.clone(),
+            self.parent.clone(),
+            self.writer.clone(),
+        );
+        self.target
+            .block("abandon backup", move |inner| async move {
+                let image = inner.layout.image(&volume, &image_name(&id));
+                inner.delete(&image).await?;
+                for file in inner.list(&inner.layout.files_dir(&volume, &id)).await? {
+                    inner.delete(&file.location).await?;
+                }
+                if let Some(parent) = parent {
+                    let slot = inner.layout.child_slot(&volume, &parent);
+                    if let Ok(bytes) = inner.get_bytes(&slot).await {
+                        let holder: Reservation = from_json("child slot", slot.as_ref(), &bytes)?;
+                        if holder.writer == writer {
+                            inner.delete(&slot).await?;
+                        }
+                    }
+                }
+                inner.delete(&inner.layout.claim(&volume, &id)).await
+            })
+    }
+}
+
+impl Drop for BackupUpload {
+    fn drop(&mut self) {
+        if !self.done {
+            // Best effort: what is left behind is removed by `gc` after the grace period.
+            let _ = self.clean_up();
+        }
+    }
+}

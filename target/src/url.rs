@@ -1,0 +1,207 @@
+//! Target URLs: folders, `file://`, `memory://`, `s3://`, `gs://`, `az://`.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+
+use crate::error::{Error, Result};
+
+pub(crate) struct Parsed {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) multipart: Option<Arc<dyn MultipartStore>>,
+    pub(crate) local_root: Option<PathBuf>,
+    pub(crate) prefix: Path,
+}
+
+fn invalid(url: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn parse(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        return local(url, FsPath::new(url));
+    };
+    match scheme {
+        "file" => {
+            let parsed = url::Url::parse(url).map_err(|err| invalid(url, err.to_string()))?;
+            let folder = parsed
+                .to_file_path()
+                .map_err(|()| invalid(url, "not an absolute local path"))?;
+            local(url, &folder)
+        }
+        "memory" => {
+            let store = crate::target::memory_store();
+            Ok(Parsed {
+                store: store.clone(),
+                multipart: Some(store),
+                local_root: None,
+                prefix: Path::default(),
+            })
+        }
+        "s3" | "s3a" => cloud::s3(url, config),
+        "gs" => cloud::gcs(url, config),
+        "az" | "azure" | "abfs" | "abfss" => cloud::azure(url, config),
+        other => Err(invalid(url, format!("unknown scheme {other:?}"))),
+    }
+}
+
+fn local(url: &str, folder: &FsPath) -> Result<Parsed> {
+    if folder.as_os_str().is_empty() {
+        return Err(invalid(url, "empty path"));
+    }
+    let store = crate::target::local_store(folder)?;
+    let root =
+        std::fs::canonicalize(folder).map_err(|err| Error::io("resolve", folder.display(), err))?;
+    Ok(Parsed {
+        store,
+        multipart: None,
+        local_root: Some(root),
+        prefix: Path::default(),
+    })
+}
+
+/// The file behind object key `key` of a filesystem target rooted at `root`.
+pub(crate) fn local_path(root: &FsPath, key: &Path) -> PathBuf {
+    let mut path = root.to_path_buf();
+    for part in key.parts() {
+        path.push(part.as_ref());
+    }
+    path
+}
+
+/// The key prefix: the URL's path without its leading and trailing slashes.
+#[cfg_attr(
+    not(any(feature = "s3", feature = "gcs", feature = "azure")),
+    allow(dead_code)
+)]
+fn prefix_of(url: &str) -> Result<Path> {
+    let parsed = url::Url::parse(url).map_err(|err| invalid(url, err.to_string()))?;
+    Path::parse(parsed.path().trim_matches('/')).map_err(|err| invalid(url, err.to_string()))
+}
+
+mod cloud {
+    use super::*;
+
+    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
+    fn retry_config() -> object_store::RetryConfig {
+        object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        }
+    }
+
+    #[cfg(feature = "s3")]
+    pub(super) fn s3(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+        let mut builder = object_store::aws::AmazonS3Builder::from_env();
+        for (key, value) in config {
+            let key: object_store::aws::AmazonS3ConfigKey = key
+                .parse()
+                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder
+            .with_url(url)
+            .with_retry(retry_config())
+            .build()
+            .map_err(|err| invalid(url, err.to_string()))?;
+        let store = Arc::new(store);
+        Ok(Parsed {
+            store: store.clone(),
+            multipart: Some(store),
+            local_root: None,
+            prefix: prefix_of(url)?,
+        })
+    }
+
+    #[cfg(not(feature = "s3"))]
+    pub(super) fn s3(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
+        Err(invalid(url, "built without the `s3` feature"))
+    }
+
+    #[cfg(feature = "gcs")]
+    pub(super) fn gcs(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+        let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+        for (key, value) in config {
+            let key: object_store::gcp::GoogleConfigKey = key
+                .parse()
+                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder
+            .with_url(url)
+            .with_retry(retry_config())
+            .build()
+            .map_err(|err| invalid(url, err.to_string()))?;
+        let store = Arc::new(store);
+        Ok(Parsed {
+            store: store.clone(),
+            multipart: Some(store),
+            local_root: None,
+            prefix: prefix_of(url)?,
+        })
+    }
+
+    #[cfg(not(feature = "gcs"))]
+    pub(super) fn gcs(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
+        Err(invalid(url, "built without the `gcs` feature"))
+    }
+
+    #[cfg(feature = "azure")]
+    pub(super) fn azure(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+        let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env();
+        for (key, value) in config {
+            let key: object_store::azure::AzureConfigKey = key
+                .parse()
+                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder
+            .with_url(url)
+            .with_retry(retry_config())
+            .build()
+            .map_err(|err| invalid(url, err.to_string()))?;
+        let store = Arc::new(store);
+        Ok(Parsed {
+            store: store.clone(),
+            multipart: Some(store),
+            local_root: None,
+            prefix: prefix_of(url)?,
+        })
+    }
+
+    #[cfg(not(feature = "azure"))]
+    pub(super) fn azure(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
+        Err(invalid(url, "built without the `azure` feature"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_schemes_and_empty_paths_are_refused() {
+        assert!(matches!(
+            parse("ftp://host/x", &[]).err(),
+            Some(Error::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            parse("", &[]).err(),
+            Some(Error::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn cloud_prefixes_drop_the_slashes() -> Result<()> {
+        assert_eq!(prefix_of("s3://bucket/a/b/")?.as_ref(), "a/b");
+        assert_eq!(prefix_of("s3://bucket")?.as_ref(), "");
+        Ok(())
+    }
+}
