@@ -121,7 +121,7 @@ pub fn convert_raw<S: ImageSink>(
 
 /// Threads reading the source at once: parallel reads from the page cache or a device queue
 /// go faster than one, and the writer's thread checks and appends meanwhile.
-const READERS: usize = 2;
+const READERS: usize = 3;
 /// Chunk buffers in flight (being read, queued, or being written).
 const BUFFERS: usize = READERS + 2;
 
