@@ -245,15 +245,16 @@ fn write_overlay<S: ImageSink>(
     let cluster = writer.cluster_size() as usize;
     let size = writer.virtual_size();
     let backing_size = backing.size();
-    let mut new = vec![0u8; chunk as usize];
-    let mut old = vec![0u8; chunk as usize];
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    let new_range = page_aligned(&mut new, chunk as usize);
+    let old_range = page_aligned(&mut old, chunk as usize);
     let mut pending = ranges.next_range()?;
     let mut offset = 0;
     while offset < size {
         let len = (size - offset).min(chunk);
         let end = offset + len;
-        let new = &mut new[..len as usize];
-        let old = &mut old[..len as usize];
+        let new = &mut new[new_range.start..new_range.start + len as usize];
+        let old = &mut old[old_range.start..old_range.start + len as usize];
 
         // The source: data ranges read, holes zero.
         new.fill(0);
