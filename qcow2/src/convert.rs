@@ -4,10 +4,12 @@
 //! chunks and checked for all-zero clusters by the [`Writer`]. For an overlay every cluster is
 //! compared with what the backing chain reads there, and only differing clusters are written.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 
 use rustix::fs::{SeekFrom, seek};
 use rustix::io::Errno;
@@ -117,11 +119,19 @@ pub fn convert_raw<S: ImageSink>(
     writer.finish()
 }
 
-/// Buffers in flight between the reading thread and the writer.
-const READ_AHEAD: usize = 3;
+/// Threads reading the source at once: parallel reads from the page cache or a device queue
+/// go faster than one, and the writer's thread checks and appends meanwhile.
+const READERS: usize = 3;
+/// Chunk buffers in flight (being read, queued, or being written).
+const BUFFERS: usize = READERS + 2;
 
-/// Reads the data ranges on a helper thread while the writer checks and appends the previous
-/// chunk, so reading the source overlaps writing the image.
+/// A chunk to read: its order among chunks, guest offset and length.
+type Task = (u64, u64, usize);
+/// A chunk read, or why reading failed.
+type Delivery = Result<(u64, u64, Vec<u8>, Range<usize>), WriteError>;
+
+/// Reads the data ranges on helper threads while the writer checks and appends earlier chunks,
+/// so reading the source overlaps writing the image. Chunks are reassembled in order.
 fn write_base<S: ImageSink>(
     writer: &mut Writer<S>,
     source: &File,
@@ -129,66 +139,96 @@ fn write_base<S: ImageSink>(
     chunk: u64,
 ) -> Result<(), WriteError> {
     let cluster = writer.cluster_size();
-    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), WriteError>>(READ_AHEAD);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..READ_AHEAD {
+    let (task_tx, task_rx) = mpsc::sync_channel::<Task>(BUFFERS);
+    let task_rx = Mutex::new(task_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Delivery>();
+    let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
+    let pool_rx = Mutex::new(pool_rx);
+    for _ in 0..BUFFERS {
         // The receiver is alive: it is ours.
-        let _ = empty_tx.send(Vec::with_capacity(chunk as usize));
+        let _ = pool_tx.send(Vec::with_capacity(chunk as usize + PAGE));
     }
     std::thread::scope(|scope| {
+        let planner_done = done_tx.clone();
         scope.spawn(move || {
-            let result = read_data_chunks(
-                source,
-                ranges,
-                cluster,
-                chunk,
-                |offset, buf| full_tx.send(Ok((offset, buf))).is_ok(),
-                &empty_rx,
-            );
-            if let Err(err) = result {
-                let _ = full_tx.send(Err(err));
+            if let Err(err) = plan_chunks(ranges, cluster, chunk, &task_tx) {
+                let _ = planner_done.send(Err(err));
             }
         });
-        // Returning (on an error too) drops both channel ends held here, which stops the
-        // reading thread at its next send or wait for a buffer.
-        let returns = empty_tx;
-        for message in full_rx {
-            let (offset, buf) = message?;
-            writer.write_data(offset, &buf)?;
-            let _ = returns.send(buf);
+        for _ in 0..READERS {
+            let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
+            scope.spawn(move || {
+                // A buffer first, then the next task: the lowest unfinished chunk always holds
+                // a buffer, so reassembly can always make progress.
+                while let Some(mut buf) = lock_recv(pool_rx) {
+                    let Some((seq, offset, len)) = lock_recv(task_rx) else {
+                        return;
+                    };
+                    let range = page_aligned(&mut buf, len);
+                    let message = read_source(source, &mut buf[range.clone()], offset)
+                        .map(|()| (seq, offset, buf, range));
+                    if done_tx.send(message).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        // Returning (on an error too) drops the pool's sender and the deliveries' receiver,
+        // which stops the helper threads at their next wait.
+        let (pool_tx, done_rx) = (pool_tx, done_rx);
+        let mut waiting = BTreeMap::new();
+        let mut next = 0;
+        for message in done_rx.iter() {
+            let (seq, offset, buf, range) = message?;
+            waiting.insert(seq, (offset, buf, range));
+            while let Some((offset, buf, range)) = waiting.remove(&next) {
+                writer.write_data(offset, &buf[range])?;
+                let _ = pool_tx.send(buf);
+                next += 1;
+            }
         }
         Ok(())
     })
 }
 
-/// Reads whole clusters around every data range, in chunks of at most `chunk` bytes, into
-/// buffers taken from `empty`; stops early when `deliver` returns false.
-fn read_data_chunks(
-    source: &File,
+/// Page size the read buffers are aligned to.
+const PAGE: usize = 4096;
+
+/// The range of `buf` (grown as needed) holding `len` bytes from a page boundary: the kernel
+/// copies out of the page cache markedly faster into page-aligned memory.
+fn page_aligned(buf: &mut Vec<u8>, len: usize) -> Range<usize> {
+    buf.resize(len + PAGE, 0);
+    let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
+    start..start + len
+}
+
+fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
+    receiver.lock().ok()?.recv().ok()
+}
+
+/// Splits whole clusters around every data range into chunks of at most `chunk` bytes.
+fn plan_chunks(
     ranges: &mut DataRanges<'_>,
     cluster: u64,
     chunk: u64,
-    mut deliver: impl FnMut(u64, Vec<u8>) -> bool,
-    empty: &mpsc::Receiver<Vec<u8>>,
+    tasks: &mpsc::SyncSender<Task>,
 ) -> Result<(), WriteError> {
     let size = ranges.size;
     let mut done = 0;
+    let mut seq = 0;
     while let Some((start, end)) = ranges.next_range()? {
-        // Whole clusters around the data, never going back over what was delivered.
+        // Whole clusters around the data, never going back over what was planned.
         let start = (start - start % cluster).max(done);
         let end = end.next_multiple_of(cluster).min(size);
         let mut offset = start;
         while offset < end {
-            let Ok(mut buf) = empty.recv() else {
-                return Ok(());
-            };
-            let len = (end - offset).min(chunk) as usize;
-            buf.resize(len, 0);
-            read_source(source, &mut buf, offset)?;
-            if !deliver(offset, buf) {
+            let len = (end - offset).min(chunk);
+            if tasks.send((seq, offset, len as usize)).is_err() {
                 return Ok(());
             }
-            offset += len as u64;
+            seq += 1;
+            offset += len;
         }
         done = done.max(end);
     }
@@ -205,15 +245,16 @@ fn write_overlay<S: ImageSink>(
     let cluster = writer.cluster_size() as usize;
     let size = writer.virtual_size();
     let backing_size = backing.size();
-    let mut new = vec![0u8; chunk as usize];
-    let mut old = vec![0u8; chunk as usize];
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    let new_range = page_aligned(&mut new, chunk as usize);
+    let old_range = page_aligned(&mut old, chunk as usize);
     let mut pending = ranges.next_range()?;
     let mut offset = 0;
     while offset < size {
         let len = (size - offset).min(chunk);
         let end = offset + len;
-        let new = &mut new[..len as usize];
-        let old = &mut old[..len as usize];
+        let new = &mut new[new_range.start..new_range.start + len as usize];
+        let old = &mut old[old_range.start..old_range.start + len as usize];
 
         // The source: data ranges read, holes zero.
         new.fill(0);

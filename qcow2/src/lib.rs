@@ -21,6 +21,23 @@
 //! # Ok::<(), strata_qcow2::Error>(())
 //! ```
 //!
+//! Writing a backup: a base image from a raw volume, then an overlay holding only what changed
+//! since, compared against the previous image's chain:
+//!
+//! ```no_run
+//! use strata_qcow2::{Image, WriterOptions, convert_raw_file};
+//!
+//! let mut options = WriterOptions::default();          // v3, 64 KiB clusters
+//! options.parse_qemu_options("cluster_size=64k")?;     // qemu-img's -o syntax
+//! convert_raw_file("vol.raw".as_ref(), "backups/0000.qcow2".as_ref(), &options, None)?;
+//!
+//! let previous = Image::open("backups/0000.qcow2")?;
+//! options.backing_file = Some("0000.qcow2".into());   // stored as given, relative
+//! let summary = convert_raw_file("vol.raw".as_ref(), "backups/0001.qcow2".as_ref(), &options, Some(&previous))?;
+//! println!("{} changed clusters, {} now zero", summary.data_clusters, summary.zero_clusters);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # What is read (QEMU's `docs/interop/qcow2.rst`)
 //!
 //! - Headers of versions 2 and 3 with every field validated ("Header", "Additional fields");
@@ -34,6 +51,21 @@
 //! - Internal snapshots and bitmaps are present but ignored: the active layer is read. Dirty
 //!   images read normally; the corrupt bit is reported in [`Qcow2Info`]. Encrypted images are
 //!   refused.
+//!
+//! # What is written
+//!
+//! [`Writer`] produces version 3 images (version 2 with [`Compat::V2`]), cluster sizes from
+//! 512 B to 2 MiB, 16-bit refcounts that `qemu-img check` finds exact, optional deflate or zstd
+//! compressed clusters, and overlays naming their backing file with the backing-format
+//! extension. It works in one pass: guest clusters come in ascending order and are appended as
+//! they come; all-zero clusters are not stored (an overlay marks them as zero clusters where its
+//! backing has data, or stores zeros in version 2). The L2 tables, the L1 table and the
+//! refcount structures follow the data, and the header area goes to the [`ImageSink`] last, so
+//! an interrupted write never looks like an image. Memory holds runs of written clusters only:
+//! a 1 TiB sparse volume costs what its data costs. [`FileSink`] writes a local file or device;
+//! any sink may ask for a larger header area ([`ImageSink::min_header_len`]), as a multipart
+//! upload that sends its first part last does. [`convert_raw`] feeds the writer from a raw file
+//! or block device, skipping holes with `SEEK_DATA`/`SEEK_HOLE`.
 //!
 //! # Safety with hostile images
 //!

@@ -36,7 +36,8 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Creates (or truncates) the file at `path`.
+    /// Creates (or truncates) the file at `path`; a device at `path` is written in place and
+    /// never removed.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -44,12 +45,13 @@ impl FileSink {
             .create(true)
             .truncate(true)
             .open(path)?;
+        let regular = file.metadata()?.file_type().is_file();
         Ok(Self {
+            created: regular.then(|| path.to_owned()),
             file,
             buffer: Vec::with_capacity(WRITE_BUFFER),
             position: 0,
             writeback_from: 0,
-            created: Some(path.to_owned()),
             finished: false,
         })
     }

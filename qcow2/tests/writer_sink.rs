@@ -148,3 +148,24 @@ fn out_of_order_and_misaligned_writes_are_refused() {
     assert_eq!(summary.data_clusters, 1);
     assert!(sink.image().is_some());
 }
+
+#[test]
+fn abandoned_sink_on_a_device_never_removes_it() {
+    // A symlink to /dev/null stands for a block device: removing "what it created" would
+    // remove the link, which this test would see (and a device node, which it must never).
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("device");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    let mut writer = Writer::new(
+        FileSink::create(&link).unwrap(),
+        &WriterOptions::default(),
+        1 << 20,
+    )
+    .unwrap();
+    writer.write_data(0, &ten_clusters()).unwrap();
+    drop(writer);
+    assert!(
+        std::fs::symlink_metadata(&link).is_ok(),
+        "the device path was removed"
+    );
+}

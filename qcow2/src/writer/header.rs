@@ -133,8 +133,10 @@ mod tests {
 
     #[test]
     fn v3_overlay_header_layout() {
-        let mut options = WriterOptions::default();
-        options.backing_file = Some("base.qcow2".to_owned());
+        let options = WriterOptions {
+            backing_file: Some("base.qcow2".to_owned()),
+            ..WriterOptions::default()
+        };
         let bytes = encode(&options, &FIELDS).unwrap();
         assert_eq!(&bytes[..8], b"QFI\xfb\0\0\0\x03");
         assert_eq!(u32::from_be_bytes(bytes[100..104].try_into().unwrap()), 112);
@@ -148,8 +150,10 @@ mod tests {
 
     #[test]
     fn zstd_sets_the_incompatible_bit_and_type() {
-        let mut options = WriterOptions::default();
-        options.compression_type = CompressionType::Zstd;
+        let options = WriterOptions {
+            compression_type: CompressionType::Zstd,
+            ..WriterOptions::default()
+        };
         let bytes = encode(&options, &FIELDS).unwrap();
         assert_eq!(u64::from_be_bytes(bytes[72..80].try_into().unwrap()), 8);
         assert_eq!(bytes[104], 1);
@@ -157,8 +161,10 @@ mod tests {
 
     #[test]
     fn long_backing_names_are_refused() {
-        let mut options = WriterOptions::default();
-        options.backing_file = Some("x".repeat(1024));
+        let mut options = WriterOptions {
+            backing_file: Some("x".repeat(1024)),
+            ..WriterOptions::default()
+        };
         assert!(matches!(
             encode(&options, &FIELDS),
             Err(WriteError::InvalidOption { .. })
