@@ -1,3 +1,4 @@
 //! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
 
+pub use strata_discovery as discovery;
 pub use strata_qcow2 as qcow2;
