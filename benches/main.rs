@@ -1,7 +1,9 @@
-//! Criterion benches.
-use criterion::{Criterion, criterion_group, criterion_main};
+//! Criterion benches, each beside the peer tool where there is one, in the same run.
+#![allow(missing_docs)]
 
-fn placeholder(_c: &mut Criterion) {}
+use criterion::{criterion_group, criterion_main};
 
-criterion_group!(benches, placeholder);
+mod hydrate;
+
+criterion_group!(benches, hydrate::chain_12_deep);
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! Putting it together: from an application definition to its objects and volumes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kube::api::DynamicObject;
 
@@ -48,10 +48,11 @@ pub struct Application {
 /// Find an application's objects and volumes in an inventory.
 ///
 /// Starts from the Helm releases (their storage records and the objects of their live
-/// revision), the operator instances and the selector matches, adds the namespace, then,
+/// revision), the operator instances and the selector matches, then,
 /// until nothing new is found, what each object needs (PVCs, ConfigMaps, Secrets and
-/// ServiceAccounts its pod templates name, PVCs a StatefulSet's claim templates made), and
-/// finally leaves out what [`exclusion`] rejects.
+/// ServiceAccounts its pod templates name, PVCs a StatefulSet's claim templates made), adds
+/// the Namespace of every namespace involved, and finally leaves out what [`exclusion`]
+/// rejects.
 pub fn discover(inventory: &Inventory, spec: &AppSpec) -> Result<Application> {
     let ns = spec.namespace.as_str();
     let mut app = Application::default();
@@ -92,6 +93,15 @@ pub fn discover(inventory: &Inventory, spec: &AppSpec) -> Result<Application> {
         };
         chosen.insert(key, object);
         queue.extend(dependencies(inventory, object));
+    }
+
+    // Every namespace an object lives in comes along (the operator's, too).
+    let namespaces: BTreeSet<String> = chosen.keys().filter_map(|k| k.namespace.clone()).collect();
+    for ns in namespaces {
+        let key = ObjectKey::new("", "Namespace", None, &ns);
+        if let Some(object) = inventory.get(&key) {
+            chosen.entry(key).or_insert(object);
+        }
     }
 
     for (key, object) in chosen {

@@ -34,9 +34,9 @@ pub enum Error {
     Yaml {
         /// Which document.
         what: String,
-        /// The cause.
+        /// The cause (boxed: the parser's error carries a source snippet and is large).
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     /// A YAML document could not be written.
     #[error("cannot write {what} as YAML")]

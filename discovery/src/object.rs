@@ -162,6 +162,7 @@ pub fn object_from_value(value: serde_json::Value, what: &str) -> Result<Dynamic
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

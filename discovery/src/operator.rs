@@ -395,6 +395,7 @@ fn is_binding(object: &DynamicObject) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -10,7 +10,7 @@ pub fn documents(text: &str, what: &str) -> Result<Vec<serde_json::Value>> {
     let docs: Vec<Option<serde_json::Value>> =
         serde_saphyr::from_str_multiple(text).map_err(|source| Error::Yaml {
             what: what.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(docs
         .into_iter()
@@ -28,6 +28,7 @@ pub fn to_yaml(value: &serde_json::Value, what: &str) -> Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

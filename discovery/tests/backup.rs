@@ -1,4 +1,5 @@
 //! Sanitizing, restore order and the metadata archive, on the sample application.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Tests against a real cluster, run when `KUBECONFIG` points at one:
 //! `cargo test -p strata-discovery --test cluster -- --ignored`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use strata_discovery::{Inventory, LiveSource, ObjectSource};
 

@@ -1,4 +1,5 @@
 //! Discovery over the shipped sample dump: Helm release, operator instance, shared labels.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -118,6 +119,7 @@ fn operator_itself_is_found_through_rbac_and_its_webhook() {
     let names = names(&discover_sample(spec));
     for expected in [
         "Deployment/operators/redis-operator",
+        "Namespace/operators",
         "ServiceAccount/operators/redis-operator",
         "ClusterRole/redis-operator",
         "ClusterRoleBinding/redis-operator",

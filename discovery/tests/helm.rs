@@ -1,5 +1,6 @@
 //! Helm storage records: decoding what Helm (here an independent gzip/base64 encoder) wrote,
 //! encoding records Helm can read, and resolving a release with a failed upgrade.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

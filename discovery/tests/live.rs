@@ -1,4 +1,5 @@
 //! The live source and server-side apply against an in-memory API server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

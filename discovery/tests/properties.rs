@@ -1,4 +1,5 @@
 //! Invariants checked on generated input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 

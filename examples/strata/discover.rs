@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 use strata::discovery::{
-    AppSpec, DumpSource, Inventory, LiveSource, MetadataBackup, ObjectRef, ObjectSource, RestoreOrder, Volume, discover,
+    AppSpec, DumpSource, Inventory, LiveSource, MetadataBackup, ObjectRef, ObjectSource,
+    RestoreOrder, Volume, discover,
 };
 
 /// Find the objects and volumes of an application (Helm releases, operator instances, label
@@ -67,7 +68,10 @@ struct Report<'a> {
     volumes: Vec<VolumeLine<'a>>,
 }
 
-async fn inventory<S: ObjectSource>(source: &S, namespaces: &[String]) -> anyhow::Result<Inventory> {
+async fn inventory<S: ObjectSource>(
+    source: &S,
+    namespaces: &[String],
+) -> anyhow::Result<Inventory> {
     Ok(Inventory::collect(source, namespaces).await?)
 }
 
@@ -76,34 +80,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let spec = AppSpec {
         namespace: args.namespace.clone(),
         helm_releases: args.helm_releases.clone(),
-        operators: args.operators.iter().map(|o| o.parse()).collect::<Result<_, _>>()?,
-        selectors: args.selectors.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        operators: args
+            .operators
+            .iter()
+            .map(|o| o.parse())
+            .collect::<Result<_, _>>()?,
+        selectors: args
+            .selectors
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?,
         include_operators: args.include_operators,
     };
     let mut namespaces = vec![args.namespace.clone()];
     namespaces.extend(args.also_namespaces.iter().cloned());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let inventory = match &args.objects {
         Some(path) => {
-            let source = DumpSource::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+            let source = DumpSource::from_path(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             runtime.block_on(inventory(&source, &namespaces))?
         }
         None => runtime.block_on(async {
-            let client = kube::Client::try_default().await.context("connecting to the cluster (kubeconfig or in-cluster)")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the cluster (kubeconfig or in-cluster)")?;
             inventory(&LiveSource::new(client), &namespaces).await
         })?,
     };
     let app = discover(&inventory, &spec)?;
     let backup = MetadataBackup::from_application(&app, &RestoreOrder::default())?;
     if let Some(path) = &args.archive {
-        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         backup.write_archive(std::io::BufWriter::new(file))?;
     }
     let resources = backup.references()?;
     match args.output {
         Output::Json => {
             let volumes = app.volumes.iter().map(volume_line).collect();
-            println!("{}", serde_json::to_string_pretty(&Report { resources, volumes })?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Report { resources, volumes })?
+            );
         }
         Output::Text => {
             for r in &resources {

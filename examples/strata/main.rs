@@ -1,2 +1,97 @@
-//! The `strata` command line.
-fn main() {}
+//! `strata`: qemu-img-like commands over Strata's libraries.
+//!
+//! Every command exits 0 on success; on an error it prints one line naming the problem on
+//! stderr and exits 1.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod convert;
+mod demo;
+mod discover;
+mod info;
+mod map;
+
+/// Block-level backup and restore as QCOW2 chains.
+#[derive(Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show an image's format, sizes and backing chain.
+    Info(info::Args),
+    /// Convert an image (hydrate a chain into a raw file or device).
+    Convert(convert::Args),
+    /// Show where each guest range of an image is stored.
+    Map(map::Args),
+    /// Build a small chain with qemu-img and read it back with Strata.
+    Demo(demo::Args),
+    /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
+    Discover(discover::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Map(args) => map::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Discover(args) => discover::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("strata: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    err.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+/// Options shared by commands that open images.
+#[derive(clap::Args, Clone, Copy)]
+pub struct OpenArgs {
+    /// Follow absolute backing names and names that climb out of the image's folder
+    /// (only for images you trust).
+    #[arg(long)]
+    pub trust_backing: bool,
+}
+
+impl OpenArgs {
+    /// Reader options for these flags and an optional forced format.
+    pub fn options(self, format: Option<strata::qcow2::Format>) -> strata::qcow2::OpenOptions {
+        strata::qcow2::OpenOptions {
+            policy: if self.trust_backing {
+                strata::qcow2::BackingPolicy::Permissive
+            } else {
+                strata::qcow2::BackingPolicy::Confined
+            },
+            format,
+            ..Default::default()
+        }
+    }
+}
+
+/// `--output human|json`.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON for programs.
+    Json,
+}

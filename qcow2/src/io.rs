@@ -91,7 +91,10 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the source")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the source",
+    )
 }
 
 /// Opens byte sources by name: the top image, its backing files, external data files.

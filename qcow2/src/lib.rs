@@ -1,16 +1,72 @@
-//! A pure-Rust QCOW2 reader and writer with backing chains, safe with hostile images.
+//! A pure-Rust QCOW2 reader with backing chains, safe with hostile images.
+//!
+//! Strata stores every backup of a volume as a QCOW2 image: the first a full base image, each
+//! later one an overlay whose backing file is the previous backup. This crate reads every image
+//! `qemu-img` makes exactly as `qemu-img` reads it, and refuses hostile ones with a typed error.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use strata_qcow2::{Image, ExtentKind};
+//!
+//! let image = Image::open("backups/vol/0003.qcow2")?;
+//! println!("{} bytes, {} images in the chain", image.virtual_size(), image.depth());
+//! for extent in image.map(0, image.virtual_size())? {
+//!     if let ExtentKind::Data { depth, .. } = extent.kind {
+//!         println!("{:#x}+{:#x} stored in layer {depth}", extent.start, extent.length);
+//!     }
+//! }
+//! let mut sector = [0u8; 512];
+//! image.read_at(&mut sector, 0)?;
+//! # Ok::<(), strata_qcow2::Error>(())
+//! ```
+//!
+//! # What is read (QEMU's `docs/interop/qcow2.rst`)
+//!
+//! - Headers of versions 2 and 3 with every field validated ("Header", "Additional fields");
+//!   header extensions: backing format, feature name table, external data file, bitmaps; unknown
+//!   extensions are skipped and unknown incompatible feature bits refused by name.
+//! - Cluster sizes from 512 B to 2 MiB; standard, zero and unallocated clusters ("Cluster
+//!   mapping"); extended L2 entries with subcluster bitmaps ("Extended L2 Entries");
+//!   compressed clusters in deflate and zstd ("Compressed Clusters Descriptor").
+//! - Backing chains of QCOW2 and raw images, names resolved relative to the naming image and
+//!   checked by a [`BackingPolicy`]; external data files under the same policy.
+//! - Internal snapshots and bitmaps are present but ignored: the active layer is read. Dirty
+//!   images read normally; the corrupt bit is reported in [`Qcow2Info`]. Encrypted images are
+//!   refused.
+//!
+//! # Safety with hostile images
+//!
+//! Every size and offset is checked before memory is allocated or bytes are read: the L1
+//! table is capped at 32 MiB and must lie inside the file, the refcount table at 8 MiB, chains
+//! at [`DEFAULT_MAX_DEPTH`] with loop detection, and an entry pointing past the end of the file
+//! is an error rather than zeros. Memory per image is the L1 table plus a bounded L2 cache
+//! (32 MiB). No input makes the reader panic (a fuzz target in `fuzz/` keeps it so).
+//!
+//! # Design
+//!
+//! Bytes come through [`ReadAt`] (positional reads through `&self`) and names through
+//! [`Storage`], so the same reader serves a local folder or an object store. Extents of the
+//! resolved chain come out merged and in order ([`Image::for_each_extent`]), which is what a
+//! hydration loop wants: one walk, large reads, holes skipped.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod backing;
+mod compressed;
+mod error;
+mod header;
+mod hydrate;
+mod image;
 mod io;
+mod l2;
+mod layer;
+mod map;
 
+pub use backing::BackingPolicy;
+pub use error::{Error, Result};
+pub use header::CompressionType;
+pub use hydrate::{HydrateStats, hydrate};
+pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info};
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
-
-/// How backing-file and external-data-file names found inside an image may be followed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum BackingPolicy {
-    /// Only relative names that stay inside the folder of the top image (the default: images
-    /// read back from shared storage are untrusted).
-    #[default]
-    Confined,
-    /// Any name, absolute or climbing out of the top image's folder (trusted local use).
-    Permissive,
-}
+pub use map::{Extent, ExtentKind};

@@ -1,5 +1,5 @@
 //! Shared test helpers.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod mock;
 

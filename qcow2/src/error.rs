@@ -1,0 +1,125 @@
+//! Errors of the QCOW2 reader and writer.
+
+use std::io;
+
+/// A QCOW2 error: what went wrong, and where (the image's name, a file offset).
+///
+/// `Display` names the problem and its place; the underlying cause, if any, is only available
+/// through [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing the underlying bytes failed.
+    #[error("{image}: I/O error while {action}")]
+    Io {
+        /// The image (or source) being accessed.
+        image: String,
+        /// What was being done, e.g. "reading the L1 table at 0x30000".
+        action: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The bytes do not start with the QCOW2 magic.
+    #[error("{image}: not a QCOW2 image (bad magic)")]
+    NotQcow2 {
+        /// The image.
+        image: String,
+    },
+    /// A structure in the image is invalid.
+    #[error("{image}: corrupt image: {what} (at offset {offset:#x})")]
+    Corrupt {
+        /// The image.
+        image: String,
+        /// What is wrong.
+        what: String,
+        /// The file offset of the offending structure.
+        offset: u64,
+    },
+    /// The image uses a feature this reader refuses or does not implement.
+    #[error("{image}: unsupported: {feature}")]
+    Unsupported {
+        /// The image.
+        image: String,
+        /// The feature.
+        feature: String,
+    },
+    /// Incompatible feature bits this implementation does not know are set.
+    #[error("{image}: unknown incompatible features {names} (bits {bits:#x}); refusing to open")]
+    UnknownIncompatibleFeatures {
+        /// The image.
+        image: String,
+        /// The unknown bits.
+        bits: u64,
+        /// Their names from the image's feature name table, where it has them.
+        names: String,
+    },
+    /// The image is encrypted; encrypted images are refused.
+    #[error("{image}: image is encrypted ({method}); encrypted images are not supported")]
+    Encrypted {
+        /// The image.
+        image: String,
+        /// `AES` or `LUKS`.
+        method: &'static str,
+    },
+    /// A backing or external data file name was refused by the [`BackingPolicy`](crate::BackingPolicy).
+    #[error("{image}: {role} {name:?} refused: {reason}")]
+    PathRefused {
+        /// The image naming the file.
+        image: String,
+        /// "backing file" or "external data file".
+        role: &'static str,
+        /// The name as stored.
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The backing chain is longer than the configured limit.
+    #[error("{image}: backing chain deeper than the limit of {limit} images")]
+    ChainTooDeep {
+        /// The image at which the limit was hit.
+        image: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// A backing file names an image already in the chain.
+    #[error("{image}: backing loop: {name} is already in the chain")]
+    BackingLoop {
+        /// The image naming the file.
+        image: String,
+        /// The resolved name that repeats.
+        name: String,
+    },
+    /// A read or write outside the virtual disk.
+    #[error("request of {len} bytes at {offset:#x} is outside the virtual size {size:#x}")]
+    OutOfRange {
+        /// Guest offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// The virtual size.
+        size: u64,
+    },
+    /// An invalid argument (option string, cluster size, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn corrupt(image: &str, what: impl Into<String>, offset: u64) -> Error {
+    Error::Corrupt {
+        image: image.to_owned(),
+        what: what.into(),
+        offset,
+    }
+}
+
+pub(crate) fn io_err(image: &str, action: impl Into<String>, source: io::Error) -> Error {
+    Error::Io {
+        image: image.to_owned(),
+        action: action.into(),
+        source,
+    }
+}

@@ -1,0 +1,515 @@
+//! An image with its resolved backing chain: open, inspect, map and read.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::backing::{self, BackingPolicy};
+use crate::error::{Error, Result, corrupt, io_err};
+use crate::header::{Header, MAGIC, incompat};
+use crate::io::{LocalStorage, ReadAt, Storage};
+use crate::layer::Qcow2Layer;
+use crate::map::{Extent, ExtentKind};
+
+/// The default limit on the length of a backing chain.
+pub const DEFAULT_MAX_DEPTH: usize = 128;
+
+/// An image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// QCOW2.
+    Qcow2,
+    /// Raw bytes.
+    Raw,
+}
+
+impl Format {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+
+    /// Parses `qcow2` or `raw`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "qcow2" => Some(Self::Qcow2),
+            "raw" => Some(Self::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Which backing and data file names may be followed.
+    pub policy: BackingPolicy,
+    /// The longest chain accepted.
+    pub max_depth: usize,
+    /// The top image's format; `None` probes the magic.
+    pub format: Option<Format>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            policy: BackingPolicy::Confined,
+            max_depth: DEFAULT_MAX_DEPTH,
+            format: None,
+        }
+    }
+}
+
+enum Layer {
+    Qcow2(Box<Qcow2Layer>),
+    Raw {
+        name: String,
+        source: Arc<dyn ReadAt>,
+        len: u64,
+    },
+}
+
+impl Layer {
+    fn size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(q) => q.size(),
+            Layer::Raw { len, .. } => *len,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Layer::Qcow2(q) => &q.name,
+            Layer::Raw { name, .. } => name,
+        }
+    }
+}
+
+/// What one image of a chain is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The name it was opened by.
+    pub name: String,
+    /// Its format.
+    pub format: Format,
+    /// Its virtual size.
+    pub virtual_size: u64,
+    /// Its file's length.
+    pub file_length: u64,
+    /// QCOW2 details (none for a raw image).
+    pub qcow2: Option<Qcow2Info>,
+}
+
+/// QCOW2 details of one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// 2 or 3.
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The backing file name as stored.
+    pub backing_file: Option<String>,
+    /// The backing format as stored.
+    pub backing_format: Option<String>,
+    /// The external data file, resolved.
+    pub data_file: Option<String>,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// The dirty bit (refcounts may be stale; reading is unaffected).
+    pub dirty: bool,
+    /// The corrupt bit: the image must not be written; it is read as it is.
+    pub corrupt: bool,
+    /// The lazy-refcounts compatible bit.
+    pub lazy_refcounts: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
+    /// Internal snapshots (ignored: the active layer is read).
+    pub snapshots: u32,
+    /// Whether a bitmaps extension is present (bitmaps are ignored).
+    pub bitmaps: bool,
+}
+
+/// An opened image and its backing chain, read as one virtual disk.
+///
+/// All reads take `&self`: share an `Image` between threads to read it in parallel.
+pub struct Image {
+    layers: Vec<Layer>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field(
+                "chain",
+                &self.layers.iter().map(Layer::name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Image {
+    /// Opens a local image and its chain with the default (confined) policy.
+    pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        Self::open_with_options(path, &OpenOptions::default())
+    }
+
+    /// Opens a local image with `options`.
+    pub fn open_with_options(
+        path: impl AsRef<std::path::Path>,
+        options: &OpenOptions,
+    ) -> Result<Self> {
+        let name = path.as_ref().to_string_lossy().into_owned();
+        Self::open_with(&LocalStorage::new(), &name, options)
+    }
+
+    /// Opens the image called `name` in `storage`, following its chain through the same storage.
+    pub fn open_with(storage: &dyn Storage, name: &str, options: &OpenOptions) -> Result<Self> {
+        let top_dir = backing::parent(name).to_owned();
+        let mut layers = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next = Some((name.to_owned(), options.format));
+        seen.insert(backing::normalize(name));
+        while let Some((current, format)) = next.take() {
+            if layers.len() >= options.max_depth {
+                return Err(Error::ChainTooDeep {
+                    image: current,
+                    limit: options.max_depth,
+                });
+            }
+            let source = storage
+                .open(&current)
+                .map_err(|e| io_err(&current, "opening", e))?;
+            let len = source
+                .len()
+                .map_err(|e| io_err(&current, "reading the length", e))?;
+            let format = match format {
+                Some(f) => f,
+                None => probe(&current, source.as_ref(), len)?,
+            };
+            if format == Format::Raw {
+                layers.push(Layer::Raw {
+                    name: current,
+                    source,
+                    len,
+                });
+                break;
+            }
+            let layer = open_qcow2(storage, options.policy, &top_dir, current, source, len)?;
+            if let Some(backing_name) = &layer.header.backing_file {
+                let resolved = backing::resolve(
+                    options.policy,
+                    &top_dir,
+                    &layer.name,
+                    "backing file",
+                    backing_name,
+                )?;
+                if !seen.insert(resolved.clone()) {
+                    return Err(Error::BackingLoop {
+                        image: layer.name.clone(),
+                        name: resolved,
+                    });
+                }
+                let format = match layer.header.backing_format.as_deref() {
+                    None => None,
+                    Some(f) => Some(Format::parse(f).ok_or_else(|| Error::Unsupported {
+                        image: layer.name.clone(),
+                        feature: format!("backing format {f:?}"),
+                    })?),
+                };
+                next = Some((resolved, format));
+            }
+            layers.push(Layer::Qcow2(Box::new(layer)));
+        }
+        Ok(Self { layers })
+    }
+
+    /// The virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.layers.first().map_or(0, Layer::size)
+    }
+
+    /// The top image's cluster size (512 for a raw image).
+    pub fn cluster_size(&self) -> u64 {
+        match self.layers.first() {
+            Some(Layer::Qcow2(q)) => q.header.cluster_size(),
+            _ => 512,
+        }
+    }
+
+    /// The top image's format.
+    pub fn format(&self) -> Format {
+        match self.layers.first() {
+            Some(Layer::Qcow2(_)) => Format::Qcow2,
+            _ => Format::Raw,
+        }
+    }
+
+    /// The number of images in the chain.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Describes every image of the chain, top first.
+    pub fn chain(&self) -> Vec<LayerInfo> {
+        self.layers
+            .iter()
+            .map(|layer| match layer {
+                Layer::Raw { name, len, .. } => LayerInfo {
+                    name: name.clone(),
+                    format: Format::Raw,
+                    virtual_size: *len,
+                    file_length: *len,
+                    qcow2: None,
+                },
+                Layer::Qcow2(q) => {
+                    let h = &q.header;
+                    LayerInfo {
+                        name: q.name.clone(),
+                        format: Format::Qcow2,
+                        virtual_size: h.size,
+                        file_length: q.file_len(),
+                        qcow2: Some(Qcow2Info {
+                            version: h.version,
+                            cluster_size: h.cluster_size(),
+                            refcount_bits: 1 << h.refcount_order,
+                            backing_file: h.backing_file.clone(),
+                            backing_format: h.backing_format.clone(),
+                            data_file: q.data_file_name().map(str::to_owned),
+                            compression_type: h.compression_type.name(),
+                            dirty: h.incompatible_features & incompat::DIRTY != 0,
+                            corrupt: h.incompatible_features & incompat::CORRUPT != 0,
+                            lazy_refcounts: h.compatible_features
+                                & crate::header::compat::LAZY_REFCOUNTS
+                                != 0,
+                            extended_l2: h.extended_l2(),
+                            snapshots: h.nb_snapshots,
+                            bitmaps: h.has_bitmaps,
+                        }),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Calls `f` with the extents covering `offset..offset + len`, in order, adjacent extents of
+    /// the same kind merged. The chain is resolved as it goes: memory stays constant.
+    pub fn for_each_extent(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Extent) -> Result<()>,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        let mut pending: Option<Extent> = None;
+        self.resolve(0, offset, len, &mut |extent| {
+            if let Some(p) = pending.as_mut() {
+                if p.try_merge(&extent) {
+                    return Ok(());
+                }
+                let done = *p;
+                *p = extent;
+                return f(done);
+            }
+            pending = Some(extent);
+            Ok(())
+        })?;
+        match pending {
+            Some(p) => f(p),
+            None => Ok(()),
+        }
+    }
+
+    /// The extents covering `offset..offset + len` (like `qemu-img map`).
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        self.for_each_extent(offset, len, |e| {
+            out.push(e);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn resolve(
+        &self,
+        depth: usize,
+        offset: u64,
+        len: u64,
+        emit: &mut dyn FnMut(Extent) -> Result<()>,
+    ) -> Result<()> {
+        let Some(layer) = self.layers.get(depth) else {
+            return emit(Extent {
+                start: offset,
+                length: len,
+                kind: ExtentKind::Unallocated,
+            });
+        };
+        let end = offset + len;
+        let layer_size = layer.size();
+        let mut pos = offset;
+        while pos < end {
+            if pos >= layer_size {
+                return emit(Extent {
+                    start: pos,
+                    length: end - pos,
+                    kind: ExtentKind::Unallocated,
+                });
+            }
+            let limit = end.min(layer_size) - pos;
+            let (kind, run) = match layer {
+                Layer::Raw { .. } => (
+                    ExtentKind::Data {
+                        depth,
+                        host_offset: pos,
+                    },
+                    limit,
+                ),
+                Layer::Qcow2(q) => {
+                    let (mapping, run) = q.lookup(pos)?;
+                    let kind = match mapping {
+                        crate::l2::Mapping::Data { host } => ExtentKind::Data {
+                            depth,
+                            host_offset: host,
+                        },
+                        crate::l2::Mapping::Compressed { host, len } => ExtentKind::Compressed {
+                            depth,
+                            host_offset: host,
+                            compressed_len: len,
+                        },
+                        crate::l2::Mapping::Zero => ExtentKind::Zero { depth },
+                        crate::l2::Mapping::Unallocated => ExtentKind::Unallocated,
+                    };
+                    (kind, run.min(limit))
+                }
+            };
+            if kind == ExtentKind::Unallocated {
+                self.resolve(depth + 1, pos, run, emit)?;
+            } else {
+                emit(Extent {
+                    start: pos,
+                    length: run,
+                    kind,
+                })?;
+            }
+            pos += run;
+        }
+        Ok(())
+    }
+
+    /// Reads the bytes of one extent (as produced by [`map`](Self::map)) into `buf`, whose
+    /// length must not exceed the extent's.
+    pub fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        match extent.kind {
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+            ExtentKind::Data { depth, host_offset } => match self.layers.get(depth) {
+                Some(Layer::Qcow2(q)) => q.read_data(buf, host_offset),
+                Some(Layer::Raw { name, source, len }) => {
+                    let available = len.saturating_sub(host_offset).min(buf.len() as u64);
+                    let (head, tail) = buf.split_at_mut(available as usize);
+                    source.read_exact_at(head, host_offset).map_err(|e| {
+                        io_err(name, format!("reading data at {host_offset:#x}"), e)
+                    })?;
+                    tail.fill(0);
+                    Ok(())
+                }
+                None => Err(Error::InvalidArgument(format!("no image at depth {depth}"))),
+            },
+            ExtentKind::Compressed {
+                depth,
+                host_offset,
+                compressed_len,
+            } => {
+                let Some(Layer::Qcow2(q)) = self.layers.get(depth) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "no QCOW2 image at depth {depth}"
+                    )));
+                };
+                let cluster_size = q.header.cluster_size();
+                let mut cluster = vec![0u8; cluster_size as usize];
+                q.read_compressed(&mut cluster, host_offset, compressed_len)?;
+                let within = (extent.start % cluster_size) as usize;
+                let src = cluster
+                    .get(within..within + buf.len())
+                    .ok_or_else(|| corrupt(&q.name, "compressed extent spans clusters", 0))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset`, following the chain.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        self.for_each_extent(offset, len, |extent| {
+            let from = (extent.start - offset) as usize;
+            let to = from + extent.length as usize;
+            let part = buf
+                .get_mut(from..to)
+                .ok_or_else(|| Error::InvalidArgument("extent outside the request".into()))?;
+            self.read_extent(&extent, part)
+        })
+    }
+}
+
+/// Reads the magic: QCOW2 when it matches, raw otherwise.
+fn probe(name: &str, source: &dyn ReadAt, len: u64) -> Result<Format> {
+    if len < 4 {
+        return Ok(Format::Raw);
+    }
+    let mut magic = [0u8; 4];
+    source
+        .read_exact_at(&mut magic, 0)
+        .map_err(|e| io_err(name, "reading the magic", e))?;
+    Ok(if magic == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+fn open_qcow2(
+    storage: &dyn Storage,
+    policy: BackingPolicy,
+    top_dir: &str,
+    name: String,
+    source: Arc<dyn ReadAt>,
+    len: u64,
+) -> Result<Qcow2Layer> {
+    let first_len = len.min(1 << crate::header::MAX_CLUSTER_BITS) as usize;
+    let mut first = vec![0u8; first_len];
+    source
+        .read_exact_at(&mut first, 0)
+        .map_err(|e| io_err(&name, "reading the header", e))?;
+    let header = Header::parse(&name, &first, len)?;
+    let data_file = if header.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0 {
+        let stored = header
+            .data_file
+            .as_deref()
+            .ok_or_else(|| Error::Unsupported {
+                image: name.clone(),
+                feature: "external data file without a data file name extension".into(),
+            })?;
+        let resolved = backing::resolve(policy, top_dir, &name, "external data file", stored)?;
+        let opened = storage
+            .open(&resolved)
+            .map_err(|e| io_err(&resolved, "opening the external data file", e))?;
+        Some((resolved, opened))
+    } else {
+        None
+    };
+    Qcow2Layer::open(name, source, len, header, data_file)
+}

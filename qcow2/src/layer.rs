@@ -1,0 +1,282 @@
+//! One QCOW2 file of a chain: its header, L1 table, cached L2 tables and data access
+//! (qcow2.rst, "Cluster mapping").
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::compressed;
+use crate::error::{Result, corrupt, io_err};
+use crate::header::Header;
+use crate::io::ReadAt;
+use crate::l2::{self, Entry, Mapping};
+
+/// Bytes of L2 tables one image keeps cached.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// An opened QCOW2 file.
+pub(crate) struct Qcow2Layer {
+    pub name: String,
+    pub header: Header,
+    file: Arc<dyn ReadAt>,
+    file_len: u64,
+    /// The external data file and its name, when the image has one.
+    data_file: Option<(String, Arc<dyn ReadAt>, u64)>,
+    format: l2::Format,
+    l1: Vec<u64>,
+    cache: Mutex<HashMap<u64, Arc<[u64]>>>,
+    cache_capacity: usize,
+}
+
+impl Qcow2Layer {
+    /// Parses the header and loads the L1 table; `data_file` is the opened external data file.
+    pub fn open(
+        name: String,
+        file: Arc<dyn ReadAt>,
+        file_len: u64,
+        header: Header,
+        data_file: Option<(String, Arc<dyn ReadAt>)>,
+    ) -> Result<Self> {
+        let data_file = match data_file {
+            Some((data_name, source)) => {
+                let len = source.len().map_err(|e| {
+                    io_err(&data_name, "reading the external data file's length", e)
+                })?;
+                Some((data_name, source, len))
+            }
+            None => None,
+        };
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_exact_at(&mut raw, header.l1_table_offset)
+            .map_err(|e| {
+                io_err(
+                    &name,
+                    format!("reading the L1 table at {:#x}", header.l1_table_offset),
+                    e,
+                )
+            })?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        let format = l2::Format {
+            cluster_bits: header.cluster_bits,
+            v3: header.version >= 3,
+            extended: header.extended_l2(),
+            data_file: data_file.is_some(),
+        };
+        let cache_capacity = (L2_CACHE_BYTES / header.cluster_size()).max(16) as usize;
+        Ok(Self {
+            name,
+            header,
+            file,
+            file_len,
+            data_file,
+            format,
+            l1,
+            cache: Mutex::new(HashMap::new()),
+            cache_capacity,
+        })
+    }
+
+    /// The virtual size.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// What the image says about guest offset `guest`, and for how many bytes from there the
+    /// answer holds (at least 1, at most to the end of the cluster or of the L2 table's reach).
+    pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64)> {
+        let cluster_size = self.header.cluster_size();
+        let cluster = guest >> self.header.cluster_bits;
+        let l2_entries = self.header.l2_entries();
+        let l1_index = cluster / l2_entries;
+        let l2_index = (cluster % l2_entries) as usize;
+        let in_cluster = guest & (cluster_size - 1);
+        let to_cluster_end = cluster_size - in_cluster;
+        let Some(&l1_entry) = self.l1.get(l1_index as usize) else {
+            return Ok((Mapping::Unallocated, to_cluster_end));
+        };
+        let l1_offset = self.header.l1_table_offset + l1_index * 8;
+        if l1_entry & l2::L1_RESERVED != 0 {
+            return Err(corrupt(
+                &self.name,
+                format!("reserved bits set in L1 entry {l1_index}"),
+                l1_offset,
+            ));
+        }
+        let table_offset = l1_entry & l2::OFFSET_MASK;
+        if table_offset == 0 {
+            let table_reach = l2_entries * cluster_size;
+            return Ok((Mapping::Unallocated, table_reach - guest % table_reach));
+        }
+        let table = self.l2_table(table_offset, l1_offset)?;
+        let per_entry = self.header.l2_entry_size() as usize / 8;
+        let word = table[l2_index * per_entry];
+        let bitmap = if per_entry == 2 {
+            table[l2_index * 2 + 1]
+        } else {
+            0
+        };
+        let entry_offset = table_offset + (l2_index * per_entry * 8) as u64;
+        let entry = self
+            .format
+            .decode(word, bitmap)
+            .map_err(|e| corrupt(&self.name, e.to_string(), entry_offset))?;
+        match entry {
+            Entry::Whole(mapping) => {
+                let mapping = match mapping {
+                    Mapping::Data { host } => {
+                        self.check_data_offset(host, entry_offset)?;
+                        Mapping::Data {
+                            host: host + in_cluster,
+                        }
+                    }
+                    other => other,
+                };
+                Ok((mapping, to_cluster_end))
+            }
+            Entry::Subclusters { host, .. } => {
+                let sub_size = cluster_size / u64::from(l2::SUBCLUSTERS);
+                let index = (in_cluster / sub_size) as u32;
+                let mapping = entry.subcluster(index, sub_size);
+                if let Some(h) = host {
+                    if matches!(mapping, Mapping::Data { .. }) {
+                        self.check_data_offset(h, entry_offset)?;
+                    }
+                }
+                // Extend the run over following subclusters that map the same way.
+                let mut end = index + 1;
+                while end < l2::SUBCLUSTERS {
+                    let next = entry.subcluster(end, sub_size);
+                    let same = match (mapping, next) {
+                        (Mapping::Data { host: a }, Mapping::Data { host: b }) => {
+                            b == a + u64::from(end - index) * sub_size
+                        }
+                        (a, b) => a == b,
+                    };
+                    if !same {
+                        break;
+                    }
+                    end += 1;
+                }
+                let run = u64::from(end) * sub_size - in_cluster;
+                let mapping = match mapping {
+                    Mapping::Data { host } => Mapping::Data {
+                        host: host + in_cluster % sub_size,
+                    },
+                    other => other,
+                };
+                Ok((mapping, run))
+            }
+        }
+    }
+
+    fn check_data_offset(&self, host: u64, entry_offset: u64) -> Result<()> {
+        let (len, what) = match &self.data_file {
+            Some((_, _, len)) => (*len, "external data file"),
+            None => (self.file_len, "image file"),
+        };
+        if host >= len {
+            return Err(corrupt(
+                &self.name,
+                format!("data cluster at {host:#x} lies past the end of the {what} ({len} bytes)"),
+                entry_offset,
+            ));
+        }
+        Ok(())
+    }
+
+    fn l2_table(&self, offset: u64, l1_offset: u64) -> Result<Arc<[u64]>> {
+        if let Some(table) = self.lock_cache().get(&offset) {
+            return Ok(Arc::clone(table));
+        }
+        let cluster_size = self.header.cluster_size();
+        if offset % cluster_size != 0 {
+            return Err(corrupt(
+                &self.name,
+                format!("L2 table offset {offset:#x} is not cluster-aligned"),
+                l1_offset,
+            ));
+        }
+        if offset.saturating_add(cluster_size) > self.file_len {
+            return Err(corrupt(
+                &self.name,
+                format!("L2 table at {offset:#x} lies past the end of the file"),
+                l1_offset,
+            ));
+        }
+        let mut raw = vec![0u8; cluster_size as usize];
+        self.file.read_exact_at(&mut raw, offset).map_err(|e| {
+            io_err(
+                &self.name,
+                format!("reading the L2 table at {offset:#x}"),
+                e,
+            )
+        })?;
+        let table: Arc<[u64]> = raw
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        let mut cache = self.lock_cache();
+        if cache.len() >= self.cache_capacity {
+            cache.clear();
+        }
+        cache.insert(offset, Arc::clone(&table));
+        Ok(table)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<[u64]>>> {
+        // A panic while holding the lock cannot leave the map inconsistent: take it anyway.
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads guest data stored at `host`; bytes past the end of the file read as zeros
+    /// (the cluster's start was checked to lie inside it).
+    pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let (name, source, len) = match &self.data_file {
+            Some((name, source, len)) => (name.as_str(), source, *len),
+            None => (self.name.as_str(), &self.file, self.file_len),
+        };
+        let available = len.saturating_sub(host).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(available);
+        source
+            .read_exact_at(head, host)
+            .map_err(|e| io_err(name, format!("reading data at {host:#x}"), e))?;
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Decompresses the compressed cluster at `host` into `out` (one cluster).
+    pub fn read_compressed(&self, out: &mut [u8], host: u64, len: u64) -> Result<()> {
+        if host >= self.file_len {
+            return Err(corrupt(
+                &self.name,
+                format!("compressed cluster at {host:#x} lies past the end of the file"),
+                host,
+            ));
+        }
+        let len = len.min(self.file_len - host) as usize;
+        let mut packed = vec![0u8; len];
+        self.file.read_exact_at(&mut packed, host).map_err(|e| {
+            io_err(
+                &self.name,
+                format!("reading compressed data at {host:#x}"),
+                e,
+            )
+        })?;
+        compressed::decompress(self.header.compression_type, &packed, out)
+            .map_err(|what| corrupt(&self.name, format!("compressed cluster: {what}"), host))
+    }
+
+    /// The external data file's name, if any.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data_file.as_ref().map(|(n, _, _)| n.as_str())
+    }
+
+    /// The image file's length.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+}

@@ -1,0 +1,161 @@
+//! The `strata` CLI as a user runs it: exit status, one-line errors, output formats.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The example binary cargo built next to this test's folder.
+fn strata() -> Command {
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    Command::new(path.join("examples").join("strata"))
+}
+
+fn run(dir: &std::path::Path, program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn chain(dir: &std::path::Path) -> PathBuf {
+    run(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    run(dir, "qemu-io", &["-c", "write -P 0x41 0 1M", "base.qcow2"]);
+    run(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    run(
+        dir,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x42 8M 64k",
+            "-c",
+            "write -z 0 64k",
+            "top.qcow2",
+        ],
+    );
+    dir.join("top.qcow2")
+}
+
+#[test]
+fn info_json_describes_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let top = chain(dir.path());
+    let out = strata()
+        .args(["info", "--output", "json"])
+        .arg(&top)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 16 << 20);
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["format-specific"]["compat"], "1.1");
+    assert_eq!(info["backing-chain"][0]["format"], "qcow2");
+}
+
+#[test]
+fn map_json_matches_qemu_img_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let top = chain(dir.path());
+    let ours = strata()
+        .args(["map", "--output", "json"])
+        .arg(&top)
+        .output()
+        .expect("run");
+    assert!(ours.status.success());
+    let theirs = run(
+        dir.path(),
+        "qemu-img",
+        &["map", "--output", "json", "top.qcow2"],
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).expect("json");
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).expect("json");
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn convert_hydrates_sparse_and_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let top = chain(dir.path());
+    let dest = dir.path().join("out.raw");
+    let out = strata()
+        .args(["convert", "-O", "raw"])
+        .arg(&top)
+        .arg(&dest)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(
+        dir.path(),
+        "qemu-img",
+        &["convert", "-O", "raw", "top.qcow2", "ref.raw"],
+    );
+    assert_eq!(
+        std::fs::read(&dest).expect("ours"),
+        std::fs::read(dir.path().join("ref.raw")).expect("ref")
+    );
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&dest).expect("stat").blocks();
+    assert!(blocks * 512 < 4 << 20, "not sparse: {blocks} blocks");
+}
+
+#[test]
+fn errors_are_one_line_with_status_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bogus = dir.path().join("bogus.qcow2");
+    let mut header = b"QFI\xfb\0\0\0\x07".to_vec();
+    header.resize(4096, 0);
+    std::fs::write(&bogus, header).expect("write");
+    for args in [vec!["info"], vec!["map"], vec!["convert", "-O", "raw"]] {
+        let mut cmd = strata();
+        cmd.args(&args).arg(&bogus);
+        if args[0] == "convert" {
+            cmd.arg(dir.path().join("x.raw"));
+        }
+        let out = cmd.output().expect("run");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("version 7"), "{stderr}");
+    }
+    let out = strata()
+        .arg("info")
+        .arg(dir.path().join("missing.qcow2"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
+}
