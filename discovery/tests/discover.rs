@@ -311,3 +311,53 @@ fn a_dump_item_without_a_name_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn olm_installed_operator_brings_subscription_csv_and_operator_group() {
+    let json = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}},
+        {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "kafkas.kafka.example.io"},
+         "spec": {"group": "kafka.example.io", "names": {"kind": "Kafka", "plural": "kafkas"}, "scope": "Namespaced"}},
+        {"apiVersion": "kafka.example.io/v1", "kind": "Kafka", "metadata": {"name": "events", "namespace": "app", "uid": "k1"}},
+        {"apiVersion": "operators.coreos.com/v1alpha1", "kind": "ClusterServiceVersion",
+         "metadata": {"name": "kafka-operator.v0.45.0", "namespace": "olm-ops", "uid": "csv1"},
+         "spec": {"customresourcedefinitions": {"owned": [{"name": "kafkas.kafka.example.io", "kind": "Kafka", "version": "v1"}]},
+                  "install": {"strategy": "deployment", "spec": {"deployments": [{"name": "kafka-operator"}],
+                              "clusterPermissions": [{"serviceAccountName": "kafka-operator", "rules": []}]}}}},
+        {"apiVersion": "operators.coreos.com/v1alpha1", "kind": "Subscription", "metadata": {"name": "kafka", "namespace": "olm-ops"},
+         "spec": {"name": "kafka-operator", "channel": "stable"}, "status": {"installedCSV": "kafka-operator.v0.45.0"}},
+        {"apiVersion": "operators.coreos.com/v1alpha1", "kind": "Subscription", "metadata": {"name": "other", "namespace": "olm-ops"},
+         "status": {"installedCSV": "other.v1"}},
+        {"apiVersion": "operators.coreos.com/v1", "kind": "OperatorGroup", "metadata": {"name": "global", "namespace": "olm-ops"}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kafka-operator", "namespace": "olm-ops", "uid": "d1",
+         "ownerReferences": [{"apiVersion": "operators.coreos.com/v1alpha1", "kind": "ClusterServiceVersion",
+                              "name": "kafka-operator.v0.45.0", "uid": "csv1", "controller": false}]},
+         "spec": {"template": {"spec": {"serviceAccountName": "kafka-operator", "containers": []}}}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kafka-operator", "namespace": "olm-ops"}}
+    ]});
+    let source = DumpSource::from_json_reader(json.to_string().as_bytes(), "olm").unwrap();
+    let inventory = block_on(Inventory::collect(
+        &source,
+        &["app".to_owned(), "olm-ops".to_owned()],
+    ))
+    .unwrap();
+    let spec = AppSpec {
+        namespace: "app".into(),
+        operators: vec!["kafka.example.io/Kafka/events".parse().unwrap()],
+        include_operators: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        names(&discover(&inventory, &spec).unwrap()),
+        [
+            "ClusterServiceVersion/olm-ops/kafka-operator.v0.45.0",
+            "CustomResourceDefinition/kafkas.kafka.example.io",
+            "Deployment/olm-ops/kafka-operator",
+            "Kafka/app/events",
+            "Namespace/app",
+            "OperatorGroup/olm-ops/global",
+            "ServiceAccount/olm-ops/kafka-operator",
+            "Subscription/olm-ops/kafka",
+        ]
+    );
+}

@@ -168,3 +168,52 @@ fn unknown_release_is_not_found() {
         matches!(helm::release(&inventory, "shop", "nope"), Err(Error::NotFound { what }) if what.contains("nope"))
     );
 }
+
+#[test]
+fn configmap_driver_releases_are_found_and_resolved() {
+    let mut objects: Vec<kube::api::DynamicObject> = Vec::new();
+    let mut rev1 = sample_release(1, "superseded");
+    rev1.manifest
+        .push_str("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: gone\n");
+    let rev2 = sample_release(2, "deployed");
+    objects.push(helm::configmap_record(&rev1).unwrap());
+    objects.push(helm::configmap_record(&rev2).unwrap());
+    objects.push(
+        serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cache-redis", "namespace": "shop"}, "data": {"a": "b"}}))
+        .unwrap(),
+    );
+    let inventory = strata_discovery::Inventory::from_objects(objects, vec![]);
+    let releases = helm::releases(&inventory, "shop");
+    assert_eq!(releases.len(), 1);
+    let release = &releases[0];
+    assert_eq!(
+        release.records.iter().map(|r| r.driver).collect::<Vec<_>>(),
+        [Driver::ConfigMap, Driver::ConfigMap]
+    );
+    let resolved = helm::resolve(&inventory, release).unwrap();
+    assert_eq!(
+        resolved.objects.len(),
+        1,
+        "only the deployed revision's manifest counts"
+    );
+    assert_eq!(resolved.objects[0].name, "cache-redis");
+    assert!(resolved.missing.is_empty());
+}
+
+#[test]
+fn an_undecodable_record_is_kept_and_reported() {
+    let mut broken = helm::secret_record(&sample_release(3, "failed")).unwrap();
+    broken.data["data"]["release"] = serde_json::Value::String(STANDARD.encode("H4sI-not-really"));
+    let good = helm::secret_record(&sample_release(2, "deployed")).unwrap();
+    let inventory = strata_discovery::Inventory::from_objects(vec![good, broken], vec![]);
+    let release = helm::release(&inventory, "shop", "cache").unwrap();
+    assert_eq!(release.records.len(), 1);
+    assert_eq!(release.undecodable.len(), 1);
+    assert_eq!(release.undecodable[0].0.name, "sh.helm.release.v1.cache.v3");
+    assert_eq!(
+        release.record_refs().count(),
+        2,
+        "both records are backed up"
+    );
+}
