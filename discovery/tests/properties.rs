@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use strata_discovery::helm::{self, Info, Release};
-use strata_discovery::{Requirement, Selector};
+use strata_discovery::{MetadataBackup, Requirement, Selector};
 
 fn key() -> impl Strategy<Value = String> {
     "([a-z0-9]([a-z0-9.-]{0,6}[a-z0-9])?/)?[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,8}[a-zA-Z0-9])?"
@@ -74,4 +74,29 @@ proptest! {
     fn helm_decoder_never_panics(text in "[A-Za-z0-9+/=]{0,200}") {
         let _ = helm::decode_release(&text, "p");
     }
+
+    #[test]
+    fn archive_reader_never_panics_on_damaged_archives(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let mut bytes = small_archive().clone();
+        for (index, value) in flips {
+            let i = index.index(bytes.len());
+            bytes[i] ^= value | 1;
+        }
+        let _ = MetadataBackup::read_archive(bytes.as_slice());
+    }
+}
+
+fn small_archive() -> &'static Vec<u8> {
+    static ARCHIVE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let backup = MetadataBackup {
+            objects: vec![
+                serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}),
+                serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "a"}, "data": {"k": "v"}}),
+            ],
+            volumes: vec![],
+        };
+        // Damage lands in the gzip header, deflate stream or trailer; each must fail cleanly.
+        backup.write_archive(Vec::new()).unwrap()
+    })
 }
