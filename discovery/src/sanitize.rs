@@ -193,7 +193,8 @@ fn remove_if_empty(value: &mut Value, pointer: &str, key: &str) {
 /// - PersistentVolume: the `claimRef`'s uid and resourceVersion;
 /// - Pod: `nodeName`;
 /// - ServiceAccount: references to generated token Secrets;
-/// - token Secrets kept (created by hand): their data, which the token controller refills;
+/// - token Secrets kept (created by hand): their data, which the token controller refills,
+///   and the old ServiceAccount uid annotation;
 /// - Job: the generated selector and `controller-uid` labels, which carry the old uid.
 ///
 /// `ownerReferences` are kept; a restore points them at the new owners' uids.
@@ -250,6 +251,13 @@ pub fn sanitize(object: &DynamicObject) -> crate::Result<Value> {
             if let Some(map) = value.as_object_mut() {
                 map.remove("data");
             }
+            // The token controller deletes a token Secret whose recorded ServiceAccount uid
+            // differs from the live ServiceAccount's; the restored one gets a new uid.
+            remove_keys(
+                &mut value,
+                "/metadata/annotations",
+                &["kubernetes.io/service-account.uid"],
+            );
         }
         ("batch", "Job") => {
             let manual = object

@@ -343,3 +343,24 @@ fn archive_without_index_or_with_stray_entries_is_rejected() {
         "{err}"
     );
 }
+
+#[test]
+fn hand_made_token_secrets_lose_data_and_the_old_account_uid() {
+    let secret: kube::api::DynamicObject = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "ci-bot-token", "namespace": "shop", "annotations": {
+            "kubernetes.io/service-account.name": "ci-bot", "kubernetes.io/service-account.uid": "0b1c", "team": "ci"}},
+        "type": "kubernetes.io/service-account-token", "data": {"token": "ZXlK"}}))
+    .unwrap();
+    let inventory = strata_discovery::Inventory::from_objects(vec![secret.clone()], vec![]);
+    assert_eq!(
+        strata_discovery::exclusion(&inventory, &secret),
+        None,
+        "not a generated <sa>-token-xxxxx name"
+    );
+    let clean = sanitize(&secret).unwrap();
+    assert!(clean.get("data").is_none());
+    assert_eq!(
+        clean["metadata"]["annotations"],
+        json!({"kubernetes.io/service-account.name": "ci-bot", "team": "ci"})
+    );
+}
