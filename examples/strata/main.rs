@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod convert;
 mod convert_qcow2;
 mod demo;
+mod discover;
 mod info;
 mod map;
 
@@ -31,6 +32,8 @@ enum Command {
     Map(map::Args),
     /// Build a small chain with qemu-img and read it back with Strata.
     Demo(demo::Args),
+    /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
+    Discover(discover::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Map(args) => map::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Discover(args) => discover::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

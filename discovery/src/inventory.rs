@@ -1,0 +1,113 @@
+//! A snapshot of the objects discovery works on, indexed by identity and uid.
+
+use std::collections::HashMap;
+
+use kube::api::DynamicObject;
+
+use crate::Result;
+use crate::object::{ObjectKey, ObjectRef};
+use crate::source::{ObjectSource, ResourceKind};
+
+/// Kinds never read: ephemeral or node-level state that no application restore wants
+/// (events, nodes, live metrics, the deprecated component statuses).
+pub const UNREAD_KINDS: &[(&str, &str)] = &[
+    ("", "Event"),
+    ("events.k8s.io", "Event"),
+    ("", "Node"),
+    ("", "ComponentStatus"),
+    ("metrics.k8s.io", "PodMetrics"),
+    ("metrics.k8s.io", "NodeMetrics"),
+];
+
+/// Every object of the chosen namespaces plus every cluster-scoped object, read once.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    objects: Vec<DynamicObject>,
+    kinds: Vec<ResourceKind>,
+    by_key: HashMap<ObjectKey, usize>,
+    by_uid: HashMap<String, usize>,
+}
+
+impl Inventory {
+    /// Read the namespaced objects of `namespaces` and all cluster-scoped objects from a source.
+    pub async fn collect<S: ObjectSource>(source: &S, namespaces: &[String]) -> Result<Self> {
+        let kinds = source.kinds().await?;
+        let mut objects = Vec::new();
+        for kind in &kinds {
+            if UNREAD_KINDS.contains(&(kind.group.as_str(), kind.kind.as_str())) {
+                continue;
+            }
+            if kind.namespaced {
+                for ns in namespaces {
+                    objects.extend(source.list(kind, Some(ns)).await?);
+                }
+            } else {
+                objects.extend(source.list(kind, None).await?);
+            }
+        }
+        Ok(Self::from_objects(objects, kinds))
+    }
+
+    /// An inventory over objects already read. Objects without a name or kind are dropped;
+    /// a second copy of the same object (read through another version) is ignored.
+    pub fn from_objects(objects: Vec<DynamicObject>, kinds: Vec<ResourceKind>) -> Self {
+        let mut inventory = Inventory {
+            kinds,
+            ..Default::default()
+        };
+        for object in objects {
+            let Ok(reference) = ObjectRef::of(&object) else {
+                continue;
+            };
+            let key = reference.key();
+            if inventory.by_key.contains_key(&key) {
+                continue;
+            }
+            let index = inventory.objects.len();
+            if let Some(uid) = &object.metadata.uid {
+                inventory.by_uid.insert(uid.clone(), index);
+            }
+            inventory.by_key.insert(key, index);
+            inventory.objects.push(object);
+        }
+        inventory
+    }
+
+    /// Every object.
+    pub fn objects(&self) -> &[DynamicObject] {
+        &self.objects
+    }
+
+    /// The kinds the source reported.
+    pub fn kinds(&self) -> &[ResourceKind] {
+        &self.kinds
+    }
+
+    /// The object with this identity.
+    pub fn get(&self, key: &ObjectKey) -> Option<&DynamicObject> {
+        self.by_key.get(key).and_then(|&i| self.objects.get(i))
+    }
+
+    /// The object with this uid.
+    pub fn by_uid(&self, uid: &str) -> Option<&DynamicObject> {
+        self.by_uid.get(uid).and_then(|&i| self.objects.get(i))
+    }
+
+    /// Whether the kind is namespaced, as far as the source or the objects tell.
+    pub fn is_namespaced(&self, group: &str, kind: &str) -> Option<bool> {
+        self.kinds
+            .iter()
+            .find(|k| k.group == group && k.kind == kind)
+            .map(|k| k.namespaced)
+    }
+
+    /// Objects in one namespace.
+    pub fn in_namespace<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a DynamicObject> + 'a {
+        self.objects
+            .iter()
+            .filter(move |o| o.metadata.namespace.as_deref() == Some(namespace))
+    }
+}
