@@ -102,6 +102,9 @@
 //!   crash, [`Target::gc`] removes the leftovers once older than a grace period; a writer must
 //!   commit within that period. Incomplete multipart uploads of a crashed process cannot be
 //!   listed through object_store: give buckets a lifecycle rule that aborts them.
+//! - **Safe deletion.** [`Target::delete_backup`] takes the backup's child slot first, so it
+//!   refuses a backup that has (or is getting) a child and no overlay can start on a backup
+//!   being deleted; the manifest goes before the data.
 //! - **Retries.** Transient errors (object_store's `Generic`) are retried with exponential
 //!   backoff ([`RetryPolicy`]) on top of the HTTP client's own retries; part uploads are
 //!   idempotent, and short range reads count as transient.
@@ -141,6 +144,7 @@
 //! - `gcs`: `gs://` targets. `azure`: `az://` targets.
 
 mod apps;
+mod delete;
 mod error;
 mod gc;
 mod layout;
