@@ -145,7 +145,7 @@ impl ObjectReader {
 
 /// Sequential reads in a row (as a read-ahead window in blocks) before a stream replaces range
 /// GETs.
-const STREAM_AFTER: u64 = 2;
+const STREAM_AFTER: u64 = 1;
 
 impl ObjectReader {
     /// Starts one streaming GET from block `start` to the end of the object; it delivers blocks

@@ -45,6 +45,7 @@ conformance!(
     concurrent_readers_see_the_same_bytes,
     qemu_made_chain_round_trips,
     deleting_a_head_reopens_its_parent,
+    downloads_are_checked_against_the_manifest,
 );
 
 const BODY: usize = 11 << 20;
@@ -586,5 +587,26 @@ fn deleting_a_head_reopens_its_parent(f: Fixture) -> TestResult {
     f.target.delete_backup(&v, &again.id)?;
     f.target.delete_backup(&v, &base.id)?;
     assert!(f.target.backups(&v)?.is_empty());
+    Ok(())
+}
+
+fn downloads_are_checked_against_the_manifest(f: Fixture) -> TestResult {
+    let v = volume("data");
+    let (b, bytes) = backup(&f.target, &v, None, 5, 3 << 20)?;
+    let mut out = Vec::new();
+    assert_eq!(f.target.download_image(&v, &b.id, &mut out)?, b);
+    assert!(out == bytes, "downloaded bytes differ");
+    if let Some(dir) = f.target.local_image_dir(&v) {
+        // A flipped byte on disk is caught by the CRC.
+        let path = dir.join(&b.image.object);
+        let mut damaged = std::fs::read(&path)?;
+        damaged[1 << 20] ^= 0x40;
+        std::fs::write(&path, damaged)?;
+        let err = f.target.verify_image(&v, &b.id);
+        assert!(
+            matches!(err, Err(Error::Corrupt { what: "image", .. })),
+            "{err:?}"
+        );
+    }
     Ok(())
 }
