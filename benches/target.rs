@@ -198,8 +198,14 @@ fn side_by_side(mib: usize) {
         plain_download(&rt, &leg.store, &path);
         let plain_down = rate(t.elapsed());
         let t = Instant::now();
-        strata_download(&target, &id);
+        let volume = VolumeName::new("bench").unwrap_or_else(|e| panic!("{e}"));
+        target
+            .download_image(&volume, &id, &mut std::io::sink())
+            .unwrap_or_else(|e| panic!("{e}"));
         let ours_down = rate(t.elapsed());
+        let t = Instant::now();
+        strata_download(&target, &id);
+        let ours_read_at = rate(t.elapsed());
         println!(
             "{:6} upload   strata {ours_up:8.1}  plain {plain_up:8.1}  ratio {:.2}",
             leg.name,
@@ -209,6 +215,11 @@ fn side_by_side(mib: usize) {
             "{:6} download strata {ours_down:8.1}  plain {plain_down:8.1}  ratio {:.2}",
             leg.name,
             ours_down / plain_down
+        );
+        println!(
+            "{:6} read_at  strata {ours_read_at:8.1}  plain {plain_down:8.1}  ratio {:.2}",
+            leg.name,
+            ours_read_at / plain_down
         );
     }
 }

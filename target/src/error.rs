@@ -78,6 +78,16 @@ pub enum Error {
         /// The backup (committed or in progress) that extends it.
         child: String,
     },
+    /// The backup cannot be deleted: another backup (committed or in progress) extends it.
+    #[error("backup {id} of volume {volume} has a child, {child}")]
+    HasChild {
+        /// The volume.
+        volume: String,
+        /// The backup that was to be deleted.
+        id: String,
+        /// The backup that extends it.
+        child: String,
+    },
     /// The repository was written by a newer (or unknown) layout version.
     #[error(
         "repository format {found:?} version {version} is not supported (this build reads version {supported})"

@@ -3,6 +3,7 @@
 //! An object is garbage when it belongs to a backup id that is not committed and whose claim is
 //! missing or older than the grace period, and the object itself is older than the grace
 //! period. Data objects go first and claims last, so an interrupted `gc` is simply run again.
+//! Application metadata archives without a manifest are garbage after the grace period too.
 //! Incomplete multipart uploads are aborted by the sink that started them; those of a crashed
 //! process cannot be listed through object_store, so object stores should also carry a
 //! lifecycle rule that aborts incomplete multipart uploads after a day.
@@ -40,6 +41,10 @@ impl Target {
             })?;
             report.removed.extend(removed);
         }
+        let removed = self.block("gc", move |inner| async move {
+            collect_archives(&inner, Utc::now() - grace).await
+        })?;
+        report.removed.extend(removed);
         Ok(report)
     }
 }
@@ -116,6 +121,31 @@ async fn collect_volume(
                 inner.delete(&meta.location).await?;
                 removed.push(meta.location.to_string());
             }
+        }
+    }
+    Ok(removed)
+}
+
+/// Metadata archives whose application manifest was never created.
+async fn collect_archives(inner: &Inner, cutoff: DateTime<Utc>) -> Result<Vec<String>> {
+    let objects = inner.list(&inner.layout.all_applications()).await?;
+    let manifests: HashSet<String> = objects
+        .iter()
+        .filter_map(|meta| {
+            meta.location
+                .as_ref()
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
+        .collect();
+    let mut removed = Vec::new();
+    for meta in &objects {
+        let Some(stem) = meta.location.as_ref().strip_suffix(".archive") else {
+            continue;
+        };
+        if meta.last_modified <= cutoff && !manifests.contains(stem) {
+            inner.delete(&meta.location).await?;
+            removed.push(meta.location.to_string());
         }
     }
     Ok(removed)

@@ -98,6 +98,10 @@ impl Layout {
         ])
     }
 
+    pub(crate) fn all_applications(&self) -> Path {
+        self.key(["applications"])
+    }
+
     pub(crate) fn applications(&self, app: &AppName) -> Path {
         self.key(["applications", app.as_str()])
     }

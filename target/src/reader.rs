@@ -6,7 +6,9 @@
 //! blocks it covers that are neither cached nor already on their way; runs of adjacent missing
 //! blocks become one range GET (split at `max_request` so big runs are fetched in parallel).
 //! When a read starts where the previous one ended, the blocks after it are requested too, in
-//! a window that doubles up to `max_readahead`. Blocks land in a cache of `read_cache_blocks`
+//! a window that doubles up to `max_readahead`; after a few sequential reads one streaming GET
+//! to the end of the object replaces the range GETs (one request instead of thousands, paced to
+//! stay within `max_readahead` of the reader, stopped on the next random read). Blocks land in a cache of `read_cache_blocks`
 //! blocks that evicts the least recently used; a reader copies each block it needs as soon as
 //! it lands, so eviction never loses data. A short or failed GET is retried; a block that keeps
 //! failing fails the reads that need it, and is fetched afresh by the next read.
@@ -15,9 +17,10 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use strata_qcow2::ReadAt;
 
 use crate::error::Error;
@@ -49,6 +52,10 @@ struct State {
     tick: u64,
     last_end: u64,
     window: u64,
+    /// The next block the sequential stream delivers, while one runs.
+    stream: Option<u64>,
+    /// Bumped to stop the running stream.
+    generation: u64,
 }
 
 impl ObjectReader {
@@ -136,6 +143,122 @@ impl ObjectReader {
     }
 }
 
+/// Sequential reads in a row (as a read-ahead window in blocks) before a stream replaces range
+/// GETs.
+const STREAM_AFTER: u64 = 1;
+
+impl ObjectReader {
+    /// Starts one streaming GET from block `start` to the end of the object; it delivers blocks
+    /// into the cache, staying at most `max_readahead` ahead of the reader.
+    fn start_stream(&self, state: &mut State, start: u64) {
+        state.generation += 1;
+        state.stream = Some(start);
+        let generation = state.generation;
+        let stream = Stream {
+            store: self.inner.store.clone(),
+            path: self.path.clone(),
+            shared: self.state.clone(),
+            generation,
+            block: self.block,
+            len: self.len,
+            max_window: (self.inner.options.max_readahead as u64 / self.block).max(1),
+            cache_blocks: self.inner.options.read_cache_blocks,
+        };
+        self.inner.runtime.handle().spawn(async move {
+            // A failed stream just ends; readers waiting on its blocks fall back to range GETs.
+            let _ = stream.run(start).await;
+            let shared = stream.shared;
+            if let Ok(mut state) = shared.state.lock()
+                && state.generation == generation
+            {
+                state.stream = None;
+            }
+            shared.landed.notify_all();
+        });
+    }
+}
+
+struct Stream {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    shared: Arc<Shared>,
+    generation: u64,
+    block: u64,
+    len: u64,
+    max_window: u64,
+    cache_blocks: usize,
+}
+
+impl Stream {
+    fn current(&self) -> Option<u64> {
+        let state = self.shared.state.lock().ok()?;
+        (state.generation == self.generation).then_some(state.last_end / self.block)
+    }
+
+    async fn run(&self, start: u64) -> object_store::Result<()> {
+        let options = GetOptions::new().with_range(Some(start * self.block..self.len));
+        let mut body = self
+            .store
+            .get_opts(&self.path, options)
+            .await?
+            .into_stream();
+        let mut pending = BytesMut::new();
+        let mut index = start;
+        while index * self.block < self.len {
+            // Stay within the read-ahead window of the reader; stop when replaced or dropped.
+            loop {
+                let Some(reader_at) = self.current() else {
+                    return Ok(());
+                };
+                if index <= reader_at + self.max_window {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let want = self.block.min(self.len - index * self.block) as usize;
+            while pending.len() < want {
+                match body.next().await {
+                    Some(chunk) => pending.extend_from_slice(&chunk?),
+                    None => {
+                        return Err(object_store::Error::Generic {
+                            store: "strata-target",
+                            source: format!("stream of {} ended early", self.path).into(),
+                        });
+                    }
+                }
+            }
+            let bytes = pending.split_to(want).freeze();
+            {
+                let Ok(mut state) = self.shared.state.lock() else {
+                    return Ok(());
+                };
+                if state.generation != self.generation {
+                    return Ok(());
+                }
+                state.tick += 1;
+                let tick = state.tick;
+                state.in_flight.remove(&index);
+                state.failed.remove(&index);
+                state.cache.insert(index, (bytes, tick));
+                state.stream = Some(index + 1);
+                evict(&mut state, self.cache_blocks);
+            }
+            self.shared.landed.notify_all();
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ObjectReader {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.state.state.lock() {
+            state.generation += 1;
+            state.stream = None;
+        }
+    }
+}
+
 /// A range GET that fails (transiently, so it is retried) when the store returns fewer bytes.
 async fn get_exact(
     store: &dyn ObjectStore,
@@ -210,7 +333,27 @@ impl ReadAt for ObjectReader {
         };
         state.last_end = end;
         let ahead = (last + state.window).min(last_block);
-        self.request(&mut state, first, ahead);
+        if state.window >= STREAM_AFTER {
+            let here = matches!(state.stream, Some(next) if next >= first && next <= ahead + 1);
+            if !here {
+                let start = (first..=ahead)
+                    .find(|b| !state.cache.contains_key(b) && !state.in_flight.contains(b));
+                if let Some(start) = start {
+                    self.start_stream(&mut state, start);
+                }
+            }
+            let stream_from = state.stream.unwrap_or(u64::MAX);
+            if first < stream_from {
+                self.request(&mut state, first, ahead.min(stream_from - 1));
+            }
+        } else {
+            if state.stream.is_some() {
+                // Random access again: stop the stream.
+                state.generation += 1;
+                state.stream = None;
+            }
+            self.request(&mut state, first, ahead);
+        }
         let mut pending: Vec<u64> = (first..=last).collect();
         loop {
             let mut still = Vec::new();
@@ -231,7 +374,8 @@ impl ReadAt for ObjectReader {
             }
             // Evicted before this read got to it: ask again.
             for &index in &still {
-                if !state.in_flight.contains(&index) {
+                let streamed = state.stream.is_some_and(|next| index >= next);
+                if !state.in_flight.contains(&index) && !streamed {
                     self.request(&mut state, index, index);
                 }
             }

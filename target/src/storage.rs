@@ -78,37 +78,105 @@ impl Target {
     /// Streams the image of a committed backup and checks its size and CRC-32 against the
     /// manifest; [`Error::Corrupt`] names what differs.
     pub fn verify_image(&self, volume: &VolumeName, id: &BackupId) -> Result<BackupManifest> {
+        self.download_image(volume, id, &mut io::sink())
+    }
+
+    /// Copies the image of a committed backup into `dest` with one streaming GET, checking its
+    /// size and CRC-32 against the manifest on the way ([`Error::Corrupt`] at the end when they
+    /// differ: discard what was written then). Memory: one chunk of the HTTP body at a time.
+    pub fn download_image(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+        dest: &mut dyn io::Write,
+    ) -> Result<BackupManifest> {
         let manifest = self.backup(volume, id)?;
         let path = self.inner.layout.image(volume, &manifest.image.object);
+        if let Some(root) = &self.inner.local_root {
+            let file_path = crate::url::local_path(root, &path);
+            let file = std::fs::File::open(&file_path)
+                .map_err(|err| Error::io("open", file_path.display(), err))?;
+            let mut reader = io::BufReader::with_capacity(1 << 20, file);
+            let mut check = Checked {
+                dest,
+                crc: crc32fast::Hasher::new(),
+                size: 0,
+            };
+            io::copy(&mut reader, &mut check)
+                .map_err(|err| Error::io("download", file_path.display(), err))?;
+            let (size, crc) = (check.size, Crc32(check.crc.finalize()));
+            return check_image(manifest, &path, size, crc);
+        }
         let p = path.clone();
-        let (size, crc) = self.block("verify image", move |inner| async move {
+        let chunks = self.block("download image", move |inner| async move {
             let result = inner
                 .store
                 .get(&p)
                 .await
                 .map_err(|err| Error::store("get", &p, err))?;
-            let mut stream = result.into_stream();
-            let mut crc = crc32fast::Hasher::new();
-            let mut size = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|err| Error::store("read", &p, err))?;
-                crc.update(&chunk);
-                size += chunk.len() as u64;
-            }
-            Ok((size, Crc32(crc.finalize())))
-        })?;
-        if size != manifest.image.size || crc != manifest.image.checksums.crc32 {
-            return Err(Error::Corrupt {
-                what: "image",
-                path: path.to_string(),
-                reason: format!(
-                    "{size} bytes with CRC {:08x}, the manifest says {} bytes with CRC {:08x}",
-                    crc.0, manifest.image.size, manifest.image.checksums.crc32.0
-                ),
+            let (sender, receiver) = std::sync::mpsc::sync_channel(4);
+            tokio::spawn(async move {
+                let mut stream = result.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    let failed = chunk.is_err();
+                    if sender.send(chunk).is_err() || failed {
+                        break;
+                    }
+                }
             });
+            Ok(receiver)
+        })?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut size = 0u64;
+        for chunk in chunks {
+            let chunk = chunk.map_err(|err| Error::store("read", &path, err))?;
+            crc.update(&chunk);
+            size += chunk.len() as u64;
+            dest.write_all(&chunk)
+                .map_err(|err| Error::io("write download of", &path, err))?;
         }
-        Ok(manifest)
+        check_image(manifest, &path, size, Crc32(crc.finalize()))
     }
+}
+
+/// Counts and checksums what it passes on.
+struct Checked<'a> {
+    dest: &'a mut dyn io::Write,
+    crc: crc32fast::Hasher,
+    size: u64,
+}
+
+impl io::Write for Checked<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.dest.write(buf)?;
+        let written = buf.get(..n).unwrap_or_default();
+        self.crc.update(written);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.dest.flush()
+    }
+}
+
+fn check_image(
+    manifest: BackupManifest,
+    path: &object_store::path::Path,
+    size: u64,
+    crc: Crc32,
+) -> Result<BackupManifest> {
+    if size != manifest.image.size || crc != manifest.image.checksums.crc32 {
+        return Err(Error::Corrupt {
+            what: "image",
+            path: path.to_string(),
+            reason: format!(
+                "{size} bytes with CRC {:08x}, the manifest says {} bytes with CRC {:08x}",
+                crc.0, manifest.image.size, manifest.image.checksums.crc32.0
+            ),
+        });
+    }
+    Ok(manifest)
 }
 
 impl VolumeStorage {

@@ -44,6 +44,8 @@ conformance!(
     storage_refuses_escaping_names,
     concurrent_readers_see_the_same_bytes,
     qemu_made_chain_round_trips,
+    deleting_a_head_reopens_its_parent,
+    downloads_are_checked_against_the_manifest,
 );
 
 const BODY: usize = 11 << 20;
@@ -561,4 +563,50 @@ fn compare(a: &std::path::Path, b: &std::path::Path) -> Result<bool, common::Box
         ])
         .status()?;
     Ok(status.success())
+}
+
+fn deleting_a_head_reopens_its_parent(f: Fixture) -> TestResult {
+    let v = volume("data");
+    let (base, base_bytes) = backup(&f.target, &v, None, 1, 1 << 20)?;
+    let (top, _) = backup(&f.target, &v, Some(&base), 2, 1 << 20)?;
+    let refused = f.target.delete_backup(&v, &base.id);
+    assert!(
+        matches!(refused, Err(Error::HasChild { ref child, .. }) if *child == top.id.to_string()),
+        "{refused:?}"
+    );
+    assert_eq!(f.target.delete_backup(&v, &top.id)?, top);
+    assert_eq!(f.target.backups(&v)?, vec![base.clone()]);
+    assert!(
+        f.target.gc(Duration::ZERO)?.removed.is_empty(),
+        "delete left garbage"
+    );
+    // The parent is the head again, and the base is untouched.
+    let (again, _) = backup(&f.target, &v, Some(&base), 3, 1 << 20)?;
+    assert_eq!(again.parent, Some(base.id.clone()));
+    assert_eq!(read_all(&f.target.open_image(&v, &base.id)?)?, base_bytes);
+    f.target.delete_backup(&v, &again.id)?;
+    f.target.delete_backup(&v, &base.id)?;
+    assert!(f.target.backups(&v)?.is_empty());
+    Ok(())
+}
+
+fn downloads_are_checked_against_the_manifest(f: Fixture) -> TestResult {
+    let v = volume("data");
+    let (b, bytes) = backup(&f.target, &v, None, 5, 3 << 20)?;
+    let mut out = Vec::new();
+    assert_eq!(f.target.download_image(&v, &b.id, &mut out)?, b);
+    assert!(out == bytes, "downloaded bytes differ");
+    if let Some(dir) = f.target.local_image_dir(&v) {
+        // A flipped byte on disk is caught by the CRC.
+        let path = dir.join(&b.image.object);
+        let mut damaged = std::fs::read(&path)?;
+        damaged[1 << 20] ^= 0x40;
+        std::fs::write(&path, damaged)?;
+        let err = f.target.verify_image(&v, &b.id);
+        assert!(
+            matches!(err, Err(Error::Corrupt { what: "image", .. })),
+            "{err:?}"
+        );
+    }
+    Ok(())
 }

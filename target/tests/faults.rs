@@ -185,3 +185,31 @@ fn short_reads_are_retried_or_reported_never_returned() -> TestResult {
     assert_eq!(buf, bytes[5000..6000]);
     Ok(())
 }
+
+/// An application backup whose manifest put fails leaves only an archive, which is invisible
+/// and collected by gc.
+#[test]
+fn a_failed_application_commit_is_invisible_and_collected() -> TestResult {
+    let (store, target) = target(1)?;
+    let app = strata_target::AppName::new("shop")?;
+    let id = strata_target::AppBackupId::new("a1")?;
+    // get (exists?), put archive, put manifest: the third request fails.
+    store.fail_next(3, 4);
+    let failed = target.put_app_backup(&app, &id, Vec::new(), bytes::Bytes::from_static(b"yaml"));
+    store.set_plan(Plan::default());
+    assert!(failed.is_err());
+    assert!(target.app_backups(&app)?.is_empty());
+    assert!(matches!(
+        target.read_app_archive(&app, &id),
+        Err(Error::NotFound { .. })
+    ));
+    let removed = target.gc(Duration::ZERO)?.removed;
+    assert_eq!(
+        removed,
+        vec!["repo/applications/shop/a1.archive".to_string()]
+    );
+    target.put_app_backup(&app, &id, Vec::new(), bytes::Bytes::from_static(b"yaml"))?;
+    assert!(target.gc(Duration::ZERO)?.removed.is_empty());
+    assert_eq!(&target.read_app_archive(&app, &id)?[..], b"yaml");
+    Ok(())
+}

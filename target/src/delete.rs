@@ -1,0 +1,69 @@
+//! Deleting a backup at the head of its chain (whole-chain pruning, abandoned chains).
+//!
+//! The deleter first takes the backup's child slot itself (create-only), so no writer can
+//! start an overlay on a backup that is going away, and a backup that has a child (committed
+//! or in progress) is refused. Then the manifest goes first, so readers stop seeing the backup
+//! before any of its data disappears, and the parent becomes the head of its chain again.
+
+use chrono::Utc;
+
+use crate::error::{Error, Result};
+use crate::layout::image_name;
+use crate::manifest::{Reservation, from_json, to_json};
+use crate::name::{BackupId, VolumeName};
+use crate::target::{Created, Target};
+
+impl Target {
+    /// Deletes committed backup `id` of `volume`, which must have no child. Returns its
+    /// manifest. Fails with [`Error::HasChild`] when another backup extends it.
+    pub fn delete_backup(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+    ) -> Result<crate::BackupManifest> {
+        let (volume, id) = (volume.clone(), id.clone());
+        self.block("delete backup", move |inner| async move {
+            let manifest = inner.manifest(&volume, &id).await?;
+            let slot = inner.layout.child_slot(&volume, &id);
+            let tombstone = Reservation {
+                backup: id.clone(),
+                parent: None,
+                writer: format!("delete-{:016x}", rand::random::<u64>()),
+                created: Utc::now(),
+            };
+            if let Created::Exists(other) =
+                inner.put_create(&slot, to_json(&tombstone).into()).await?
+            {
+                let child: Reservation = from_json("child slot", slot.as_ref(), &other)?;
+                // A tombstone naming the backup itself is an interrupted earlier delete: go on.
+                if child.backup != id {
+                    return Err(Error::HasChild {
+                        volume: volume.to_string(),
+                        id: id.to_string(),
+                        child: child.backup.to_string(),
+                    });
+                }
+            }
+            inner.delete(&inner.layout.manifest(&volume, &id)).await?;
+            inner
+                .delete(&inner.layout.image(&volume, &image_name(&id)))
+                .await?;
+            for file in inner.list(&inner.layout.files_dir(&volume, &id)).await? {
+                inner.delete(&file.location).await?;
+            }
+            if let Some(parent) = &manifest.parent {
+                let parent_slot = inner.layout.child_slot(&volume, parent);
+                if let Ok(bytes) = inner.get_bytes(&parent_slot).await {
+                    let holder: Reservation =
+                        from_json("child slot", parent_slot.as_ref(), &bytes)?;
+                    if holder.backup == id {
+                        inner.delete(&parent_slot).await?;
+                    }
+                }
+            }
+            inner.delete(&inner.layout.claim(&volume, &id)).await?;
+            inner.delete(&slot).await?;
+            Ok(manifest)
+        })
+    }
+}
