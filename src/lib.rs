@@ -1,6 +1,26 @@
 //! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
+//!
+//! This facade re-exports the member crates and composes them into the flows a datamover runs:
+//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`].
+//!
+//! ```no_run
+//! use strata::target::{Target, VolumeName};
+//!
+//! let target = Target::open("/srv/backups")?;
+//! let volume = VolumeName::new("pvc-data")?;
+//! let manifest = strata::backup_volume(&target, &volume, "/dev/vdb".as_ref(),
+//!     &Default::default(), &mut |_| {})?;
+//! strata::restore_volume(&target, &volume, Some(&manifest.id), "restored.raw".as_ref())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod volume;
 
 pub use strata_chain as chain;
 pub use strata_discovery as discovery;
 pub use strata_qcow2 as qcow2;
 pub use strata_target as target;
+pub use volume::{
+    BackupOptions, CHECKSUMS_FILE, DIGESTS_FILE, Error, Result, VerifyReport, backup_volume,
+    chain_text, list, open_backup, open_destination, restore_volume, verify,
+};

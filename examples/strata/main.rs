@@ -13,6 +13,7 @@ mod demo;
 mod discover;
 mod info;
 mod map;
+mod volumes;
 
 /// Block-level backup and restore as QCOW2 chains.
 #[derive(Parser)]
@@ -34,6 +35,14 @@ enum Command {
     Demo(demo::Args),
     /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
     Discover(discover::Args),
+    /// Back up a volume into a target (full, or incremental on the latest backup).
+    Backup(volumes::BackupArgs),
+    /// Restore a backup point of a volume into a file or block device.
+    Restore(volumes::RestoreArgs),
+    /// List the backups in a target.
+    List(volumes::ListArgs),
+    /// Verify backups without restoring them.
+    Verify(volumes::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +53,10 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Discover(args) => discover::run(args),
+        Command::Backup(args) => volumes::backup(args),
+        Command::Restore(args) => volumes::restore(args),
+        Command::List(args) => volumes::list(args),
+        Command::Verify(args) => volumes::verify(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

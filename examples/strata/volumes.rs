@@ -1,0 +1,234 @@
+//! `strata backup`, `restore`, `list` and `verify`: volume backups in a target.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use strata::target::{BackupId, Target, VolumeName};
+
+use crate::Output;
+
+/// Arguments of `strata backup`.
+#[derive(clap::Args)]
+pub struct BackupArgs {
+    /// The target: a folder, `file://`, `s3://bucket/prefix` or `memory://`.
+    #[arg(long)]
+    target: String,
+    /// The volume's name in the target.
+    #[arg(long)]
+    volume: String,
+    /// Changed ranges from changed-block tracking: a JSON array of `{"offset", "length"}`.
+    #[arg(long)]
+    changed_ranges: Option<PathBuf>,
+    /// Take a full base image even when the volume has backups.
+    #[arg(long)]
+    full: bool,
+    /// Hide the progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// The volume: a raw file or block device.
+    source: PathBuf,
+}
+
+/// Arguments of `strata restore`.
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The target.
+    #[arg(long)]
+    target: String,
+    /// The volume's name in the target.
+    #[arg(long)]
+    volume: String,
+    /// The backup to restore (the latest when absent).
+    #[arg(long)]
+    backup: Option<String>,
+    /// Where to: a file (created sparse) or a block device.
+    dest: PathBuf,
+}
+
+/// Arguments of `strata list`.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// The target.
+    #[arg(long)]
+    target: String,
+    /// Only this volume.
+    #[arg(long)]
+    volume: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// Arguments of `strata verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The target.
+    #[arg(long)]
+    target: String,
+    /// Only this volume.
+    #[arg(long)]
+    volume: Option<String>,
+    /// Only this backup.
+    #[arg(long)]
+    backup: Option<String>,
+}
+
+fn open_target(url: &str) -> anyhow::Result<Target> {
+    Target::open(url).with_context(|| format!("opening target {url}"))
+}
+
+/// A progress bar over `total` bytes, hidden when stderr is not a terminal or `quiet`.
+pub fn bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Runs `strata backup`; prints the new backup's id as the last line.
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let volume = VolumeName::new(&args.volume)?;
+    let changed_ranges = match &args.changed_ranges {
+        Some(path) => Some(strata::chain::parse_changed_ranges(
+            &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )?),
+        None => None,
+    };
+    let options = strata::BackupOptions {
+        full: args.full,
+        changed_ranges,
+        cluster_size: None,
+    };
+    let bar = bar(0, args.quiet);
+    let manifest = strata::backup_volume(&target, &volume, &args.source, &options, &mut |p| {
+        bar.set_length(p.total_bytes);
+        bar.set_position(p.scanned_bytes);
+        bar.set_message(format!("{} clusters changed", p.changed_clusters));
+    })?;
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} backup of {} ({} bytes image)",
+        if manifest.parent.is_some() {
+            "incremental"
+        } else {
+            "full"
+        },
+        manifest.volume,
+        manifest.image.size
+    )?;
+    writeln!(out, "{}", manifest.id)?;
+    Ok(())
+}
+
+/// Runs `strata restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let volume = VolumeName::new(&args.volume)?;
+    let id = args.backup.as_deref().map(BackupId::new).transpose()?;
+    let (manifest, stats) = strata::restore_volume(&target, &volume, id.as_ref(), &args.dest)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "restored {} of {} into {} ({} bytes of data)",
+        manifest.id,
+        manifest.volume,
+        args.dest.display(),
+        stats.data_bytes
+    )?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ListEntry {
+    id: String,
+    parent: Option<String>,
+    volume: String,
+    created: String,
+    virtual_size: u64,
+    image_size: u64,
+}
+
+/// Runs `strata list`.
+pub fn list(args: ListArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let volume = args.volume.as_deref().map(VolumeName::new).transpose()?;
+    let entries: Vec<ListEntry> = strata::list(&target, volume.as_ref())?
+        .into_iter()
+        .map(|m| ListEntry {
+            id: m.id.to_string(),
+            parent: m.parent.map(|p| p.to_string()),
+            volume: m.volume.to_string(),
+            created: m.created.to_rfc3339(),
+            virtual_size: m.virtual_size,
+            image_size: m.image.size,
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
+        Output::Human => {
+            writeln!(
+                out,
+                "{:<28} {:<28} {:<16} {:>14} {:>14}",
+                "ID", "PARENT", "VOLUME", "VIRTUAL", "IMAGE"
+            )?;
+            for e in &entries {
+                writeln!(
+                    out,
+                    "{:<28} {:<28} {:<16} {:>14} {:>14}",
+                    e.id,
+                    e.parent.as_deref().unwrap_or("-"),
+                    e.volume,
+                    e.virtual_size,
+                    e.image_size
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `strata verify`; fails when anything is damaged.
+pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let volume = args.volume.as_deref().map(VolumeName::new).transpose()?;
+    let id = args.backup.as_deref().map(BackupId::new).transpose()?;
+    let reports = strata::verify(&target, volume.as_ref(), id.as_ref())?;
+    let mut out = std::io::stdout().lock();
+    let mut damaged = 0;
+    for report in &reports {
+        if report.damage.is_empty() {
+            writeln!(out, "{}/{}: ok", report.volume, report.id)?;
+        }
+        for d in &report.damage {
+            damaged += 1;
+            writeln!(
+                out,
+                "{}/{}: DAMAGED at guest offset {:#x}: {}",
+                report.volume, report.id, d.guest_offset, d.problem
+            )?;
+        }
+    }
+    if reports.is_empty() {
+        anyhow::bail!("no backups to verify");
+    }
+    if damaged > 0 {
+        anyhow::bail!("{damaged} problems found in {} backups", reports.len());
+    }
+    Ok(())
+}

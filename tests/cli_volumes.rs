@@ -1,0 +1,180 @@
+//! `strata backup`, `restore`, `list` and `verify` on a folder target, as a user runs them.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn strata(args: &[&str]) -> Output {
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    Command::new(path.join("examples").join("strata"))
+        .args(args)
+        .output()
+        .expect("run strata")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "strata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Backs up `volume` and returns the id printed on the last line.
+fn backup(target: &Path, volume: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "backup",
+        "--quiet",
+        "--target",
+        s(target),
+        "--volume",
+        "vol1",
+    ];
+    args.extend_from_slice(extra);
+    args.push(s(volume));
+    let stdout = ok(strata(&args));
+    stdout.lines().last().expect("an id").trim().to_owned()
+}
+
+#[test]
+fn backup_restore_list_verify_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(16 << 20).expect("size");
+    file.write_all_at(&vec![0x11; 3 << 20], 0).expect("write");
+    let mut points: Vec<(String, Vec<u8>)> = Vec::new();
+    let id = backup(&target, &volume, &[]);
+    points.push((id, std::fs::read(&volume).expect("read")));
+
+    // Incremental by digest: a changed megabyte and a zeroed one.
+    file.write_all_at(&vec![0x22; 1 << 20], 8 << 20)
+        .expect("write");
+    file.write_all_at(&vec![0; 1 << 20], 0).expect("zero");
+    let id = backup(&target, &volume, &[]);
+    points.push((id, std::fs::read(&volume).expect("read")));
+
+    // Incremental from changed ranges.
+    file.write_all_at(&vec![0x33; 4096], 12 << 20)
+        .expect("write");
+    let ranges = dir.path().join("ranges.json");
+    std::fs::write(
+        &ranges,
+        format!(r#"[{{"offset": {}, "length": 4096}}]"#, 12 << 20),
+    )
+    .expect("ranges");
+    let id = backup(&target, &volume, &["--changed-ranges", s(&ranges)]);
+    points.push((id, std::fs::read(&volume).expect("read")));
+
+    // Every point restores byte for byte, and qemu-img reads each image in the folder.
+    for (id, expected) in &points {
+        let dest = dir.path().join(format!("{id}.raw"));
+        ok(strata(&[
+            "restore",
+            "--target",
+            s(&target),
+            "--volume",
+            "vol1",
+            "--backup",
+            id,
+            s(&dest),
+        ]));
+        assert!(
+            std::fs::read(&dest).expect("restored") == *expected,
+            "point {id}"
+        );
+        let image = target
+            .join("volumes/vol1/images")
+            .join(format!("{id}.qcow2"));
+        let compare = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2", s(&dest), s(&image)])
+            .output()
+            .expect("qemu-img");
+        assert!(
+            compare.status.success(),
+            "qemu-img compare {id}: {}",
+            String::from_utf8_lossy(&compare.stdout)
+        );
+    }
+
+    let listed: serde_json::Value = serde_json::from_str(&ok(strata(&[
+        "list",
+        "--target",
+        s(&target),
+        "--output",
+        "json",
+    ])))
+    .expect("json");
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0]["parent"], serde_json::Value::Null);
+    assert_eq!(listed[1]["parent"], points[0].0.as_str());
+    assert_eq!(listed[2]["id"], points[2].0.as_str());
+    assert_eq!(listed[2]["virtual_size"], 16 << 20);
+    // The incrementals hold only what changed.
+    assert!(
+        listed[2]["image_size"].as_u64().expect("size")
+            < listed[0]["image_size"].as_u64().expect("size")
+    );
+
+    ok(strata(&["verify", "--target", s(&target)]));
+    // Flip one byte of stored data in the second backup: verify names it and fails.
+    let image: PathBuf = target
+        .join("volumes/vol1/images")
+        .join(format!("{}.qcow2", points[1].0));
+    let map = Command::new("qemu-img")
+        .args(["map", "--output", "json", s(&image)])
+        .output()
+        .expect("qemu-img map");
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("map json");
+    let stored = map
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["data"] == true && e["depth"] == 0)
+        .expect("a stored extent");
+    let host = stored["offset"].as_u64().expect("offset");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .expect("open image");
+    f.write_all_at(&[0xee], host + 10).expect("flip");
+    let out = strata(&["verify", "--target", s(&target), "--volume", "vol1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{}: DAMAGED at guest offset {:#x}",
+            points[1].0,
+            stored["start"].as_u64().expect("start")
+        )),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn restore_of_a_missing_volume_is_one_line_and_status_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = strata(&[
+        "restore",
+        "--target",
+        s(dir.path()),
+        "--volume",
+        "nope",
+        s(&dir.path().join("x.raw")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
+}
