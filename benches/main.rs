@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main};
 
+mod chain;
 mod hydrate;
 mod target;
 mod writer;
@@ -10,6 +11,7 @@ mod writer;
 criterion_group!(
     benches,
     hydrate::chain_12_deep,
+    chain::benches,
     writer::benches,
     target::benches
 );

@@ -260,3 +260,49 @@ pub fn chain_text(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Retention: keeps the newest `keep_last` backups of `volume`, folding each older backup into
+/// its child (so every kept point stays restorable) and returns the ids removed.
+pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<Vec<BackupId>> {
+    if keep_last == 0 {
+        return Err(Error::NotFound(
+            "keep-last must keep at least one backup".into(),
+        ));
+    }
+    let mut removed = Vec::new();
+    loop {
+        let backups = target.backups(volume)?;
+        if backups.len() <= keep_last {
+            return Ok(removed);
+        }
+        let oldest = &backups[0];
+        let Some(child) = backups
+            .iter()
+            .find(|m| m.parent.as_ref() == Some(&oldest.id))
+        else {
+            // A chain of its own with nothing built on it: simply dropped.
+            target.delete_backup(volume, &oldest.id)?;
+            removed.push(oldest.id.clone());
+            continue;
+        };
+        let chain = Image::open_with(
+            &target.storage(volume),
+            &child.image.object,
+            &strata_qcow2::OpenOptions::default(),
+        )?;
+        let cluster_size = child.cluster_size;
+        target.fold_into_child(volume, &oldest.id, |sink, backing| {
+            let mut options = WriterOptions::default();
+            options.cluster_size = cluster_size;
+            options.backing_file = backing;
+            let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
+                strata_target::Error::Upload {
+                    path: child.image.object.clone(),
+                    reason: chain_text(&e),
+                }
+            })?;
+            Ok(vec![(side_file(CHECKSUMS_FILE), checksums.encode().into())])
+        })?;
+        removed.push(oldest.id.clone());
+    }
+}

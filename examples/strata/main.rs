@@ -43,6 +43,8 @@ enum Command {
     List(volumes::ListArgs),
     /// Verify backups without restoring them.
     Verify(volumes::VerifyArgs),
+    /// Keep the newest backups of a volume, folding older ones into their children.
+    Prune(volumes::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => volumes::restore(args),
         Command::List(args) => volumes::list(args),
         Command::Verify(args) => volumes::verify(args),
+        Command::Prune(args) => volumes::prune(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -232,3 +232,36 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Arguments of `strata prune`.
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// The target.
+    #[arg(long)]
+    target: String,
+    /// The volume.
+    #[arg(long)]
+    volume: String,
+    /// How many of the newest backups to keep.
+    #[arg(long)]
+    keep_last: usize,
+}
+
+/// Runs `strata prune`.
+pub fn prune(args: PruneArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let volume = VolumeName::new(&args.volume)?;
+    let removed = strata::prune(&target, &volume, args.keep_last)?;
+    let mut out = std::io::stdout().lock();
+    for id in &removed {
+        writeln!(out, "folded {id} into its child")?;
+    }
+    writeln!(
+        out,
+        "{} backups removed, {} kept",
+        removed.len(),
+        args.keep_last
+            .min(strata::list(&target, Some(&volume))?.len())
+    )?;
+    Ok(())
+}

@@ -164,6 +164,7 @@
 mod apps;
 mod delete;
 mod error;
+mod fold;
 mod gc;
 mod layout;
 mod local_sink;

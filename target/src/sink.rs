@@ -48,14 +48,21 @@ impl ImageUpload {
         id: &BackupId,
         writer: &str,
         result: Arc<Mutex<Option<ImageInfo>>>,
+        replace: bool,
     ) -> Result<Self> {
         let inner = &target.inner;
         let object = image_name(id);
         let path = inner.layout.image(volume, &object);
         if let Some(root) = &inner.local_root {
             let file = crate::url::local_path(root, &path);
-            let sink =
-                LocalSink::create(file, object, writer, inner.options.local_header_len, result)?;
+            let sink = LocalSink::create(
+                file,
+                object,
+                writer,
+                inner.options.local_header_len,
+                result,
+                replace,
+            )?;
             return Ok(Self {
                 kind: Kind::Local(Box::new(sink)),
             });

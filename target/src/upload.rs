@@ -177,6 +177,7 @@ impl BackupUpload {
             &self.id,
             &self.writer,
             self.image.clone(),
+            false,
         )
     }
 

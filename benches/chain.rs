@@ -1,0 +1,71 @@
+//! Change detection: BLAKE3-128 cluster digests, and a digest-delta backup scan of a cached
+//! volume into a sink that discards (so only scanning and digesting are measured).
+
+use std::io::Write;
+
+use criterion::{BatchSize, Criterion, Throughput};
+use strata::chain::{ChangeSource, backup, digest};
+use strata::qcow2::{ImageSink, WriterOptions};
+
+const VOLUME: u64 = 256 << 20;
+
+/// Keeps nothing.
+struct Discard;
+
+impl ImageSink for Discard {
+    fn append(&mut self, _data: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn finish(&mut self, _header: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Digest throughput, and a whole digest-delta scan of an unchanged volume (every cluster read
+/// and digested, none written).
+pub fn benches(c: &mut Criterion) {
+    let cluster = vec![0x5au8; 65536];
+    let mut group = c.benchmark_group("chain");
+    group.throughput(Throughput::Bytes(cluster.len() as u64));
+    group.bench_function("blake3_128 digest of a 64 KiB cluster", |b| {
+        b.iter(|| digest(&cluster))
+    });
+
+    let mut file = tempfile::NamedTempFile::new().expect("volume");
+    let mut block = vec![0u8; 1 << 20];
+    for (i, chunk) in block.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    }
+    for _ in 0..VOLUME >> 20 {
+        file.write_all(&block).expect("fill");
+    }
+    file.flush().expect("flush");
+    let volume = std::fs::File::open(file.path()).expect("open");
+    let options = WriterOptions::default();
+    let (_, base) =
+        backup(&volume, Discard, &options, ChangeSource::Full, &mut |_| {}).expect("base scan");
+    let mut overlay = options.clone();
+    overlay.backing_file = Some("base.qcow2".into());
+    group.throughput(Throughput::Bytes(VOLUME));
+    group.sample_size(10);
+    group.bench_function("digest-delta scan of a cached 256 MiB volume", |b| {
+        b.iter_batched(
+            || (),
+            |()| {
+                backup(
+                    &volume,
+                    Discard,
+                    &overlay,
+                    ChangeSource::Digests {
+                        previous: &base.digests,
+                    },
+                    &mut |_| {},
+                )
+                .expect("scan")
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
