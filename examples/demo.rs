@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     for ((manifest, changed, took), (id, expected)) in rows.iter().zip(&points) {
         let restored = dir.join("restored.raw");
         let started = Instant::now();
-        strata::restore_volume(&target, &name, Some(id), &restored)?;
+        strata::restore_volume(&target, &name, Some(id), &restored, &mut |_| {})?;
         let restore_time = started.elapsed();
         if std::fs::read(&restored)? != *expected {
             bail!("backup {id} does not restore byte for byte");

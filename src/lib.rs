@@ -10,7 +10,8 @@
 //! let volume = VolumeName::new("pvc-data")?;
 //! let manifest = strata::backup_volume(&target, &volume, "/dev/vdb".as_ref(),
 //!     &Default::default(), &mut |_| {})?;
-//! strata::restore_volume(&target, &volume, Some(&manifest.id), "restored.raw".as_ref())?;
+//! strata::restore_volume(&target, &volume, Some(&manifest.id), "restored.raw".as_ref(),
+//!     &mut |_| {})?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use strata_chain::{ByteRange, ChangeSource, ClusterChecksums, Damage, DigestManifest, Progress};
-use strata_qcow2::{Image, WriterOptions, hydrate};
+use strata_qcow2::{Image, WriterOptions, hydrate_with_progress};
 use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
 
 /// Side file holding the digest manifest of a backup.
@@ -144,16 +144,25 @@ pub fn open_backup(
 }
 
 /// Restores backup `id` (the latest when `None`) of `volume` into `dest`: a regular file
-/// (created or truncated, written sparse) or a block device (written in place).
+/// (created or truncated, written sparse) or a block device (written in place). `progress`
+/// is called as the chain is walked.
 pub fn restore_volume(
     target: &Target,
     volume: &VolumeName,
     id: Option<&BackupId>,
     dest: &Path,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
     let (manifest, image) = open_backup(target, volume, id)?;
     let out = open_destination(dest)?;
-    let stats = hydrate(&image, &out, &dest.to_string_lossy())?;
+    let total_bytes = image.virtual_size();
+    let stats = hydrate_with_progress(&image, &out, &dest.to_string_lossy(), &mut |reached| {
+        progress(&Progress {
+            total_bytes,
+            scanned_bytes: reached,
+            ..Progress::default()
+        });
+    })?;
     Ok((manifest, stats))
 }
 

@@ -7,7 +7,7 @@ use strata::target::{Target, VolumeName};
 
 fn restore(target: &Target, volume: &VolumeName, id: &strata::target::BackupId) -> Vec<u8> {
     let out = tempfile::NamedTempFile::new().expect("temp");
-    strata::restore_volume(target, volume, Some(id), out.path()).expect("restore");
+    strata::restore_volume(target, volume, Some(id), out.path(), &mut |_| {}).expect("restore");
     std::fs::read(out.path()).expect("read")
 }
 

@@ -147,6 +147,16 @@ pub fn backup<S: ImageSink>(
             }
             None => vec![(c0, c1)],
         };
+        if changed.is_some() && wanted.is_empty() {
+            // Nothing changed here: the previous digests carry over, nothing is read.
+            for &(index, d) in cursor.take_until(c0, c1) {
+                scan.digests.push(index, d);
+            }
+            offset = end;
+            scan.progress.scanned_bytes = end;
+            progress(&scan.progress);
+            continue;
+        }
         let volume_data = scan.read_chunk(buf, offset)?;
         let previous_data = match source {
             ChangeSource::Compare { previous } => read_previous(previous, &mut old[..len], offset)?,
@@ -158,6 +168,14 @@ pub fn backup<S: ImageSink>(
             scan.progress.scanned_bytes = end;
             progress(&scan.progress);
             continue;
+        }
+        // Buffers are only cleared when the chunk is processed: clearing every chunk of a
+        // mostly sparse volume would cost as much as reading it.
+        if !volume_data {
+            buf.fill(0);
+        }
+        if matches!(source, ChangeSource::Compare { .. }) && !previous_data {
+            old[..len].fill(0);
         }
         let mut pos = c0;
         for (a, b) in wanted {
@@ -237,9 +255,13 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    /// Fills `buf` with the volume at `offset` (holes as zeros); whether any data was read.
+    /// Fills `buf` with the volume at `offset` (holes as zeros) and returns true, or returns
+    /// false without touching `buf` when the chunk is all holes.
     fn read_chunk(&mut self, buf: &mut [u8], offset: u64) -> Result<bool> {
         let end = offset + buf.len() as u64;
+        if self.pending.is_none_or(|(start, _)| start >= end) {
+            return Ok(false);
+        }
         buf.fill(0);
         let mut any = false;
         while let Some((start, stop)) = self.pending {
@@ -285,10 +307,9 @@ impl Scan<'_> {
     }
 }
 
-/// Reads what the previous point holds at `offset` into `old` (zeros past its end or where it
-/// holds nothing); whether it may hold data there.
+/// Reads what the previous point holds at `offset` into `old` (zeros past its end) and
+/// returns true, or returns false without touching `old` where it holds nothing.
 fn read_previous(previous: &dyn BackingRead, old: &mut [u8], offset: u64) -> Result<bool> {
-    old.fill(0);
     let end = (offset + old.len() as u64).min(previous.size());
     if offset >= end {
         return Ok(false);
@@ -302,6 +323,7 @@ fn read_previous(previous: &dyn BackingRead, old: &mut [u8], offset: u64) -> Res
     if !previous.may_hold_data(offset, span).map_err(io)? {
         return Ok(false);
     }
+    old.fill(0);
     previous
         .read_at(&mut old[..span as usize], offset)
         .map_err(io)?;

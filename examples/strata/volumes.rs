@@ -45,6 +45,9 @@ pub struct RestoreArgs {
     /// The backup to restore (the latest when absent).
     #[arg(long)]
     backup: Option<String>,
+    /// Hide the progress bar.
+    #[arg(long, short)]
+    quiet: bool,
     /// Where to: a file (created sparse) or a block device.
     dest: PathBuf,
 }
@@ -141,7 +144,13 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let target = open_target(&args.target)?;
     let volume = VolumeName::new(&args.volume)?;
     let id = args.backup.as_deref().map(BackupId::new).transpose()?;
-    let (manifest, stats) = strata::restore_volume(&target, &volume, id.as_ref(), &args.dest)?;
+    let bar = bar(0, args.quiet);
+    let (manifest, stats) =
+        strata::restore_volume(&target, &volume, id.as_ref(), &args.dest, &mut |p| {
+            bar.set_length(p.total_bytes);
+            bar.set_position(p.scanned_bytes);
+        })?;
+    bar.finish_and_clear();
     writeln!(
         std::io::stdout().lock(),
         "restored {} of {} into {} ({} bytes of data)",

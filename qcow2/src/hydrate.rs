@@ -32,6 +32,16 @@ pub struct HydrateStats {
 /// empty (freshly created or truncated) so that everything else reads as zeros. A block device
 /// must be at least as large as the virtual disk and is written in full.
 pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateStats> {
+    hydrate_with_progress(image, dest, dest_name, &mut |_| {})
+}
+
+/// [`hydrate`], calling `progress` with the guest offset reached after each extent.
+pub fn hydrate_with_progress(
+    image: &Image,
+    dest: &File,
+    dest_name: &str,
+    progress: &mut dyn FnMut(u64),
+) -> Result<HydrateStats> {
     let size = image.virtual_size();
     let meta = dest
         .metadata()
@@ -57,7 +67,11 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
         start: 0,
         stats: HydrateStats::default(),
     };
-    image.for_each_extent(0, size, |extent| out.extent(image, extent))?;
+    image.for_each_extent(0, size, |extent| {
+        out.extent(image, extent)?;
+        progress(extent.end());
+        Ok(())
+    })?;
     out.flush()?;
     if device {
         dest.sync_data()
