@@ -1,0 +1,1 @@
+//! Datamover Jobs.
