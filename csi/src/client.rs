@@ -8,13 +8,15 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 use tokio::time::Instant;
 
+use crate::class::{choose_snapshot_class, driver_of, storage_class_name};
 use crate::error::{Error, Result};
 use crate::snapshot::{ReadySnapshot, SnapshotState, check_adoptable, snapshot_state};
-use crate::types::{DeletionPolicy, VolumeSnapshot, VolumeSnapshotContent};
+use crate::types::{DeletionPolicy, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
 
 fn is_status(err: &kube::Error, code: u16) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == code)
@@ -22,6 +24,26 @@ fn is_status(err: &kube::Error, code: u16) -> bool {
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// The VolumeSnapshotClass for `pvc`: reads its StorageClass for the CSI driver, lists the
+/// classes and chooses as [`choose_snapshot_class`] does (`preferred` overrides, checked).
+pub async fn snapshot_class_for_pvc(
+    client: &Client,
+    pvc: &PersistentVolumeClaim,
+    preferred: Option<&str>,
+) -> Result<VolumeSnapshotClass> {
+    let class_name = storage_class_name(pvc)?;
+    let storage_class = Api::<StorageClass>::all(client.clone())
+        .get(class_name)
+        .await
+        .map_err(Error::kube(format!("get StorageClass {class_name}")))?;
+    let classes = Api::<VolumeSnapshotClass>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list VolumeSnapshotClasses"))?
+        .items;
+    choose_snapshot_class(driver_of(&storage_class), &classes, preferred).cloned()
 }
 
 /// Create `snapshot`, or return the existing one of the same name when it snapshots the same PVC.

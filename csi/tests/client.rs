@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use serde_json::{Value, json};
 use strata_csi::client::{
     Deleted, WaitOptions, create_or_get_pvc, create_or_get_snapshot, delete_pvc, delete_snapshot,
-    wait_until_ready,
+    snapshot_class_for_pvc, wait_until_ready,
 };
 use strata_csi::{Error, Role, VolumeKey, VolumeMode, pvc_from_snapshot, volume_snapshot};
 use support::Mock;
@@ -216,4 +216,43 @@ async fn delete_honours_the_contents_deletion_policy() {
             .iter()
             .any(|r| r.starts_with("DELETE") && r.contains("volumesnapshotcontents"))
     );
+}
+
+#[tokio::test]
+async fn class_for_pvc_follows_the_storage_class_provisioner() {
+    let mock = Mock::default();
+    let classes = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses";
+    mock.put(
+        "/apis/storage.k8s.io/v1/storageclasses/fast",
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
+               "provisioner": "ebs.csi.aws.com"}),
+    );
+    let class = |name: &str, driver: &str, default: bool| {
+        json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+            "metadata": {"name": name, "annotations": {"snapshot.storage.kubernetes.io/is-default-class": default.to_string()}},
+            "driver": driver, "deletionPolicy": "Delete"
+        })
+    };
+    mock.put(
+        &format!("{classes}/hostpath"),
+        class("hostpath", "hostpath.csi.k8s.io", true),
+    );
+    mock.put(
+        &format!("{classes}/ebs-plain"),
+        class("ebs-plain", "ebs.csi.aws.com", false),
+    );
+    mock.put(
+        &format!("{classes}/ebs-default"),
+        class("ebs-default", "ebs.csi.aws.com", true),
+    );
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data", "namespace": "shop"}, "spec": {"storageClassName": "fast"}
+    }))
+    .unwrap();
+    let client = mock.client();
+    let chosen = snapshot_class_for_pvc(&client, &pvc, None).await.unwrap();
+    assert_eq!(chosen.metadata.name.as_deref(), Some("ebs-default"));
+    let wrong = snapshot_class_for_pvc(&client, &pvc, Some("hostpath")).await;
+    assert!(matches!(wrong, Err(Error::SnapshotClassMismatch { .. })));
 }

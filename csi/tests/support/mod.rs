@@ -1,5 +1,5 @@
 //! A tiny in-memory API server for the client helpers: create (`POST`, 409 when the name is
-//! taken), get (404 when absent) and delete of objects by URL path, plugged into
+//! taken), get (404 when absent), list of a collection and delete of objects by URL path, plugged into
 //! `kube::Client::new` as a tower service. Tests may script the successive states a `GET` returns,
 //! standing in for the snapshot controller updating a status.
 
@@ -104,10 +104,26 @@ impl Mock {
                         return respond(StatusCode::OK, &object);
                     }
                 }
-                match state.objects.get(&path) {
-                    Some(object) => respond(StatusCode::OK, object),
-                    None => failure(StatusCode::NOT_FOUND, "NotFound"),
+                if let Some(object) = state.objects.get(&path) {
+                    return respond(StatusCode::OK, object);
                 }
+                let prefix = format!("{path}/");
+                let items: Vec<Value> = state
+                    .objects
+                    .iter()
+                    .filter(|(at, _)| {
+                        at.strip_prefix(&prefix)
+                            .is_some_and(|rest| !rest.contains('/'))
+                    })
+                    .map(|(_, object)| object.clone())
+                    .collect();
+                if items.is_empty() {
+                    return failure(StatusCode::NOT_FOUND, "NotFound");
+                }
+                respond(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+                )
             }
             "DELETE" => match state.objects.remove(&path) {
                 Some(object) => respond(StatusCode::OK, &object),
