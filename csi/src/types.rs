@@ -161,7 +161,9 @@ pub struct VolumeSnapshotContentStatus {
 }
 
 /// A class of snapshots for one CSI driver. Unlike most objects it has no `spec`: its fields sit
-/// at the top level, which is why it has a hand-written [`kube::Resource`] impl.
+/// at the top level, which is why it has a hand-written [`kube::Resource`] impl. Strata only reads
+/// classes (cluster administrators create them), so the type carries no `apiVersion`/`kind` fields
+/// and serializing it does not produce an object the API server would accept for creation.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSnapshotClass {
