@@ -1,0 +1,106 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong while snapshotting volumes and preparing datamovers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No VolumeSnapshotClass has the PVC's CSI driver.
+    #[error("no VolumeSnapshotClass for CSI driver {driver:?}")]
+    NoSnapshotClass {
+        /// The driver looked for.
+        driver: String,
+    },
+    /// Several classes serve the driver and none, or more than one, is marked default.
+    #[error(
+        "cannot choose a VolumeSnapshotClass for CSI driver {driver:?}: candidates {candidates:?}, {defaults} marked default; name one explicitly"
+    )]
+    AmbiguousSnapshotClass {
+        /// The driver looked for.
+        driver: String,
+        /// The classes serving it.
+        candidates: Vec<String>,
+        /// How many of them carry the default-class annotation.
+        defaults: usize,
+    },
+    /// The class the caller named does not exist or serves another driver.
+    #[error("VolumeSnapshotClass {class:?} {reason}")]
+    SnapshotClassMismatch {
+        /// The class named.
+        class: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A PVC or StorageClass lacks a field the step needs.
+    #[error("{kind} {name:?}: {what} is missing")]
+    MissingField {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Name of the object.
+        name: String,
+        /// The field, as a JSON path.
+        what: &'static str,
+    },
+    /// The snapshot controller or CSI driver reported an error in `status.error`.
+    #[error("VolumeSnapshot {namespace}/{name} failed: {message}")]
+    SnapshotFailed {
+        /// Namespace of the snapshot.
+        namespace: String,
+        /// Name of the snapshot.
+        name: String,
+        /// `status.error.message`.
+        message: String,
+    },
+    /// The snapshot did not become ready in time.
+    #[error("VolumeSnapshot {namespace}/{name} not ready after {waited:?}{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    SnapshotTimeout {
+        /// Namespace of the snapshot.
+        namespace: String,
+        /// Name of the snapshot.
+        name: String,
+        /// How long was waited.
+        waited: Duration,
+        /// The last `status.error.message` seen, if any.
+        last_error: Option<String>,
+    },
+    /// An object with the deterministic name exists but was not made for this request.
+    #[error("{kind} {namespace}/{name} exists but belongs to something else: {reason}")]
+    Conflict {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Namespace of the object.
+        namespace: String,
+        /// Name of the object.
+        name: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A caller-supplied value is invalid (empty name, bad label value, zero size).
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was invalid.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The Kubernetes API call failed.
+    #[error("Kubernetes API: {operation}")]
+    Kube {
+        /// What was being done.
+        operation: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn kube(operation: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let operation = operation.into();
+        move |source| Error::Kube { operation, source }
+    }
+}

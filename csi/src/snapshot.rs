@@ -1,0 +1,193 @@
+//! Building a VolumeSnapshot of a PVC and reading where it stands.
+//!
+//! A dynamically taken snapshot names its source PVC in `spec.source.persistentVolumeClaimName`
+//! and its class in `spec.volumeSnapshotClassName`; the snapshot controller fills `status`:
+//! `boundVolumeSnapshotContentName` once bound, `readyToUse` once the storage system cut it,
+//! `error` while creation fails (the controller keeps retrying and clears it on success).
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::error::{Error, Result};
+use crate::naming::{Role, VolumeKey};
+use crate::types::{VolumeSnapshot, VolumeSnapshotSource, VolumeSnapshotSpec};
+
+/// The VolumeSnapshot Strata creates for `key`'s PVC with class `class`.
+pub fn volume_snapshot(key: &VolumeKey, class: &str) -> VolumeSnapshot {
+    VolumeSnapshot {
+        metadata: ObjectMeta {
+            name: Some(key.name(Role::Snapshot)),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(key.labels(Role::Snapshot)),
+            ..Default::default()
+        },
+        spec: VolumeSnapshotSpec {
+            source: VolumeSnapshotSource {
+                persistent_volume_claim_name: Some(key.pvc.clone()),
+                volume_snapshot_content_name: None,
+            },
+            volume_snapshot_class_name: Some(class.to_owned()),
+        },
+        status: None,
+    }
+}
+
+/// A ready snapshot: what a PVC made from it and the changed-block client need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadySnapshot {
+    /// The bound VolumeSnapshotContent.
+    pub content: String,
+    /// Minimum size of a volume restored from it, when the driver reports one.
+    pub restore_size: Option<Quantity>,
+}
+
+/// Where a snapshot stands.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum SnapshotState {
+    /// Not ready yet; `error` is the controller's last `status.error.message`, if any.
+    Pending {
+        /// The reported error, which the controller may still recover from.
+        error: Option<String>,
+    },
+    /// Bound and ready to use.
+    Ready(ReadySnapshot),
+}
+
+/// Read `snapshot`'s status. Ready means `readyToUse: true` and a bound content.
+pub fn snapshot_state(snapshot: &VolumeSnapshot) -> SnapshotState {
+    let Some(status) = snapshot.status.as_ref() else {
+        return SnapshotState::Pending { error: None };
+    };
+    match (
+        status.ready_to_use,
+        &status.bound_volume_snapshot_content_name,
+    ) {
+        (Some(true), Some(content)) if !content.is_empty() => SnapshotState::Ready(ReadySnapshot {
+            content: content.clone(),
+            restore_size: status.restore_size.clone(),
+        }),
+        _ => SnapshotState::Pending {
+            error: status.error.as_ref().map(|e| {
+                e.message
+                    .clone()
+                    .unwrap_or_else(|| "error without message".to_owned())
+            }),
+        },
+    }
+}
+
+/// The snapshot's state, with a reported `status.error` turned into [`Error::SnapshotFailed`].
+pub fn ready_or_failed(snapshot: &VolumeSnapshot) -> Result<Option<ReadySnapshot>> {
+    match snapshot_state(snapshot) {
+        SnapshotState::Ready(ready) => Ok(Some(ready)),
+        SnapshotState::Pending { error: None } => Ok(None),
+        SnapshotState::Pending {
+            error: Some(message),
+        } => Err(Error::SnapshotFailed {
+            namespace: snapshot.metadata.namespace.clone().unwrap_or_default(),
+            name: snapshot.metadata.name.clone().unwrap_or_default(),
+            message,
+        }),
+    }
+}
+
+/// Check that an existing snapshot found under `wanted`'s name was made for the same PVC, so a
+/// re-run adopts its own snapshot and never someone else's.
+pub fn check_adoptable(existing: &VolumeSnapshot, wanted: &VolumeSnapshot) -> Result<()> {
+    let existing_source = &existing.spec.source.persistent_volume_claim_name;
+    if existing_source != &wanted.spec.source.persistent_volume_claim_name {
+        return Err(Error::Conflict {
+            kind: "VolumeSnapshot",
+            namespace: wanted.metadata.namespace.clone().unwrap_or_default(),
+            name: wanted.metadata.name.clone().unwrap_or_default(),
+            reason: format!("its source PVC is {existing_source:?}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naming::LABEL_ROLE;
+    use serde_json::json;
+
+    fn with_status(status: serde_json::Value) -> VolumeSnapshot {
+        serde_json::from_value(json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"source": {"persistentVolumeClaimName": "data"}},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn builds_the_snapshot_of_the_pvc() {
+        let key = VolumeKey::new("run", "shop", "data");
+        let snap = volume_snapshot(&key, "csi-snapclass");
+        let value = serde_json::to_value(&snap).unwrap();
+        assert_eq!(value["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(value["kind"], "VolumeSnapshot");
+        assert_eq!(value["metadata"]["namespace"], "shop");
+        assert_eq!(value["metadata"]["name"], key.name(Role::Snapshot));
+        assert_eq!(value["metadata"]["labels"][LABEL_ROLE], "snapshot");
+        assert_eq!(
+            value["spec"],
+            json!({"source": {"persistentVolumeClaimName": "data"}, "volumeSnapshotClassName": "csi-snapclass"})
+        );
+    }
+
+    #[test]
+    fn ready_needs_ready_to_use_and_a_bound_content() {
+        let ready = with_status(
+            json!({"readyToUse": true, "boundVolumeSnapshotContentName": "c1", "restoreSize": "2Gi"}),
+        );
+        assert_eq!(
+            snapshot_state(&ready),
+            SnapshotState::Ready(ReadySnapshot {
+                content: "c1".into(),
+                restore_size: Some(Quantity("2Gi".into()))
+            })
+        );
+        let unbound = with_status(json!({"readyToUse": true}));
+        assert_eq!(
+            snapshot_state(&unbound),
+            SnapshotState::Pending { error: None }
+        );
+        let cutting =
+            with_status(json!({"readyToUse": false, "boundVolumeSnapshotContentName": "c1"}));
+        assert_eq!(ready_or_failed(&cutting).unwrap(), None);
+    }
+
+    #[test]
+    fn status_error_becomes_a_typed_error() {
+        let failed = with_status(
+            json!({"readyToUse": false, "error": {"message": "rpc error: code = Internal"}}),
+        );
+        match ready_or_failed(&failed) {
+            Err(Error::SnapshotFailed {
+                namespace,
+                name,
+                message,
+            }) => {
+                assert_eq!((namespace.as_str(), name.as_str()), ("ns", "s"));
+                assert_eq!(message, "rpc error: code = Internal");
+            }
+            other => panic!("expected SnapshotFailed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn adopting_someone_elses_snapshot_is_refused() {
+        let key = VolumeKey::new("run", "ns", "data");
+        let wanted = volume_snapshot(&key, "c");
+        let mut other = wanted.clone();
+        other.spec.source.persistent_volume_claim_name = Some("logs".into());
+        assert!(
+            matches!(check_adoptable(&other, &wanted), Err(Error::Conflict { reason, .. }) if reason.contains("logs"))
+        );
+        assert!(check_adoptable(&wanted.clone(), &wanted).is_ok());
+    }
+}
