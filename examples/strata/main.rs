@@ -13,6 +13,7 @@ mod demo;
 mod discover;
 mod info;
 mod map;
+mod serve;
 
 /// Block-level backup and restore as QCOW2 chains.
 #[derive(Parser)]
@@ -34,6 +35,10 @@ enum Command {
     Demo(demo::Args),
     /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
     Discover(discover::Args),
+    /// Serve a backup point from a target over NBD (read-only).
+    Serve(serve::Args),
+    /// Serve a local image or chain over NBD (read-only).
+    ServeImage(serve::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Discover(args) => discover::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::ServeImage(args) => serve::run_image(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
