@@ -54,13 +54,19 @@ fn serve(args: &[&str]) -> Served {
         .next()
         .unwrap_or_default()
         .to_owned();
-    assert!(line.starts_with("serving ") && url.starts_with("nbd://127.0.0.1:"), "{line}");
+    assert!(
+        line.starts_with("serving ") && url.starts_with("nbd://127.0.0.1:"),
+        "{line}"
+    );
     Served(child, url)
 }
 
 fn copy_over_nbd(url: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join("copy.raw");
-    run("qemu-img", &["convert", "-f", "raw", url, out.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", url, out.to_str().unwrap()],
+    );
     std::fs::read(out).unwrap()
 }
 
@@ -74,7 +80,10 @@ fn serve_image_serves_a_local_chain() {
     let served = serve(&["serve-image", b, "--export", "vol"]);
     assert!(served.1.ends_with("/vol"), "{}", served.1);
     let reference = dir.path().join("reference.raw");
-    run("qemu-img", &["convert", "-O", "raw", b, reference.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", b, reference.to_str().unwrap()],
+    );
     assert_eq!(
         copy_over_nbd(&served.1, dir.path()),
         std::fs::read(reference).unwrap()
@@ -108,16 +117,31 @@ fn serve_serves_the_latest_backup_of_a_volume_from_a_target() {
     convert_raw(&file, sink, &WriterOptions::default(), None).unwrap();
     upload.commit().unwrap();
 
-    let served = serve(&["serve", "--target", repo.to_str().unwrap(), "--volume", "data"]);
+    let served = serve(&[
+        "serve",
+        "--target",
+        repo.to_str().unwrap(),
+        "--volume",
+        "data",
+    ]);
     assert!(served.1.ends_with("/data"), "{}", served.1);
-    assert_eq!(copy_over_nbd(&served.1, dir.path()), std::fs::read(&raw).unwrap());
+    assert_eq!(
+        copy_over_nbd(&served.1, dir.path()),
+        std::fs::read(&raw).unwrap()
+    );
 }
 
 #[test]
 fn serve_without_a_backup_fails_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = strata()
-        .args(["serve", "--target", dir.path().to_str().unwrap(), "--volume", "none"])
+        .args([
+            "serve",
+            "--target",
+            dir.path().to_str().unwrap(),
+            "--volume",
+            "none",
+        ])
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
