@@ -20,6 +20,7 @@ mod volume;
 pub use strata_chain as chain;
 pub use strata_csi as csi;
 pub use strata_discovery as discovery;
+pub use strata_nbd as nbd;
 pub use strata_qcow2 as qcow2;
 pub use strata_target as target;
 pub use volume::{

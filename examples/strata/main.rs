@@ -13,6 +13,7 @@ mod demo;
 mod discover;
 mod info;
 mod map;
+mod serve;
 mod volumes;
 
 /// Block-level backup and restore as QCOW2 chains.
@@ -45,6 +46,10 @@ enum Command {
     Verify(volumes::VerifyArgs),
     /// Keep the newest backups of a volume, folding older ones into their children.
     Prune(volumes::PruneArgs),
+    /// Serve a backup point from a target over NBD (read-only).
+    Serve(serve::Args),
+    /// Serve a local image or chain over NBD (read-only).
+    ServeImage(serve::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,8 @@ fn main() -> ExitCode {
         Command::List(args) => volumes::list(args),
         Command::Verify(args) => volumes::verify(args),
         Command::Prune(args) => volumes::prune(args),
+        Command::Serve(args) => serve::run(args),
+        Command::ServeImage(args) => serve::run_image(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

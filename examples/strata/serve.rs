@@ -1,0 +1,96 @@
+//! `strata serve` and `strata serve-image`: a backup point or a local chain over NBD.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use strata::nbd::Server;
+use strata::qcow2::{Image, OpenOptions};
+use strata::target::{BackupId, Target, VolumeName};
+
+use crate::OpenArgs;
+
+/// Where and under which name to serve.
+#[derive(clap::Args)]
+pub struct ListenArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Export name (default: the volume name, or the image's file name).
+    #[arg(long)]
+    export: Option<String>,
+}
+
+/// Arguments of `strata serve`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The backup target (folder, file://, s3://, memory://).
+    #[arg(long)]
+    target: String,
+    /// The volume whose backup to serve.
+    #[arg(long)]
+    volume: String,
+    /// The backup point (default: the latest backup).
+    #[arg(long)]
+    backup: Option<String>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+/// Arguments of `strata serve-image`.
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    #[command(flatten)]
+    open: OpenArgs,
+    /// The image (the top of a local QCOW2 chain, or a raw file).
+    image: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+/// Runs `strata serve`: serves a backup point straight from its target, read-only.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = Target::open(&args.target).with_context(|| format!("opening {}", args.target))?;
+    let volume = VolumeName::new(args.volume.clone())?;
+    let manifest = match &args.backup {
+        Some(id) => target.backup(&volume, &BackupId::new(id.clone())?)?,
+        None => target
+            .latest(&volume)?
+            .with_context(|| format!("volume {volume} has no backup"))?,
+    };
+    let image = Image::open_with(
+        &target.storage(&volume),
+        &manifest.image.object,
+        &OpenOptions::default(),
+    )
+    .with_context(|| format!("opening backup {} of {volume}", manifest.id))?;
+    let name = args.listen.export.clone().unwrap_or(args.volume);
+    listen_and_serve(&args.listen.listen, name, image)
+}
+
+/// Runs `strata serve-image`: serves a local chain, read-only.
+pub fn run_image(args: ImageArgs) -> anyhow::Result<()> {
+    let image = Image::open_with_options(&args.image, &args.open.options(None))
+        .with_context(|| format!("opening {}", args.image.display()))?;
+    let name = match args.listen.export.clone() {
+        Some(name) => name,
+        None => args
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    listen_and_serve(&args.listen.listen, name, image)
+}
+
+fn listen_and_serve(listen: &str, name: String, image: Image) -> anyhow::Result<()> {
+    let server = Server::new(name, image)?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let export = server.export_name();
+    println!("serving {export} on nbd://{addr}/{export}");
+    std::io::stdout().flush()?;
+    server.serve(&listener)?;
+    Ok(())
+}

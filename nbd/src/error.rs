@@ -1,0 +1,55 @@
+//! The crate's error type.
+
+use std::io;
+
+/// What went wrong while serving a connection or setting up a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket operation failed (the peer went away, for instance).
+    #[error("I/O error while {op}")]
+    Io {
+        /// What the server was doing.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The client broke the protocol; its connection is closed.
+    #[error("protocol violation by the client: {what}")]
+    Protocol {
+        /// What was wrong.
+        what: String,
+    },
+    /// The client asked for an export this server does not have (`NBD_OPT_EXPORT_NAME`).
+    #[error("no export named {name:?}")]
+    UnknownExport {
+        /// The name the client sent.
+        name: String,
+    },
+    /// An export name longer than 4096 bytes or containing NUL (proto.md "Conventions").
+    #[error("invalid export name {name:?}")]
+    InvalidName {
+        /// The name.
+        name: String,
+    },
+    /// The server already has its maximum number of connections.
+    #[error("connection refused: {limit} clients already connected")]
+    TooManyClients {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io { op, source }
+    }
+
+    pub(crate) fn protocol(what: impl Into<String>) -> Self {
+        Self::Protocol { what: what.into() }
+    }
+}

@@ -1,0 +1,352 @@
+//! Raw-socket clients: the protocol details qemu does not exercise, and hostile clients that
+//! must lose only their own connection.
+
+mod fixture;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use fixture::Fixture;
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY: u32 = 0x6744_6698;
+const STRUCTURED_REPLY: u32 = 0x668e_33ef;
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+
+struct Client(TcpStream);
+
+impl Client {
+    /// Connects and reads the greeting; replies with both client flags.
+    fn connect(fx: &Fixture) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", fx.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut c = Client(stream);
+        assert_eq!(c.u64(), 0x4e42_444d_4147_4943);
+        assert_eq!(c.u64(), IHAVEOPT);
+        assert_eq!(c.u16(), 0b11);
+        c.send(&3u32.to_be_bytes());
+        c
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.0.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.bytes(2).try_into().unwrap())
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.bytes(4).try_into().unwrap())
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.bytes(8).try_into().unwrap())
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+        msg.extend_from_slice(&option.to_be_bytes());
+        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        msg.extend_from_slice(data);
+        self.send(&msg);
+    }
+
+    /// One option reply: (reply type, data).
+    fn option_reply(&mut self, option: u32) -> (u32, Vec<u8>) {
+        assert_eq!(self.u64(), 0x0003_e889_0455_65a9);
+        assert_eq!(self.u32(), option);
+        let kind = self.u32();
+        let len = self.u32() as usize;
+        (kind, self.bytes(len))
+    }
+
+    /// `NBD_OPT_EXPORT_NAME` (no zeroes): returns the size.
+    fn export_name(&mut self, name: &str) -> u64 {
+        self.option(1, name.as_bytes());
+        let size = self.u64();
+        let flags = self.u16();
+        assert_eq!(flags & 0b11, 0b11, "HAS_FLAGS | READ_ONLY");
+        size
+    }
+
+    /// Structured replies, `base:allocation`, then `NBD_OPT_GO`.
+    fn go_structured(&mut self) {
+        self.option(8, &[]);
+        assert_eq!(self.option_reply(8).0, 1);
+        let mut data = 4u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"disk");
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&15u32.to_be_bytes());
+        data.extend_from_slice(b"base:allocation");
+        self.option(10, &data);
+        let (kind, ctx) = self.option_reply(10);
+        assert_eq!(kind, 4);
+        assert_eq!(&ctx[4..], b"base:allocation");
+        assert_eq!(self.option_reply(10).0, 1);
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        self.option(7, &go);
+        let (kind, info) = self.option_reply(7);
+        assert_eq!((kind, u16::from_be_bytes([info[0], info[1]])), (3, 0));
+        assert_eq!(
+            u64::from_be_bytes(info[2..10].try_into().unwrap()),
+            fixture::SIZE
+        );
+        assert_eq!(self.option_reply(7).0, 1);
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
+        let mut msg = REQUEST_MAGIC.to_be_bytes().to_vec();
+        msg.extend_from_slice(&flags.to_be_bytes());
+        msg.extend_from_slice(&kind.to_be_bytes());
+        msg.extend_from_slice(&cookie.to_be_bytes());
+        msg.extend_from_slice(&offset.to_be_bytes());
+        msg.extend_from_slice(&length.to_be_bytes());
+        self.send(&msg);
+    }
+
+    /// A simple reply's error, after checking magic and cookie.
+    fn simple_reply(&mut self, cookie: u64) -> u32 {
+        assert_eq!(self.u32(), SIMPLE_REPLY);
+        let error = self.u32();
+        assert_eq!(self.u64(), cookie);
+        error
+    }
+
+    /// One structured chunk: (flags, type, payload).
+    fn chunk(&mut self, cookie: u64) -> (u16, u16, Vec<u8>) {
+        assert_eq!(self.u32(), STRUCTURED_REPLY);
+        let flags = self.u16();
+        let kind = self.u16();
+        assert_eq!(self.u64(), cookie);
+        let len = self.u32() as usize;
+        (flags, kind, self.bytes(len))
+    }
+
+    /// Whether the server closed the connection (EOF or reset); a read timeout means it did not.
+    fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.0.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+}
+
+/// A simple-reply read of 4 KiB at 0 that must see the base's pattern.
+fn read_works(c: &mut Client) {
+    c.request(0, 0, 7, 0, 4096);
+    assert_eq!(c.simple_reply(7), 0);
+    assert!(c.bytes(4096).iter().all(|&b| b == 0xaa));
+}
+
+#[test]
+fn export_name_handshake_and_simple_reads() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    assert_eq!(c.export_name("disk"), fixture::SIZE);
+    read_works(&mut c);
+    c.request(3, 0, 8, 0, 0);
+    assert_eq!(c.simple_reply(8), 0, "flush succeeds");
+    c.request(2, 0, 9, 0, 0);
+    assert!(c.is_closed(), "DISC ends the connection");
+}
+
+#[test]
+fn unknown_export_name_closes_and_info_reports_unknown() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    let mut info = 5u32.to_be_bytes().to_vec();
+    info.extend_from_slice(b"other");
+    info.extend_from_slice(&0u16.to_be_bytes());
+    c.option(6, &info);
+    assert_eq!(c.option_reply(6).0, (1 << 31) + 6, "NBD_REP_ERR_UNKNOWN");
+    c.option(1, b"other");
+    assert!(c.is_closed());
+}
+
+#[test]
+fn writes_are_refused_with_eperm() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.export_name("disk");
+    c.request(1, 0, 1, 0, 512);
+    c.send(&[0x55; 512]);
+    assert_eq!(c.simple_reply(1), EPERM);
+    c.request(4, 0, 2, 0, 512);
+    assert_eq!(c.simple_reply(2), EPERM, "trim");
+    read_works(&mut c);
+}
+
+#[test]
+fn oversized_and_out_of_range_requests_get_einval_and_the_connection_goes_on() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.export_name("disk");
+    c.request(0, 0, 1, 0, 64 << 20);
+    assert_eq!(c.simple_reply(1), EINVAL, "read above 32 MiB");
+    c.request(0, 0, 2, fixture::SIZE - 512, 1024);
+    assert_eq!(c.simple_reply(2), EINVAL, "read past the end");
+    c.request(0, 0, 3, u64::MAX - 10, 512);
+    assert_eq!(c.simple_reply(3), EINVAL, "offset overflow");
+    c.request(0, 0, 4, 0, 0);
+    assert_eq!(c.simple_reply(4), EINVAL, "zero length");
+    c.request(99, 0, 5, 0, 512);
+    assert_eq!(c.simple_reply(5), EINVAL, "unknown command");
+    read_works(&mut c);
+}
+
+#[test]
+fn garbage_after_the_handshake_ends_only_that_connection() {
+    let fx = Fixture::new();
+    let mut good = Client::connect(&fx);
+    good.export_name("disk");
+    let mut bad = Client::connect(&fx);
+    bad.export_name("disk");
+    bad.send(b"GET / HTTP/1.1\r\nHost: strata.invalid\r\n\r\n");
+    assert!(bad.is_closed());
+    read_works(&mut good);
+}
+
+#[test]
+fn oversized_write_ends_the_connection() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.export_name("disk");
+    c.request(1, 0, 1, 0, u32::MAX);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn bad_option_magic_and_huge_options_end_the_handshake() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.send(&[0xff; 16]);
+    assert!(c.is_closed(), "bad option magic");
+
+    let mut c = Client::connect(&fx);
+    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+    msg.extend_from_slice(&7u32.to_be_bytes());
+    msg.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.send(&msg);
+    assert!(c.is_closed(), "4 GiB option");
+
+    let stream = TcpStream::connect(("127.0.0.1", fx.port)).unwrap();
+    let mut c = Client(stream);
+    c.bytes(18);
+    c.send(&0xffff_ffffu32.to_be_bytes());
+    assert!(c.is_closed(), "unknown client flags");
+
+    let mut still = Client::connect(&fx);
+    still.export_name("disk");
+    read_works(&mut still);
+}
+
+#[test]
+fn unsupported_and_malformed_options_get_error_replies() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.option(5, &[]);
+    assert_eq!(c.option_reply(5).0, (1 << 31) + 1, "STARTTLS unsupported");
+    c.option(3, b"x");
+    assert_eq!(c.option_reply(3).0, (1 << 31) + 3, "LIST with data");
+    c.option(10, &[0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        c.option_reply(10).0,
+        (1 << 31) + 3,
+        "meta context before structured replies"
+    );
+    c.option(7, &[0, 0, 0, 9]);
+    assert_eq!(c.option_reply(7).0, (1 << 31) + 3, "GO with a cut name");
+    c.option(3, &[]);
+    let (kind, server) = c.option_reply(3);
+    assert_eq!(
+        (kind, &server[..]),
+        (2, &[0, 0, 0, 4, b'd', b'i', b's', b'k'][..])
+    );
+    assert_eq!(c.option_reply(3).0, 1);
+    c.option(2, &[]);
+    assert_eq!(c.option_reply(2).0, 1, "ABORT acknowledged");
+    assert!(c.is_closed());
+}
+
+#[test]
+fn structured_reads_send_holes_and_block_status_describes_the_chain() {
+    let fx = Fixture::new();
+    let mut c = Client::connect(&fx);
+    c.go_structured();
+
+    // 0..1M is data (0xaa), 1M..2M unallocated: one data chunk and one hole chunk.
+    c.request(0, 0, 1, 0, 2 << 20);
+    let (flags, kind, payload) = c.chunk(1);
+    assert_eq!((flags, kind, payload.len()), (0, 1, 8 + (1 << 20)));
+    assert_eq!(&payload[..8], &0u64.to_be_bytes());
+    assert!(payload[8..].iter().all(|&b| b == 0xaa));
+    let (flags, kind, payload) = c.chunk(1);
+    assert_eq!((flags, kind), (1, 2), "final hole chunk");
+    assert_eq!(
+        payload,
+        [&(1u64 << 20).to_be_bytes()[..], &(1u32 << 20).to_be_bytes()].concat()
+    );
+
+    // DF: one data chunk holding zeros for the hole.
+    c.request(0, 1 << 2, 2, (1 << 20) - 512, 1024);
+    let (flags, kind, payload) = c.chunk(2);
+    assert_eq!((flags, kind, payload.len()), (1, 1, 8 + 1024));
+    assert!(payload[8..520].iter().all(|&b| b == 0xaa));
+    assert!(payload[520..].iter().all(|&b| b == 0));
+
+    // A read past the end is an error chunk.
+    c.request(0, 0, 3, fixture::SIZE, 512);
+    let (flags, kind, payload) = c.chunk(3);
+    assert_eq!((flags, kind), (1, (1 << 15) + 1));
+    assert_eq!(&payload[..4], &EINVAL.to_be_bytes());
+
+    // Block status of the whole export.
+    c.request(7, 0, 4, 0, fixture::SIZE as u32);
+    let (flags, kind, payload) = c.chunk(4);
+    assert_eq!((flags, kind), (1, 5));
+    assert_eq!(&payload[..4], &1u32.to_be_bytes(), "context id");
+    let descriptors: Vec<(u64, u32)> = payload[4..]
+        .chunks_exact(8)
+        .map(|d| {
+            (
+                u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(descriptors.iter().map(|d| d.0).sum::<u64>(), fixture::SIZE);
+    let expected = vec![
+        (1 << 20, 0),
+        (7 << 20, 3),
+        (1 << 20, 0),
+        (7 << 20, 3),
+        (1 << 20, 2),
+        (47 << 20, 3),
+    ];
+    assert_eq!(descriptors, expected);
+
+    // REQ_ONE: only the first descriptor.
+    c.request(7, 1 << 3, 5, 0, fixture::SIZE as u32);
+    let (_, _, payload) = c.chunk(5);
+    assert_eq!(payload.len(), 4 + 8);
+    assert_eq!(&payload[4..8], &(1u32 << 20).to_be_bytes());
+    assert_eq!(&payload[8..], &0u32.to_be_bytes());
+}

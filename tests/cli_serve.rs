@@ -1,0 +1,151 @@
+//! `strata serve-image` and `strata serve` as a user runs them, read back with qemu-img.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use strata::qcow2::{WriterOptions, convert_raw};
+use strata::target::{BackupSpec, Target, VolumeName};
+
+/// The example binary cargo built next to this test's folder.
+fn strata() -> Command {
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    Command::new(path.join("examples").join("strata"))
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Kills the server when the test ends, even on failure.
+struct Served(Child, String);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `strata ARGS --listen 127.0.0.1:0` and reads the URL from its first line.
+fn serve(args: &[&str]) -> Served {
+    let mut child = strata()
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.starts_with("serving ") && url.starts_with("nbd://127.0.0.1:"),
+        "{line}"
+    );
+    Served(child, url)
+}
+
+fn copy_over_nbd(url: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("copy.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", url, out.to_str().unwrap()],
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn serve_image_serves_a_local_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let b = base.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", b, "4M"]);
+    run("qemu-io", &["-c", "write -P 0x5a 1M 64k", b]);
+    let served = serve(&["serve-image", b, "--export", "vol"]);
+    assert!(served.1.ends_with("/vol"), "{}", served.1);
+    let reference = dir.path().join("reference.raw");
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", b, reference.to_str().unwrap()],
+    );
+    assert_eq!(
+        copy_over_nbd(&served.1, dir.path()),
+        std::fs::read(reference).unwrap()
+    );
+}
+
+#[test]
+fn serve_serves_the_latest_backup_of_a_volume_from_a_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("volume.raw");
+    let r = raw.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", r, "2M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 64k 128k", r]);
+
+    let repo = dir.path().join("repo");
+    let target = Target::open(repo.to_str().unwrap()).unwrap();
+    let volume = VolumeName::new("data").unwrap();
+    let mut upload = target
+        .begin_backup(
+            &volume,
+            BackupSpec {
+                id: None,
+                parent: None,
+                virtual_size: 2 << 20,
+                cluster_size: 64 << 10,
+            },
+        )
+        .unwrap();
+    let sink = upload.image_sink().unwrap();
+    let file = std::fs::File::open(&raw).unwrap();
+    convert_raw(&file, sink, &WriterOptions::default(), None).unwrap();
+    upload.commit().unwrap();
+
+    let served = serve(&[
+        "serve",
+        "--target",
+        repo.to_str().unwrap(),
+        "--volume",
+        "data",
+    ]);
+    assert!(served.1.ends_with("/data"), "{}", served.1);
+    assert_eq!(
+        copy_over_nbd(&served.1, dir.path()),
+        std::fs::read(&raw).unwrap()
+    );
+}
+
+#[test]
+fn serve_without_a_backup_fails_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = strata()
+        .args([
+            "serve",
+            "--target",
+            dir.path().to_str().unwrap(),
+            "--volume",
+            "none",
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("volume none has no backup"), "{stderr}");
+}
