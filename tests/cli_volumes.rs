@@ -29,6 +29,36 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Restores backup `id` into `dir/<id><suffix>.raw`, asserts it reads as `expected`, and
+/// returns the restored file and the backup's image in the folder target.
+fn restore_and_check(
+    target: &Path,
+    dir: &Path,
+    id: &str,
+    suffix: &str,
+    expected: &[u8],
+) -> (PathBuf, PathBuf) {
+    let dest = dir.join(format!("{id}{suffix}.raw"));
+    ok(strata(&[
+        "restore",
+        "--target",
+        s(target),
+        "--volume",
+        "vol1",
+        "--backup",
+        id,
+        s(&dest),
+    ]));
+    assert!(
+        std::fs::read(&dest).expect("restored") == expected,
+        "point {id}{suffix}"
+    );
+    let image = target
+        .join("volumes/vol1/images")
+        .join(format!("{id}.qcow2"));
+    (dest, image)
+}
+
 /// Backs up `volume` and returns the id printed on the last line.
 fn backup(target: &Path, volume: &Path, extra: &[&str]) -> String {
     let mut args = vec![
@@ -78,24 +108,7 @@ fn backup_restore_list_verify_round_trip() {
 
     // Every point restores byte for byte, and qemu-img reads each image in the folder.
     for (id, expected) in &points {
-        let dest = dir.path().join(format!("{id}.raw"));
-        ok(strata(&[
-            "restore",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            "--backup",
-            id,
-            s(&dest),
-        ]));
-        assert!(
-            std::fs::read(&dest).expect("restored") == *expected,
-            "point {id}"
-        );
-        let image = target
-            .join("volumes/vol1/images")
-            .join(format!("{id}.qcow2"));
+        let (dest, image) = restore_and_check(&target, dir.path(), id, "", expected);
         let compare = Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "qcow2", s(&dest), s(&image)])
             .output()
@@ -157,24 +170,7 @@ fn backup_restore_list_verify_round_trip() {
     assert_eq!(listed[0]["id"], points[0].0.as_str());
     assert_eq!(listed[0]["parent"], serde_json::Value::Null);
     for (id, expected) in &points {
-        let dest = dir.path().join(format!("{id}.pruned.raw"));
-        ok(strata(&[
-            "restore",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            "--backup",
-            id,
-            s(&dest),
-        ]));
-        assert!(
-            std::fs::read(&dest).expect("restored") == *expected,
-            "point {id} after prune"
-        );
-        let image = target
-            .join("volumes/vol1/images")
-            .join(format!("{id}.qcow2"));
+        let (_, image) = restore_and_check(&target, dir.path(), id, ".pruned", expected);
         let check = Command::new("qemu-img")
             .args(["check", s(&image)])
             .output()

@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 
 mod convert;
 mod convert_qcow2;
-mod demo;
 mod discover;
 mod info;
 mod map;
@@ -32,8 +31,6 @@ enum Command {
     Convert(convert::Args),
     /// Show where each guest range of an image is stored.
     Map(map::Args),
-    /// Build a small chain with qemu-img and read it back with Strata.
-    Demo(demo::Args),
     /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
     Discover(discover::Args),
     /// Back up a volume into a target (full, or incremental on the latest backup).
@@ -58,7 +55,6 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Map(args) => map::run(args),
-        Command::Demo(args) => demo::run(args),
         Command::Discover(args) => discover::run(args),
         Command::Backup(args) => volumes::backup(args),
         Command::Restore(args) => volumes::restore(args),
