@@ -58,4 +58,4 @@ pub use error::{Error, Result};
 pub use merge::{merge, top_is_empty};
 pub use progress::Progress;
 pub use ranges::{ByteRange, parse_changed_ranges};
-pub use verify::{Damage, verify};
+pub use verify::{Damage, stored_checksums, verify};

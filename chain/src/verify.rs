@@ -32,29 +32,16 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         });
         return damage;
     }
-    let mut stored: Vec<u64> = Vec::new();
-    let walk = image.for_each_extent(0, image.virtual_size(), |extent| {
-        if matches!(
-            extent.kind,
-            ExtentKind::Data { depth: 0, .. } | ExtentKind::Compressed { depth: 0, .. }
-        ) {
-            let first = extent.start / cluster;
-            let end = extent.end().div_ceil(cluster);
-            for index in first..end {
-                if stored.last() != Some(&index) {
-                    stored.push(index);
-                }
-            }
+    let stored = match stored_clusters(image) {
+        Ok(stored) => stored,
+        Err(e) => {
+            damage.push(Damage {
+                guest_offset: error_offset(&e),
+                problem: format!("image structure: {e}"),
+            });
+            return damage;
         }
-        Ok(())
-    });
-    if let Err(e) = walk {
-        damage.push(Damage {
-            guest_offset: error_offset(&e),
-            problem: format!("image structure: {e}"),
-        });
-        return damage;
-    }
+    };
     let expected = checksums.entries();
     let (mut i, mut j) = (0, 0);
     let mut buf = vec![0u8; cluster as usize];
@@ -111,4 +98,42 @@ fn error_offset(e: &strata_qcow2::Error) -> u64 {
         strata_qcow2::Error::OutOfRange { offset, .. } => *offset,
         _ => 0,
     }
+}
+
+/// The clusters stored in the top image of `image`'s chain, ascending.
+fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
+    let cluster = image.cluster_size();
+    let mut stored: Vec<u64> = Vec::new();
+    image.for_each_extent(0, image.virtual_size(), |extent| {
+        if matches!(
+            extent.kind,
+            ExtentKind::Data { depth: 0, .. } | ExtentKind::Compressed { depth: 0, .. }
+        ) {
+            let first = extent.start / cluster;
+            let end = extent.end().div_ceil(cluster);
+            for index in first..end {
+                if stored.last() != Some(&index) {
+                    stored.push(index);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(stored)
+}
+
+/// Computes the checksum list of the clusters stored in the top image of `image`'s chain, as
+/// a backup or merge records it while writing: for an image whose list was lost (a fold that
+/// stopped half-way), not as a check, since it trusts what is stored.
+pub fn stored_checksums(image: &Image) -> crate::Result<ClusterChecksums> {
+    let cluster = image.cluster_size();
+    let mut checksums = ClusterChecksums::new(cluster);
+    let mut buf = vec![0u8; cluster as usize];
+    for index in stored_clusters(image)? {
+        let offset = index * cluster;
+        let len = cluster.min(image.virtual_size() - offset) as usize;
+        image.read_at(&mut buf[..len], offset)?;
+        checksums.push(index, &buf[..len]);
+    }
+    Ok(checksums)
 }

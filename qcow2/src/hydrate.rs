@@ -132,7 +132,6 @@ pub fn hydrate_with_progress(
             let next = Run::after(&run);
             send(std::mem::replace(&mut run, next), &mut order, &mut stats)?;
         }
-        drop(send);
         drop(task_tx);
         for done in done_rx.iter() {
             order.finished(done?, &mut stats, progress);

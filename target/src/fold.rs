@@ -8,6 +8,11 @@
 //! leaves a chain that reads each remaining point correctly: until the manifest switch, the
 //! child's manifest still names the parent, but the new image no longer needs it.
 //!
+//! A fold that stops after the child's image is replaced but before its manifest is switched
+//! leaves a recognizable state: the child's image no longer names the parent as its backing
+//! file. [`Target::finish_fold`] ends such a fold without merging again (the facade's `prune`
+//! looks for this state before folding anything else).
+//!
 //! Readers must not hold the child's image open on an object store while it is replaced
 //! (ranged reads would mix the two versions); on a folder they keep reading the old file.
 
@@ -18,7 +23,7 @@ use chrono::Utc;
 
 use crate::error::{Error, Result};
 use crate::layout::image_name;
-use crate::manifest::{BackupManifest, Reservation, SideFile, crc32, to_json};
+use crate::manifest::{BackupManifest, ImageInfo, Reservation, SideFile, crc32, to_json};
 use crate::name::{BackupId, FileName, VolumeName};
 use crate::sink::ImageUpload;
 use crate::target::Target;
@@ -36,14 +41,7 @@ impl Target {
         write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, Bytes)>>,
     ) -> Result<BackupManifest> {
         let parent_manifest = self.backup(volume, parent)?;
-        let child = self
-            .backups(volume)?
-            .into_iter()
-            .find(|m| m.parent.as_ref() == Some(parent))
-            .ok_or_else(|| Error::NotFound {
-                what: "child backup",
-                name: format!("{volume}/{parent}"),
-            })?;
+        let child = self.child_of(volume, parent)?;
         let writer = format!("fold-{:016x}", rand::random::<u64>());
         let slot = Arc::new(Mutex::new(None));
         let sink = ImageUpload::new(self, volume, &child.id, &writer, slot.clone(), true)?;
@@ -59,6 +57,52 @@ impl Target {
                 path: image_name(&child.id),
                 reason: "the merged image was not finished".into(),
             })?;
+        self.switch(volume, &parent_manifest, child, image, files)
+    }
+
+    /// Finishes a fold of backup `parent` into its child that stopped after the child's image
+    /// was replaced but before its manifest was switched (the child's image no longer names
+    /// `parent` as its backing file, while its manifest still does).
+    ///
+    /// The image's size and CRC-32 are measured from the stored object and `files` (the side
+    /// files that describe the new image, recomputed by the caller) replace the child's; then
+    /// the fold ends as [`fold_into_child`](Self::fold_into_child) does.
+    pub fn finish_fold(
+        &self,
+        volume: &VolumeName,
+        parent: &BackupId,
+        files: Vec<(FileName, Bytes)>,
+    ) -> Result<BackupManifest> {
+        let parent_manifest = self.backup(volume, parent)?;
+        let child = self.child_of(volume, parent)?;
+        let (size, crc) = self.measure_image(volume, &child.image.object)?;
+        let mut image = child.image.clone();
+        image.size = size;
+        image.checksums.crc32 = crc;
+        self.switch(volume, &parent_manifest, child, image, files)
+    }
+
+    fn child_of(&self, volume: &VolumeName, parent: &BackupId) -> Result<BackupManifest> {
+        self.backups(volume)?
+            .into_iter()
+            .find(|m| m.parent.as_ref() == Some(parent))
+            .ok_or_else(|| Error::NotFound {
+                what: "child backup",
+                name: format!("{volume}/{parent}"),
+            })
+    }
+
+    /// Rewrites the child's side files and manifest to stand on the parent's parent, hands it
+    /// the grandparent's child slot, then deletes the parent.
+    fn switch(
+        &self,
+        volume: &VolumeName,
+        parent_manifest: &BackupManifest,
+        child: BackupManifest,
+        image: ImageInfo,
+        files: Vec<(FileName, Bytes)>,
+    ) -> Result<BackupManifest> {
+        let parent = &parent_manifest.id;
         let mut manifest = child.clone();
         manifest.parent = parent_manifest.parent.clone();
         manifest.image = image;

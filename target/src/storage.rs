@@ -92,8 +92,24 @@ impl Target {
     ) -> Result<BackupManifest> {
         let manifest = self.backup(volume, id)?;
         let path = self.inner.layout.image(volume, &manifest.image.object);
+        let (size, crc) = self.stream_object(&path, dest)?;
+        check_image(manifest, &path, size, crc)
+    }
+
+    /// Streams the stored image object `object` of `volume` through `dest`, returning its size
+    /// and CRC-32.
+    pub(crate) fn measure_image(&self, volume: &VolumeName, object: &str) -> Result<(u64, Crc32)> {
+        let path = self.inner.layout.image(volume, object);
+        self.stream_object(&path, &mut io::sink())
+    }
+
+    fn stream_object(
+        &self,
+        path: &object_store::path::Path,
+        dest: &mut dyn io::Write,
+    ) -> Result<(u64, Crc32)> {
         if let Some(root) = &self.inner.local_root {
-            let file_path = crate::url::local_path(root, &path);
+            let file_path = crate::url::local_path(root, path);
             let file = std::fs::File::open(&file_path)
                 .map_err(|err| Error::io("open", file_path.display(), err))?;
             let mut reader = io::BufReader::with_capacity(1 << 20, file);
@@ -104,8 +120,7 @@ impl Target {
             };
             io::copy(&mut reader, &mut check)
                 .map_err(|err| Error::io("download", file_path.display(), err))?;
-            let (size, crc) = (check.size, Crc32(check.crc.finalize()));
-            return check_image(manifest, &path, size, crc);
+            return Ok((check.size, Crc32(check.crc.finalize())));
         }
         let p = path.clone();
         let chunks = self.block("download image", move |inner| async move {
@@ -129,13 +144,13 @@ impl Target {
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         for chunk in chunks {
-            let chunk = chunk.map_err(|err| Error::store("read", &path, err))?;
+            let chunk = chunk.map_err(|err| Error::store("read", path, err))?;
             crc.update(&chunk);
             size += chunk.len() as u64;
             dest.write_all(&chunk)
-                .map_err(|err| Error::io("write download of", &path, err))?;
+                .map_err(|err| Error::io("write download of", path, err))?;
         }
-        check_image(manifest, &path, size, Crc32(crc.finalize()))
+        Ok((size, Crc32(crc.finalize())))
     }
 }
 
