@@ -95,6 +95,24 @@ pub fn chain_12_deep(c: &mut Criterion) {
         );
     });
     let top_name = format!("{}.qcow2", DEPTH - 1);
+    // The same volume as one image: hydrating the chain should cost about the same.
+    tool(
+        dir.path(),
+        "qemu-img",
+        &["convert", "-O", "qcow2", &top_name, "flat.qcow2"],
+    );
+    let flat = dir.path().join("flat.qcow2");
+    group.bench_function("strata, same volume as one image", |b| {
+        b.iter_batched(
+            remove_output,
+            |()| {
+                let image = Image::open(&flat).expect("open flat image");
+                let dest = std::fs::File::create(&out).expect("create");
+                hydrate(&image, &dest, "out.raw").expect("hydrate")
+            },
+            BatchSize::PerIteration,
+        );
+    });
     group.bench_function("qemu-img convert", |b| {
         b.iter(|| {
             tool(

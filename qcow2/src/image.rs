@@ -376,7 +376,7 @@ impl Image {
                     limit,
                 ),
                 Layer::Qcow2(q) => {
-                    let (mapping, run) = q.lookup(pos)?;
+                    let (mapping, run) = q.lookup(pos, limit)?;
                     let kind = match mapping {
                         crate::l2::Mapping::Data { host } => ExtentKind::Data {
                             depth,

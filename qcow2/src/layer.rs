@@ -85,8 +85,9 @@ impl Qcow2Layer {
 
     /// What the image says about guest offset `guest`, and for how many bytes from there the
     /// answer holds (at least 1, at most to the end of the L2 table's reach): a run of
-    /// clusters that are all unallocated, all zero, or data at consecutive host offsets.
-    pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64)> {
+    /// clusters that are all unallocated, all zero, or data at consecutive host offsets. The
+    /// run is not followed further than `want` bytes (the caller's interest) past `guest`.
+    pub fn lookup(&self, guest: u64, want: u64) -> Result<(Mapping, u64)> {
         let cluster_size = self.header.cluster_size();
         let cluster = guest >> self.header.cluster_bits;
         let l2_entries = self.header.l2_entries();
@@ -128,7 +129,8 @@ impl Qcow2Layer {
                 if let Mapping::Data { host } = mapping {
                     self.check_data_offset(host, entry_offset)?;
                 }
-                let clusters = self.same_run(&table, l2_index, per_entry, mapping);
+                let most = want.saturating_sub(to_cluster_end).div_ceil(cluster_size) + 1;
+                let clusters = self.same_run(&table, l2_index, per_entry, mapping, most);
                 let mapping = match mapping {
                     Mapping::Data { host } => Mapping::Data {
                         host: host + in_cluster,
@@ -177,10 +179,17 @@ impl Qcow2Layer {
     /// or data at consecutive host clusters. One lookup then answers for a whole run, so
     /// resolving a chain costs per run of like clusters, not per cluster and layer. The run
     /// stops before an entry that does not decode (its lookup reports the damage).
-    fn same_run(&self, table: &[u64], index: usize, per_entry: usize, first: Mapping) -> u64 {
+    fn same_run(
+        &self,
+        table: &[u64],
+        index: usize,
+        per_entry: usize,
+        first: Mapping,
+        most: u64,
+    ) -> u64 {
         let cluster_size = self.header.cluster_size();
         let mut clusters = 1u64;
-        loop {
+        while clusters < most {
             let at = (index + clusters as usize) * per_entry;
             let Some(&word) = table.get(at) else { break };
             let bitmap = if per_entry == 2 {
