@@ -35,11 +35,21 @@
 //!
 //! # Memory
 //!
-//! A backup holds two 4 MiB chunk buffers, the writer's metadata (about 16 bytes per stored
-//! cluster), the new digest manifest (24 bytes per non-zero cluster) and the previous one, and
-//! the checksum list (12 bytes per stored cluster): for a 1 TiB volume full of data at 64 KiB
-//! clusters, about 1 GiB; for a typical incremental, a few MiB. Hydration holds one 4 MiB
-//! buffer and the reader's bounded L2 cache.
+//! A backup holds six 4 MiB chunk buffers (read ahead on three reader threads, which also hash
+//! the clusters), one more per reader when comparing with the previous point, the writer's
+//! metadata (about 16 bytes per stored cluster), the new digest manifest (24 bytes per
+//! non-zero cluster) and the previous one, and the checksum list (12 bytes per stored
+//! cluster): for a 1 TiB volume full of data at 64 KiB clusters, about 1 GiB; for a typical
+//! incremental, a few tens of MiB. Hydration holds one 4 MiB buffer per worker (four) and the
+//! reader's bounded L2 cache.
+//!
+//! # Design choices
+//!
+//! The change sources are one enum, [`ChangeSource`], rather than a trait: deciding whether a
+//! cluster changed needs what the scan computes anyway (its digest, whether it is zero, the
+//! previous point's bytes), so the scan owns the decision, and any outside change tracker
+//! comes in through [`ChangeSource::ChangedRanges`]. Volumes come in through
+//! [`VolumeRead`](strata_qcow2::VolumeRead) (files, block devices, NBD exports).
 
 mod backup;
 mod checksum;

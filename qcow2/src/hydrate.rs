@@ -40,7 +40,7 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
 /// [`hydrate`], calling `progress` with the guest offset below which everything is written.
 ///
 /// The chain's map is walked once on this thread, which cuts the data into runs of up to
-/// 4 MiB; [`WORKERS`] threads read the runs and write them at their offsets, so reads from a
+/// 4 MiB; four threads read the runs and write them at their offsets, so reads from a
 /// source with latency (object storage, NFS) overlap. Memory: one 4 MiB buffer per worker
 /// besides the reader's caches.
 pub fn hydrate_with_progress(
@@ -147,7 +147,7 @@ pub fn hydrate_with_progress(
 }
 
 /// Hydration threads.
-pub const WORKERS: usize = 4;
+const WORKERS: usize = 4;
 
 fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
     receiver.lock().ok()?.recv().ok()
