@@ -4,12 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Reading an image failed or found it corrupt.
-    #[error("reading an image")]
-    Read(#[from] strata_qcow2::Error),
-    /// Writing an image failed.
-    #[error("writing an image")]
-    Write(#[from] strata_qcow2::WriteError),
+    /// Reading or writing an image failed, or an image is corrupt.
+    #[error("image")]
+    Image(#[from] strata_qcow2::Error),
     /// Reading the source volume or writing the destination failed.
     #[error("{what} at offset {offset:#x}")]
     Io {

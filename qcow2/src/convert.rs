@@ -11,8 +11,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Mutex, mpsc};
 
+use crate::error::Error;
 use crate::volume::{DataRanges, VolumeRead};
-use crate::writer::error::WriteError;
 use crate::writer::options::WriterOptions;
 use crate::writer::{WriteSummary, Writer, is_zero};
 use crate::{FileSink, ImageSink, ReadAt};
@@ -81,10 +81,10 @@ pub fn convert_raw_file(
     destination: &Path,
     options: &WriterOptions,
     backing: Option<&dyn BackingRead>,
-) -> Result<WriteSummary, WriteError> {
-    let source = File::open(source).map_err(WriteError::io("opening the source", 0))?;
+) -> Result<WriteSummary, Error> {
+    let source = File::open(source).map_err(Error::write_io("opening the source", 0))?;
     let sink =
-        FileSink::create(destination).map_err(WriteError::io("creating the destination", 0))?;
+        FileSink::create(destination).map_err(Error::write_io("creating the destination", 0))?;
     convert_raw(&source, sink, options, backing).map(|(_, summary)| summary)
 }
 
@@ -98,16 +98,16 @@ pub fn convert_raw<S: ImageSink>(
     sink: S,
     options: &WriterOptions,
     backing: Option<&dyn BackingRead>,
-) -> Result<(S, WriteSummary), WriteError> {
+) -> Result<(S, WriteSummary), Error> {
     if backing.is_some() != options.backing_file.is_some() {
-        return Err(WriteError::InvalidOption {
+        return Err(Error::InvalidOption {
             option: "backing_file".to_owned(),
             reason: "an overlay needs both the backing file name and its content",
         });
     }
     let size = source
         .size()
-        .map_err(WriteError::io("reading the source size", 0))?;
+        .map_err(Error::write_io("reading the source size", 0))?;
     let mut writer = Writer::new(sink, options, size)?;
     let chunk = CHUNK.next_multiple_of(writer.cluster_size());
     // Ranges end at the source's length; the image's last sector may reach past it.
@@ -128,7 +128,7 @@ const BUFFERS: usize = READERS + 2;
 /// A chunk to read: its order among chunks, guest offset and length.
 type Task = (u64, u64, usize);
 /// A chunk read, or why reading failed.
-type Delivery = Result<(u64, u64, Vec<u8>, Range<usize>), WriteError>;
+type Delivery = Result<(u64, u64, Vec<u8>, Range<usize>), Error>;
 
 /// Reads the data ranges on helper threads while the writer checks and appends earlier chunks,
 /// so reading the source overlaps writing the image. Chunks are reassembled in order.
@@ -137,7 +137,7 @@ fn write_base<S: ImageSink>(
     source: &dyn VolumeRead,
     ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     chunk: u64,
-) -> Result<(), WriteError> {
+) -> Result<(), Error> {
     let cluster = writer.cluster_size();
     let (task_tx, task_rx) = mpsc::sync_channel::<Task>(BUFFERS);
     let task_rx = Mutex::new(task_rx);
@@ -213,7 +213,7 @@ fn plan_chunks(
     cluster: u64,
     chunk: u64,
     tasks: &mpsc::SyncSender<Task>,
-) -> Result<(), WriteError> {
+) -> Result<(), Error> {
     let size = ranges.size();
     let mut done = 0;
     let mut seq = 0;
@@ -241,7 +241,7 @@ fn write_overlay<S: ImageSink>(
     ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     backing: &dyn BackingRead,
     chunk: u64,
-) -> Result<(), WriteError> {
+) -> Result<(), Error> {
     let cluster = writer.cluster_size() as usize;
     let size = writer.virtual_size();
     let backing_size = backing.size();
@@ -287,11 +287,11 @@ fn write_overlay<S: ImageSink>(
             let span = backing_end - offset;
             let may = backing
                 .may_hold_data(offset, span)
-                .map_err(WriteError::io("mapping the backing chain", offset))?;
+                .map_err(Error::write_io("mapping the backing chain", offset))?;
             if may {
                 backing
                     .read_at(&mut old[..span as usize], offset)
-                    .map_err(WriteError::io("reading the backing chain", offset))?;
+                    .map_err(Error::write_io("reading the backing chain", offset))?;
                 backing_data = true;
             }
         }
@@ -314,17 +314,17 @@ fn write_overlay<S: ImageSink>(
     Ok(())
 }
 
-fn read_source(source: &dyn VolumeRead, buf: &mut [u8], offset: u64) -> Result<(), WriteError> {
+fn read_source(source: &dyn VolumeRead, buf: &mut [u8], offset: u64) -> Result<(), Error> {
     source
         .read_exact_at(buf, offset)
-        .map_err(WriteError::io("reading the source", offset))
+        .map_err(Error::write_io("reading the source", offset))
 }
 
 fn next_range(
     ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     at: u64,
-) -> Result<Option<(u64, u64)>, WriteError> {
+) -> Result<Option<(u64, u64)>, Error> {
     ranges
         .next_range()
-        .map_err(WriteError::io("looking for data in the source", at))
+        .map_err(Error::write_io("looking for data in the source", at))
 }

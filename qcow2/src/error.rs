@@ -100,6 +100,55 @@ pub enum Error {
         /// The virtual size.
         size: u64,
     },
+    /// A writer option has a value the writer does not accept.
+    #[error("invalid option {option}: {reason}")]
+    InvalidOption {
+        /// The option as given (`key=value`).
+        option: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The image asked of the writer cannot be expressed (or QEMU could not open it).
+    #[error("cannot write: {feature}")]
+    CannotWrite {
+        /// What was asked for.
+        feature: &'static str,
+    },
+    /// While writing an image: reading the source or backing, or writing to the sink, failed.
+    /// The image is incomplete: the sink never received its header area.
+    #[error("I/O error while {operation} at offset {offset:#x}")]
+    WriteIo {
+        /// What the writer was doing (`appending to the sink`, `reading the source`, ...).
+        operation: &'static str,
+        /// The byte offset involved (host offset for the sink, guest offset for sources).
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Clusters must come to the writer in ascending guest order, each at most once.
+    #[error("guest offset {offset:#x} comes after {next:#x} was already written")]
+    OutOfOrder {
+        /// The offending guest offset.
+        offset: u64,
+        /// The lowest guest offset still allowed.
+        next: u64,
+    },
+    /// A write was not aligned to clusters, or reached past the virtual size.
+    #[error(
+        "guest range {offset:#x}+{len:#x} is not cluster-aligned inside the virtual size {virtual_size:#x}"
+    )]
+    BadRange {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// The image's virtual size.
+        virtual_size: u64,
+    },
+    /// An earlier error left the writer unable to continue; the image is incomplete.
+    #[error("the writer already failed; the image is incomplete")]
+    Poisoned,
     /// An invalid argument (option string, cluster size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -121,5 +170,16 @@ pub(crate) fn io_err(image: &str, action: impl Into<String>, source: io::Error) 
         image: image.to_owned(),
         action: action.into(),
         source,
+    }
+}
+
+impl Error {
+    /// A [`Error::WriteIo`] maker for `map_err`.
+    pub(crate) fn write_io(operation: &'static str, offset: u64) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::WriteIo {
+            operation,
+            offset,
+            source,
+        }
     }
 }

@@ -110,7 +110,6 @@ pub use map::{Extent, ExtentKind};
 pub use convert::{BackingRead, RawBacking, convert_raw, convert_raw_file};
 pub use sink::{FileSink, MemorySink};
 pub use volume::{DataRanges, DenseVolume, VolumeRead};
-pub use writer::error::WriteError;
 pub use writer::options::{
     Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,
 };

@@ -2,9 +2,7 @@
 
 use std::io;
 
-use strata_qcow2::{
-    FileSink, ImageSink, MemorySink, WriteError, Writer, WriterOptions, convert_raw,
-};
+use strata_qcow2::{Error, FileSink, ImageSink, MemorySink, Writer, WriterOptions, convert_raw};
 
 /// A memory sink that refuses appends once `budget` bytes were taken.
 struct FailingSink {
@@ -45,14 +43,14 @@ fn failure_while_appending_data_poisons_the_writer() {
     let data = ten_clusters();
     let err = writer.write_data(0, &data).unwrap_err();
     assert!(
-        matches!(&err, WriteError::Io { operation, source, .. } if operation.contains("appending") && source.kind() == io::ErrorKind::BrokenPipe),
+        matches!(&err, Error::WriteIo { operation, source, .. } if operation.contains("appending") && source.kind() == io::ErrorKind::BrokenPipe),
         "{err:?}"
     );
     assert!(matches!(
         writer.write_data(10 * 65536, &[1; 65536]),
-        Err(WriteError::Poisoned)
+        Err(Error::Poisoned)
     ));
-    assert!(matches!(writer.finish(), Err(WriteError::Poisoned)));
+    assert!(matches!(writer.finish(), Err(Error::Poisoned)));
 }
 
 #[test]
@@ -64,7 +62,7 @@ fn failure_while_appending_metadata_reports_io() {
     let mut writer = Writer::new(sink, &WriterOptions::default(), 1 << 20).unwrap();
     writer.write_data(0, &ten_clusters()).unwrap();
     let err = writer.finish().map(|_| ()).unwrap_err();
-    assert!(matches!(err, WriteError::Io { operation, .. } if operation.contains("metadata")));
+    assert!(matches!(err, Error::WriteIo { operation, .. } if operation.contains("metadata")));
 }
 
 #[test]
@@ -118,7 +116,7 @@ fn full_device_fails_the_conversion() {
     )
     .unwrap_err();
     assert!(
-        matches!(&err, WriteError::Io { source, .. } if source.raw_os_error() == Some(28)),
+        matches!(&err, Error::WriteIo { source, .. } if source.raw_os_error() == Some(28)),
         "expected ENOSPC, got {err:?}"
     );
 }
@@ -129,19 +127,19 @@ fn out_of_order_and_misaligned_writes_are_refused() {
     writer.write_data(65536, &[1; 65536]).unwrap();
     assert!(matches!(
         writer.write_data(0, &[1; 65536]),
-        Err(WriteError::OutOfOrder { .. })
+        Err(Error::OutOfOrder { .. })
     ));
     assert!(matches!(
         writer.write_data(3 * 65536 + 512, &[1; 512]),
-        Err(WriteError::BadRange { .. })
+        Err(Error::BadRange { .. })
     ));
     assert!(matches!(
         writer.write_data(4 * 65536, &[1; 100]),
-        Err(WriteError::BadRange { .. })
+        Err(Error::BadRange { .. })
     ));
     assert!(matches!(
         writer.write_zeros(15 * 65536, 2 * 65536),
-        Err(WriteError::BadRange { .. })
+        Err(Error::BadRange { .. })
     ));
     // A refused call changes nothing: the image still finishes.
     let (sink, summary) = writer.finish().unwrap();

@@ -1,9 +1,9 @@
 //! The header cluster: header fields, header extensions and the backing file name
 //! (qcow2.rst, "Header", "Header extensions").
 
-use super::error::WriteError;
 use super::options::{Compat, WriterOptions};
 use crate::CompressionType;
+use crate::error::Error;
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Version 2 header length (qcow2.rst: "exactly 72 bytes").
@@ -31,10 +31,7 @@ pub(crate) struct HeaderFields {
 
 /// Builds the first cluster's used bytes; fails early (before any data is written) when the
 /// backing file name does not fit, by calling it with placeholder fields.
-pub(crate) fn encode(
-    options: &WriterOptions,
-    fields: &HeaderFields,
-) -> Result<Vec<u8>, WriteError> {
+pub(crate) fn encode(options: &WriterOptions, fields: &HeaderFields) -> Result<Vec<u8>, Error> {
     let header_len = match options.compat {
         Compat::V2 => V2_HEADER_LEN,
         Compat::V3 => V3_HEADER_LEN,
@@ -85,7 +82,7 @@ pub(crate) fn encode(
 
     if let Some(name) = &options.backing_file {
         if name.is_empty() || name.len() > MAX_BACKING_NAME {
-            return Err(WriteError::InvalidOption {
+            return Err(Error::InvalidOption {
                 option: format!("backing_file={name}"),
                 reason: "the name must be 1 to 1023 bytes long",
             });
@@ -96,7 +93,7 @@ pub(crate) fn encode(
         out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
     }
     if out.len() as u64 > options.cluster_size {
-        return Err(WriteError::InvalidOption {
+        return Err(Error::InvalidOption {
             option: format!("cluster_size={}", options.cluster_size),
             reason: "the header, extensions and backing file name do not fit in the first cluster",
         });
@@ -167,13 +164,13 @@ mod tests {
         };
         assert!(matches!(
             encode(&options, &FIELDS),
-            Err(WriteError::InvalidOption { .. })
+            Err(Error::InvalidOption { .. })
         ));
         options.backing_file = Some("x".repeat(400));
         options.cluster_size = 512;
         assert!(matches!(
             encode(&options, &FIELDS),
-            Err(WriteError::InvalidOption { .. })
+            Err(Error::InvalidOption { .. })
         ));
     }
 }

@@ -7,7 +7,7 @@
 //! matter how large the virtual size is.
 
 use super::allocation::{COPIED, DataRefcounts, GuestMap};
-use super::error::WriteError;
+use crate::error::Error;
 
 /// Largest L1 table QEMU opens, 32 MiB (qcow2.rst, note under `size`).
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -17,11 +17,11 @@ const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// Number of L1 entries for a virtual size, refused when QEMU could not open the image.
-pub(crate) fn l1_size(virtual_size: u64, cluster_bits: u32) -> Result<u64, WriteError> {
+pub(crate) fn l1_size(virtual_size: u64, cluster_bits: u32) -> Result<u64, Error> {
     let guest_clusters = virtual_size.div_ceil(1 << cluster_bits);
     let entries = guest_clusters.div_ceil(1 << (cluster_bits - 3));
     if entries * 8 > MAX_L1_BYTES {
-        return Err(WriteError::Unsupported {
+        return Err(Error::CannotWrite {
             feature: "a virtual size needing an L1 table over 32 MiB (choose a larger cluster size)",
         });
     }
@@ -53,7 +53,7 @@ impl Layout {
         data_end: u64,
         l2_count: u64,
         l1_size: u64,
-    ) -> Result<Self, WriteError> {
+    ) -> Result<Self, Error> {
         let cluster = 1u64 << cluster_bits;
         let per_block = cluster / 2;
         // Blocks wholly inside the header padding (after cluster 0) count nothing.
@@ -79,7 +79,7 @@ impl Layout {
             layout.table_clusters = table;
         }
         if layout.table_clusters * cluster > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(WriteError::Unsupported {
+            return Err(Error::CannotWrite {
                 feature: "an image needing a refcount table over 8 MiB (choose a larger cluster size)",
             });
         }
@@ -88,7 +88,7 @@ impl Layout {
             .checked_shl(cluster_bits)
             .is_none_or(|end| end > MAX_HOST_OFFSET)
         {
-            return Err(WriteError::Unsupported {
+            return Err(Error::CannotWrite {
                 feature: "an image file beyond 64 PiB",
             });
         }
@@ -145,8 +145,8 @@ impl Layout {
         &self,
         map: &GuestMap,
         refcounts: &DataRefcounts,
-        mut emit: impl FnMut(&[u8]) -> Result<(), WriteError>,
-    ) -> Result<(), WriteError> {
+        mut emit: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let cluster = 1usize << self.cluster_bits;
         let mut buf = vec![0u8; cluster];
         let l2_bits = self.cluster_bits - 3;

@@ -9,14 +9,13 @@
 
 mod allocation;
 mod compress;
-pub(crate) mod error;
 mod header;
 mod layout;
 pub(crate) mod options;
 
+use crate::error::Error;
 use allocation::{COMPRESSED, DataRefcounts, GuestCluster, GuestMap, HostCluster};
 use compress::Compressor;
-use error::WriteError;
 use header::HeaderFields;
 use layout::Layout;
 use options::{Compat, WriterOptions};
@@ -53,7 +52,7 @@ pub struct WriteSummary {
 /// let (sink, summary) = writer.finish()?;
 /// assert_eq!(summary.data_clusters, 1);
 /// assert_eq!(&sink.image().unwrap()[..4], b"QFI\xfb");
-/// # Ok::<(), strata_qcow2::WriteError>(())
+/// # Ok::<(), strata_qcow2::Error>(())
 /// ```
 pub struct Writer<S: ImageSink> {
     sink: S,
@@ -80,16 +79,12 @@ impl<S: ImageSink> Writer<S> {
     /// Starts an image of `virtual_size` bytes, rounded up to a multiple of 512 (QEMU counts
     /// the size in 512-byte sectors and would cut a partial one off); checks the options and
     /// reserves the header area.
-    pub fn new(
-        mut sink: S,
-        options: &WriterOptions,
-        virtual_size: u64,
-    ) -> Result<Self, WriteError> {
+    pub fn new(mut sink: S, options: &WriterOptions, virtual_size: u64) -> Result<Self, Error> {
         options.validate()?;
         let virtual_size =
             virtual_size
                 .checked_next_multiple_of(SECTOR)
-                .ok_or(WriteError::Unsupported {
+                .ok_or(Error::CannotWrite {
                     feature: "a virtual size this large",
                 })?;
         let cluster_bits = options.cluster_bits();
@@ -108,12 +103,12 @@ impl<S: ImageSink> Writer<S> {
         let header_clusters = sink.min_header_len().div_ceil(cluster_size).max(1);
         let header_len = header_clusters * cluster_size;
         sink.begin(header_len)
-            .map_err(WriteError::io("starting the sink", 0))?;
+            .map_err(Error::write_io("starting the sink", 0))?;
         let compressor = options
             .compression
             .map(|method| Compressor::new(method, cluster_size as usize))
             .transpose()
-            .map_err(WriteError::io("setting up compression", 0))?;
+            .map_err(Error::write_io("setting up compression", 0))?;
         Ok(Self {
             sink,
             options: options.clone(),
@@ -146,21 +141,21 @@ impl<S: ImageSink> Writer<S> {
     /// `data` covers whole clusters, except that it may end anywhere inside the last cluster. Clusters that
     /// are all zeros are not stored and read as zeros (or as the backing file: see
     /// [`Self::write_data_over_backing`]).
-    pub fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+    pub fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.write(offset, data, false)
     }
 
     /// Like [`Self::write_data`] for clusters where the backing chain has data: all-zero
     /// clusters become zero clusters (version 3) or stored zeros (version 2), so the backing
     /// data does not show through.
-    pub fn write_data_over_backing(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+    pub fn write_data_over_backing(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         self.write(offset, data, true)
     }
 
     /// Marks `len` bytes from `offset` as reading zeros whatever the backing chain holds: zero
     /// clusters in version 3, stored zeros in version 2. Same alignment rules as
     /// [`Self::write_data`].
-    pub fn write_zeros(&mut self, offset: u64, len: u64) -> Result<(), WriteError> {
+    pub fn write_zeros(&mut self, offset: u64, len: u64) -> Result<(), Error> {
         let (first, count) = self.claim(offset, len)?;
         for guest in first..first + count {
             self.zero_cluster(GuestCluster(guest))?;
@@ -168,7 +163,7 @@ impl<S: ImageSink> Writer<S> {
         Ok(())
     }
 
-    fn write(&mut self, offset: u64, data: &[u8], over_backing: bool) -> Result<(), WriteError> {
+    fn write(&mut self, offset: u64, data: &[u8], over_backing: bool) -> Result<(), Error> {
         let (first, _) = self.claim(offset, data.len() as u64)?;
         let cluster = self.cluster_size() as usize;
         // Consecutive non-zero clusters go to the sink in one append when uncompressed.
@@ -199,9 +194,9 @@ impl<S: ImageSink> Writer<S> {
 
     /// Checks that `offset..offset + len` may be written next and claims it; returns its first
     /// guest cluster and cluster count.
-    fn claim(&mut self, offset: u64, len: u64) -> Result<(u64, u64), WriteError> {
+    fn claim(&mut self, offset: u64, len: u64) -> Result<(u64, u64), Error> {
         if self.poisoned {
-            return Err(WriteError::Poisoned);
+            return Err(Error::Poisoned);
         }
         let cluster = self.cluster_size();
         let end = offset
@@ -212,14 +207,14 @@ impl<S: ImageSink> Writer<S> {
         let aligned = offset % cluster == 0
             && (len % cluster == 0 || end.is_some_and(|end| end.div_ceil(cluster) == last_cluster));
         let Some(end) = end.filter(|_| aligned) else {
-            return Err(WriteError::BadRange {
+            return Err(Error::BadRange {
                 offset,
                 len,
                 virtual_size: self.virtual_size,
             });
         };
         if offset < self.next_guest << self.cluster_bits {
-            return Err(WriteError::OutOfOrder {
+            return Err(Error::OutOfOrder {
                 offset,
                 next: self.next_guest << self.cluster_bits,
             });
@@ -230,7 +225,7 @@ impl<S: ImageSink> Writer<S> {
         Ok((first, count))
     }
 
-    fn zero_cluster(&mut self, guest: GuestCluster) -> Result<(), WriteError> {
+    fn zero_cluster(&mut self, guest: GuestCluster) -> Result<(), Error> {
         match self.options.compat {
             Compat::V3 => {
                 self.map.push_zero(guest);
@@ -249,7 +244,7 @@ impl<S: ImageSink> Writer<S> {
     }
 
     /// Stores consecutive guest clusters from `first` uncompressed, cluster-aligned.
-    fn store_run(&mut self, first: u64, bytes: &[u8]) -> Result<(), WriteError> {
+    fn store_run(&mut self, first: u64, bytes: &[u8]) -> Result<(), Error> {
         self.pad_to_cluster()?;
         let cluster = self.cluster_size();
         let host = HostCluster(self.host_end >> self.cluster_bits);
@@ -269,7 +264,7 @@ impl<S: ImageSink> Writer<S> {
     }
 
     /// Stores one cluster compressed when that saves space, else uncompressed.
-    fn store_compressible(&mut self, guest: GuestCluster, chunk: &[u8]) -> Result<(), WriteError> {
+    fn store_compressible(&mut self, guest: GuestCluster, chunk: &[u8]) -> Result<(), Error> {
         let Some(mut compressor) = self.compressor.take() else {
             return self.store_run(guest.0, chunk);
         };
@@ -296,7 +291,7 @@ impl<S: ImageSink> Writer<S> {
 
     /// Appends compressed bytes right after the previous ones (qcow2.rst, "Compressed Clusters
     /// Descriptor": byte-granular offset, count of additional 512-byte sectors).
-    fn store_compressed(&mut self, guest: GuestCluster, packed: &[u8]) -> Result<(), WriteError> {
+    fn store_compressed(&mut self, guest: GuestCluster, packed: &[u8]) -> Result<(), Error> {
         let cluster_mask = self.cluster_size() - 1;
         if self.host_end & cluster_mask != 0
             && self
@@ -309,7 +304,7 @@ impl<S: ImageSink> Writer<S> {
         let offset_bits = 62 - (self.cluster_bits - 8);
         let offset = self.host_end;
         if offset >= 1 << offset_bits.min(56) {
-            return Err(WriteError::Unsupported {
+            return Err(Error::CannotWrite {
                 feature: "compressed clusters this far into the image file",
             });
         }
@@ -325,7 +320,7 @@ impl<S: ImageSink> Writer<S> {
         Ok(())
     }
 
-    fn pad_to_cluster(&mut self) -> Result<(), WriteError> {
+    fn pad_to_cluster(&mut self) -> Result<(), Error> {
         let cluster = self.cluster_size();
         let partial = self.host_end % cluster;
         if partial == 0 {
@@ -334,15 +329,15 @@ impl<S: ImageSink> Writer<S> {
         self.append_zeros(cluster - partial)
     }
 
-    fn append_zeros(&mut self, len: u64) -> Result<(), WriteError> {
+    fn append_zeros(&mut self, len: u64) -> Result<(), Error> {
         let zeros = Arc::clone(&self.zeros);
         self.append(&zeros[..len as usize])
     }
 
-    fn append(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+    fn append(&mut self, bytes: &[u8]) -> Result<(), Error> {
         if let Err(source) = self.sink.append(bytes) {
             self.poisoned = true;
-            return Err(WriteError::Io {
+            return Err(Error::WriteIo {
                 operation: "appending to the image sink",
                 offset: self.host_end,
                 source,
@@ -353,9 +348,9 @@ impl<S: ImageSink> Writer<S> {
     }
 
     /// Appends the metadata, hands the header area to the sink and returns the sink.
-    pub fn finish(mut self) -> Result<(S, WriteSummary), WriteError> {
+    pub fn finish(mut self) -> Result<(S, WriteSummary), Error> {
         if self.poisoned {
-            return Err(WriteError::Poisoned);
+            return Err(Error::Poisoned);
         }
         self.pad_to_cluster()?;
         let l1_size = layout::l1_size(self.virtual_size, self.cluster_bits)?;
@@ -369,7 +364,7 @@ impl<S: ImageSink> Writer<S> {
         let mut host_end = self.host_end;
         let sink = &mut self.sink;
         layout.encode(&self.map, &self.refcounts, |cluster| {
-            sink.append(cluster).map_err(WriteError::io(
+            sink.append(cluster).map_err(Error::write_io(
                 "appending metadata to the image sink",
                 host_end,
             ))?;
@@ -387,7 +382,7 @@ impl<S: ImageSink> Writer<S> {
         area.resize((self.header_clusters << self.cluster_bits) as usize, 0);
         self.sink
             .finish(&area)
-            .map_err(WriteError::io("finishing the image sink", 0))?;
+            .map_err(Error::write_io("finishing the image sink", 0))?;
         self.summary.file_size = layout.end() << self.cluster_bits;
         self.summary.metadata_clusters = layout.metadata_clusters();
         Ok((self.sink, self.summary))

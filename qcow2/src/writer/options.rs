@@ -1,7 +1,7 @@
 //! What kind of image the writer produces: version, cluster size, compression, backing file.
 
-use super::error::WriteError;
 use crate::CompressionType;
+use crate::error::Error;
 
 /// Smallest cluster size, 512 bytes (qcow2.rst, "Header", `cluster_bits` must be at least 9).
 pub const MIN_CLUSTER_SIZE: u64 = 1 << 9;
@@ -43,7 +43,7 @@ impl Compat {
 /// assert_eq!(options.cluster_size, 1 << 20);
 /// assert_eq!(options.compat, Compat::V2);
 /// assert_eq!(options.compression, None);
-/// # Ok::<(), strata_qcow2::WriteError>(())
+/// # Ok::<(), strata_qcow2::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -81,7 +81,7 @@ impl WriterOptions {
     /// Applies a comma-separated `key=value` list as `qemu-img create/convert -o` takes it:
     /// `cluster_size` (bytes, or with a `k`/`K`, `M` suffix), `compat` (`0.10`, `v2`, `1.1`,
     /// `v3`), `compression_type` (`zlib`, `zstd`), `backing_file`, `backing_fmt`.
-    pub fn parse_qemu_options(&mut self, list: &str) -> Result<(), WriteError> {
+    pub fn parse_qemu_options(&mut self, list: &str) -> Result<(), Error> {
         for item in list.split(',').filter(|item| !item.is_empty()) {
             let (key, value) = item
                 .split_once('=')
@@ -122,11 +122,11 @@ impl WriterOptions {
     }
 
     /// Checks the combination before any byte is written.
-    pub fn validate(&self) -> Result<(), WriteError> {
+    pub fn validate(&self) -> Result<(), Error> {
         if !self.cluster_size.is_power_of_two()
             || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&self.cluster_size)
         {
-            return Err(WriteError::InvalidOption {
+            return Err(Error::InvalidOption {
                 option: format!("cluster_size={}", self.cluster_size),
                 reason: "must be a power of two from 512 to 2097152",
             });
@@ -134,12 +134,12 @@ impl WriterOptions {
         let zstd = self.compression == Some(CompressionType::Zstd)
             || self.compression_type == CompressionType::Zstd;
         if zstd && self.compat == Compat::V2 {
-            return Err(WriteError::Unsupported {
+            return Err(Error::CannotWrite {
                 feature: "zstd compression in a version 2 (compat=0.10) image",
             });
         }
         if self.backing_format.is_empty() && self.backing_file.is_some() {
-            return Err(WriteError::InvalidOption {
+            return Err(Error::InvalidOption {
                 option: "backing_fmt=".to_owned(),
                 reason: "the backing format must not be empty",
             });
@@ -158,8 +158,8 @@ impl WriterOptions {
     }
 }
 
-fn invalid(option: &str, reason: &'static str) -> WriteError {
-    WriteError::InvalidOption {
+fn invalid(option: &str, reason: &'static str) -> Error {
+    Error::InvalidOption {
         option: option.to_owned(),
         reason,
     }
@@ -200,7 +200,7 @@ mod tests {
             let mut options = WriterOptions::default();
             options.parse_qemu_options(list).unwrap();
             assert!(
-                matches!(options.validate(), Err(WriteError::InvalidOption { .. })),
+                matches!(options.validate(), Err(Error::InvalidOption { .. })),
                 "{list}"
             );
         }
@@ -208,10 +208,7 @@ mod tests {
         options
             .parse_qemu_options("compat=0.10,compression_type=zstd")
             .unwrap();
-        assert!(matches!(
-            options.validate(),
-            Err(WriteError::Unsupported { .. })
-        ));
+        assert!(matches!(options.validate(), Err(Error::CannotWrite { .. })));
     }
 
     #[test]
@@ -219,7 +216,7 @@ mod tests {
         let mut options = WriterOptions::default();
         assert!(matches!(
             options.parse_qemu_options("preallocation=full"),
-            Err(WriteError::InvalidOption { .. })
+            Err(Error::InvalidOption { .. })
         ));
         assert!(options.parse_qemu_options("compat=0.9").is_err());
         assert!(options.parse_qemu_options("cluster_size").is_err());
