@@ -4,11 +4,15 @@
 //! then per stored cluster in ascending order its index (u64) and the CRC-32 (IEEE, u32) of its
 //! guest bytes (after decompression).
 
-use crate::error::{Result, malformed};
+use crate::codec::Format;
+use crate::error::Result;
 
-const MAGIC: &[u8; 8] = b"STRCRC01";
-const HEADER: usize = 24;
-const ENTRY: usize = 12;
+const FORMAT: Format = Format {
+    what: "checksum list",
+    magic: b"STRCRC01",
+    words: 1,
+    value: 4,
+};
 
 /// The CRC-32 of every stored cluster of one image.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -39,52 +43,81 @@ impl ClusterChecksums {
 
     /// Encodes the list.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.entries.len() * ENTRY);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.cluster_size.to_be_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_be_bytes());
-        for (index, crc) in &self.entries {
-            out.extend_from_slice(&index.to_be_bytes());
-            out.extend_from_slice(&crc.to_be_bytes());
-        }
-        out
+        let values: Vec<[u8; 4]> = self.entries.iter().map(|(_, c)| c.to_be_bytes()).collect();
+        FORMAT.encode(
+            &[self.cluster_size],
+            self.entries
+                .iter()
+                .zip(&values)
+                .map(|((i, _), v)| (*i, &v[..])),
+        )
     }
 
     /// Decodes a list read back from a target (untrusted: every field is checked).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        const WHAT: &str = "checksum list";
-        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-            return Err(malformed(WHAT, "bad magic or truncated header"));
-        }
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[8..16]);
-        let cluster_size = u64::from_be_bytes(word);
-        word.copy_from_slice(&bytes[16..24]);
-        let count = u64::from_be_bytes(word);
-        if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-            return Err(malformed(WHAT, format!("cluster size {cluster_size}")));
-        }
-        let body = &bytes[HEADER..];
-        if Some(body.len() as u64) != count.checked_mul(ENTRY as u64) {
-            return Err(malformed(
-                WHAT,
-                format!("{count} entries do not fit {} bytes", body.len()),
-            ));
-        }
-        let mut entries = Vec::with_capacity(count as usize);
-        for chunk in body.chunks_exact(ENTRY) {
-            word.copy_from_slice(&chunk[..8]);
-            let index = u64::from_be_bytes(word);
+        let (words, raw) = FORMAT.decode(bytes)?;
+        let mut entries = Vec::with_capacity(raw.len());
+        for entry in raw {
+            let (index, value) = entry?;
             let mut crc = [0u8; 4];
-            crc.copy_from_slice(&chunk[8..]);
-            if entries.last().is_some_and(|(last, _)| *last >= index) {
-                return Err(malformed(WHAT, format!("cluster {index} out of order")));
-            }
+            crc.copy_from_slice(value);
             entries.push((index, u32::from_be_bytes(crc)));
         }
         Ok(Self {
-            cluster_size,
+            cluster_size: words[0],
             entries,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ClusterChecksums {
+        let mut list = ClusterChecksums::new(65536);
+        list.push(3, b"abc");
+        list.push(9, &[0u8; 100]);
+        list
+    }
+
+    #[test]
+    fn round_trips() {
+        let list = sample();
+        assert_eq!(ClusterChecksums::decode(&list.encode()).unwrap(), list);
+    }
+
+    #[test]
+    fn rejects_damage_with_a_named_reason() {
+        let good = sample().encode();
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("bad magic", [b"STRCRC02", &good[8..]].concat()),
+            ("truncated header", good[..20].to_vec()),
+            ("entries do not fit", good[..good.len() - 1].to_vec()),
+            ("cluster size 1000", {
+                let mut b = good.clone();
+                b[8..16].copy_from_slice(&1000u64.to_be_bytes());
+                b
+            }),
+            ("cluster 3 out of order", {
+                let mut b = good.clone();
+                // The second entry's index becomes 3, equal to the first.
+                b[36..44].copy_from_slice(&3u64.to_be_bytes());
+                b
+            }),
+        ];
+        for (reason, bytes) in cases {
+            let err = ClusterChecksums::decode(&bytes).unwrap_err().to_string();
+            assert!(err.contains("checksum list"), "{err}");
+            assert!(err.contains(reason), "expected {reason:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn an_absurd_count_is_refused_before_allocating() {
+        let mut bytes = sample().encode();
+        bytes[16..24].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
+        let err = ClusterChecksums::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("entries do not fit"), "{err}");
     }
 }

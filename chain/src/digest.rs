@@ -10,11 +10,15 @@
 //! index (u64) and digest (16 bytes). All-zero clusters have no entry. Memory and size are 24
 //! bytes per non-zero cluster (384 MiB for a full 1 TiB volume at 64 KiB clusters).
 
-use crate::error::{Result, malformed};
+use crate::codec::{Format, check_index};
+use crate::error::Result;
 
-const MAGIC: &[u8; 8] = b"STRDGST1";
-const HEADER: usize = 32;
-const ENTRY: usize = 24;
+const FORMAT: Format = Format {
+    what: "digest manifest",
+    magic: b"STRDGST1",
+    words: 2,
+    value: 16,
+};
 
 /// A 128-bit cluster digest.
 pub type Digest = [u8; 16];
@@ -68,56 +72,23 @@ impl DigestManifest {
 
     /// Encodes the manifest.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.entries.len() * ENTRY);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.cluster_size.to_be_bytes());
-        out.extend_from_slice(&self.virtual_size.to_be_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_be_bytes());
-        for (index, digest) in &self.entries {
-            out.extend_from_slice(&index.to_be_bytes());
-            out.extend_from_slice(digest);
-        }
-        out
+        FORMAT.encode(
+            &[self.cluster_size, self.virtual_size],
+            self.entries.iter().map(|(i, d)| (*i, &d[..])),
+        )
     }
 
     /// Decodes a manifest read back from a target (untrusted: every field is checked).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        const WHAT: &str = "digest manifest";
-        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-            return Err(malformed(WHAT, "bad magic or truncated header"));
-        }
-        let word = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
-        let (cluster_size, virtual_size, count) = (word(8), word(16), word(24));
-        if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-            return Err(malformed(WHAT, format!("cluster size {cluster_size}")));
-        }
-        let body = &bytes[HEADER..];
-        if Some(body.len() as u64) != count.checked_mul(ENTRY as u64) {
-            return Err(malformed(
-                WHAT,
-                format!("{count} entries do not fit {} bytes", body.len()),
-            ));
-        }
+        let (words, raw) = FORMAT.decode(bytes)?;
+        let (cluster_size, virtual_size) = (words[0], words[1]);
         let clusters = virtual_size.div_ceil(cluster_size);
-        let mut entries = Vec::with_capacity(count as usize);
-        let mut last = None;
-        for chunk in body.chunks_exact(ENTRY) {
-            let mut index = [0u8; 8];
-            index.copy_from_slice(&chunk[..8]);
-            let index = u64::from_be_bytes(index);
-            if index >= clusters || last.is_some_and(|l| l >= index) {
-                return Err(malformed(
-                    WHAT,
-                    format!("cluster {index} out of order or range"),
-                ));
-            }
-            last = Some(index);
+        let mut entries = Vec::with_capacity(raw.len());
+        for entry in raw {
+            let (index, value) = entry?;
+            check_index(FORMAT.what, index, clusters)?;
             let mut digest = [0u8; 16];
-            digest.copy_from_slice(&chunk[8..]);
+            digest.copy_from_slice(value);
             entries.push((index, digest));
         }
         Ok(Self {
@@ -179,6 +150,9 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HEADER: usize = 32;
+    const ENTRY: usize = 24;
 
     #[test]
     fn round_trips_and_rejects_damage() {

@@ -53,6 +53,7 @@
 
 mod backup;
 mod checksum;
+mod codec;
 mod digest;
 mod error;
 mod merge;
