@@ -97,89 +97,62 @@ mod cloud {
         }
     }
 
-    #[cfg(feature = "s3")]
-    pub(super) fn s3(url: &str, config: &[(String, String)]) -> Result<Parsed> {
-        let mut builder = object_store::aws::AmazonS3Builder::from_env();
-        for (key, value) in config {
-            let key: object_store::aws::AmazonS3ConfigKey = key
-                .parse()
-                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
-            builder = builder.with_config(key, value);
-        }
-        let store = builder
-            .with_url(url)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|err| invalid(url, err.to_string()))?;
-        let store = Arc::new(store);
-        Ok(Parsed {
-            store: store.clone(),
-            multipart: Some(store),
-            local_root: None,
-            prefix: prefix_of(url)?,
-        })
+    /// `fn $name(url, config)`: a store from `$builder` (settings from the environment, then
+    /// `config` keys parsed as `$key`), or an error when built without `$feature`. The three
+    /// cloud builders share no trait, so one macro keeps them alike.
+    macro_rules! cloud_store {
+        ($name:ident, $feature:literal, $builder:ty, $key:ty) => {
+            #[cfg(feature = $feature)]
+            pub(super) fn $name(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+                let mut builder = <$builder>::from_env();
+                for (key, value) in config {
+                    let key: $key = key
+                        .parse()
+                        .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
+                    builder = builder.with_config(key, value);
+                }
+                let store = builder
+                    .with_url(url)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(|err| invalid(url, err.to_string()))?;
+                let store = Arc::new(store);
+                Ok(Parsed {
+                    store: store.clone(),
+                    multipart: Some(store),
+                    local_root: None,
+                    prefix: prefix_of(url)?,
+                })
+            }
+
+            #[cfg(not(feature = $feature))]
+            pub(super) fn $name(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
+                Err(invalid(
+                    url,
+                    concat!("built without the `", $feature, "` feature"),
+                ))
+            }
+        };
     }
 
-    #[cfg(not(feature = "s3"))]
-    pub(super) fn s3(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
-        Err(invalid(url, "built without the `s3` feature"))
-    }
-
-    #[cfg(feature = "gcs")]
-    pub(super) fn gcs(url: &str, config: &[(String, String)]) -> Result<Parsed> {
-        let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env();
-        for (key, value) in config {
-            let key: object_store::gcp::GoogleConfigKey = key
-                .parse()
-                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
-            builder = builder.with_config(key, value);
-        }
-        let store = builder
-            .with_url(url)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|err| invalid(url, err.to_string()))?;
-        let store = Arc::new(store);
-        Ok(Parsed {
-            store: store.clone(),
-            multipart: Some(store),
-            local_root: None,
-            prefix: prefix_of(url)?,
-        })
-    }
-
-    #[cfg(not(feature = "gcs"))]
-    pub(super) fn gcs(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
-        Err(invalid(url, "built without the `gcs` feature"))
-    }
-
-    #[cfg(feature = "azure")]
-    pub(super) fn azure(url: &str, config: &[(String, String)]) -> Result<Parsed> {
-        let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env();
-        for (key, value) in config {
-            let key: object_store::azure::AzureConfigKey = key
-                .parse()
-                .map_err(|err: object_store::Error| invalid(url, err.to_string()))?;
-            builder = builder.with_config(key, value);
-        }
-        let store = builder
-            .with_url(url)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|err| invalid(url, err.to_string()))?;
-        let store = Arc::new(store);
-        Ok(Parsed {
-            store: store.clone(),
-            multipart: Some(store),
-            local_root: None,
-            prefix: prefix_of(url)?,
-        })
-    }
-
-    #[cfg(not(feature = "azure"))]
-    pub(super) fn azure(url: &str, _config: &[(String, String)]) -> Result<Parsed> {
-        Err(invalid(url, "built without the `azure` feature"))
-    }
+    cloud_store!(
+        s3,
+        "s3",
+        object_store::aws::AmazonS3Builder,
+        object_store::aws::AmazonS3ConfigKey
+    );
+    cloud_store!(
+        gcs,
+        "gcs",
+        object_store::gcp::GoogleCloudStorageBuilder,
+        object_store::gcp::GoogleConfigKey
+    );
+    cloud_store!(
+        azure,
+        "azure",
+        object_store::azure::MicrosoftAzureBuilder,
+        object_store::azure::AzureConfigKey
+    );
 }
 
 #[cfg(test)]
