@@ -11,6 +11,20 @@ fn restore(target: &Target, volume: &VolumeName, id: &strata::target::BackupId) 
     std::fs::read(out.path()).expect("read")
 }
 
+/// Writes `len` bytes of `byte` at `offset` of the volume, then backs it up.
+fn write_and_back_up(
+    target: &Target,
+    volume: &VolumeName,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    byte: u8,
+) -> strata::target::BackupManifest {
+    file.write_all_at(&vec![byte; len as usize], offset)
+        .expect("write");
+    strata::backup_volume(target, volume, file, &Default::default(), &mut |_| {}).expect("backup")
+}
+
 #[test]
 fn backups_prune_and_restore_on_an_object_store() {
     let target = Target::open("memory://").expect("memory target");
@@ -27,17 +41,7 @@ fn backups_prune_and_restore_on_an_object_store() {
     .into_iter()
     .enumerate()
     {
-        file.as_file()
-            .write_all_at(&vec![byte; len as usize], offset)
-            .expect("write");
-        let manifest = strata::backup_volume(
-            &target,
-            &volume,
-            file.as_file(),
-            &Default::default(),
-            &mut |_| {},
-        )
-        .expect("backup");
+        let manifest = write_and_back_up(&target, &volume, file.as_file(), offset, len, byte);
         assert_eq!(manifest.parent.is_some(), i > 0);
         points.push((manifest.id, std::fs::read(file.path()).expect("read")));
     }
@@ -85,17 +89,7 @@ fn prune_finishes_a_fold_interrupted_after_the_image_was_replaced() {
     file.as_file().set_len(8 << 20).expect("size");
     let mut points = Vec::new();
     for (offset, byte) in [(0u64, 1u8), (1 << 20, 2), (3 << 20, 3)] {
-        file.as_file()
-            .write_all_at(&vec![byte; 1 << 20], offset)
-            .expect("write");
-        let manifest = strata::backup_volume(
-            &target,
-            &volume,
-            file.as_file(),
-            &Default::default(),
-            &mut |_| {},
-        )
-        .expect("backup");
+        let manifest = write_and_back_up(&target, &volume, file.as_file(), offset, 1 << 20, byte);
         points.push((manifest, std::fs::read(file.path()).expect("read")));
     }
     // The first half of a fold of point 1 into point 2: point 2's image replaced by the merge
