@@ -8,17 +8,26 @@
 //!
 //! let target = Target::open("/srv/backups")?;
 //! let volume = VolumeName::new("pvc-data")?;
-//! let manifest = strata::backup_volume(&target, &volume, "/dev/vdb".as_ref(),
-//!     &Default::default(), &mut |_| {})?;
+//! let source = strata::open_volume("/dev/vdb".as_ref())?;
+//! let manifest = strata::backup_volume(&target, &volume, &source, &Default::default(),
+//!     &mut |_| {})?;
 //! strata::restore_volume(&target, &volume, Some(&manifest.id), "restored.raw".as_ref(),
 //!     &mut |_| {})?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Features
+//!
+//! - `kubernetes` (default): re-exports `discovery` and `csi`, the Kubernetes side (kube and
+//!   its TLS stack). Without it the facade is the data path alone (images, chains, targets,
+//!   NBD), which builds much faster.
 
 mod volume;
 
 pub use strata_chain as chain;
+#[cfg(feature = "kubernetes")]
 pub use strata_csi as csi;
+#[cfg(feature = "kubernetes")]
 pub use strata_discovery as discovery;
 pub use strata_nbd as nbd;
 pub use strata_qcow2 as qcow2;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod convert;
 mod convert_qcow2;
+#[cfg(feature = "kubernetes")]
 mod discover;
 mod info;
 mod map;
@@ -32,6 +33,7 @@ enum Command {
     /// Show where each guest range of an image is stored.
     Map(map::Args),
     /// List an application's objects (in restore order) and volumes, from a dump or a cluster.
+    #[cfg(feature = "kubernetes")]
     Discover(discover::Args),
     /// Back up a volume into a target (full, or incremental on the latest backup).
     Backup(volumes::BackupArgs),
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Map(args) => map::run(args),
+        #[cfg(feature = "kubernetes")]
         Command::Discover(args) => discover::run(args),
         Command::Backup(args) => volumes::backup(args),
         Command::Restore(args) => volumes::restore(args),
