@@ -45,6 +45,8 @@ const REVIEWS: &str = "/apis/authentication.k8s.io/v1/selfsubjectreviews";
 
 /// One message: type, capacity, tuples.
 type Message = (i32, i64, Vec<(i64, i64)>);
+/// One message as sent, or the status that ends the stream.
+type Sent = Result<(i32, i64, Vec<BlockMetadata>), Status>;
 
 /// What one call asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,11 +94,7 @@ impl Fake {
 
     /// Checks the token and records the call; the messages from `starting_offset` on, as the
     /// API says: no tuple ending at or before it.
-    fn answer(
-        &self,
-        token: &str,
-        call: Call,
-    ) -> Result<Vec<Result<(i32, i64, Vec<BlockMetadata>), Status>>, Status> {
+    fn answer(&self, token: &str, call: Call) -> Result<Vec<Sent>, Status> {
         if token != format!("token-of-backup/strata-for-{AUDIENCE}") {
             return Err(Status::unauthenticated("token not for this audience"));
         }

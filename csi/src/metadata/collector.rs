@@ -352,7 +352,8 @@ mod tests {
 
     #[test]
     fn hostile_tuples_are_named() {
-        let cases: [(i32, i64, Vec<(i64, i64)>, Violation); 8] = [
+        type Case = (i32, i64, Vec<(i64, i64)>, Violation);
+        let cases: [Case; 8] = [
             (0, MIB, vec![], Violation::UnknownType(0)),
             (7, MIB, vec![], Violation::UnknownType(7)),
             (FIXED, -1, vec![], Violation::InvalidCapacity(-1)),

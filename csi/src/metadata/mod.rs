@@ -9,7 +9,8 @@
 //! service's CA, then `GetMetadataAllocated` (no base: the ranges holding data, for a full
 //! backup) or `GetMetadataDelta` (the base snapshot's CSI handle and the target's name: the
 //! changed ranges, for an incremental), streamed, checked ([`Violation`]), coalesced and resumed
-//! from the last range received when the stream breaks ([`fetch`]).
+//! from the last range received when the stream breaks ([`fetch`]). In the cluster, a backup
+//! datamover runs it as an init step ([`backup_job_with_changed_blocks`]).
 //!
 //! ```no_run
 //! use strata_csi::metadata::{ChangedBlocksRequest, FetchOptions, changed_blocks, write_changed_ranges};

@@ -4,6 +4,6 @@
 //! [`snapshot_metadata_client::SnapshotMetadataClient`] calls the service;
 //! [`snapshot_metadata_server`] lets a Rust program serve it (the tests do).
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::bare_urls)]
+#![allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
 
 tonic::include_proto!("snapshotmetadata");
