@@ -87,6 +87,59 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The CSI driver advertises no SnapshotMetadata service: no `SnapshotMetadataService` of
+    /// its name exists (or the CRD is not installed), so it offers no changed-block tracking.
+    #[error(
+        "CSI driver {driver:?} offers no changed-block tracking: no SnapshotMetadataService {driver:?} (cbt.storage.k8s.io/v1beta1)"
+    )]
+    NoMetadataService {
+        /// The snapshot's CSI driver.
+        driver: String,
+    },
+    /// The driver's `SnapshotMetadataService` holds an unusable address or CA certificate.
+    #[error("SnapshotMetadataService {driver:?}: invalid {what}: {reason}")]
+    BadMetadataService {
+        /// The driver (the object's name).
+        driver: String,
+        /// The field.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The SnapshotMetadata service could not be reached.
+    #[error("cannot connect to the SnapshotMetadata service at {address}")]
+    MetadataConnect {
+        /// `host:port` of the service.
+        address: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The SnapshotMetadata service refused the call, or kept failing it without progress.
+    #[error("{call} of {snapshot} failed with {code:?} after {calls} call(s)")]
+    MetadataCall {
+        /// `GetMetadataAllocated` or `GetMetadataDelta`.
+        call: &'static str,
+        /// The snapshot(s) asked about.
+        snapshot: String,
+        /// The gRPC status code of the last failure.
+        code: tonic::Code,
+        /// Calls made, the first included.
+        calls: u32,
+        /// The last failure.
+        #[source]
+        source: Box<tonic::Status>,
+    },
+    /// The SnapshotMetadata service's reply breaks the API's rules; it is not retried.
+    #[error("{call} of {snapshot}: invalid reply: {violation}")]
+    BadMetadata {
+        /// `GetMetadataAllocated` or `GetMetadataDelta`.
+        call: &'static str,
+        /// The snapshot(s) asked about.
+        snapshot: String,
+        /// The broken rule.
+        violation: crate::metadata::Violation,
+    },
     /// The Kubernetes API call failed.
     #[error("Kubernetes API: {operation}")]
     Kube {

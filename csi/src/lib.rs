@@ -7,6 +7,10 @@
 //! ([`pvc_from_snapshot`], Block mode when the datamover reads the raw device), run a datamover
 //! Job on it ([`datamover::backup_job`]) and clean up ([`client::delete_snapshot`]).
 //!
+//! For an incremental, [`metadata`] asks the CSI driver's SnapshotMetadata service (Kubernetes
+//! changed-block tracking) which ranges changed since the previous backup's snapshot, so the
+//! datamover reads only those ([`metadata::backup_job_with_changed_blocks`]).
+//!
 //! ```
 //! use strata_csi::{Role, VolumeKey, volume_snapshot};
 //!
@@ -29,12 +33,15 @@
 //!
 //! # Crate features
 //!
-//! None. The crate depends on kube (client) and k8s-openapi with the workspace's API version.
+//! None. The crate depends on kube (client) and k8s-openapi with the workspace's API version, and
+//! on tonic and prost for the SnapshotMetadata gRPC API, whose `.proto` file is compiled at build
+//! time by protox (no `protoc` needed). TLS everywhere is rustls with the aws-lc-rs provider.
 
 mod class;
 pub mod client;
 pub mod datamover;
 mod error;
+pub mod metadata;
 pub mod naming;
 mod pvc;
 mod snapshot;

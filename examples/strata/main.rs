@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod changed_blocks;
 mod convert;
 mod convert_qcow2;
 #[cfg(feature = "kubernetes")]
@@ -49,6 +50,8 @@ enum Command {
     Serve(serve::Args),
     /// Serve a local image or chain over NBD (read-only).
     ServeImage(serve::ImageArgs),
+    /// List a snapshot's changed ranges via CSI changed-block tracking, for `backup --changed-ranges`.
+    ChangedBlocks(changed_blocks::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Prune(args) => volumes::prune(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeImage(args) => serve::run_image(args),
+        Command::ChangedBlocks(args) => changed_blocks::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

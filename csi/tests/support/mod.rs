@@ -1,7 +1,11 @@
 //! A tiny in-memory API server for the client helpers: create (`POST`, 409 when the name is
 //! taken), get (404 when absent), list of a collection and delete of objects by URL path, plugged into
 //! `kube::Client::new` as a tower service. Tests may script the successive states a `GET` returns,
-//! standing in for the snapshot controller updating a status.
+//! standing in for the snapshot controller updating a status, and may answer `POST`s to a path
+//! with a function of the body (subresources such as a service account's `token`).
+
+// Each test binary uses its own subset of the helpers.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,10 @@ struct State {
     objects: BTreeMap<String, Value>,
     scripted: BTreeMap<String, VecDeque<Value>>,
     requests: Vec<String>,
+    answers: BTreeMap<String, Answer>,
 }
+
+type Answer = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub struct Mock {
@@ -66,6 +73,15 @@ impl Mock {
             .insert(path.to_owned(), states.into());
     }
 
+    /// `POST`s to `path` are answered with `answer(body)`, status 201.
+    pub fn answer(&self, path: &str, answer: impl Fn(&Value) -> Value + Send + Sync + 'static) {
+        self.state
+            .lock()
+            .unwrap()
+            .answers
+            .insert(path.to_owned(), Arc::new(answer));
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
@@ -82,6 +98,10 @@ impl Mock {
         let mut state = self.state.lock().unwrap();
         state.requests.push(format!("{method} {path}"));
         match method.as_str() {
+            "POST" if state.answers.contains_key(&path) => {
+                let body: Value = serde_json::from_slice(&bytes).unwrap();
+                respond(StatusCode::CREATED, &state.answers[&path](&body))
+            }
             "POST" => {
                 let mut object: Value = serde_json::from_slice(&bytes).unwrap();
                 let name = object["metadata"]["name"].as_str().unwrap().to_owned();
