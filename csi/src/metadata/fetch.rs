@@ -78,7 +78,7 @@ pub struct FetchOptions {
 }
 
 impl Default for FetchOptions {
-    /// From offset 0, the service's message size, five tries per failure with backoff from
+    /// From offset 0, the service's message size, five tries without progress, backoff from
     /// 250 ms to 8 s, and at most 1 Mi ranges (16 MiB).
     fn default() -> Self {
         FetchOptions {
