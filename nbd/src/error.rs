@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use std::io;
+use std::path::PathBuf;
 
 /// What went wrong while serving a connection or setting up a server.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,37 @@ pub enum Error {
     TooManyClients {
         /// The limit.
         limit: usize,
+    },
+    /// The copy-on-write overlay was made for another backup point or size; attaching it
+    /// would mix two disks.
+    #[error("overlay {} belongs to {recorded}, not to {wanted}", path.display())]
+    OverlayMismatch {
+        /// The overlay file.
+        path: PathBuf,
+        /// What the overlay records it belongs to.
+        recorded: String,
+        /// What it was asked to cover.
+        wanted: String,
+    },
+    /// The overlay file is not a Strata overlay, or is damaged.
+    #[error("overlay {} is unusable: {what}", path.display())]
+    OverlayCorrupt {
+        /// The overlay file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Another process has the overlay open.
+    #[error("overlay {} is in use by another process", path.display())]
+    OverlayBusy {
+        /// The overlay file.
+        path: PathBuf,
+    },
+    /// Writing the overlay failed while a connection ended.
+    #[error("overlay: {what}")]
+    Overlay {
+        /// What failed.
+        what: String,
     },
 }
 

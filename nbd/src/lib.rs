@@ -1,4 +1,5 @@
-//! A read-only NBD server over Strata's QCOW2 chains: instant access to a backup point.
+//! An NBD server over Strata's QCOW2 chains: instant access to a backup point, read-only or
+//! copy-on-write.
 //!
 //! [`Server`] serves one [`strata_qcow2::Image`] (a chain opened from local files or straight
 //! from a backup target) to any number of NBD clients: `qemu-img`, `qemu-io`, `qemu-nbd
@@ -29,9 +30,13 @@
 //!   `NBD_REPLY_TYPE_OFFSET_HOLE` chunks and data as `NBD_REPLY_TYPE_OFFSET_DATA`; `DF` gives
 //!   one data chunk), `NBD_CMD_BLOCK_STATUS` (`base:allocation`: unallocated in the whole chain
 //!   is `HOLE | ZERO`, a zero cluster is `ZERO`, data is `0`; `REQ_ONE` honoured),
-//!   `NBD_CMD_FLUSH` (nothing to flush) and `NBD_CMD_DISC`. The export is read-only:
-//!   `WRITE`, `TRIM`, `WRITE_ZEROES` and `RESIZE` fail with `EPERM`; unknown commands with
-//!   `EINVAL`.
+//!   `NBD_CMD_FLUSH` and `NBD_CMD_DISC`. By default the export is read-only: `WRITE`, `TRIM`,
+//!   `WRITE_ZEROES` and `RESIZE` fail with `EPERM`; unknown commands with `EINVAL`.
+//! - Copy-on-write ([`Server::with_overlay`]): `NBD_CMD_WRITE` (with `FUA`),
+//!   `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_TRIM` and `NBD_CMD_FLUSH` go to an [`Overlay`] file and
+//!   never to the backup; `READ_ONLY` is not advertised, `SEND_FUA`, `SEND_TRIM` and
+//!   `SEND_WRITE_ZEROES` are. A write past the end gets `ENOSPC`, a trim past it `EINVAL`
+//!   (proto.md "Error values"), and the connection goes on.
 //!
 //! # Hostile clients
 //!
@@ -52,18 +57,31 @@
 //! - **Threads, not async.** One thread per connection with `std::net`: requests are served in
 //!   order per connection (replies need not be reordered), reads are positional through
 //!   `&Image`, and the crate pulls in neither tokio nor an executor.
-//! - **Read-only.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
+//! - **Read-only by default.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
 //!   `NBD_FLAG_CAN_MULTI_CONN` are advertised, so clients may open several connections.
+//! - **Overlay format.** One sparse file: a header naming what it belongs to (backup point or
+//!   image, and size), a 2-bit-per-64-KiB-granule map (backup / data / zeroed / trimmed) and the
+//!   data at its guest offset. Reads of unwritten granules go to the backup, so a fresh overlay
+//!   costs nothing; a partial write of a granule copies the rest of it first. QCOW2 would also
+//!   do, but needs allocation tables and refcounts for what a bitmap and file offsets give for
+//!   free; a raw sparse file alone cannot tell written zeros from "read the backup". The map is
+//!   kept in memory (size / 256 KiB bytes) and persisted on flush after the data, so an
+//!   overlay survives restarts and crashes lose only unflushed writes. Writes hold the map's
+//!   lock for their duration, so several clients never lose each other's copy-on-write bytes,
+//!   and `CAN_MULTI_CONN` stays true. An advisory `flock` keeps two processes off one file.
 //!
 //! # Crate features
 //!
 //! None.
 
 mod error;
+mod export;
 mod handshake;
+mod overlay;
 pub mod proto;
 mod server;
 mod transmission;
 
 pub use error::{Error, Result};
+pub use overlay::Overlay;
 pub use server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_REQUEST, Server};

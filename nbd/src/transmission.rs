@@ -2,26 +2,35 @@
 
 use std::io::{self, Read, Write};
 
-use strata_qcow2::{Extent, ExtentKind, Image};
-
 use crate::error::{Error, Result};
+use crate::export::{Export, Payload};
 use crate::handshake::{BASE_ALLOCATION_ID, Negotiated};
-use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno, state};
+use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno};
 
 /// Most block-status descriptors in one reply (proto.md lets a server send fewer than the
 /// whole range needs); bounds the reply's memory.
 const MAX_DESCRIPTORS: usize = 4096;
+/// The message of a request past the end of the export.
+const PAST_END: &str = "range past the end of the export";
 
 /// One connection's transmission state.
 pub(crate) struct Transmission<'a> {
-    pub image: &'a Image,
+    pub export: &'a Export,
     pub session: Negotiated,
     pub max_request: u32,
 }
 
 impl Transmission<'_> {
     /// Serves requests until the client disconnects (`Ok`) or breaks the protocol (`Err`).
+    /// A writable export's overlay is flushed when the connection ends.
     pub fn run(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
+        let result = self.serve_requests(reader, writer);
+        let flushed = self.export.flush();
+        result?;
+        flushed.map_err(|what| Error::Overlay { what })
+    }
+
+    fn serve_requests(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
         loop {
             let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
                 Ok(head) => head,
@@ -36,26 +45,29 @@ impl Transmission<'_> {
                 cmd::DISC => return Ok(()),
                 cmd::READ => self.read(writer, &request)?,
                 cmd::BLOCK_STATUS => self.block_status(writer, &request)?,
-                cmd::FLUSH => self.reply_error(writer, &request, 0, "")?,
+                cmd::FLUSH => match self.export.flush() {
+                    Ok(()) => self.reply_error(writer, &request, 0, "")?,
+                    Err(why) => self.reply_error(writer, &request, errno::EIO, &why)?,
+                },
                 cmd::WRITE => {
-                    // The payload follows; skip it when it is of a size we accept, otherwise
-                    // the stream cannot be resynchronised safely.
+                    // The payload follows and must be consumed to stay in step; one larger
+                    // than the maximum block size cannot be skipped safely.
                     if request.length > self.max_request {
                         return Err(Error::protocol(format!(
                             "write of {} bytes",
                             request.length
                         )));
                     }
-                    let skipped =
-                        io::copy(&mut reader.take(u64::from(request.length)), &mut io::sink())
-                            .map_err(Error::io("skipping a write payload"))?;
-                    if skipped != u64::from(request.length) {
-                        return Err(Error::protocol("write payload cut short"));
-                    }
-                    self.reply_error(writer, &request, errno::EPERM, "read-only export")?;
+                    let mut data = vec![0u8; request.length as usize];
+                    reader
+                        .read_exact(&mut data)
+                        .map_err(Error::io("reading a write payload"))?;
+                    self.write(writer, &request, Payload::Bytes(&data))?;
                 }
-                cmd::TRIM | cmd::WRITE_ZEROES | cmd::RESIZE => {
-                    self.reply_error(writer, &request, errno::EPERM, "read-only export")?
+                cmd::WRITE_ZEROES => self.write(writer, &request, Payload::Zeroes)?,
+                cmd::TRIM => self.write(writer, &request, Payload::Trim)?,
+                cmd::RESIZE => {
+                    self.reply_error(writer, &request, errno::EPERM, "the size is fixed")?
                 }
                 _ => self.reply_error(writer, &request, errno::EINVAL, "unknown command")?,
             }
@@ -63,9 +75,40 @@ impl Transmission<'_> {
         }
     }
 
+    /// `NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_TRIM`: `EPERM` on a read-only
+    /// export, `ENOSPC` for a write past the end and `EINVAL` for a trim past it (proto.md
+    /// "Error values").
+    fn write(
+        &self,
+        writer: &mut impl Write,
+        request: &Request,
+        payload: Payload<'_>,
+    ) -> Result<()> {
+        if !self.export.writable() {
+            return self.reply_error(writer, request, errno::EPERM, "read-only export");
+        }
+        if let Some(why) = self.check_range(request, u32::MAX) {
+            let past_end = why == PAST_END && !matches!(payload, Payload::Trim);
+            let error = if past_end {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
+            return self.reply_error(writer, request, error, why);
+        }
+        let fua = request.flags & cmd_flag::FUA != 0;
+        match self
+            .export
+            .write(request.offset, u64::from(request.length), payload, fua)
+        {
+            Ok(()) => self.reply_error(writer, request, 0, ""),
+            Err(why) => self.reply_error(writer, request, errno::EIO, &why),
+        }
+    }
+
     /// Checks a request's range against the export; the message says what is wrong.
     fn check_range(&self, request: &Request, max_len: u32) -> Option<&'static str> {
-        let size = self.image.virtual_size();
+        let size = self.export.size();
         if request.length == 0 {
             Some("zero length")
         } else if request.length > max_len {
@@ -75,7 +118,7 @@ impl Transmission<'_> {
             .checked_add(u64::from(request.length))
             .is_none_or(|end| end > size)
         {
-            Some("range past the end of the export")
+            Some(PAST_END)
         } else {
             None
         }
@@ -85,14 +128,11 @@ impl Transmission<'_> {
         if let Some(why) = self.check_range(request, self.max_request) {
             return self.reply_error(writer, request, errno::EINVAL, why);
         }
-        let extents = match self.image.map(request.offset, u64::from(request.length)) {
-            Ok(extents) => extents,
-            Err(err) => return self.reply_error(writer, request, errno::EIO, &err.to_string()),
-        };
         let mut data = vec![0u8; request.length as usize];
-        if let Err(err) = read_extents(self.image, &extents, request.offset, &mut data) {
-            return self.reply_error(writer, request, errno::EIO, &err.to_string());
-        }
+        let runs = match self.export.read(request.offset, &mut data) {
+            Ok(runs) => runs,
+            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+        };
         if !self.session.structured {
             proto::write_simple_reply(writer, 0, request.cookie)?;
             return writer
@@ -102,20 +142,13 @@ impl Transmission<'_> {
         if request.flags & cmd_flag::DF != 0 {
             return send_data(writer, request.cookie, request.offset, &data, true);
         }
-        // Zero ranges go out as holes, data runs (adjacent data extents joined) as data.
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        for e in &extents {
-            let zero = e.kind.is_zero();
-            match runs.last_mut() {
-                Some((_, len, z)) if *z == zero => *len += e.length,
-                _ => runs.push((e.start, e.length, zero)),
-            }
-        }
+        // Zero runs go out as holes, data runs as data.
         let last = runs.len().saturating_sub(1);
-        for (i, (start, len, zero)) in runs.into_iter().enumerate() {
+        for (i, run) in runs.into_iter().enumerate() {
+            let (start, len) = (run.start, run.len);
             let done = i == last;
             let flags = if done { chunk::FLAG_DONE } else { 0 };
-            if zero {
+            if run.zero {
                 proto::write_chunk_header(writer, flags, chunk::OFFSET_HOLE, request.cookie, 12)?;
                 let mut payload = [0u8; 12];
                 payload[..8].copy_from_slice(&start.to_be_bytes());
@@ -142,36 +175,13 @@ impl Transmission<'_> {
         }
         let one = request.flags & cmd_flag::REQ_ONE != 0;
         let limit = if one { 1 } else { MAX_DESCRIPTORS };
-        let mut descriptors: Vec<(u32, u32)> = Vec::new();
-        // Walk the range in windows so a fragmented chain never makes a huge extent list.
-        let window = self.image.cluster_size().max(512) * 1024;
-        let end = request.offset + u64::from(request.length);
-        let mut pos = request.offset;
-        while pos < end && descriptors.len() < limit {
-            let len = window.min(end - pos);
-            let mut full = false;
-            let result = self.image.for_each_extent(pos, len, |e| {
-                if full {
-                    return Ok(());
-                }
-                let flags = allocation_flags(e.kind);
-                let count = descriptors.len();
-                match descriptors.last_mut() {
-                    // Lengths add up to at most the request's 32-bit length.
-                    Some((l, f)) if *f == flags => *l += e.length as u32,
-                    _ if count >= limit => full = true,
-                    _ => descriptors.push((e.length as u32, flags)),
-                }
-                Ok(())
-            });
-            if let Err(err) = result {
-                return self.reply_error(writer, request, errno::EIO, &err.to_string());
-            }
-            if full {
-                break;
-            }
-            pos += len;
-        }
+        let descriptors = match self
+            .export
+            .status(request.offset, u64::from(request.length), limit)
+        {
+            Ok(descriptors) => descriptors,
+            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+        };
         let payload_len = 4 + 8 * descriptors.len();
         proto::write_chunk_header(
             writer,
@@ -222,35 +232,6 @@ impl Transmission<'_> {
             .write_all(&payload)
             .map_err(Error::io("sending an error"))
     }
-}
-
-/// `base:allocation` flags of an extent: unallocated in the whole chain is a hole that reads as
-/// zeros; a zero cluster reads as zeros but is allocated.
-fn allocation_flags(kind: ExtentKind) -> u32 {
-    match kind {
-        ExtentKind::Unallocated => state::HOLE | state::ZERO,
-        ExtentKind::Zero { .. } => state::ZERO,
-        _ => 0,
-    }
-}
-
-/// Reads the data of `extents` (which cover `offset..offset + buf.len()`) into `buf`.
-fn read_extents(
-    image: &Image,
-    extents: &[Extent],
-    offset: u64,
-    buf: &mut [u8],
-) -> strata_qcow2::Result<()> {
-    for e in extents {
-        let from = (e.start - offset) as usize;
-        let Some(part) = buf.get_mut(from..from + e.length as usize) else {
-            return Err(strata_qcow2::Error::InvalidArgument(
-                "extent outside the request".into(),
-            ));
-        };
-        image.read_extent(e, part)?;
-    }
-    Ok(())
 }
 
 fn send_data(
