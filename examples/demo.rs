@@ -115,16 +115,12 @@ fn main() -> anyhow::Result<()> {
                 .progress_chars("=> "),
         );
         let started = Instant::now();
-        let manifest = strata::backup_volume(
-            &target,
-            &name,
-            &volume_path,
-            &Default::default(),
-            &mut |p| {
+        let source = strata::open_volume(&volume_path)?;
+        let manifest =
+            strata::backup_volume(&target, &name, &source, &Default::default(), &mut |p| {
                 bar.set_position(p.scanned_bytes);
                 bar.set_message(format!("{} clusters changed", p.changed_clusters));
-            },
-        )?;
+            })?;
         let took = started.elapsed();
         bar.finish_and_clear();
         points.push((manifest.id.clone(), hash_file(&volume_path)?));

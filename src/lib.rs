@@ -25,5 +25,5 @@ pub use strata_qcow2 as qcow2;
 pub use strata_target as target;
 pub use volume::{
     BackupOptions, CHECKSUMS_FILE, DIGESTS_FILE, Error, Result, VerifyReport, backup_volume,
-    chain_text, list, open_backup, open_destination, prune, restore_volume, verify,
+    chain_text, list, open_backup, open_destination, open_volume, prune, restore_volume, verify,
 };

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use strata_chain::{ByteRange, ChangeSource, ClusterChecksums, Damage, DigestManifest, Progress};
-use strata_qcow2::{Image, WriterOptions, hydrate_with_progress};
+use strata_qcow2::{Image, VolumeRead, WriterOptions, hydrate_with_progress};
 use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
 
 /// Side file holding the digest manifest of a backup.
@@ -43,6 +43,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The source volume failed.
+    #[error("the volume: {action}")]
+    Volume {
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Something asked for does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -62,13 +71,19 @@ pub struct BackupOptions {
     pub cluster_size: Option<u64>,
 }
 
-/// Backs up the volume at `source` (a file or block device) into `target`.
+/// Opens the volume at `path` (a file or block device) for a backup.
+pub fn open_volume(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| io_error(path, "opening the volume", e))
+}
+
+/// Backs up `source` (a file or block device from [`open_volume`], an NBD export, any
+/// [`VolumeRead`]) into `target`.
 ///
 /// Returns the committed manifest. `progress` is called as the volume is scanned.
 pub fn backup_volume(
     target: &Target,
     volume: &VolumeName,
-    source: &Path,
+    source: &dyn VolumeRead,
     options: &BackupOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupManifest> {
@@ -77,9 +92,10 @@ pub fn backup_volume(
     } else {
         target.latest(volume)?
     };
-    let file = File::open(source).map_err(|e| io_error(source, "opening the volume", e))?;
-    let size = strata_qcow2::ReadAt::len(&file)
-        .map_err(|e| io_error(source, "reading the volume size", e))?;
+    let size = source.size().map_err(|e| Error::Volume {
+        action: "reading the volume size",
+        source: e,
+    })?;
     let cluster_size = latest
         .as_ref()
         .map(|m| m.cluster_size)
@@ -114,7 +130,7 @@ pub fn backup_volume(
         (None, None) => ChangeSource::Full,
     };
     let sink = upload.image_sink()?;
-    let (_, outcome) = strata_chain::backup(&file, sink, &writer_options, change, progress)?;
+    let (_, outcome) = strata_chain::backup(source, sink, &writer_options, change, progress)?;
     upload.put_file(&side_file(DIGESTS_FILE), outcome.digests.encode().into())?;
     upload.put_file(
         &side_file(CHECKSUMS_FILE),

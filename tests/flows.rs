@@ -33,7 +33,7 @@ fn backups_prune_and_restore_on_an_object_store() {
         let manifest = strata::backup_volume(
             &target,
             &volume,
-            file.path(),
+            file.as_file(),
             &Default::default(),
             &mut |_| {},
         )
@@ -64,7 +64,7 @@ fn backups_prune_and_restore_on_an_object_store() {
     let next = strata::backup_volume(
         &target,
         &volume,
-        file.path(),
+        file.as_file(),
         &Default::default(),
         &mut |_| {},
     )

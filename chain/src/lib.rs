@@ -48,6 +48,7 @@ mod error;
 mod merge;
 mod progress;
 mod ranges;
+mod read_ahead;
 mod verify;
 
 pub use backup::{BackupOutcome, ChangeSource, backup};

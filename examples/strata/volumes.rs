@@ -116,8 +116,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         changed_ranges,
         cluster_size: None,
     };
+    let source = strata::open_volume(&args.source)?;
     let bar = bar(0, args.quiet);
-    let manifest = strata::backup_volume(&target, &volume, &args.source, &options, &mut |p| {
+    let manifest = strata::backup_volume(&target, &volume, &source, &options, &mut |p| {
         bar.set_length(p.total_bytes);
         bar.set_position(p.scanned_bytes);
         bar.set_message(format!("{} clusters changed", p.changed_clusters));

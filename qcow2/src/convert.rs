@@ -11,9 +11,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Mutex, mpsc};
 
-use rustix::fs::{SeekFrom, seek};
-use rustix::io::Errno;
-
+use crate::volume::{DataRanges, VolumeRead};
 use crate::writer::error::WriteError;
 use crate::writer::options::WriterOptions;
 use crate::writer::{WriteSummary, Writer, is_zero};
@@ -96,7 +94,7 @@ pub fn convert_raw_file(
 /// `backing` (the chain named by `options.backing_file`), a cluster equal to what the backing
 /// reads is left unallocated, one that became all zeros is a zero cluster, any other is stored.
 pub fn convert_raw<S: ImageSink>(
-    source: &File,
+    source: &dyn VolumeRead,
     sink: S,
     options: &WriterOptions,
     backing: Option<&dyn BackingRead>,
@@ -107,7 +105,9 @@ pub fn convert_raw<S: ImageSink>(
             reason: "an overlay needs both the backing file name and its content",
         });
     }
-    let size = ReadAt::len(source).map_err(WriteError::io("reading the source size", 0))?;
+    let size = source
+        .size()
+        .map_err(WriteError::io("reading the source size", 0))?;
     let mut writer = Writer::new(sink, options, size)?;
     let chunk = CHUNK.next_multiple_of(writer.cluster_size());
     // Ranges end at the source's length; the image's last sector may reach past it.
@@ -134,8 +134,8 @@ type Delivery = Result<(u64, u64, Vec<u8>, Range<usize>), WriteError>;
 /// so reading the source overlaps writing the image. Chunks are reassembled in order.
 fn write_base<S: ImageSink>(
     writer: &mut Writer<S>,
-    source: &File,
-    ranges: &mut DataRanges<'_>,
+    source: &dyn VolumeRead,
+    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     chunk: u64,
 ) -> Result<(), WriteError> {
     let cluster = writer.cluster_size();
@@ -209,15 +209,15 @@ fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
 
 /// Splits whole clusters around every data range into chunks of at most `chunk` bytes.
 fn plan_chunks(
-    ranges: &mut DataRanges<'_>,
+    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     cluster: u64,
     chunk: u64,
     tasks: &mpsc::SyncSender<Task>,
 ) -> Result<(), WriteError> {
-    let size = ranges.size;
+    let size = ranges.size();
     let mut done = 0;
     let mut seq = 0;
-    while let Some((start, end)) = ranges.next_range()? {
+    while let Some((start, end)) = next_range(ranges, done)? {
         // Whole clusters around the data, never going back over what was planned.
         let start = (start - start % cluster).max(done);
         let end = end.next_multiple_of(cluster).min(size);
@@ -237,8 +237,8 @@ fn plan_chunks(
 
 fn write_overlay<S: ImageSink>(
     writer: &mut Writer<S>,
-    source: &File,
-    ranges: &mut DataRanges<'_>,
+    source: &dyn VolumeRead,
+    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     backing: &dyn BackingRead,
     chunk: u64,
 ) -> Result<(), WriteError> {
@@ -248,7 +248,7 @@ fn write_overlay<S: ImageSink>(
     let (mut new, mut old) = (Vec::new(), Vec::new());
     let new_range = page_aligned(&mut new, chunk as usize);
     let old_range = page_aligned(&mut old, chunk as usize);
-    let mut pending = ranges.next_range()?;
+    let mut pending = next_range(ranges, 0)?;
     let mut offset = 0;
     while offset < size {
         let len = (size - offset).min(chunk);
@@ -276,7 +276,7 @@ fn write_overlay<S: ImageSink>(
             if stop > end {
                 break;
             }
-            pending = ranges.next_range()?;
+            pending = next_range(ranges, end)?;
         }
 
         // The backing: zero past its end or where it says it holds nothing.
@@ -314,62 +314,17 @@ fn write_overlay<S: ImageSink>(
     Ok(())
 }
 
-fn read_source(source: &File, buf: &mut [u8], offset: u64) -> Result<(), WriteError> {
-    ReadAt::read_exact_at(source, buf, offset).map_err(WriteError::io("reading the source", offset))
+fn read_source(source: &dyn VolumeRead, buf: &mut [u8], offset: u64) -> Result<(), WriteError> {
+    source
+        .read_exact_at(buf, offset)
+        .map_err(WriteError::io("reading the source", offset))
 }
 
-/// The data ranges of a file in ascending order, from `SEEK_DATA`/`SEEK_HOLE`; a file system
-/// without them reports the whole file as one range.
-/// The data ranges of a raw file or block device, found with `SEEK_DATA`/`SEEK_HOLE` so holes
-/// are never read. Where the file system cannot tell (or for a block device), the whole rest of
-/// the source is one data range.
-#[derive(Debug)]
-pub struct DataRanges<'a> {
-    file: &'a File,
-    size: u64,
-    pos: u64,
-}
-
-impl<'a> DataRanges<'a> {
-    /// Ranges of `file` below `size`.
-    pub fn new(file: &'a File, size: u64) -> Self {
-        Self { file, size, pos: 0 }
-    }
-
-    /// The next data range `(start, end)`, in ascending order.
-    pub fn next_range(&mut self) -> Result<Option<(u64, u64)>, WriteError> {
-        if self.pos >= self.size {
-            return Ok(None);
-        }
-        let start = match seek(self.file, SeekFrom::Data(self.pos)) {
-            Ok(start) => start,
-            Err(Errno::NXIO) => {
-                self.pos = self.size;
-                return Ok(None);
-            }
-            Err(Errno::INVAL | Errno::OPNOTSUPP) => self.pos,
-            Err(errno) => {
-                return Err(WriteError::io("looking for data in the source", self.pos)(
-                    errno.into(),
-                ));
-            }
-        };
-        if start >= self.size {
-            self.pos = self.size;
-            return Ok(None);
-        }
-        let end = match seek(self.file, SeekFrom::Hole(start)) {
-            Ok(end) => end.min(self.size),
-            Err(Errno::INVAL | Errno::OPNOTSUPP) => self.size,
-            Err(errno) => {
-                return Err(WriteError::io("looking for holes in the source", start)(
-                    errno.into(),
-                ));
-            }
-        };
-        // A hole reported at `start` itself would stall; treat that byte range as data.
-        let end = if end <= start { self.size } else { end };
-        self.pos = end;
-        Ok(Some((start, end)))
-    }
+fn next_range(
+    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
+    at: u64,
+) -> Result<Option<(u64, u64)>, WriteError> {
+    ranges
+        .next_range()
+        .map_err(WriteError::io("looking for data in the source", at))
 }

@@ -5,8 +5,10 @@
 //! inside data are skipped too, so the result is as sparse as the source allows. A block device
 //! cannot have holes: there every range that reads as zeros is written as zeros.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::sync::{Mutex, mpsc};
 
 use crate::error::{Error, Result, io_err};
 use crate::image::Image;
@@ -35,7 +37,12 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
     hydrate_with_progress(image, dest, dest_name, &mut |_| {})
 }
 
-/// [`hydrate`], calling `progress` with the guest offset reached after each extent.
+/// [`hydrate`], calling `progress` with the guest offset below which everything is written.
+///
+/// The chain's map is walked once on this thread, which cuts the data into runs of up to
+/// 4 MiB; [`WORKERS`] threads read the runs and write them at their offsets, so reads from a
+/// source with latency (object storage, NFS) overlap. Memory: one 4 MiB buffer per worker
+/// besides the reader's caches.
 pub fn hydrate_with_progress(
     image: &Image,
     dest: &File,
@@ -59,77 +66,194 @@ pub fn hydrate_with_progress(
         dest.set_len(size)
             .map_err(|e| io_err(dest_name, "setting the file size", e))?;
     }
-    let mut out = Output {
+    let output = Output {
         dest,
         dest_name,
         device,
-        buf: Vec::with_capacity(RUN_BYTES),
-        start: 0,
-        stats: HydrateStats::default(),
     };
-    image.for_each_extent(0, size, |extent| {
-        out.extent(image, extent)?;
-        progress(extent.end());
-        Ok(())
+    let (task_tx, task_rx) = mpsc::sync_channel::<Run>(WORKERS);
+    let task_rx = Mutex::new(task_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
+    let mut stats = HydrateStats::default();
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let (task_rx, done_tx, output) = (&task_rx, done_tx.clone(), &output);
+            scope.spawn(move || {
+                let mut buf = Vec::with_capacity(RUN_BYTES);
+                while let Some(run) = lock_recv(task_rx) {
+                    if done_tx.send(output.run(image, run, &mut buf)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        // Returning (on an error too) drops the task sender, which stops the workers.
+        let (task_tx, done_rx) = (task_tx, done_rx);
+        let mut order = Order::default();
+        let mut run = Run::default();
+        let mut send = |run: Run, order: &mut Order, stats: &mut HydrateStats| -> Result<()> {
+            order.started(run.seq, run.end());
+            task_tx
+                .send(run)
+                .map_err(|_| Error::InvalidArgument("hydration workers stopped".into()))?;
+            // Take what is done without waiting, so progress moves and errors stop the walk.
+            while let Ok(done) = done_rx.try_recv() {
+                order.finished(done?, stats, progress);
+            }
+            Ok(())
+        };
+        image.for_each_extent(0, size, |extent| {
+            if extent.kind.is_zero() {
+                if device {
+                    output.write_zeros(extent.start, extent.length, &mut stats)?;
+                }
+                return Ok(());
+            }
+            let mut pos = extent.start;
+            while pos < extent.end() {
+                if !run.pieces.is_empty() && (run.end() != pos || run.len() == RUN_BYTES as u64) {
+                    let next = Run::after(&run);
+                    send(std::mem::replace(&mut run, next), &mut order, &mut stats)?;
+                }
+                let room = RUN_BYTES as u64 - run.len();
+                let n = room.min(extent.end() - pos);
+                // A compressed extent's pieces are read from within its cluster.
+                run.pieces.push(Extent {
+                    start: pos,
+                    length: n,
+                    kind: shift(extent.kind, pos - extent.start),
+                });
+                pos += n;
+            }
+            Ok(())
+        })?;
+        if !run.pieces.is_empty() {
+            let next = Run::after(&run);
+            send(std::mem::replace(&mut run, next), &mut order, &mut stats)?;
+        }
+        drop(send);
+        drop(task_tx);
+        for done in done_rx.iter() {
+            order.finished(done?, &mut stats, progress);
+        }
+        Ok::<(), Error>(())
     })?;
-    out.flush()?;
+    progress(size);
     if device {
         dest.sync_data()
             .map_err(|e| io_err(dest_name, "flushing the device", e))?;
     }
-    Ok(out.stats)
+    Ok(stats)
 }
 
-/// Gathers adjacent data into one buffer so that writes are large.
+/// Hydration threads.
+pub const WORKERS: usize = 4;
+
+fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
+    receiver.lock().ok()?.recv().ok()
+}
+
+/// Adjacent data pieces read and written together.
+#[derive(Debug, Default)]
+struct Run {
+    seq: u64,
+    pieces: Vec<Extent>,
+}
+
+impl Run {
+    fn after(run: &Run) -> Self {
+        Self {
+            seq: run.seq + 1,
+            pieces: Vec::new(),
+        }
+    }
+
+    fn start(&self) -> u64 {
+        self.pieces.first().map_or(0, |p| p.start)
+    }
+
+    fn end(&self) -> u64 {
+        self.pieces.last().map_or(0, Extent::end)
+    }
+
+    fn len(&self) -> u64 {
+        self.end() - self.start()
+    }
+}
+
+/// A run written.
+struct Done {
+    seq: u64,
+    data_bytes: u64,
+    written_bytes: u64,
+}
+
+/// Runs finish out of order; progress reports the end of the longest finished prefix.
+#[derive(Default)]
+struct Order {
+    ends: BTreeMap<u64, (u64, bool)>,
+}
+
+impl Order {
+    fn started(&mut self, seq: u64, end: u64) {
+        self.ends.insert(seq, (end, false));
+    }
+
+    fn finished(&mut self, done: Done, stats: &mut HydrateStats, progress: &mut dyn FnMut(u64)) {
+        stats.data_bytes += done.data_bytes;
+        stats.written_bytes += done.written_bytes;
+        if let Some(entry) = self.ends.get_mut(&done.seq) {
+            entry.1 = true;
+        }
+        let mut reached = None;
+        while let Some(entry) = self.ends.first_entry() {
+            if !entry.get().1 {
+                break;
+            }
+            reached = Some(entry.remove().0);
+        }
+        if let Some(end) = reached {
+            progress(end);
+        }
+    }
+}
+
+/// Where hydrated bytes go.
 struct Output<'a> {
     dest: &'a File,
     dest_name: &'a str,
     device: bool,
-    buf: Vec<u8>,
-    /// Guest offset of `buf[0]`.
-    start: u64,
-    stats: HydrateStats,
 }
 
 impl Output<'_> {
-    fn extent(&mut self, image: &Image, extent: Extent) -> Result<()> {
-        if extent.kind.is_zero() {
-            self.flush()?;
-            if self.device {
-                self.write_zeros(extent.start, extent.length)?;
-            }
-            return Ok(());
+    /// Reads a run's pieces into `buf` and writes them, leaving blocks of zeros as holes on
+    /// a regular file.
+    fn run(&self, image: &Image, run: Run, buf: &mut Vec<u8>) -> Result<Done> {
+        let start = run.start();
+        buf.clear();
+        buf.resize(run.len() as usize, 0);
+        for piece in &run.pieces {
+            let from = (piece.start - start) as usize;
+            let part = buf
+                .get_mut(from..from + piece.length as usize)
+                .ok_or_else(|| Error::InvalidArgument("piece outside its run".into()))?;
+            image.read_extent(piece, part)?;
         }
-        let mut pos = extent.start;
-        while pos < extent.end() {
-            if self.buf.is_empty() {
-                self.start = pos;
-            } else if self.start + self.buf.len() as u64 != pos || self.buf.len() == RUN_BYTES {
-                self.flush()?;
-                self.start = pos;
-            }
-            let room = (RUN_BYTES - self.buf.len()) as u64;
-            let n = room.min(extent.end() - pos) as usize;
-            // For a compressed extent, a piece must not leave its cluster: split at cluster ends.
-            let piece = Extent {
-                start: pos,
-                length: n as u64,
-                kind: shift(extent.kind, pos - extent.start),
-            };
-            let from = self.buf.len();
-            self.buf.resize(from + n, 0);
-            image.read_extent(&piece, &mut self.buf[from..])?;
-            self.stats.data_bytes += n as u64;
-            pos += n as u64;
-        }
-        Ok(())
+        let written_bytes = self.write_sparse(buf, start)?;
+        Ok(Done {
+            seq: run.seq,
+            data_bytes: run.len(),
+            written_bytes,
+        })
     }
 
-    fn flush(&mut self) -> Result<()> {
+    fn write_sparse(&self, buf: &[u8], start: u64) -> Result<u64> {
+        let mut written = 0;
         let mut block = 0;
-        let blocks: Vec<&[u8]> = self.buf.chunks(SPARSE_BLOCK).collect();
+        let blocks: Vec<&[u8]> = buf.chunks(SPARSE_BLOCK).collect();
         while block < blocks.len() {
-            if blocks[block].iter().all(|&b| b == 0) && !self.device {
+            if !self.device && blocks[block].iter().all(|&b| b == 0) {
                 block += 1;
                 continue;
             }
@@ -138,18 +262,17 @@ impl Output<'_> {
                 block += 1;
             }
             let from = first * SPARSE_BLOCK;
-            let to = (block * SPARSE_BLOCK).min(self.buf.len());
-            let offset = self.start + from as u64;
+            let to = (block * SPARSE_BLOCK).min(buf.len());
+            let offset = start + from as u64;
             self.dest
-                .write_all_at(&self.buf[from..to], offset)
+                .write_all_at(&buf[from..to], offset)
                 .map_err(|e| io_err(self.dest_name, format!("writing at {offset:#x}"), e))?;
-            self.stats.written_bytes += (to - from) as u64;
+            written += (to - from) as u64;
         }
-        self.buf.clear();
-        Ok(())
+        Ok(written)
     }
 
-    fn write_zeros(&mut self, mut offset: u64, len: u64) -> Result<()> {
+    fn write_zeros(&self, mut offset: u64, len: u64, stats: &mut HydrateStats) -> Result<()> {
         let zeros = vec![0u8; RUN_BYTES.min(len as usize)];
         let end = offset + len;
         while offset < end {
@@ -157,7 +280,7 @@ impl Output<'_> {
             self.dest
                 .write_all_at(&zeros[..n], offset)
                 .map_err(|e| io_err(self.dest_name, format!("writing zeros at {offset:#x}"), e))?;
-            self.stats.written_bytes += n as u64;
+            stats.written_bytes += n as u64;
             offset += n as u64;
         }
         Ok(())

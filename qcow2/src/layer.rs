@@ -84,7 +84,8 @@ impl Qcow2Layer {
     }
 
     /// What the image says about guest offset `guest`, and for how many bytes from there the
-    /// answer holds (at least 1, at most to the end of the cluster or of the L2 table's reach).
+    /// answer holds (at least 1, at most to the end of the L2 table's reach): a run of
+    /// clusters that are all unallocated, all zero, or data at consecutive host offsets.
     pub fn lookup(&self, guest: u64) -> Result<(Mapping, u64)> {
         let cluster_size = self.header.cluster_size();
         let cluster = guest >> self.header.cluster_bits;
@@ -124,16 +125,17 @@ impl Qcow2Layer {
             .map_err(|e| corrupt(&self.name, e.to_string(), entry_offset))?;
         match entry {
             Entry::Whole(mapping) => {
+                if let Mapping::Data { host } = mapping {
+                    self.check_data_offset(host, entry_offset)?;
+                }
+                let clusters = self.same_run(&table, l2_index, per_entry, mapping);
                 let mapping = match mapping {
-                    Mapping::Data { host } => {
-                        self.check_data_offset(host, entry_offset)?;
-                        Mapping::Data {
-                            host: host + in_cluster,
-                        }
-                    }
+                    Mapping::Data { host } => Mapping::Data {
+                        host: host + in_cluster,
+                    },
                     other => other,
                 };
-                Ok((mapping, to_cluster_end))
+                Ok((mapping, to_cluster_end + (clusters - 1) * cluster_size))
             }
             Entry::Subclusters { host, .. } => {
                 let sub_size = cluster_size / u64::from(l2::SUBCLUSTERS);
@@ -169,6 +171,41 @@ impl Qcow2Layer {
                 Ok((mapping, run))
             }
         }
+    }
+
+    /// How many entries from `index` on map the way `first` does: all unallocated, all zero,
+    /// or data at consecutive host clusters. One lookup then answers for a whole run, so
+    /// resolving a chain costs per run of like clusters, not per cluster and layer. The run
+    /// stops before an entry that does not decode (its lookup reports the damage).
+    fn same_run(&self, table: &[u64], index: usize, per_entry: usize, first: Mapping) -> u64 {
+        let cluster_size = self.header.cluster_size();
+        let mut clusters = 1u64;
+        loop {
+            let at = (index + clusters as usize) * per_entry;
+            let Some(&word) = table.get(at) else { break };
+            let bitmap = if per_entry == 2 {
+                table.get(at + 1).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let Ok(Entry::Whole(next)) = self.format.decode(word, bitmap) else {
+                break;
+            };
+            let same = match (first, next) {
+                (Mapping::Data { host: a }, Mapping::Data { host: b }) => {
+                    b == a + clusters * cluster_size && self.check_data_offset(b, 0).is_ok()
+                }
+                (Mapping::Unallocated, Mapping::Unallocated) | (Mapping::Zero, Mapping::Zero) => {
+                    true
+                }
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            clusters += 1;
+        }
+        clusters
     }
 
     fn check_data_offset(&self, host: u64, entry_offset: u64) -> Result<()> {

@@ -96,6 +96,7 @@ mod l2;
 mod layer;
 mod map;
 mod sink;
+mod volume;
 mod writer;
 
 pub use backing::BackingPolicy;
@@ -106,8 +107,9 @@ pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2I
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
 pub use map::{Extent, ExtentKind};
 
-pub use convert::{BackingRead, DataRanges, RawBacking, convert_raw, convert_raw_file};
+pub use convert::{BackingRead, RawBacking, convert_raw, convert_raw_file};
 pub use sink::{FileSink, MemorySink};
+pub use volume::{DataRanges, DenseVolume, VolumeRead};
 pub use writer::error::WriteError;
 pub use writer::options::{
     Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,

@@ -1,0 +1,384 @@
+//! Reading and classifying the volume ahead of the backup, on helper threads.
+//!
+//! One planner thread walks the volume's data ranges once, in ascending order, and cuts the
+//! volume into chunks. Reader threads fill the chunks (holes as zeros), read the previous point
+//! where a comparison needs it, and classify every wanted cluster in parallel: zero or not, its
+//! BLAKE3-128 digest, whether it differs from the previous point. The backup's own thread takes
+//! the chunks back in order and only decides and writes, so reading, hashing and writing the
+//! image overlap, and hashing spreads over the cores.
+//!
+//! Memory is bounded: [`BUFFERS`] chunk buffers hold data, each reader owns one more for the
+//! previous point in comparison mode, and at most [`IN_FLIGHT`] chunks are planned but not yet
+//! consumed.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Mutex, mpsc};
+
+use strata_qcow2::{BackingRead, DataRanges, VolumeRead, is_zero};
+
+use crate::digest::{Digest, digest};
+use crate::error::{Error, Result};
+
+/// Reader threads. Parallel reads from the page cache or a device queue go faster than one,
+/// and each reader also hashes what it read.
+const READERS: usize = 3;
+/// Chunk buffers holding data (being read, waiting to be consumed in order, or consumed).
+pub(crate) const BUFFERS: usize = READERS + 3;
+/// Chunks planned but not yet consumed, with or without data.
+pub(crate) const IN_FLIGHT: usize = 4 * BUFFERS;
+/// Page size the buffers are aligned to: the kernel copies out of the page cache markedly
+/// faster into page-aligned memory.
+const PAGE: usize = 4096;
+
+/// What to read and how to classify it.
+pub(crate) struct Plan<'a> {
+    /// The volume.
+    pub volume: &'a dyn VolumeRead,
+    /// Bytes of the volume to scan.
+    pub size: u64,
+    /// Cluster size of the image.
+    pub cluster: u64,
+    /// Chunk size, a multiple of `cluster`.
+    pub chunk: u64,
+    /// Runs of clusters `(first, end)` to read, ascending; `None` reads everything.
+    pub changed: Option<&'a [(u64, u64)]>,
+    /// The previous point, for a comparison.
+    pub previous: Option<&'a (dyn BackingRead + Sync)>,
+}
+
+/// A chunk read and classified.
+pub(crate) struct Chunk {
+    /// Guest offset of the chunk.
+    pub offset: u64,
+    /// Length of the chunk in bytes.
+    pub len: usize,
+    /// Runs of clusters `(first, end)` of this chunk that were considered.
+    pub wanted: Vec<(u64, u64)>,
+    /// The chunk's bytes, holes as zeros; `None` when no data was read.
+    pub data: Option<Buffer>,
+    /// One entry per cluster of the chunk: the digest of a considered non-zero cluster.
+    pub digests: Vec<Option<Digest>>,
+    /// One entry per cluster of the chunk (comparison mode only): whether it differs from the
+    /// previous point.
+    pub differs: Vec<bool>,
+    /// Whether the previous point held anything in this chunk (comparison mode only).
+    pub previous_data: bool,
+}
+
+/// A page-aligned chunk buffer.
+pub(crate) struct Buffer {
+    bytes: Vec<u8>,
+    range: Range<usize>,
+}
+
+impl Buffer {
+    fn new(capacity: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(capacity + PAGE),
+            range: 0..0,
+        }
+    }
+
+    /// Makes the buffer `len` bytes long, starting on a page boundary.
+    fn resize(&mut self, len: usize) -> &mut [u8] {
+        self.bytes.resize(len + PAGE, 0);
+        let start = self.bytes.as_ptr().align_offset(PAGE).min(PAGE);
+        self.range = start..start + len;
+        &mut self.bytes[self.range.clone()]
+    }
+
+    /// The bytes of the chunk.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
+    }
+}
+
+/// A chunk to read: its order, offset, length, considered cluster runs and the volume's data
+/// pieces within it.
+struct Task {
+    seq: u64,
+    offset: u64,
+    len: usize,
+    wanted: Vec<(u64, u64)>,
+    pieces: Vec<(u64, u64)>,
+}
+
+/// Runs the plan and hands every chunk, in ascending order, to `consume`, which gives the
+/// chunk's data buffer back (if any) once done with it.
+pub(crate) fn scan(
+    plan: &Plan<'_>,
+    consume: &mut dyn FnMut(Chunk) -> Result<Option<Buffer>>,
+) -> Result<()> {
+    let (task_tx, task_rx) = mpsc::sync_channel::<Task>(READERS);
+    let task_rx = Mutex::new(task_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Result<(u64, Chunk)>>();
+    let (pool_tx, pool_rx) = mpsc::channel::<Buffer>();
+    let pool_rx = Mutex::new(pool_rx);
+    let (credit_tx, credit_rx) = mpsc::channel::<()>();
+    for _ in 0..BUFFERS {
+        // The receivers are alive: they are ours.
+        let _ = pool_tx.send(Buffer::new(plan.chunk as usize));
+    }
+    for _ in 0..IN_FLIGHT {
+        let _ = credit_tx.send(());
+    }
+    std::thread::scope(|scope| {
+        let planner_done = done_tx.clone();
+        scope.spawn(move || {
+            if let Err(err) = plan_chunks(plan, &task_tx, &credit_rx) {
+                let _ = planner_done.send(Err(err));
+            }
+        });
+        for _ in 0..READERS {
+            let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
+            scope.spawn(move || {
+                let mut old = plan.previous.map(|_| Buffer::new(plan.chunk as usize));
+                // A buffer first, then the next task: the lowest unfinished chunk always holds
+                // a buffer, so reassembly in order always makes progress.
+                let mut buf = lock_recv(pool_rx);
+                while let Some(task) = buf.as_ref().and_then(|_| lock_recv(task_rx)) {
+                    let seq = task.seq;
+                    let result = read_chunk(plan, task, &mut buf, old.as_mut());
+                    if done_tx.send(result.map(|chunk| (seq, chunk))).is_err() {
+                        return;
+                    }
+                    if buf.is_none() {
+                        buf = lock_recv(pool_rx);
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        // Returning (on an error too) drops the channels' ends held here, which stops the
+        // helper threads at their next wait.
+        let (pool_tx, credit_tx, done_rx) = (pool_tx, credit_tx, done_rx);
+        let mut waiting = BTreeMap::new();
+        let mut next = 0;
+        for message in done_rx.iter() {
+            let (seq, chunk) = message?;
+            waiting.insert(seq, chunk);
+            while let Some(chunk) = waiting.remove(&next) {
+                if let Some(buf) = consume(chunk)? {
+                    let _ = pool_tx.send(buf);
+                }
+                let _ = credit_tx.send(());
+                next += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
+    receiver.lock().ok()?.recv().ok()
+}
+
+/// Cuts the volume into chunks, noting the considered cluster runs and the volume's data
+/// pieces of each; stops early when the consumer has gone.
+fn plan_chunks(
+    plan: &Plan<'_>,
+    tasks: &mpsc::SyncSender<Task>,
+    credits: &mpsc::Receiver<()>,
+) -> Result<()> {
+    let mut ranges = DataRanges::new(plan.volume, plan.size);
+    let mut pending = next_range(&mut ranges, 0)?;
+    let mut changed_at = 0usize;
+    let mut offset = 0;
+    let mut seq = 0;
+    while offset < plan.size {
+        let end = (offset + plan.chunk).min(plan.size);
+        let (c0, c1) = (offset / plan.cluster, end.div_ceil(plan.cluster));
+        let wanted: Vec<(u64, u64)> = match plan.changed {
+            Some(runs) => {
+                while runs.get(changed_at).is_some_and(|&(_, b)| b <= c0) {
+                    changed_at += 1;
+                }
+                runs.get(changed_at..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|&&(a, _)| a < c1)
+                    .map(|&(a, b)| (a.max(c0), b.min(c1)))
+                    .collect()
+            }
+            None => vec![(c0, c1)],
+        };
+        // The volume's data within the chunk.
+        let mut data = Vec::new();
+        while let Some((start, stop)) = pending {
+            if start >= end {
+                break;
+            }
+            data.push((start.max(offset), stop.min(end)));
+            if stop > end {
+                break;
+            }
+            pending = next_range(&mut ranges, stop)?;
+        }
+        // Only the considered clusters are read.
+        let pieces = match plan.changed {
+            None => data,
+            Some(_) => intersect(&data, &wanted, plan.cluster),
+        };
+        if credits.recv().is_err() {
+            return Ok(());
+        }
+        let task = Task {
+            seq,
+            offset,
+            len: (end - offset) as usize,
+            wanted,
+            pieces,
+        };
+        if tasks.send(task).is_err() {
+            return Ok(());
+        }
+        seq += 1;
+        offset = end;
+    }
+    Ok(())
+}
+
+fn next_range(
+    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
+    at: u64,
+) -> Result<Option<(u64, u64)>> {
+    ranges.next_range().map_err(|source| Error::Io {
+        what: "looking for data in the volume",
+        offset: at,
+        source,
+    })
+}
+
+/// The parts of byte ranges `data` inside cluster runs `wanted` (both ascending).
+fn intersect(data: &[(u64, u64)], wanted: &[(u64, u64)], cluster: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(a, b) in wanted {
+        let (lo, hi) = (a * cluster, b * cluster);
+        for &(start, stop) in data {
+            let (s, e) = (start.max(lo), stop.min(hi));
+            if s < e {
+                out.push((s, e));
+            }
+        }
+    }
+    out
+}
+
+/// Reads one chunk into `buf` (taking it when data was read) and classifies its clusters.
+fn read_chunk(
+    plan: &Plan<'_>,
+    task: Task,
+    buf: &mut Option<Buffer>,
+    old: Option<&mut Buffer>,
+) -> Result<Chunk> {
+    let (offset, len) = (task.offset, task.len);
+    let cluster = plan.cluster as usize;
+    let clusters = len.div_ceil(cluster);
+    let mut data = None;
+    if !task.pieces.is_empty() {
+        if let Some(mut taken) = buf.take() {
+            let bytes = taken.resize(len);
+            bytes.fill(0);
+            for &(start, stop) in &task.pieces {
+                let part = &mut bytes[(start - offset) as usize..(stop - offset) as usize];
+                plan.volume
+                    .read_exact_at(part, start)
+                    .map_err(|source| Error::Io {
+                        what: "reading the volume",
+                        offset: start,
+                        source,
+                    })?;
+            }
+            data = Some(taken);
+        }
+    }
+    let previous = match (plan.previous, old) {
+        (Some(previous), Some(old)) => read_previous(previous, old, offset, len)?,
+        _ => None,
+    };
+    let mut digests = vec![None; clusters];
+    let mut differs = match plan.previous {
+        Some(_) => vec![false; clusters],
+        None => Vec::new(),
+    };
+    let c0 = offset / plan.cluster;
+    for &(a, b) in &task.wanted {
+        for index in a..b {
+            let i = (index - c0) as usize;
+            let range = i * cluster..((i + 1) * cluster).min(len);
+            let now = data.as_ref().map(|d| &d.bytes()[range.clone()]);
+            let now = now.filter(|bytes| !is_zero(bytes));
+            if let Some(bytes) = now {
+                digests[i] = Some(digest(bytes));
+            }
+            if plan.previous.is_some() {
+                let before = previous.map(|p| &p[range]);
+                differs[i] = match (now, before) {
+                    (None, None) => false,
+                    (Some(_), None) => true,
+                    (None, Some(before)) => !is_zero(before),
+                    (Some(now), Some(before)) => now != before,
+                };
+            }
+        }
+    }
+    Ok(Chunk {
+        offset,
+        len,
+        wanted: task.wanted,
+        data,
+        digests,
+        differs,
+        previous_data: previous.is_some(),
+    })
+}
+
+/// Reads what the previous point holds in the chunk into `old` (zeros past its end), or
+/// `None` where it holds nothing.
+fn read_previous<'b>(
+    previous: &(dyn BackingRead + Sync),
+    old: &'b mut Buffer,
+    offset: u64,
+    len: usize,
+) -> Result<Option<&'b [u8]>> {
+    let end = (offset + len as u64).min(previous.size());
+    if offset >= end {
+        return Ok(None);
+    }
+    let span = end - offset;
+    let io = |source| Error::Io {
+        what: "reading the previous point",
+        offset,
+        source,
+    };
+    if !previous.may_hold_data(offset, span).map_err(io)? {
+        return Ok(None);
+    }
+    let bytes = old.resize(len);
+    bytes.fill(0);
+    previous
+        .read_at(&mut bytes[..span as usize], offset)
+        .map_err(io)?;
+    Ok(Some(old.bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intersect_keeps_only_wanted_clusters() {
+        let data = [(0, 100), (300, 1000)];
+        let wanted = [(0, 1), (5, 7)];
+        assert_eq!(intersect(&data, &wanted, 64), vec![(0, 64), (320, 448)]);
+    }
+
+    #[test]
+    fn buffers_are_page_aligned() {
+        let mut buf = Buffer::new(10_000);
+        let len = buf.resize(10_000).len();
+        assert_eq!(len, 10_000);
+        assert_eq!(buf.bytes().as_ptr() as usize % PAGE, 0);
+    }
+}

@@ -1,0 +1,204 @@
+//! Raw volumes a backup or conversion reads: files, block devices, network block devices.
+//!
+//! A volume is read through [`VolumeRead`], which besides positional reads tells where data
+//! may be, so holes are never read and a sparse volume costs in proportion to its data. Files
+//! and block devices answer with `SEEK_DATA`/`SEEK_HOLE` (lseek(2)); an NBD client answers
+//! from the export's `base:allocation` block status.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+
+use rustix::fs::{SeekFrom, seek};
+use rustix::io::Errno;
+
+use crate::ReadAt;
+
+/// A raw volume read by a backup: its size, positional reads, and where data may be.
+pub trait VolumeRead: Send + Sync {
+    /// The volume's size in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Fills `buf` with the bytes at `offset` (`offset + buf.len() <= size()`).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// The first range at or after `offset` that may hold data (`start..end`, with
+    /// `offset <= start < end <= size()`), or `None` when only holes remain. A volume that
+    /// cannot tell answers `offset..size()`.
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>>;
+}
+
+/// A file or block device. Where the file system cannot report holes (or for a block
+/// device), everything from `offset` on is one data range.
+impl VolumeRead for File {
+    fn size(&self) -> io::Result<u64> {
+        ReadAt::len(self)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        ReadAt::read_exact_at(self, buf, offset)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let size = VolumeRead::size(self)?;
+        if offset >= size {
+            return Ok(None);
+        }
+        let start = match seek(self, SeekFrom::Data(offset)) {
+            Ok(start) => start,
+            Err(Errno::NXIO) => return Ok(None),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => offset,
+            Err(errno) => return Err(errno.into()),
+        };
+        if start >= size {
+            return Ok(None);
+        }
+        let end = match seek(self, SeekFrom::Hole(start)) {
+            Ok(end) => end.min(size),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => size,
+            Err(errno) => return Err(errno.into()),
+        };
+        // A hole reported at `start` itself would stall the caller; call the rest data.
+        let end = if end <= start { size } else { end };
+        Ok(Some(start..end))
+    }
+}
+
+impl<T: VolumeRead + ?Sized> VolumeRead for &T {
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        (**self).next_data(offset)
+    }
+}
+
+/// Any [`ReadAt`] source (a buffer, an object) as a volume with no holes.
+#[derive(Debug, Clone)]
+pub struct DenseVolume<R>(pub R);
+
+impl<R: ReadAt> VolumeRead for DenseVolume<R> {
+    fn size(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let size = self.0.len()?;
+        Ok((offset < size).then_some(offset..size))
+    }
+}
+
+/// The data ranges of a volume below a given size, in ascending order.
+#[derive(Debug)]
+pub struct DataRanges<'a, V: ?Sized> {
+    volume: &'a V,
+    size: u64,
+    pos: u64,
+}
+
+impl<'a, V: VolumeRead + ?Sized> DataRanges<'a, V> {
+    /// Ranges of `volume` below `size`.
+    pub fn new(volume: &'a V, size: u64) -> Self {
+        Self {
+            volume,
+            size,
+            pos: 0,
+        }
+    }
+
+    /// The size the ranges stop at.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next data range `(start, end)`, in ascending order; an answer from the volume
+    /// that goes backwards or past the size is an error, not a loop.
+    pub fn next_range(&mut self) -> io::Result<Option<(u64, u64)>> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        let Some(range) = self.volume.next_data(self.pos)? else {
+            self.pos = self.size;
+            return Ok(None);
+        };
+        if range.start < self.pos || range.end <= range.start {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the volume reported data at {}..{} when asked from {}",
+                    range.start, range.end, self.pos
+                ),
+            ));
+        }
+        if range.start >= self.size {
+            self.pos = self.size;
+            return Ok(None);
+        }
+        let end = range.end.min(self.size);
+        self.pos = end;
+        Ok(Some((range.start, end)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_file_reports_its_data_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let file = File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[1; 4096], 8 << 20).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut ranges = DataRanges::new(&file, 64 << 20);
+        let first = ranges.next_range().unwrap().unwrap();
+        assert!(
+            first.0 <= 8 << 20 && first.1 >= (8 << 20) + 4096,
+            "{first:?}"
+        );
+        assert!(
+            first.1 - first.0 < 32 << 20,
+            "the hole was reported as data: {first:?}"
+        );
+    }
+
+    #[test]
+    fn dense_volume_is_one_range() {
+        let volume = DenseVolume(vec![7u8; 1000]);
+        let mut ranges = DataRanges::new(&volume, 1000);
+        assert_eq!(ranges.next_range().unwrap(), Some((0, 1000)));
+        assert_eq!(ranges.next_range().unwrap(), None);
+    }
+
+    struct Backwards;
+    impl VolumeRead for Backwards {
+        fn size(&self) -> io::Result<u64> {
+            Ok(100)
+        }
+        fn read_exact_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn next_data(&self, _: u64) -> io::Result<Option<Range<u64>>> {
+            Ok(Some(0..10))
+        }
+    }
+
+    #[test]
+    fn a_volume_answering_backwards_is_an_error() {
+        let mut ranges = DataRanges::new(&Backwards, 100);
+        assert_eq!(ranges.next_range().unwrap(), Some((0, 10)));
+        let err = ranges.next_range().unwrap_err();
+        assert!(err.to_string().contains("when asked from 10"), "{err}");
+    }
+}
