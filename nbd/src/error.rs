@@ -40,6 +40,31 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The server broke the protocol (bad magic, a reply too long or for a request never
+    /// made, a chunk outside its request, ...); the connection is dropped.
+    #[error("protocol violation by the server: {what}")]
+    BadServer {
+        /// What was wrong.
+        what: String,
+    },
+    /// The server answered a request or option with an error.
+    #[error("the server refused {op}: {message} (error {code})")]
+    Refused {
+        /// What was asked.
+        op: String,
+        /// The NBD error value or option reply type.
+        code: u32,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// An `nbd://` URL that does not parse.
+    #[error("invalid NBD URL {url:?}: {why}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The copy-on-write overlay was made for another backup point or size; attaching it
     /// would mix two disks.
     #[error("overlay {} belongs to {recorded}, not to {wanted}", path.display())]
@@ -79,6 +104,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn io(op: &'static str) -> impl FnOnce(io::Error) -> Self {
         move |source| Self::Io { op, source }
+    }
+
+    pub(crate) fn bad_server(what: impl Into<String>) -> Self {
+        Self::BadServer { what: what.into() }
     }
 
     pub(crate) fn protocol(what: impl Into<String>) -> Self {

@@ -38,6 +38,29 @@
 //!   `SEND_WRITE_ZEROES` are. A write past the end gets `ENOSPC`, a trim past it `EINVAL`
 //!   (proto.md "Error values"), and the connection goes on.
 //!
+//! # Client
+//!
+//! [`Client`] reads an export of any NBD server (fixed newstyle, `NBD_OPT_GO`, structured
+//! replies, `base:allocation`) and implements [`strata_qcow2::VolumeRead`], so a backup can
+//! take a VM disk served by `qemu-nbd` or `nbdkit` as its volume, reading only the ranges
+//! block status says may hold data (holes and zero extents are skipped):
+//!
+//! ```no_run
+//! use strata_qcow2::VolumeRead;
+//!
+//! let client = strata_nbd::Client::open("nbd://127.0.0.1:10809/vm")?;
+//! let mut pos = 0;
+//! while let Some(range) = client.next_data(pos)? {
+//!     // read range.start..range.end with client.read_exact_at(..)
+//!     pos = range.end;
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Every server reply is checked before it is believed: magics, the handle, chunk offsets
+//! against the request (no overlap, nothing missing), and lengths against caps before any
+//! allocation, so a hostile server gets [`Error::BadServer`] naming what it did.
+//!
 //! # Hostile clients
 //!
 //! Every request's range is checked: a zero length, a range past the end of the export or
@@ -59,6 +82,11 @@
 //!   `&Image`, and the crate pulls in neither tokio nor an executor.
 //! - **Read-only by default.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
 //!   `NBD_FLAG_CAN_MULTI_CONN` are advertised, so clients may open several connections.
+//! - **A pool of client connections.** [`Client`]'s reads take `&self` (backups read on
+//!   several threads); each caller takes an idle connection or opens one, up to four when the
+//!   server advertises `CAN_MULTI_CONN` (one otherwise), so parallel reads overlap their round
+//!   trips rather than queue behind one socket as a `Mutex<Connection>` would. A connection
+//!   that failed is dropped, since its stream may be out of step.
 //! - **Overlay format.** One sparse file: a header naming what it belongs to (backup point or
 //!   image, and size), a 2-bit-per-64-KiB-granule map (backup / data / zeroed / trimmed) and the
 //!   data at its guest offset. Reads of unwritten granules go to the backup, so a fresh overlay
@@ -74,6 +102,7 @@
 //!
 //! None.
 
+mod client;
 mod error;
 mod export;
 mod handshake;
@@ -82,6 +111,7 @@ pub mod proto;
 mod server;
 mod transmission;
 
+pub use client::{Client, DEFAULT_CONNECTIONS, parse_url};
 pub use error::{Error, Result};
 pub use overlay::Overlay;
 pub use server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_REQUEST, Server};
