@@ -43,9 +43,9 @@ enum Command {
     Verify(volumes::VerifyArgs),
     /// Keep the newest backups of a volume, folding older ones into their children.
     Prune(volumes::PruneArgs),
-    /// Serve a backup point from a target over NBD (read-only).
+    /// Serve a backup point from a target over NBD (read-only, or copy-on-write).
     Serve(serve::Args),
-    /// Serve a local image or chain over NBD (read-only).
+    /// Serve a local image or chain over NBD (read-only, or copy-on-write).
     ServeImage(serve::ImageArgs),
 }
 

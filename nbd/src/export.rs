@@ -125,12 +125,16 @@ impl Export {
                 Granule::Zero => state::ZERO,
                 Granule::Trimmed => state::HOLE | state::ZERO,
                 Granule::Backup => {
-                    // Windows keep a fragmented chain from making a huge extent list.
-                    let window = self.image.cluster_size().max(512) * 1024;
+                    // Windows keep a fragmented chain from making a huge extent list, and
+                    // grow from 16 clusters so that a `REQ_ONE` query (qemu sends one per
+                    // extent) resolves little more of the chain than its first extent.
+                    let cluster = self.image.cluster_size().max(512);
+                    let mut window = cluster * 16;
                     let end = start + seg_len;
                     let mut pos = start;
                     while pos < end {
                         let n = window.min(end - pos);
+                        window = (window * 4).min(cluster * 1024);
                         let mut full = false;
                         self.image
                             .for_each_extent(pos, n, |e| {

@@ -31,6 +31,10 @@ impl Transmission<'_> {
     }
 
     fn serve_requests(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
+        // One read buffer for the connection: it only grows (up to the maximum block size),
+        // and every read overwrites the bytes it sends, so it is neither reallocated nor
+        // zeroed per request.
+        let mut buffer = Vec::new();
         loop {
             let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
                 Ok(head) => head,
@@ -43,7 +47,7 @@ impl Transmission<'_> {
             let request = Request::parse(&head)?;
             match request.kind {
                 cmd::DISC => return Ok(()),
-                cmd::READ => self.read(writer, &request)?,
+                cmd::READ => self.read(writer, &request, &mut buffer)?,
                 cmd::BLOCK_STATUS => self.block_status(writer, &request)?,
                 cmd::FLUSH => match self.export.flush() {
                     Ok(()) => self.reply_error(writer, &request, 0, "")?,
@@ -124,23 +128,27 @@ impl Transmission<'_> {
         }
     }
 
-    fn read(&self, writer: &mut impl Write, request: &Request) -> Result<()> {
+    fn read(&self, writer: &mut impl Write, request: &Request, buffer: &mut Vec<u8>) -> Result<()> {
         if let Some(why) = self.check_range(request, self.max_request) {
             return self.reply_error(writer, request, errno::EINVAL, why);
         }
-        let mut data = vec![0u8; request.length as usize];
-        let runs = match self.export.read(request.offset, &mut data) {
+        let len = request.length as usize;
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let data = buffer.get_mut(..len).unwrap_or_default();
+        let runs = match self.export.read(request.offset, data) {
             Ok(runs) => runs,
             Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
         };
         if !self.session.structured {
             proto::write_simple_reply(writer, 0, request.cookie)?;
             return writer
-                .write_all(&data)
+                .write_all(data)
                 .map_err(Error::io("sending read data"));
         }
         if request.flags & cmd_flag::DF != 0 {
-            return send_data(writer, request.cookie, request.offset, &data, true);
+            return send_data(writer, request.cookie, request.offset, data, true);
         }
         // Zero runs go out as holes, data runs as data.
         let last = runs.len().saturating_sub(1);
