@@ -123,7 +123,7 @@ pub fn convert_12_deep(c: &mut Criterion) {
         let _ = std::fs::remove_file(&out);
     };
     for (name, url) in [("strata serve", &strata_url), ("qemu-nbd", &qemu_url)] {
-        let args: Vec<String> = ["convert", "-f", "raw", "-O", "raw", url, "out.raw"]
+        let args: Vec<String> = ["convert", "-f", "raw", "-O", "raw", url.as_str(), "out.raw"]
             .map(String::from)
             .into();
         group.bench_function(name, |b| {
