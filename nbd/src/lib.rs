@@ -69,7 +69,7 @@
 //! follows such a request. A wrong magic, unknown client flags, an option over 16 KiB, more than
 //! 256 options, an oversized write (whose payload cannot be skipped safely) or a stalled
 //! handshake (30 s per step) ends that connection only; memory per connection stays bounded by
-//! one read. At most 64 clients are served at once by default.
+//! five requests of the maximum block size (four being served, one waiting). At most 64 clients are served at once by default.
 //!
 //! # Design
 //!
@@ -77,9 +77,11 @@
 //!   and no block status: qemu connects to it only under its fixed export name and sees no
 //!   holes, so copies are not sparse. The subset needed here is small and fully specified, so it
 //!   is written here against the protocol document.
-//! - **Threads, not async.** One thread per connection with `std::net`: requests are served in
-//!   order per connection (replies need not be reordered), reads are positional through
-//!   `&Image`, and the crate pulls in neither tokio nor an executor.
+//! - **Threads, not async.** With `std::net`, each connection has a thread reading requests in
+//!   order and four workers answering them (reads are positional through `&Image`), replies
+//!   going out whole, in completion order, as the protocol allows. Clients such as qemu keep
+//!   several requests in flight, so storage latency (object storage above all) overlaps; the
+//!   crate pulls in neither tokio nor an executor.
 //! - **Read-only by default.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
 //!   `NBD_FLAG_CAN_MULTI_CONN` are advertised, so clients may open several connections.
 //! - **A pool of client connections.** [`Client`]'s reads take `&self` (backups read on

@@ -1,6 +1,11 @@
-//! The transmission phase: requests in, replies out, one at a time (proto.md "Transmission").
+//! The transmission phase (proto.md "Transmission"): one thread reads requests in order,
+//! a few workers answer them, and replies may go out of order (each reply whole, under the
+//! writer's lock).
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::export::{Export, Payload};
@@ -12,6 +17,10 @@ use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno};
 const MAX_DESCRIPTORS: usize = 4096;
 /// The message of a request past the end of the export.
 const PAST_END: &str = "range past the end of the export";
+/// Requests of one connection served at once. Clients such as qemu keep several requests in
+/// flight; serving them in parallel overlaps storage latency (object storage above all)
+/// and the copies. Memory per connection stays bounded by `WORKERS + 1` requests.
+const WORKERS: usize = 4;
 
 /// One connection's transmission state.
 pub(crate) struct Transmission<'a> {
@@ -20,21 +29,83 @@ pub(crate) struct Transmission<'a> {
     pub max_request: u32,
 }
 
+/// A request handed to a worker, with its write payload if any.
+struct Job {
+    request: Request,
+    payload: Vec<u8>,
+}
+
+/// The connection's writer as a worker sees it: locked at the first byte of a reply and
+/// released when the reply is complete, so the work before it runs unlocked.
+struct ReplyWriter<'a, 'w, W> {
+    out: &'a Mutex<&'w mut W>,
+    guard: Option<MutexGuard<'a, &'w mut W>>,
+}
+
+impl<W: Write> ReplyWriter<'_, '_, W> {
+    fn writer(&mut self) -> &mut W {
+        let out = self.out;
+        self.guard
+            .get_or_insert_with(|| out.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl<W: Write> Write for ReplyWriter<'_, '_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.writer().write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.guard.as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Transmission<'_> {
     /// Serves requests until the client disconnects (`Ok`) or breaks the protocol (`Err`).
     /// A writable export's overlay is flushed when the connection ends.
-    pub fn run(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
-        let result = self.serve_requests(reader, writer);
+    pub fn run<W: Write + Send>(&self, reader: &mut impl Read, writer: &mut W) -> Result<()> {
+        let out = Mutex::new(writer);
+        let failed = AtomicBool::new(false);
+        // A rendezvous channel: the reader waits for a free worker, so at most one request
+        // beyond those being served is held.
+        let (jobs, queue) = sync_channel::<Job>(0);
+        let queue = Mutex::new(queue);
+        let result = std::thread::scope(|scope| {
+            let jobs = jobs;
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|_| scope.spawn(|| self.work(&queue, &out, &failed)))
+                .collect();
+            let mut result = self.receive(reader, &jobs, &failed);
+            drop(jobs);
+            for worker in workers {
+                let served = worker
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::protocol("a request handler panicked")));
+                if result.is_ok() {
+                    result = served;
+                }
+            }
+            result
+        });
         let flushed = self.export.flush();
         result?;
         flushed.map_err(|what| Error::Overlay { what })
     }
 
-    fn serve_requests(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
-        // One read buffer for the connection: it only grows (up to the maximum block size),
-        // and every read overwrites the bytes it sends, so it is neither reallocated nor
-        // zeroed per request.
-        let mut buffer = Vec::new();
+    /// Reads requests (and write payloads) in order and hands them to the workers.
+    fn receive(
+        &self,
+        reader: &mut impl Read,
+        jobs: &SyncSender<Job>,
+        failed: &AtomicBool,
+    ) -> Result<()> {
         loop {
             let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
                 Ok(head) => head,
@@ -45,37 +116,76 @@ impl Transmission<'_> {
                 Err(err) => return Err(err),
             };
             let request = Request::parse(&head)?;
-            match request.kind {
-                cmd::DISC => return Ok(()),
-                cmd::READ => self.read(writer, &request, &mut buffer)?,
-                cmd::BLOCK_STATUS => self.block_status(writer, &request)?,
-                cmd::FLUSH => match self.export.flush() {
-                    Ok(()) => self.reply_error(writer, &request, 0, "")?,
-                    Err(why) => self.reply_error(writer, &request, errno::EIO, &why)?,
-                },
-                cmd::WRITE => {
-                    // The payload follows and must be consumed to stay in step; one larger
-                    // than the maximum block size cannot be skipped safely.
-                    if request.length > self.max_request {
-                        return Err(Error::protocol(format!(
-                            "write of {} bytes",
-                            request.length
-                        )));
-                    }
-                    let mut data = vec![0u8; request.length as usize];
-                    reader
-                        .read_exact(&mut data)
-                        .map_err(Error::io("reading a write payload"))?;
-                    self.write(writer, &request, Payload::Bytes(&data))?;
-                }
-                cmd::WRITE_ZEROES => self.write(writer, &request, Payload::Zeroes)?,
-                cmd::TRIM => self.write(writer, &request, Payload::Trim)?,
-                cmd::RESIZE => {
-                    self.reply_error(writer, &request, errno::EPERM, "the size is fixed")?
-                }
-                _ => self.reply_error(writer, &request, errno::EINVAL, "unknown command")?,
+            if request.kind == cmd::DISC {
+                return Ok(());
             }
-            writer.flush().map_err(Error::io("sending a reply"))?;
+            let mut payload = Vec::new();
+            if request.kind == cmd::WRITE {
+                // The payload follows and must be consumed to stay in step; one larger than
+                // the maximum block size cannot be skipped safely.
+                if request.length > self.max_request {
+                    return Err(Error::protocol(format!(
+                        "write of {} bytes",
+                        request.length
+                    )));
+                }
+                payload.resize(request.length as usize, 0);
+                reader
+                    .read_exact(&mut payload)
+                    .map_err(Error::io("reading a write payload"))?;
+            }
+            // A worker that could not send a reply has failed the connection.
+            if jobs.send(Job { request, payload }).is_err() || failed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A worker: answers requests until the reader stops; after a failed reply it only
+    /// drains the queue, so the reader is never left waiting.
+    fn work<W: Write>(
+        &self,
+        queue: &Mutex<Receiver<Job>>,
+        out: &Mutex<&mut W>,
+        failed: &AtomicBool,
+    ) -> Result<()> {
+        // A read buffer per worker: it only grows (up to the maximum block size), and every
+        // read overwrites the bytes it sends, so it is neither reallocated nor zeroed per
+        // request.
+        let mut buffer = Vec::new();
+        let mut result = Ok(());
+        loop {
+            let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+            let Ok(job) = job else {
+                return result;
+            };
+            if result.is_err() {
+                continue;
+            }
+            let mut writer = ReplyWriter { out, guard: None };
+            result = self
+                .handle(&mut writer, &job, &mut buffer)
+                .and_then(|()| writer.flush().map_err(Error::io("sending a reply")));
+            if result.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn handle(&self, writer: &mut impl Write, job: &Job, buffer: &mut Vec<u8>) -> Result<()> {
+        let request = &job.request;
+        match request.kind {
+            cmd::READ => self.read(writer, request, buffer),
+            cmd::BLOCK_STATUS => self.block_status(writer, request),
+            cmd::FLUSH => match self.export.flush() {
+                Ok(()) => self.reply_error(writer, request, 0, ""),
+                Err(why) => self.reply_error(writer, request, errno::EIO, &why),
+            },
+            cmd::WRITE => self.write(writer, request, Payload::Bytes(&job.payload)),
+            cmd::WRITE_ZEROES => self.write(writer, request, Payload::Zeroes),
+            cmd::TRIM => self.write(writer, request, Payload::Trim),
+            cmd::RESIZE => self.reply_error(writer, request, errno::EPERM, "the size is fixed"),
+            _ => self.reply_error(writer, request, errno::EINVAL, "unknown command"),
         }
     }
 
