@@ -5,12 +5,14 @@ use criterion::{criterion_group, criterion_main};
 
 mod chain;
 mod hydrate;
+mod nbd;
 mod target;
 mod writer;
 
 criterion_group!(
     benches,
     hydrate::chain_12_deep,
+    nbd::convert_12_deep,
     chain::benches,
     writer::benches,
     target::benches

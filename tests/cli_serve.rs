@@ -149,3 +149,76 @@ fn serve_without_a_backup_fails_with_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("volume none has no backup"), "{stderr}");
 }
+
+/// Runs qemu-io commands on `url` and returns stdout, failing on any failed command.
+fn qemu_io(url: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "{commands:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn serve_image_with_a_writable_overlay_keeps_writes_across_restarts_and_never_writes_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let b = base.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", b, "4M"]);
+    run("qemu-io", &["-c", "write -P 0x5a 1M 64k", b]);
+    let image_before = std::fs::read(&base).unwrap();
+    let overlay = dir.path().join("disk.cow");
+    let o = overlay.to_str().unwrap();
+
+    let served = serve(&["serve-image", b, "--writable-overlay", o]);
+    let wrote = qemu_io(&served.1, &["write -P 0x66 0 4k", "write -P 0x67 1M 512"]);
+    assert_eq!(wrote.matches("wrote ").count(), 2, "{wrote}");
+    // The server is killed, as a crash or a restart would.
+    drop(served);
+
+    let served = serve(&["serve-image", b, "--writable-overlay", o]);
+    qemu_io(
+        &served.1,
+        &[
+            "read -P 0x66 0 4k",
+            "read -P 0 4k 1020k",
+            "read -P 0x67 1M 512",
+            "read -P 0x5a 1049088 65024",
+        ],
+    );
+    drop(served);
+
+    assert!(
+        std::fs::read(&base).unwrap() == image_before,
+        "the image changed"
+    );
+    run("qemu-img", &["check", "-q", b]);
+
+    // The overlay belongs to base.qcow2: another image of the same size is refused.
+    let other = dir.path().join("other.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", other.to_str().unwrap(), "4M"],
+    );
+    let out = strata()
+        .args([
+            "serve-image",
+            other.to_str().unwrap(),
+            "--writable-overlay",
+            o,
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to image"), "{stderr}");
+}

@@ -46,9 +46,9 @@ enum Command {
     Verify(volumes::VerifyArgs),
     /// Keep the newest backups of a volume, folding older ones into their children.
     Prune(volumes::PruneArgs),
-    /// Serve a backup point from a target over NBD (read-only).
+    /// Serve a backup point from a target over NBD (read-only, or copy-on-write).
     Serve(serve::Args),
-    /// Serve a local image or chain over NBD (read-only).
+    /// Serve a local image or chain over NBD (read-only, or copy-on-write).
     ServeImage(serve::ImageArgs),
     /// List a snapshot's changed ranges via CSI changed-block tracking, for `backup --changed-ranges`.
     ChangedBlocks(changed_blocks::Args),

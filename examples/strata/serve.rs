@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use strata::nbd::Server;
+use strata::nbd::{Overlay, Server};
 use strata::qcow2::{Image, OpenOptions};
 use strata::target::{BackupId, Target, VolumeName};
 
@@ -20,6 +20,10 @@ pub struct ListenArgs {
     /// Export name (default: the volume name, or the image's file name).
     #[arg(long)]
     export: Option<String>,
+    /// Accept writes, keeping them in this local copy-on-write file (created if missing; it
+    /// remembers the backup point it belongs to). The backup is never written.
+    #[arg(long)]
+    writable_overlay: Option<PathBuf>,
 }
 
 /// Arguments of `strata serve`.
@@ -49,7 +53,8 @@ pub struct ImageArgs {
     listen: ListenArgs,
 }
 
-/// Runs `strata serve`: serves a backup point straight from its target, read-only.
+/// Runs `strata serve`: serves a backup point straight from its target, read-only or over a
+/// writable overlay.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::open(&args.target).with_context(|| format!("opening {}", args.target))?;
     let volume = VolumeName::new(args.volume.clone())?;
@@ -65,11 +70,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &OpenOptions::default(),
     )
     .with_context(|| format!("opening backup {} of {volume}", manifest.id))?;
+    let owner = format!("backup {} of volume {volume}", manifest.id);
     let name = args.listen.export.clone().unwrap_or(args.volume);
-    listen_and_serve(&args.listen.listen, name, image)
+    listen_and_serve(&args.listen, name, image, &owner)
 }
 
-/// Runs `strata serve-image`: serves a local chain, read-only.
+/// Runs `strata serve-image`: serves a local chain, read-only or over a writable overlay.
 pub fn run_image(args: ImageArgs) -> anyhow::Result<()> {
     let image = Image::open_with_options(&args.image, &args.open.options(None))
         .with_context(|| format!("opening {}", args.image.display()))?;
@@ -81,11 +87,28 @@ pub fn run_image(args: ImageArgs) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    listen_and_serve(&args.listen.listen, name, image)
+    let path = std::fs::canonicalize(&args.image)
+        .with_context(|| format!("resolving {}", args.image.display()))?;
+    let owner = format!("image {}", path.display());
+    listen_and_serve(&args.listen, name, image, &owner)
 }
 
-fn listen_and_serve(listen: &str, name: String, image: Image) -> anyhow::Result<()> {
-    let server = Server::new(name, image)?;
+/// Serves `image` under `name`; `owner` names what a writable overlay belongs to.
+fn listen_and_serve(
+    args: &ListenArgs,
+    name: String,
+    image: Image,
+    owner: &str,
+) -> anyhow::Result<()> {
+    let server = match &args.writable_overlay {
+        Some(path) => {
+            let overlay = Overlay::open_or_create(path, image.virtual_size(), owner)
+                .with_context(|| format!("opening overlay {}", path.display()))?;
+            Server::with_overlay(name, image, overlay)?
+        }
+        None => Server::new(name, image)?,
+    };
+    let listen = &args.listen;
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
     let export = server.export_name();

@@ -29,7 +29,7 @@ pub struct BackupArgs {
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
-    /// The volume: a raw file or block device.
+    /// The volume: a raw file, a block device, or an NBD export (`nbd://HOST:PORT/EXPORT`).
     source: PathBuf,
 }
 
@@ -116,9 +116,15 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         changed_ranges,
         cluster_size: None,
     };
-    let source = strata::open_volume(&args.source)?;
+    let source: Box<dyn strata::qcow2::VolumeRead> =
+        match args.source.to_str().filter(|s| s.starts_with("nbd://")) {
+            Some(url) => Box::new(
+                strata::nbd::Client::open(url).with_context(|| format!("connecting to {url}"))?,
+            ),
+            None => Box::new(strata::open_volume(&args.source)?),
+        };
     let bar = bar(0, args.quiet);
-    let manifest = strata::backup_volume(&target, &volume, &source, &options, &mut |p| {
+    let manifest = strata::backup_volume(&target, &volume, &*source, &options, &mut |p| {
         bar.set_length(p.total_bytes);
         bar.set_position(p.scanned_bytes);
         bar.set_message(format!("{} clusters changed", p.changed_clusters));

@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use std::io;
+use std::path::PathBuf;
 
 /// What went wrong while serving a connection or setting up a server.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,62 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The server broke the protocol (bad magic, a reply too long or for a request never
+    /// made, a chunk outside its request, ...); the connection is dropped.
+    #[error("protocol violation by the server: {what}")]
+    BadServer {
+        /// What was wrong.
+        what: String,
+    },
+    /// The server answered a request or option with an error.
+    #[error("the server refused {op}: {message} (error {code})")]
+    Refused {
+        /// What was asked.
+        op: String,
+        /// The NBD error value or option reply type.
+        code: u32,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// An `nbd://` URL that does not parse.
+    #[error("invalid NBD URL {url:?}: {why}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The copy-on-write overlay was made for another backup point or size; attaching it
+    /// would mix two disks.
+    #[error("overlay {} belongs to {recorded}, not to {wanted}", path.display())]
+    OverlayMismatch {
+        /// The overlay file.
+        path: PathBuf,
+        /// What the overlay records it belongs to.
+        recorded: String,
+        /// What it was asked to cover.
+        wanted: String,
+    },
+    /// The overlay file is not a Strata overlay, or is damaged.
+    #[error("overlay {} is unusable: {what}", path.display())]
+    OverlayCorrupt {
+        /// The overlay file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Another process has the overlay open.
+    #[error("overlay {} is in use by another process", path.display())]
+    OverlayBusy {
+        /// The overlay file.
+        path: PathBuf,
+    },
+    /// Writing the overlay failed while a connection ended.
+    #[error("overlay: {what}")]
+    Overlay {
+        /// What failed.
+        what: String,
+    },
 }
 
 /// The crate's result type.
@@ -47,6 +104,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn io(op: &'static str) -> impl FnOnce(io::Error) -> Self {
         move |source| Self::Io { op, source }
+    }
+
+    pub(crate) fn bad_server(what: impl Into<String>) -> Self {
+        Self::BadServer { what: what.into() }
     }
 
     pub(crate) fn protocol(what: impl Into<String>) -> Self {

@@ -19,6 +19,8 @@ pub(crate) struct ExportInfo {
     pub name: String,
     pub size: u64,
     pub max_request: u32,
+    /// Copy-on-write mode: writes accepted.
+    pub writable: bool,
 }
 
 impl ExportInfo {
@@ -38,11 +40,17 @@ pub(crate) struct Negotiated {
 }
 
 impl Negotiated {
-    /// Transmission flags for this session: read-only, flush accepted, and `DF` only with
-    /// structured replies (proto.md "Transmission flags").
-    pub fn transmission_flags(self) -> u16 {
-        let mut flags =
-            tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN;
+    /// Transmission flags for this session (proto.md "Transmission flags"): read-only, or
+    /// writes, write-zeroes, trim and FUA in copy-on-write mode; flush accepted; `DF` only
+    /// with structured replies. Every connection sees the same data, overlay included, so
+    /// `CAN_MULTI_CONN` holds in both modes.
+    pub fn transmission_flags(self, writable: bool) -> u16 {
+        let mut flags = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN;
+        flags |= if writable {
+            tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES
+        } else {
+            tflag::READ_ONLY
+        };
         if self.structured {
             flags |= tflag::SEND_DF;
         }
@@ -102,7 +110,7 @@ pub(crate) fn handshake(
                 }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size.to_be_bytes());
-                reply.extend_from_slice(&session.transmission_flags().to_be_bytes());
+                reply.extend_from_slice(&session.transmission_flags(export.writable).to_be_bytes());
                 if !no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
@@ -191,7 +199,7 @@ fn info_or_go(
     let mut export_info = Vec::with_capacity(12);
     export_info.extend_from_slice(&info::EXPORT.to_be_bytes());
     export_info.extend_from_slice(&export.size.to_be_bytes());
-    export_info.extend_from_slice(&session.transmission_flags().to_be_bytes());
+    export_info.extend_from_slice(&session.transmission_flags(export.writable).to_be_bytes());
     proto::write_option_reply(writer, option, rep::INFO, &export_info)?;
     for request in requests.chunks_exact(2) {
         match u16::from_be_bytes([request[0], request[1]]) {

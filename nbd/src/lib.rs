@@ -1,4 +1,5 @@
-//! A read-only NBD server over Strata's QCOW2 chains: instant access to a backup point.
+//! An NBD server over Strata's QCOW2 chains: instant access to a backup point, read-only or
+//! copy-on-write.
 //!
 //! [`Server`] serves one [`strata_qcow2::Image`] (a chain opened from local files or straight
 //! from a backup target) to any number of NBD clients: `qemu-img`, `qemu-io`, `qemu-nbd
@@ -29,9 +30,36 @@
 //!   `NBD_REPLY_TYPE_OFFSET_HOLE` chunks and data as `NBD_REPLY_TYPE_OFFSET_DATA`; `DF` gives
 //!   one data chunk), `NBD_CMD_BLOCK_STATUS` (`base:allocation`: unallocated in the whole chain
 //!   is `HOLE | ZERO`, a zero cluster is `ZERO`, data is `0`; `REQ_ONE` honoured),
-//!   `NBD_CMD_FLUSH` (nothing to flush) and `NBD_CMD_DISC`. The export is read-only:
-//!   `WRITE`, `TRIM`, `WRITE_ZEROES` and `RESIZE` fail with `EPERM`; unknown commands with
-//!   `EINVAL`.
+//!   `NBD_CMD_FLUSH` and `NBD_CMD_DISC`. By default the export is read-only: `WRITE`, `TRIM`,
+//!   `WRITE_ZEROES` and `RESIZE` fail with `EPERM`; unknown commands with `EINVAL`.
+//! - Copy-on-write ([`Server::with_overlay`]): `NBD_CMD_WRITE` (with `FUA`),
+//!   `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_TRIM` and `NBD_CMD_FLUSH` go to an [`Overlay`] file and
+//!   never to the backup; `READ_ONLY` is not advertised, `SEND_FUA`, `SEND_TRIM` and
+//!   `SEND_WRITE_ZEROES` are. A write past the end gets `ENOSPC`, a trim past it `EINVAL`
+//!   (proto.md "Error values"), and the connection goes on.
+//!
+//! # Client
+//!
+//! [`Client`] reads an export of any NBD server (fixed newstyle, `NBD_OPT_GO`, structured
+//! replies, `base:allocation`) and implements [`strata_qcow2::VolumeRead`], so a backup can
+//! take a VM disk served by `qemu-nbd` or `nbdkit` as its volume, reading only the ranges
+//! block status says may hold data (holes and zero extents are skipped):
+//!
+//! ```no_run
+//! use strata_qcow2::VolumeRead;
+//!
+//! let client = strata_nbd::Client::open("nbd://127.0.0.1:10809/vm")?;
+//! let mut pos = 0;
+//! while let Some(range) = client.next_data(pos)? {
+//!     // read range.start..range.end with client.read_exact_at(..)
+//!     pos = range.end;
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Every server reply is checked before it is believed: magics, the handle, chunk offsets
+//! against the request (no overlap, nothing missing), and lengths against caps before any
+//! allocation, so a hostile server gets [`Error::BadServer`] naming what it did.
 //!
 //! # Hostile clients
 //!
@@ -41,7 +69,7 @@
 //! follows such a request. A wrong magic, unknown client flags, an option over 16 KiB, more than
 //! 256 options, an oversized write (whose payload cannot be skipped safely) or a stalled
 //! handshake (30 s per step) ends that connection only; memory per connection stays bounded by
-//! one read. At most 64 clients are served at once by default.
+//! five requests of the maximum block size (four being served, one waiting). At most 64 clients are served at once by default.
 //!
 //! # Design
 //!
@@ -49,21 +77,43 @@
 //!   and no block status: qemu connects to it only under its fixed export name and sees no
 //!   holes, so copies are not sparse. The subset needed here is small and fully specified, so it
 //!   is written here against the protocol document.
-//! - **Threads, not async.** One thread per connection with `std::net`: requests are served in
-//!   order per connection (replies need not be reordered), reads are positional through
-//!   `&Image`, and the crate pulls in neither tokio nor an executor.
-//! - **Read-only.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
+//! - **Threads, not async.** With `std::net`, each connection has a thread reading requests in
+//!   order and four workers answering them (reads are positional through `&Image`), replies
+//!   going out whole, in completion order, as the protocol allows. Clients such as qemu keep
+//!   several requests in flight, so storage latency (object storage above all) overlaps; the
+//!   crate pulls in neither tokio nor an executor.
+//! - **Read-only by default.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
 //!   `NBD_FLAG_CAN_MULTI_CONN` are advertised, so clients may open several connections.
+//! - **A pool of client connections.** [`Client`]'s reads take `&self` (backups read on
+//!   several threads); each caller takes an idle connection or opens one, up to four when the
+//!   server advertises `CAN_MULTI_CONN` (one otherwise), so parallel reads overlap their round
+//!   trips rather than queue behind one socket as a `Mutex<Connection>` would. A connection
+//!   that failed is dropped, since its stream may be out of step.
+//! - **Overlay format.** One sparse file: a header naming what it belongs to (backup point or
+//!   image, and size), a 2-bit-per-64-KiB-granule map (backup / data / zeroed / trimmed) and the
+//!   data at its guest offset. Reads of unwritten granules go to the backup, so a fresh overlay
+//!   costs nothing; a partial write of a granule copies the rest of it first. QCOW2 would also
+//!   do, but needs allocation tables and refcounts for what a bitmap and file offsets give for
+//!   free; a raw sparse file alone cannot tell written zeros from "read the backup". The map is
+//!   kept in memory (size / 256 KiB bytes) and persisted on flush after the data, so an
+//!   overlay survives restarts and crashes lose only unflushed writes. Writes hold the map's
+//!   lock for their duration, so several clients never lose each other's copy-on-write bytes,
+//!   and `CAN_MULTI_CONN` stays true. An advisory `flock` keeps two processes off one file.
 //!
 //! # Crate features
 //!
 //! None.
 
+mod client;
 mod error;
+mod export;
 mod handshake;
+mod overlay;
 pub mod proto;
 mod server;
 mod transmission;
 
+pub use client::{Client, DEFAULT_CONNECTIONS, parse_url};
 pub use error::{Error, Result};
+pub use overlay::Overlay;
 pub use server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_REQUEST, Server};

@@ -82,6 +82,12 @@ pub mod tflag {
     pub const READ_ONLY: u16 = 1 << 1;
     /// `NBD_FLAG_SEND_FLUSH`.
     pub const SEND_FLUSH: u16 = 1 << 2;
+    /// `NBD_FLAG_SEND_FUA`: writes may carry `NBD_CMD_FLAG_FUA`.
+    pub const SEND_FUA: u16 = 1 << 3;
+    /// `NBD_FLAG_SEND_TRIM`.
+    pub const SEND_TRIM: u16 = 1 << 5;
+    /// `NBD_FLAG_SEND_WRITE_ZEROES`.
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     /// `NBD_FLAG_SEND_DF`: only with structured replies.
     pub const SEND_DF: u16 = 1 << 7;
     /// `NBD_FLAG_CAN_MULTI_CONN`: connections see the same data.
@@ -110,6 +116,10 @@ pub mod cmd {
 
 /// Command flags.
 pub mod cmd_flag {
+    /// `NBD_CMD_FLAG_FUA`: the write is durable before the reply.
+    pub const FUA: u16 = 1 << 0;
+    /// `NBD_CMD_FLAG_NO_HOLE`: write zeroes without punching a hole.
+    pub const NO_HOLE: u16 = 1 << 1;
     /// `NBD_CMD_FLAG_DF`: answer a read with one content chunk.
     pub const DF: u16 = 1 << 2;
     /// `NBD_CMD_FLAG_REQ_ONE`: one block-status descriptor is enough.
@@ -148,6 +158,8 @@ pub mod errno {
     pub const EIO: u32 = 5;
     /// `EINVAL`: bad offset, length or flags.
     pub const EINVAL: u32 = 22;
+    /// `ENOSPC`: a write past the end of the export.
+    pub const ENOSPC: u32 = 28;
 }
 
 /// The name of the one metadata context this server offers.

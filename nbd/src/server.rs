@@ -9,7 +9,9 @@ use std::time::Duration;
 use strata_qcow2::Image;
 
 use crate::error::{Error, Result};
+use crate::export::Export;
 use crate::handshake::{self, ExportInfo};
+use crate::overlay::Overlay;
 use crate::transmission::Transmission;
 
 /// Largest read a client may ask for (32 MiB, advertised as the maximum block size).
@@ -19,7 +21,8 @@ pub const DEFAULT_MAX_CLIENTS: usize = 64;
 /// How long a client may take for each handshake step.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A read-only NBD server of one export (a QCOW2 chain, or a raw image) under one name.
+/// An NBD server of one export (a QCOW2 chain, or a raw image) under one name: read-only, or
+/// copy-on-write over an [`Overlay`].
 ///
 /// Cheap to clone: clones share the image and the client count.
 #[derive(Clone)]
@@ -28,8 +31,8 @@ pub struct Server {
 }
 
 struct Inner {
-    image: Image,
-    export: ExportInfo,
+    export: Export,
+    info: ExportInfo,
     max_clients: usize,
     clients: AtomicUsize,
 }
@@ -37,8 +40,8 @@ struct Inner {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("export", &self.inner.export.name)
-            .field("size", &self.inner.export.size)
+            .field("export", &self.inner.info.name)
+            .field("size", &self.inner.info.size)
             .finish_non_exhaustive()
     }
 }
@@ -50,6 +53,18 @@ impl Server {
         Self::with_limits(name, image, DEFAULT_MAX_REQUEST, DEFAULT_MAX_CLIENTS)
     }
 
+    /// A copy-on-write server: clients may write, and their writes go to `overlay`, never to
+    /// `image`. The overlay must have been opened for the image's size.
+    pub fn with_overlay(name: impl Into<String>, image: Image, overlay: Overlay) -> Result<Self> {
+        Self::build(
+            name.into(),
+            image,
+            Some(overlay),
+            DEFAULT_MAX_REQUEST,
+            DEFAULT_MAX_CLIENTS,
+        )
+    }
+
     /// Like [`new`](Self::new) with explicit limits: the largest read in bytes and the number
     /// of clients served at once.
     pub fn with_limits(
@@ -58,19 +73,39 @@ impl Server {
         max_request: u32,
         max_clients: usize,
     ) -> Result<Self> {
-        let name = name.into();
+        Self::build(name.into(), image, None, max_request, max_clients)
+    }
+
+    fn build(
+        name: String,
+        image: Image,
+        overlay: Option<Overlay>,
+        max_request: u32,
+        max_clients: usize,
+    ) -> Result<Self> {
+        if let Some(overlay) = overlay
+            .as_ref()
+            .filter(|o| o.size() != image.virtual_size())
+        {
+            return Err(Error::OverlayMismatch {
+                path: overlay.path().to_path_buf(),
+                recorded: format!("an export of {} bytes", overlay.size()),
+                wanted: format!("an export of {} bytes", image.virtual_size()),
+            });
+        }
         if name.len() > 4096 || name.contains('\0') {
             return Err(Error::InvalidName { name });
         }
-        let export = ExportInfo {
+        let info = ExportInfo {
             name,
             size: image.virtual_size(),
             max_request: max_request.max(4096),
+            writable: overlay.is_some(),
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                image,
-                export,
+                export: Export { image, overlay },
+                info,
                 max_clients,
                 clients: AtomicUsize::new(0),
             }),
@@ -79,7 +114,7 @@ impl Server {
 
     /// The export name.
     pub fn export_name(&self) -> &str {
-        &self.inner.export.name
+        &self.inner.info.name
     }
 
     /// Accepts connections on `listener` forever, each served on its own thread. A client's
@@ -121,16 +156,16 @@ impl Server {
                 .map_err(Error::io("configuring the socket"))?,
         );
         let mut writer = BufWriter::with_capacity(256 * 1024, &stream);
-        let Some(session) = handshake::handshake(&mut reader, &mut writer, &inner.export)? else {
+        let Some(session) = handshake::handshake(&mut reader, &mut writer, &inner.info)? else {
             return Ok(());
         };
         stream
             .set_read_timeout(None)
             .map_err(Error::io("configuring the socket"))?;
         Transmission {
-            image: &inner.image,
+            export: &inner.export,
             session,
-            max_request: inner.export.max_request,
+            max_request: inner.info.max_request,
         }
         .run(&mut reader, &mut writer)
     }

@@ -1,27 +1,111 @@
-//! The transmission phase: requests in, replies out, one at a time (proto.md "Transmission").
+//! The transmission phase (proto.md "Transmission"): one thread reads requests in order,
+//! a few workers answer them, and replies may go out of order (each reply whole, under the
+//! writer's lock).
 
 use std::io::{self, Read, Write};
-
-use strata_qcow2::{Extent, ExtentKind, Image};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
+use crate::export::{Export, Payload};
 use crate::handshake::{BASE_ALLOCATION_ID, Negotiated};
-use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno, state};
+use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno};
 
 /// Most block-status descriptors in one reply (proto.md lets a server send fewer than the
 /// whole range needs); bounds the reply's memory.
 const MAX_DESCRIPTORS: usize = 4096;
+/// The message of a request past the end of the export.
+const PAST_END: &str = "range past the end of the export";
+/// Requests of one connection served at once. Clients such as qemu keep several requests in
+/// flight; serving them in parallel overlaps storage latency (object storage above all)
+/// and the copies. Memory per connection stays bounded by `WORKERS + 1` requests.
+const WORKERS: usize = 4;
 
 /// One connection's transmission state.
 pub(crate) struct Transmission<'a> {
-    pub image: &'a Image,
+    pub export: &'a Export,
     pub session: Negotiated,
     pub max_request: u32,
 }
 
+/// A request handed to a worker, with its write payload if any.
+struct Job {
+    request: Request,
+    payload: Vec<u8>,
+}
+
+/// The connection's writer as a worker sees it: locked at the first byte of a reply and
+/// released when the reply is complete, so the work before it runs unlocked.
+struct ReplyWriter<'a, 'w, W> {
+    out: &'a Mutex<&'w mut W>,
+    guard: Option<MutexGuard<'a, &'w mut W>>,
+}
+
+impl<W: Write> ReplyWriter<'_, '_, W> {
+    fn writer(&mut self) -> &mut W {
+        let out = self.out;
+        self.guard
+            .get_or_insert_with(|| out.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl<W: Write> Write for ReplyWriter<'_, '_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.writer().write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.guard.as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Transmission<'_> {
     /// Serves requests until the client disconnects (`Ok`) or breaks the protocol (`Err`).
-    pub fn run(&self, reader: &mut impl Read, writer: &mut impl Write) -> Result<()> {
+    /// A writable export's overlay is flushed when the connection ends.
+    pub fn run<W: Write + Send>(&self, reader: &mut impl Read, writer: &mut W) -> Result<()> {
+        let out = Mutex::new(writer);
+        let failed = AtomicBool::new(false);
+        // A rendezvous channel: the reader waits for a free worker, so at most one request
+        // beyond those being served is held.
+        let (jobs, queue) = sync_channel::<Job>(0);
+        let queue = Mutex::new(queue);
+        let result = std::thread::scope(|scope| {
+            let jobs = jobs;
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|_| scope.spawn(|| self.work(&queue, &out, &failed)))
+                .collect();
+            let mut result = self.receive(reader, &jobs, &failed);
+            drop(jobs);
+            for worker in workers {
+                let served = worker
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::protocol("a request handler panicked")));
+                if result.is_ok() {
+                    result = served;
+                }
+            }
+            result
+        });
+        let flushed = self.export.flush();
+        result?;
+        flushed.map_err(|what| Error::Overlay { what })
+    }
+
+    /// Reads requests (and write payloads) in order and hands them to the workers.
+    fn receive(
+        &self,
+        reader: &mut impl Read,
+        jobs: &SyncSender<Job>,
+        failed: &AtomicBool,
+    ) -> Result<()> {
         loop {
             let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
                 Ok(head) => head,
@@ -32,40 +116,113 @@ impl Transmission<'_> {
                 Err(err) => return Err(err),
             };
             let request = Request::parse(&head)?;
-            match request.kind {
-                cmd::DISC => return Ok(()),
-                cmd::READ => self.read(writer, &request)?,
-                cmd::BLOCK_STATUS => self.block_status(writer, &request)?,
-                cmd::FLUSH => self.reply_error(writer, &request, 0, "")?,
-                cmd::WRITE => {
-                    // The payload follows; skip it when it is of a size we accept, otherwise
-                    // the stream cannot be resynchronised safely.
-                    if request.length > self.max_request {
-                        return Err(Error::protocol(format!(
-                            "write of {} bytes",
-                            request.length
-                        )));
-                    }
-                    let skipped =
-                        io::copy(&mut reader.take(u64::from(request.length)), &mut io::sink())
-                            .map_err(Error::io("skipping a write payload"))?;
-                    if skipped != u64::from(request.length) {
-                        return Err(Error::protocol("write payload cut short"));
-                    }
-                    self.reply_error(writer, &request, errno::EPERM, "read-only export")?;
-                }
-                cmd::TRIM | cmd::WRITE_ZEROES | cmd::RESIZE => {
-                    self.reply_error(writer, &request, errno::EPERM, "read-only export")?
-                }
-                _ => self.reply_error(writer, &request, errno::EINVAL, "unknown command")?,
+            if request.kind == cmd::DISC {
+                return Ok(());
             }
-            writer.flush().map_err(Error::io("sending a reply"))?;
+            let mut payload = Vec::new();
+            if request.kind == cmd::WRITE {
+                // The payload follows and must be consumed to stay in step; one larger than
+                // the maximum block size cannot be skipped safely.
+                if request.length > self.max_request {
+                    return Err(Error::protocol(format!(
+                        "write of {} bytes",
+                        request.length
+                    )));
+                }
+                payload.resize(request.length as usize, 0);
+                reader
+                    .read_exact(&mut payload)
+                    .map_err(Error::io("reading a write payload"))?;
+            }
+            // A worker that could not send a reply has failed the connection.
+            if jobs.send(Job { request, payload }).is_err() || failed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A worker: answers requests until the reader stops; after a failed reply it only
+    /// drains the queue, so the reader is never left waiting.
+    fn work<W: Write>(
+        &self,
+        queue: &Mutex<Receiver<Job>>,
+        out: &Mutex<&mut W>,
+        failed: &AtomicBool,
+    ) -> Result<()> {
+        // A read buffer per worker: it only grows (up to the maximum block size), and every
+        // read overwrites the bytes it sends, so it is neither reallocated nor zeroed per
+        // request.
+        let mut buffer = Vec::new();
+        let mut result = Ok(());
+        loop {
+            let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+            let Ok(job) = job else {
+                return result;
+            };
+            if result.is_err() {
+                continue;
+            }
+            let mut writer = ReplyWriter { out, guard: None };
+            result = self
+                .handle(&mut writer, &job, &mut buffer)
+                .and_then(|()| writer.flush().map_err(Error::io("sending a reply")));
+            if result.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn handle(&self, writer: &mut impl Write, job: &Job, buffer: &mut Vec<u8>) -> Result<()> {
+        let request = &job.request;
+        match request.kind {
+            cmd::READ => self.read(writer, request, buffer),
+            cmd::BLOCK_STATUS => self.block_status(writer, request),
+            cmd::FLUSH => match self.export.flush() {
+                Ok(()) => self.reply_error(writer, request, 0, ""),
+                Err(why) => self.reply_error(writer, request, errno::EIO, &why),
+            },
+            cmd::WRITE => self.write(writer, request, Payload::Bytes(&job.payload)),
+            cmd::WRITE_ZEROES => self.write(writer, request, Payload::Zeroes),
+            cmd::TRIM => self.write(writer, request, Payload::Trim),
+            cmd::RESIZE => self.reply_error(writer, request, errno::EPERM, "the size is fixed"),
+            _ => self.reply_error(writer, request, errno::EINVAL, "unknown command"),
+        }
+    }
+
+    /// `NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_TRIM`: `EPERM` on a read-only
+    /// export, `ENOSPC` for a write past the end and `EINVAL` for a trim past it (proto.md
+    /// "Error values").
+    fn write(
+        &self,
+        writer: &mut impl Write,
+        request: &Request,
+        payload: Payload<'_>,
+    ) -> Result<()> {
+        if !self.export.writable() {
+            return self.reply_error(writer, request, errno::EPERM, "read-only export");
+        }
+        if let Some(why) = self.check_range(request, u32::MAX) {
+            let past_end = why == PAST_END && !matches!(payload, Payload::Trim);
+            let error = if past_end {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
+            return self.reply_error(writer, request, error, why);
+        }
+        let fua = request.flags & cmd_flag::FUA != 0;
+        match self
+            .export
+            .write(request.offset, u64::from(request.length), payload, fua)
+        {
+            Ok(()) => self.reply_error(writer, request, 0, ""),
+            Err(why) => self.reply_error(writer, request, errno::EIO, &why),
         }
     }
 
     /// Checks a request's range against the export; the message says what is wrong.
     fn check_range(&self, request: &Request, max_len: u32) -> Option<&'static str> {
-        let size = self.image.virtual_size();
+        let size = self.export.size();
         if request.length == 0 {
             Some("zero length")
         } else if request.length > max_len {
@@ -75,47 +232,41 @@ impl Transmission<'_> {
             .checked_add(u64::from(request.length))
             .is_none_or(|end| end > size)
         {
-            Some("range past the end of the export")
+            Some(PAST_END)
         } else {
             None
         }
     }
 
-    fn read(&self, writer: &mut impl Write, request: &Request) -> Result<()> {
+    fn read(&self, writer: &mut impl Write, request: &Request, buffer: &mut Vec<u8>) -> Result<()> {
         if let Some(why) = self.check_range(request, self.max_request) {
             return self.reply_error(writer, request, errno::EINVAL, why);
         }
-        let extents = match self.image.map(request.offset, u64::from(request.length)) {
-            Ok(extents) => extents,
-            Err(err) => return self.reply_error(writer, request, errno::EIO, &err.to_string()),
-        };
-        let mut data = vec![0u8; request.length as usize];
-        if let Err(err) = read_extents(self.image, &extents, request.offset, &mut data) {
-            return self.reply_error(writer, request, errno::EIO, &err.to_string());
+        let len = request.length as usize;
+        if buffer.len() < len {
+            buffer.resize(len, 0);
         }
+        let data = buffer.get_mut(..len).unwrap_or_default();
+        let runs = match self.export.read(request.offset, data) {
+            Ok(runs) => runs,
+            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+        };
         if !self.session.structured {
             proto::write_simple_reply(writer, 0, request.cookie)?;
             return writer
-                .write_all(&data)
+                .write_all(data)
                 .map_err(Error::io("sending read data"));
         }
         if request.flags & cmd_flag::DF != 0 {
-            return send_data(writer, request.cookie, request.offset, &data, true);
+            return send_data(writer, request.cookie, request.offset, data, true);
         }
-        // Zero ranges go out as holes, data runs (adjacent data extents joined) as data.
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        for e in &extents {
-            let zero = e.kind.is_zero();
-            match runs.last_mut() {
-                Some((_, len, z)) if *z == zero => *len += e.length,
-                _ => runs.push((e.start, e.length, zero)),
-            }
-        }
+        // Zero runs go out as holes, data runs as data.
         let last = runs.len().saturating_sub(1);
-        for (i, (start, len, zero)) in runs.into_iter().enumerate() {
+        for (i, run) in runs.into_iter().enumerate() {
+            let (start, len) = (run.start, run.len);
             let done = i == last;
             let flags = if done { chunk::FLAG_DONE } else { 0 };
-            if zero {
+            if run.zero {
                 proto::write_chunk_header(writer, flags, chunk::OFFSET_HOLE, request.cookie, 12)?;
                 let mut payload = [0u8; 12];
                 payload[..8].copy_from_slice(&start.to_be_bytes());
@@ -142,36 +293,13 @@ impl Transmission<'_> {
         }
         let one = request.flags & cmd_flag::REQ_ONE != 0;
         let limit = if one { 1 } else { MAX_DESCRIPTORS };
-        let mut descriptors: Vec<(u32, u32)> = Vec::new();
-        // Walk the range in windows so a fragmented chain never makes a huge extent list.
-        let window = self.image.cluster_size().max(512) * 1024;
-        let end = request.offset + u64::from(request.length);
-        let mut pos = request.offset;
-        while pos < end && descriptors.len() < limit {
-            let len = window.min(end - pos);
-            let mut full = false;
-            let result = self.image.for_each_extent(pos, len, |e| {
-                if full {
-                    return Ok(());
-                }
-                let flags = allocation_flags(e.kind);
-                let count = descriptors.len();
-                match descriptors.last_mut() {
-                    // Lengths add up to at most the request's 32-bit length.
-                    Some((l, f)) if *f == flags => *l += e.length as u32,
-                    _ if count >= limit => full = true,
-                    _ => descriptors.push((e.length as u32, flags)),
-                }
-                Ok(())
-            });
-            if let Err(err) = result {
-                return self.reply_error(writer, request, errno::EIO, &err.to_string());
-            }
-            if full {
-                break;
-            }
-            pos += len;
-        }
+        let descriptors = match self
+            .export
+            .status(request.offset, u64::from(request.length), limit)
+        {
+            Ok(descriptors) => descriptors,
+            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+        };
         let payload_len = 4 + 8 * descriptors.len();
         proto::write_chunk_header(
             writer,
@@ -222,35 +350,6 @@ impl Transmission<'_> {
             .write_all(&payload)
             .map_err(Error::io("sending an error"))
     }
-}
-
-/// `base:allocation` flags of an extent: unallocated in the whole chain is a hole that reads as
-/// zeros; a zero cluster reads as zeros but is allocated.
-fn allocation_flags(kind: ExtentKind) -> u32 {
-    match kind {
-        ExtentKind::Unallocated => state::HOLE | state::ZERO,
-        ExtentKind::Zero { .. } => state::ZERO,
-        _ => 0,
-    }
-}
-
-/// Reads the data of `extents` (which cover `offset..offset + buf.len()`) into `buf`.
-fn read_extents(
-    image: &Image,
-    extents: &[Extent],
-    offset: u64,
-    buf: &mut [u8],
-) -> strata_qcow2::Result<()> {
-    for e in extents {
-        let from = (e.start - offset) as usize;
-        let Some(part) = buf.get_mut(from..from + e.length as usize) else {
-            return Err(strata_qcow2::Error::InvalidArgument(
-                "extent outside the request".into(),
-            ));
-        };
-        image.read_extent(e, part)?;
-    }
-    Ok(())
 }
 
 fn send_data(

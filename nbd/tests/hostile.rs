@@ -15,6 +15,7 @@ const SIMPLE_REPLY: u32 = 0x6744_6698;
 const STRUCTURED_REPLY: u32 = 0x668e_33ef;
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
 
 struct Client(TcpStream);
 
@@ -349,4 +350,42 @@ fn structured_reads_send_holes_and_block_status_describes_the_chain() {
     assert_eq!(payload.len(), 4 + 8);
     assert_eq!(&payload[4..8], &(1u32 << 20).to_be_bytes());
     assert_eq!(&payload[8..], &0u32.to_be_bytes());
+}
+
+#[test]
+fn writable_export_advertises_writes_and_refuses_writes_past_the_end() {
+    let fx = Fixture::writable();
+    let mut c = Client::connect(&fx);
+    c.option(1, b"disk");
+    assert_eq!(c.u64(), fixture::SIZE);
+    let flags = c.u16();
+    assert_eq!(flags & (1 << 1), 0, "not READ_ONLY");
+    let wanted = 1 | 1 << 2 | 1 << 3 | 1 << 5 | 1 << 6 | 1 << 8;
+    assert_eq!(
+        flags & wanted,
+        wanted,
+        "HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN"
+    );
+
+    // Past the end: ENOSPC for writes (the payload is consumed), EINVAL for a trim.
+    c.request(1, 0, 1, fixture::SIZE - 512, 1024);
+    c.send(&[0x55; 1024]);
+    assert_eq!(c.simple_reply(1), ENOSPC, "write past the end");
+    c.request(6, 0, 2, fixture::SIZE, 512);
+    assert_eq!(c.simple_reply(2), ENOSPC, "write zeroes past the end");
+    c.request(4, 0, 3, fixture::SIZE - 512, 1024);
+    assert_eq!(c.simple_reply(3), EINVAL, "trim past the end");
+    c.request(1, 0, 4, 0, 0);
+    assert_eq!(c.simple_reply(4), EINVAL, "zero-length write");
+
+    // The connection goes on: a FUA write at the end, read back.
+    c.request(1, 1, 5, fixture::SIZE - 512, 512);
+    c.send(&[0x55; 512]);
+    assert_eq!(c.simple_reply(5), 0);
+    c.request(0, 0, 6, fixture::SIZE - 1024, 1024);
+    assert_eq!(c.simple_reply(6), 0);
+    let data = c.bytes(1024);
+    assert!(data[..512].iter().all(|&b| b == 0));
+    assert!(data[512..].iter().all(|&b| b == 0x55));
+    read_works(&mut c);
 }

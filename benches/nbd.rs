@@ -1,0 +1,138 @@
+//! `qemu-img convert -O raw nbd://...` of a 12-deep chain, served by strata's NBD server
+//! beside `qemu-nbd` serving the same chain, in the same run.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput};
+use strata::nbd::Server;
+use strata::qcow2::Image;
+
+const VIRTUAL: u64 = 1 << 30;
+const DEPTH: usize = 12;
+/// 256 KiB runs each layer writes: 24 MiB a layer, about 280 MiB of data in the chain.
+const RUNS: u64 = 96;
+
+fn tool(dir: &Path, program: &str, args: &[String]) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?} failed");
+}
+
+/// Builds `0.qcow2` .. `11.qcow2`, each writing scattered 256 KiB runs.
+fn build_chain(dir: &Path) {
+    for layer in 0..DEPTH {
+        let name = format!("{layer}.qcow2");
+        let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+        if layer > 0 {
+            args.extend([
+                "-b".into(),
+                format!("{}.qcow2", layer - 1),
+                "-F".into(),
+                "qcow2".into(),
+            ]);
+        }
+        args.extend([name.clone(), VIRTUAL.to_string()]);
+        tool(dir, "qemu-img", &args);
+        let mut io = vec![];
+        for run in 0..RUNS {
+            let offset =
+                ((run * 7919 + layer as u64 * 104_729) % (VIRTUAL / (256 << 10))) * (256 << 10);
+            io.push("-c".to_owned());
+            io.push(format!(
+                "write -P {} {offset} 256k",
+                (layer as u64 * 31 + run) % 251 + 1
+            ));
+        }
+        io.push(name);
+        tool(dir, "qemu-io", &io);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The chain served by strata and by qemu-nbd, copied out with `qemu-img convert`.
+pub fn convert_12_deep(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    build_chain(dir.path());
+    let top = dir.path().join(format!("{}.qcow2", DEPTH - 1));
+    let image = Image::open(&top).expect("open chain");
+    let data: u64 = image
+        .map(0, VIRTUAL)
+        .expect("map")
+        .iter()
+        .filter(|e| !e.kind.is_zero())
+        .map(|e| e.length)
+        .sum();
+
+    let server = Server::new("chain", image).expect("server");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let strata_url = format!("nbd://{}/chain", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || server.serve(&listener));
+
+    let port = free_port();
+    let _qemu_nbd = Killed(
+        Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-f",
+                "qcow2",
+                "-x",
+                "chain",
+                "-b",
+                "127.0.0.1",
+                "--persistent",
+            ])
+            .args(["-p", &port.to_string()])
+            .arg(&top)
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let qemu_url = format!("nbd://127.0.0.1:{port}/chain");
+
+    let mut group = c.benchmark_group("nbd_convert_12_deep");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(data));
+    let out = dir.path().join("out.raw");
+    // A new output file each run, so no run waits for the previous one's writeback.
+    let remove_output = || {
+        let _ = std::fs::remove_file(&out);
+    };
+    for (name, url) in [("strata serve", &strata_url), ("qemu-nbd", &qemu_url)] {
+        let args: Vec<String> = ["convert", "-f", "raw", "-O", "raw", url.as_str(), "out.raw"]
+            .map(String::from)
+            .into();
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                remove_output,
+                |()| tool(dir.path(), "qemu-img", &args),
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    group.finish();
+}
