@@ -15,6 +15,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod operator;
 mod volume;
 
 pub use strata_chain as chain;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod convert;
 mod convert_qcow2;
+mod crds;
 mod discover;
 mod info;
 mod map;
@@ -47,6 +48,8 @@ enum Command {
     Serve(serve::Args),
     /// Serve a local image or chain over NBD (read-only).
     ServeImage(serve::ImageArgs),
+    /// Print the Target, Backup and Restore CRDs for `kubectl apply -f -`.
+    Crds(crds::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Prune(args) => volumes::prune(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeImage(args) => serve::run_image(args),
+        Command::Crds(args) => crds::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
