@@ -185,7 +185,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     let stale = backup(&mock);
     reconcile_backup(&stale, &ctx).await.unwrap();
     reconcile_backup(&stale, &ctx).await.unwrap();
-    assert_eq!(mock.names_under(JOBS), [job.clone()]);
+    assert_eq!(mock.names_under(JOBS), std::slice::from_ref(&job));
     let claim = mock
         .get(&format!("{PVCS}/{}", k.name(Role::Volume)))
         .unwrap();

@@ -41,7 +41,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: crate::discovery::Error,
+        source: Box<crate::discovery::Error>,
     },
     /// A snapshot, PVC or datamover step failed.
     #[error("volume step: {operation}")]
@@ -50,7 +50,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: crate::csi::Error,
+        source: Box<crate::csi::Error>,
     },
     /// Reading or writing the target failed.
     #[error("target: {operation}")]
@@ -59,7 +59,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: crate::target::Error,
+        source: Box<crate::target::Error>,
     },
     /// A datamover Job failed.
     #[error("datamover Job {namespace}/{job} failed: {message}")]
@@ -78,7 +78,7 @@ pub enum Error {
         volume: String,
         /// The cause.
         #[source]
-        source: crate::Error,
+        source: Box<crate::Error>,
     },
     /// The Kubernetes API call failed.
     #[error("Kubernetes API: {operation}")]
@@ -102,11 +102,11 @@ impl Error {
                 true
             }
             Error::Discovery { source, .. } => {
-                !matches!(source, crate::discovery::Error::Kube { .. })
+                !matches!(**source, crate::discovery::Error::Kube { .. })
             }
-            Error::Csi { source, .. } => !matches!(source, crate::csi::Error::Kube { .. }),
+            Error::Csi { source, .. } => !matches!(**source, crate::csi::Error::Kube { .. }),
             Error::Target { source, .. } => matches!(
-                source,
+                **source,
                 crate::target::Error::InvalidName { .. } | crate::target::Error::Corrupt { .. }
             ),
             Error::NotFound { .. }
@@ -123,20 +123,29 @@ impl Error {
 
     pub(crate) fn csi(operation: impl Into<String>) -> impl FnOnce(crate::csi::Error) -> Error {
         let operation = operation.into();
-        move |source| Error::Csi { operation, source }
+        move |source| Error::Csi {
+            operation,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn discovery(
         operation: impl Into<String>,
     ) -> impl FnOnce(crate::discovery::Error) -> Error {
         let operation = operation.into();
-        move |source| Error::Discovery { operation, source }
+        move |source| Error::Discovery {
+            operation,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn target(
         operation: impl Into<String>,
     ) -> impl FnOnce(crate::target::Error) -> Error {
         let operation = operation.into();
-        move |source| Error::Target { operation, source }
+        move |source| Error::Target {
+            operation,
+            source: Box::new(source),
+        }
     }
 }

@@ -156,13 +156,15 @@ impl Run<'_> {
             .app_spec(&self.namespace)
             .map_err(Error::discovery("spec.application.selectors"))?;
         let client = &self.ctx.client;
-        let inventory =
-            Inventory::collect(&LiveSource::new(client.clone()), &[self.namespace.clone()])
-                .await
-                .map_err(Error::discovery(format!(
-                    "read namespace {}",
-                    self.namespace
-                )))?;
+        let inventory = Inventory::collect(
+            &LiveSource::new(client.clone()),
+            std::slice::from_ref(&self.namespace),
+        )
+        .await
+        .map_err(Error::discovery(format!(
+            "read namespace {}",
+            self.namespace
+        )))?;
         let app = discover(&inventory, &app_spec)
             .map_err(Error::discovery("discover the application"))?;
         let metadata = MetadataBackup::from_application(&app, &RestoreOrder::default())
@@ -476,7 +478,7 @@ impl Run<'_> {
                         crate::prune(t, &r.volume, keep.max(1)).map_err(|source| {
                             Error::Retention {
                                 volume: r.volume.to_string(),
-                                source,
+                                source: Box::new(source),
                             }
                         })?;
                     }
