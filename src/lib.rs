@@ -1,7 +1,8 @@
 //! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
 //!
 //! This facade re-exports the member crates and composes them into the flows a datamover runs:
-//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`].
+//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. The in-cluster side, the
+//! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is [`operator`].
 //!
 //! ```no_run
 //! use strata::target::{Target, VolumeName};
@@ -18,10 +19,12 @@
 //!
 //! # Features
 //!
-//! - `kubernetes` (default): re-exports `discovery` and `csi`, the Kubernetes side (kube and
-//!   its TLS stack). Without it the facade is the data path alone (images, chains, targets,
+//! - `kubernetes` (default): re-exports `discovery` and `csi` and holds the `operator` (CRDs and
+//!   reconcilers), the Kubernetes side (kube and its TLS stack). Without it the facade is the data path alone (images, chains, targets,
 //!   NBD), which builds much faster.
 
+#[cfg(feature = "kubernetes")]
+pub mod operator;
 mod volume;
 
 pub use strata_chain as chain;

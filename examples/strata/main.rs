@@ -7,9 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "kubernetes")]
 mod changed_blocks;
 mod convert;
 mod convert_qcow2;
+#[cfg(feature = "kubernetes")]
+mod crds;
 #[cfg(feature = "kubernetes")]
 mod discover;
 mod info;
@@ -51,7 +54,11 @@ enum Command {
     /// Serve a local image or chain over NBD (read-only, or copy-on-write).
     ServeImage(serve::ImageArgs),
     /// List a snapshot's changed ranges via CSI changed-block tracking, for `backup --changed-ranges`.
+    #[cfg(feature = "kubernetes")]
     ChangedBlocks(changed_blocks::Args),
+    /// Print the Target, Backup and Restore CRDs for `kubectl apply -f -`.
+    #[cfg(feature = "kubernetes")]
+    Crds(crds::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,7 +76,10 @@ fn main() -> ExitCode {
         Command::Prune(args) => volumes::prune(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeImage(args) => serve::run_image(args),
+        #[cfg(feature = "kubernetes")]
         Command::ChangedBlocks(args) => changed_blocks::run(args),
+        #[cfg(feature = "kubernetes")]
+        Command::Crds(args) => crds::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,133 @@
+//! The `Backup` resource: one backup run of an application into a Target.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::target::LocalReference;
+use crate::operator::selection::ApplicationSelection;
+use crate::operator::status::{Condition, Phase, Progress};
+
+/// Back up an application of the Backup's namespace: its objects (as a metadata archive) and
+/// its volumes (CSI snapshot, then a datamover Job per volume writing a QCOW2 backup).
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "strata.io",
+    version = "v1alpha1",
+    kind = "Backup",
+    namespaced,
+    status = "BackupStatus",
+    shortname = "stb",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Volumes","type":"integer","jsonPath":".status.progress.volumesDone"}"#,
+    printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".status.backupId"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// What to back up.
+    pub application: ApplicationSelection,
+    /// The Target (same namespace) to write to.
+    pub target_ref: LocalReference,
+    /// Name of the application in the target; backups of one name form its history. Defaults
+    /// to the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+    )]
+    pub application_name: Option<String>,
+    /// Full (a new base image per volume) or Incremental (an overlay on each volume's latest
+    /// backup; full when a volume has none).
+    #[serde(default)]
+    pub mode: BackupMode,
+    /// How many backups of each volume to keep; older ones are folded into their children.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// VolumeSnapshotClass to use instead of the one chosen for each volume's CSI driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_class_name: Option<String>,
+    /// When to delete the temporary snapshots, PVCs and Jobs.
+    #[serde(default)]
+    pub cleanup: CleanupPolicy,
+}
+
+/// Full or incremental.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum BackupMode {
+    /// A full base image of every volume.
+    Full,
+    /// An overlay on each volume's latest backup.
+    #[default]
+    Incremental,
+}
+
+/// Retention of volume backups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Backups of each volume to keep, at least one.
+    #[schemars(range(min = 1))]
+    pub keep_last: u32,
+}
+
+/// When temporary objects are deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CleanupPolicy {
+    /// When the run completes or fails.
+    #[default]
+    Always,
+    /// Only when it completes; a failed run keeps them for inspection.
+    OnSuccess,
+    /// Never.
+    Never,
+}
+
+/// Where a Backup stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The run's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Observations: `Discovered`, `SnapshotsReady`, `VolumesCopied`, `Committed`, `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Volumes and bytes copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The application backup id in the target, once committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// The application's name in the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+    /// Each volume of the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStatus>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One volume of a Backup or Restore run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    /// The (source, for a backup; restored, for a restore) PVC.
+    pub pvc: String,
+    /// The volume's name in the target.
+    pub volume: String,
+    /// Provisioned size in bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// The volume's latest backup id before this run's datamover started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_backup_id: Option<String>,
+    /// The volume backup this run wrote (backup) or read (restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// Whether its datamover finished.
+    #[serde(default)]
+    pub done: bool,
+}

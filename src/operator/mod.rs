@@ -1,0 +1,37 @@
+//! The in-cluster operator: custom resources and the reconcile logic of the controller.
+//!
+//! `Target`, `Backup` and `Restore` ([`crd`]) describe what to back up, where, and what to
+//! restore. The reconcilers ([`reconcile_backup`], [`reconcile_restore`]) move one run a step
+//! forward per call and record where it stands in the resource's status; the `controller`
+//! example wraps them in a kube-runtime `Controller`.
+//!
+//! ```
+//! // The CRDs to install, as `strata crds | kubectl apply -f -` prints them.
+//! let yaml = strata::operator::crd::crds_yaml()?;
+//! assert!(yaml.contains("name: backups.strata.io"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Design
+//!
+//! - **Level-triggered, one step per call.** A reconcile reads the resource's status and the
+//!   cluster, does the next step, writes the status and asks to be called again. Nothing is
+//!   held in memory between calls, so a controller restart resumes where the status says.
+//! - **Idempotent by naming.** Snapshots, PVCs and Jobs get strata-csi's deterministic names
+//!   for (run, namespace, PVC); creating finds an existing object instead of duplicating it,
+//!   the metadata archive is kept in a Secret of a deterministic name until it is committed, and
+//!   the application backup id is the Backup's name, committed create-only.
+//! - **Failures are data.** A permanent error (bad spec, failed snapshot, failed Job) sets the
+//!   `Failed` condition and phase; transient ones (API errors) are returned for a retry.
+
+mod context;
+pub mod crd;
+mod error;
+pub mod reconcile;
+mod selection;
+pub mod status;
+
+pub use context::{Context, TargetAccess, volume_name};
+pub use error::{Error, Result};
+pub use reconcile::{reconcile_backup, reconcile_restore};
+pub use selection::{ApplicationSelection, OperatorSelection};

@@ -1,0 +1,51 @@
+//! The reconcilers of Backup and Restore, and the object helpers they share.
+
+mod backup;
+mod jobs;
+mod restore;
+mod stash;
+mod volumes;
+
+pub use backup::reconcile_backup;
+pub use jobs::{JobOutcome, job_outcome};
+pub use restore::reconcile_restore;
+pub use stash::stash_name;
+
+use crate::operator::error::Error;
+use crate::operator::status::{Condition, ConditionStatus, set_condition};
+
+/// `err` and its causes on one line, as a condition message.
+pub fn error_chain(err: &Error) -> String {
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Reason of the `Failed` condition for `err`.
+fn failure_reason(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidSpec { .. } | Error::MissingMetadata { .. } => "InvalidSpec",
+        Error::JobFailed { .. } => "JobFailed",
+        Error::Csi { .. } => "VolumeStepFailed",
+        Error::Discovery { .. } => "DiscoveryFailed",
+        Error::Target { .. } | Error::Retention { .. } => "TargetFailed",
+        _ => "Error",
+    }
+}
+
+/// Record a permanent failure in `conditions`.
+fn fail(conditions: &mut Vec<Condition>, err: &Error, generation: Option<i64>) {
+    set_condition(
+        conditions,
+        "Failed",
+        ConditionStatus::True,
+        failure_reason(err),
+        error_chain(err),
+        generation,
+    );
+}

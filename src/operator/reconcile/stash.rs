@@ -1,0 +1,117 @@
+//! The metadata archive between discovery and commit.
+//!
+//! Discovery runs with the snapshots, so the archive describes the objects as they were when
+//! the volumes were cut; the application backup can be committed only once the volume backup
+//! ids are known, after the datamovers. In between the archive waits in a Secret (it holds the
+//! application's Secrets, so a Secret is the right kind of object) named after the Backup and
+//! owned by it, so deleting the Backup also removes a stash left by a failed run.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+
+use crate::csi::naming::{LABEL_RUN, MANAGED_BY, label_value};
+use crate::operator::error::{Error, Result};
+
+/// Key of the archive in the Secret.
+pub const ARCHIVE_KEY: &str = "metadata.tar.gz";
+/// Largest archive a Secret holds (the API server's object limit is about 1.5 MiB; this leaves
+/// room for base64 inside the request).
+pub const MAX_ARCHIVE: usize = 1 << 20;
+
+/// Name of the stash Secret of run `run`.
+pub fn stash_name(run: &str) -> String {
+    format!("strata-metadata-{}", label_value(run).to_ascii_lowercase())
+}
+
+/// Store `archive` for run `run` in `namespace`, owned by `owner`; a stash already there (from
+/// an earlier reconcile of the same run) is kept.
+pub async fn store(
+    client: &Client,
+    namespace: &str,
+    run: &str,
+    owner: OwnerReference,
+    archive: Vec<u8>,
+) -> Result<()> {
+    if archive.len() > MAX_ARCHIVE {
+        return Err(Error::InvalidSpec {
+            what: "application",
+            reason: format!(
+                "its metadata archive is {} bytes, more than the {MAX_ARCHIVE} a Secret can stage",
+                archive.len()
+            ),
+        });
+    }
+    let name = stash_name(run);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    MANAGED_BY.to_owned(),
+                ),
+                (LABEL_RUN.to_owned(), label_value(run)),
+            ])),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            ARCHIVE_KEY.to_owned(),
+            ByteString(archive),
+        )])),
+        type_: Some("Opaque".to_owned()),
+        ..Default::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            operation: format!("create Secret {namespace}/{name}"),
+            source,
+        }),
+    }
+}
+
+/// The archive stashed for run `run`.
+pub async fn load(client: &Client, namespace: &str, run: &str) -> Result<Vec<u8>> {
+    let name = stash_name(run);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("get Secret {namespace}/{name}")))?
+        .ok_or_else(|| Error::NotFound {
+            kind: "Secret",
+            namespace: namespace.to_owned(),
+            name: name.clone(),
+        })?;
+    secret
+        .data
+        .and_then(|mut d| d.remove(ARCHIVE_KEY))
+        .map(|b| b.0)
+        .ok_or_else(|| Error::InvalidSpec {
+            what: "metadata stash",
+            reason: format!("Secret {namespace}/{name} has no {ARCHIVE_KEY}"),
+        })
+}
+
+/// Delete the stash of run `run`; already gone is fine.
+pub async fn remove(client: &Client, namespace: &str, run: &str) -> Result<()> {
+    let name = stash_name(run);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            operation: format!("delete Secret {namespace}/{name}"),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,109 @@
+//! Steps on the volumes of a run that backup and restore share: datamover Job outcomes, progress,
+//! cleanup of the temporary objects.
+
+use futures::future::try_join_all;
+use kube::Client;
+
+use super::jobs::{JobOutcome, delete_job, read_job};
+use crate::csi::client::{delete_pvc, delete_snapshot};
+use crate::csi::{Role, VolumeKey};
+use crate::operator::crd::VolumeStatus;
+use crate::operator::error::{Error, Result};
+use crate::operator::status::Progress;
+
+/// Read the datamover Job of every volume not yet done; mark the finished ones done and return
+/// their indexes. A failed Job is an [`Error::JobFailed`] with the Job's own message.
+pub async fn finished_jobs(
+    client: &Client,
+    run: &str,
+    namespace: &str,
+    volumes: &mut [VolumeStatus],
+) -> Result<Vec<usize>> {
+    let pending: Vec<(usize, String)> = volumes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !v.done)
+        .map(|(i, v)| {
+            (
+                i,
+                VolumeKey::new(run, namespace, &v.pvc).name(Role::Datamover),
+            )
+        })
+        .collect();
+    let outcomes = try_join_all(
+        pending
+            .iter()
+            .map(|(_, job)| read_job(client, namespace, job)),
+    )
+    .await?;
+    let mut finished = Vec::new();
+    for ((index, job), outcome) in pending.into_iter().zip(outcomes) {
+        match outcome {
+            JobOutcome::Running => {}
+            JobOutcome::Succeeded => {
+                if let Some(volume) = volumes.get_mut(index) {
+                    volume.done = true;
+                    finished.push(index);
+                }
+            }
+            JobOutcome::Failed(message) => {
+                return Err(Error::JobFailed {
+                    namespace: namespace.to_owned(),
+                    job,
+                    message,
+                });
+            }
+        }
+    }
+    Ok(finished)
+}
+
+/// Progress of `volumes`.
+pub fn progress(volumes: &[VolumeStatus]) -> Progress {
+    let size = |v: &&VolumeStatus| v.size_bytes.unwrap_or(0);
+    Progress {
+        volumes_done: u32::try_from(volumes.iter().filter(|v| v.done).count()).unwrap_or(u32::MAX),
+        volumes_total: u32::try_from(volumes.len()).unwrap_or(u32::MAX),
+        bytes_done: volumes.iter().filter(|v| v.done).map(|v| size(&v)).sum(),
+        bytes_total: volumes.iter().map(|v| size(&v)).sum(),
+    }
+}
+
+/// Which temporary objects of a volume to delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Temporaries {
+    /// Job, temporary PVC and snapshot (a backup).
+    SnapshotAndClaim,
+    /// Only the Job (a restore: the PVC is the restored volume).
+    JobOnly,
+}
+
+/// Delete the run's temporary objects of every volume: the Job (with its pods) first, as it
+/// uses the claim, then the claim, then the snapshot it was made from.
+pub async fn cleanup(
+    client: &Client,
+    run: &str,
+    namespace: &str,
+    volumes: &[VolumeStatus],
+    what: Temporaries,
+) -> Result<()> {
+    try_join_all(volumes.iter().map(|v| async move {
+        let key = VolumeKey::new(run, namespace, &v.pvc);
+        delete_job(client, namespace, &key.name(Role::Datamover)).await?;
+        if what == Temporaries::SnapshotAndClaim {
+            let claim = key.name(Role::Volume);
+            delete_pvc(client, namespace, &claim)
+                .await
+                .map_err(Error::csi(format!("delete PVC {namespace}/{claim}")))?;
+            let snapshot = key.name(Role::Snapshot);
+            delete_snapshot(client, namespace, &snapshot)
+                .await
+                .map_err(Error::csi(format!(
+                    "delete VolumeSnapshot {namespace}/{snapshot}"
+                )))?;
+        }
+        Ok::<_, Error>(())
+    }))
+    .await?;
+    Ok(())
+}

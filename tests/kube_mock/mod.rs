@@ -1,0 +1,199 @@
+//! An in-memory Kubernetes API server for the reconcile tests, plugged into `kube::Client::new`
+//! as a tower service (the pattern of strata-csi's tests): create (`POST`, 409 when taken), get
+//! and list (by URL path; query parameters ignored), merge and apply `PATCH` (of the object or
+//! of its `/status`), delete, and API discovery of the core kinds the tests use.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    requests: Vec<String>,
+    next_uid: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Mock {
+    state: Arc<Mutex<State>>,
+}
+
+fn respond(code: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn failure(code: StatusCode, reason: &str) -> Response<Body> {
+    respond(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "reason": reason, "message": reason, "code": code.as_u16()}),
+    )
+}
+
+/// Whether `path` names a collection: `/api/v1/R`, `/api/v1/namespaces/N/R`,
+/// `/apis/G/V/R`, `/apis/G/V/namespaces/N/R`.
+fn is_collection(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match parts.first() {
+        Some(&"api") => &parts[2.min(parts.len())..],
+        Some(&"apis") => &parts[3.min(parts.len())..],
+        _ => return false,
+    };
+    match rest {
+        [_] => true,
+        [first, _, _] => *first == "namespaces",
+        _ => false,
+    }
+}
+
+/// Core kinds served by discovery: (plural, kind, namespaced).
+const CORE: &[(&str, &str, bool)] = &[
+    ("namespaces", "Namespace", false),
+    ("persistentvolumeclaims", "PersistentVolumeClaim", true),
+    ("persistentvolumes", "PersistentVolume", false),
+    ("configmaps", "ConfigMap", true),
+];
+
+fn discovery(path: &str) -> Option<Value> {
+    match path {
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": []})),
+        "/apis" => Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})),
+        "/api/v1" => Some(json!({"kind": "APIResourceList", "groupVersion": "v1",
+            "resources": CORE.iter().map(|(plural, kind, namespaced)| json!({
+                "name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
+                "kind": kind, "verbs": ["create", "delete", "get", "list", "patch", "watch"]
+            })).collect::<Vec<_>>()})),
+        _ => None,
+    }
+}
+
+impl Mock {
+    pub fn client(&self) -> kube::Client {
+        let mock = self.clone();
+        let service = tower::service_fn(move |req: Request<Body>| {
+            let mock = mock.clone();
+            async move { Ok::<_, std::convert::Infallible>(mock.handle(req).await) }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Store `object` at `path` (the object's URL).
+    pub fn put(&self, path: &str, object: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(path.to_owned(), object);
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
+    }
+
+    /// Paths of the objects stored directly under collection `path`.
+    pub fn names_under(&self, path: &str) -> Vec<String> {
+        let prefix = format!("{path}/");
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix).filter(|r| !r.contains('/')))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `"METHOD path"` of every request so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let mut state = self.state.lock().unwrap();
+        state.requests.push(format!("{method} {path}"));
+        match method.as_str() {
+            "POST" => {
+                let mut object: Value = serde_json::from_slice(&bytes).unwrap();
+                let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+                let at = format!("{path}/{name}");
+                if state.objects.contains_key(&at) {
+                    return failure(StatusCode::CONFLICT, "AlreadyExists");
+                }
+                state.next_uid += 1;
+                object["metadata"]["uid"] = json!(format!("uid-{}", state.next_uid));
+                state.objects.insert(at, object.clone());
+                respond(StatusCode::CREATED, &object)
+            }
+            "GET" => {
+                if let Some(document) = discovery(&path) {
+                    return respond(StatusCode::OK, &document);
+                }
+                if let Some(object) = state.objects.get(&path) {
+                    return respond(StatusCode::OK, object);
+                }
+                if !is_collection(&path) {
+                    return failure(StatusCode::NOT_FOUND, "NotFound");
+                }
+                let prefix = format!("{path}/");
+                let items: Vec<Value> = state
+                    .objects
+                    .iter()
+                    .filter(|(at, _)| {
+                        at.strip_prefix(&prefix)
+                            .is_some_and(|rest| !rest.contains('/'))
+                    })
+                    .map(|(_, object)| object.clone())
+                    .collect();
+                respond(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+                )
+            }
+            "PATCH" => {
+                let patch: Value = serde_json::from_slice(&bytes).unwrap();
+                let (at, status_only) = match path.strip_suffix("/status") {
+                    Some(object) => (object.to_owned(), true),
+                    None => (path.clone(), false),
+                };
+                let apply = content_type.starts_with("application/apply-patch");
+                let object = match state.objects.get_mut(&at) {
+                    Some(object) => object,
+                    None if apply => {
+                        state.objects.insert(at.clone(), patch.clone());
+                        return respond(StatusCode::CREATED, &patch);
+                    }
+                    None => return failure(StatusCode::NOT_FOUND, "NotFound"),
+                };
+                if status_only {
+                    json_patch::merge(&mut object["status"], &patch["status"]);
+                } else {
+                    json_patch::merge(object, &patch);
+                }
+                respond(StatusCode::OK, object)
+            }
+            "DELETE" => match state.objects.remove(&path) {
+                Some(object) => respond(StatusCode::OK, &object),
+                None => failure(StatusCode::NOT_FOUND, "NotFound"),
+            },
+            _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+        }
+    }
+}

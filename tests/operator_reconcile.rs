@@ -1,0 +1,364 @@
+//! The Backup and Restore reconcilers, step by step, against an in-memory API server and a real
+//! filesystem target; the datamover's work is done by the test with the same library calls the
+//! `strata backup` / `strata restore` commands make.
+
+mod kube_mock;
+
+use std::io::Write;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube_mock::Mock;
+use serde_json::{Value, json};
+use strata::csi::{Role, VolumeKey};
+use strata::operator::crd::{Backup, Restore};
+use strata::operator::reconcile::stash_name;
+use strata::operator::status::{ConditionStatus, Phase};
+use strata::operator::{Context, reconcile_backup, reconcile_restore};
+use strata::target::{AppName, Target, VolumeName};
+
+const NS: &str = "/api/v1/namespaces/shop";
+const PVCS: &str = "/api/v1/namespaces/shop/persistentvolumeclaims";
+const SECRETS: &str = "/api/v1/namespaces/shop/secrets";
+const SNAPSHOTS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/shop/volumesnapshots";
+const JOBS: &str = "/apis/batch/v1/namespaces/shop/jobs";
+const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
+const RESTORES: &str = "/apis/strata.io/v1alpha1/namespaces/shop/restores";
+
+/// A cluster with namespace `shop` holding PVC `data` (Block, class `fast` of the hostpath
+/// driver) and ConfigMap `db-config`, both labelled `app=db`; a snapshot class for the driver;
+/// a Target on a local folder; and Backup `nightly` of `app=db`.
+fn cluster(target: &std::path::Path) -> Mock {
+    let mock = Mock::default();
+    mock.put(
+        NS,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    );
+    mock.put(
+        &format!("{PVCS}/data"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data", "namespace": "shop", "labels": {"app": "db"}},
+               "spec": {"storageClassName": "fast", "volumeMode": "Block",
+                        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+               "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}}),
+    );
+    mock.put(
+        "/api/v1/namespaces/shop/configmaps/db-config",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "db-config", "namespace": "shop", "labels": {"app": "db"}},
+               "data": {"max_connections": "100"}}),
+    );
+    mock.put(
+        "/apis/storage.k8s.io/v1/storageclasses/fast",
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+               "metadata": {"name": "fast"}, "provisioner": "hostpath.csi.k8s.io"}),
+    );
+    mock.put(
+        "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/csi-hostpath-snapclass",
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+               "metadata": {"name": "csi-hostpath-snapclass"},
+               "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete"}),
+    );
+    mock.put(
+        "/apis/strata.io/v1alpha1/namespaces/shop/targets/local",
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Target",
+               "metadata": {"name": "local", "namespace": "shop"},
+               "spec": {"url": target.to_str().unwrap()}}),
+    );
+    mock.put(
+        &format!("{BACKUPS}/nightly"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "nightly", "namespace": "shop", "uid": "b-1", "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Full"}}),
+    );
+    mock
+}
+
+fn context(mock: &Mock) -> Context {
+    let mut ctx = Context::new(mock.client(), "registry.example/strata:test");
+    ctx.poll = Duration::from_secs(3);
+    ctx
+}
+
+fn backup(mock: &Mock) -> Backup {
+    serde_json::from_value(mock.get(&format!("{BACKUPS}/nightly")).unwrap()).unwrap()
+}
+
+fn key(run: &str, namespace: &str) -> VolumeKey {
+    VolumeKey::new(run, namespace, "data")
+}
+
+/// Mark the snapshot of `data` ready, as the snapshot controller would.
+fn snapshot_ready(mock: &Mock) {
+    let path = format!(
+        "{SNAPSHOTS}/{}",
+        key("nightly", "shop").name(Role::Snapshot)
+    );
+    let mut snapshot = mock.get(&path).expect("snapshot created");
+    snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": "snapcontent-1",
+                                "restoreSize": "1Mi"});
+    mock.put(&path, snapshot);
+}
+
+/// Set the Job's status as the Job controller would.
+fn job_status(mock: &Mock, jobs: &str, name: &str, status: Value) {
+    let path = format!("{jobs}/{name}");
+    let mut job = mock.get(&path).expect("job created");
+    job["status"] = status;
+    mock.put(&path, job);
+}
+
+fn complete() -> Value {
+    json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+}
+
+/// What the backup datamover does: `strata backup --full --target T --volume shop.data DEVICE`.
+fn datamover_backup(target: &std::path::Path, device: &std::path::Path) {
+    let target = Target::open(target.to_str().unwrap()).unwrap();
+    strata::backup_volume(
+        &target,
+        &VolumeName::new("shop.data").unwrap(),
+        device,
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+}
+
+fn device() -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    file.write_all(&block).unwrap();
+    file
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    let k = key("nightly", "shop");
+    let job = k.name(Role::Datamover);
+
+    // 1: discovery, the metadata stash, a snapshot; nothing else until it is ready.
+    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+    assert_eq!(mock.names_under(SNAPSHOTS), [k.name(Role::Snapshot)]);
+    assert!(
+        mock.get(&format!("{SECRETS}/{}", stash_name("nightly")))
+            .is_some()
+    );
+    assert_eq!(mock.names_under(PVCS), ["data"]);
+    assert!(mock.names_under(JOBS).is_empty());
+    let status = backup(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Preparing));
+    assert_eq!(status.volumes[0].volume, "shop.data");
+    assert_eq!(status.progress.as_ref().unwrap().bytes_total, 1 << 20);
+    let snapshot = mock
+        .get(&format!("{SNAPSHOTS}/{}", k.name(Role::Snapshot)))
+        .unwrap();
+    assert_eq!(
+        snapshot["spec"]["volumeSnapshotClassName"],
+        "csi-hostpath-snapclass"
+    );
+
+    // 2: still not ready: no claim, no Job.
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert!(mock.names_under(JOBS).is_empty());
+    let waiting = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    assert_eq!(condition(&waiting, "SnapshotsReady")["reason"], "Waiting");
+
+    // 3: ready: a Block claim from the snapshot and a datamover Job, once even if re-run
+    // from the same (stale) object, as after a crash before the status was written.
+    snapshot_ready(&mock);
+    let stale = backup(&mock);
+    reconcile_backup(&stale, &ctx).await.unwrap();
+    reconcile_backup(&stale, &ctx).await.unwrap();
+    assert_eq!(mock.names_under(JOBS), std::slice::from_ref(&job));
+    let claim = mock
+        .get(&format!("{PVCS}/{}", k.name(Role::Volume)))
+        .unwrap();
+    assert_eq!(claim["spec"]["volumeMode"], "Block");
+    assert_eq!(claim["spec"]["dataSource"]["name"], k.name(Role::Snapshot));
+    let args = mock.get(&format!("{JOBS}/{job}")).unwrap()["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .clone();
+    assert_eq!(
+        args,
+        json!([
+            "strata",
+            "backup",
+            "--full",
+            "--target",
+            folder.path().to_str().unwrap(),
+            "--volume",
+            "shop.data",
+            "/dev/xvda"
+        ])
+    );
+    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Copying));
+
+    // 4: the Job runs; once it succeeded the backup is committed and the temporaries go.
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Copying));
+    let dev = device();
+    let (target_dir, dev_path) = (folder.path().to_owned(), dev.path().to_owned());
+    tokio::task::spawn_blocking(move || datamover_backup(&target_dir, &dev_path))
+        .await
+        .unwrap();
+    job_status(&mock, JOBS, &job, complete());
+    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let status = backup(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Completed));
+    assert_eq!(status.backup_id.as_deref(), Some("nightly"));
+    let progress = status.progress.clone().unwrap();
+    assert_eq!((progress.volumes_done, progress.volumes_total), (1, 1));
+    assert_eq!(progress.bytes_done, 1 << 20);
+    let value = serde_json::to_value(&status).unwrap();
+    assert_eq!(condition(&value, "Committed")["status"], "True");
+    assert!(mock.names_under(JOBS).is_empty());
+    assert!(mock.names_under(SNAPSHOTS).is_empty());
+    assert_eq!(mock.names_under(PVCS), ["data"]);
+    assert!(mock.names_under(SECRETS).is_empty());
+    let volume_backup = status.volumes[0].backup_id.clone().unwrap();
+    let target_dir = folder.path().to_owned();
+    let committed = tokio::task::spawn_blocking(move || {
+        Target::open(target_dir.to_str().unwrap())
+            .unwrap()
+            .app_backups(&AppName::new("shop").unwrap())
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed.len(), 1);
+    assert_eq!(committed[0].id.to_string(), "nightly");
+    assert_eq!(committed[0].volumes[0].backup.to_string(), volume_backup);
+
+    // 5: a completed Backup is left alone: no request at all.
+    let before = mock.requests().len();
+    assert_eq!(
+        reconcile_backup(&backup(&mock), &ctx).await.unwrap(),
+        Action::await_change()
+    );
+    assert_eq!(mock.requests().len(), before);
+
+    // Restore into another namespace: PVC and restore Job first, objects once the Job is done.
+    mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "shop-copy"}}}),
+    );
+    let restore = |mock: &Mock| -> Restore {
+        serde_json::from_value(mock.get(&format!("{RESTORES}/copy")).unwrap()).unwrap()
+    };
+    let copy_jobs = "/apis/batch/v1/namespaces/shop-copy/jobs";
+    let restore_job = key("copy", "shop-copy").name(Role::Datamover);
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    assert!(mock.get("/api/v1/namespaces/shop-copy").is_some());
+    let pvc = mock
+        .get("/api/v1/namespaces/shop-copy/persistentvolumeclaims/data")
+        .expect("restored PVC");
+    assert_eq!(pvc["spec"]["volumeMode"], "Block");
+    assert!(
+        mock.get("/api/v1/namespaces/shop-copy/configmaps/db-config")
+            .is_none()
+    );
+    let args = mock.get(&format!("{copy_jobs}/{restore_job}")).unwrap()["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .clone();
+    assert_eq!(args[1], "restore");
+    assert_eq!(args[7], volume_backup.as_str());
+    assert_eq!(restore(&mock).status.unwrap().phase, Some(Phase::Copying));
+
+    job_status(&mock, copy_jobs, &restore_job, complete());
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let status = restore(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
+    let config = mock
+        .get("/api/v1/namespaces/shop-copy/configmaps/db-config")
+        .expect("ConfigMap applied");
+    assert_eq!(config["data"]["max_connections"], "100");
+    assert!(mock.names_under(copy_jobs).is_empty());
+    assert_eq!(
+        status.volumes[0].backup_id.as_deref(),
+        Some(volume_backup.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    let job = key("nightly", "shop").name(Role::Datamover);
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    snapshot_ready(&mock);
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    job_status(
+        &mock,
+        JOBS,
+        &job,
+        json!({"failed": 4, "conditions": [{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}),
+    );
+    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let status = backup(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed));
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.status, ConditionStatus::True);
+    assert_eq!(failed.reason, "JobFailed");
+    assert!(
+        failed
+            .message
+            .ends_with("failed: BackoffLimitExceeded: Job has reached the specified backoff limit"),
+        "{}",
+        failed.message
+    );
+    assert!(mock.names_under(JOBS).is_empty());
+    assert!(mock.names_under(SNAPSHOTS).is_empty());
+    assert!(mock.names_under(SECRETS).is_empty());
+    // Failed is final too.
+    let before = mock.requests().len();
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(mock.requests().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_selector_fails_with_invalid_spec_before_touching_volumes() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let mut object = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
+    object["spec"]["application"]["selectors"] = json!(["app in (db"]);
+    mock.put(&format!("{BACKUPS}/nightly"), object);
+    reconcile_backup(&backup(&mock), &context(&mock))
+        .await
+        .unwrap();
+    let status = backup(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed));
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.reason, "DiscoveryFailed");
+    assert!(failed.message.contains("app in (db"), "{}", failed.message);
+    assert!(mock.names_under(SNAPSHOTS).is_empty());
+}
