@@ -119,7 +119,7 @@ fn datamover_backup(target: &std::path::Path, device: &std::path::Path) {
     strata::backup_volume(
         &target,
         &VolumeName::new("shop.data").unwrap(),
-        device,
+        &strata::open_volume(device).unwrap(),
         &Default::default(),
         &mut |_| {},
     )
