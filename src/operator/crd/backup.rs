@@ -90,7 +90,8 @@ pub struct BackupStatus {
     /// The run's phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Observations: `Discovered`, `SnapshotsReady`, `VolumesCopied`, `Committed`, `Failed`.
+    /// Observations: `Discovered`, `VolumesLocked`, `SnapshotsReady`, `ChangedBlockTracking`,
+    /// `VolumesCopied`, `Committed`, `Failed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Volumes and bytes copied.
