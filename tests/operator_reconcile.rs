@@ -714,7 +714,18 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         assert_eq!(mock.names_under(LEASES), ["strata-backup-data"]);
     }
 
-    // The first one finishes and releases the lock; the second goes ahead.
+    // While it waits, the application gains a volume.
+    mock.put(
+        &format!("{PVCS}/logs"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "logs", "namespace": "shop", "labels": {"app": "db"}},
+               "spec": {"storageClassName": "fast", "volumeMode": "Block",
+                        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+               "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}}),
+    );
+
+    // The first one finishes and releases the lock; the second goes ahead, discovering again
+    // (so it sees the new volume, and locks it too).
     snapshot_ready(&mock);
     reconcile_backup(&backup(&mock), &ctx).await.unwrap();
     let dev = device();
@@ -735,16 +746,28 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         .await
         .unwrap();
     assert_eq!(
-        mock.get(&lease).unwrap()["spec"]["holderIdentity"],
-        "second"
+        mock.names_under(LEASES),
+        ["strata-backup-data", "strata-backup-logs"]
     );
+    for name in mock.names_under(LEASES) {
+        let lease = mock.get(&format!("{LEASES}/{name}")).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "second");
+    }
+    let logs = VolumeKey::new("second", "shop", "logs").name(Role::Snapshot);
     assert_eq!(
         mock.names_under(SNAPSHOTS),
-        [key("second", "shop").name(Role::Snapshot)]
+        [key("second", "shop").name(Role::Snapshot), logs.clone()]
     );
+    let status = backup_named(&mock, "second").status.unwrap();
+    assert_eq!(status.volumes.len(), 2);
+    assert_eq!(status.volumes[1].volume, "shop.logs");
 
-    // A failed Backup releases its lock too.
+    // A failed Backup releases its locks too.
     snapshot_ready_with(&mock, "second", "snapcontent-2", "handle-2");
+    let mut snapshot = mock.get(&format!("{SNAPSHOTS}/{logs}")).unwrap();
+    snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": "snapcontent-2",
+                                "restoreSize": "1Mi"});
+    mock.put(&format!("{SNAPSHOTS}/{logs}"), snapshot);
     reconcile_backup(&backup_named(&mock, "second"), &ctx)
         .await
         .unwrap();

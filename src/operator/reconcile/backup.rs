@@ -236,12 +236,28 @@ impl Run<'_> {
 
     /// Lock the volumes against other Backups; true once all are held. Locks are taken before
     /// the `VolumesLocked` condition says so, so a True condition means they are held.
+    ///
+    /// A Backup that had to wait discovers the application again once it holds the locks, so
+    /// its metadata describes the objects as they are when the volumes are cut, not as they
+    /// were before the wait; should that find other PVCs, they are locked in turn.
     async fn lock(&self, status: &mut BackupStatus) -> Result<bool> {
-        if condition(&status.conditions, "VolumesLocked")
-            .is_some_and(|c| c.status == ConditionStatus::True)
-        {
+        let locked = condition(&status.conditions, "VolumesLocked").map(|c| c.status);
+        if locked == Some(ConditionStatus::True) {
             return Ok(true);
         }
+        if !self.try_lock(status).await? {
+            return Ok(false);
+        }
+        if locked.is_none() {
+            return Ok(true);
+        }
+        stash::remove(&self.ctx.client, &self.namespace, &self.name).await?;
+        self.discover(status).await?;
+        self.try_lock(status).await
+    }
+
+    /// Take the locks of `status.volumes` and set the `VolumesLocked` condition.
+    async fn try_lock(&self, status: &mut BackupStatus) -> Result<bool> {
         let pvcs: Vec<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
         let acquired =
             lock::acquire(&self.ctx.client, &self.namespace, &self.owner()?, &pvcs).await?;
@@ -358,14 +374,17 @@ impl Run<'_> {
         ))
         .await?;
         let mut fallbacks = Vec::new();
+        let mut any_new = false;
         for ((volume, (created, plan)), previous) in
             status.volumes.iter_mut().zip(started).zip(previous)
         {
             // A Job found rather than created may already have written its backup, so the
             // latest id now proves nothing; the id is then taken as it is when the Job ends.
+            // The same goes for the plan, which the existing Job may not have followed.
             if created != Created::New {
                 continue;
             }
+            any_new = true;
             volume.previous_backup_id = previous;
             match plan {
                 None => volume.change_source = Some(ChangeSource::Full),
@@ -379,7 +398,7 @@ impl Run<'_> {
                 }
             }
         }
-        if self.backup.spec.mode == BackupMode::Incremental {
+        if any_new && self.backup.spec.mode == BackupMode::Incremental {
             self.record_change_tracking(status, &fallbacks);
         }
         status.phase = Some(Phase::Copying);
