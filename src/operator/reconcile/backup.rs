@@ -414,16 +414,14 @@ impl Run<'_> {
             .filter(|v| v.change_source == Some(ChangeSource::ChangedBlocks))
             .count();
         let total = status.volumes.len();
-        let (state, reason, mut message) = if fallbacks.is_empty() {
-            (ConditionStatus::True, "ChangedBlocks", String::new())
+        let mut message = format!("{tracked} of {total} volumes list changed blocks");
+        let (state, reason) = if fallbacks.is_empty() {
+            (ConditionStatus::True, "ChangedBlocks")
         } else {
-            (ConditionStatus::False, "Digests", String::new())
-        };
-        message.push_str(&format!("{tracked} of {total} volumes list changed blocks"));
-        if !fallbacks.is_empty() {
             message.push_str("; digests for ");
             message.push_str(&fallbacks.join("; "));
-        }
+            (ConditionStatus::False, "Digests")
+        };
         set_condition(
             &mut status.conditions,
             "ChangedBlockTracking",

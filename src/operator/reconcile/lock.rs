@@ -188,3 +188,23 @@ async fn delete_exact(api: &Api<Lease>, namespace: &str, lease: &Lease) -> Resul
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lock_name_per_pvc_within_the_name_limits() {
+        assert_eq!(
+            lock_name("data-postgres-0"),
+            "strata-backup-data-postgres-0"
+        );
+        // PVC names go up to 253 characters; Lease names too, so a long one is shortened
+        // with a hash that keeps two such PVCs apart.
+        let long = "x".repeat(253);
+        let shorter = "x".repeat(252);
+        assert!(lock_name(&long).len() <= 63 + "strata-backup-".len());
+        assert!(lock_name(&long).starts_with("strata-backup-xxx"));
+        assert_ne!(lock_name(&long), lock_name(&shorter));
+    }
+}
