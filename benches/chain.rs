@@ -1,10 +1,11 @@
-//! Change detection: BLAKE3-128 cluster digests, and a digest-delta backup scan of a cached
-//! volume into a sink that discards (so only scanning and digesting are measured).
+//! Change detection: BLAKE3-128 and XXH3-128 cluster digests, and a digest-delta backup scan of
+//! a cached volume into a sink that discards (so only scanning and digesting are measured),
+//! with either digest.
 
 use std::io::Write;
 
 use criterion::{BatchSize, Criterion, Throughput};
-use strata::chain::{ChangeSource, backup, digest};
+use strata::chain::{ChangeSource, DigestAlgorithm, backup};
 use strata::qcow2::{ImageSink, WriterOptions};
 
 const VOLUME: u64 = 256 << 20;
@@ -28,8 +29,12 @@ pub fn benches(c: &mut Criterion) {
     let cluster = vec![0x5au8; 65536];
     let mut group = c.benchmark_group("chain");
     group.throughput(Throughput::Bytes(cluster.len() as u64));
+    let xxh3 = DigestAlgorithm::Xxh3 { seed: 0x5eed };
     group.bench_function("blake3_128 digest of a 64 KiB cluster", |b| {
-        b.iter(|| digest(&cluster))
+        b.iter(|| DigestAlgorithm::Blake3.digest(&cluster))
+    });
+    group.bench_function("xxh3_128 digest of a 64 KiB cluster", |b| {
+        b.iter(|| xxh3.digest(&cluster))
     });
 
     let mut file = tempfile::NamedTempFile::new().expect("volume");
@@ -43,38 +48,50 @@ pub fn benches(c: &mut Criterion) {
     file.flush().expect("flush");
     let volume = std::fs::File::open(file.path()).expect("open");
     let options = WriterOptions::default();
-    let (_, base) =
-        backup(&volume, Discard, &options, ChangeSource::Full, &mut |_| {}).expect("base scan");
     let mut overlay = options.clone();
     overlay.backing_file = Some("base.qcow2".into());
     group.throughput(Throughput::Bytes(VOLUME));
     group.sample_size(10);
-    let scan = || {
-        backup(
+    for algorithm in [DigestAlgorithm::Blake3, xxh3] {
+        let name = algorithm.name();
+        let (_, base) = backup(
             &volume,
             Discard,
-            &overlay,
-            ChangeSource::Digests {
-                previous: &base.digests,
-            },
+            &options,
+            ChangeSource::Full,
+            algorithm,
             &mut |_| {},
         )
-        .expect("scan")
-    };
-    group.bench_function("digest-delta scan of a cached 256 MiB volume", |b| {
-        b.iter_batched(|| (), |()| scan(), BatchSize::PerIteration)
-    });
-    // The same scan measured in CPU time (all threads): bytes per CPU-second is the rate per
-    // core, which a busy shared machine disturbs far less than wall time.
-    group.bench_function("digest-delta scan, per CPU-second", |b| {
-        b.iter_custom(|iters| {
-            let start = cpu_time();
-            for _ in 0..iters {
-                scan();
-            }
-            cpu_time().saturating_sub(start)
-        })
-    });
+        .expect("base scan");
+        let scan = || {
+            backup(
+                &volume,
+                Discard,
+                &overlay,
+                ChangeSource::Digests {
+                    previous: &base.digests,
+                },
+                algorithm,
+                &mut |_| {},
+            )
+            .expect("scan")
+        };
+        group.bench_function(
+            format!("{name} digest-delta scan of a cached 256 MiB volume"),
+            |b| b.iter_batched(|| (), |()| scan(), BatchSize::PerIteration),
+        );
+        // The same scan measured in CPU time (all threads): bytes per CPU-second is the rate
+        // per core, which a busy shared machine disturbs far less than wall time.
+        group.bench_function(format!("{name} digest-delta scan, per CPU-second"), |b| {
+            b.iter_custom(|iters| {
+                let start = cpu_time();
+                for _ in 0..iters {
+                    scan();
+                }
+                cpu_time().saturating_sub(start)
+            })
+        });
+    }
     group.finish();
 }
 

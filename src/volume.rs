@@ -1,8 +1,9 @@
 //! The volume flows: back up a volume into a target, restore any backup point, list, verify.
 //!
 //! A backup of a volume with none yet is a full base image; later ones are overlays on the
-//! latest backup holding only the clusters whose BLAKE3 digest changed (or, with changed
-//! ranges from changed-block tracking, only those clusters). Each backup stores two side files
+//! latest backup holding only the clusters whose digest changed (or, with changed ranges from
+//! changed-block tracking, only those clusters). Digests are BLAKE3 unless the chain's full
+//! backup chose XXH3-128 ([`BackupOptions::digests`]). Each backup stores two side files
 //! next to its image: `digests` (for the next incremental) and `checksums` (CRC-32 of every
 //! stored cluster, for [`verify`]).
 
@@ -10,7 +11,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use strata_chain::{ByteRange, ChangeSource, ClusterChecksums, Damage, DigestManifest, Progress};
+use strata_chain::{
+    ByteRange, ChangeSource, ClusterChecksums, Damage, DigestAlgorithm, DigestManifest, Progress,
+};
 use strata_qcow2::{Image, VolumeRead, WriterOptions, hydrate_with_progress};
 use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
 
@@ -69,6 +72,9 @@ pub struct BackupOptions {
     pub changed_ranges: Option<Vec<ByteRange>>,
     /// Cluster size of a new chain (64 KiB when `None`); incrementals keep their chain's.
     pub cluster_size: Option<u64>,
+    /// Digests of a new chain (BLAKE3 by default); incrementals keep their chain's, so a
+    /// change takes effect at the next full backup.
+    pub digests: DigestAlgorithm,
 }
 
 /// Opens the volume at `path` (a file or block device) for a backup.
@@ -130,7 +136,14 @@ pub fn backup_volume(
         (None, None) => ChangeSource::Full,
     };
     let sink = upload.image_sink()?;
-    let (_, outcome) = strata_chain::backup(source, sink, &writer_options, change, progress)?;
+    let (_, outcome) = strata_chain::backup(
+        source,
+        sink,
+        &writer_options,
+        change,
+        options.digests,
+        progress,
+    )?;
     upload.put_file(&side_file(DIGESTS_FILE), outcome.digests.encode().into())?;
     upload.put_file(
         &side_file(CHECKSUMS_FILE),

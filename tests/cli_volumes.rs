@@ -216,6 +216,60 @@ fn backup_restore_list_verify_round_trip() {
     );
 }
 
+/// The algorithm word of a backup's digest manifest (1 BLAKE3, 2 XXH3-128).
+fn digest_algorithm(target: &Path, id: &str) -> u64 {
+    let path = target.join("volumes/vol1/files").join(id).join("digests");
+    let bytes = std::fs::read(&path).expect("digest manifest");
+    assert_eq!(&bytes[..8], b"STRDGST2");
+    u64::from_be_bytes(bytes[24..32].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn xxh3_digests_chosen_at_the_full_backup_carry_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let mut bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&volume, &bytes).expect("volume");
+    let base = backup(&target, &volume, &["--digests", "xxh3"]);
+    assert_eq!(digest_algorithm(&target, &base), 2);
+
+    let original = bytes.clone();
+    // One cluster changes; the incremental (no --digests, so the default is asked for) keeps
+    // the chain's XXH3 digests and stores that one cluster only.
+    bytes[3 << 20..(3 << 20) + 10].fill(0xee);
+    std::fs::File::options()
+        .write(true)
+        .open(&volume)
+        .expect("open volume")
+        .write_all_at(&bytes[3 << 20..(3 << 20) + 10], 3 << 20)
+        .expect("change");
+    let next = backup(&target, &volume, &[]);
+    assert_eq!(digest_algorithm(&target, &next), 2);
+    let (_, image) = restore_and_check(&target, dir.path(), &next, "", &bytes);
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "-U", s(&image)])
+        .output()
+        .expect("qemu-img map");
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("map json");
+    let own: u64 = map
+        .as_array()
+        .expect("map entries")
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().expect("length"))
+        .sum();
+    assert_eq!(
+        own, 65536,
+        "the incremental stores the one changed cluster: {map}"
+    );
+    restore_and_check(&target, dir.path(), &base, "", &original);
+
+    // A full backup may switch back to BLAKE3.
+    let full = backup(&target, &volume, &["--full"]);
+    assert_eq!(digest_algorithm(&target, &full), 1);
+}
+
 #[test]
 fn restore_of_a_missing_volume_is_one_line_and_status_1() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -10,7 +10,7 @@
 use strata_qcow2::{BackingRead, ImageSink, VolumeRead, WriteSummary, Writer, WriterOptions};
 
 use crate::checksum::ClusterChecksums;
-use crate::digest::{Cursor, DigestManifest};
+use crate::digest::{Cursor, DigestAlgorithm, DigestManifest};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::ranges::{ByteRange, to_clusters};
@@ -74,11 +74,16 @@ pub struct BackupOutcome {
 /// With `options.backing_file` set the image is an overlay: changed clusters that became zero
 /// are zero clusters, unchanged ones stay unallocated. Without it the image is a full base
 /// image whatever `source` says. `progress` is called after every chunk.
+///
+/// `digests` is the algorithm of the new digest manifest when `source` carries no previous
+/// digests (a full backup, a comparison). With previous digests their algorithm carries over,
+/// whatever `digests` says: the new digests are compared with, or copied from, the old.
 pub fn backup<S: ImageSink>(
     volume: &dyn VolumeRead,
     sink: S,
     options: &WriterOptions,
     source: ChangeSource<'_>,
+    digests: DigestAlgorithm,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(S, BackupOutcome)> {
     let size = volume.size().map_err(|source| Error::Io {
@@ -105,8 +110,10 @@ pub fn backup<S: ImageSink>(
             )));
         }
     }
+    let algorithm = previous_digests.map_or(digests, |previous| previous.algorithm);
     let plan = Plan {
         volume,
+        algorithm,
         size,
         cluster,
         chunk: CHUNK.next_multiple_of(cluster),
@@ -122,7 +129,7 @@ pub fn backup<S: ImageSink>(
         cluster,
         ranges_given: changed.is_some(),
         cursor: Cursor::new(previous_digests),
-        digests: DigestManifest::new(cluster, size),
+        digests: DigestManifest::new(algorithm, cluster, size),
         checksums: ClusterChecksums::new(cluster),
         progress: Progress {
             total_bytes: size,

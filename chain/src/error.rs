@@ -29,6 +29,9 @@ pub enum Error {
     /// Inputs that do not fit together (sizes, cluster sizes).
     #[error("mismatch: {0}")]
     Mismatch(String),
+    /// The operating system gave no random seed for XXH3 digests.
+    #[error("drawing a random seed for XXH3 digests: {0}")]
+    Seed(getrandom::Error),
 }
 
 /// Result with [`Error`].

@@ -9,12 +9,14 @@
 //! # Example
 //!
 //! ```no_run
-//! use strata_chain::{ChangeSource, backup};
+//! use strata_chain::{ChangeSource, DigestAlgorithm, backup};
 //! use strata_qcow2::{FileSink, WriterOptions};
 //!
 //! let volume = std::fs::File::open("/dev/vdb")?;
 //! let sink = FileSink::create("backups/0001.qcow2")?;
-//! let (_, outcome) = backup(&volume, sink, &WriterOptions::default(), ChangeSource::Full, &mut |p| {
+//! let options = WriterOptions::default();
+//! let digests = DigestAlgorithm::Blake3;
+//! let (_, outcome) = backup(&volume, sink, &options, ChangeSource::Full, digests, &mut |p| {
 //!     eprintln!("{}/{} bytes scanned", p.scanned_bytes, p.total_bytes);
 //! })?;
 //! std::fs::write("backups/0001.digests", outcome.digests.encode())?;
@@ -27,8 +29,9 @@
 //!   `SEEK_DATA`/`SEEK_HOLE` cost nothing, zero clusters are detected).
 //! - [`ChangeSource::ChangedRanges`]: ranges from changed-block tracking (the CSI
 //!   SnapshotMetadata API's `GetMetadataDelta`); only those clusters are read.
-//! - [`ChangeSource::Digests`]: per-cluster 128-bit BLAKE3 digests saved with the previous
-//!   backup ([`DigestManifest`]); the volume is read and only differing clusters written.
+//! - [`ChangeSource::Digests`]: per-cluster 128-bit digests saved with the previous backup
+//!   ([`DigestManifest`]; BLAKE3 by default, XXH3-128 for speed, see [`DigestAlgorithm`]); the
+//!   volume is read and only differing clusters written.
 //! - [`ChangeSource::Compare`]: comparison with the previous point's content.
 //!
 //! In an overlay, a cluster that held data and is now zero becomes a zero cluster.
@@ -64,7 +67,7 @@ mod verify;
 
 pub use backup::{BackupOutcome, ChangeSource, backup};
 pub use checksum::ClusterChecksums;
-pub use digest::{Digest, DigestManifest, digest};
+pub use digest::{Digest, DigestAlgorithm, DigestManifest};
 pub use error::{Error, Result};
 pub use merge::{merge, top_is_empty};
 pub use progress::Progress;

@@ -3,7 +3,7 @@
 //! One planner thread walks the volume's data ranges once, in ascending order, and cuts the
 //! volume into chunks. Reader threads fill the chunks (holes as zeros), read the previous point
 //! where a comparison needs it, and classify every wanted cluster in parallel: zero or not, its
-//! BLAKE3-128 digest, whether it differs from the previous point. The backup's own thread takes
+//! 128-bit digest, whether it differs from the previous point. The backup's own thread takes
 //! the chunks back in order and only decides and writes, so reading, hashing and writing the
 //! image overlap, and hashing spreads over the cores.
 //!
@@ -17,7 +17,7 @@ use std::sync::{Mutex, mpsc};
 
 use strata_qcow2::{BackingRead, DataRanges, VolumeRead, is_zero};
 
-use crate::digest::{Digest, digest};
+use crate::digest::{Digest, DigestAlgorithm};
 use crate::error::{Error, Result};
 
 /// Reader threads. Parallel reads from the page cache or a device queue go faster than one,
@@ -35,6 +35,8 @@ const PAGE: usize = 4096;
 pub(crate) struct Plan<'a> {
     /// The volume.
     pub volume: &'a dyn VolumeRead,
+    /// How clusters are digested.
+    pub algorithm: DigestAlgorithm,
     /// Bytes of the volume to scan.
     pub size: u64,
     /// Cluster size of the image.
@@ -279,9 +281,15 @@ fn read_chunk(
     if !task.pieces.is_empty() {
         if let Some(mut taken) = buf.take() {
             let bytes = taken.resize(len);
-            bytes.fill(0);
+            // Zero only the holes between the pieces: the pieces are read over anyway.
+            let mut filled = 0;
             for &(start, stop) in &task.pieces {
-                let part = &mut bytes[(start - offset) as usize..(stop - offset) as usize];
+                let (from, to) = ((start - offset) as usize, (stop - offset) as usize);
+                if let Some(hole) = bytes.get_mut(filled..from) {
+                    hole.fill(0);
+                }
+                filled = filled.max(to);
+                let part = &mut bytes[from..to];
                 plan.volume
                     .read_exact_at(part, start)
                     .map_err(|source| Error::Io {
@@ -289,6 +297,9 @@ fn read_chunk(
                         offset: start,
                         source,
                     })?;
+            }
+            if let Some(tail) = bytes.get_mut(filled..) {
+                tail.fill(0);
             }
             data = Some(taken);
         }
@@ -310,7 +321,7 @@ fn read_chunk(
             let now = data.as_ref().map(|d| &d.bytes()[range.clone()]);
             let now = now.filter(|bytes| !is_zero(bytes));
             if let Some(bytes) = now {
-                digests[i] = Some(digest(bytes));
+                digests[i] = Some(plan.algorithm.digest(bytes));
             }
             if plan.previous.is_some() {
                 let before = previous.map(|p| &p[range]);

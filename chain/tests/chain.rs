@@ -9,7 +9,8 @@ use std::process::Command;
 
 use proptest::prelude::*;
 use strata_chain::{
-    BackupOutcome, ByteRange, ChangeSource, ClusterChecksums, DigestManifest, backup, merge, verify,
+    BackupOutcome, ByteRange, ChangeSource, ClusterChecksums, DigestAlgorithm, DigestManifest,
+    backup, merge, verify,
 };
 use strata_qcow2::{FileSink, Image, WriterOptions, hydrate};
 
@@ -52,6 +53,8 @@ struct Repo {
     images: Vec<String>,
     digests: Vec<DigestManifest>,
     checksums: Vec<ClusterChecksums>,
+    /// Digests of a new chain.
+    algorithm: DigestAlgorithm,
 }
 
 impl Repo {
@@ -61,6 +64,7 @@ impl Repo {
             images: Vec::new(),
             digests: Vec::new(),
             checksums: Vec::new(),
+            algorithm: DigestAlgorithm::Blake3,
         }
     }
 
@@ -92,8 +96,10 @@ impl Repo {
         let sink = FileSink::create(self.dir.join(&name)).expect("sink");
         let volume = File::open(volume).expect("volume");
         let mut calls = 0;
-        let (_, outcome) =
-            backup(&volume, sink, &options, source, &mut |_| calls += 1).expect("backup");
+        let (_, outcome) = backup(&volume, sink, &options, source, self.algorithm, &mut |_| {
+            calls += 1
+        })
+        .expect("backup");
         assert!(calls > 0, "progress was never reported");
         self.images.push(name);
         self.digests.push(outcome.digests.clone());
@@ -138,8 +144,13 @@ proptest! {
         std::fs::create_dir_all(&ranges_dir).expect("mkdir");
         let mut by_digest = Repo::new(&digest_dir);
         let mut by_ranges = Repo::new(&ranges_dir);
+        let xxh3_dir = dir.path().join("xxh3");
+        std::fs::create_dir_all(&xxh3_dir).expect("mkdir");
+        let mut by_xxh3 = Repo::new(&xxh3_dir);
+        by_xxh3.algorithm = DigestAlgorithm::Xxh3 { seed: size.wrapping_mul(0x9e37_79b9) };
         by_digest.take(&volume, "digest", &[]);
         by_ranges.take(&volume, "ranges", &[]);
+        by_xxh3.take(&volume, "digest", &[]);
         let mut points = vec![std::fs::read(&volume).expect("read volume")];
         for changes in &generations {
             let ranges = apply(&volume, changes);
@@ -157,11 +168,17 @@ proptest! {
             let stored_b: Vec<u64> = b.checksums.entries().iter().map(|e| e.0).collect();
             prop_assert!(stored_a.iter().all(|c| stored_b.contains(c)));
             prop_assert_eq!(&a.digests, &b.digests);
+            // XXH3 digests find exactly the clusters BLAKE3 digests find.
+            let x = by_xxh3.take(&volume, "digest", &[]);
+            let stored_x: Vec<u64> = x.checksums.entries().iter().map(|e| e.0).collect();
+            prop_assert_eq!(&stored_x, &stored_a);
+            prop_assert_eq!(x.digests.algorithm, by_xxh3.algorithm);
             points.push(std::fs::read(&volume).expect("read volume"));
         }
         for (i, expected) in points.iter().enumerate() {
             prop_assert!(by_digest.restore(i) == *expected, "digest chain point {i}");
             prop_assert!(by_ranges.restore(i) == *expected, "ranges chain point {i}");
+            prop_assert!(by_xxh3.restore(i) == *expected, "xxh3 chain point {i}");
         }
     }
 }

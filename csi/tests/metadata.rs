@@ -16,7 +16,7 @@ use futures::Stream;
 use k8s_openapi::ByteString;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::{Value, json};
-use strata_chain::{ByteRange, ChangeSource, backup, parse_changed_ranges};
+use strata_chain::{ByteRange, ChangeSource, DigestAlgorithm, backup, parse_changed_ranges};
 use strata_csi::Error;
 use strata_csi::metadata::proto::snapshot_metadata_server::{
     SnapshotMetadata, SnapshotMetadataServer,
@@ -682,6 +682,7 @@ async fn delta_ranges_drive_an_incremental_backup_that_restores_the_volume() {
         FileSink::create(dir.path().join("0.qcow2")).unwrap(),
         &options,
         ChangeSource::Full,
+        DigestAlgorithm::Blake3,
         &mut |_| {},
     )
     .unwrap();
@@ -713,6 +714,7 @@ async fn delta_ranges_drive_an_incremental_backup_that_restores_the_volume() {
             ranges: &ranges,
             previous: Some(&full.digests),
         },
+        DigestAlgorithm::Blake3,
         &mut |_| {},
     )
     .unwrap();
