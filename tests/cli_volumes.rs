@@ -286,3 +286,147 @@ fn restore_of_a_missing_volume_is_one_line_and_status_1() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("nope"), "{stderr}");
 }
+
+/// The datamover's changed-block path: `--changed-since` uses the ranges only when they
+/// describe the change since the volume's latest backup; otherwise digests find the change.
+/// A change outside the listed ranges tells which way the backup went.
+#[test]
+fn changed_since_uses_the_ranges_only_on_their_base() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    let base = backup(&target, &volume, &[]);
+    let ranges = dir.path().join("ranges.json");
+    std::fs::write(&ranges, r#"[{"offset": 0, "length": 65536}]"#).expect("ranges");
+    // Changed at 1 MiB, listed at 0: the ranges miss it.
+    file.write_all_at(&[0x44; 4096], 1 << 20).expect("write");
+    let with_ranges = |since: &str| {
+        let out = strata(&[
+            "backup",
+            "--quiet",
+            "--target",
+            s(&target),
+            "--volume",
+            "vol1",
+            "--changed-ranges",
+            s(&ranges),
+            "--changed-since",
+            since,
+            s(&volume),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (ok(out).lines().last().expect("an id").to_owned(), stderr)
+    };
+    let restored = |id: &str| {
+        let dest = dir.path().join(format!("{id}.raw"));
+        ok(strata(&[
+            "restore",
+            "--target",
+            s(&target),
+            "--volume",
+            "vol1",
+            "--backup",
+            id,
+            s(&dest),
+        ]));
+        std::fs::read(&dest).expect("restored")[1 << 20]
+    };
+
+    // On its base the list is trusted, so the unlisted change is not seen.
+    let (trusted, stderr) = with_ranges(&base);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(restored(&trusted), 0);
+
+    // The latest is now `trusted`, not `base`: digests, which find the change.
+    let (stale, stderr) = with_ranges(&base);
+    assert!(
+        stderr.contains(&format!(
+            "the ranges are since {base}, the latest backup is {trusted}; comparing digests"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(restored(&stale), 0x44);
+
+    // No list at all (changed-block tracking was unavailable): digests too.
+    file.write_all_at(&[0x55; 4096], 2 << 20).expect("write");
+    std::fs::remove_file(&ranges).expect("remove");
+    let (missing, stderr) = with_ranges(&stale);
+    assert!(stderr.contains("no changed ranges at"), "{stderr}");
+    let dest = dir.path().join("missing.raw");
+    ok(strata(&[
+        "restore",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol1",
+        "--backup",
+        &missing,
+        s(&dest),
+    ]));
+    assert_eq!(std::fs::read(&dest).expect("restored")[2 << 20], 0x55);
+
+    // `--changed-since` alone is refused.
+    let out = strata(&[
+        "backup",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol1",
+        "--changed-since",
+        &base,
+        s(&volume),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The datamover's init step with `--allow-unavailable`: no cluster to ask, so it says why,
+/// removes a stale list and succeeds, leaving the backup step to compare digests.
+#[cfg(feature = "kubernetes")]
+#[test]
+fn changed_blocks_allow_unavailable_leaves_no_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = dir.path().join("changed-ranges.json");
+    std::fs::write(&output, "[]").expect("stale list");
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    let run = |extra: &[&str]| {
+        Command::new(path.join("examples").join("strata"))
+            .args([
+                "changed-blocks",
+                "--namespace",
+                "shop",
+                "--snapshot",
+                "tuesday",
+                "--base-snapshot-handle",
+                "snap-handle-monday",
+                "--output",
+                s(&output),
+            ])
+            .args(extra)
+            .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("run strata")
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        output.exists(),
+        "a failure without the flag touches nothing"
+    );
+    let out = run(&["--allow-unavailable"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "strata: changed-block tracking unavailable, the backup will compare digests:"
+        ),
+        "{stderr}"
+    );
+    assert!(!output.exists());
+}

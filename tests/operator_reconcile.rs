@@ -362,3 +362,428 @@ async fn bad_selector_fails_with_invalid_spec_before_touching_volumes() {
     assert!(failed.message.contains("app in (db"), "{}", failed.message);
     assert!(mock.names_under(SNAPSHOTS).is_empty());
 }
+
+const CONTENTS: &str = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents";
+const SERVICES: &str = "/apis/cbt.storage.k8s.io/v1beta1/snapshotmetadataservices";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
+const DRIVER: &str = "hostpath.csi.k8s.io";
+
+/// Backup `name` (uid `uid`) of `app=db` in `mode`.
+fn add_backup(mock: &Mock, name: &str, uid: &str, mode: &str) {
+    mock.put(
+        &format!("{BACKUPS}/{name}"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": name, "namespace": "shop", "uid": uid, "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": mode}}),
+    );
+}
+
+fn backup_named(mock: &Mock, name: &str) -> Backup {
+    serde_json::from_value(mock.get(&format!("{BACKUPS}/{name}")).unwrap()).unwrap()
+}
+
+/// The driver advertises changed-block tracking.
+fn metadata_service(mock: &Mock) {
+    mock.put(
+        &format!("{SERVICES}/{DRIVER}"),
+        json!({"apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
+               "metadata": {"name": DRIVER},
+               "spec": {"address": "csi-snapshot-metadata.kube-system:6443",
+                        "caCert": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==", "audience": "strata"}}),
+    );
+}
+
+/// Mark run `run`'s snapshot of `data` ready, bound to content `content` with CSI `handle`.
+fn snapshot_ready_with(mock: &Mock, run: &str, content: &str, handle: &str) {
+    let path = format!("{SNAPSHOTS}/{}", key(run, "shop").name(Role::Snapshot));
+    let mut snapshot = mock.get(&path).expect("snapshot created");
+    snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": content,
+                                "restoreSize": "1Mi"});
+    mock.put(&path, snapshot);
+    mock.put(
+        &format!("{CONTENTS}/{content}"),
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+               "metadata": {"name": content},
+               "spec": {"volumeSnapshotRef": {"name": key(run, "shop").name(Role::Snapshot),
+                                              "namespace": "shop"},
+                        "deletionPolicy": "Delete", "driver": DRIVER,
+                        "source": {"volumeHandle": "pvc-data"}},
+               "status": {"readyToUse": true, "snapshotHandle": handle}}),
+    );
+}
+
+/// Run Backup `name` to its end, the test doing the datamover's work; returns the volume
+/// backup id it wrote. `started` is called once the Job exists.
+async fn run_backup(
+    mock: &Mock,
+    ctx: &Context,
+    folder: &std::path::Path,
+    name: &str,
+    content: &str,
+    handle: &str,
+    started: impl FnOnce(&Mock),
+) -> String {
+    reconcile_backup(&backup_named(mock, name), ctx)
+        .await
+        .unwrap();
+    snapshot_ready_with(mock, name, content, handle);
+    reconcile_backup(&backup_named(mock, name), ctx)
+        .await
+        .unwrap();
+    started(mock);
+    let dev = device();
+    let (target_dir, dev_path) = (folder.to_owned(), dev.path().to_owned());
+    tokio::task::spawn_blocking(move || datamover_backup(&target_dir, &dev_path))
+        .await
+        .unwrap();
+    job_status(
+        mock,
+        JOBS,
+        &key(name, "shop").name(Role::Datamover),
+        complete(),
+    );
+    // The commit, run twice from the same object, as after a crash before the status write.
+    let stale = backup_named(mock, name);
+    reconcile_backup(&stale, ctx).await.unwrap();
+    reconcile_backup(&stale, ctx).await.unwrap();
+    let status = backup_named(mock, name).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
+    status.volumes[0].backup_id.clone().unwrap()
+}
+
+fn pod_spec(mock: &Mock, run: &str) -> Value {
+    mock.get(&format!(
+        "{JOBS}/{}",
+        key(run, "shop").name(Role::Datamover)
+    ))
+    .expect("datamover Job")["spec"]["template"]["spec"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    metadata_service(&mock);
+    let ctx = context(&mock);
+    let monday = key("nightly", "shop").name(Role::Snapshot);
+    let tuesday = key("tuesday", "shop").name(Role::Snapshot);
+
+    // The full backup reads the whole volume; its snapshot stays as the volume's base,
+    // recording the backup taken from it, its CSI handle and driver, owned by the Backup.
+    let first = run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "nightly",
+        "snapcontent-1",
+        "handle-monday",
+        |mock| {
+            let pod = pod_spec(mock, "nightly");
+            assert!(pod.get("initContainers").is_none());
+            assert_eq!(pod["containers"][0]["args"][2], "--full");
+        },
+    )
+    .await;
+    assert_eq!(mock.names_under(SNAPSHOTS), std::slice::from_ref(&monday));
+    let base = mock.get(&format!("{SNAPSHOTS}/{monday}")).unwrap();
+    assert_eq!(base["metadata"]["labels"]["strata.io/cbt-base"], "data");
+    assert_eq!(
+        base["metadata"]["annotations"],
+        json!({"strata.io/cbt-backup": first, "strata.io/cbt-snapshot-handle": "handle-monday",
+               "strata.io/cbt-driver": DRIVER})
+    );
+    assert_eq!(base["metadata"]["ownerReferences"][0]["uid"], "b-1");
+    assert_eq!(mock.names_under(PVCS), ["data"]);
+    assert!(mock.names_under(JOBS).is_empty());
+    assert!(mock.names_under(LEASES).is_empty());
+    let status = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    assert_eq!(status["volumes"][0]["changeSource"], "Full");
+
+    // The incremental lists the changes since the base's handle, then backs up only those,
+    // on the condition that the base's backup is still the latest.
+    add_backup(&mock, "tuesday", "b-2", "Incremental");
+    let second = run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "tuesday",
+        "snapcontent-2",
+        "handle-tuesday",
+        |mock| {
+            let pod = pod_spec(mock, "tuesday");
+            assert_eq!(
+                pod["initContainers"][0]["args"],
+                json!([
+                    "strata",
+                    "changed-blocks",
+                    "--namespace",
+                    "shop",
+                    "--snapshot",
+                    tuesday,
+                    "--base-snapshot-handle",
+                    "handle-monday",
+                    "--output",
+                    "/scratch/changed-ranges.json",
+                    "--allow-unavailable"
+                ])
+            );
+            assert_eq!(
+                pod["containers"][0]["args"],
+                json!([
+                    "strata",
+                    "backup",
+                    "--target",
+                    folder.path().to_str().unwrap(),
+                    "--volume",
+                    "shop.data",
+                    "--changed-ranges",
+                    "/scratch/changed-ranges.json",
+                    "--changed-since",
+                    first,
+                    "/dev/xvda"
+                ])
+            );
+            let status =
+                serde_json::to_value(backup_named(mock, "tuesday").status.unwrap()).unwrap();
+            assert_eq!(status["volumes"][0]["changeSource"], "ChangedBlocks");
+            assert_eq!(status["volumes"][0]["baseSnapshot"], monday.as_str());
+            let tracking = condition(&status, "ChangedBlockTracking");
+            assert_eq!(tracking["status"], "True");
+            assert_eq!(tracking["message"], "1 of 1 volumes list changed blocks");
+            // The Job has not finished, so the base it reads is still there.
+            assert_eq!(mock.names_under(SNAPSHOTS).len(), 2);
+        },
+    )
+    .await;
+    assert_ne!(second, first);
+    // Committed: tuesday's snapshot is the base now and monday's is gone.
+    assert_eq!(mock.names_under(SNAPSHOTS), std::slice::from_ref(&tuesday));
+    let base = mock.get(&format!("{SNAPSHOTS}/{tuesday}")).unwrap();
+    assert_eq!(
+        base["metadata"]["annotations"]["strata.io/cbt-backup"],
+        second
+    );
+    assert_eq!(
+        base["metadata"]["annotations"]["strata.io/cbt-snapshot-handle"],
+        "handle-tuesday"
+    );
+    assert!(mock.names_under(LEASES).is_empty());
+    assert_eq!(mock.names_under(JOBS).len(), 0);
+
+    // A base whose handle was never recorded is not used: digests, and the condition says why.
+    let path = format!("{SNAPSHOTS}/{tuesday}");
+    let mut base = mock.get(&path).unwrap();
+    base["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("strata.io/cbt-snapshot-handle");
+    mock.put(&path, base);
+    add_backup(&mock, "wednesday", "b-3", "Incremental");
+    run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "wednesday",
+        "snapcontent-3",
+        "handle-wednesday",
+        |mock| {
+            let pod = pod_spec(mock, "wednesday");
+            assert!(pod.get("initContainers").is_none());
+            assert_eq!(
+                pod["containers"][0]["args"],
+                json!([
+                    "strata",
+                    "backup",
+                    "--target",
+                    folder.path().to_str().unwrap(),
+                    "--volume",
+                    "shop.data",
+                    "/dev/xvda"
+                ])
+            );
+            let status =
+                serde_json::to_value(backup_named(mock, "wednesday").status.unwrap()).unwrap();
+            assert_eq!(status["volumes"][0]["changeSource"], "Digests");
+            let tracking = condition(&status, "ChangedBlockTracking");
+            assert_eq!(tracking["reason"], "Digests");
+            assert_eq!(
+                tracking["message"],
+                format!(
+                    "0 of 1 volumes list changed blocks; digests for data: \
+                         the CSI handle of base snapshot {tuesday} is unknown"
+                )
+            );
+        },
+    )
+    .await;
+    // Its own snapshot, with a known handle, replaced the unusable base.
+    assert_eq!(
+        mock.names_under(SNAPSHOTS),
+        [key("wednesday", "shop").name(Role::Snapshot)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_metadata_service_incrementals_compare_digests_and_keep_no_snapshot() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "nightly",
+        "snapcontent-1",
+        "handle-1",
+        |_| {},
+    )
+    .await;
+    assert!(mock.names_under(SNAPSHOTS).is_empty());
+    add_backup(&mock, "tuesday", "b-2", "Incremental");
+    run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "tuesday",
+        "snapcontent-2",
+        "handle-2",
+        |mock| {
+            let pod = pod_spec(mock, "tuesday");
+            assert!(pod.get("initContainers").is_none());
+            assert_eq!(pod["containers"][0]["args"][2], "--target");
+            let status =
+                serde_json::to_value(backup_named(mock, "tuesday").status.unwrap()).unwrap();
+            assert_eq!(
+                condition(&status, "ChangedBlockTracking")["message"],
+                format!(
+                    "0 of 1 volumes list changed blocks; digests for data: \
+                         CSI driver {DRIVER} has no SnapshotMetadataService"
+                )
+            );
+        },
+    )
+    .await;
+    assert!(mock.names_under(SNAPSHOTS).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    let lease = format!("{LEASES}/strata-backup-data");
+    // A lock left by a Backup that no longer exists is taken over.
+    mock.put(
+        &lease,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "strata-backup-data", "namespace": "shop", "uid": "l-0",
+                            "ownerReferences": [{"apiVersion": "strata.io/v1alpha1",
+                                "kind": "Backup", "name": "ghost", "uid": "g-1", "controller": true}]},
+               "spec": {"holderIdentity": "ghost"}}),
+    );
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    let held = mock.get(&lease).unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "nightly");
+    assert_eq!(held["metadata"]["ownerReferences"][0]["uid"], "b-1");
+    let status = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    assert_eq!(condition(&status, "VolumesLocked")["reason"], "Locked");
+
+    // A second Backup of the same volume waits, naming the first, and snapshots nothing;
+    // asking again changes nothing.
+    add_backup(&mock, "second", "b-2", "Incremental");
+    for _ in 0..2 {
+        let action = reconcile_backup(&backup_named(&mock, "second"), &ctx)
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+        let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+        assert_eq!(status["phase"], "Preparing");
+        let locked = condition(&status, "VolumesLocked");
+        assert_eq!(locked["status"], "False");
+        assert_eq!(locked["reason"], "WaitingForBackup");
+        assert_eq!(
+            locked["message"],
+            "Backup nightly is backing up PVC data; waiting for it to finish"
+        );
+        assert_eq!(
+            mock.names_under(SNAPSHOTS),
+            [key("nightly", "shop").name(Role::Snapshot)]
+        );
+        assert_eq!(mock.names_under(LEASES), ["strata-backup-data"]);
+    }
+
+    // While it waits, the application gains a volume.
+    mock.put(
+        &format!("{PVCS}/logs"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "logs", "namespace": "shop", "labels": {"app": "db"}},
+               "spec": {"storageClassName": "fast", "volumeMode": "Block",
+                        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+               "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}}),
+    );
+
+    // The first one finishes and releases the lock; the second goes ahead, discovering again
+    // (so it sees the new volume, and locks it too).
+    snapshot_ready(&mock);
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    let dev = device();
+    let (target_dir, dev_path) = (folder.path().to_owned(), dev.path().to_owned());
+    tokio::task::spawn_blocking(move || datamover_backup(&target_dir, &dev_path))
+        .await
+        .unwrap();
+    job_status(
+        &mock,
+        JOBS,
+        &key("nightly", "shop").name(Role::Datamover),
+        complete(),
+    );
+    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Completed));
+    assert!(mock.names_under(LEASES).is_empty());
+    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        mock.names_under(LEASES),
+        ["strata-backup-data", "strata-backup-logs"]
+    );
+    for name in mock.names_under(LEASES) {
+        let lease = mock.get(&format!("{LEASES}/{name}")).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "second");
+    }
+    let logs = VolumeKey::new("second", "shop", "logs").name(Role::Snapshot);
+    assert_eq!(
+        mock.names_under(SNAPSHOTS),
+        [key("second", "shop").name(Role::Snapshot), logs.clone()]
+    );
+    let status = backup_named(&mock, "second").status.unwrap();
+    assert_eq!(status.volumes.len(), 2);
+    assert_eq!(status.volumes[1].volume, "shop.logs");
+
+    // A failed Backup releases its locks too.
+    snapshot_ready_with(&mock, "second", "snapcontent-2", "handle-2");
+    let mut snapshot = mock.get(&format!("{SNAPSHOTS}/{logs}")).unwrap();
+    snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": "snapcontent-2",
+                                "restoreSize": "1Mi"});
+    mock.put(&format!("{SNAPSHOTS}/{logs}"), snapshot);
+    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        .await
+        .unwrap();
+    job_status(
+        &mock,
+        JOBS,
+        &key("second", "shop").name(Role::Datamover),
+        json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded"}]}),
+    );
+    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        backup_named(&mock, "second").status.unwrap().phase,
+        Some(Phase::Failed)
+    );
+    assert!(mock.names_under(LEASES).is_empty());
+}

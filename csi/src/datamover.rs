@@ -2,7 +2,8 @@
 //! attached to the pod.
 //!
 //! The Job runs one pod (`restartPolicy: Never`, a bounded `backoffLimit`) whose container runs
-//! `strata backup --target T --volume NAME [--changed-ranges FILE] PATH` or
+//! `strata backup [--full] --target T --volume NAME [--changed-ranges FILE [--changed-since ID]]
+//! PATH` or
 //! `strata restore --target T --volume NAME [--backup ID] PATH`, where `PATH` is the device
 //! ([`DEVICE_PATH`], when the claim is attached as a raw block device through `volumeDevices`)
 //! or the mount point ([`MOUNT_PATH`], for a filesystem mount). Target credentials come from a
@@ -61,8 +62,14 @@ const SCRATCH_VOLUME: &str = "scratch";
 pub enum Step {
     /// Read the volume and write a backup to the target.
     Backup {
+        /// Take a full base image even when the volume has backups (`--full`).
+        full: bool,
         /// File listing the changed ranges, for an incremental backup.
         changed_ranges: Option<String>,
+        /// The backup the changed ranges are relative to (`--changed-since`): with it, `strata
+        /// backup` compares digests instead when the file is missing or the volume's latest
+        /// backup is another.
+        changed_since: Option<String>,
     },
     /// Write a backup from the target into the volume.
     Restore {
@@ -156,27 +163,33 @@ pub fn command_line(spec: &DatamoverSpec, step: &Step) -> Vec<String> {
         Attach::Block => DEVICE_PATH,
         Attach::Filesystem => MOUNT_PATH,
     };
-    let (verb, option) = match step {
-        Step::Backup { changed_ranges } => (
+    let (verb, full, options) = match step {
+        Step::Backup {
+            full,
+            changed_ranges,
+            changed_since,
+        } => (
             "backup",
-            changed_ranges.as_ref().map(|f| ("--changed-ranges", f)),
+            *full,
+            vec![
+                ("--changed-ranges", changed_ranges),
+                ("--changed-since", changed_since),
+            ],
         ),
-        Step::Restore { backup } => ("restore", backup.as_ref().map(|b| ("--backup", b))),
+        Step::Restore { backup } => ("restore", false, vec![("--backup", backup)]),
     };
-    let mut args: Vec<String> = [
-        "strata",
-        verb,
-        "--target",
-        &spec.target,
-        "--volume",
-        &spec.volume,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    if let Some((flag, value)) = option {
-        args.push(flag.to_owned());
-        args.push(value.clone());
+    let mut args = vec!["strata".to_owned(), verb.to_owned()];
+    if full {
+        args.push("--full".to_owned());
+    }
+    for value in ["--target", &spec.target, "--volume", &spec.volume] {
+        args.push(value.to_owned());
+    }
+    for (flag, value) in options {
+        if let Some(value) = value {
+            args.push(flag.to_owned());
+            args.push(value.clone());
+        }
     }
     args.push(path.to_owned());
     args
@@ -209,12 +222,15 @@ pub fn affinity_of_volume(pv: &PersistentVolume) -> Option<NodeAffinity> {
     })
 }
 
-/// The backup Job.
+/// The backup Job (an incremental on the volume's latest backup, or a full one when it has
+/// none); `changed_ranges` is the file listing the changes, else digests are compared.
 pub fn backup_job(spec: &DatamoverSpec, changed_ranges: Option<&str>) -> Result<Job> {
     job(
         spec,
         &Step::Backup {
+            full: false,
             changed_ranges: changed_ranges.map(str::to_owned),
+            changed_since: None,
         },
     )
 }
@@ -395,7 +411,9 @@ mod tests {
             command_line(
                 &block,
                 &Step::Backup {
-                    changed_ranges: Some("/scratch/ranges".into())
+                    full: false,
+                    changed_ranges: Some("/scratch/ranges".into()),
+                    changed_since: Some("b-6".into()),
                 }
             ),
             [
@@ -407,8 +425,21 @@ mod tests {
                 "shop/data",
                 "--changed-ranges",
                 "/scratch/ranges",
+                "--changed-since",
+                "b-6",
                 "/dev/xvda"
             ]
+        );
+        assert_eq!(
+            command_line(
+                &block,
+                &Step::Backup {
+                    full: true,
+                    changed_ranges: None,
+                    changed_since: None,
+                }
+            )[..3],
+            ["strata", "backup", "--full"]
         );
         assert_eq!(
             command_line(&spec(Attach::Filesystem), &Step::Restore { backup: None }),

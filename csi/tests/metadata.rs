@@ -26,7 +26,7 @@ use strata_csi::metadata::proto::{
     GetMetadataDeltaRequest, GetMetadataDeltaResponse,
 };
 use strata_csi::metadata::{
-    ChangedBlocks, ChangedBlocksRequest, FetchOptions, SnapshotMetadataService,
+    ChangedBlocks, ChangedBlocksRequest, DeltaBase, FetchOptions, SnapshotMetadataService,
     SnapshotMetadataServiceSpec, Violation, changed_blocks, write_changed_ranges,
 };
 use strata_qcow2::{FileSink, Image, WriterOptions, hydrate};
@@ -380,6 +380,33 @@ async fn delta_of_variable_length_extents_names_the_base_by_its_csi_handle() {
     assert_eq!(
         fake.calls(),
         [call("delta", "snap-handle-monday -> tuesday", 0)]
+    );
+}
+
+#[tokio::test]
+async fn a_recorded_base_handle_is_used_without_reading_the_base_snapshot() {
+    let fake = Arc::new(Fake::new(
+        BlockMetadataType::FixedLength,
+        1 << 20,
+        &[(8192, 4096)],
+    ));
+    let pki = pki();
+    let address = serve(fake.clone(), &pki).await;
+    let mock = cluster(&address, &pki.ca);
+    let mut request = ChangedBlocksRequest::new("shop", "tuesday", None);
+    request.base = Some(DeltaBase::Handle("snap-handle-recorded".into()));
+    let changed = changed_blocks(&mock.client(), &request, &fast())
+        .await
+        .unwrap();
+    assert_eq!(changed.ranges, ranges(&[(8192, 4096)]));
+    assert_eq!(
+        fake.calls(),
+        [call("delta", "snap-handle-recorded -> tuesday", 0)]
+    );
+    let requests = mock.requests();
+    assert!(
+        !requests.iter().any(|r| r.contains("monday")),
+        "{requests:?}"
     );
 }
 

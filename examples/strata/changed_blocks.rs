@@ -3,11 +3,12 @@
 //! `--changed-ranges` file of `strata backup`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use strata::csi::metadata::{
-    ChangedBlocksRequest, FetchOptions, ServiceAccountRef, changed_blocks, write_changed_ranges,
+    ChangedBlocks, ChangedBlocksRequest, DeltaBase, FetchOptions, ServiceAccountRef,
+    changed_blocks, write_changed_ranges,
 };
 
 /// List the changed ranges of a VolumeSnapshot through Kubernetes changed-block tracking
@@ -25,9 +26,18 @@ pub struct Args {
     /// lists the ranges holding data, which is not a change list for an incremental backup.
     #[arg(long, value_name = "NAME")]
     base_snapshot: Option<String>,
-    /// Where to write the JSON ranges; standard output when unset.
+    /// The CSI handle of that base snapshot (its VolumeSnapshotContent's
+    /// status.snapshotHandle), instead of its name.
+    #[arg(long, value_name = "HANDLE", conflicts_with = "base_snapshot")]
+    base_snapshot_handle: Option<String>,
+    /// Where to write the JSON ranges (written whole or not at all); standard output when unset.
     #[arg(long, short, value_name = "FILE.json")]
     output: Option<PathBuf>,
+    /// When the ranges cannot be listed, report why on standard error, write no output file
+    /// and succeed, so that `strata backup --changed-ranges FILE --changed-since ID` compares
+    /// digests instead.
+    #[arg(long, requires = "output")]
+    allow_unavailable: bool,
     /// Service account whose token authorizes the calls, as NAMESPACE/NAME; by default the
     /// account this command runs as.
     #[arg(long, value_name = "NAMESPACE/NAME")]
@@ -41,34 +51,22 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut request =
-        ChangedBlocksRequest::new(&args.namespace, &args.snapshot, args.base_snapshot.clone());
-    request.service_account = args
-        .service_account
-        .as_deref()
-        .map(ServiceAccountRef::parse)
-        .transpose()?;
-    let options = FetchOptions {
-        max_results: args.max_results,
-        attempts: args.attempts.max(1),
-        ..FetchOptions::default()
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let changed = runtime.block_on(async {
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the cluster (kubeconfig or in-cluster)")?;
-        anyhow::Ok(changed_blocks(&client, &request, &options).await?)
-    })?;
-    match &args.output {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            write_changed_ranges(file, &changed.ranges)
-                .with_context(|| format!("writing {}", path.display()))?;
+    let changed = match list(&args) {
+        Ok(changed) => changed,
+        Err(err) if args.allow_unavailable => {
+            if let Some(path) = &args.output {
+                remove_stale(path)?;
+            }
+            eprintln!(
+                "strata: changed-block tracking unavailable, the backup will compare digests: {}",
+                crate::one_line(&err)
+            );
+            return Ok(());
         }
+        Err(err) => return Err(err),
+    };
+    match &args.output {
+        Some(path) => write_whole(path, &changed)?,
         None => write_changed_ranges(std::io::stdout().lock(), &changed.ranges)?,
     }
     let mut err = std::io::stderr().lock();
@@ -87,4 +85,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     )?;
     Ok(())
+}
+
+fn list(args: &Args) -> anyhow::Result<ChangedBlocks> {
+    let mut request = ChangedBlocksRequest::new(&args.namespace, &args.snapshot, None);
+    request.base = match (&args.base_snapshot, &args.base_snapshot_handle) {
+        (Some(name), _) => Some(DeltaBase::Snapshot(name.clone())),
+        (None, Some(handle)) => Some(DeltaBase::Handle(handle.clone())),
+        (None, None) => None,
+    };
+    request.service_account = args
+        .service_account
+        .as_deref()
+        .map(ServiceAccountRef::parse)
+        .transpose()?;
+    let options = FetchOptions {
+        max_results: args.max_results,
+        attempts: args.attempts.max(1),
+        ..FetchOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the cluster (kubeconfig or in-cluster)")?;
+        anyhow::Ok(changed_blocks(&client, &request, &options).await?)
+    })
+}
+
+/// Write the ranges next to `path` and rename: a reader sees the whole list or no file.
+fn write_whole(path: &Path, changed: &ChangedBlocks) -> anyhow::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    write_changed_ranges(file, &changed.ranges)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Remove a list left at `path` by an earlier run: it would describe another change.
+fn remove_stale(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }

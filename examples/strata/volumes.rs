@@ -23,6 +23,10 @@ pub struct BackupArgs {
     /// Changed ranges from changed-block tracking: a JSON array of `{"offset", "length"}`.
     #[arg(long)]
     changed_ranges: Option<PathBuf>,
+    /// The backup the changed ranges are relative to. With it, a missing ranges file or a
+    /// volume whose latest backup is another makes the backup compare digests instead.
+    #[arg(long, value_name = "ID", requires = "changed_ranges")]
+    changed_since: Option<String>,
     /// Take a full base image even when the volume has backups.
     #[arg(long)]
     full: bool,
@@ -115,15 +119,45 @@ pub fn bar(total: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// Whether the ranges file at `path` describes the change since the volume's latest backup:
+/// always without `since` (the caller vouches for it); with it, when the file exists and
+/// `since` is the latest backup. Otherwise says on stderr why digests are compared instead.
+fn usable_ranges(
+    target: &Target,
+    volume: &VolumeName,
+    path: &std::path::Path,
+    since: Option<&str>,
+) -> anyhow::Result<bool> {
+    let Some(since) = since else {
+        return Ok(true);
+    };
+    let why = if !path.exists() {
+        format!("no changed ranges at {}", path.display())
+    } else {
+        match target.latest(volume)? {
+            Some(latest) if latest.id.as_str() == since => return Ok(true),
+            Some(latest) => format!(
+                "the ranges are since {since}, the latest backup is {}",
+                latest.id
+            ),
+            None => format!("the ranges are since {since}, the volume has no backup"),
+        }
+    };
+    eprintln!("strata: {why}; comparing digests");
+    Ok(false)
+}
+
 /// Runs `strata backup`; prints the new backup's id as the last line.
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let target = open_target(&args.target)?;
     let volume = VolumeName::new(&args.volume)?;
     let changed_ranges = match &args.changed_ranges {
-        Some(path) => Some(strata::chain::parse_changed_ranges(
-            &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        )?),
-        None => None,
+        Some(path) if usable_ranges(&target, &volume, path, args.changed_since.as_deref())? => {
+            Some(strata::chain::parse_changed_ranges(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )?)
+        }
+        _ => None,
     };
     let options = strata::BackupOptions {
         full: args.full,

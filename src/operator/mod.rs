@@ -21,6 +21,12 @@
 //!   for (run, namespace, PVC); creating finds an existing object instead of duplicating it,
 //!   the metadata archive is kept in a Secret of a deterministic name until it is committed, and
 //!   the application backup id is the Backup's name, committed create-only.
+//! - **Changed blocks when the cluster offers them.** Each volume keeps the snapshot of its
+//!   latest backup as a base; an incremental's datamover asks the CSI driver's SnapshotMetadata
+//!   service what changed since it, and compares digests whenever that is not possible
+//!   (`reconcile::cbt` explains the record and why it lives on the snapshot).
+//! - **One Backup per volume at a time**, by a Lease per PVC created atomically and owned by the
+//!   Backup, so backup ids and bases are never attributed to the wrong run.
 //! - **Failures are data.** A permanent error (bad spec, failed snapshot, failed Job) sets the
 //!   `Failed` condition and phase; transient ones (API errors) are returned for a retry.
 

@@ -1,16 +1,26 @@
 //! A backup datamover that first asks changed-block tracking what changed.
 //!
-//! The Job of [`datamover::backup_job`](crate::datamover::backup_job) gains an init container
-//! running `strata changed-blocks --namespace NS --snapshot S --base-snapshot B --output
-//! CHANGED_RANGES_PATH`; the backup container then runs `strata backup --changed-ranges
-//! CHANGED_RANGES_PATH`, reading only the changed ranges. Both share the scratch `emptyDir`.
+//! The Job of [`datamover::job`](crate::datamover::job) gains an init container running
+//! `strata changed-blocks --namespace NS --snapshot S --base-snapshot-handle H --output
+//! CHANGED_RANGES_PATH --allow-unavailable`; the backup container then runs `strata backup
+//! --changed-ranges CHANGED_RANGES_PATH --changed-since ID`, reading only the changed ranges.
+//! Both share the scratch `emptyDir`.
 //!
 //! The base must be the snapshot the volume's latest backup in the target was taken from: an
 //! incremental records only what the list names, so a list against another base, or the
 //! allocated ranges of a snapshot (which miss data deleted since the previous backup), would
-//! make a wrong backup.
+//! make a wrong backup. [`ChangedBlocksBase`] therefore names both the base snapshot's CSI
+//! handle and the backup taken from it, and `--changed-since` makes `strata backup` compare
+//! digests instead when that backup is no longer the volume's latest.
 //!
-//! The init container needs the Kubernetes API (the snapshots, their contents, the
+//! Changed-block tracking is an optimisation, never a reason for a backup to fail: when the
+//! metadata call fails (service down, token refused, base gone from the storage system),
+//! `--allow-unavailable` makes the init step log the error and write no file, and the backup
+//! step, finding no file, compares digests. The fallback sits in the Job because only the Job
+//! sees the call fail, and one pod that falls back costs less than a failed Job, its retries
+//! and a second Job.
+//!
+//! The init container needs the Kubernetes API (the snapshot and its content, the
 //! SnapshotMetadataService, a TokenRequest), so it alone mounts a projected service-account
 //! token at the standard path; the backup container, which holds the target's credentials,
 //! still gets none. The pod's service account needs `get` on `volumesnapshots` and
@@ -25,7 +35,7 @@ use k8s_openapi::api::core::v1::{
     VolumeProjection,
 };
 
-use crate::datamover::{DatamoverSpec, SCRATCH_PATH, backup_job};
+use crate::datamover::{self, DatamoverSpec, SCRATCH_PATH, Step};
 use crate::error::{Error, Result};
 
 /// Where the changed-blocks step writes the ranges the backup step reads.
@@ -37,14 +47,28 @@ const INIT_CONTAINER: &str = "changed-blocks";
 /// Lifetime of the projected API token; the kubelet renews it.
 const API_TOKEN_SECONDS: i64 = 3600;
 
-/// The backup Job of `spec`, listing the changes from snapshot `base_snapshot` to `snapshot`
-/// (both in the volume's namespace) first.
+/// What an incremental's changed blocks are listed against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangedBlocksBase {
+    /// CSI handle of the base snapshot (its VolumeSnapshotContent's `status.snapshotHandle`),
+    /// the `base_snapshot_id` of `GetMetadataDelta`.
+    pub snapshot_handle: String,
+    /// The volume backup taken from the base snapshot, which the incremental's parent must be.
+    pub backup: String,
+}
+
+/// The incremental backup Job of `spec`, listing the changes from `base` to VolumeSnapshot
+/// `snapshot` (in the volume's namespace) first.
 pub fn backup_job_with_changed_blocks(
     spec: &DatamoverSpec,
     snapshot: &str,
-    base_snapshot: &str,
+    base: &ChangedBlocksBase,
 ) -> Result<Job> {
-    for (what, value) in [("snapshot", snapshot), ("base snapshot", base_snapshot)] {
+    for (what, value) in [
+        ("snapshot", snapshot),
+        ("base snapshot handle", &base.snapshot_handle),
+        ("base backup", &base.backup),
+    ] {
         if value.is_empty() {
             return Err(Error::Invalid {
                 what,
@@ -52,7 +76,14 @@ pub fn backup_job_with_changed_blocks(
             });
         }
     }
-    let mut job = backup_job(spec, Some(CHANGED_RANGES_PATH))?;
+    let mut job = datamover::job(
+        spec,
+        &Step::Backup {
+            full: false,
+            changed_ranges: Some(CHANGED_RANGES_PATH.to_owned()),
+            changed_since: Some(base.backup.clone()),
+        },
+    )?;
     let pod = job
         .spec
         .as_mut()
@@ -69,10 +100,11 @@ pub fn backup_job_with_changed_blocks(
         &spec.key.namespace,
         "--snapshot",
         snapshot,
-        "--base-snapshot",
-        base_snapshot,
+        "--base-snapshot-handle",
+        &base.snapshot_handle,
         "--output",
         CHANGED_RANGES_PATH,
+        "--allow-unavailable",
     ];
     let mut mounts: Vec<VolumeMount> = backup
         .volume_mounts
@@ -167,10 +199,13 @@ mod tests {
             "shop/data",
         );
         spec.credentials_secret = Some("target-credentials".into());
-        let job = serde_json::to_value(
-            backup_job_with_changed_blocks(&spec, "snap-tue", "snap-mon").unwrap(),
-        )
-        .unwrap();
+        let base = ChangedBlocksBase {
+            snapshot_handle: "snap-handle-mon".into(),
+            backup: "b-mon".into(),
+        };
+        let job =
+            serde_json::to_value(backup_job_with_changed_blocks(&spec, "snap-tue", &base).unwrap())
+                .unwrap();
         let pod = &job["spec"]["template"]["spec"];
         let init = &pod["initContainers"][0];
         assert_eq!(
@@ -182,10 +217,11 @@ mod tests {
                 "shop",
                 "--snapshot",
                 "snap-tue",
-                "--base-snapshot",
-                "snap-mon",
+                "--base-snapshot-handle",
+                "snap-handle-mon",
                 "--output",
-                "/scratch/changed-ranges.json"
+                "/scratch/changed-ranges.json",
+                "--allow-unavailable"
             ])
         );
         assert_eq!(init["image"], "registry.example/strata:0.1");
@@ -207,6 +243,8 @@ mod tests {
             [
                 json!("--changed-ranges"),
                 json!(CHANGED_RANGES_PATH),
+                json!("--changed-since"),
+                json!("b-mon"),
                 json!("/dev/xvda")
             ]
         );
@@ -225,10 +263,14 @@ mod tests {
             projected[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
             "metadata.namespace"
         );
+        let unknown = ChangedBlocksBase {
+            snapshot_handle: String::new(),
+            ..base
+        };
         assert!(matches!(
-            backup_job_with_changed_blocks(&spec, "snap-tue", ""),
+            backup_job_with_changed_blocks(&spec, "snap-tue", &unknown),
             Err(Error::Invalid {
-                what: "base snapshot",
+                what: "base snapshot handle",
                 ..
             })
         ));

@@ -38,10 +38,10 @@ mod token;
 pub use channel::{MetadataClient, connect};
 pub use collector::Violation;
 pub use fetch::{ChangedBlocks, FetchOptions, Query, fetch, is_transient};
-pub use job::{CHANGED_RANGES_PATH, backup_job_with_changed_blocks};
+pub use job::{CHANGED_RANGES_PATH, ChangedBlocksBase, backup_job_with_changed_blocks};
 pub use proto::BlockMetadataType;
 pub use ranges_file::write_changed_ranges;
-pub use request::{ChangedBlocksRequest, changed_blocks};
+pub use request::{ChangedBlocksRequest, DeltaBase, changed_blocks};
 pub use service::{
     SnapshotMetadataService, SnapshotMetadataServiceSpec, bound_content, metadata_service,
     snapshot_handle,

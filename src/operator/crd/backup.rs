@@ -90,7 +90,8 @@ pub struct BackupStatus {
     /// The run's phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Observations: `Discovered`, `SnapshotsReady`, `VolumesCopied`, `Committed`, `Failed`.
+    /// Observations: `Discovered`, `VolumesLocked`, `SnapshotsReady`, `ChangedBlockTracking`,
+    /// `VolumesCopied`, `Committed`, `Failed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Volumes and bytes copied.
@@ -130,4 +131,23 @@ pub struct VolumeStatus {
     /// Whether its datamover finished.
     #[serde(default)]
     pub done: bool,
+    /// Backup: how its datamover finds what changed since the previous backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_source: Option<ChangeSource>,
+    /// Backup with `ChangedBlocks`: the base VolumeSnapshot the changes are listed against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+}
+
+/// How a backup datamover finds the changed data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ChangeSource {
+    /// No comparison: a full base image.
+    Full,
+    /// Reads the whole volume and compares cluster digests with the latest backup (or takes a
+    /// full one when the volume has none).
+    Digests,
+    /// Asks the CSI driver's SnapshotMetadata service for the blocks changed since the base
+    /// snapshot (KEP-3314) and reads only those; compares digests instead if that call fails.
+    ChangedBlocks,
 }

@@ -1,13 +1,17 @@
 //! The reconcilers of Backup and Restore, and the object helpers they share.
 
 mod backup;
+mod cbt;
 mod jobs;
+mod lock;
 mod restore;
 mod stash;
 mod volumes;
 
 pub use backup::reconcile_backup;
+pub use cbt::{ANNOTATION_BACKUP, ANNOTATION_DRIVER, ANNOTATION_HANDLE, LABEL_BASE};
 pub use jobs::{JobOutcome, job_outcome};
+pub use lock::lock_name;
 pub use restore::reconcile_restore;
 pub use stash::stash_name;
 
