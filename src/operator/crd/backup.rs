@@ -130,4 +130,23 @@ pub struct VolumeStatus {
     /// Whether its datamover finished.
     #[serde(default)]
     pub done: bool,
+    /// Restore only: how far a Filesystem volume restored through a Block staging volume got;
+    /// unset for a volume filled in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<Staging>,
+}
+
+/// The steps of restoring a Filesystem volume through a Block staging volume: the datamover
+/// writes the raw bytes into a Block staging PVC, a snapshot is taken of it, and the restored
+/// PVC is provisioned from that snapshot in Filesystem mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Staging {
+    /// The datamover is filling the staging PVC.
+    Filling,
+    /// The staging PVC is being snapshotted.
+    Snapshotting,
+    /// The PVC was created from the staging snapshot; the snapshot stays until it is Bound.
+    Binding,
+    /// The PVC is Bound; the staging snapshot and PVC are deleted.
+    CleanedUp,
 }

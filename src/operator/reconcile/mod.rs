@@ -3,6 +3,7 @@
 mod backup;
 mod jobs;
 mod restore;
+mod staging;
 mod stash;
 mod volumes;
 
