@@ -258,7 +258,10 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     let stale = restore(&mock);
     reconcile_restore(&stale, &ctx).await.unwrap();
     reconcile_restore(&stale, &ctx).await.unwrap();
-    assert_eq!(mock.names_under(COPY_SNAPSHOTS), [snapshot.clone()]);
+    assert_eq!(
+        mock.names_under(COPY_SNAPSHOTS),
+        std::slice::from_ref(&snapshot)
+    );
     let taken = mock.get(&format!("{COPY_SNAPSHOTS}/{snapshot}")).unwrap();
     assert_eq!(
         taken["spec"],
@@ -323,7 +326,10 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
             .is_some()
     );
     assert!(mock.names_under(COPY_JOBS).is_empty());
-    assert_eq!(mock.names_under(COPY_SNAPSHOTS), [snapshot.clone()]);
+    assert_eq!(
+        mock.names_under(COPY_SNAPSHOTS),
+        std::slice::from_ref(&snapshot)
+    );
     assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_some());
     let status = restore(&mock).status.unwrap();
     assert_eq!(status.phase, Some(Phase::Finishing));
