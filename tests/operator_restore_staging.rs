@@ -289,11 +289,19 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
         ready("content-staging", "2Mi"),
     );
     let stale = restore(&mock);
+    let before = mock.requests().len();
     reconcile_restore(&stale, &ctx).await.unwrap();
     reconcile_restore(&stale, &ctx).await.unwrap();
     assert_eq!(
         annotations(&mock, "content-staging"),
         json!({ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"})
+    );
+    // Annotated before the claim exists, so the provisioner never sees it unannotated.
+    let requests = mock.requests().split_off(before);
+    let at = |wanted: &str| requests.iter().position(|r| r == wanted).unwrap();
+    assert!(
+        at(&format!("PATCH {CONTENTS}/content-staging")) < at(&format!("POST {COPY_PVCS}")),
+        "{requests:#?}"
     );
     let data = mock
         .get(&format!("{COPY_PVCS}/data"))
