@@ -449,3 +449,34 @@ async fn a_filesystem_pvc_name_taken_by_someone_else_is_refused_before_copying()
     let staging = VolumeKey::new("copy", "shop-copy", "data").name(Role::Volume);
     assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_restores_snapshot_class_overrides_the_default_choice() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    backed_up(&mock, &ctx, folder.path()).await;
+    // A second class of the driver: without the override the choice would be ambiguous.
+    mock.put(
+        "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/hostpath-retain",
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+               "metadata": {"name": "hostpath-retain"},
+               "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Retain"}),
+    );
+    update(
+        &mock,
+        &format!("{RESTORES}/copy"),
+        json!({"spec": {"snapshotClassName": "hostpath-retain"}}),
+    );
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    for pvc in ["data", "raw"] {
+        let job = VolumeKey::new("copy", "shop-copy", pvc).name(Role::Datamover);
+        update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
+    }
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let snapshot = VolumeKey::new("copy", "shop-copy", "data").name(Role::Snapshot);
+    let taken = mock
+        .get(&format!("{COPY_SNAPSHOTS}/{snapshot}"))
+        .expect("staging snapshot");
+    assert_eq!(taken["spec"]["volumeSnapshotClassName"], "hostpath-retain");
+}
