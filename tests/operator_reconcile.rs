@@ -285,6 +285,8 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
 
     job_status(&mock, copy_jobs, &restore_job, complete());
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    assert_eq!(restore(&mock).status.unwrap().phase, Some(Phase::Finishing));
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
     let status = restore(&mock).status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
     let config = mock

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use tokio::time::Instant;
 
 use crate::class::{choose_snapshot_class, driver_of, storage_class_name};
 use crate::error::{Error, Result};
+use crate::pvc::ALLOW_VOLUME_MODE_CHANGE_ANNOTATION;
 use crate::snapshot::{ReadySnapshot, SnapshotState, check_adoptable, snapshot_state};
 use crate::types::{DeletionPolicy, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
 
@@ -243,4 +244,23 @@ pub async fn delete_pvc(client: &Client, namespace: &str, name: &str) -> Result<
             source: err,
         }),
     }
+}
+
+/// Annotate VolumeSnapshotContent `content` with [`ALLOW_VOLUME_MODE_CHANGE_ANNOTATION`]` = "true"`,
+/// so a PVC of another volume mode than the snapshotted volume's may be made from it (KEP-3141,
+/// "Prevent unauthorised volume mode conversion": the external-provisioner refuses such a claim
+/// otherwise). A merge patch of that one annotation: re-running it changes nothing, and the
+/// content's other annotations stay. Needs `patch` on `volumesnapshotcontents`.
+pub async fn allow_volume_mode_change(client: &Client, content: &str) -> Result<()> {
+    let contents: Api<VolumeSnapshotContent> = Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"
+    }}});
+    contents
+        .patch(content, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::kube(format!(
+            "allow a volume mode change from VolumeSnapshotContent {content}"
+        )))?;
+    Ok(())
 }

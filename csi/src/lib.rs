@@ -7,6 +7,11 @@
 //! ([`pvc_from_snapshot`], Block mode when the datamover reads the raw device), run a datamover
 //! Job on it ([`datamover::backup_job`]) and clean up ([`client::delete_snapshot`]).
 //!
+//! A restore writes raw bytes too: into the recreated PVC when it is Block, else into an empty
+//! Block [`staging_pvc`], snapshotted with [`staging_snapshot`], whose content is annotated with
+//! [`client::allow_volume_mode_change`] before the Filesystem PVC is made from it
+//! ([`claim_from_snapshot`]).
+//!
 //! For an incremental, [`metadata`] asks the CSI driver's SnapshotMetadata service (Kubernetes
 //! changed-block tracking) which ranges changed since the previous backup's snapshot, so the
 //! datamover reads only those ([`metadata::backup_job_with_changed_blocks`]).
@@ -51,9 +56,11 @@ pub use class::{DEFAULT_CLASS_ANNOTATION, choose_snapshot_class, driver_of, stor
 pub use error::{Error, Result};
 pub use naming::{Role, VolumeKey};
 pub use pvc::{
-    ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, VolumeMode, changes_volume_mode, pvc_from_snapshot,
+    ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, VolumeMode, changes_volume_mode, claim_from_snapshot,
+    pvc_from_snapshot, staging_pvc,
 };
 pub use snapshot::{
-    ReadySnapshot, SnapshotState, check_adoptable, ready_or_failed, snapshot_state, volume_snapshot,
+    ReadySnapshot, SnapshotState, check_adoptable, ready_or_failed, snapshot_state,
+    staging_snapshot, volume_snapshot,
 };
 pub use types::{DeletionPolicy, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};

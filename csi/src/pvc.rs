@@ -7,6 +7,10 @@
 //! as a raw device; when the source was a Filesystem volume, Kubernetes (KEP-3141) refuses the
 //! mode change unless the VolumeSnapshotContent carries [`ALLOW_VOLUME_MODE_CHANGE_ANNOTATION`],
 //! which only someone allowed to edit contents (the backup controller's service account) can set.
+//!
+//! Restoring a Filesystem volume runs the other way: the datamover writes the raw bytes into a
+//! Block [`staging_pvc`], a snapshot is taken of it, and the claim itself is made from that
+//! snapshot ([`claim_from_snapshot`]) in its own mode, which again needs the annotation.
 
 use std::collections::BTreeMap;
 
@@ -102,6 +106,65 @@ pub fn pvc_from_snapshot(
         }),
         status: None,
     })
+}
+
+/// The empty Block-mode staging PVC for restoring `key`'s claim `claim`: its StorageClass (left
+/// unset, like the claim's, for the default class) and access modes, `size` bytes requested.
+pub fn staging_pvc(
+    key: &VolumeKey,
+    claim: &PersistentVolumeClaim,
+    size: Quantity,
+) -> PersistentVolumeClaim {
+    let spec = claim.spec.as_ref();
+    let access_modes = spec
+        .and_then(|s| s.access_modes.clone())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| vec!["ReadWriteOnce".to_owned()]);
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(key.name(Role::Volume)),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(key.labels(Role::Volume)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            storage_class_name: spec.and_then(|s| s.storage_class_name.clone()),
+            access_modes: Some(access_modes),
+            volume_mode: Some("Block".to_owned()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), size)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// `claim` to be provisioned from snapshot `snapshot` (same namespace): `spec.dataSource` names
+/// it, any other source (`dataSourceRef`) is dropped, and the request becomes `size` when given
+/// (the provisioner refuses a claim smaller than the snapshot's `restoreSize`). The volume mode
+/// is left as the claim has it.
+pub fn claim_from_snapshot(
+    mut claim: PersistentVolumeClaim,
+    snapshot: &str,
+    size: Option<Quantity>,
+) -> PersistentVolumeClaim {
+    let spec = claim.spec.get_or_insert_with(Default::default);
+    spec.data_source = Some(TypedLocalObjectReference {
+        api_group: Some(GROUP.to_owned()),
+        kind: "VolumeSnapshot".to_owned(),
+        name: snapshot.to_owned(),
+    });
+    spec.data_source_ref = None;
+    if let Some(size) = size {
+        spec.resources
+            .get_or_insert_with(Default::default)
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert("storage".to_owned(), size);
+    }
+    claim
 }
 
 #[cfg(test)]
@@ -202,5 +265,52 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn staging_is_an_empty_block_claim_of_the_claims_class() {
+        let key = VolumeKey::new("copy", "shop-copy", "data");
+        let claim = source(json!({}), Some("Filesystem"));
+        let staging = staging_pvc(&key, &claim, Quantity("2Gi".into()));
+        let value = serde_json::to_value(&staging).unwrap();
+        assert_eq!(value["metadata"]["name"], key.name(Role::Volume));
+        assert_eq!(value["metadata"]["namespace"], "shop-copy");
+        assert_eq!(value["metadata"]["labels"]["strata.io/role"], "volume");
+        assert_eq!(
+            value["spec"],
+            json!({"storageClassName": "fast", "accessModes": ["ReadWriteOnce"],
+                   "volumeMode": "Block", "resources": {"requests": {"storage": "2Gi"}}})
+        );
+        let mut default_class = claim.clone();
+        default_class.spec.as_mut().unwrap().storage_class_name = None;
+        default_class.spec.as_mut().unwrap().access_modes = None;
+        let spec = staging_pvc(&key, &default_class, Quantity("1Gi".into()))
+            .spec
+            .unwrap();
+        assert_eq!(spec.storage_class_name, None);
+        assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_owned()]));
+    }
+
+    #[test]
+    fn claim_from_snapshot_replaces_the_source_and_keeps_the_mode() {
+        let mut claim = source(json!({}), Some("Filesystem"));
+        claim.metadata.labels = Some(BTreeMap::from([("app".to_owned(), "db".to_owned())]));
+        let spec = claim.spec.as_mut().unwrap();
+        spec.data_source_ref = Some(Default::default());
+        let made = claim_from_snapshot(claim.clone(), "strata-snapshot-x", None);
+        let value = serde_json::to_value(&made).unwrap();
+        assert_eq!(value["metadata"]["labels"]["app"], "db");
+        assert_eq!(value["spec"]["volumeMode"], "Filesystem");
+        assert_eq!(
+            value["spec"]["dataSource"],
+            json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "strata-snapshot-x"})
+        );
+        assert!(value["spec"].get("dataSourceRef").is_none());
+        assert_eq!(value["spec"]["resources"]["requests"]["storage"], "10Gi");
+        let grown = claim_from_snapshot(claim, "s", Some(Quantity("12Gi".into())));
+        assert_eq!(
+            grown.spec.unwrap().resources.unwrap().requests.unwrap()["storage"],
+            Quantity("12Gi".into())
+        );
     }
 }

@@ -14,6 +14,16 @@ use crate::types::{VolumeSnapshot, VolumeSnapshotSource, VolumeSnapshotSpec};
 
 /// The VolumeSnapshot Strata creates for `key`'s PVC with class `class`.
 pub fn volume_snapshot(key: &VolumeKey, class: &str) -> VolumeSnapshot {
+    snapshot_of(key, &key.pvc, class)
+}
+
+/// The VolumeSnapshot of `key`'s staging PVC (the [`Role::Volume`] claim a restore fills before
+/// the claim itself is made from this snapshot), under the same name [`volume_snapshot`] gives.
+pub fn staging_snapshot(key: &VolumeKey, class: &str) -> VolumeSnapshot {
+    snapshot_of(key, &key.name(Role::Volume), class)
+}
+
+fn snapshot_of(key: &VolumeKey, pvc: &str, class: &str) -> VolumeSnapshot {
     VolumeSnapshot {
         metadata: ObjectMeta {
             name: Some(key.name(Role::Snapshot)),
@@ -23,7 +33,7 @@ pub fn volume_snapshot(key: &VolumeKey, class: &str) -> VolumeSnapshot {
         },
         spec: VolumeSnapshotSpec {
             source: VolumeSnapshotSource {
-                persistent_volume_claim_name: Some(key.pvc.clone()),
+                persistent_volume_claim_name: Some(pvc.to_owned()),
                 volume_snapshot_content_name: None,
             },
             volume_snapshot_class_name: Some(class.to_owned()),
@@ -137,6 +147,25 @@ mod tests {
             value["spec"],
             json!({"source": {"persistentVolumeClaimName": "data"}, "volumeSnapshotClassName": "csi-snapclass"})
         );
+    }
+
+    #[test]
+    fn the_staging_snapshot_is_of_the_staging_claim() {
+        let key = VolumeKey::new("copy", "shop-copy", "data");
+        let snap = staging_snapshot(&key, "csi-snapclass");
+        assert_eq!(snap.metadata.name, Some(key.name(Role::Snapshot)));
+        assert_eq!(snap.metadata.namespace.as_deref(), Some("shop-copy"));
+        assert_eq!(
+            snap.spec.source.persistent_volume_claim_name,
+            Some(key.name(Role::Volume))
+        );
+        assert_eq!(
+            snap.spec.volume_snapshot_class_name.as_deref(),
+            Some("csi-snapclass")
+        );
+        // A re-run adopts it; the snapshot of the claim itself under that name is not ours.
+        assert!(check_adoptable(&snap.clone(), &snap).is_ok());
+        assert!(check_adoptable(&volume_snapshot(&key, "csi-snapclass"), &snap).is_err());
     }
 
     #[test]

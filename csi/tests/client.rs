@@ -1,5 +1,6 @@
 //! The client helpers against an in-memory API server: idempotent creation, waiting on the
-//! snapshot status, and deletion honouring the content's deletionPolicy.
+//! snapshot status, deletion honouring the content's deletionPolicy, and the annotation allowing
+//! a volume mode change.
 
 mod support;
 
@@ -8,10 +9,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use serde_json::{Value, json};
 use strata_csi::client::{
-    Deleted, WaitOptions, create_or_get_pvc, create_or_get_snapshot, delete_pvc, delete_snapshot,
-    snapshot_class_for_pvc, wait_until_ready,
+    Deleted, WaitOptions, allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot,
+    delete_pvc, delete_snapshot, snapshot_class_for_pvc, wait_until_ready,
 };
-use strata_csi::{Error, Role, VolumeKey, VolumeMode, pvc_from_snapshot, volume_snapshot};
+use strata_csi::{
+    ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, Error, Role, VolumeKey, VolumeMode, pvc_from_snapshot,
+    volume_snapshot,
+};
 use support::Mock;
 
 const SNAPSHOTS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/shop/volumesnapshots";
@@ -255,4 +259,46 @@ async fn class_for_pvc_follows_the_storage_class_provisioner() {
     assert_eq!(chosen.metadata.name.as_deref(), Some("ebs-default"));
     let wrong = snapshot_class_for_pvc(&client, &pvc, Some("hostpath")).await;
     assert!(matches!(wrong, Err(Error::SnapshotClassMismatch { .. })));
+}
+
+#[tokio::test]
+async fn volume_mode_change_is_allowed_on_the_content_alone_and_idempotently() {
+    let mock = Mock::default();
+    let client = mock.client();
+    let path = format!("{CONTENTS}/snapcontent-1");
+    mock.put(
+        &path,
+        json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+            "metadata": {"name": "snapcontent-1", "annotations": {"owner": "team-a"}},
+            "spec": {"volumeSnapshotRef": {"name": "s", "namespace": "shop"}, "deletionPolicy": "Delete",
+                     "driver": "hostpath.csi.k8s.io", "source": {"volumeHandle": "vol-1"}}
+        }),
+    );
+    allow_volume_mode_change(&client, "snapcontent-1")
+        .await
+        .unwrap();
+    allow_volume_mode_change(&client, "snapcontent-1")
+        .await
+        .unwrap();
+    let content = mock.get(&path).unwrap();
+    assert_eq!(
+        content["metadata"]["annotations"],
+        json!({"owner": "team-a", ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"})
+    );
+    assert_eq!(content["spec"]["deletionPolicy"], "Delete");
+    assert_eq!(
+        mock.requests(),
+        [format!("PATCH {path}"), format!("PATCH {path}")]
+    );
+
+    match allow_volume_mode_change(&client, "absent").await {
+        Err(err @ Error::Kube { .. }) => {
+            assert!(
+                err.to_string().contains("VolumeSnapshotContent absent"),
+                "{err}"
+            )
+        }
+        other => panic!("expected a Kube error, got {other:?}"),
+    }
 }

@@ -1,5 +1,6 @@
 //! A tiny in-memory API server for the client helpers: create (`POST`, 409 when the name is
-//! taken), get (404 when absent), list of a collection and delete of objects by URL path, plugged into
+//! taken), get (404 when absent), list of a collection, JSON merge `PATCH` (RFC 7386; 404 when
+//! absent) and delete of objects by URL path, plugged into
 //! `kube::Client::new` as a tower service. Tests may script the successive states a `GET` returns,
 //! standing in for the snapshot controller updating a status, and may answer `POST`s to a path
 //! with a function of the body (subresources such as a service account's `token`).
@@ -144,6 +145,16 @@ impl Mock {
                     StatusCode::OK,
                     &json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
                 )
+            }
+            "PATCH" => {
+                let patch: Value = serde_json::from_slice(&bytes).unwrap();
+                match state.objects.get_mut(&path) {
+                    Some(object) => {
+                        json_patch::merge(object, &patch);
+                        respond(StatusCode::OK, object)
+                    }
+                    None => failure(StatusCode::NOT_FOUND, "NotFound"),
+                }
             }
             "DELETE" => match state.objects.remove(&path) {
                 Some(object) => respond(StatusCode::OK, &object),

@@ -137,6 +137,10 @@ pub struct VolumeStatus {
     /// Backup with `ChangedBlocks`: the base VolumeSnapshot the changes are listed against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
+    /// Restore only: how far a Filesystem volume restored through a Block staging volume got;
+    /// unset for a volume filled in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<Staging>,
 }
 
 /// How a backup datamover finds the changed data.
@@ -150,4 +154,19 @@ pub enum ChangeSource {
     /// Asks the CSI driver's SnapshotMetadata service for the blocks changed since the base
     /// snapshot (KEP-3314) and reads only those; compares digests instead if that call fails.
     ChangedBlocks,
+}
+
+/// The steps of restoring a Filesystem volume through a Block staging volume: the datamover
+/// writes the raw bytes into a Block staging PVC, a snapshot is taken of it, and the restored
+/// PVC is provisioned from that snapshot in Filesystem mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Staging {
+    /// The datamover is filling the staging PVC.
+    Filling,
+    /// The staging PVC is being snapshotted.
+    Snapshotting,
+    /// The PVC was created from the staging snapshot; the snapshot stays until it is Bound.
+    Binding,
+    /// The PVC is Bound; the staging snapshot and PVC are deleted.
+    CleanedUp,
 }

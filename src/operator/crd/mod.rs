@@ -13,7 +13,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use backup::{
-    Backup, BackupMode, BackupSpec, BackupStatus, ChangeSource, CleanupPolicy, Retention,
+    Backup, BackupMode, BackupSpec, BackupStatus, ChangeSource, CleanupPolicy, Retention, Staging,
     VolumeStatus,
 };
 pub use restore::{ExistingObjects, Restore, RestoreSpec, RestoreStatus};

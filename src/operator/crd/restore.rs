@@ -37,6 +37,10 @@ pub struct RestoreSpec {
     /// Whether objects that already exist are left alone (`Skip`) or applied over (`Update`).
     #[serde(default)]
     pub existing_objects: ExistingObjects,
+    /// VolumeSnapshotClass of the staging snapshots through which Filesystem volumes are
+    /// restored; default: the class of the staging PVC's CSI driver, chosen as a Backup does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_class_name: Option<String>,
 }
 
 /// What to do with objects that already exist.
@@ -56,7 +60,8 @@ pub struct RestoreStatus {
     /// The run's phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Observations: `Validated`, `VolumesRestored`, `ObjectsApplied`, `Failed`.
+    /// Observations: `Validated`, `VolumesRestored`, `ObjectsApplied`, `StagingCleanedUp`
+    /// (Filesystem volumes only), `Failed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Volumes and bytes restored.

@@ -39,14 +39,14 @@ use super::lock::{self, Acquired};
 use super::stash;
 use super::volumes::{Temporaries, cleanup, finished_jobs, progress};
 use crate::csi::client::{
-    create_or_get_pvc, create_or_get_snapshot, delete_pvc, snapshot_class_for_pvc,
+    allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, delete_pvc,
+    snapshot_class_for_pvc,
 };
 use crate::csi::datamover::{self, Attach, DatamoverSpec, Step};
 use crate::csi::metadata::backup_job_with_changed_blocks;
 use crate::csi::{
-    ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, ReadySnapshot, Role, VolumeKey, VolumeMode,
-    VolumeSnapshotContent, changes_volume_mode, pvc_from_snapshot, ready_or_failed,
-    volume_snapshot,
+    ReadySnapshot, Role, VolumeKey, VolumeMode, changes_volume_mode, pvc_from_snapshot,
+    ready_or_failed, volume_snapshot,
 };
 use crate::discovery::{Inventory, LiveSource, MetadataBackup, RestoreOrder, discover};
 use crate::operator::context::{Context, TargetAccess, volume_name};
@@ -449,18 +449,11 @@ impl Run<'_> {
         let client = &self.ctx.client;
         let key = self.key(volume);
         if changes_volume_mode(pvc, VolumeMode::Block) {
-            let contents: Api<VolumeSnapshotContent> = Api::all(client.clone());
-            contents
-                .patch(
-                    &snapshot.content,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": {
-                        ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"}}})),
-                )
+            allow_volume_mode_change(client, &snapshot.content)
                 .await
-                .map_err(Error::kube(format!(
-                    "allow a Block restore of VolumeSnapshotContent {}",
-                    snapshot.content
+                .map_err(Error::csi(format!(
+                    "Block PVC from the snapshot of {}",
+                    volume.pvc
                 )))?;
         }
         let claim = pvc_from_snapshot(

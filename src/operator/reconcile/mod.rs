@@ -5,6 +5,7 @@ mod cbt;
 mod jobs;
 mod lock;
 mod restore;
+mod staging;
 mod stash;
 mod volumes;
 

@@ -3,36 +3,49 @@
 //! | phase       | the call                                                                     |
 //! |-------------|------------------------------------------------------------------------------|
 //! | (none)      | validates (the Backup is Completed, its archive reads), applies the          |
-//! |             | Namespace, recreates the PVCs and starts a restore datamover per volume      |
-//! | `Copying`   | reads the Jobs; a failed one fails the Restore with the Job's message        |
-//! | `Finishing` | applies the other objects in restore order (server-side apply), deletes Jobs |
+//! |             | Namespace, recreates the Block PVCs, makes a Block staging PVC for each      |
+//! |             | Filesystem one, and starts a restore datamover per volume                    |
+//! | `Copying`   | reads the Jobs; a failed one fails the Restore with the Job's message; a     |
+//! |             | filled staging PVC is snapshotted, and its Filesystem PVC made from that     |
+//! | `Finishing` | applies the other objects in restore order (server-side apply), deletes Jobs;|
+//! |             | deletes each staging PVC and snapshot once its PVC is Bound                  |
 //! | final       | nothing                                                                      |
 //!
 //! The volumes are filled before the workloads that use them exist, so no pod sees a
-//! half-restored volume. The datamover writes the raw device, so restored PVCs must be
-//! `volumeMode: Block`; a Filesystem PVC is refused with a clear condition for now (it needs a
-//! Block staging volume and a second snapshot, not built yet).
+//! half-restored volume. The datamover writes the raw device: a `volumeMode: Block` PVC is
+//! recreated and filled in place; a Filesystem PVC is filled through a Block staging PVC and a
+//! snapshot of it, from which the PVC is provisioned (see the `staging` module). No step waits
+//! for a PVC to bind before the workloads are applied, as a `WaitForFirstConsumer` PVC binds
+//! only once a pod uses it; the staging snapshot is kept until then, with the Restore in
+//! `Finishing` and condition `StagingCleanedUp` False.
+//!
+//! A call may run several steps; it writes the status once, at the end. Every step tolerates
+//! having run before (deterministic names, create-or-adopt), so an interrupted call is repeated;
+//! Finishing, which deletes the Jobs that Copying reads, starts only in a call that finds the
+//! status already saying Finishing.
 
 use std::collections::BTreeMap;
 
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 use super::fail;
 use super::jobs::create_job;
-use super::volumes::{Temporaries, cleanup, finished_jobs, progress};
+use super::staging::{
+    awaits_binding, awaits_snapshot, clean_up_once_bound, create_staging, needs_staging, provision,
+};
+use super::volumes::{Temporaries, cleanup, create_claim, finished_jobs, label_restored, progress};
 use crate::csi::VolumeKey;
 use crate::csi::datamover::{Attach, DatamoverSpec, restore_job};
-use crate::csi::naming::{LABEL_RUN, label_value};
 use crate::discovery::restore::{ApplyOptions, ExistingPolicy, apply};
 use crate::discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
 use crate::operator::context::{Context, TargetAccess, volume_name};
 use crate::operator::crd::{
-    Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus, VolumeStatus,
+    Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus, Staging, VolumeStatus,
 };
 use crate::operator::error::{Error, Result};
 use crate::operator::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
@@ -129,39 +142,164 @@ impl Run<'_> {
             self.prepare(status, &source).await?;
         }
         if status.phase == Some(Phase::Copying) {
-            let namespace = self.source_namespace().await?;
-            let restored = self.restored_namespace(&namespace);
-            finished_jobs(&self.ctx.client, &self.name, &restored, &mut status.volumes).await?;
-            let progress = progress(&status.volumes);
-            let all = progress.volumes_done == progress.volumes_total;
-            set_condition(
-                &mut status.conditions,
-                "VolumesRestored",
-                if all {
-                    ConditionStatus::True
-                } else {
-                    ConditionStatus::False
-                },
-                if all { "Restored" } else { "Copying" },
-                format!(
-                    "{} of {} volumes restored",
-                    progress.volumes_done, progress.volumes_total
-                ),
-                self.restore.metadata.generation,
-            );
-            status.progress = Some(progress);
-            if !all {
-                return Ok(Action::requeue(self.ctx.poll));
-            }
-            status.phase = Some(Phase::Finishing);
+            self.copy(status).await?;
+            // Finishing deletes the Jobs, which Copying reads: it runs in the next call, once
+            // the status says Finishing, so a call interrupted before writing the status never
+            // leaves a Copying run without its Jobs.
+            return Ok(Action::requeue(self.ctx.poll));
         }
         if status.phase == Some(Phase::Finishing) {
-            let Some(source) = self.source(status).await? else {
+            if status.objects_applied.is_none() {
+                let Some(source) = self.source(status).await? else {
+                    return Ok(Action::requeue(self.ctx.poll));
+                };
+                self.apply_objects(status, &source).await?;
+            }
+            if !self.clean_up_staging(status).await? {
                 return Ok(Action::requeue(self.ctx.poll));
-            };
-            self.apply_objects(status, &source).await?;
+            }
+            status.phase = Some(Phase::Completed);
         }
         Ok(Action::await_change())
+    }
+
+    /// Read the datamovers, and make the Filesystem PVCs of the filled staging volumes; once
+    /// every volume is settled, move to Finishing.
+    async fn copy(&self, status: &mut RestoreStatus) -> Result<()> {
+        let restored = self.restored_namespace(&self.source_namespace().await?);
+        finished_jobs(&self.ctx.client, &self.name, &restored, &mut status.volumes).await?;
+        if status.volumes.iter().any(awaits_snapshot) {
+            let Some(source) = self.source(status).await? else {
+                return Ok(());
+            };
+            self.provision_from_staging(status, &source, &restored)
+                .await?;
+        }
+        let progress = progress(&status.volumes);
+        let all = progress.volumes_done == progress.volumes_total;
+        let copying = status.volumes.iter().any(|v| !v.done);
+        let snapshotting = status.volumes.iter().filter(|v| awaits_snapshot(v)).count();
+        let mut message = format!(
+            "{} of {} volumes restored",
+            progress.volumes_done, progress.volumes_total
+        );
+        if snapshotting > 0 {
+            message.push_str(&format!(
+                "; {snapshotting} waiting for the snapshot of their staging volume"
+            ));
+        }
+        set_condition(
+            &mut status.conditions,
+            "VolumesRestored",
+            if all {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            match (all, copying) {
+                (true, _) => "Restored",
+                (false, true) => "Copying",
+                (false, false) => "Snapshotting",
+            },
+            message,
+            self.restore.metadata.generation,
+        );
+        status.progress = Some(progress);
+        if all {
+            status.phase = Some(Phase::Finishing);
+        }
+        Ok(())
+    }
+
+    /// Snapshot the filled staging volumes and make their Filesystem PVCs from the snapshots.
+    async fn provision_from_staging(
+        &self,
+        status: &mut RestoreStatus,
+        source: &Source,
+        restored: &str,
+    ) -> Result<()> {
+        let plan = self.plan(&source.metadata)?;
+        let class = self.restore.spec.snapshot_class_name.as_deref();
+        try_join_all(
+            status
+                .volumes
+                .iter_mut()
+                .filter(|v| awaits_snapshot(v))
+                .map(|volume| {
+                    let claim = plan
+                        .objects
+                        .iter()
+                        .find(|o| is_claim(o, restored, &volume.pvc))
+                        .cloned();
+                    async move {
+                        let claim = claim.ok_or_else(|| Error::InvalidSpec {
+                            what: "spec.backupRef",
+                            reason: format!("the archive has no PVC {restored}/{}", volume.pvc),
+                        })?;
+                        let claim = self.restored_claim(claim)?;
+                        let key = VolumeKey::new(&self.name, restored, &volume.pvc);
+                        provision(&self.ctx.client, &key, volume, claim, class, &self.name).await
+                    }
+                }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Delete the staging objects of the volumes whose PVC is Bound; true once none is left.
+    async fn clean_up_staging(&self, status: &mut RestoreStatus) -> Result<bool> {
+        if !status.volumes.iter().any(|v| v.staging.is_some()) {
+            return Ok(true);
+        }
+        let restored = self.restored_namespace(&self.source_namespace().await?);
+        let waiting: Vec<String> = try_join_all(
+            status
+                .volumes
+                .iter_mut()
+                .filter(|v| awaits_binding(v))
+                .map(|volume| {
+                    let key = VolumeKey::new(&self.name, &restored, &volume.pvc);
+                    async move {
+                        let pvc = volume.pvc.clone();
+                        let phase = clean_up_once_bound(&self.ctx.client, &key, volume).await?;
+                        Ok::<_, Error>(phase.map(|phase| format!("{pvc} is {phase}")))
+                    }
+                }),
+        )
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+        let staged = status
+            .volumes
+            .iter()
+            .filter(|v| v.staging.is_some())
+            .count();
+        let generation = self.restore.metadata.generation;
+        if waiting.is_empty() {
+            set_condition(
+                &mut status.conditions,
+                "StagingCleanedUp",
+                ConditionStatus::True,
+                "CleanedUp",
+                format!("the staging PVCs and snapshots of {staged} Filesystem volumes deleted"),
+                generation,
+            );
+            return Ok(true);
+        }
+        set_condition(
+            &mut status.conditions,
+            "StagingCleanedUp",
+            ConditionStatus::False,
+            "WaitingForBinding",
+            format!(
+                "{}; each staging snapshot is kept until its PVC is Bound (with a \
+                 WaitForFirstConsumer StorageClass, once a pod using the PVC is scheduled)",
+                waiting.join(", ")
+            ),
+            generation,
+        );
+        Ok(false)
     }
 
     /// The namespace of the Backup being restored (the Backup's own).
@@ -275,15 +413,6 @@ impl Run<'_> {
                     what: "spec.backupRef",
                     reason: format!("the Backup has no volume backup of {name}"),
                 })?;
-            if volume.volume_mode != "Block" {
-                return Err(Error::InvalidSpec {
-                    what: "volume",
-                    reason: format!(
-                        "PVC {}/{} is {}; restoring non-Block volumes is not supported yet",
-                        volume.namespace, volume.pvc, volume.volume_mode
-                    ),
-                });
-            }
             let claim = plan
                 .objects
                 .iter()
@@ -298,6 +427,7 @@ impl Run<'_> {
                 volume: name,
                 size_bytes: volume.size.as_deref().and_then(quantity_bytes),
                 backup_id: Some((*backup_id).to_owned()),
+                staging: needs_staging(&volume.volume_mode).then_some(Staging::Filling),
                 ..Default::default()
             });
         }
@@ -350,7 +480,19 @@ impl Run<'_> {
         }
     }
 
-    /// Create the PVC (labelled with this run) and its restore datamover.
+    /// The archived (mapped) claim `claim`, labelled with this run.
+    fn restored_claim(&self, claim: Value) -> Result<PersistentVolumeClaim> {
+        let mut pvc: PersistentVolumeClaim =
+            serde_json::from_value(claim).map_err(|e| Error::InvalidSpec {
+                what: "archived PVC",
+                reason: e.to_string(),
+            })?;
+        label_restored(&mut pvc, &self.name);
+        Ok(pvc)
+    }
+
+    /// Create the PVC (labelled with this run), or for a Filesystem one its Block staging PVC,
+    /// and the restore datamover that fills it.
     async fn restore_volume(
         &self,
         claim: Value,
@@ -359,50 +501,18 @@ impl Run<'_> {
         target: &TargetAccess,
     ) -> Result<()> {
         let client = &self.ctx.client;
-        let mut pvc: PersistentVolumeClaim =
-            serde_json::from_value(claim).map_err(|e| Error::InvalidSpec {
-                what: "archived PVC",
-                reason: e.to_string(),
-            })?;
-        pvc.metadata
-            .labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(LABEL_RUN.to_owned(), label_value(&self.name));
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-        match api.create(&PostParams::default(), &pvc).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                let existing = api
-                    .get(&volume.pvc)
-                    .await
-                    .map_err(Error::kube(format!("get PVC {namespace}/{}", volume.pvc)))?;
-                let run = existing
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_RUN));
-                if run != Some(&label_value(&self.name)) {
-                    return Err(Error::InvalidSpec {
-                        what: "volume",
-                        reason: format!(
-                            "PVC {namespace}/{} already exists; delete it or restore into another namespace",
-                            volume.pvc
-                        ),
-                    });
-                }
-            }
-            Err(source) => {
-                return Err(Error::Kube {
-                    operation: format!("create PVC {namespace}/{}", volume.pvc),
-                    source,
-                });
-            }
-        }
+        let pvc = self.restored_claim(claim)?;
         let key = VolumeKey::new(&self.name, namespace, &volume.pvc);
+        let filled = if volume.staging.is_some() {
+            create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?
+        } else {
+            create_claim(client, &pvc, &self.name).await?;
+            volume.pvc.clone()
+        };
         let mut spec = DatamoverSpec::new(
             key,
             &self.ctx.image,
-            &volume.pvc,
+            filled,
             Attach::Block,
             &target.url,
             &volume.volume,
@@ -415,7 +525,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Apply everything but the restored PVCs, then delete the Jobs.
+    /// Apply everything but the restored PVCs, then delete the Jobs; the counts in the status
+    /// record that it was done.
     async fn apply_objects(&self, status: &mut RestoreStatus, source: &Source) -> Result<()> {
         let restored = self.restored_namespace(&source.namespace);
         let mut plan = self.plan(&source.metadata)?;
@@ -450,7 +561,6 @@ impl Run<'_> {
             ),
             self.restore.metadata.generation,
         );
-        status.phase = Some(Phase::Completed);
         Ok(())
     }
 }

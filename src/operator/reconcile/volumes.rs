@@ -1,13 +1,18 @@
 //! Steps on the volumes of a run that backup and restore share: datamover Job outcomes, progress,
-//! cleanup of the temporary objects.
+//! cleanup of the temporary objects, and the creation of restored claims.
+
+use std::collections::BTreeMap;
 
 use futures::future::try_join_all;
-use kube::Client;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::PostParams;
+use kube::{Api, Client};
 
 use super::jobs::{JobOutcome, delete_job, read_job};
 use crate::csi::client::{delete_pvc, delete_snapshot};
+use crate::csi::naming::{LABEL_RUN, label_value};
 use crate::csi::{Role, VolumeKey};
-use crate::operator::crd::VolumeStatus;
+use crate::operator::crd::{Staging, VolumeStatus};
 use crate::operator::error::{Error, Result};
 use crate::operator::status::Progress;
 
@@ -58,14 +63,84 @@ pub async fn finished_jobs(
     Ok(finished)
 }
 
-/// Progress of `volumes`.
+/// Whether `volume`'s data is in place: its datamover finished and, for a volume restored
+/// through a staging volume, its claim was made from the staging snapshot.
+pub fn settled(volume: &VolumeStatus) -> bool {
+    volume.done
+        && !matches!(
+            volume.staging,
+            Some(Staging::Filling | Staging::Snapshotting)
+        )
+}
+
+/// Progress of `volumes`: the settled ones are done.
 pub fn progress(volumes: &[VolumeStatus]) -> Progress {
     let size = |v: &&VolumeStatus| v.size_bytes.unwrap_or(0);
     Progress {
-        volumes_done: u32::try_from(volumes.iter().filter(|v| v.done).count()).unwrap_or(u32::MAX),
+        volumes_done: u32::try_from(volumes.iter().filter(|v| settled(v)).count())
+            .unwrap_or(u32::MAX),
         volumes_total: u32::try_from(volumes.len()).unwrap_or(u32::MAX),
-        bytes_done: volumes.iter().filter(|v| v.done).map(|v| size(&v)).sum(),
+        bytes_done: volumes
+            .iter()
+            .filter(|v| settled(v))
+            .map(|v| size(&v))
+            .sum(),
         bytes_total: volumes.iter().map(|v| size(&v)).sum(),
+    }
+}
+
+/// Label `claim` as restored by run `run`, so a re-run recognises it.
+pub fn label_restored(claim: &mut PersistentVolumeClaim, run: &str) {
+    claim
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_RUN.to_owned(), label_value(run));
+}
+
+/// Whether `claim` was restored by run `run` (its `strata.io/run` label).
+pub fn restored_by(claim: &PersistentVolumeClaim, run: &str) -> bool {
+    claim
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_RUN))
+        == Some(&label_value(run))
+}
+
+/// The error for restored claim `namespace/name` found taken by something else.
+pub fn claim_taken(namespace: &str, name: &str) -> Error {
+    Error::InvalidSpec {
+        what: "volume",
+        reason: format!(
+            "PVC {namespace}/{name} already exists; delete it or restore into another namespace"
+        ),
+    }
+}
+
+/// Create restored claim `claim` (labelled by [`label_restored`]), or find the one an earlier
+/// reconcile of run `run` created; a claim of that name from anything else is refused.
+pub async fn create_claim(client: &Client, claim: &PersistentVolumeClaim, run: &str) -> Result<()> {
+    let namespace = claim.metadata.namespace.clone().unwrap_or_default();
+    let name = claim.metadata.name.clone().unwrap_or_default();
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    match api.create(&PostParams::default(), claim).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api
+                .get(&name)
+                .await
+                .map_err(Error::kube(format!("get PVC {namespace}/{name}")))?;
+            if restored_by(&existing, run) {
+                Ok(())
+            } else {
+                Err(claim_taken(&namespace, &name))
+            }
+        }
+        Err(source) => Err(Error::Kube {
+            operation: format!("create PVC {namespace}/{name}"),
+            source,
+        }),
     }
 }
 
