@@ -3,9 +3,9 @@
 //! reply whole, under the writer's lock).
 //!
 //! The thread that reads a request serves it (leader and followers): a request is never
-//! handed to another thread, so a client waiting on one answer at a time (qemu asks for
-//! block status that way while it copies) pays no thread wake-up per request, and a
-//! client with several requests in flight has them served in parallel.
+//! handed to another thread, so a client waiting on one answer at a time (`qemu-img
+//! convert` asks for block status that way before it copies) pays no thread wake-up per
+//! request, and a client with several requests in flight has them served in parallel.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
