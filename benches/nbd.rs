@@ -1,12 +1,14 @@
 //! `qemu-img convert -O raw nbd://...` of a 12-deep chain, served by strata's NBD server
-//! beside `qemu-nbd` serving the same chain, in the same run.
+//! beside `qemu-nbd` serving the same chain, in the same run, the copies interleaved; the
+//! medians of the pairs and of their ratio are printed after the group.
 
+use std::cell::RefCell;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use strata::nbd::Server;
 use strata::qcow2::Image;
 
@@ -118,21 +120,63 @@ pub fn convert_12_deep(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Bytes(data));
     let out = dir.path().join("out.raw");
-    // A new output file each run, so no run waits for the previous one's writeback.
-    let remove_output = || {
+    let copy = |url: &str| {
+        // A new output file each copy, so no copy waits for the previous one's writeback.
         let _ = std::fs::remove_file(&out);
-    };
-    for (name, url) in [("strata serve", &strata_url), ("qemu-nbd", &qemu_url)] {
-        let args: Vec<String> = ["convert", "-f", "raw", "-O", "raw", url.as_str(), "out.raw"]
+        let args: Vec<String> = ["convert", "-f", "raw", "-O", "raw", url, "out.raw"]
             .map(String::from)
             .into();
+        let start = Instant::now();
+        tool(dir.path(), "qemu-img", &args);
+        start.elapsed()
+    };
+    // Every copy from one server is paired with a copy from the other right before or after
+    // it, so both see the same machine load; each benchmark times its own server's copies.
+    let pairs: RefCell<Vec<(Duration, Duration)>> = RefCell::default();
+    for (name, strata_first) in [("strata serve", true), ("qemu-nbd", false)] {
         group.bench_function(name, |b| {
-            b.iter_batched(
-                remove_output,
-                |()| tool(dir.path(), "qemu-img", &args),
-                BatchSize::PerIteration,
-            );
+            b.iter_custom(|iters| {
+                let mut own = Duration::ZERO;
+                for _ in 0..iters {
+                    let (strata, qemu) = if strata_first {
+                        let strata = copy(&strata_url);
+                        (strata, copy(&qemu_url))
+                    } else {
+                        let qemu = copy(&qemu_url);
+                        (copy(&strata_url), qemu)
+                    };
+                    pairs.borrow_mut().push((strata, qemu));
+                    own += if strata_first { strata } else { qemu };
+                }
+                own
+            });
         });
     }
     group.finish();
+    report_pairs(&pairs.into_inner());
+}
+
+/// Prints the medians of the paired copies and of their ratios, with the machine's load.
+fn report_pairs(pairs: &[(Duration, Duration)]) {
+    if pairs.is_empty() {
+        return;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let strata = median(pairs.iter().map(|p| ms(p.0)).collect());
+    let qemu = median(pairs.iter().map(|p| ms(p.1)).collect());
+    let ratio = median(pairs.iter().map(|p| ms(p.0) / ms(p.1)).collect());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "nbd_convert_12_deep: {} interleaved pairs, median copy strata serve {strata:.0} ms, \
+         qemu-nbd {qemu:.0} ms, median strata/qemu-nbd ratio {ratio:.3} (load average {})",
+        pairs.len(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }

@@ -69,7 +69,8 @@
 //! follows such a request. A wrong magic, unknown client flags, an option over 16 KiB, more than
 //! 256 options, an oversized write (whose payload cannot be skipped safely) or a stalled
 //! handshake (30 s per step) ends that connection only; memory per connection stays bounded by
-//! five requests of the maximum block size (four being served, one waiting). At most 64 clients are served at once by default.
+//! four requests of the maximum block size (one per serving thread). At most 64 clients are
+//! served at once by default.
 //!
 //! # Design
 //!
@@ -77,10 +78,13 @@
 //!   and no block status: qemu connects to it only under its fixed export name and sees no
 //!   holes, so copies are not sparse. The subset needed here is small and fully specified, so it
 //!   is written here against the protocol document.
-//! - **Threads, not async.** With `std::net`, each connection has a thread reading requests in
-//!   order and four workers answering them (reads are positional through `&Image`), replies
-//!   going out whole, in completion order, as the protocol allows. Clients such as qemu keep
-//!   several requests in flight, so storage latency (object storage above all) overlaps; the
+//! - **Threads, not async.** With `std::net`, each connection has four threads that take turns
+//!   reading the next request; each answers the request it read (reads are positional through
+//!   `&Image`), and replies go out whole, in completion order, as the protocol allows. Clients
+//!   such as qemu keep several requests in flight, so storage latency (object storage above
+//!   all) overlaps; a request is never handed from thread to thread, so a client that waits
+//!   for each answer (qemu's block-status pass before a copy) pays no wake-up per request. A
+//!   reply's headers and data leave in one vectored write, straight from the read buffer. The
 //!   crate pulls in neither tokio nor an executor.
 //! - **Read-only by default.** A backup point must never change; `NBD_FLAG_READ_ONLY` and
 //!   `NBD_FLAG_CAN_MULTI_CONN` are advertised, so clients may open several connections.
@@ -110,6 +114,7 @@ mod export;
 mod handshake;
 mod overlay;
 pub mod proto;
+mod reply;
 mod server;
 mod transmission;
 

@@ -155,10 +155,13 @@ impl Server {
                 .try_clone()
                 .map_err(Error::io("configuring the socket"))?,
         );
-        let mut writer = BufWriter::with_capacity(256 * 1024, &stream);
+        let mut writer = BufWriter::new(&stream);
         let Some(session) = handshake::handshake(&mut reader, &mut writer, &inner.info)? else {
             return Ok(());
         };
+        // The handshake flushed its replies; transmission replies go out whole with
+        // vectored writes, so they need no buffer.
+        drop(writer);
         stream
             .set_read_timeout(None)
             .map_err(Error::io("configuring the socket"))?;
@@ -167,7 +170,7 @@ impl Server {
             session,
             max_request: inner.info.max_request,
         }
-        .run(&mut reader, &mut writer)
+        .run(reader, &stream)
     }
 }
 

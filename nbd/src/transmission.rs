@@ -1,16 +1,21 @@
-//! The transmission phase (proto.md "Transmission"): one thread reads requests in order,
-//! a few workers answer them, and replies may go out of order (each reply whole, under the
-//! writer's lock).
+//! The transmission phase (proto.md "Transmission"): a few threads take turns reading the
+//! next request, and each answers the request it read, so replies may go out of order (each
+//! reply whole, under the writer's lock).
+//!
+//! The thread that reads a request serves it (leader and followers): a request is never
+//! handed to another thread, so a client waiting on one answer at a time (`qemu-img
+//! convert` asks for block status that way before it copies) pays no thread wake-up per
+//! request, and a client with several requests in flight has them served in parallel.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::export::{Export, Payload};
 use crate::handshake::{BASE_ALLOCATION_ID, Negotiated};
 use crate::proto::{self, Request, chunk, cmd, cmd_flag, errno};
+use crate::reply::Reply;
 
 /// Most block-status descriptors in one reply (proto.md lets a server send fewer than the
 /// whole range needs); bounds the reply's memory.
@@ -19,8 +24,8 @@ const MAX_DESCRIPTORS: usize = 4096;
 const PAST_END: &str = "range past the end of the export";
 /// Requests of one connection served at once. Clients such as qemu keep several requests in
 /// flight; serving them in parallel overlaps storage latency (object storage above all)
-/// and the copies. Memory per connection stays bounded by `WORKERS + 1` requests.
-const WORKERS: usize = 4;
+/// and the copies. Memory per connection stays bounded by `SERVERS` requests.
+const SERVERS: usize = 4;
 
 /// One connection's transmission state.
 pub(crate) struct Transmission<'a> {
@@ -29,63 +34,28 @@ pub(crate) struct Transmission<'a> {
     pub max_request: u32,
 }
 
-/// A request handed to a worker, with its write payload if any.
-struct Job {
-    request: Request,
-    payload: Vec<u8>,
-}
-
-/// The connection's writer as a worker sees it: locked at the first byte of a reply and
-/// released when the reply is complete, so the work before it runs unlocked.
-struct ReplyWriter<'a, 'w, W> {
-    out: &'a Mutex<&'w mut W>,
-    guard: Option<MutexGuard<'a, &'w mut W>>,
-}
-
-impl<W: Write> ReplyWriter<'_, '_, W> {
-    fn writer(&mut self) -> &mut W {
-        let out = self.out;
-        self.guard
-            .get_or_insert_with(|| out.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-}
-
-impl<W: Write> Write for ReplyWriter<'_, '_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writer().write(buf)
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.writer().write_all(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self.guard.as_mut() {
-            Some(w) => w.flush(),
-            None => Ok(()),
-        }
-    }
+/// What the client sent next.
+enum Next {
+    /// A request, its write payload (if any) in the thread's buffer.
+    Request(Request),
+    /// `NBD_CMD_DISC`, or the client hung up between requests.
+    End,
 }
 
 impl Transmission<'_> {
     /// Serves requests until the client disconnects (`Ok`) or breaks the protocol (`Err`).
     /// A writable export's overlay is flushed when the connection ends.
-    pub fn run<W: Write + Send>(&self, reader: &mut impl Read, writer: &mut W) -> Result<()> {
-        let out = Mutex::new(writer);
-        let failed = AtomicBool::new(false);
-        // A rendezvous channel: the reader waits for a free worker, so at most one request
-        // beyond those being served is held.
-        let (jobs, queue) = sync_channel::<Job>(0);
-        let queue = Mutex::new(queue);
+    pub fn run<R: Read + Send, W: Write + Send>(&self, reader: R, writer: W) -> Result<()> {
+        let input = Mutex::new(reader);
+        let output = Mutex::new(writer);
+        let ended = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
-            let jobs = jobs;
-            let workers: Vec<_> = (0..WORKERS)
-                .map(|_| scope.spawn(|| self.work(&queue, &out, &failed)))
+            let helpers: Vec<_> = (1..SERVERS)
+                .map(|_| scope.spawn(|| self.serve(&input, &output, &ended)))
                 .collect();
-            let mut result = self.receive(reader, &jobs, &failed);
-            drop(jobs);
-            for worker in workers {
-                let served = worker
+            let mut result = self.serve(&input, &output, &ended);
+            for helper in helpers {
+                let served = helper
                     .join()
                     .unwrap_or_else(|_| Err(Error::protocol("a request handler panicked")));
                 if result.is_ok() {
@@ -99,107 +69,111 @@ impl Transmission<'_> {
         flushed.map_err(|what| Error::Overlay { what })
     }
 
-    /// Reads requests (and write payloads) in order and hands them to the workers.
-    fn receive(
+    /// One serving thread: takes the next request, answers it, and again, until the
+    /// connection ends. Replies of requests that are being served when it ends still go out
+    /// (proto.md "Terminating the transmission phase").
+    fn serve<R: Read, W: Write>(
         &self,
-        reader: &mut impl Read,
-        jobs: &SyncSender<Job>,
-        failed: &AtomicBool,
+        input: &Mutex<R>,
+        output: &Mutex<W>,
+        ended: &AtomicBool,
     ) -> Result<()> {
+        // One buffer per thread for read data and write payloads: it only grows (up to the
+        // maximum block size), and every use overwrites the bytes it needs, so it is neither
+        // reallocated nor zeroed per request.
+        let mut buffer = Vec::new();
         loop {
-            let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
-                Ok(head) => head,
-                // A client that hangs up between requests has just left.
-                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
+            let request = {
+                let mut reader = input.lock().unwrap_or_else(PoisonError::into_inner);
+                if ended.load(Ordering::SeqCst) {
                     return Ok(());
                 }
-                Err(err) => return Err(err),
-            };
-            let request = Request::parse(&head)?;
-            if request.kind == cmd::DISC {
-                return Ok(());
-            }
-            let mut payload = Vec::new();
-            if request.kind == cmd::WRITE {
-                // The payload follows and must be consumed to stay in step; one larger than
-                // the maximum block size cannot be skipped safely.
-                if request.length > self.max_request {
-                    return Err(Error::protocol(format!(
-                        "write of {} bytes",
-                        request.length
-                    )));
+                // The end is marked before the reader is released, so no other thread
+                // waits for a request that cannot come.
+                match self.receive(&mut *reader, &mut buffer) {
+                    Ok(Next::Request(request)) => request,
+                    Ok(Next::End) => {
+                        ended.store(true, Ordering::SeqCst);
+                        return Ok(());
+                    }
+                    Err(err) => {
+                        ended.store(true, Ordering::SeqCst);
+                        return Err(err);
+                    }
                 }
-                payload.resize(request.length as usize, 0);
-                reader
-                    .read_exact(&mut payload)
-                    .map_err(Error::io("reading a write payload"))?;
-            }
-            // A worker that could not send a reply has failed the connection.
-            if jobs.send(Job { request, payload }).is_err() || failed.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-        }
-    }
-
-    /// A worker: answers requests until the reader stops; after a failed reply it only
-    /// drains the queue, so the reader is never left waiting.
-    fn work<W: Write>(
-        &self,
-        queue: &Mutex<Receiver<Job>>,
-        out: &Mutex<&mut W>,
-        failed: &AtomicBool,
-    ) -> Result<()> {
-        // A read buffer per worker: it only grows (up to the maximum block size), and every
-        // read overwrites the bytes it sends, so it is neither reallocated nor zeroed per
-        // request.
-        let mut buffer = Vec::new();
-        let mut result = Ok(());
-        loop {
-            let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
-            let Ok(job) = job else {
-                return result;
             };
-            if result.is_err() {
-                continue;
-            }
-            let mut writer = ReplyWriter { out, guard: None };
-            result = self
-                .handle(&mut writer, &job, &mut buffer)
-                .and_then(|()| writer.flush().map_err(Error::io("sending a reply")));
-            if result.is_err() {
-                failed.store(true, Ordering::SeqCst);
+            if let Err(err) = self.handle(output, &request, &mut buffer) {
+                ended.store(true, Ordering::SeqCst);
+                return Err(err);
             }
         }
     }
 
-    fn handle(&self, writer: &mut impl Write, job: &Job, buffer: &mut Vec<u8>) -> Result<()> {
-        let request = &job.request;
-        match request.kind {
-            cmd::READ => self.read(writer, request, buffer),
-            cmd::BLOCK_STATUS => self.block_status(writer, request),
-            cmd::FLUSH => match self.export.flush() {
-                Ok(()) => self.reply_error(writer, request, 0, ""),
-                Err(why) => self.reply_error(writer, request, errno::EIO, &why),
-            },
-            cmd::WRITE => self.write(writer, request, Payload::Bytes(&job.payload)),
-            cmd::WRITE_ZEROES => self.write(writer, request, Payload::Zeroes),
-            cmd::TRIM => self.write(writer, request, Payload::Trim),
-            cmd::RESIZE => self.reply_error(writer, request, errno::EPERM, "the size is fixed"),
-            _ => self.reply_error(writer, request, errno::EINVAL, "unknown command"),
+    /// Reads the next request, and a write's payload into `buffer`.
+    fn receive(&self, reader: &mut impl Read, buffer: &mut Vec<u8>) -> Result<Next> {
+        let head: [u8; Request::LEN] = match proto::read_array(reader, "reading a request") {
+            Ok(head) => head,
+            // A client that hangs up between requests has just left.
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Next::End);
+            }
+            Err(err) => return Err(err),
+        };
+        let request = Request::parse(&head)?;
+        if request.kind == cmd::DISC {
+            return Ok(Next::End);
         }
+        if request.kind == cmd::WRITE {
+            // The payload follows and must be consumed to stay in step; one larger than
+            // the maximum block size cannot be skipped safely.
+            if request.length > self.max_request {
+                return Err(Error::protocol(format!(
+                    "write of {} bytes",
+                    request.length
+                )));
+            }
+            let payload = sized(buffer, request.length as usize);
+            reader
+                .read_exact(payload)
+                .map_err(Error::io("reading a write payload"))?;
+        }
+        Ok(Next::Request(request))
+    }
+
+    fn handle<W: Write>(
+        &self,
+        output: &Mutex<W>,
+        request: &Request,
+        buffer: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut reply = Reply::default();
+        match request.kind {
+            cmd::READ => self.read(&mut reply, request, buffer)?,
+            cmd::BLOCK_STATUS => self.block_status(&mut reply, request)?,
+            cmd::FLUSH => match self.export.flush() {
+                Ok(()) => self.reply_error(&mut reply, request, 0, "")?,
+                Err(why) => self.reply_error(&mut reply, request, errno::EIO, &why)?,
+            },
+            cmd::WRITE => {
+                let payload = buffer.get(..request.length as usize).unwrap_or_default();
+                self.write(&mut reply, request, Payload::Bytes(payload))?;
+            }
+            cmd::WRITE_ZEROES => self.write(&mut reply, request, Payload::Zeroes)?,
+            cmd::TRIM => self.write(&mut reply, request, Payload::Trim)?,
+            cmd::RESIZE => {
+                self.reply_error(&mut reply, request, errno::EPERM, "the size is fixed")?
+            }
+            _ => self.reply_error(&mut reply, request, errno::EINVAL, "unknown command")?,
+        }
+        reply.send(output)
     }
 
     /// `NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_TRIM`: `EPERM` on a read-only
     /// export, `ENOSPC` for a write past the end and `EINVAL` for a trim past it (proto.md
     /// "Error values").
-    fn write(
-        &self,
-        writer: &mut impl Write,
-        request: &Request,
-        payload: Payload<'_>,
-    ) -> Result<()> {
+    fn write(&self, reply: &mut Reply<'_>, request: &Request, payload: Payload<'_>) -> Result<()> {
         if !self.export.writable() {
-            return self.reply_error(writer, request, errno::EPERM, "read-only export");
+            return self.reply_error(reply, request, errno::EPERM, "read-only export");
         }
         if let Some(why) = self.check_range(request, u32::MAX) {
             let past_end = why == PAST_END && !matches!(payload, Payload::Trim);
@@ -208,15 +182,15 @@ impl Transmission<'_> {
             } else {
                 errno::EINVAL
             };
-            return self.reply_error(writer, request, error, why);
+            return self.reply_error(reply, request, error, why);
         }
         let fua = request.flags & cmd_flag::FUA != 0;
         match self
             .export
             .write(request.offset, u64::from(request.length), payload, fua)
         {
-            Ok(()) => self.reply_error(writer, request, 0, ""),
-            Err(why) => self.reply_error(writer, request, errno::EIO, &why),
+            Ok(()) => self.reply_error(reply, request, 0, ""),
+            Err(why) => self.reply_error(reply, request, errno::EIO, &why),
         }
     }
 
@@ -238,58 +212,59 @@ impl Transmission<'_> {
         }
     }
 
-    fn read(&self, writer: &mut impl Write, request: &Request, buffer: &mut Vec<u8>) -> Result<()> {
+    fn read<'d>(
+        &self,
+        reply: &mut Reply<'d>,
+        request: &Request,
+        buffer: &'d mut Vec<u8>,
+    ) -> Result<()> {
         if let Some(why) = self.check_range(request, self.max_request) {
-            return self.reply_error(writer, request, errno::EINVAL, why);
+            return self.reply_error(reply, request, errno::EINVAL, why);
         }
-        let len = request.length as usize;
-        if buffer.len() < len {
-            buffer.resize(len, 0);
-        }
-        let data = buffer.get_mut(..len).unwrap_or_default();
+        let data = sized(buffer, request.length as usize);
         let runs = match self.export.read(request.offset, data) {
             Ok(runs) => runs,
-            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+            Err(why) => return self.reply_error(reply, request, errno::EIO, &why),
         };
+        let data: &'d [u8] = data;
         if !self.session.structured {
-            proto::write_simple_reply(writer, 0, request.cookie)?;
-            return writer
-                .write_all(data)
-                .map_err(Error::io("sending read data"));
+            proto::write_simple_reply(reply, 0, request.cookie)?;
+            reply.data(data);
+            return Ok(());
         }
         if request.flags & cmd_flag::DF != 0 {
-            return send_data(writer, request.cookie, request.offset, data, true);
+            return data_chunk(reply, request.cookie, request.offset, data, true);
         }
         // Zero runs go out as holes, data runs as data.
         let last = runs.len().saturating_sub(1);
         for (i, run) in runs.into_iter().enumerate() {
             let (start, len) = (run.start, run.len);
             let done = i == last;
-            let flags = if done { chunk::FLAG_DONE } else { 0 };
             if run.zero {
-                proto::write_chunk_header(writer, flags, chunk::OFFSET_HOLE, request.cookie, 12)?;
+                let flags = if done { chunk::FLAG_DONE } else { 0 };
+                proto::write_chunk_header(reply, flags, chunk::OFFSET_HOLE, request.cookie, 12)?;
                 let mut payload = [0u8; 12];
                 payload[..8].copy_from_slice(&start.to_be_bytes());
                 // Within one request, so it fits the 32-bit length.
                 payload[8..].copy_from_slice(&(len as u32).to_be_bytes());
-                writer
+                reply
                     .write_all(&payload)
                     .map_err(Error::io("sending a hole"))?;
             } else {
                 let from = (start - request.offset) as usize;
                 let part = data.get(from..from + len as usize).unwrap_or_default();
-                send_data(writer, request.cookie, start, part, done)?;
+                data_chunk(reply, request.cookie, start, part, done)?;
             }
         }
         Ok(())
     }
 
-    fn block_status(&self, writer: &mut impl Write, request: &Request) -> Result<()> {
+    fn block_status(&self, reply: &mut Reply<'_>, request: &Request) -> Result<()> {
         if !self.session.structured || !self.session.base_allocation {
-            return self.reply_error(writer, request, errno::EINVAL, "no metadata context");
+            return self.reply_error(reply, request, errno::EINVAL, "no metadata context");
         }
         if let Some(why) = self.check_range(request, u32::MAX) {
-            return self.reply_error(writer, request, errno::EINVAL, why);
+            return self.reply_error(reply, request, errno::EINVAL, why);
         }
         let one = request.flags & cmd_flag::REQ_ONE != 0;
         let limit = if one { 1 } else { MAX_DESCRIPTORS };
@@ -298,11 +273,11 @@ impl Transmission<'_> {
             .status(request.offset, u64::from(request.length), limit)
         {
             Ok(descriptors) => descriptors,
-            Err(why) => return self.reply_error(writer, request, errno::EIO, &why),
+            Err(why) => return self.reply_error(reply, request, errno::EIO, &why),
         };
         let payload_len = 4 + 8 * descriptors.len();
         proto::write_chunk_header(
-            writer,
+            reply,
             chunk::FLAG_DONE,
             chunk::BLOCK_STATUS,
             request.cookie,
@@ -314,7 +289,7 @@ impl Transmission<'_> {
             payload.extend_from_slice(&len.to_be_bytes());
             payload.extend_from_slice(&flags.to_be_bytes());
         }
-        writer
+        reply
             .write_all(&payload)
             .map_err(Error::io("sending block status"))
     }
@@ -323,7 +298,7 @@ impl Transmission<'_> {
     /// replies for reads an error chunk carrying `message` (proto.md "Simple reply message").
     fn reply_error(
         &self,
-        writer: &mut impl Write,
+        reply: &mut Reply<'_>,
         request: &Request,
         error: u32,
         message: &str,
@@ -332,7 +307,7 @@ impl Transmission<'_> {
             && error != 0
             && matches!(request.kind, cmd::READ | cmd::BLOCK_STATUS);
         if !structured_needed {
-            return proto::write_simple_reply(writer, error, request.cookie);
+            return proto::write_simple_reply(reply, error, request.cookie);
         }
         let message = message.get(..message.len().min(1024)).unwrap_or_default();
         let mut payload = Vec::with_capacity(6 + message.len());
@@ -340,38 +315,46 @@ impl Transmission<'_> {
         payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
         payload.extend_from_slice(message.as_bytes());
         proto::write_chunk_header(
-            writer,
+            reply,
             chunk::FLAG_DONE,
             chunk::ERROR,
             request.cookie,
             payload.len() as u32,
         )?;
-        writer
+        reply
             .write_all(&payload)
             .map_err(Error::io("sending an error"))
     }
 }
 
-fn send_data(
-    writer: &mut impl Write,
+/// The first `len` bytes of `buffer`, grown to hold them if needed.
+fn sized(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    buffer.get_mut(..len).unwrap_or_default()
+}
+
+/// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk of `data` read at `offset`.
+fn data_chunk<'d>(
+    reply: &mut Reply<'d>,
     cookie: u64,
     offset: u64,
-    data: &[u8],
+    data: &'d [u8],
     done: bool,
 ) -> Result<()> {
     let flags = if done { chunk::FLAG_DONE } else { 0 };
     // Reads are capped well below 4 GiB, so the length fits.
     proto::write_chunk_header(
-        writer,
+        reply,
         flags,
         chunk::OFFSET_DATA,
         cookie,
         8 + data.len() as u32,
     )?;
-    writer
+    reply
         .write_all(&offset.to_be_bytes())
         .map_err(Error::io("sending read data"))?;
-    writer
-        .write_all(data)
-        .map_err(Error::io("sending read data"))
+    reply.data(data);
+    Ok(())
 }
