@@ -27,17 +27,15 @@
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource};
-use serde_json::json;
 
 use super::cbt::{self, Plan};
-use super::fail;
 use super::jobs::{Created, create_job};
 use super::lock::{self, Acquired};
 use super::stash;
 use super::volumes::{Temporaries, cleanup, finished_jobs, progress};
+use super::{fail, namespace_and_name, patch_status};
 use crate::csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, delete_pvc,
     snapshot_class_for_pvc,
@@ -72,21 +70,12 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     if status.phase.is_some_and(Phase::is_final) {
         return Ok(Action::await_change());
     }
+    let (namespace, name) = namespace_and_name(backup, "Backup")?;
     let run = Run {
         backup,
         ctx,
-        namespace: backup
-            .metadata
-            .namespace
-            .clone()
-            .ok_or(Error::MissingMetadata {
-                kind: "Backup",
-                field: "metadata.namespace",
-            })?,
-        name: backup.metadata.name.clone().ok_or(Error::MissingMetadata {
-            kind: "Backup",
-            field: "metadata.name",
-        })?,
+        namespace,
+        name,
     };
     let before = status.clone();
     let generation = backup.metadata.generation;
@@ -105,17 +94,7 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     };
     status.observed_generation = generation;
     if status != before {
-        let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &run.namespace);
-        api.patch_status(
-            &run.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .map_err(Error::kube(format!(
-            "update status of Backup {}/{}",
-            run.namespace, run.name
-        )))?;
+        patch_status::<Backup>(&ctx.client, &run.namespace, &run.name, &status).await?;
     }
     Ok(action)
 }
@@ -136,6 +115,19 @@ impl Run<'_> {
                 kind: "Backup",
                 field: "metadata.uid",
             })
+    }
+
+    /// The application and backup id this run commits in the target.
+    fn app_backup(&self, status: &BackupStatus) -> Result<(AppName, AppBackupId)> {
+        let app = AppName::new(
+            status
+                .application_name
+                .clone()
+                .unwrap_or_else(|| self.namespace.clone()),
+        )
+        .map_err(Error::target("application name"))?;
+        let id = AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        Ok((app, id))
     }
 
     async fn target(&self) -> Result<TargetAccess> {
@@ -580,14 +572,7 @@ impl Run<'_> {
     /// backup ids go into `status` and the run moves on to `Finishing`, whose steps all
     /// tolerate having run.
     async fn committed_before(&self, status: &mut BackupStatus) -> Result<bool> {
-        let app = AppName::new(
-            status
-                .application_name
-                .clone()
-                .unwrap_or_else(|| self.namespace.clone()),
-        )
-        .map_err(Error::target("application name"))?;
-        let id = AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        let (app, id) = self.app_backup(status)?;
         let committed = self
             .target()
             .await?
@@ -628,14 +613,7 @@ impl Run<'_> {
             Err(Error::NotFound { .. }) => None,
             Err(err) => return Err(err),
         };
-        let app = AppName::new(
-            status
-                .application_name
-                .clone()
-                .unwrap_or_else(|| self.namespace.clone()),
-        )
-        .map_err(Error::target("application name"))?;
-        let id = AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        let (app, id) = self.app_backup(status)?;
         let refs = status
             .volumes
             .iter()

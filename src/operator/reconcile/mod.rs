@@ -16,7 +16,16 @@ pub use lock::lock_name;
 pub use restore::reconcile_restore;
 pub use stash::stash_name;
 
-use crate::operator::error::Error;
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::operator::error::{Error, Result};
 use crate::operator::status::{Condition, ConditionStatus, set_condition};
 
 /// `err` and its causes on one line, as a condition message.
@@ -53,4 +62,45 @@ fn fail(conditions: &mut Vec<Condition>, err: &Error, generation: Option<i64>) {
         error_chain(err),
         generation,
     );
+}
+
+/// The namespace and name of `object`, a `kind` the reconcilers need both of.
+fn namespace_and_name<K: Resource>(object: &K, kind: &'static str) -> Result<(String, String)> {
+    let meta = object.meta();
+    let namespace = meta.namespace.clone().ok_or(Error::MissingMetadata {
+        kind,
+        field: "metadata.namespace",
+    })?;
+    let name = meta.name.clone().ok_or(Error::MissingMetadata {
+        kind,
+        field: "metadata.name",
+    })?;
+    Ok((namespace, name))
+}
+
+/// Write `status` as the status of the `K` `namespace/name`, by a merge patch.
+async fn patch_status<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &impl Serialize,
+) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "update status of {} {namespace}/{name}",
+        K::kind(&())
+    )))?;
+    Ok(())
 }

@@ -29,16 +29,15 @@ use std::collections::BTreeMap;
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::fail;
 use super::jobs::create_job;
 use super::staging::{
     awaits_binding, awaits_snapshot, clean_up_once_bound, create_staging, needs_staging, provision,
 };
 use super::volumes::{Temporaries, cleanup, create_claim, finished_jobs, label_restored, progress};
+use super::{fail, namespace_and_name, patch_status};
 use crate::csi::VolumeKey;
 use crate::csi::datamover::{Attach, DatamoverSpec, restore_job};
 use crate::discovery::restore::{ApplyOptions, ExistingPolicy, apply};
@@ -75,25 +74,12 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     if status.phase.is_some_and(Phase::is_final) {
         return Ok(Action::await_change());
     }
+    let (namespace, name) = namespace_and_name(restore, "Restore")?;
     let run = Run {
         restore,
         ctx,
-        namespace: restore
-            .metadata
-            .namespace
-            .clone()
-            .ok_or(Error::MissingMetadata {
-                kind: "Restore",
-                field: "metadata.namespace",
-            })?,
-        name: restore
-            .metadata
-            .name
-            .clone()
-            .ok_or(Error::MissingMetadata {
-                kind: "Restore",
-                field: "metadata.name",
-            })?,
+        namespace,
+        name,
     };
     let before = status.clone();
     let generation = restore.metadata.generation;
@@ -108,17 +94,7 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     };
     status.observed_generation = generation;
     if status != before {
-        let api: Api<Restore> = Api::namespaced(ctx.client.clone(), &run.namespace);
-        api.patch_status(
-            &run.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .map_err(Error::kube(format!(
-            "update status of Restore {}/{}",
-            run.namespace, run.name
-        )))?;
+        patch_status::<Restore>(&ctx.client, &run.namespace, &run.name, &status).await?;
     }
     Ok(action)
 }
