@@ -1,0 +1,293 @@
+//! Reconciling a Backup: discover, snapshot, copy, commit, in that order, one step per call.
+//!
+//! | phase       | the call                                                                     |
+//! |-------------|------------------------------------------------------------------------------|
+//! | (none)      | discovers the application, stashes its metadata archive, lists its volumes   |
+//! | `Preparing` | locks its PVCs against other Backups ([`lock`](super::lock)), waiting while  |
+//! |             | one holds them; creates a VolumeSnapshot per PVC; once all are ready, a      |
+//! |             | Block-mode PVC from each and a datamover Job per volume, all at once         |
+//! | `Copying`   | reads the Jobs; a failed one fails the Backup with the Job's message         |
+//! | `Finishing` | commits the application backup (archive + volume backup ids), applies       |
+//! |             | retention, keeps each snapshot as its volume's changed-block base and        |
+//! |             | deletes the previous base, deletes the temporary objects as the cleanup      |
+//! |             | policy says, releases the locks                                              |
+//! | final       | nothing                                                                      |
+//!
+//! A call may run several steps when nothing needs waiting for; it writes the status once, at
+//! the end. Every step tolerates having run before, so a call that crashed half-way is simply
+//! repeated.
+//!
+//! This file holds the entry point, discovery and the locks; the snapshots and datamovers of
+//! `Preparing` are in `prepare`, reading the Jobs of `Copying` in `copy`, and `Finishing` in
+//! `commit`.
+//!
+//! An incremental's datamover lists the changed blocks through the CSI driver's
+//! SnapshotMetadata service when the driver has one and the volume's base snapshot (from its
+//! latest backup) remains ([`cbt`](super::cbt)); otherwise, and whenever that call fails inside
+//! the Job, it compares digests. A full backup reads the whole volume: `GetMetadataAllocated`
+//! would skip unallocated ranges, but trusting a driver's idea of "unallocated" for the image
+//! every later incremental rests on is not worth the time it saves once per chain.
+
+mod commit;
+mod copy;
+mod prepare;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use kube::runtime::controller::Action;
+
+use super::lock::{self, Acquired};
+use super::stash;
+use super::volumes::{Temporaries, cleanup, progress};
+use super::{fail, namespace_and_name, patch_status};
+use crate::csi::VolumeKey;
+use crate::discovery::{Inventory, LiveSource, MetadataBackup, RestoreOrder, discover};
+use crate::operator::context::{Context, TargetAccess, volume_name};
+use crate::operator::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::operator::error::{Error, Result};
+use crate::operator::status::{ConditionStatus, Phase, condition, quantity_bytes, set_condition};
+use crate::target::{AppBackupId, AppName};
+
+/// One reconcile of a Backup.
+struct Run<'a> {
+    backup: &'a Backup,
+    ctx: &'a Context,
+    namespace: String,
+    name: String,
+}
+
+/// Move `backup` one step forward and write its status; the returned action says when to look
+/// again. A finished Backup (Completed or Failed) is left alone without any API call.
+pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> {
+    let mut status = backup.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(Phase::is_final) {
+        return Ok(Action::await_change());
+    }
+    let (namespace, name) = namespace_and_name(backup, "Backup")?;
+    let run = Run {
+        backup,
+        ctx,
+        namespace,
+        name,
+    };
+    let before = status.clone();
+    let generation = backup.metadata.generation;
+    let action = match run.step(&mut status).await {
+        Ok(action) => action,
+        Err(err) if err.is_permanent() => {
+            if backup.spec.cleanup == CleanupPolicy::Always {
+                run.cleanup(&status).await?;
+            }
+            run.unlock(&status).await?;
+            fail(&mut status.conditions, &err, generation);
+            status.phase = Some(Phase::Failed);
+            Action::await_change()
+        }
+        Err(err) => return Err(err),
+    };
+    status.observed_generation = generation;
+    if status != before {
+        patch_status::<Backup>(&ctx.client, &run.namespace, &run.name, &status).await?;
+    }
+    Ok(action)
+}
+
+impl Run<'_> {
+    fn requeue(&self) -> Action {
+        Action::requeue(self.ctx.poll)
+    }
+
+    fn key(&self, volume: &VolumeStatus) -> VolumeKey {
+        VolumeKey::new(&self.name, &self.namespace, &volume.pvc)
+    }
+
+    fn owner(&self) -> Result<OwnerReference> {
+        self.backup
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingMetadata {
+                kind: "Backup",
+                field: "metadata.uid",
+            })
+    }
+
+    /// The application and backup id this run commits in the target.
+    fn app_backup(&self, status: &BackupStatus) -> Result<(AppName, AppBackupId)> {
+        let app = AppName::new(
+            status
+                .application_name
+                .clone()
+                .unwrap_or_else(|| self.namespace.clone()),
+        )
+        .map_err(Error::target("application name"))?;
+        let id = AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        Ok((app, id))
+    }
+
+    async fn target(&self) -> Result<TargetAccess> {
+        TargetAccess::resolve(
+            &self.ctx.client,
+            &self.namespace,
+            &self.backup.spec.target_ref.name,
+        )
+        .await
+    }
+
+    async fn step(&self, status: &mut BackupStatus) -> Result<Action> {
+        if matches!(status.phase, None | Some(Phase::Pending)) {
+            self.discover(status).await?;
+        }
+        if status.phase == Some(Phase::Preparing) && !self.lock(status).await? {
+            return Ok(self.requeue());
+        }
+        if status.phase == Some(Phase::Preparing) && !self.snapshot(status).await? {
+            return Ok(self.requeue());
+        }
+        if status.phase == Some(Phase::Copying) && !self.copy(status).await? {
+            return Ok(self.requeue());
+        }
+        if status.phase == Some(Phase::Finishing) {
+            self.commit(status).await?;
+        }
+        Ok(Action::await_change())
+    }
+
+    /// Discover the application, stash its metadata, list its volumes.
+    async fn discover(&self, status: &mut BackupStatus) -> Result<()> {
+        let spec = &self.backup.spec;
+        if spec.application.is_empty() {
+            return Err(Error::InvalidSpec {
+                what: "spec.application",
+                reason: "selects nothing: name Helm releases, operators or selectors".into(),
+            });
+        }
+        let app_name = spec
+            .application_name
+            .clone()
+            .unwrap_or_else(|| self.namespace.clone());
+        AppName::new(&app_name).map_err(Error::target("application name"))?;
+        AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        self.target().await?;
+        let app_spec = spec
+            .application
+            .app_spec(&self.namespace)
+            .map_err(Error::discovery("spec.application.selectors"))?;
+        let client = &self.ctx.client;
+        let inventory = Inventory::collect(
+            &LiveSource::new(client.clone()),
+            std::slice::from_ref(&self.namespace),
+        )
+        .await
+        .map_err(Error::discovery(format!(
+            "read namespace {}",
+            self.namespace
+        )))?;
+        let app = discover(&inventory, &app_spec)
+            .map_err(Error::discovery("discover the application"))?;
+        let metadata = MetadataBackup::from_application(&app, &RestoreOrder::default())
+            .map_err(Error::discovery("sanitize the objects"))?;
+        let archive = metadata
+            .write_archive(Vec::new())
+            .map_err(Error::discovery("write the metadata archive"))?;
+        stash::store(client, &self.namespace, &self.name, self.owner()?, archive).await?;
+        status.volumes = app
+            .volumes
+            .iter()
+            .map(|v| {
+                Ok(VolumeStatus {
+                    pvc: v.pvc.clone(),
+                    volume: volume_name(&v.namespace, &v.pvc)?.to_string(),
+                    size_bytes: v.size.as_deref().and_then(quantity_bytes),
+                    ..Default::default()
+                })
+            })
+            .collect::<Result<_>>()?;
+        status.application_name = Some(app_name);
+        status.progress = Some(progress(&status.volumes));
+        set_condition(
+            &mut status.conditions,
+            "Discovered",
+            ConditionStatus::True,
+            "Discovered",
+            format!(
+                "{} objects, {} volumes",
+                metadata.objects.len(),
+                status.volumes.len()
+            ),
+            self.backup.metadata.generation,
+        );
+        status.phase = Some(Phase::Preparing);
+        Ok(())
+    }
+
+    /// Lock the volumes against other Backups; true once all are held. Locks are taken before
+    /// the `VolumesLocked` condition says so, so a True condition means they are held.
+    ///
+    /// A Backup that had to wait discovers the application again once it holds the locks, so
+    /// its metadata describes the objects as they are when the volumes are cut, not as they
+    /// were before the wait; should that find other PVCs, they are locked in turn.
+    async fn lock(&self, status: &mut BackupStatus) -> Result<bool> {
+        let locked = condition(&status.conditions, "VolumesLocked").map(|c| c.status);
+        if locked == Some(ConditionStatus::True) {
+            return Ok(true);
+        }
+        if !self.try_lock(status).await? {
+            return Ok(false);
+        }
+        if locked.is_none() {
+            return Ok(true);
+        }
+        stash::remove(&self.ctx.client, &self.namespace, &self.name).await?;
+        self.discover(status).await?;
+        self.try_lock(status).await
+    }
+
+    /// Take the locks of `status.volumes` and set the `VolumesLocked` condition.
+    async fn try_lock(&self, status: &mut BackupStatus) -> Result<bool> {
+        let pvcs: Vec<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
+        let acquired =
+            lock::acquire(&self.ctx.client, &self.namespace, &self.owner()?, &pvcs).await?;
+        let generation = self.backup.metadata.generation;
+        match acquired {
+            Acquired::All => {
+                set_condition(
+                    &mut status.conditions,
+                    "VolumesLocked",
+                    ConditionStatus::True,
+                    "Locked",
+                    format!("{} volumes locked for this Backup", pvcs.len()),
+                    generation,
+                );
+                Ok(true)
+            }
+            Acquired::HeldBy { holder, pvc } => {
+                set_condition(
+                    &mut status.conditions,
+                    "VolumesLocked",
+                    ConditionStatus::False,
+                    "WaitingForBackup",
+                    format!("Backup {holder} is backing up PVC {pvc}; waiting for it to finish"),
+                    generation,
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    /// Release this Backup's volume locks.
+    async fn unlock(&self, status: &BackupStatus) -> Result<()> {
+        let pvcs: Vec<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
+        lock::release(&self.ctx.client, &self.namespace, &self.owner()?, &pvcs).await
+    }
+
+    async fn cleanup(&self, status: &BackupStatus) -> Result<()> {
+        cleanup(
+            &self.ctx.client,
+            &self.name,
+            &self.namespace,
+            &status.volumes,
+            Temporaries::SnapshotAndClaim,
+        )
+        .await?;
+        stash::remove(&self.ctx.client, &self.namespace, &self.name).await
+    }
+}

@@ -1,0 +1,248 @@
+//! The `Preparing` step of a Backup after the locks: a VolumeSnapshot per PVC and, once all
+//! are ready, a Block-mode PVC from each snapshot and a datamover Job reading it.
+
+use futures::future::try_join_all;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::Api;
+
+use super::Run;
+use crate::csi::client::{
+    allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
+};
+use crate::csi::datamover::{self, Attach, DatamoverSpec, Step};
+use crate::csi::metadata::backup_job_with_changed_blocks;
+use crate::csi::{
+    ReadySnapshot, Role, VolumeMode, changes_volume_mode, pvc_from_snapshot, ready_or_failed,
+    volume_snapshot,
+};
+use crate::operator::context::TargetAccess;
+use crate::operator::crd::{BackupMode, BackupStatus, ChangeSource, VolumeStatus};
+use crate::operator::error::{Error, Result};
+use crate::operator::reconcile::cbt::{self, Plan};
+use crate::operator::reconcile::jobs::{Created, create_job};
+use crate::operator::status::{ConditionStatus, Phase, set_condition};
+use crate::target::VolumeName;
+
+impl Run<'_> {
+    /// Snapshot every volume; once all are ready, start a datamover per volume. True when the
+    /// datamovers were started.
+    pub(super) async fn snapshot(&self, status: &mut BackupStatus) -> Result<bool> {
+        let client = &self.ctx.client;
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &self.namespace);
+        let class = self.backup.spec.snapshot_class_name.as_deref();
+        let snapshots = try_join_all(status.volumes.iter().map(|v| {
+            let claims = claims.clone();
+            async move {
+                let pvc = claims
+                    .get_opt(&v.pvc)
+                    .await
+                    .map_err(Error::kube(format!("get PVC {}/{}", self.namespace, v.pvc)))?
+                    .ok_or_else(|| Error::InvalidSpec {
+                        what: "volume",
+                        reason: format!("PVC {}/{} disappeared", self.namespace, v.pvc),
+                    })?;
+                let class = snapshot_class_for_pvc(client, &pvc, class)
+                    .await
+                    .map_err(Error::csi(format!("snapshot class for {}", v.pvc)))?;
+                let wanted = volume_snapshot(
+                    &self.key(v),
+                    class.metadata.name.as_deref().unwrap_or_default(),
+                );
+                let snapshot = create_or_get_snapshot(client, &wanted)
+                    .await
+                    .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
+                let ready = ready_or_failed(&snapshot)
+                    .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
+                Ok::<_, Error>(ready.map(|ready| Source {
+                    pvc,
+                    snapshot: ready,
+                    driver: class.driver,
+                }))
+            }
+        }))
+        .await?;
+        let total = snapshots.len();
+        let ready: Vec<Source> = snapshots.into_iter().flatten().collect();
+        let generation = self.backup.metadata.generation;
+        if ready.len() < total {
+            set_condition(
+                &mut status.conditions,
+                "SnapshotsReady",
+                ConditionStatus::False,
+                "Waiting",
+                format!("{} of {total} snapshots ready", ready.len()),
+                generation,
+            );
+            return Ok(false);
+        }
+        set_condition(
+            &mut status.conditions,
+            "SnapshotsReady",
+            ConditionStatus::True,
+            "Ready",
+            format!("{total} snapshots ready"),
+            generation,
+        );
+        let target = self.target().await?;
+        let names: Vec<String> = status.volumes.iter().map(|v| v.volume.clone()).collect();
+        let previous = target
+            .with(move |t| {
+                names
+                    .iter()
+                    .map(|n| {
+                        let volume =
+                            VolumeName::new(n.as_str()).map_err(Error::target("volume name"))?;
+                        Ok(t.latest(&volume)
+                            .map_err(Error::target(format!("latest backup of {n}")))?
+                            .map(|m| m.id.to_string()))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        let started = try_join_all(status.volumes.iter().zip(&ready).zip(&previous).map(
+            |((v, source), previous)| self.start_datamover(v, source, previous.as_deref(), &target),
+        ))
+        .await?;
+        let mut fallbacks = Vec::new();
+        let mut any_new = false;
+        for ((volume, (created, plan)), previous) in
+            status.volumes.iter_mut().zip(started).zip(previous)
+        {
+            // A Job found rather than created may already have written its backup, so the
+            // latest id now proves nothing; the id is then taken as it is when the Job ends.
+            // The same goes for the plan, which the existing Job may not have followed.
+            if created != Created::New {
+                continue;
+            }
+            any_new = true;
+            volume.previous_backup_id = previous;
+            match plan {
+                None => volume.change_source = Some(ChangeSource::Full),
+                Some(Plan::ChangedBlocks { snapshot, .. }) => {
+                    volume.change_source = Some(ChangeSource::ChangedBlocks);
+                    volume.base_snapshot = Some(snapshot);
+                }
+                Some(Plan::Digests(why)) => {
+                    volume.change_source = Some(ChangeSource::Digests);
+                    fallbacks.push(format!("{}: {why}", volume.pvc));
+                }
+            }
+        }
+        if any_new && self.backup.spec.mode == BackupMode::Incremental {
+            self.record_change_tracking(status, &fallbacks);
+        }
+        status.phase = Some(Phase::Copying);
+        Ok(true)
+    }
+
+    /// The `ChangedBlockTracking` condition: whether every incremental lists changed blocks,
+    /// and why the others compare digests.
+    fn record_change_tracking(&self, status: &mut BackupStatus, fallbacks: &[String]) {
+        let tracked = status
+            .volumes
+            .iter()
+            .filter(|v| v.change_source == Some(ChangeSource::ChangedBlocks))
+            .count();
+        let total = status.volumes.len();
+        let mut message = format!("{tracked} of {total} volumes list changed blocks");
+        let (state, reason) = if fallbacks.is_empty() {
+            (ConditionStatus::True, "ChangedBlocks")
+        } else {
+            message.push_str("; digests for ");
+            message.push_str(&fallbacks.join("; "));
+            (ConditionStatus::False, "Digests")
+        };
+        set_condition(
+            &mut status.conditions,
+            "ChangedBlockTracking",
+            state,
+            reason,
+            message,
+            self.backup.metadata.generation,
+        );
+    }
+
+    /// The temporary Block-mode PVC from the snapshot and the datamover Job reading it, which
+    /// for an incremental follows the [`Plan`] returned (`None` for a full backup).
+    async fn start_datamover(
+        &self,
+        volume: &VolumeStatus,
+        source: &Source,
+        latest: Option<&str>,
+        target: &TargetAccess,
+    ) -> Result<(Created, Option<Plan>)> {
+        let Source {
+            pvc,
+            snapshot,
+            driver,
+        } = source;
+        let client = &self.ctx.client;
+        let key = self.key(volume);
+        if changes_volume_mode(pvc, VolumeMode::Block) {
+            allow_volume_mode_change(client, &snapshot.content)
+                .await
+                .map_err(Error::csi(format!(
+                    "Block PVC from the snapshot of {}",
+                    volume.pvc
+                )))?;
+        }
+        let claim = pvc_from_snapshot(
+            &key,
+            pvc,
+            &key.name(Role::Snapshot),
+            snapshot.restore_size.as_ref(),
+            VolumeMode::Block,
+        )
+        .map_err(Error::csi(format!(
+            "PVC from the snapshot of {}",
+            volume.pvc
+        )))?;
+        create_or_get_pvc(client, &claim)
+            .await
+            .map_err(Error::csi(format!(
+                "PVC from the snapshot of {}",
+                volume.pvc
+            )))?;
+        let mut spec = DatamoverSpec::new(
+            key.clone(),
+            &self.ctx.image,
+            key.name(Role::Volume),
+            Attach::Block,
+            &target.url,
+            &volume.volume,
+        );
+        spec.credentials_secret = target.credentials_secret.clone();
+        spec.service_account = self.ctx.datamover_service_account.clone();
+        let plan = match self.backup.spec.mode {
+            BackupMode::Full => None,
+            BackupMode::Incremental => {
+                Some(cbt::plan(client, &self.namespace, &volume.pvc, driver, latest).await?)
+            }
+        };
+        let job = match &plan {
+            Some(Plan::ChangedBlocks { base, .. }) => {
+                backup_job_with_changed_blocks(&spec, &key.name(Role::Snapshot), base)
+            }
+            _ => datamover::job(
+                &spec,
+                &Step::Backup {
+                    full: plan.is_none(),
+                    changed_ranges: None,
+                    changed_since: None,
+                },
+            ),
+        }
+        .map_err(Error::csi(format!("datamover of {}", volume.pvc)))?;
+        Ok((create_job(client, &job, &self.name).await?, plan))
+    }
+}
+
+/// A volume's snapshot, ready, and where it came from.
+struct Source {
+    /// The PVC snapshotted.
+    pvc: PersistentVolumeClaim,
+    /// Its ready snapshot.
+    snapshot: ReadySnapshot,
+    /// The CSI driver of the snapshot class.
+    driver: String,
+}
