@@ -1,0 +1,257 @@
+//! Reconciling a Restore: the reverse of a backup, one step per call.
+//!
+//! | phase       | the call                                                                     |
+//! |-------------|------------------------------------------------------------------------------|
+//! | (none)      | validates (the Backup is Completed, its archive reads), applies the          |
+//! |             | Namespace, recreates the Block PVCs, makes a Block staging PVC for each      |
+//! |             | Filesystem one, and starts a restore datamover per volume                    |
+//! | `Copying`   | reads the Jobs; a failed one fails the Restore with the Job's message; a     |
+//! |             | filled staging PVC is snapshotted, and its Filesystem PVC made from that     |
+//! | `Finishing` | applies the other objects in restore order (server-side apply), deletes Jobs;|
+//! |             | deletes each staging PVC and snapshot once its PVC is Bound                  |
+//! | final       | nothing                                                                      |
+//!
+//! The volumes are filled before the workloads that use them exist, so no pod sees a
+//! half-restored volume. The datamover writes the raw device: a `volumeMode: Block` PVC is
+//! recreated and filled in place; a Filesystem PVC is filled through a Block staging PVC and a
+//! snapshot of it, from which the PVC is provisioned (see the `staging` module). No step waits
+//! for a PVC to bind before the workloads are applied, as a `WaitForFirstConsumer` PVC binds
+//! only once a pod uses it; the staging snapshot is kept until then, with the Restore in
+//! `Finishing` and condition `StagingCleanedUp` False.
+//!
+//! A call may run several steps; it writes the status once, at the end. Every step tolerates
+//! having run before (deterministic names, create-or-adopt), so an interrupted call is repeated;
+//! Finishing, which deletes the Jobs that Copying reads, starts only in a call that finds the
+//! status already saying Finishing.
+//!
+//! This file holds the entry point and what every step reads (the Backup, its archive, the
+//! restore plan); the first step is in `prepare`, `Copying` in `copy`, `Finishing` in `finish`.
+
+mod copy;
+mod finish;
+mod prepare;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::Api;
+use kube::runtime::controller::Action;
+use serde_json::Value;
+
+use super::volumes::label_restored;
+use super::{fail, namespace_and_name, patch_status};
+use crate::discovery::restore::{ApplyOptions, ExistingPolicy};
+use crate::discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
+use crate::operator::context::{Context, TargetAccess};
+use crate::operator::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
+use crate::operator::error::{Error, Result};
+use crate::operator::status::{ConditionStatus, Phase, set_condition};
+use crate::target::{AppBackupId, AppName};
+
+/// One reconcile of a Restore.
+struct Run<'a> {
+    restore: &'a Restore,
+    ctx: &'a Context,
+    namespace: String,
+    name: String,
+}
+
+/// What the Backup being restored provides.
+struct Source {
+    backup: BackupStatus,
+    target: TargetAccess,
+    metadata: MetadataBackup,
+    /// Namespace of the backed-up application.
+    namespace: String,
+}
+
+/// Move `restore` one step forward and write its status; the returned action says when to look
+/// again. A finished Restore is left alone without any API call.
+pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Action> {
+    let mut status = restore.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(Phase::is_final) {
+        return Ok(Action::await_change());
+    }
+    let (namespace, name) = namespace_and_name(restore, "Restore")?;
+    let run = Run {
+        restore,
+        ctx,
+        namespace,
+        name,
+    };
+    let before = status.clone();
+    let generation = restore.metadata.generation;
+    let action = match run.step(&mut status).await {
+        Ok(action) => action,
+        Err(err) if err.is_permanent() => {
+            fail(&mut status.conditions, &err, generation);
+            status.phase = Some(Phase::Failed);
+            Action::await_change()
+        }
+        Err(err) => return Err(err),
+    };
+    status.observed_generation = generation;
+    if status != before {
+        patch_status::<Restore>(&ctx.client, &run.namespace, &run.name, &status).await?;
+    }
+    Ok(action)
+}
+impl Run<'_> {
+    /// Where the application's namespace is restored to.
+    fn restored_namespace(&self, source: &str) -> String {
+        self.restore
+            .spec
+            .namespace_mapping
+            .get(source)
+            .cloned()
+            .unwrap_or_else(|| source.to_owned())
+    }
+
+    async fn step(&self, status: &mut RestoreStatus) -> Result<Action> {
+        if matches!(status.phase, None | Some(Phase::Pending | Phase::Preparing)) {
+            let Some(source) = self.source(status).await? else {
+                return Ok(Action::requeue(self.ctx.poll));
+            };
+            self.prepare(status, &source).await?;
+        }
+        if status.phase == Some(Phase::Copying) {
+            self.copy(status).await?;
+            // Finishing deletes the Jobs, which Copying reads: it runs in the next call, once
+            // the status says Finishing, so a call interrupted before writing the status never
+            // leaves a Copying run without its Jobs.
+            return Ok(Action::requeue(self.ctx.poll));
+        }
+        if status.phase == Some(Phase::Finishing) {
+            if status.objects_applied.is_none() {
+                let Some(source) = self.source(status).await? else {
+                    return Ok(Action::requeue(self.ctx.poll));
+                };
+                self.apply_objects(status, &source).await?;
+            }
+            if !self.clean_up_staging(status).await? {
+                return Ok(Action::requeue(self.ctx.poll));
+            }
+            status.phase = Some(Phase::Completed);
+        }
+        Ok(Action::await_change())
+    }
+
+    /// The namespace of the Backup being restored (the Backup's own).
+    async fn source_namespace(&self) -> Result<String> {
+        Ok(self.backup().await?.metadata.namespace.unwrap_or_default())
+    }
+
+    async fn backup(&self) -> Result<Backup> {
+        let name = &self.restore.spec.backup_ref.name;
+        let backups: Api<Backup> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        backups
+            .get_opt(name)
+            .await
+            .map_err(Error::kube(format!("get Backup {}/{name}", self.namespace)))?
+            .ok_or_else(|| Error::InvalidSpec {
+                what: "spec.backupRef",
+                reason: format!("Backup {}/{name} does not exist", self.namespace),
+            })
+    }
+
+    /// The Backup, its target and its metadata; `None` (with a condition) while the Backup is
+    /// still running.
+    async fn source(&self, status: &mut RestoreStatus) -> Result<Option<Source>> {
+        let backup = self.backup().await?;
+        let name = &self.restore.spec.backup_ref.name;
+        let backup_status = backup.status.clone().unwrap_or_default();
+        match backup_status.phase {
+            Some(Phase::Completed) => {}
+            Some(Phase::Failed) => {
+                return Err(Error::InvalidSpec {
+                    what: "spec.backupRef",
+                    reason: format!("Backup {name} failed"),
+                });
+            }
+            phase => {
+                set_condition(
+                    &mut status.conditions,
+                    "Validated",
+                    ConditionStatus::False,
+                    "BackupNotCompleted",
+                    format!("Backup {name} is {phase:?}; waiting for it to complete"),
+                    self.restore.metadata.generation,
+                );
+                return Ok(None);
+            }
+        }
+        let (Some(app), Some(id)) = (
+            backup_status.application_name.clone(),
+            backup_status.backup_id.clone(),
+        ) else {
+            return Err(Error::InvalidSpec {
+                what: "spec.backupRef",
+                reason: format!("Backup {name} is Completed but names no application backup"),
+            });
+        };
+        let app = AppName::new(app).map_err(Error::target("application name"))?;
+        let id = AppBackupId::new(id).map_err(Error::target("backup id"))?;
+        let target = TargetAccess::resolve(
+            &self.ctx.client,
+            &self.namespace,
+            &backup.spec.target_ref.name,
+        )
+        .await?;
+        let archive = target
+            .with(move |t| {
+                t.read_app_archive(&app, &id)
+                    .map_err(Error::target(format!("read the archive of {app}/{id}")))
+            })
+            .await?;
+        let metadata = MetadataBackup::read_archive(&archive[..])
+            .map_err(Error::discovery("read the metadata archive"))?;
+        Ok(Some(Source {
+            backup: backup_status,
+            target,
+            metadata,
+            namespace: backup.metadata.namespace.unwrap_or_default(),
+        }))
+    }
+
+    fn plan(&self, metadata: &MetadataBackup) -> Result<RestorePlan> {
+        let transforms = Transforms {
+            namespaces: self.restore.spec.namespace_mapping.clone(),
+            storage_classes: self.restore.spec.storage_class_mapping.clone(),
+            ..Default::default()
+        };
+        RestorePlan::new(
+            metadata.objects.clone(),
+            &RestoreOrder::default(),
+            &transforms,
+        )
+        .map_err(Error::discovery("plan the restore"))
+    }
+
+    fn apply_options(&self) -> ApplyOptions {
+        ApplyOptions {
+            field_manager: self.ctx.field_manager.clone(),
+            existing: match self.restore.spec.existing_objects {
+                ExistingObjects::Skip => ExistingPolicy::Skip,
+                ExistingObjects::Update => ExistingPolicy::Update,
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The archived (mapped) claim `claim`, labelled with this run.
+    fn restored_claim(&self, claim: Value) -> Result<PersistentVolumeClaim> {
+        let mut pvc: PersistentVolumeClaim =
+            serde_json::from_value(claim).map_err(|e| Error::InvalidSpec {
+                what: "archived PVC",
+                reason: e.to_string(),
+            })?;
+        label_restored(&mut pvc, &self.name);
+        Ok(pvc)
+    }
+}
+
+/// Whether `object` is PVC `namespace/name`.
+fn is_claim(object: &Value, namespace: &str, name: &str) -> bool {
+    object["apiVersion"] == "v1"
+        && object["kind"] == "PersistentVolumeClaim"
+        && object["metadata"]["namespace"] == namespace
+        && object["metadata"]["name"] == name
+}

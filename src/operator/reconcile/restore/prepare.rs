@@ -1,0 +1,132 @@
+//! The first step of a Restore: recreating the Namespace and the PVCs (or their Block staging
+//! PVCs) and starting a restore datamover per volume.
+
+use std::collections::BTreeMap;
+
+use futures::future::try_join_all;
+use serde_json::Value;
+
+use super::{Run, Source, is_claim};
+use crate::csi::VolumeKey;
+use crate::csi::datamover::{Attach, DatamoverSpec, restore_job};
+use crate::discovery::RestorePlan;
+use crate::discovery::restore::apply;
+use crate::operator::context::{TargetAccess, volume_name};
+use crate::operator::crd::{RestoreStatus, Staging, VolumeStatus};
+use crate::operator::error::{Error, Result};
+use crate::operator::reconcile::jobs::create_job;
+use crate::operator::reconcile::staging::{create_staging, needs_staging};
+use crate::operator::reconcile::volumes::{create_claim, progress};
+use crate::operator::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
+
+impl Run<'_> {
+    /// Validate, recreate the PVCs and start a restore datamover per volume.
+    pub(super) async fn prepare(&self, status: &mut RestoreStatus, source: &Source) -> Result<()> {
+        let restored = self.restored_namespace(&source.namespace);
+        let plan = self.plan(&source.metadata)?;
+        let backup_ids: BTreeMap<&str, &str> = source
+            .backup
+            .volumes
+            .iter()
+            .filter_map(|v| Some((v.volume.as_str(), v.backup_id.as_deref()?)))
+            .collect();
+        let mut claims = Vec::new();
+        let mut volumes = Vec::new();
+        for volume in &source.metadata.volumes {
+            let name = volume_name(&volume.namespace, &volume.pvc)?.to_string();
+            let backup_id = backup_ids
+                .get(name.as_str())
+                .ok_or_else(|| Error::InvalidSpec {
+                    what: "spec.backupRef",
+                    reason: format!("the Backup has no volume backup of {name}"),
+                })?;
+            let claim = plan
+                .objects
+                .iter()
+                .find(|o| is_claim(o, &restored, &volume.pvc))
+                .ok_or_else(|| Error::InvalidSpec {
+                    what: "spec.backupRef",
+                    reason: format!("the archive has no PVC {}/{}", volume.namespace, volume.pvc),
+                })?;
+            claims.push(claim.clone());
+            volumes.push(VolumeStatus {
+                pvc: volume.pvc.clone(),
+                volume: name,
+                size_bytes: volume.size.as_deref().and_then(quantity_bytes),
+                backup_id: Some((*backup_id).to_owned()),
+                staging: needs_staging(&volume.volume_mode).then_some(Staging::Filling),
+                ..Default::default()
+            });
+        }
+        set_condition(
+            &mut status.conditions,
+            "Validated",
+            ConditionStatus::True,
+            "Validated",
+            format!(
+                "{} objects, {} volumes from backup {}",
+                plan.objects.len(),
+                volumes.len(),
+                source.backup.backup_id.as_deref().unwrap_or_default()
+            ),
+            self.restore.metadata.generation,
+        );
+        // The Namespace first, so the claims have somewhere to go.
+        let namespaces = RestorePlan {
+            objects: plan
+                .objects
+                .iter()
+                .filter(|o| o["kind"] == "Namespace" && o["apiVersion"] == "v1")
+                .cloned()
+                .collect(),
+        };
+        apply(&self.ctx.client, &namespaces, &self.apply_options())
+            .await
+            .map_err(Error::discovery("apply the Namespace"))?;
+        try_join_all(
+            claims.into_iter().zip(&volumes).map(|(claim, volume)| {
+                self.restore_volume(claim, volume, &restored, &source.target)
+            }),
+        )
+        .await?;
+        status.backup_id = source.backup.backup_id.clone();
+        status.progress = Some(progress(&volumes));
+        status.volumes = volumes;
+        status.phase = Some(Phase::Copying);
+        Ok(())
+    }
+
+    /// Create the PVC (labelled with this run), or for a Filesystem one its Block staging PVC,
+    /// and the restore datamover that fills it.
+    async fn restore_volume(
+        &self,
+        claim: Value,
+        volume: &VolumeStatus,
+        namespace: &str,
+        target: &TargetAccess,
+    ) -> Result<()> {
+        let client = &self.ctx.client;
+        let pvc = self.restored_claim(claim)?;
+        let key = VolumeKey::new(&self.name, namespace, &volume.pvc);
+        let filled = if volume.staging.is_some() {
+            create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?
+        } else {
+            create_claim(client, &pvc, &self.name).await?;
+            volume.pvc.clone()
+        };
+        let mut spec = DatamoverSpec::new(
+            key,
+            &self.ctx.image,
+            filled,
+            Attach::Block,
+            &target.url,
+            &volume.volume,
+        );
+        spec.credentials_secret = target.credentials_secret.clone();
+        spec.service_account = self.ctx.datamover_service_account.clone();
+        let job = restore_job(&spec, volume.backup_id.as_deref())
+            .map_err(Error::csi(format!("datamover of {}", volume.pvc)))?;
+        create_job(client, &job, &self.name).await?;
+        Ok(())
+    }
+}
