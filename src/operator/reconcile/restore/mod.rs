@@ -94,6 +94,7 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     }
     Ok(action)
 }
+
 impl Run<'_> {
     /// Where the application's namespace is restored to.
     fn restored_namespace(&self, source: &str) -> String {
