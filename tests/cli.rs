@@ -1,17 +1,10 @@
 //! The `strata` CLI as a user runs it: exit status, one-line errors, output formats.
 
+mod strata_bin;
+use strata_bin::strata_command as strata;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-/// The example binary cargo built next to this test's folder.
-fn strata() -> Command {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-}
 
 fn run(dir: &std::path::Path, program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)

@@ -1,21 +1,16 @@
 //! `strata backup ... nbd://HOST:PORT/EXPORT`: a volume served by qemu-nbd, backed up full and
 //! then incrementally, restores byte-identical.
 
+mod strata_bin;
+use strata_bin::strata_command;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 fn strata(args: &[&str]) -> Output {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-        .args(args)
-        .output()
-        .expect("run strata")
+    strata_command().args(args).output().expect("run strata")
 }
 
 fn ok(out: Output) -> String {

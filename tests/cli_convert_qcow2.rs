@@ -1,17 +1,15 @@
 //! `strata convert -O qcow2` as a user runs it: a base image, an overlay with `-B`, bad options.
 
+mod strata_bin;
+use strata_bin::strata_command;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// The example binary cargo built next to this test's folder.
+/// Runs the `strata` example binary.
 fn strata(dir: &Path, args: &[&str]) -> Output {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
+    strata_command()
         .args(args)
         .current_dir(dir)
         .output()

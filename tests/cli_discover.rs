@@ -1,16 +1,10 @@
 //! `strata discover` as a user runs it, on the sample dump that ships with the repository.
 
+mod strata_bin;
+use strata_bin::strata_command as strata;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn strata() -> Command {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-}
 
 fn sample() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/sample-app.json")

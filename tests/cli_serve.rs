@@ -1,21 +1,14 @@
 //! `strata serve-image` and `strata serve` as a user runs them, read back with qemu-img.
 
+mod strata_bin;
+use strata_bin::strata_command as strata;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use strata::qcow2::{WriterOptions, convert_raw};
 use strata::target::{BackupSpec, Target, VolumeName};
-
-/// The example binary cargo built next to this test's folder.
-fn strata() -> Command {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-}
 
 fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();

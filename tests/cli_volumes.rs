@@ -1,19 +1,14 @@
 //! `strata backup`, `restore`, `list` and `verify` on a folder target, as a user runs them.
 
+mod strata_bin;
+use strata_bin::strata_command;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn strata(args: &[&str]) -> Output {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-        .args(args)
-        .output()
-        .expect("run strata")
+    strata_command().args(args).output().expect("run strata")
 }
 
 fn ok(out: Output) -> String {
@@ -389,13 +384,8 @@ fn changed_blocks_allow_unavailable_leaves_no_list() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = dir.path().join("changed-ranges.json");
     std::fs::write(&output, "[]").expect("stale list");
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
     let run = |extra: &[&str]| {
-        Command::new(path.join("examples").join("strata"))
+        strata_command()
             .args([
                 "changed-blocks",
                 "--namespace",

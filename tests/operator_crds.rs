@@ -2,6 +2,9 @@
 //! workspace's k8s-openapi feature targets), and the samples shipped in `deploy/samples`
 //! validate against the CRDs' openAPIV3Schema.
 
+mod strata_bin;
+use strata_bin::strata_command as strata;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -9,16 +12,6 @@ use serde_json::{Value, json};
 
 /// Kubernetes version of the workspace's k8s-openapi feature (`v1_33`).
 const KUBERNETES: &str = "1.33.0";
-
-/// The example binary cargo built next to this test's folder.
-fn strata() -> Command {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
-}
 
 fn crds_text() -> String {
     let out = strata().arg("crds").output().expect("run strata crds");

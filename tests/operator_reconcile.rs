@@ -53,25 +53,7 @@ fn cluster(target: &std::path::Path) -> Mock {
         json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
                "metadata": {"name": "fast"}, "provisioner": "hostpath.csi.k8s.io"}),
     );
-    mock.put(
-        "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/csi-hostpath-snapclass",
-        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-               "metadata": {"name": "csi-hostpath-snapclass"},
-               "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete"}),
-    );
-    mock.put(
-        "/apis/strata.io/v1alpha1/namespaces/shop/targets/local",
-        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Target",
-               "metadata": {"name": "local", "namespace": "shop"},
-               "spec": {"url": target.to_str().unwrap()}}),
-    );
-    mock.put(
-        &format!("{BACKUPS}/nightly"),
-        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
-               "metadata": {"name": "nightly", "namespace": "shop", "uid": "b-1", "generation": 1},
-               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
-                        "mode": "Full"}}),
-    );
+    mock.put_snapshot_class_target_and_backup(target);
     mock
 }
 

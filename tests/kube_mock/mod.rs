@@ -95,6 +95,31 @@ impl Mock {
             .insert(path.to_owned(), object);
     }
 
+    /// The objects every operator test in namespace `shop` starts from: the hostpath driver's
+    /// VolumeSnapshotClass, Target `local` on the folder `target`, and Backup `nightly` (Full)
+    /// of `app=db`.
+    pub fn put_snapshot_class_target_and_backup(&self, target: &std::path::Path) {
+        self.put(
+            "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/csi-hostpath-snapclass",
+            serde_json::json!({"apiVersion": "snapshot.storage.k8s.io/v1",
+                "kind": "VolumeSnapshotClass", "metadata": {"name": "csi-hostpath-snapclass"},
+                "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete"}),
+        );
+        self.put(
+            "/apis/strata.io/v1alpha1/namespaces/shop/targets/local",
+            serde_json::json!({"apiVersion": "strata.io/v1alpha1", "kind": "Target",
+                "metadata": {"name": "local", "namespace": "shop"},
+                "spec": {"url": target.to_str().unwrap()}}),
+        );
+        self.put(
+            "/apis/strata.io/v1alpha1/namespaces/shop/backups/nightly",
+            serde_json::json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+                "metadata": {"name": "nightly", "namespace": "shop", "uid": "b-1", "generation": 1},
+                "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                    "mode": "Full"}}),
+        );
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
