@@ -4,6 +4,7 @@
 use criterion::{criterion_group, criterion_main};
 
 mod chain;
+mod fixture;
 mod hydrate;
 mod nbd;
 mod target;

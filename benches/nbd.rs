@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -12,49 +11,11 @@ use criterion::{Criterion, Throughput};
 use strata::nbd::Server;
 use strata::qcow2::Image;
 
+use crate::fixture::{DEPTH, build_chain, tool};
+
 const VIRTUAL: u64 = 1 << 30;
-const DEPTH: usize = 12;
 /// 256 KiB runs each layer writes: 24 MiB a layer, about 280 MiB of data in the chain.
 const RUNS: u64 = 96;
-
-fn tool(dir: &Path, program: &str, args: &[String]) {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(out.status.success(), "{program} {args:?} failed");
-}
-
-/// Builds `0.qcow2` .. `11.qcow2`, each writing scattered 256 KiB runs.
-fn build_chain(dir: &Path) {
-    for layer in 0..DEPTH {
-        let name = format!("{layer}.qcow2");
-        let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-        if layer > 0 {
-            args.extend([
-                "-b".into(),
-                format!("{}.qcow2", layer - 1),
-                "-F".into(),
-                "qcow2".into(),
-            ]);
-        }
-        args.extend([name.clone(), VIRTUAL.to_string()]);
-        tool(dir, "qemu-img", &args);
-        let mut io = vec![];
-        for run in 0..RUNS {
-            let offset =
-                ((run * 7919 + layer as u64 * 104_729) % (VIRTUAL / (256 << 10))) * (256 << 10);
-            io.push("-c".to_owned());
-            io.push(format!(
-                "write -P {} {offset} 256k",
-                (layer as u64 * 31 + run) % 251 + 1
-            ));
-        }
-        io.push(name);
-        tool(dir, "qemu-io", &io);
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -75,7 +36,7 @@ impl Drop for Killed {
 /// The chain served by strata and by qemu-nbd, copied out with `qemu-img convert`.
 pub fn convert_12_deep(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    build_chain(dir.path());
+    build_chain(dir.path(), VIRTUAL, RUNS);
     let top = dir.path().join(format!("{}.qcow2", DEPTH - 1));
     let image = Image::open(&top).expect("open chain");
     let data: u64 = image
