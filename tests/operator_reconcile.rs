@@ -723,9 +723,20 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         &key("nightly", "shop").name(Role::Datamover),
         complete(),
     );
+    let before = mock.requests().len();
     reconcile_backup(&backup(&mock), &ctx).await.unwrap();
     assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Completed));
     assert!(mock.names_under(LEASES).is_empty());
+    // The lock goes only after the Completed status is written: a failed status write must
+    // not leave the commit to be repeated while another Backup holds the volume.
+    let calls = mock.requests()[before..].to_vec();
+    let at = |wanted: &str| calls.iter().position(|c| c == wanted);
+    let status_write = at(&format!("PATCH {BACKUPS}/nightly/status"));
+    let release = at(&format!("DELETE {lease}"));
+    assert!(
+        status_write.is_some() && release > status_write,
+        "{calls:#?}"
+    );
     reconcile_backup(&backup_named(&mock, "second"), &ctx)
         .await
         .unwrap();
@@ -770,4 +781,84 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         Some(Phase::Failed)
     );
     assert!(mock.names_under(LEASES).is_empty());
+}
+
+/// PVC `name` of `app=db` in Block mode.
+fn add_pvc(mock: &Mock, name: &str) {
+    mock.put(
+        &format!("{PVCS}/{name}"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": name, "namespace": "shop", "labels": {"app": "db"}},
+               "spec": {"storageClassName": "fast", "volumeMode": "Block",
+                        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+               "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}}),
+    );
+}
+
+/// The lock of PVC `pvc`, held by Backup `holder` (uid `uid`).
+fn add_lease(mock: &Mock, pvc: &str, holder: &str, uid: &str) {
+    mock.put(
+        &format!("{LEASES}/strata-backup-{pvc}"),
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": format!("strata-backup-{pvc}"), "namespace": "shop",
+                            "uid": format!("lease-{pvc}"),
+                            "ownerReferences": [{"apiVersion": "strata.io/v1alpha1",
+                                "kind": "Backup", "name": holder, "uid": uid, "controller": true}]},
+               "spec": {"holderIdentity": holder}}),
+    );
+}
+
+/// A Backup that waited, then finds on its second discovery a PVC that sorts before the ones it
+/// holds, must not keep them while waiting for that one: the Backup holding the new PVC's lock
+/// may be waiting for them (the deadlock of ordered locking taken out of order).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_finding_a_new_volume_after_waiting_takes_its_locks_again_in_order() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = context(&mock);
+    // `nightly` (in progress) holds `data`; `second` waits for it, knowing only `data`.
+    add_lease(&mock, "data", "nightly", "b-1");
+    add_backup(&mock, "second", "b-2", "Full");
+    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        .await
+        .unwrap();
+    let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+    assert_eq!(
+        condition(&status, "VolumesLocked")["reason"],
+        "WaitingForBackup"
+    );
+
+    // Meanwhile PVC `archive` appears, and `third` (in progress) takes its lock and waits for
+    // `data` in turn; then `nightly` finishes, leaving its lock stale.
+    add_pvc(&mock, "archive");
+    add_backup(&mock, "third", "b-3", "Full");
+    add_lease(&mock, "archive", "third", "b-3");
+    let mut nightly = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
+    nightly["status"] = json!({"phase": "Completed"});
+    mock.put(&format!("{BACKUPS}/nightly"), nightly);
+
+    // `second` takes `data`, discovers again, finds `archive` held by `third`, and gives `data`
+    // back instead of holding it while it waits.
+    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        .await
+        .unwrap();
+    let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+    let locked = condition(&status, "VolumesLocked");
+    assert_eq!(locked["reason"], "WaitingForBackup");
+    assert_eq!(
+        locked["message"],
+        "Backup third is backing up PVC archive; waiting for it to finish"
+    );
+    assert_eq!(mock.names_under(LEASES), ["strata-backup-archive"]);
+
+    // So `third` gets both and goes ahead.
+    reconcile_backup(&backup_named(&mock, "third"), &ctx)
+        .await
+        .unwrap();
+    for pvc in ["archive", "data"] {
+        let lease = mock.get(&format!("{LEASES}/strata-backup-{pvc}")).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "third", "{pvc}");
+    }
+    let status = serde_json::to_value(backup_named(&mock, "third").status.unwrap()).unwrap();
+    assert_eq!(condition(&status, "VolumesLocked")["reason"], "Locked");
 }

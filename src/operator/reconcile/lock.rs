@@ -11,10 +11,12 @@
 //! A Backup finding a lock held by another one that is still in progress waits, with a
 //! `VolumesLocked` condition (reason `WaitingForBackup`) naming the holder, and is requeued.
 //! Locks are taken in name order and kept while waiting for the rest; since every Backup takes
-//! them in the same order, two Backups cannot each hold what the other waits for. The holder
-//! releases them once committed or failed. A lock whose holder is gone, was recreated (another
-//! uid) or has finished without releasing (a crash between its status write and the release) is
-//! stale and taken over; no timeout is involved, so a long backup never loses its lock.
+//! them in the same order, two Backups cannot each hold what the other waits for. (A Backup
+//! whose second discovery finds a PVC it does not hold yet releases all its locks and takes
+//! them again in order, so that holds then too.) The holder releases them once its final
+//! status (Completed or Failed) is written. A lock whose holder is gone, was recreated (another
+//! uid) or has finished without releasing (a crash between its status write and the release)
+//! is stale and taken over; no timeout is involved, so a long backup never loses its lock.
 //!
 //! The API server, which the controller already depends on, is the coordination point rather
 //! than the target: a conditional create on the target would also exclude writers outside the
@@ -47,6 +49,12 @@ pub enum Acquired {
         /// The contended PVC.
         pvc: String,
     },
+    /// The lock of PVC `pvc` changed hands while it was being taken (a stale lock replaced by
+    /// another Backup's, say); nothing is wrong, the caller tries again later.
+    Contended {
+        /// The contended PVC.
+        pvc: String,
+    },
 }
 
 /// Take the locks of `pvcs` (in `namespace`) for the Backup that `owner` references.
@@ -62,6 +70,7 @@ pub async fn acquire(
     order.dedup();
     for (name, pvc) in order {
         // Twice at most: a stale lock is deleted and the create tried once more.
+        let mut held = false;
         for _ in 0..2 {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -85,7 +94,10 @@ pub async fn acquire(
                 }),
             };
             match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    held = true;
+                    break;
+                }
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
                 Err(source) => {
                     return Err(Error::Kube {
@@ -103,6 +115,7 @@ pub async fn acquire(
             };
             let holder = holder_of(&existing);
             if holder.is_some_and(|h| h.uid == owner.uid) {
+                held = true;
                 break;
             }
             if let Some(holder) = holder {
@@ -114,6 +127,9 @@ pub async fn acquire(
                 }
             }
             delete_exact(&api, namespace, &existing).await?;
+        }
+        if !held {
+            return Ok(Acquired::Contended { pvc: pvc.clone() });
         }
     }
     Ok(Acquired::All)

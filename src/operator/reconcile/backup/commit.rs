@@ -105,7 +105,7 @@ impl Run<'_> {
             }
             self.cleanup_keeping_bases(&bases, &others).await?;
         }
-        self.unlock(status).await?;
+        // The locks go after the Completed status is written (see `reconcile_backup`).
         status.backup_id = Some(self.name.clone());
         status.phase = Some(Phase::Completed);
         Ok(())

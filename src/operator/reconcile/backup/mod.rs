@@ -10,7 +10,7 @@
 //! | `Finishing` | commits the application backup (archive + volume backup ids), applies       |
 //! |             | retention, keeps each snapshot as its volume's changed-block base and        |
 //! |             | deletes the previous base, deletes the temporary objects as the cleanup      |
-//! |             | policy says, releases the locks                                              |
+//! |             | policy says; the locks go once the Completed status is written               |
 //! | final       | nothing                                                                      |
 //!
 //! A call may run several steps when nothing needs waiting for; it writes the status once, at
@@ -31,6 +31,8 @@
 mod commit;
 mod copy;
 mod prepare;
+
+use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
@@ -78,7 +80,6 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
             if backup.spec.cleanup == CleanupPolicy::Always {
                 run.cleanup(&status).await?;
             }
-            run.unlock(&status).await?;
             fail(&mut status.conditions, &err, generation);
             status.phase = Some(Phase::Failed);
             Action::await_change()
@@ -88,6 +89,12 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     status.observed_generation = generation;
     if status != before {
         patch_status::<Backup>(&ctx.client, &run.namespace, &run.name, &status).await?;
+    }
+    // Locks go only once the final status is written: released earlier, a failed status write
+    // would re-run the commit (prune, base snapshots) while the next Backup holds the volumes.
+    // Should this release fail, the locks are stale (their holder finished) and taken over.
+    if status.phase.is_some_and(Phase::is_final) {
+        run.unlock(&status).await?;
     }
     Ok(action)
 }
@@ -237,7 +244,18 @@ impl Run<'_> {
             return Ok(true);
         }
         stash::remove(&self.ctx.client, &self.namespace, &self.name).await?;
+        let held: BTreeSet<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
         self.discover(status).await?;
+        let now: BTreeSet<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
+        // Locks are taken in name order only from nothing held: with a new PVC to lock, all
+        // are released and taken again in order, else two Backups could each hold what the
+        // other waits for. PVCs no longer found are released either way.
+        let release: Vec<String> = if now.is_subset(&held) {
+            held.difference(&now).cloned().collect()
+        } else {
+            held.into_iter().collect()
+        };
+        lock::release(&self.ctx.client, &self.namespace, &self.owner()?, &release).await?;
         self.try_lock(status).await
     }
 
@@ -258,6 +276,17 @@ impl Run<'_> {
                     generation,
                 );
                 Ok(true)
+            }
+            Acquired::Contended { pvc } => {
+                set_condition(
+                    &mut status.conditions,
+                    "VolumesLocked",
+                    ConditionStatus::False,
+                    "LockContended",
+                    format!("the lock of PVC {pvc} changed hands while being taken; trying again"),
+                    generation,
+                );
+                Ok(false)
             }
             Acquired::HeldBy { holder, pvc } => {
                 set_condition(
