@@ -211,6 +211,17 @@ fn backup_restore_list_verify_round_trip() {
     );
 }
 
+/// The id on the last line of a successful `strata backup`.
+fn backup_id_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().last().expect("an id").trim().to_owned()
+}
+
 /// The algorithm word of a backup's digest manifest (1 BLAKE3, 2 XXH3-128).
 fn digest_algorithm(target: &Path, id: &str) -> u64 {
     let path = target.join("volumes/vol1/files").join(id).join("digests");
@@ -259,6 +270,26 @@ fn xxh3_digests_chosen_at_the_full_backup_carry_over() {
         "the incremental stores the one changed cluster: {map}"
     );
     restore_and_check(&target, dir.path(), &base, "", &original);
+
+    // Asking an incremental for other digests changes nothing, and says so.
+    let out = strata(&[
+        "backup",
+        "--quiet",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol1",
+        "--digests",
+        "blake3",
+        s(&volume),
+    ]);
+    let again = backup_id_of(&out);
+    assert_eq!(digest_algorithm(&target, &again), 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--digests blake3 applies to the next --full backup"),
+        "{stderr}"
+    );
 
     // A full backup may switch back to BLAKE3.
     let full = backup(&target, &volume, &["--full"]);

@@ -32,9 +32,9 @@ pub struct BackupArgs {
     full: bool,
     /// Digests of a new chain: `blake3` (cryptographic, the default) or `xxh3` (XXH3-128 with a
     /// random seed, several times faster, for volumes whose writers are trusted). Incrementals
-    /// keep their chain's.
-    #[arg(long, value_enum, default_value_t = DigestChoice::Blake3)]
-    digests: DigestChoice,
+    /// keep their chain's (a note on stderr says so when this asks for another).
+    #[arg(long, value_enum)]
+    digests: Option<DigestChoice>,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -49,6 +49,16 @@ enum DigestChoice {
     Blake3,
     /// XXH3-128 with a random seed.
     Xxh3,
+}
+
+impl DigestChoice {
+    /// The name as typed.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Blake3 => "blake3",
+            Self::Xxh3 => "xxh3",
+        }
+    }
 }
 
 /// Arguments of `strata restore`.
@@ -159,11 +169,20 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(asked) = args.digests.filter(|_| !args.full) {
+        if target.latest(&volume)?.is_some() {
+            eprintln!(
+                "strata: an incremental keeps its chain's digests; --digests {} applies to the \
+                 next --full backup",
+                asked.name()
+            );
+        }
+    }
     let options = strata::BackupOptions {
         full: args.full,
         changed_ranges,
         cluster_size: None,
-        digests: match args.digests {
+        digests: match args.digests.unwrap_or(DigestChoice::Blake3) {
             DigestChoice::Blake3 => strata::chain::DigestAlgorithm::Blake3,
             DigestChoice::Xxh3 => strata::chain::DigestAlgorithm::xxh3_random()?,
         },
