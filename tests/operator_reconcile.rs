@@ -37,7 +37,8 @@ fn cluster(target: &std::path::Path) -> Mock {
     mock.put(
         &format!("{PVCS}/data"),
         json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-               "metadata": {"name": "data", "namespace": "shop", "labels": {"app": "db"}},
+               "metadata": {"name": "data", "namespace": "shop", "labels": {"app": "db"},
+                            "uid": "pvc-data-1"},
                "spec": {"storageClassName": "fast", "volumeMode": "Block",
                         "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
                "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}}),
@@ -476,7 +477,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     assert_eq!(
         base["metadata"]["annotations"],
         json!({"strata.io/cbt-backup": first, "strata.io/cbt-snapshot-handle": "handle-monday",
-               "strata.io/cbt-driver": DRIVER})
+               "strata.io/cbt-driver": DRIVER, "strata.io/cbt-pvc-uid": "pvc-data-1"})
     );
     assert_eq!(base["metadata"]["ownerReferences"][0]["uid"], "b-1");
     assert_eq!(mock.names_under(PVCS), ["data"]);
@@ -603,10 +604,46 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     )
     .await;
     // Its own snapshot, with a known handle, replaced the unusable base.
+    let wednesday = key("wednesday", "shop").name(Role::Snapshot);
     assert_eq!(
         mock.names_under(SNAPSHOTS),
-        [key("wednesday", "shop").name(Role::Snapshot)]
+        std::slice::from_ref(&wednesday)
     );
+    let base = mock.get(&format!("{SNAPSHOTS}/{wednesday}")).unwrap();
+    assert_eq!(
+        base["metadata"]["annotations"]["strata.io/cbt-pvc-uid"],
+        "pvc-data-1"
+    );
+
+    // The PVC is deleted and made again under the same name: another volume, whose changes
+    // cannot be listed against the old one's snapshot, so the next incremental compares digests.
+    let mut claim = mock.get(&format!("{PVCS}/data")).unwrap();
+    claim["metadata"]["uid"] = json!("pvc-data-2");
+    mock.put(&format!("{PVCS}/data"), claim);
+    add_backup(&mock, "thursday", "b-4", "Incremental");
+    run_backup(
+        &mock,
+        &ctx,
+        folder.path(),
+        "thursday",
+        "snapcontent-4",
+        "handle-thursday",
+        |mock| {
+            let pod = pod_spec(mock, "thursday");
+            assert!(pod.get("initContainers").is_none());
+            let status =
+                serde_json::to_value(backup_named(mock, "thursday").status.unwrap()).unwrap();
+            assert_eq!(status["volumes"][0]["changeSource"], "Digests");
+            assert_eq!(
+                condition(&status, "ChangedBlockTracking")["message"],
+                format!(
+                    "0 of 1 volumes list changed blocks; digests for data: \
+                         base snapshot {wednesday} was taken of an earlier PVC named data"
+                )
+            );
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

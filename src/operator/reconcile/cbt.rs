@@ -5,8 +5,10 @@
 //! when the volume's latest backup was. So when a Backup commits, the snapshot each volume was
 //! read from stays, as that volume's *base*: labelled [`LABEL_BASE`] (the PVC), annotated with
 //! the volume backup taken from it ([`ANNOTATION_BACKUP`]), its CSI handle
-//! ([`ANNOTATION_HANDLE`], the content's `status.snapshotHandle`) and CSI driver
-//! ([`ANNOTATION_DRIVER`]), and owned by the Backup that made it. Only then is the volume's
+//! ([`ANNOTATION_HANDLE`], the content's `status.snapshotHandle`), CSI driver
+//! ([`ANNOTATION_DRIVER`]) and the uid of the PVC it was taken of ([`ANNOTATION_PVC_UID`]: a
+//! PVC deleted and made again under the same name is another volume, whose changes cannot be
+//! listed against this one's snapshot), and owned by the Backup that made it. Only then is the volume's
 //! previous base deleted, so a failed run never leaves a volume without one.
 //!
 //! The record lives on the snapshot, not in the target's manifests: a handle means something
@@ -22,6 +24,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -41,6 +44,8 @@ pub const ANNOTATION_BACKUP: &str = "strata.io/cbt-backup";
 pub const ANNOTATION_HANDLE: &str = "strata.io/cbt-snapshot-handle";
 /// Annotation of a base snapshot: the CSI driver that made it.
 pub const ANNOTATION_DRIVER: &str = "strata.io/cbt-driver";
+/// Annotation of a base snapshot: the uid of the PVC it was taken of.
+pub const ANNOTATION_PVC_UID: &str = "strata.io/cbt-pvc-uid";
 
 /// How an incremental's datamover finds the changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,11 +63,12 @@ pub enum Plan {
     Digests(String),
 }
 
-/// The plan for PVC `namespace/pvc` of CSI driver `driver`, whose latest backup is `latest`.
+/// The plan for PVC `namespace/pvc` (uid `pvc_uid`) of CSI driver `driver`, whose latest
+/// backup is `latest`.
 pub async fn plan(
     client: &Client,
     namespace: &str,
-    pvc: &str,
+    (pvc, pvc_uid): (&str, Option<&str>),
     driver: &str,
     latest: Option<&str>,
 ) -> Result<Plan> {
@@ -98,6 +104,11 @@ pub async fn plan(
     if annotation(base, ANNOTATION_DRIVER) != Some(driver) {
         return Ok(Plan::Digests(format!(
             "base snapshot {name} was made by another CSI driver"
+        )));
+    }
+    if annotation(base, ANNOTATION_PVC_UID) != pvc_uid {
+        return Ok(Plan::Digests(format!(
+            "base snapshot {name} was taken of an earlier PVC named {pvc}"
         )));
     }
     match annotation(base, ANNOTATION_HANDLE).filter(|h| !h.is_empty()) {
@@ -144,6 +155,14 @@ pub async fn keep_as_base(
         }
         Err(_) => return Ok(false),
     }
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .get_opt(pvc)
+        .await
+        .map_err(Error::kube(format!("get PVC {namespace}/{pvc}")))?;
+    let Some(claim) = claim else {
+        // The PVC is gone: nothing will ask for its changes.
+        return Ok(false);
+    };
     let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), namespace);
     api.patch(
         snapshot,
@@ -154,6 +173,7 @@ pub async fn keep_as_base(
                 ANNOTATION_BACKUP: backup,
                 ANNOTATION_HANDLE: handle,
                 ANNOTATION_DRIVER: driver,
+                ANNOTATION_PVC_UID: claim.metadata.uid,
             },
             "ownerReferences": [owner],
         }})),

@@ -215,9 +215,16 @@ impl Run<'_> {
         spec.service_account = self.ctx.datamover_service_account.clone();
         let plan = match self.backup.spec.mode {
             BackupMode::Full => None,
-            BackupMode::Incremental => {
-                Some(cbt::plan(client, &self.namespace, &volume.pvc, driver, latest).await?)
-            }
+            BackupMode::Incremental => Some(
+                cbt::plan(
+                    client,
+                    &self.namespace,
+                    (&volume.pvc, pvc.metadata.uid.as_deref()),
+                    driver,
+                    latest,
+                )
+                .await?,
+            ),
         };
         let job = match &plan {
             Some(Plan::ChangedBlocks { base, .. }) => {
