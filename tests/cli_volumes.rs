@@ -56,6 +56,11 @@ fn restore_and_check(
 
 /// Backs up `volume` and returns the id printed on the last line.
 fn backup(target: &Path, volume: &Path, extra: &[&str]) -> String {
+    backup_id_of(&backup_output(target, volume, extra))
+}
+
+/// Runs `strata backup` of `volume` into `target` with `extra` options, whatever the outcome.
+fn backup_output(target: &Path, volume: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "backup",
         "--quiet",
@@ -66,8 +71,7 @@ fn backup(target: &Path, volume: &Path, extra: &[&str]) -> String {
     ];
     args.extend_from_slice(extra);
     args.push(s(volume));
-    let stdout = ok(strata(&args));
-    stdout.lines().last().expect("an id").trim().to_owned()
+    strata(&args)
 }
 
 #[test]
@@ -272,17 +276,7 @@ fn xxh3_digests_chosen_at_the_full_backup_carry_over() {
     restore_and_check(&target, dir.path(), &base, "", &original);
 
     // Asking an incremental for other digests changes nothing, and says so.
-    let out = strata(&[
-        "backup",
-        "--quiet",
-        "--target",
-        s(&target),
-        "--volume",
-        "vol1",
-        "--digests",
-        "blake3",
-        s(&volume),
-    ]);
+    let out = backup_output(&target, &volume, &["--digests", "blake3"]);
     let again = backup_id_of(&out);
     assert_eq!(digest_algorithm(&target, &again), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -329,21 +323,13 @@ fn changed_since_uses_the_ranges_only_on_their_base() {
     // Changed at 1 MiB, listed at 0: the ranges miss it.
     file.write_all_at(&[0x44; 4096], 1 << 20).expect("write");
     let with_ranges = |since: &str| {
-        let out = strata(&[
-            "backup",
-            "--quiet",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            "--changed-ranges",
-            s(&ranges),
-            "--changed-since",
-            since,
-            s(&volume),
-        ]);
+        let out = backup_output(
+            &target,
+            &volume,
+            &["--changed-ranges", s(&ranges), "--changed-since", since],
+        );
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (ok(out).lines().last().expect("an id").to_owned(), stderr)
+        (backup_id_of(&out), stderr)
     };
     let restored = |id: &str| {
         let dest = dir.path().join(format!("{id}.raw"));
