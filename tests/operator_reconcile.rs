@@ -11,7 +11,7 @@ use kube::runtime::controller::Action;
 use kube_mock::Mock;
 use serde_json::{Value, json};
 use strata::csi::{Role, VolumeKey};
-use strata::operator::crd::{Backup, Restore};
+use strata::operator::crd::Restore;
 use strata::operator::reconcile::stash_name;
 use strata::operator::status::{ConditionStatus, Phase};
 use strata::operator::{Context, reconcile_backup, reconcile_restore};
@@ -56,16 +56,6 @@ fn cluster(target: &std::path::Path) -> Mock {
     );
     mock.put_snapshot_class_target_and_backup(target);
     mock
-}
-
-fn context(mock: &Mock) -> Context {
-    let mut ctx = Context::new(mock.client(), "registry.example/strata:test");
-    ctx.poll = Duration::from_secs(3);
-    ctx
-}
-
-fn backup(mock: &Mock) -> Backup {
-    serde_json::from_value(mock.get(&format!("{BACKUPS}/nightly")).unwrap()).unwrap()
 }
 
 fn key(run: &str, namespace: &str) -> VolumeKey {
@@ -130,12 +120,14 @@ fn condition(status: &Value, type_: &str) -> Value {
 async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     let k = key("nightly", "shop");
     let job = k.name(Role::Datamover);
 
     // 1: discovery, the metadata stash, a snapshot; nothing else until it is ready.
-    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    let action = reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(3)));
     assert_eq!(mock.names_under(SNAPSHOTS), [k.name(Role::Snapshot)]);
     assert!(
@@ -144,7 +136,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     );
     assert_eq!(mock.names_under(PVCS), ["data"]);
     assert!(mock.names_under(JOBS).is_empty());
-    let status = backup(&mock).status.unwrap();
+    let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Preparing));
     assert_eq!(status.volumes[0].volume, "shop.data");
     assert_eq!(status.progress.as_ref().unwrap().bytes_total, 1 << 20);
@@ -157,15 +149,17 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     );
 
     // 2: still not ready: no claim, no Job.
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     assert!(mock.names_under(JOBS).is_empty());
-    let waiting = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    let waiting = serde_json::to_value(mock.backup("nightly").status.unwrap()).unwrap();
     assert_eq!(condition(&waiting, "SnapshotsReady")["reason"], "Waiting");
 
     // 3: ready: a Block claim from the snapshot and a datamover Job, once even if re-run
     // from the same (stale) object, as after a crash before the status was written.
     snapshot_ready(&mock);
-    let stale = backup(&mock);
+    let stale = mock.backup("nightly");
     reconcile_backup(&stale, &ctx).await.unwrap();
     reconcile_backup(&stale, &ctx).await.unwrap();
     assert_eq!(mock.names_under(JOBS), std::slice::from_ref(&job));
@@ -190,20 +184,30 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
             "/dev/xvda"
         ])
     );
-    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Copying));
+    assert_eq!(
+        mock.backup("nightly").status.unwrap().phase,
+        Some(Phase::Copying)
+    );
 
     // 4: the Job runs; once it succeeded the backup is committed and the temporaries go.
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
-    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Copying));
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        mock.backup("nightly").status.unwrap().phase,
+        Some(Phase::Copying)
+    );
     let dev = device();
     let (target_dir, dev_path) = (folder.path().to_owned(), dev.path().to_owned());
     tokio::task::spawn_blocking(move || datamover_backup(&target_dir, &dev_path))
         .await
         .unwrap();
     job_status(&mock, JOBS, &job, complete());
-    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    let action = reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     assert_eq!(action, Action::await_change());
-    let status = backup(&mock).status.unwrap();
+    let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed));
     assert_eq!(status.backup_id.as_deref(), Some("nightly"));
     let progress = status.progress.clone().unwrap();
@@ -232,7 +236,9 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     // 5: a completed Backup is left alone: no request at all.
     let before = mock.requests().len();
     assert_eq!(
-        reconcile_backup(&backup(&mock), &ctx).await.unwrap(),
+        reconcile_backup(&mock.backup("nightly"), &ctx)
+            .await
+            .unwrap(),
         Action::await_change()
     );
     assert_eq!(mock.requests().len(), before);
@@ -287,11 +293,15 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
 async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     let job = key("nightly", "shop").name(Role::Datamover);
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     snapshot_ready(&mock);
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     job_status(
         &mock,
         JOBS,
@@ -299,9 +309,11 @@ async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() 
         json!({"failed": 4, "conditions": [{"type": "Failed", "status": "True",
             "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}),
     );
-    let action = reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    let action = reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     assert_eq!(action, Action::await_change());
-    let status = backup(&mock).status.unwrap();
+    let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Failed));
     let failed = status
         .conditions
@@ -322,7 +334,9 @@ async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() 
     assert!(mock.names_under(SECRETS).is_empty());
     // Failed is final too.
     let before = mock.requests().len();
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     assert_eq!(mock.requests().len(), before);
 }
 
@@ -333,10 +347,10 @@ async fn bad_selector_fails_with_invalid_spec_before_touching_volumes() {
     let mut object = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
     object["spec"]["application"]["selectors"] = json!(["app in (db"]);
     mock.put(&format!("{BACKUPS}/nightly"), object);
-    reconcile_backup(&backup(&mock), &context(&mock))
+    reconcile_backup(&mock.backup("nightly"), &mock.context())
         .await
         .unwrap();
-    let status = backup(&mock).status.unwrap();
+    let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Failed));
     let failed = status
         .conditions
@@ -362,10 +376,6 @@ fn add_backup(mock: &Mock, name: &str, uid: &str, mode: &str) {
                "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
                         "mode": mode}}),
     );
-}
-
-fn backup_named(mock: &Mock, name: &str) -> Backup {
-    serde_json::from_value(mock.get(&format!("{BACKUPS}/{name}")).unwrap()).unwrap()
 }
 
 /// The driver advertises changed-block tracking.
@@ -409,13 +419,9 @@ async fn run_backup(
     handle: &str,
     started: impl FnOnce(&Mock),
 ) -> String {
-    reconcile_backup(&backup_named(mock, name), ctx)
-        .await
-        .unwrap();
+    reconcile_backup(&mock.backup(name), ctx).await.unwrap();
     snapshot_ready_with(mock, name, content, handle);
-    reconcile_backup(&backup_named(mock, name), ctx)
-        .await
-        .unwrap();
+    reconcile_backup(&mock.backup(name), ctx).await.unwrap();
     started(mock);
     let dev = device();
     let (target_dir, dev_path) = (folder.to_owned(), dev.path().to_owned());
@@ -429,10 +435,10 @@ async fn run_backup(
         complete(),
     );
     // The commit, run twice from the same object, as after a crash before the status write.
-    let stale = backup_named(mock, name);
+    let stale = mock.backup(name);
     reconcile_backup(&stale, ctx).await.unwrap();
     reconcile_backup(&stale, ctx).await.unwrap();
-    let status = backup_named(mock, name).status.unwrap();
+    let status = mock.backup(name).status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
     status.volumes[0].backup_id.clone().unwrap()
 }
@@ -451,7 +457,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
     metadata_service(&mock);
-    let ctx = context(&mock);
+    let ctx = mock.context();
     let monday = key("nightly", "shop").name(Role::Snapshot);
     let tuesday = key("tuesday", "shop").name(Role::Snapshot);
 
@@ -483,7 +489,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     assert_eq!(mock.names_under(PVCS), ["data"]);
     assert!(mock.names_under(JOBS).is_empty());
     assert!(mock.names_under(LEASES).is_empty());
-    let status = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    let status = serde_json::to_value(mock.backup("nightly").status.unwrap()).unwrap();
     assert_eq!(status["volumes"][0]["changeSource"], "Full");
 
     // The incremental lists the changes since the base's handle, then backs up only those,
@@ -530,8 +536,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
                     "/dev/xvda"
                 ])
             );
-            let status =
-                serde_json::to_value(backup_named(mock, "tuesday").status.unwrap()).unwrap();
+            let status = serde_json::to_value(mock.backup("tuesday").status.unwrap()).unwrap();
             assert_eq!(status["volumes"][0]["changeSource"], "ChangedBlocks");
             assert_eq!(status["volumes"][0]["baseSnapshot"], monday.as_str());
             let tracking = condition(&status, "ChangedBlockTracking");
@@ -588,8 +593,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
                     "/dev/xvda"
                 ])
             );
-            let status =
-                serde_json::to_value(backup_named(mock, "wednesday").status.unwrap()).unwrap();
+            let status = serde_json::to_value(mock.backup("wednesday").status.unwrap()).unwrap();
             assert_eq!(status["volumes"][0]["changeSource"], "Digests");
             let tracking = condition(&status, "ChangedBlockTracking");
             assert_eq!(tracking["reason"], "Digests");
@@ -631,8 +635,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
         |mock| {
             let pod = pod_spec(mock, "thursday");
             assert!(pod.get("initContainers").is_none());
-            let status =
-                serde_json::to_value(backup_named(mock, "thursday").status.unwrap()).unwrap();
+            let status = serde_json::to_value(mock.backup("thursday").status.unwrap()).unwrap();
             assert_eq!(status["volumes"][0]["changeSource"], "Digests");
             assert_eq!(
                 condition(&status, "ChangedBlockTracking")["message"],
@@ -650,7 +653,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
 async fn without_a_metadata_service_incrementals_compare_digests_and_keep_no_snapshot() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     run_backup(
         &mock,
         &ctx,
@@ -674,8 +677,7 @@ async fn without_a_metadata_service_incrementals_compare_digests_and_keep_no_sna
             let pod = pod_spec(mock, "tuesday");
             assert!(pod.get("initContainers").is_none());
             assert_eq!(pod["containers"][0]["args"][2], "--target");
-            let status =
-                serde_json::to_value(backup_named(mock, "tuesday").status.unwrap()).unwrap();
+            let status = serde_json::to_value(mock.backup("tuesday").status.unwrap()).unwrap();
             assert_eq!(
                 condition(&status, "ChangedBlockTracking")["message"],
                 format!(
@@ -693,7 +695,7 @@ async fn without_a_metadata_service_incrementals_compare_digests_and_keep_no_sna
 async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     let lease = format!("{LEASES}/strata-backup-data");
     // A lock left by a Backup that no longer exists is taken over.
     mock.put(
@@ -704,22 +706,24 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
                                 "kind": "Backup", "name": "ghost", "uid": "g-1", "controller": true}]},
                "spec": {"holderIdentity": "ghost"}}),
     );
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     let held = mock.get(&lease).unwrap();
     assert_eq!(held["spec"]["holderIdentity"], "nightly");
     assert_eq!(held["metadata"]["ownerReferences"][0]["uid"], "b-1");
-    let status = serde_json::to_value(backup(&mock).status.unwrap()).unwrap();
+    let status = serde_json::to_value(mock.backup("nightly").status.unwrap()).unwrap();
     assert_eq!(condition(&status, "VolumesLocked")["reason"], "Locked");
 
     // A second Backup of the same volume waits, naming the first, and snapshots nothing;
     // asking again changes nothing.
     add_backup(&mock, "second", "b-2", "Incremental");
     for _ in 0..2 {
-        let action = reconcile_backup(&backup_named(&mock, "second"), &ctx)
+        let action = reconcile_backup(&mock.backup("second"), &ctx)
             .await
             .unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(3)));
-        let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+        let status = serde_json::to_value(mock.backup("second").status.unwrap()).unwrap();
         assert_eq!(status["phase"], "Preparing");
         let locked = condition(&status, "VolumesLocked");
         assert_eq!(locked["status"], "False");
@@ -748,7 +752,9 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
     // The first one finishes and releases the lock; the second goes ahead, discovering again
     // (so it sees the new volume, and locks it too).
     snapshot_ready(&mock);
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
     let dev = device();
     let (target_dir, dev_path) = (folder.path().to_owned(), dev.path().to_owned());
     tokio::task::spawn_blocking(move || datamover_backup(&target_dir, &dev_path))
@@ -761,8 +767,13 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         complete(),
     );
     let before = mock.requests().len();
-    reconcile_backup(&backup(&mock), &ctx).await.unwrap();
-    assert_eq!(backup(&mock).status.unwrap().phase, Some(Phase::Completed));
+    reconcile_backup(&mock.backup("nightly"), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        mock.backup("nightly").status.unwrap().phase,
+        Some(Phase::Completed)
+    );
     assert!(mock.names_under(LEASES).is_empty());
     // The lock goes only after the Completed status is written: a failed status write must
     // not leave the commit to be repeated while another Backup holds the volume.
@@ -774,7 +785,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         status_write.is_some() && release > status_write,
         "{calls:#?}"
     );
-    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+    reconcile_backup(&mock.backup("second"), &ctx)
         .await
         .unwrap();
     assert_eq!(
@@ -790,7 +801,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         mock.names_under(SNAPSHOTS),
         [key("second", "shop").name(Role::Snapshot), logs.clone()]
     );
-    let status = backup_named(&mock, "second").status.unwrap();
+    let status = mock.backup("second").status.unwrap();
     assert_eq!(status.volumes.len(), 2);
     assert_eq!(status.volumes[1].volume, "shop.logs");
 
@@ -800,7 +811,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
     snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": "snapcontent-2",
                                 "restoreSize": "1Mi"});
     mock.put(&format!("{SNAPSHOTS}/{logs}"), snapshot);
-    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+    reconcile_backup(&mock.backup("second"), &ctx)
         .await
         .unwrap();
     job_status(
@@ -810,11 +821,11 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True",
             "reason": "BackoffLimitExceeded"}]}),
     );
-    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+    reconcile_backup(&mock.backup("second"), &ctx)
         .await
         .unwrap();
     assert_eq!(
-        backup_named(&mock, "second").status.unwrap().phase,
+        mock.backup("second").status.unwrap().phase,
         Some(Phase::Failed)
     );
     assert!(mock.names_under(LEASES).is_empty());
@@ -852,14 +863,14 @@ fn add_lease(mock: &Mock, pvc: &str, holder: &str, uid: &str) {
 async fn a_backup_finding_a_new_volume_after_waiting_takes_its_locks_again_in_order() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     // `nightly` (in progress) holds `data`; `second` waits for it, knowing only `data`.
     add_lease(&mock, "data", "nightly", "b-1");
     add_backup(&mock, "second", "b-2", "Full");
-    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+    reconcile_backup(&mock.backup("second"), &ctx)
         .await
         .unwrap();
-    let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+    let status = serde_json::to_value(mock.backup("second").status.unwrap()).unwrap();
     assert_eq!(
         condition(&status, "VolumesLocked")["reason"],
         "WaitingForBackup"
@@ -876,10 +887,10 @@ async fn a_backup_finding_a_new_volume_after_waiting_takes_its_locks_again_in_or
 
     // `second` takes `data`, discovers again, finds `archive` held by `third`, and gives `data`
     // back instead of holding it while it waits.
-    reconcile_backup(&backup_named(&mock, "second"), &ctx)
+    reconcile_backup(&mock.backup("second"), &ctx)
         .await
         .unwrap();
-    let status = serde_json::to_value(backup_named(&mock, "second").status.unwrap()).unwrap();
+    let status = serde_json::to_value(mock.backup("second").status.unwrap()).unwrap();
     let locked = condition(&status, "VolumesLocked");
     assert_eq!(locked["reason"], "WaitingForBackup");
     assert_eq!(
@@ -889,13 +900,11 @@ async fn a_backup_finding_a_new_volume_after_waiting_takes_its_locks_again_in_or
     assert_eq!(mock.names_under(LEASES), ["strata-backup-archive"]);
 
     // So `third` gets both and goes ahead.
-    reconcile_backup(&backup_named(&mock, "third"), &ctx)
-        .await
-        .unwrap();
+    reconcile_backup(&mock.backup("third"), &ctx).await.unwrap();
     for pvc in ["archive", "data"] {
         let lease = mock.get(&format!("{LEASES}/strata-backup-{pvc}")).unwrap();
         assert_eq!(lease["spec"]["holderIdentity"], "third", "{pvc}");
     }
-    let status = serde_json::to_value(backup_named(&mock, "third").status.unwrap()).unwrap();
+    let status = serde_json::to_value(mock.backup("third").status.unwrap()).unwrap();
     assert_eq!(condition(&status, "VolumesLocked")["reason"], "Locked");
 }

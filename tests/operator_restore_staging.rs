@@ -7,12 +7,11 @@
 mod kube_mock;
 
 use std::io::Write;
-use std::time::Duration;
 
 use kube_mock::Mock;
 use serde_json::{Value, json};
 use strata::csi::{ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, Role, VolumeKey};
-use strata::operator::crd::{Backup, Restore, Staging};
+use strata::operator::crd::{Restore, Staging};
 use strata::operator::status::Phase;
 use strata::operator::{Context, reconcile_backup, reconcile_restore};
 use strata::target::{Target, VolumeName};
@@ -21,7 +20,6 @@ const PVCS: &str = "/api/v1/namespaces/shop/persistentvolumeclaims";
 const SNAPSHOTS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/shop/volumesnapshots";
 const CONTENTS: &str = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents";
 const JOBS: &str = "/apis/batch/v1/namespaces/shop/jobs";
-const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const RESTORES: &str = "/apis/strata.io/v1alpha1/namespaces/shop/restores";
 const COPY_PVCS: &str = "/api/v1/namespaces/shop-copy/persistentvolumeclaims";
 const COPY_SNAPSHOTS: &str =
@@ -83,16 +81,6 @@ fn cluster(target: &std::path::Path) -> Mock {
     mock
 }
 
-fn context(mock: &Mock) -> Context {
-    let mut ctx = Context::new(mock.client(), "registry.example/strata:test");
-    ctx.poll = Duration::from_secs(3);
-    ctx
-}
-
-fn backup(mock: &Mock) -> Backup {
-    serde_json::from_value(mock.get(&format!("{BACKUPS}/nightly")).unwrap()).unwrap()
-}
-
 fn restore(mock: &Mock) -> Restore {
     serde_json::from_value(mock.get(&format!("{RESTORES}/copy")).unwrap()).unwrap()
 }
@@ -134,7 +122,9 @@ fn condition(status: &impl serde::Serialize, type_: &str) -> Value {
 /// device per volume. Checks on the way that only the Filesystem volume's snapshot content is
 /// annotated for its Block datamover claim.
 async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
-    reconcile_backup(&backup(mock), ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), ctx)
+        .await
+        .unwrap();
     for pvc in ["data", "raw"] {
         let snapshot = VolumeKey::new("nightly", "shop", pvc).name(Role::Snapshot);
         update(
@@ -143,7 +133,9 @@ async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
             ready(&format!("content-{pvc}"), "1Mi"),
         );
     }
-    reconcile_backup(&backup(mock), ctx).await.unwrap();
+    reconcile_backup(&mock.backup("nightly"), ctx)
+        .await
+        .unwrap();
     assert_eq!(
         annotations(mock, "content-data"),
         json!({ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"})
@@ -172,8 +164,10 @@ async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
         let job = VolumeKey::new("nightly", "shop", pvc).name(Role::Datamover);
         update(mock, &format!("{JOBS}/{job}"), complete());
     }
-    reconcile_backup(&backup(mock), ctx).await.unwrap();
-    let status = backup(mock).status.unwrap();
+    reconcile_backup(&mock.backup("nightly"), ctx)
+        .await
+        .unwrap();
+    let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
 }
 
@@ -181,7 +175,7 @@ async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
 async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapshot() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
     let key = VolumeKey::new("copy", "shop-copy", "data");
     let (staging, snapshot, job) = (
@@ -375,7 +369,7 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
 async fn a_failed_staging_snapshot_fails_the_restore_with_its_error() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
     let key = VolumeKey::new("copy", "shop-copy", "data");
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
@@ -408,7 +402,7 @@ async fn a_failed_staging_snapshot_fails_the_restore_with_its_error() {
 async fn a_filesystem_pvc_name_taken_by_someone_else_is_refused_before_copying() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
     mock.put(
         &format!("{COPY_PVCS}/data"),
@@ -436,7 +430,7 @@ async fn a_filesystem_pvc_name_taken_by_someone_else_is_refused_before_copying()
 async fn the_restores_snapshot_class_overrides_the_default_choice() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
-    let ctx = context(&mock);
+    let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
     // A second class of the driver: without the override the choice would be ambiguous.
     mock.put(

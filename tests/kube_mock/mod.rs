@@ -120,6 +120,19 @@ impl Mock {
         );
     }
 
+    /// An operator context on this mock that polls every 3 s.
+    pub fn context(&self) -> strata::operator::Context {
+        let mut ctx = strata::operator::Context::new(self.client(), "registry.example/strata:test");
+        ctx.poll = std::time::Duration::from_secs(3);
+        ctx
+    }
+
+    /// Backup `shop/name` as stored.
+    pub fn backup(&self, name: &str) -> strata::operator::crd::Backup {
+        let path = format!("/apis/strata.io/v1alpha1/namespaces/shop/backups/{name}");
+        serde_json::from_value(self.get(&path).unwrap()).unwrap()
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
