@@ -51,16 +51,6 @@ enum DigestChoice {
     Xxh3,
 }
 
-impl DigestChoice {
-    /// The name as typed.
-    fn name(self) -> &'static str {
-        match self {
-            Self::Blake3 => "blake3",
-            Self::Xxh3 => "xxh3",
-        }
-    }
-}
-
 /// Arguments of `strata restore`.
 #[derive(clap::Args)]
 pub struct RestoreArgs {
@@ -174,7 +164,8 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             eprintln!(
                 "strata: an incremental keeps its chain's digests; --digests {} applies to the \
                  next --full backup",
-                asked.name()
+                clap::ValueEnum::to_possible_value(&asked)
+                    .map_or_else(String::new, |v| v.get_name().to_owned())
             );
         }
     }
