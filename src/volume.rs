@@ -63,8 +63,13 @@ pub enum Error {
 /// Result of the volume flows.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The longest chain (base included) [`backup_volume`] builds by default before it takes a
+/// full backup instead: half of [`strata_target::MAX_CHAIN_DEPTH`], the limit every reader
+/// opens, so restores stay fast and no build's reader is ever at its edge.
+pub const DEFAULT_MAX_CHAIN_LENGTH: usize = 64;
+
 /// How to take a backup.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BackupOptions {
     /// Take a full base image even when the volume has backups.
     pub full: bool,
@@ -75,6 +80,22 @@ pub struct BackupOptions {
     /// Digests of a new chain (BLAKE3 by default); incrementals keep their chain's, so a
     /// change takes effect at the next full backup.
     pub digests: DigestAlgorithm,
+    /// The longest chain (base included) an incremental may make; a backup that would make it
+    /// longer is taken as a full image (its manifest says why). At most
+    /// [`strata_target::MAX_CHAIN_DEPTH`]; [`DEFAULT_MAX_CHAIN_LENGTH`] by default.
+    pub max_chain_length: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            full: false,
+            changed_ranges: None,
+            cluster_size: None,
+            digests: DigestAlgorithm::default(),
+            max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
+        }
+    }
 }
 
 /// Opens the volume at `path` (a file or block device) for a backup.
@@ -93,10 +114,25 @@ pub fn backup_volume(
     options: &BackupOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupManifest> {
-    let latest = if options.full {
-        None
-    } else {
-        target.latest(volume)?
+    let mut full_reason = None;
+    let latest = match target.latest(volume)? {
+        _ if options.full => None,
+        Some(latest) => {
+            let limit = options
+                .max_chain_length
+                .clamp(1, strata_target::MAX_CHAIN_DEPTH);
+            let length = target.chain_length(&latest)?;
+            if length >= limit {
+                full_reason = Some(format!(
+                    "the chain ending in {} has {length} images, the limit is {limit}",
+                    latest.id
+                ));
+                None
+            } else {
+                Some(latest)
+            }
+        }
+        None => None,
     };
     let size = source.size().map_err(|e| Error::Volume {
         action: "reading the volume size",
@@ -124,6 +160,9 @@ pub fn backup_volume(
             cluster_size,
         },
     )?;
+    if let Some(reason) = full_reason {
+        upload.set_full_reason(reason);
+    }
     let mut writer_options = WriterOptions::default();
     writer_options.cluster_size = cluster_size;
     writer_options.backing_file = upload.backing_name();

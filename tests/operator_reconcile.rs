@@ -203,12 +203,36 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
         .await
         .unwrap();
     job_status(&mock, JOBS, &job, complete());
+    // What a datamover killed an hour ago left: a claim and a partial image, no writer record.
+    let leftovers = folder.path().join("volumes/shop.data");
+    let planted = [
+        leftovers.join("claims/dead.json"),
+        leftovers.join("images/dead.qcow2.0123456789abcdef.partial"),
+    ];
+    for path in &planted {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let body = r#"{"backup":"dead","parent":null,"writer":"0123456789abcdef","created":"2026-01-01T00:00:00Z"}"#;
+        std::fs::write(path, body).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
     let action = reconcile_backup(&mock.backup("nightly"), &ctx)
         .await
         .unwrap();
     assert_eq!(action, Action::await_change());
     let status = mock.backup("nightly").status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed));
+    // The controller ran gc on the volume after the commit.
+    for path in &planted {
+        assert!(!path.exists(), "{} survived the gc", path.display());
+    }
+    let value = serde_json::to_value(&status).unwrap();
+    assert_eq!(condition(&value, "GarbageCollected")["status"], "True");
     assert_eq!(status.backup_id.as_deref(), Some("nightly"));
     let progress = status.progress.clone().unwrap();
     assert_eq!((progress.volumes_done, progress.volumes_total), (1, 1));

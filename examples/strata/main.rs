@@ -49,6 +49,8 @@ enum Command {
     Verify(volumes::VerifyArgs),
     /// Keep the newest backups of a volume, folding older ones into their children.
     Prune(volumes::PruneArgs),
+    /// Remove what killed or abandoned backups left behind (partial images, stale claims).
+    Gc(volumes::GcArgs),
     /// Serve a backup point from a target over NBD (read-only, or copy-on-write).
     Serve(serve::Args),
     /// Serve a local image or chain over NBD (read-only, or copy-on-write).
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::List(args) => volumes::list(args),
         Command::Verify(args) => volumes::verify(args),
         Command::Prune(args) => volumes::prune(args),
+        Command::Gc(args) => volumes::gc(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeImage(args) => serve::run_image(args),
         #[cfg(feature = "kubernetes")]

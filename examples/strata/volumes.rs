@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use strata::target::{BackupId, Target, VolumeName};
+use strata::target::{BackupId, Notices, Target, TargetOptions, VolumeName};
 
 use crate::Output;
 
@@ -35,6 +35,14 @@ pub struct BackupArgs {
     /// keep their chain's (a note on stderr says so when this asks for another).
     #[arg(long, value_enum)]
     digests: Option<DigestChoice>,
+    /// The longest chain (base included) an incremental may make; the backup that would
+    /// exceed it is taken full instead (and says so).
+    #[arg(long, value_name = "N", default_value_t = strata::DEFAULT_MAX_CHAIN_LENGTH)]
+    max_chain_length: usize,
+    /// On object storage, how long this writer's lease lasts without a renewal (`30s`, `2m`):
+    /// were it killed, the volume's next backup waits about this long before taking over.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    lease: Duration,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -99,7 +107,38 @@ pub struct VerifyArgs {
 }
 
 fn open_target(url: &str) -> anyhow::Result<Target> {
-    Target::open(url).with_context(|| format!("opening target {url}"))
+    open_target_with(url, TargetOptions::default())
+}
+
+/// Opens the target with `options`, its notices (a wait for a lapsing lease, a takeover)
+/// printed on stderr.
+fn open_target_with(url: &str, mut options: TargetOptions) -> anyhow::Result<Target> {
+    options.notices = Notices::new(|line| eprintln!("strata: {line}"));
+    Target::open_with(url, options).with_context(|| format!("opening target {url}"))
+}
+
+/// Parses a duration: a number with `ms`, `s` (the default), `m`, `h` or `d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 15m or 2h"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// A progress bar over `total` bytes, hidden when stderr is not a terminal or `quiet`.
@@ -149,7 +188,9 @@ fn usable_ranges(
 
 /// Runs `strata backup`; prints the new backup's id as the last line.
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    let target = open_target(&args.target)?;
+    let mut target_options = TargetOptions::default();
+    target_options.lease = args.lease;
+    let target = open_target_with(&args.target, target_options)?;
     let volume = VolumeName::new(&args.volume)?;
     let changed_ranges = match &args.changed_ranges {
         Some(path) if usable_ranges(&target, &volume, path, args.changed_since.as_deref())? => {
@@ -177,6 +218,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             DigestChoice::Blake3 => strata::chain::DigestAlgorithm::Blake3,
             DigestChoice::Xxh3 => strata::chain::DigestAlgorithm::xxh3_random()?,
         },
+        max_chain_length: args.max_chain_length,
     };
     let source: Box<dyn strata::qcow2::VolumeRead> =
         match args.source.to_str().filter(|s| s.starts_with("nbd://")) {
@@ -204,6 +246,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         manifest.volume,
         manifest.image.size
     )?;
+    if let Some(reason) = &manifest.full_reason {
+        writeln!(out, "full because {reason}")?;
+    }
     writeln!(out, "{}", manifest.id)?;
     Ok(())
 }
@@ -341,5 +386,36 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<()> {
         args.keep_last
             .min(strata::list(&target, Some(&volume))?.len())
     )?;
+    Ok(())
+}
+
+/// Arguments of `strata gc`.
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// The target.
+    #[arg(long)]
+    target: String,
+    /// Leave leftovers younger than this (`15m`, `2h`, `0`); a live writer's objects are kept
+    /// whatever their age.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "15m")]
+    grace: Duration,
+}
+
+/// Runs `strata gc`: removes what killed or abandoned writers left, and says what it removed.
+pub fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let target = open_target(&args.target)?;
+    let report = target.gc(args.grace)?;
+    let mut out = std::io::stdout().lock();
+    for key in &report.removed {
+        writeln!(out, "removed {key}")?;
+    }
+    writeln!(out, "{} objects removed", report.removed.len())?;
+    if !target.is_folder() {
+        writeln!(
+            out,
+            "note: incomplete multipart uploads cannot be listed here; a bucket lifecycle rule \
+             that aborts them after a day removes those of killed writers"
+        )?;
+    }
     Ok(())
 }

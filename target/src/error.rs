@@ -78,6 +78,30 @@ pub enum Error {
         /// The backup (committed or in progress) that extends it.
         child: String,
     },
+    /// The writer lost its reservation before committing (it stalled past its lease and a later
+    /// writer took over, or gc removed it): nothing was committed.
+    #[error("backup {id} of volume {volume} was not committed: superseded by {by}")]
+    Superseded {
+        /// The volume.
+        volume: String,
+        /// The backup that was being written.
+        id: String,
+        /// What took its place.
+        by: String,
+    },
+    /// Extending the parent would make a chain longer than any reader of this build opens.
+    #[error(
+        "backup {parent} of volume {volume} ends a chain of {length} images, the limit: take a \
+         full backup"
+    )]
+    ChainTooLong {
+        /// The volume.
+        volume: String,
+        /// The backup that ends the chain.
+        parent: String,
+        /// Its chain's length, base included.
+        length: usize,
+    },
     /// The backup cannot be deleted: another backup (committed or in progress) extends it.
     #[error("backup {id} of volume {volume} has a child, {child}")]
     HasChild {

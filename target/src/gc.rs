@@ -1,8 +1,11 @@
 //! Garbage collection of what interrupted or abandoned backups left behind.
 //!
-//! An object is garbage when it belongs to a backup id that is not committed and whose claim is
-//! missing or older than the grace period, and the object itself is older than the grace
-//! period. Data objects go first and claims last, so an interrupted `gc` is simply run again.
+//! An object is garbage when it belongs to a backup id that is not committed and whose writer
+//! is dead (its claim is missing, or the writer's lock is free or its lease lapsed: see
+//! [`crate::liveness`]), and the object itself is older than the grace period. A live writer's
+//! objects are never removed, however long it runs. Records of dead writers and finished
+//! takeovers go too, once older than the grace period. Data objects go first, claims after
+//! them and writer records last, so an interrupted `gc` is simply run again.
 //! Application metadata archives without a manifest are garbage after the grace period too.
 //! Incomplete multipart uploads are aborted by the sink that started them; those of a crashed
 //! process cannot be listed through object_store, so object stores should also carry a
@@ -17,6 +20,7 @@ use object_store::path::Path;
 
 use crate::error::Result;
 use crate::layout::{IMAGE_EXTENSION, id_from_key};
+use crate::liveness::Liveness;
 use crate::manifest::{Reservation, from_json};
 use crate::name::VolumeName;
 use crate::target::{Inner, Target};
@@ -29,8 +33,12 @@ pub struct GcReport {
 }
 
 impl Target {
-    /// Removes the leftovers of backups that were never committed and whose writers have been
-    /// silent for longer than `grace`. A writer must commit within `grace` of claiming its id.
+    /// Removes the leftovers of backups that were never committed and whose writers are dead
+    /// (see the module docs), once older than `grace`: partial images, side files, claims and
+    /// child slots, the dead writers' records, and finished takeovers. Objects of live writers
+    /// and of committed backups are never touched. Incomplete multipart uploads of a killed
+    /// writer cannot be listed through object_store: give buckets a lifecycle rule that aborts
+    /// them (after a day, say).
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
         let volumes = self.volumes()?;
         let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
@@ -46,6 +54,17 @@ impl Target {
         })?;
         report.removed.extend(removed);
         Ok(report)
+    }
+
+    /// [`gc`](Self::gc) of one volume's leftovers only (what the controller runs after it
+    /// commits a backup of the volume).
+    pub fn gc_volume(&self, volume: &VolumeName, grace: Duration) -> Result<GcReport> {
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let volume = volume.clone();
+        let removed = self.block("gc", move |inner| async move {
+            collect_volume(&inner, &volume, Utc::now() - grace).await
+        })?;
+        Ok(GcReport { removed })
     }
 }
 
@@ -91,13 +110,26 @@ async fn collect_volume(
         .flatten()
         .filter_map(|(meta, rest)| owner("backups", &meta.location, rest))
         .collect();
-    let live_claims: HashSet<String> = by_dir
-        .get("claims")
-        .into_iter()
-        .flatten()
-        .filter(|(meta, _)| meta.last_modified > cutoff)
-        .filter_map(|(meta, rest)| owner("claims", &meta.location, rest))
-        .collect();
+    let mut live_claims: HashSet<String> = HashSet::new();
+    for (meta, rest) in by_dir.get("claims").into_iter().flatten() {
+        let Some(id) = owner("claims", &meta.location, rest) else {
+            continue;
+        };
+        if committed.contains(&id) || meta.last_modified > cutoff {
+            live_claims.insert(id);
+            continue;
+        }
+        let bytes = match inner.get_bytes(&meta.location).await {
+            Ok(bytes) => bytes,
+            // Released meanwhile by its writer.
+            Err(crate::Error::NotFound { .. }) => continue,
+            Err(err) => return Err(err),
+        };
+        let claim: Reservation = from_json("claim", meta.location.as_ref(), &bytes)?;
+        if !matches!(inner.liveness(volume, &claim.writer).await?, Liveness::Dead) {
+            live_claims.insert(id);
+        }
+    }
     let live = |id: &str| committed.contains(id) || live_claims.contains(id);
     let mut removed = Vec::new();
     for dir in ["images", "files", "children", "claims"] {
@@ -107,7 +139,11 @@ async fn collect_volume(
             }
             let id = if dir == "children" {
                 // A child slot belongs to the backup it names.
-                let bytes = inner.get_bytes(&meta.location).await?;
+                let bytes = match inner.get_bytes(&meta.location).await {
+                    Ok(bytes) => bytes,
+                    Err(crate::Error::NotFound { .. }) => continue,
+                    Err(err) => return Err(err),
+                };
                 from_json::<Reservation>("child slot", meta.location.as_ref(), &bytes)?
                     .backup
                     .to_string()
@@ -121,6 +157,23 @@ async fn collect_volume(
                 inner.delete(&meta.location).await?;
                 removed.push(meta.location.to_string());
             }
+        }
+    }
+    for (meta, _) in by_dir.get("takeovers").into_iter().flatten() {
+        if meta.last_modified <= cutoff {
+            inner.delete(&meta.location).await?;
+            removed.push(meta.location.to_string());
+        }
+    }
+    for (meta, _) in by_dir.get("writers").into_iter().flatten() {
+        let Some(token) = id_from_key(&meta.location, ".json") else {
+            continue;
+        };
+        if meta.last_modified <= cutoff
+            && matches!(inner.liveness(volume, &token).await?, Liveness::Dead)
+        {
+            inner.delete(&meta.location).await?;
+            removed.push(meta.location.to_string());
         }
     }
     Ok(removed)

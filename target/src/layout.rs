@@ -8,6 +8,9 @@
 //! <prefix>/volumes/<volume>/claims/<id>.json     reservation of an id, made before any upload
 //! <prefix>/volumes/<volume>/children/<id>.json   reservation of the one child that extends <id>
 //! <prefix>/volumes/<volume>/files/<id>/<name>    side files of a backup (digest manifests, ...)
+//! <prefix>/volumes/<volume>/writers/<token>.json the record of a live writer (lock or lease)
+//! <prefix>/volumes/<volume>/takeovers/<id>/<token>.json
+//!                                                the one writer taking over <token>'s slot on <id>
 //! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
 //! <prefix>/applications/<app>/<id>.archive       its metadata archive
 //! ```
@@ -81,6 +84,20 @@ impl Layout {
             volume.as_str(),
             "children",
             &json(parent.as_str()),
+        ])
+    }
+
+    pub(crate) fn writer(&self, volume: &VolumeName, token: &str) -> Path {
+        self.key(["volumes", volume.as_str(), "writers", &json(token)])
+    }
+
+    pub(crate) fn takeover(&self, volume: &VolumeName, parent: &BackupId, token: &str) -> Path {
+        self.key([
+            "volumes",
+            volume.as_str(),
+            "takeovers",
+            parent.as_str(),
+            &json(token),
         ])
     }
 

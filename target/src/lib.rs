@@ -164,9 +164,11 @@
 mod apps;
 mod delete;
 mod error;
+mod failpoint;
 mod fold;
 mod gc;
 mod layout;
+mod liveness;
 mod local_sink;
 mod manifest;
 mod name;
@@ -187,7 +189,7 @@ pub use manifest::{
     VolumeBackupRef,
 };
 pub use name::{AppBackupId, AppName, BackupId, FileName, VolumeName};
-pub use options::TargetOptions;
+pub use options::{Notices, TargetOptions};
 pub use reader::ObjectReader;
 pub use runtime::RetryPolicy;
 pub use sink::ImageUpload;
@@ -195,5 +197,13 @@ pub use storage::VolumeStorage;
 pub use target::Target;
 pub use upload::{BackupSpec, BackupUpload};
 
-/// Longest chain [`Target::chain`] follows before calling the repository corrupt.
-pub const MAX_CHAIN_DEPTH: usize = 1024;
+/// The grace period `strata gc` and the controller give leftovers before removing them: long
+/// enough that clock differences between writers and the store never matter. A live writer's
+/// objects are kept whatever their age.
+pub const DEFAULT_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// The longest chain (base included) any backup may complete: the QCOW2 reader's own limit, so
+/// that no point this build commits is one its restore, verify, serve or prune cannot open.
+/// [`Target::begin_backup`] refuses to extend a chain already this long, and
+/// [`Target::chain`] calls a longer one corrupt.
+pub const MAX_CHAIN_DEPTH: usize = strata_qcow2::DEFAULT_MAX_DEPTH;

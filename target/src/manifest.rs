@@ -89,6 +89,10 @@ pub struct BackupManifest {
     pub image: ImageInfo,
     /// Side files, in the order they were stored.
     pub files: Vec<SideFile>,
+    /// Why this is a full image although the volume had backups (the chain reached its
+    /// length limit, say); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
 }
 
 /// One application backup (`applications/<app>/<id>.json`): its metadata archive and the volume

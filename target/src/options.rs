@@ -1,5 +1,8 @@
 //! Tuning knobs of a target, with the defaults the memory bounds in the crate docs assume.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::runtime::RetryPolicy;
 
 const MIB: usize = 1 << 20;
@@ -36,7 +39,50 @@ pub struct TargetOptions {
     /// values (for example `("aws_endpoint", "http://127.0.0.1:5000")`,
     /// `("aws_allow_http", "true")`). Empty by default.
     pub store_config: Vec<(String, String)>,
+    /// How long a writer's lease on an object store lasts without a renewal (it renews every
+    /// third of it): a writer killed mid-backup holds up the volume's next backup for about
+    /// this long. Folder targets use an OS lock instead and never wait. Default 30 s.
+    pub lease: Duration,
+    /// Where the target reports what it waits for (a lapsing lease), for a command line to
+    /// print. Silent by default.
+    pub notices: Notices,
 }
+
+/// A receiver of the target's notices (one line each), such as `eprintln!`.
+#[derive(Clone, Default)]
+pub struct Notices(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+
+impl Notices {
+    /// Notices go to `sink`.
+    pub fn new(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(sink)))
+    }
+
+    pub(crate) fn tell(&self, line: &str) {
+        if let Some(sink) = &self.0 {
+            sink(line);
+        }
+    }
+}
+
+impl std::fmt::Debug for Notices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Notices(..)"
+        } else {
+            "Notices(none)"
+        })
+    }
+}
+
+/// Options compare equal whatever their notice receivers.
+impl PartialEq for Notices {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Notices {}
 
 impl Default for TargetOptions {
     fn default() -> Self {
@@ -52,6 +98,8 @@ impl Default for TargetOptions {
             retry: RetryPolicy::default(),
             io_threads: 2,
             store_config: Vec::new(),
+            lease: Duration::from_secs(30),
+            notices: Notices::default(),
         }
     }
 }
@@ -80,6 +128,7 @@ impl TargetOptions {
         self.max_readahead = self.max_readahead.max(self.read_block_size);
         self.max_request = self.max_request.max(self.read_block_size);
         self.io_threads = self.io_threads.max(1);
+        self.lease = self.lease.max(Duration::from_millis(300));
         self
     }
 }

@@ -33,6 +33,8 @@ use crate::target::{Inner, Target};
 #[derive(Debug)]
 pub struct ImageUpload {
     kind: Kind,
+    /// Body bytes handed over so far (for the `mid-upload` crash point).
+    appended: u64,
 }
 
 #[derive(Debug)]
@@ -65,6 +67,7 @@ impl ImageUpload {
             )?;
             return Ok(Self {
                 kind: Kind::Local(Box::new(sink)),
+                appended: 0,
             });
         }
         let multipart = inner.multipart.clone().ok_or(Error::Unsupported {
@@ -73,6 +76,7 @@ impl ImageUpload {
         let sink = MultipartSink::create(target.inner.clone(), multipart, path, object, result)?;
         Ok(Self {
             kind: Kind::Multipart(Box::new(sink)),
+            appended: 0,
         })
     }
 }
@@ -87,18 +91,29 @@ impl ImageSink for ImageUpload {
 
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         match &mut self.kind {
-            Kind::Multipart(sink) => sink.append(data).map_err(io::Error::from),
-            Kind::Local(sink) => sink.append(data).map_err(io::Error::from),
+            Kind::Multipart(sink) => sink.append(data).map_err(io::Error::from)?,
+            Kind::Local(sink) => sink.append(data).map_err(io::Error::from)?,
         }
+        let before = self.appended;
+        self.appended += data.len() as u64;
+        if before < MID_UPLOAD && self.appended >= MID_UPLOAD {
+            crate::failpoint::hit("mid-upload");
+        }
+        Ok(())
     }
 
     fn finish(&mut self, header: &[u8]) -> io::Result<()> {
         match &mut self.kind {
-            Kind::Multipart(sink) => sink.finish(header).map_err(io::Error::from),
-            Kind::Local(sink) => sink.finish(header).map_err(io::Error::from),
+            Kind::Multipart(sink) => sink.finish(header).map_err(io::Error::from)?,
+            Kind::Local(sink) => sink.finish(header).map_err(io::Error::from)?,
         }
+        crate::failpoint::hit("image-complete");
+        Ok(())
     }
 }
+
+/// Where the `mid-upload` crash point fires: once this much of the body is handed over.
+const MID_UPLOAD: u64 = 1 << 20;
 
 type PartResult = Result<(usize, PartId)>;
 

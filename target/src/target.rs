@@ -118,6 +118,11 @@ impl Target {
         &self.inner.url
     }
 
+    /// Whether the target is a folder (or NFS mount) rather than an object store.
+    pub fn is_folder(&self) -> bool {
+        self.inner.local_root.is_some()
+    }
+
     /// The options in force.
     pub fn options(&self) -> &TargetOptions {
         &self.inner.options
@@ -222,6 +227,15 @@ impl Target {
         })
     }
 
+    /// The length (base included) of the chain that ends in committed backup `manifest`,
+    /// counted up to one past [`crate::MAX_CHAIN_DEPTH`].
+    pub fn chain_length(&self, manifest: &BackupManifest) -> Result<usize> {
+        let manifest = manifest.clone();
+        self.block("read backup chain", |inner| async move {
+            inner.chain_length(&manifest).await
+        })
+    }
+
     /// The most recently created committed backup of `volume`.
     pub fn latest(&self, volume: &VolumeName) -> Result<Option<BackupManifest>> {
         Ok(self.backups(volume)?.pop())
@@ -232,7 +246,7 @@ impl Target {
     pub fn chain(&self, volume: &VolumeName, id: &BackupId) -> Result<Vec<BackupManifest>> {
         let mut chain = vec![self.backup(volume, id)?];
         while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
-            if chain.len() > crate::MAX_CHAIN_DEPTH || chain.iter().any(|m| m.id == parent) {
+            if chain.len() >= crate::MAX_CHAIN_DEPTH || chain.iter().any(|m| m.id == parent) {
                 return Err(Error::Corrupt {
                     what: "backup chain",
                     path: self.inner.layout.manifest(volume, id).to_string(),
@@ -342,6 +356,41 @@ impl Inner {
             });
         }
         Ok(manifest)
+    }
+}
+
+impl Inner {
+    /// The length of the chain `manifest` ends (base included), following committed parents;
+    /// stops counting past [`crate::MAX_CHAIN_DEPTH`] (and on a loop or a missing parent, which
+    /// [`Target::chain`] reports).
+    pub(crate) async fn chain_length(&self, manifest: &BackupManifest) -> Result<usize> {
+        let mut length = 1;
+        let mut next = manifest.parent.clone();
+        while let Some(parent) = next {
+            if length > crate::MAX_CHAIN_DEPTH {
+                break;
+            }
+            length += 1;
+            next = match self.manifest(&manifest.volume, &parent).await {
+                Ok(m) => m.parent,
+                Err(Error::NotFound { .. }) => None,
+                Err(err) => return Err(err),
+            };
+        }
+        Ok(length)
+    }
+
+    /// Refuses to extend `parent` when its chain is already as long as a chain may be.
+    pub(crate) async fn check_extendable(&self, parent: &BackupManifest) -> Result<()> {
+        let length = self.chain_length(parent).await?;
+        if length >= crate::MAX_CHAIN_DEPTH {
+            return Err(Error::ChainTooLong {
+                volume: parent.volume.to_string(),
+                parent: parent.id.to_string(),
+                length,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -1,18 +1,25 @@
-//! Writing one backup: reservations, the image, side files, and the commit.
+//! Writing one backup: the writer's lease, reservations, the image, side files, and the commit.
 //!
 //! The protocol (all conditional puts are create-only, so it works on every store, including
 //! the local filesystem, where object_store has no compare-and-swap):
 //!
+//! 0. The writer records itself in `writers/<token>.json` and proves it is alive from then on
+//!    (a `flock` on a folder, a renewed lease on object storage: [`crate::liveness`]).
 //! 1. `claims/<id>.json` is created. Failing that, another writer owns the id:
 //!    [`Error::BackupExists`], before a single image byte is sent.
-//! 2. For an overlay, `children/<parent>.json` is created: one child per parent. Failing that,
-//!    the parent is no longer the head of its chain: [`Error::ParentNotHead`], naming the backup
-//!    that extends it (committed or still in progress). The claim is released.
+//! 2. For an overlay, `children/<parent>.json` is created: one child per parent. When it exists
+//!    and names a committed backup or a live writer, the parent is no longer the head of its
+//!    chain: [`Error::ParentNotHead`], naming the backup that extends it, and the claim is
+//!    released. When it names a dead writer (or, on object storage, one whose lease lapses
+//!    while this writer waits, at most one lease), the slot is taken over.
 //! 3. The image streams in ([`ImageUpload`]) and side files are put.
-//! 4. The manifest is created last; its existence is the commit. Readers list manifests only.
+//! 4. The writer confirms its lease, checks that its claim and child slot are still its own
+//!    ([`Error::Superseded`] otherwise: it stalled and was taken over) and creates the
+//!    manifest; its existence is the commit. Readers list manifests only.
 //!
 //! Dropping an upload before [`BackupUpload::commit`] removes what it wrote and releases its
-//! reservations. A crash leaves them behind; [`Target::gc`] removes them after the grace period.
+//! reservations. A killed writer leaves them behind: the next writer takes its slot over, and
+//! [`Target::gc`] removes the rest.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +28,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::layout::{FORMAT_VERSION, image_name};
+use crate::liveness::WriterLease;
 use crate::manifest::{
     BackupManifest, ImageInfo, Reservation, SideFile, crc32, from_json, to_json,
 };
@@ -54,9 +62,12 @@ pub struct BackupUpload {
     virtual_size: u64,
     cluster_size: u64,
     writer: String,
+    /// Proves this writer alive until it commits or gives up (see [`crate::liveness`]).
+    lease: Option<WriterLease>,
     image: Arc<Mutex<Option<ImageInfo>>>,
     image_started: bool,
     files: Vec<SideFile>,
+    full_reason: Option<String>,
     done: bool,
 }
 
@@ -77,10 +88,10 @@ impl Target {
             created,
         };
         let volume_c = volume.clone();
-        self.block("begin backup", move |inner| async move {
+        let lease = self.block("begin backup", move |inner| async move {
             let volume = volume_c;
             if let Some(parent) = &reservation.parent {
-                inner
+                let manifest = inner
                     .manifest(&volume, parent)
                     .await
                     .map_err(|err| match err {
@@ -90,33 +101,30 @@ impl Target {
                         },
                         err => err,
                     })?;
+                inner.check_extendable(&manifest).await?;
             }
+            let lease = WriterLease::acquire(&inner, &volume, &reservation).await?;
+            crate::failpoint::hit("before-claim");
             let claim = inner.layout.claim(&volume, &reservation.backup);
             if let Created::Exists(_) = inner
                 .put_create(&claim, to_json(&reservation).into())
                 .await?
             {
+                lease.release(&inner).await?;
                 return Err(Error::BackupExists {
                     volume: volume.to_string(),
                     id: reservation.backup.to_string(),
                 });
             }
             if let Some(parent) = &reservation.parent {
-                let slot = inner.layout.child_slot(&volume, parent);
-                if let Created::Exists(other) = inner
-                    .put_create(&slot, to_json(&reservation).into())
-                    .await?
-                {
+                if let Err(err) = inner.take_child_slot(&volume, parent, &reservation).await {
                     inner.delete(&claim).await?;
-                    let other: Reservation = from_json("child slot", slot.as_ref(), &other)?;
-                    return Err(Error::ParentNotHead {
-                        volume: volume.to_string(),
-                        parent: parent.to_string(),
-                        child: other.backup.to_string(),
-                    });
+                    lease.release(&inner).await?;
+                    return Err(err);
                 }
             }
-            Ok(())
+            crate::failpoint::hit("claimed");
+            Ok(lease)
         })?;
         Ok(BackupUpload {
             target: self.clone(),
@@ -127,9 +135,11 @@ impl Target {
             virtual_size: spec.virtual_size,
             cluster_size: spec.cluster_size,
             writer,
+            lease: Some(lease),
             image: Arc::new(Mutex::new(None)),
             image_started: false,
             files: Vec::new(),
+            full_reason: None,
             done: false,
         })
     }
@@ -160,6 +170,11 @@ impl BackupUpload {
     /// the chain resolves inside the volume's image folder on every target.
     pub fn backing_name(&self) -> Option<String> {
         self.parent.as_ref().map(image_name)
+    }
+
+    /// Records in the manifest why this full image was taken although the volume has backups.
+    pub fn set_full_reason(&mut self, reason: impl Into<String>) {
+        self.full_reason = Some(reason.into());
     }
 
     /// The sink the QCOW2 writer streams the image into (one per backup).
@@ -223,38 +238,72 @@ impl BackupUpload {
             cluster_size: self.cluster_size,
             image,
             files: self.files.clone(),
+            full_reason: self.full_reason.clone(),
         };
-        let (volume, id, writer, doc) = (
+        crate::failpoint::hit("before-manifest");
+        let (volume, id, parent, writer, doc) = (
             self.volume.clone(),
             self.id.clone(),
+            self.parent.clone(),
             self.writer.clone(),
             manifest.clone(),
         );
+        let lease = self.lease.take();
         self.target
             .block("commit backup", move |inner| async move {
+                if let Some(lease) = &lease {
+                    lease.confirm(&inner).await?;
+                }
                 let claim_path = inner.layout.claim(&volume, &id);
-                let lost = || Error::Upload {
-                    path: claim_path.to_string(),
-                    reason:
-                        "the claim on this backup id was removed (by gc after the grace period?)"
-                            .into(),
+                let superseded = |by: String| Error::Superseded {
+                    volume: volume.to_string(),
+                    id: id.to_string(),
+                    by,
                 };
                 let claim = match inner.get_bytes(&claim_path).await {
-                    Err(Error::NotFound { .. }) => return Err(lost()),
+                    Err(Error::NotFound { .. }) => {
+                        return Err(superseded("gc, which removed its claim".into()));
+                    }
                     other => other?,
                 };
                 let claim: Reservation = from_json("claim", claim_path.as_ref(), &claim)?;
                 if claim.writer != writer {
-                    return Err(lost());
+                    return Err(superseded("another writer of the same id".into()));
+                }
+                if let Some(parent) = &parent {
+                    let slot = inner.layout.child_slot(&volume, parent);
+                    let holder = match inner.get_bytes(&slot).await {
+                        Err(Error::NotFound { .. }) => None,
+                        other => Some(from_json::<Reservation>(
+                            "child slot",
+                            slot.as_ref(),
+                            &other?,
+                        )?),
+                    };
+                    match holder {
+                        Some(holder) if holder.writer == writer => {}
+                        Some(holder) => {
+                            return Err(superseded(format!("backup {}", holder.backup)));
+                        }
+                        None => return Err(superseded("gc, which removed its child slot".into())),
+                    }
                 }
                 let path = inner.layout.manifest(&volume, &id);
                 match inner.put_create(&path, to_json(&doc).into()).await? {
-                    Created::New => Ok(()),
-                    Created::Exists(_) => Err(Error::BackupExists {
-                        volume: volume.to_string(),
-                        id: id.to_string(),
-                    }),
+                    Created::New => {}
+                    Created::Exists(_) => {
+                        return Err(Error::BackupExists {
+                            volume: volume.to_string(),
+                            id: id.to_string(),
+                        });
+                    }
                 }
+                crate::failpoint::hit("after-manifest");
+                if let Some(lease) = &lease {
+                    // Committed: a leftover record is only removed later by gc.
+                    let _ = lease.release(&inner).await;
+                }
+                Ok(())
             })?;
         self.done = true;
         Ok(manifest)
@@ -267,12 +316,13 @@ impl BackupUpload {
         self.clean_up()
     }
 
-    fn clean_up(&self) -> Result<()> {
-        let (volume, id, parent, writer) = (
+    fn clean_up(&mut self) -> Result<()> {
+        let (volume, id, parent, writer, lease) = (
             self.volume.clone(),
             self.id.clone(),
             self.parent.clone(),
             self.writer.clone(),
+            self.lease.take(),
         );
         self.target
             .block("abandon backup", move |inner| async move {
@@ -290,7 +340,11 @@ impl BackupUpload {
                         }
                     }
                 }
-                inner.delete(&inner.layout.claim(&volume, &id)).await
+                inner.delete(&inner.layout.claim(&volume, &id)).await?;
+                match lease {
+                    Some(lease) => lease.release(&inner).await,
+                    None => Ok(()),
+                }
             })
     }
 }

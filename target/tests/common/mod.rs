@@ -46,6 +46,8 @@ pub fn small_options() -> TargetOptions {
     options.read_block_size = 256 << 10;
     options.max_request = 1 << 20;
     options.max_readahead = 2 << 20;
+    // Writers renew every third of a second, so a live one is seen within one lease.
+    options.lease = std::time::Duration::from_secs(1);
     options
 }
 

@@ -38,7 +38,8 @@ impl Run<'_> {
             .collect::<Result<Vec<_>>>()?;
         let ids: Vec<String> = refs.iter().map(|r| r.backup.to_string()).collect();
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
-        self.target()
+        let gc_failure = self
+            .target()
             .await?
             .with(move |t| {
                 let stashed = archive.is_some();
@@ -85,10 +86,37 @@ impl Run<'_> {
                         })?;
                     }
                 }
-                Ok(())
+                // What killed datamovers left behind (their writers' leftovers; their slots
+                // are taken over by the next backup anyway). A failure here does not undo the
+                // commit: it is reported in a condition and retried after the next commit.
+                let failures: Vec<String> = refs
+                    .iter()
+                    .filter_map(|r| {
+                        t.gc_volume(&r.volume, crate::target::DEFAULT_GC_GRACE)
+                            .err()
+                            .map(|err| format!("{}: {}", r.volume, crate::chain_text(&err)))
+                    })
+                    .collect();
+                Ok((!failures.is_empty()).then(|| failures.join("; ")))
             })
             .await?;
         let generation = self.backup.metadata.generation;
+        let (gc_status, gc_reason, gc_message) = match gc_failure {
+            None => (
+                ConditionStatus::True,
+                "Collected",
+                "leftovers of dead writers removed".to_string(),
+            ),
+            Some(text) => (ConditionStatus::False, "GcFailed", text),
+        };
+        set_condition(
+            &mut status.conditions,
+            "GarbageCollected",
+            gc_status,
+            gc_reason,
+            gc_message,
+            generation,
+        );
         set_condition(
             &mut status.conditions,
             "Committed",

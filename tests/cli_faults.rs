@@ -1,0 +1,367 @@
+//! A `strata backup` killed with SIGKILL at every step of a backup, on a folder target and on
+//! S3 (moto): nothing committed is lost, nothing half-written becomes visible, the next backup
+//! chains on the last committed point (taking the dead writer's slot over: at once on a folder,
+//! after the lease on S3), every point restores byte-identical, and `strata gc` removes what the
+//! dead writer left.
+//!
+//! The kills come from the target crate's crash points (`STRATA_FAILPOINT`, feature
+//! `failpoints`, on in test builds): the process SIGKILLs itself exactly there. A second test
+//! kills processes from outside at a spread of moments.
+
+#[path = "../target/tests/common/moto.rs"]
+mod moto;
+mod strata_bin;
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_bin::strata_command;
+
+/// The crash points a backup passes, in order (see strata-target's `failpoint` module).
+const POINTS: [&str; 6] = [
+    "before-claim",
+    "claimed",
+    "mid-upload",
+    "image-complete",
+    "before-manifest",
+    "after-manifest",
+];
+
+const VOLUME_BYTES: u64 = 6 << 20;
+const LEASE: &str = "1s";
+
+/// Where backups go: a folder, or a fresh prefix of the moto bucket.
+struct Leg {
+    url: String,
+    env: Vec<(String, String)>,
+    s3: bool,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Leg {
+    fn folder() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self {
+            url: dir
+                .path()
+                .join("target")
+                .to_str()
+                .expect("utf-8")
+                .to_string(),
+            env: Vec::new(),
+            s3: false,
+            _dir: Some(dir),
+        }
+    }
+
+    fn s3(name: &str) -> Option<Self> {
+        if !moto::available() {
+            return None;
+        }
+        let server = moto::server();
+        // The store settings as the `AWS_*` variables the CLI reads.
+        let env = server
+            .config()
+            .into_iter()
+            .map(|(key, value)| (key.to_uppercase(), value))
+            .collect();
+        let prefix = format!("cli-faults-{name}-{:08x}", rand_u32());
+        Some(Self {
+            url: format!("s3://{}/{prefix}", server.bucket),
+            env,
+            s3: true,
+            _dir: None,
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = strata_command();
+        command.args(args).envs(self.env.iter().cloned());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run strata")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn backup_args<'a>(&'a self, source: &'a str) -> Vec<&'a str> {
+        vec![
+            "backup", "--target", &self.url, "--volume", "vol", "--lease", LEASE, "-q", source,
+        ]
+    }
+
+    /// The committed backups as (id, parent).
+    fn list(&self) -> Vec<(String, Option<String>)> {
+        let out = self.ok(&["list", "--target", &self.url, "--output", "json"]);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list json");
+        entries
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_str().expect("id").to_string(),
+                    e["parent"].as_str().map(str::to_string),
+                )
+            })
+            .collect()
+    }
+
+    fn restore(&self, id: &str, dest: &Path) -> Vec<u8> {
+        self.ok(&[
+            "restore",
+            "--target",
+            &self.url,
+            "--volume",
+            "vol",
+            "--backup",
+            id,
+            "-q",
+            dest.to_str().expect("utf-8"),
+        ]);
+        std::fs::read(dest).expect("restored")
+    }
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// Fills the volume with a version's content: every 64 KiB cluster gets bytes derived from
+/// `version` where `version` touches it, so each version differs from the last in some
+/// clusters and not in others.
+fn write_version(volume: &std::fs::File, version: u32) -> Vec<u8> {
+    let cluster = 64 << 10;
+    for index in 0..VOLUME_BYTES / cluster {
+        if index % (version as u64 + 2) == 0 || version == 1 {
+            let mut state = (index << 32) ^ u64::from(version).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let bytes: Vec<u8> = (0..cluster)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            volume
+                .write_all_at(&bytes, index * cluster)
+                .expect("write volume");
+        }
+    }
+    volume.sync_all().expect("sync volume");
+    let mut content = vec![0u8; VOLUME_BYTES as usize];
+    volume.read_exact_at(&mut content, 0).expect("read volume");
+    content
+}
+
+/// Kills a backup at `point`, then checks the target as the module docs say.
+fn kill_at(leg: &Leg, point: &str) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let source_path = work.path().join("volume.raw");
+    let source = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&source_path)
+        .expect("volume");
+    source.set_len(VOLUME_BYTES).expect("size");
+    let source_arg = source_path.to_str().expect("utf-8");
+    let mut versions = vec![write_version(&source, 1)];
+    leg.ok(&leg.backup_args(source_arg));
+    let base = leg.list();
+    assert_eq!(base.len(), 1, "{point}: the base is committed");
+
+    versions.push(write_version(&source, 2));
+    let killed = leg
+        .command(&leg.backup_args(source_arg))
+        .env("STRATA_FAILPOINT", point)
+        .output()
+        .expect("run strata");
+    assert_eq!(
+        killed.status.signal(),
+        Some(9),
+        "{point}: the backup should die by SIGKILL, got {:?}: {}",
+        killed.status,
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let after_kill = leg.list();
+    let committed_by_killed = point == "after-manifest";
+    assert_eq!(
+        after_kill.len(),
+        if committed_by_killed { 2 } else { 1 },
+        "{point}: what the killed writer committed: {after_kill:?}"
+    );
+    let last_committed = after_kill.last().expect("a backup").0.clone();
+
+    versions.push(write_version(&source, 3));
+    let started = Instant::now();
+    let next = leg.run(&leg.backup_args(source_arg));
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&next.stderr).into_owned();
+    assert!(
+        next.status.success(),
+        "{point}: the backup after the kill failed: {stderr}"
+    );
+    let took_over = !committed_by_killed && point != "before-claim";
+    if took_over {
+        assert!(
+            stderr.contains("took over from the dead writer"),
+            "{point}: no takeover reported: {stderr}"
+        );
+    }
+    if took_over && leg.s3 {
+        assert!(
+            stderr.contains("waiting up to 1s for its lease to lapse"),
+            "{point}: no wait reported: {stderr}"
+        );
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{point}: waited {waited:?}"
+        );
+    }
+    eprintln!("{point} ({}): next backup took {waited:?}", leg.url);
+    let all = leg.list();
+    assert_eq!(all.len(), after_kill.len() + 1, "{point}: {all:?}");
+    let (new_id, new_parent) = all.last().expect("the new backup").clone();
+    assert_eq!(
+        new_parent.as_deref(),
+        Some(last_committed.as_str()),
+        "{point}: the next backup chains on the last committed point"
+    );
+
+    // Every committed point restores as the volume was when it was taken.
+    let expected: Vec<&Vec<u8>> = if committed_by_killed {
+        versions.iter().collect()
+    } else {
+        vec![&versions[0], &versions[2]]
+    };
+    for ((id, _), want) in all.iter().zip(expected) {
+        let got = leg.restore(id, &work.path().join(format!("{id}.raw")));
+        assert!(got == *want, "{point}: point {id} differs");
+    }
+    assert_eq!(all.last().map(|(id, _)| id), Some(&new_id));
+    leg.ok(&["verify", "--target", &leg.url]);
+
+    // gc removes the dead writer's leftovers (after its lease lapsed twice on S3), and then
+    // finds nothing more.
+    if leg.s3 {
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let report = leg.ok(&["gc", "--target", &leg.url, "--grace", "0"]);
+    assert!(
+        report.contains("/writers/"),
+        "{point}: gc removed no writer record: {report}"
+    );
+    if took_over {
+        assert!(
+            report.contains("/claims/"),
+            "{point}: gc removed no claim: {report}"
+        );
+    }
+    if point == "mid-upload" && !leg.s3 {
+        assert!(
+            report.contains(".partial"),
+            "{point}: gc removed no partial image: {report}"
+        );
+    }
+    let again = leg.ok(&["gc", "--target", &leg.url, "--grace", "0"]);
+    assert!(
+        again.contains("0 objects removed"),
+        "{point}: a second gc found more: {again}"
+    );
+    assert_eq!(leg.list(), all, "{point}: gc touched committed backups");
+    leg.ok(&["verify", "--target", &leg.url]);
+}
+
+#[test]
+fn a_backup_killed_at_any_step_never_blocks_the_volume_on_a_folder() {
+    for point in POINTS {
+        kill_at(&Leg::folder(), point);
+    }
+}
+
+#[test]
+fn a_backup_killed_at_any_step_never_blocks_the_volume_on_s3() {
+    for point in POINTS {
+        let Some(leg) = Leg::s3(point) else {
+            return;
+        };
+        kill_at(&leg, point);
+    }
+}
+
+/// SIGKILLs from outside at a spread of moments of a larger backup; after each, the next
+/// backup succeeds on the last committed point and the newest point restores exactly.
+#[test]
+fn backups_killed_from_outside_at_many_moments_leave_the_chain_whole() {
+    let leg = Leg::folder();
+    let work = tempfile::tempdir().expect("temp dir");
+    let source_path = work.path().join("volume.raw");
+    let source = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&source_path)
+        .expect("volume");
+    source.set_len(VOLUME_BYTES).expect("size");
+    let source_arg = source_path.to_str().expect("utf-8");
+    let mut version = 1;
+    write_version(&source, version);
+    let mut committed: Vec<(String, Vec<u8>)> = Vec::new();
+    for delay_ms in [0u64, 2, 5, 10, 20, 40, 80, 160] {
+        version += 1;
+        let content = write_version(&source, version);
+        let mut child = leg
+            .command(&leg.backup_args(source_arg))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn strata");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().expect("wait");
+        eprintln!("killed at {delay_ms} ms: {status:?}");
+        let listed = leg.list();
+        if listed.len() > committed.len() {
+            // It finished before the kill: that point counts.
+            assert!(status.success() || status.signal() == Some(9));
+            committed.push((listed.last().expect("new").0.clone(), content.clone()));
+        }
+        // The next backup goes through on the last committed point.
+        version += 1;
+        let content = write_version(&source, version);
+        leg.ok(&leg.backup_args(source_arg));
+        let listed = leg.list();
+        let (id, parent) = listed.last().expect("new").clone();
+        assert_eq!(
+            parent.as_deref(),
+            committed.last().map(|(id, _)| id.as_str()),
+            "after a kill at {delay_ms} ms"
+        );
+        committed.push((id, content));
+        assert_eq!(listed.len(), committed.len());
+    }
+    for (id, want) in &committed {
+        let got = leg.restore(id, &work.path().join(format!("{id}.raw")));
+        assert!(got == *want, "point {id} differs");
+    }
+    leg.ok(&["gc", "--target", &leg.url, "--grace", "0"]);
+    leg.ok(&["verify", "--target", &leg.url]);
+}
