@@ -365,3 +365,105 @@ fn backups_killed_from_outside_at_many_moments_leave_the_chain_whole() {
     leg.ok(&["gc", "--target", &leg.url, "--grace", "0"]);
     leg.ok(&["verify", "--target", &leg.url]);
 }
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat.rsplit_once(')')?.1.trim_start().to_string();
+            after_name.chars().next()
+        })
+        .is_some_and(|state| state == 'T')
+}
+
+/// A writer stalled (SIGSTOP) right after taking its claim; a second backup runs meanwhile,
+/// then the first is resumed (SIGCONT). Returns the second backup's output, the first's, and the
+/// target's backups.
+fn stall_and_race(leg: &Leg) -> (Output, Output, Vec<(String, Option<String>)>, Vec<u8>) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let source_path = work.path().join("volume.raw");
+    let source = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&source_path)
+        .expect("volume");
+    source.set_len(VOLUME_BYTES).expect("size");
+    let source_arg = source_path.to_str().expect("utf-8");
+    write_version(&source, 1);
+    leg.ok(&leg.backup_args(source_arg));
+    let content = write_version(&source, 2);
+    let stalled = leg
+        .command(&leg.backup_args(source_arg))
+        .env("STRATA_FAILPOINT", "claimed:stop")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stopped(stalled.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never reached its claim"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = leg.run(&leg.backup_args(source_arg));
+    let resumed = Command::new("kill")
+        .args(["-CONT", &stalled.id().to_string()])
+        .status()
+        .expect("kill -CONT");
+    assert!(resumed.success());
+    let first = stalled.wait_with_output().expect("wait");
+    (second, first, leg.list(), content)
+}
+
+/// On S3 the stalled writer's lease lapses: the second backup takes over and commits, and the
+/// resumed writer finds its slot taken and aborts before its commit, leaving nothing behind.
+#[test]
+fn a_stalled_writer_taken_over_on_s3_aborts_before_its_commit() {
+    let Some(leg) = Leg::s3("stall") else {
+        return;
+    };
+    let (second, first, listed, content) = stall_and_race(&leg);
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{second_err}");
+    assert!(
+        second_err.contains("took over from the dead writer"),
+        "{second_err}"
+    );
+    let first_err = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(1), "{first_err}");
+    let (winner, parent) = listed.last().expect("the winner").clone();
+    assert!(
+        first_err.contains(&format!("superseded by backup {winner}")),
+        "{first_err}"
+    );
+    assert_eq!(first_err.trim().lines().count(), 1, "{first_err}");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(parent.as_deref(), Some(listed[0].0.as_str()));
+    let work = tempfile::tempdir().expect("temp dir");
+    assert!(leg.restore(&winner, &work.path().join("w.raw")) == content);
+    leg.ok(&["verify", "--target", &leg.url]);
+}
+
+/// On a folder the stalled writer still holds its lock: it is alive, so the second backup is
+/// refused and the resumed writer commits.
+#[test]
+fn a_stalled_writer_on_a_folder_keeps_its_slot() {
+    let leg = Leg::folder();
+    let (second, first, listed, content) = stall_and_race(&leg);
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{second_err}");
+    assert!(
+        second_err.contains("is no longer the head of its chain"),
+        "{second_err}"
+    );
+    let first_err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{first_err}");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let work = tempfile::tempdir().expect("temp dir");
+    assert!(leg.restore(&listed[1].0, &work.path().join("w.raw")) == content);
+}

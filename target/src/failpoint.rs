@@ -1,6 +1,8 @@
 //! Named crash points for fault tests: with the `failpoints` feature, a process whose
 //! `STRATA_FAILPOINT` environment variable names a point kills itself with SIGKILL there, as
-//! an OOM kill or a node loss would. Without the feature, [`hit`] does nothing.
+//! an OOM kill or a node loss would; `POINT:stop` stops it with SIGSTOP instead (a stalled
+//! writer: a frozen node, a long pause), to be resumed with SIGCONT. Without the feature,
+//! [`hit`] does nothing.
 //!
 //! The points, in the order a backup passes them: `before-claim` (the writer's lease is
 //! recorded, nothing claimed), `claimed` (claim and child slot taken), `mid-upload` (the
@@ -8,13 +10,19 @@
 //! stored), `before-manifest` (side files stored, the commit not yet made), `after-manifest`
 //! (committed, the lease not yet released).
 
-/// Kills the process with SIGKILL when `STRATA_FAILPOINT` is `point` (feature `failpoints`).
+/// Kills the process with SIGKILL when `STRATA_FAILPOINT` is `point`, stops it with SIGSTOP
+/// when it is `point:stop` (feature `failpoints`).
 #[cfg(feature = "failpoints")]
 pub(crate) fn hit(point: &str) {
-    if std::env::var("STRATA_FAILPOINT").is_ok_and(|armed| armed == point) {
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-    }
+    let Ok(armed) = std::env::var("STRATA_FAILPOINT") else {
+        return;
+    };
+    let signal = match armed.strip_prefix(point) {
+        Some("") => rustix::process::Signal::KILL,
+        Some(":stop") => rustix::process::Signal::STOP,
+        _ => return,
+    };
+    let _ = rustix::process::kill_process(rustix::process::getpid(), signal);
 }
 
 /// Does nothing: crash points need the `failpoints` feature.
