@@ -5,7 +5,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use strata::qcow2::{Format, Image, hydrate};
+use strata::qcow2::{Format, HydrateOptions, Image, hydrate_with};
 
 use crate::OpenArgs;
 
@@ -22,6 +22,10 @@ pub struct Args {
     open: OpenArgs,
     #[command(flatten)]
     qcow2: crate::convert_qcow2::Args,
+    /// The destination block device already reads as zeros (a freshly provisioned thin
+    /// volume): zero ranges are not zeroed again. Regular files are always sparse.
+    #[arg(long)]
+    target_is_zero: bool,
     /// The source image.
     source: PathBuf,
     /// The destination: a regular file (created or truncated, written sparse) or a block
@@ -38,7 +42,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let format = args.source_format.as_deref().and_then(Format::parse);
     let image = Image::open_with_options(&args.source, &args.open.options(format))?;
     let dest = open_dest(&args.dest)?;
-    hydrate(&image, &dest, &args.dest.to_string_lossy())?;
+    let mut options = HydrateOptions::default();
+    options.target_is_zero = args.target_is_zero;
+    hydrate_with(
+        &image,
+        &dest,
+        &args.dest.to_string_lossy(),
+        &options,
+        &mut |_| {},
+    )?;
     Ok(())
 }
 

@@ -2,13 +2,24 @@
 //!
 //! The chain's extents are walked once; holes and zero clusters cost nothing on a regular file
 //! (it is sized first, so they stay holes), data is read in large runs, and blocks of zeros
-//! inside data are skipped too, so the result is as sparse as the source allows. A block device
-//! cannot have holes: there every range that reads as zeros is written as zeros.
+//! inside data are skipped too, so the result is as sparse as the source allows.
+//!
+//! A block device cannot have holes, so every range that reads as zeros must be zeroed on it,
+//! but never with data writes where the device can do better: `fallocate(2)` with
+//! `FALLOC_FL_PUNCH_HOLE` (unmaps and reads back zeros, with no fallback to writes in the
+//! kernel), else `FALLOC_FL_ZERO_RANGE` (the kernel's write-zeroes, offloaded where the device
+//! offers it), and only where the device refuses both, zeros written from one shared buffer.
+//! This is what `qemu-img convert -n` does with `BLKZEROOUT` and discard. A destination known to
+//! read zeros already (a freshly provisioned thin volume) skips even that with
+//! [`HydrateOptions::target_is_zero`], qemu-img's `--target-is-zero`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::sync::{Mutex, mpsc};
+
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
 
 use crate::error::{Error, Result, io_err};
 use crate::image::Image;
@@ -24,8 +35,20 @@ const SPARSE_BLOCK: usize = 4096;
 pub struct HydrateStats {
     /// Guest bytes read from stored data (plain or compressed).
     pub data_bytes: u64,
-    /// Bytes written to the destination.
+    /// Bytes written to the destination as data (zeros written where a device refused to
+    /// zero ranges included).
     pub written_bytes: u64,
+    /// Bytes of a block device zeroed without data writes (`fallocate`).
+    pub zeroed_bytes: u64,
+}
+
+/// How to hydrate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HydrateOptions {
+    /// The destination already reads as zeros everywhere (a new regular file always does; a
+    /// block device only when its provider guarantees it): zero ranges are left alone.
+    pub target_is_zero: bool,
 }
 
 /// Writes the whole virtual disk of `image` into `dest`.
@@ -49,6 +72,17 @@ pub fn hydrate_with_progress(
     dest_name: &str,
     progress: &mut dyn FnMut(u64),
 ) -> Result<HydrateStats> {
+    hydrate_with(image, dest, dest_name, &HydrateOptions::default(), progress)
+}
+
+/// [`hydrate_with_progress`] with explicit [`HydrateOptions`].
+pub fn hydrate_with(
+    image: &Image,
+    dest: &File,
+    dest_name: &str,
+    options: &HydrateOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<HydrateStats> {
     let size = image.virtual_size();
     let meta = dest
         .metadata()
@@ -70,7 +104,9 @@ pub fn hydrate_with_progress(
         dest,
         dest_name,
         device,
+        zeroing: Mutex::new(Zeroing::PunchHole),
     };
+    let zero_ranges = device && !options.target_is_zero;
     let (task_tx, task_rx) = mpsc::sync_channel::<Run>(WORKERS);
     let task_rx = Mutex::new(task_rx);
     let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
@@ -103,12 +139,24 @@ pub fn hydrate_with_progress(
             }
             Ok(())
         };
+        // Adjacent zero extents are zeroed as one range, on this thread.
+        let mut zeros: Option<(u64, u64)> = None;
         image.for_each_extent(0, size, |extent| {
             if extent.kind.is_zero() {
-                if device {
-                    output.write_zeros(extent.start, extent.length, &mut stats)?;
+                if zero_ranges {
+                    zeros = match zeros {
+                        Some((start, end)) if end == extent.start => Some((start, extent.end())),
+                        Some((start, end)) => {
+                            output.zero(start, end - start, &mut stats)?;
+                            Some((extent.start, extent.end()))
+                        }
+                        None => Some((extent.start, extent.end())),
+                    };
                 }
                 return Ok(());
+            }
+            if let Some((start, end)) = zeros.take() {
+                output.zero(start, end - start, &mut stats)?;
             }
             let mut pos = extent.start;
             while pos < extent.end() {
@@ -128,6 +176,9 @@ pub fn hydrate_with_progress(
             }
             Ok(())
         })?;
+        if let Some((start, end)) = zeros.take() {
+            output.zero(start, end - start, &mut stats)?;
+        }
         if !run.pieces.is_empty() {
             let next = Run::after(&run);
             send(std::mem::replace(&mut run, next), &mut order, &mut stats)?;
@@ -223,6 +274,7 @@ struct Output<'a> {
     dest: &'a File,
     dest_name: &'a str,
     device: bool,
+    zeroing: Mutex<Zeroing>,
 }
 
 impl Output<'_> {
@@ -271,13 +323,46 @@ impl Output<'_> {
         Ok(written)
     }
 
+    /// Zeroes `len` bytes of the device at `offset` the cheapest way it accepts (see the
+    /// module docs), remembering what it refused.
+    fn zero(&self, offset: u64, len: u64, stats: &mut HydrateStats) -> Result<()> {
+        let mut zeroing = self
+            .zeroing
+            .lock()
+            .map_err(|_| Error::InvalidArgument("hydration zeroing state poisoned".into()))?;
+        while *zeroing != Zeroing::Write {
+            let mode = match *zeroing {
+                Zeroing::PunchHole => FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                _ => FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            };
+            match rustix::fs::fallocate(self.dest, mode, offset, len) {
+                Ok(()) => {
+                    stats.zeroed_bytes += len;
+                    return Ok(());
+                }
+                // Not offered by this device (or not for this alignment): try the next way.
+                Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV) => {
+                    *zeroing = zeroing.next();
+                }
+                Err(err) => {
+                    return Err(io_err(
+                        self.dest_name,
+                        format!("zeroing {len:#x} bytes at {offset:#x}"),
+                        err.into(),
+                    ));
+                }
+            }
+        }
+        drop(zeroing);
+        self.write_zeros(offset, len, stats)
+    }
+
     fn write_zeros(&self, mut offset: u64, len: u64, stats: &mut HydrateStats) -> Result<()> {
-        let zeros = vec![0u8; RUN_BYTES.min(len as usize)];
         let end = offset + len;
         while offset < end {
-            let n = zeros.len().min((end - offset) as usize);
+            let n = ZEROS.len().min((end - offset) as usize);
             self.dest
-                .write_all_at(&zeros[..n], offset)
+                .write_all_at(&ZEROS[..n], offset)
                 .map_err(|e| io_err(self.dest_name, format!("writing zeros at {offset:#x}"), e))?;
             stats.written_bytes += n as u64;
             offset += n as u64;
@@ -285,6 +370,26 @@ impl Output<'_> {
         Ok(())
     }
 }
+
+/// How a block device takes zero ranges, tried in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zeroing {
+    PunchHole,
+    ZeroRange,
+    Write,
+}
+
+impl Zeroing {
+    fn next(self) -> Self {
+        match self {
+            Self::PunchHole => Self::ZeroRange,
+            Self::ZeroRange | Self::Write => Self::Write,
+        }
+    }
+}
+
+/// The zeros written where a device refuses `fallocate`: one shared buffer, never a fresh one.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 /// The kind of the part of an extent that starts `by` bytes into it.
 fn shift(kind: ExtentKind, by: u64) -> ExtentKind {

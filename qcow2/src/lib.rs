@@ -102,7 +102,7 @@ mod writer;
 pub use backing::BackingPolicy;
 pub use error::{Error, Result};
 pub use header::CompressionType;
-pub use hydrate::{HydrateStats, hydrate, hydrate_with_progress};
+pub use hydrate::{HydrateOptions, HydrateStats, hydrate, hydrate_with, hydrate_with_progress};
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info};
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
 pub use map::{Extent, ExtentKind};
