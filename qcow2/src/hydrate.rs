@@ -105,6 +105,7 @@ pub fn hydrate_with_progress(
         };
         image.for_each_extent(0, size, |extent| {
             if extent.kind.is_zero() {
+                image.check_zeros(extent.kind, extent.start, extent.length)?;
                 if device {
                     output.write_zeros(extent.start, extent.length, &mut stats)?;
                 }

@@ -85,6 +85,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod backing;
+mod check;
 mod compressed;
 mod convert;
 mod error;
@@ -100,6 +101,7 @@ mod volume;
 mod writer;
 
 pub use backing::BackingPolicy;
+pub use check::{CheckFailure, ClusterCheck};
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use hydrate::{HydrateStats, hydrate, hydrate_with_progress};
