@@ -25,6 +25,7 @@
 
 #[cfg(feature = "kubernetes")]
 pub mod operator;
+mod verified;
 mod volume;
 
 pub use strata_chain as chain;
