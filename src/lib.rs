@@ -1,7 +1,9 @@
 //! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
 //!
 //! This facade re-exports the member crates and composes them into the flows a datamover runs:
-//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. The in-cluster side, the
+//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. Restores, `strata serve` and
+//! [`prune`] read through [`open_backup`], which checks the chain against its manifests and
+//! every cluster against its backup's checksums. The in-cluster side, the
 //! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is [`operator`].
 //!
 //! ```no_run

@@ -29,42 +29,31 @@ impl VerifiedChain {
     /// `error` with a failed cluster check or a corrupt structure named by its backup
     /// (`Error::Damaged`); other errors as they are.
     pub fn name_damage(&self, error: Error) -> Error {
+        let depth = match &error {
+            Error::Image(strata_qcow2::Error::ClusterCheck { depth, .. }) => Some(*depth),
+            Error::Image(strata_qcow2::Error::Corrupt { image, .. }) => self
+                .image
+                .chain()
+                .iter()
+                .position(|layer| layer.name == *image),
+            _ => None,
+        };
+        let Some(manifest) = depth.and_then(|d| self.manifests.get(d)) else {
+            return error;
+        };
         match error {
-            Error::Image(strata_qcow2::Error::Corrupt {
-                image,
-                what,
-                offset,
-            }) => {
-                let depth = self.image.chain().iter().position(|l| l.name == image);
-                match depth.and_then(|d| self.manifests.get(d)) {
-                    Some(manifest) => damaged(
-                        manifest,
-                        format!("its image is corrupt: {what} (at file offset {offset:#x})"),
-                    ),
-                    None => Error::Image(strata_qcow2::Error::Corrupt {
-                        image,
-                        what,
-                        offset,
-                    }),
-                }
-            }
             Error::Image(strata_qcow2::Error::ClusterCheck {
-                depth,
                 guest_offset,
                 problem,
                 ..
-            }) => match self.manifests.get(depth) {
-                Some(manifest) => damaged(
-                    manifest,
-                    format!("cluster at guest offset {guest_offset:#x} {problem}"),
-                ),
-                None => Error::Image(strata_qcow2::Error::ClusterCheck {
-                    image: String::new(),
-                    depth,
-                    guest_offset,
-                    problem,
-                }),
-            },
+            }) => damaged(
+                manifest,
+                format!("cluster at guest offset {guest_offset:#x} {problem}"),
+            ),
+            Error::Image(strata_qcow2::Error::Corrupt { what, offset, .. }) => damaged(
+                manifest,
+                format!("its image is corrupt: {what} (at file offset {offset:#x})"),
+            ),
             other => other,
         }
     }
@@ -99,10 +88,10 @@ pub(crate) fn open_verified(
             .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
         lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
     }
-    let check = ChainChecksums::new(lists);
+    let check = Arc::new(ChainChecksums::new(lists));
     let options = OpenOptions {
         max_depth: manifests.len(),
-        cluster_check: Some(Arc::new(check.clone())),
+        cluster_check: Some(Arc::clone(&check) as Arc<dyn strata_qcow2::ClusterCheck>),
         ..OpenOptions::default()
     };
     let image = Image::open_with(&target.storage(volume), &top.image.object, &options).map_err(

@@ -300,7 +300,8 @@ pub struct VerifyReport {
 }
 
 /// Verifies backups without restoring them: the image object against its manifest checksum,
-/// the image's structure, and every stored cluster against its CRC-32.
+/// the chain against its manifests (as [`open_backup`] checks it), the image's structure,
+/// and every stored cluster against its CRC-32.
 pub fn verify(
     target: &Target,
     volume: Option<&VolumeName>,
@@ -318,6 +319,10 @@ pub fn verify(
         };
         if let Err(e) = target.verify_image(&manifest.volume, &manifest.id) {
             damage.push(problem(format!("image object: {}", chain_text(&e))));
+        }
+        // The chain restore would read: manifests against images (no data is read here).
+        if let Err(e) = open_verified(target, &manifest.volume, Some(&manifest.id)) {
+            damage.push(problem(format!("chain: {}", chain_text(&e))));
         }
         let checksums = target
             .read_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))

@@ -521,3 +521,22 @@ fn prune_refuses_to_fold_a_cluster_that_fails_its_checksum() {
     let verify = strata(&["verify", "--target", s(&f.target)]);
     assert_eq!(verify.status.code(), Some(1));
 }
+
+#[test]
+fn verify_reports_a_manifest_that_differs_from_its_image() {
+    let f = Fixture::new();
+    tamper(&f, &f.top, |m| m["virtual_size"] = (SIZE * 2).into());
+    let out = strata(&["verify", "--target", s(&f.target)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "vol1/{}: DAMAGED at guest offset 0x0: chain: backup vol1/{}: its image's virtual size is {SIZE} bytes, its manifest says {}",
+            f.top,
+            f.top,
+            SIZE * 2
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("vol1/{}: ok", f.base)), "{stdout}");
+}
