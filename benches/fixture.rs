@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 /// Layers of the benches' chains.
 pub const DEPTH: usize = 12;
@@ -45,4 +46,34 @@ pub fn build_chain(dir: &Path, virtual_size: u64, runs: u64) {
         io.push(name);
         tool(dir, "qemu-io", &io);
     }
+}
+
+/// Prints the medians of paired timings (`names` says which is which) and of their ratios,
+/// with the machine's load, after `group`.
+pub fn report_pairs(group: &str, names: (&str, &str), pairs: &[(Duration, Duration)]) {
+    if pairs.is_empty() {
+        return;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let first = median(pairs.iter().map(|p| ms(p.0)).collect());
+    let second = median(pairs.iter().map(|p| ms(p.1)).collect());
+    let ratio = median(pairs.iter().map(|p| ms(p.0) / ms(p.1)).collect());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "{group}: {} interleaved pairs, median {} {first:.1} ms, {} {second:.1} ms, \
+         median {}/{} ratio {ratio:.3} (load average {})",
+        pairs.len(),
+        names.0,
+        names.1,
+        names.0,
+        names.1,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }

@@ -8,11 +8,13 @@ mod fixture;
 mod hydrate;
 mod nbd;
 mod target;
+mod verify;
 mod writer;
 
 criterion_group!(
     benches,
     hydrate::chain_12_deep,
+    verify::hydrate_verified,
     nbd::convert_12_deep,
     chain::benches,
     writer::benches,

@@ -11,7 +11,7 @@ use criterion::{Criterion, Throughput};
 use strata::nbd::Server;
 use strata::qcow2::Image;
 
-use crate::fixture::{DEPTH, build_chain, tool};
+use crate::fixture::{DEPTH, build_chain, report_pairs, tool};
 
 const VIRTUAL: u64 = 1 << 30;
 /// 256 KiB runs each layer writes: 24 MiB a layer, about 280 MiB of data in the chain.
@@ -114,30 +114,9 @@ pub fn convert_12_deep(c: &mut Criterion) {
         });
     }
     group.finish();
-    report_pairs(&pairs.into_inner());
-}
-
-/// Prints the medians of the paired copies and of their ratios, with the machine's load.
-fn report_pairs(pairs: &[(Duration, Duration)]) {
-    if pairs.is_empty() {
-        return;
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let strata = median(pairs.iter().map(|p| ms(p.0)).collect());
-    let qemu = median(pairs.iter().map(|p| ms(p.1)).collect());
-    let ratio = median(pairs.iter().map(|p| ms(p.0) / ms(p.1)).collect());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "nbd_convert_12_deep: {} interleaved pairs, median copy strata serve {strata:.0} ms, \
-         qemu-nbd {qemu:.0} ms, median strata/qemu-nbd ratio {ratio:.3} (load average {})",
-        pairs.len(),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+    report_pairs(
+        "nbd_convert_12_deep",
+        ("strata serve", "qemu-nbd"),
+        &pairs.into_inner(),
     );
 }

@@ -1,7 +1,9 @@
 //! Strata: block-level backup and restore of Kubernetes applications as QCOW2 chains.
 //!
 //! This facade re-exports the member crates and composes them into the flows a datamover runs:
-//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. The in-cluster side, the
+//! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. Restores, `strata serve` and
+//! [`prune`] read through [`open_backup`], which checks the chain against its manifests and
+//! every cluster against its backup's checksums. The in-cluster side, the
 //! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is [`operator`].
 //!
 //! ```no_run
@@ -25,6 +27,7 @@
 
 #[cfg(feature = "kubernetes")]
 pub mod operator;
+mod verified;
 mod volume;
 
 pub use strata_chain as chain;
@@ -38,5 +41,5 @@ pub use strata_target as target;
 pub use volume::{
     BackupOptions, CHECKSUMS_FILE, DEFAULT_MAX_CHAIN_LENGTH, DIGESTS_FILE, Error, Result,
     VerifyReport, backup_volume, chain_text, list, open_backup, open_destination, open_volume,
-    prune, restore_volume, verify,
+    prune, restore_volume, restore_volume_with, verify,
 };

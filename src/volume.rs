@@ -14,8 +14,10 @@ use std::path::Path;
 use strata_chain::{
     ByteRange, ChangeSource, ClusterChecksums, Damage, DigestAlgorithm, DigestManifest, Progress,
 };
-use strata_qcow2::{Image, VolumeRead, WriterOptions, hydrate_with_progress};
+use strata_qcow2::{HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with};
 use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
+
+use crate::verified::open_verified;
 
 /// Side file holding the digest manifest of a backup.
 pub const DIGESTS_FILE: &str = "digests";
@@ -58,6 +60,28 @@ pub enum Error {
     /// Something asked for does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A backup does not read as its manifests and checksums say: a cluster fails its
+    /// checksum, or an image differs from its manifest (the problem says what differs).
+    #[error("backup {volume}/{id}: {problem}")]
+    Damaged {
+        /// The volume.
+        volume: VolumeName,
+        /// The damaged backup (the point asked for, or one of its parents).
+        id: BackupId,
+        /// What differs, with the guest offset where a cluster is concerned.
+        problem: String,
+    },
+    /// A restore stopped part-way; `state` says what was left of the destination.
+    #[error("restoring into {dest} failed ({state})")]
+    Incomplete {
+        /// The destination.
+        dest: String,
+        /// What the destination holds now.
+        state: &'static str,
+        /// Why it stopped.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// Result of the volume flows.
@@ -191,29 +215,31 @@ pub fn backup_volume(
     Ok(upload.commit()?)
 }
 
-/// Opens the chain of backup `id` (the latest when `None`) straight from the target.
+/// Opens the chain of backup `id` (the latest when `None`) straight from the target, for
+/// verified reads: every reader of the returned image (hydration, an NBD export, a merge)
+/// gets only stored clusters whose CRC-32 matches the `checksums` side file of the backup
+/// that stored them, and zeros only where no checksum list says data is stored; anything
+/// else fails the read with `strata_qcow2::Error::ClusterCheck`, naming `backup VOLUME/ID`
+/// and the guest offset.
+///
+/// Before anything is read the chain the images name is checked against the chain the
+/// manifests name (parents, backing names, virtual, object and cluster sizes, depth):
+/// [`Error::Damaged`] says what differs.
 pub fn open_backup(
     target: &Target,
     volume: &VolumeName,
     id: Option<&BackupId>,
 ) -> Result<(BackupManifest, Image)> {
-    let manifest = match id {
-        Some(id) => target.backup(volume, id)?,
-        None => target
-            .latest(volume)?
-            .ok_or_else(|| Error::NotFound(format!("volume {volume} has no backups")))?,
-    };
-    let image = Image::open_with(
-        &target.storage(volume),
-        &manifest.image.object,
-        &strata_qcow2::OpenOptions::default(),
-    )?;
-    Ok((manifest, image))
+    let chain = open_verified(target, volume, id)?;
+    Ok((chain.manifest, chain.image))
 }
 
 /// Restores backup `id` (the latest when `None`) of `volume` into `dest`: a regular file
-/// (created or truncated, written sparse) or a block device (written in place). `progress`
-/// is called as the chain is walked.
+/// (written sparse as `DEST.partial`, renamed to `dest` once complete) or a block device
+/// (written in place). Every cluster is verified as it is read ([`open_backup`]); on any
+/// failure a file destination is left as it was (the partial file is removed) and a block
+/// device's error ([`Error::Incomplete`]) says its content is incomplete. `progress` is called
+/// as the chain is walked.
 pub fn restore_volume(
     target: &Target,
     volume: &VolumeName,
@@ -221,17 +247,80 @@ pub fn restore_volume(
     dest: &Path,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
-    let (manifest, image) = open_backup(target, volume, id)?;
-    let out = open_destination(dest)?;
-    let total_bytes = image.virtual_size();
-    let stats = hydrate_with_progress(&image, &out, &dest.to_string_lossy(), &mut |reached| {
-        progress(&Progress {
-            total_bytes,
-            scanned_bytes: reached,
-            ..Progress::default()
-        });
-    })?;
-    Ok((manifest, stats))
+    restore_volume_with(
+        target,
+        volume,
+        id,
+        dest,
+        &HydrateOptions::default(),
+        progress,
+    )
+}
+
+/// [`restore_volume`] with explicit [`HydrateOptions`]: `target_is_zero` for a block device
+/// known to read zeros (a freshly provisioned thin volume), so its zero ranges are not zeroed
+/// again.
+pub fn restore_volume_with(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+    dest: &Path,
+    options: &HydrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
+    let chain = open_verified(target, volume, id)?;
+    let device = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_block_device());
+    let partial = partial_path(dest);
+    let written = if device { dest } else { partial.as_path() };
+    let out = open_destination(written)?;
+    let total_bytes = chain.image.virtual_size();
+    let hydrated = hydrate_with(
+        &chain.image,
+        &out,
+        &written.to_string_lossy(),
+        options,
+        &mut |reached| {
+            progress(&Progress {
+                total_bytes,
+                scanned_bytes: reached,
+                ..Progress::default()
+            });
+        },
+    )
+    .map_err(|e| chain.name_damage(e.into()))
+    .and_then(|stats| {
+        if !device {
+            out.sync_all()
+                .map_err(|e| io_error(written, "flushing the restored file", e))?;
+            std::fs::rename(written, dest)
+                .map_err(|e| io_error(dest, "renaming the restored file into place", e))?;
+        }
+        Ok(stats)
+    });
+    match hydrated {
+        Ok(stats) => Ok((chain.manifest, stats)),
+        Err(e) => {
+            let state = if device {
+                "the device content is incomplete"
+            } else if std::fs::remove_file(written).is_ok() {
+                "nothing written there, the partial file was removed"
+            } else {
+                "nothing written there; remove the partial file"
+            };
+            Err(Error::Incomplete {
+                dest: dest.display().to_string(),
+                state,
+                source: Box::new(e),
+            })
+        }
+    }
+}
+
+/// Where a file restore writes before renaming: `DEST.partial` beside `dest`.
+fn partial_path(dest: &Path) -> std::path::PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(".partial");
+    name.into()
 }
 
 /// Opens a block device in place, or creates/truncates a regular file.
@@ -272,7 +361,8 @@ pub struct VerifyReport {
 }
 
 /// Verifies backups without restoring them: the image object against its manifest checksum,
-/// the image's structure, and every stored cluster against its CRC-32.
+/// the chain against its manifests (as [`open_backup`] checks it), the image's structure,
+/// and every stored cluster against its CRC-32.
 pub fn verify(
     target: &Target,
     volume: Option<&VolumeName>,
@@ -291,17 +381,23 @@ pub fn verify(
         if let Err(e) = target.verify_image(&manifest.volume, &manifest.id) {
             damage.push(problem(format!("image object: {}", chain_text(&e))));
         }
+        // The chain restore would read: manifests against images (no data is read here).
+        if let Err(e) = open_verified(target, &manifest.volume, Some(&manifest.id)) {
+            damage.push(problem(format!("chain: {}", chain_text(&e))));
+        }
         let checksums = target
             .read_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
             .map_err(Error::from)
             .and_then(|bytes| Ok(ClusterChecksums::decode(&bytes)?));
-        match (
-            open_backup(target, &manifest.volume, Some(&manifest.id)),
-            checksums,
-        ) {
-            (Ok((_, image)), Ok(checksums)) => {
-                damage.extend(strata_chain::verify(&image, &checksums))
-            }
+        // Unverified: verify reports every damaged cluster instead of stopping at the first.
+        let image = Image::open_with(
+            &target.storage(&manifest.volume),
+            &manifest.image.object,
+            &strata_qcow2::OpenOptions::default(),
+        )
+        .map_err(Error::from);
+        match (image, checksums) {
+            (Ok(image), Ok(checksums)) => damage.extend(strata_chain::verify(&image, &checksums)),
             (Err(e), _) | (_, Err(e)) => damage.push(problem(chain_text(&e))),
         }
         reports.push(VerifyReport {
@@ -313,7 +409,7 @@ pub fn verify(
     Ok(reports)
 }
 
-fn side_file(name: &str) -> FileName {
+pub(crate) fn side_file(name: &str) -> FileName {
     // The names are constants known to be valid file names.
     FileName::new(name).unwrap_or_else(|_| unreachable!("invalid side file name {name}"))
 }
@@ -362,11 +458,8 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
             removed.push(oldest.id.clone());
             continue;
         };
-        let chain = Image::open_with(
-            &target.storage(volume),
-            &child.image.object,
-            &strata_qcow2::OpenOptions::default(),
-        )?;
+        // Verified: a damaged cluster stops the fold instead of being copied into the child.
+        let (_, chain) = open_backup(target, volume, Some(&child.id))?;
         let cluster_size = child.cluster_size;
         target.fold_into_child(volume, &oldest.id, |sink, backing| {
             let mut options = WriterOptions::default();

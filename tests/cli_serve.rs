@@ -4,11 +4,11 @@ mod strata_bin;
 use strata_bin::strata_command as strata;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use strata::qcow2::{WriterOptions, convert_raw};
-use strata::target::{BackupSpec, Target, VolumeName};
+use strata::target::{Target, VolumeName};
 
 fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();
@@ -94,21 +94,8 @@ fn serve_serves_the_latest_backup_of_a_volume_from_a_target() {
     let repo = dir.path().join("repo");
     let target = Target::open(repo.to_str().unwrap()).unwrap();
     let volume = VolumeName::new("data").unwrap();
-    let mut upload = target
-        .begin_backup(
-            &volume,
-            BackupSpec {
-                id: None,
-                parent: None,
-                virtual_size: 2 << 20,
-                cluster_size: 64 << 10,
-            },
-        )
-        .unwrap();
-    let sink = upload.image_sink().unwrap();
     let file = std::fs::File::open(&raw).unwrap();
-    convert_raw(&file, sink, &WriterOptions::default(), None).unwrap();
-    upload.commit().unwrap();
+    strata::backup_volume(&target, &volume, &file, &Default::default(), &mut |_| {}).unwrap();
 
     let served = serve(&[
         "serve",
@@ -214,4 +201,77 @@ fn serve_image_with_a_writable_overlay_keeps_writes_across_restarts_and_never_wr
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to image"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_reads_of_a_cluster_that_fails_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("volume.raw");
+    let r = raw.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", r, "2M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 64k 128k", r]);
+    let repo = dir.path().join("repo");
+    let target = Target::open(repo.to_str().unwrap()).unwrap();
+    let volume = VolumeName::new("data").unwrap();
+    let file = std::fs::File::open(&raw).unwrap();
+    let base =
+        strata::backup_volume(&target, &volume, &file, &Default::default(), &mut |_| {}).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x78 1M 64k", r]);
+    let top =
+        strata::backup_volume(&target, &volume, &file, &Default::default(), &mut |_| {}).unwrap();
+
+    // One byte of the base's second stored cluster (guest 0x20000), found with qemu-img map.
+    let image = repo.join(format!("volumes/data/images/{}.qcow2", base.id));
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let stored = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"] == true && e["start"] == 65536)
+        .unwrap();
+    let host = stored["offset"].as_u64().unwrap() + 65536 + 3;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    f.write_all_at(&[0x00], host).unwrap();
+
+    let served = serve(&[
+        "serve",
+        "--target",
+        repo.to_str().unwrap(),
+        "--volume",
+        "data",
+    ]);
+    let client = strata::nbd::Client::open(&served.1).unwrap();
+    // A 512-byte read inside the damaged cluster is refused with the backup and offset.
+    let mut buf = vec![0u8; 512];
+    let err = client
+        .read_at(&mut buf, 0x20000 + 1024)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "backup data/{}: cluster at guest offset 0x20000 fails its checksum",
+            base.id
+        )),
+        "{err}"
+    );
+    // The intact clusters of both backups still read.
+    client.read_at(&mut buf, 0x10000).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x77));
+    client.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x78));
+    assert_eq!(top.parent.as_ref(), Some(&base.id));
+    // qemu-img's copy of the whole export fails rather than copying damaged bytes.
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &served.1])
+        .arg(dir.path().join("copy.raw"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }

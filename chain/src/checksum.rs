@@ -41,6 +41,24 @@ impl ClusterChecksums {
         &self.entries
     }
 
+    /// The checksum of cluster `index`, if the list has it.
+    pub fn get(&self, index: u64) -> Option<u32> {
+        let at = self
+            .entries
+            .binary_search_by_key(&index, |&(i, _)| i)
+            .ok()?;
+        self.entries.get(at).map(|&(_, crc)| crc)
+    }
+
+    /// The first listed cluster in `clusters`, if any.
+    pub fn first_in(&self, clusters: std::ops::Range<u64>) -> Option<u64> {
+        let at = self.entries.partition_point(|&(i, _)| i < clusters.start);
+        self.entries
+            .get(at)
+            .map(|&(i, _)| i)
+            .filter(|&i| i < clusters.end)
+    }
+
     /// Encodes the list.
     pub fn encode(&self) -> Vec<u8> {
         let values: Vec<[u8; 4]> = self.entries.iter().map(|(_, c)| c.to_be_bytes()).collect();
@@ -79,6 +97,17 @@ mod tests {
         list.push(3, b"abc");
         list.push(9, &[0u8; 100]);
         list
+    }
+
+    #[test]
+    fn looks_up_clusters_and_ranges() {
+        let list = sample();
+        assert_eq!(list.get(3), Some(crc32fast::hash(b"abc")));
+        assert_eq!(list.get(4), None);
+        assert_eq!(list.first_in(0..3), None);
+        assert_eq!(list.first_in(0..4), Some(3));
+        assert_eq!(list.first_in(4..10), Some(9));
+        assert_eq!(list.first_in(10..u64::MAX), None);
     }
 
     #[test]

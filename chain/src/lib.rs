@@ -55,6 +55,7 @@
 //! [`VolumeRead`](strata_qcow2::VolumeRead) (files, block devices, NBD exports).
 
 mod backup;
+mod checked;
 mod checksum;
 mod codec;
 mod digest;
@@ -66,6 +67,7 @@ mod read_ahead;
 mod verify;
 
 pub use backup::{BackupOutcome, ChangeSource, backup};
+pub use checked::ChainChecksums;
 pub use checksum::ClusterChecksums;
 pub use digest::{Digest, DigestAlgorithm, DigestManifest};
 pub use error::{Error, Result};

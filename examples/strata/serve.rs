@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use strata::nbd::{Overlay, Server};
-use strata::qcow2::{Image, OpenOptions};
+use strata::qcow2::Image;
 use strata::target::{BackupId, Target, VolumeName};
 
 use crate::OpenArgs;
@@ -58,18 +58,10 @@ pub struct ImageArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::open(&args.target).with_context(|| format!("opening {}", args.target))?;
     let volume = VolumeName::new(args.volume.clone())?;
-    let manifest = match &args.backup {
-        Some(id) => target.backup(&volume, &BackupId::new(id.clone())?)?,
-        None => target
-            .latest(&volume)?
-            .with_context(|| format!("volume {volume} has no backup"))?,
-    };
-    let image = Image::open_with(
-        &target.storage(&volume),
-        &manifest.image.object,
-        &OpenOptions::default(),
-    )
-    .with_context(|| format!("opening backup {} of {volume}", manifest.id))?;
+    let id = args.backup.clone().map(BackupId::new).transpose()?;
+    // Verified: a read of a cluster that fails its checksum gets an error reply naming the
+    // backup and the guest offset, never the damaged bytes.
+    let (manifest, image) = strata::open_backup(&target, &volume, id.as_ref())?;
     let owner = format!("backup {} of volume {volume}", manifest.id);
     let name = args.listen.export.clone().unwrap_or(args.volume);
     listen_and_serve(&args.listen, name, image, &owner)

@@ -71,6 +71,10 @@ pub struct RestoreArgs {
     /// The backup to restore (the latest when absent).
     #[arg(long)]
     backup: Option<String>,
+    /// The destination block device already reads as zeros (a freshly provisioned thin
+    /// volume): its zero ranges are not zeroed again. Files are always written sparse.
+    #[arg(long)]
+    target_is_zero: bool,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -259,11 +263,19 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let volume = VolumeName::new(&args.volume)?;
     let id = args.backup.as_deref().map(BackupId::new).transpose()?;
     let bar = bar(0, args.quiet);
-    let (manifest, stats) =
-        strata::restore_volume(&target, &volume, id.as_ref(), &args.dest, &mut |p| {
+    let mut options = strata::qcow2::HydrateOptions::default();
+    options.target_is_zero = args.target_is_zero;
+    let (manifest, stats) = strata::restore_volume_with(
+        &target,
+        &volume,
+        id.as_ref(),
+        &args.dest,
+        &options,
+        &mut |p| {
             bar.set_length(p.total_bytes);
             bar.set_position(p.scanned_bytes);
-        })?;
+        },
+    )?;
     bar.finish_and_clear();
     writeln!(
         std::io::stdout().lock(),

@@ -90,6 +90,19 @@ pub enum Error {
         /// The resolved name that repeats.
         name: String,
     },
+    /// A stored cluster, or a range read as zeros, failed the chain's
+    /// [`ClusterCheck`](crate::ClusterCheck): the read returns none of its bytes.
+    #[error("{image}: cluster at guest offset {guest_offset:#x} {problem}")]
+    ClusterCheck {
+        /// The image (as the check names it, else its storage name).
+        image: String,
+        /// Its depth in the chain (0 is the top).
+        depth: usize,
+        /// Guest offset of the cluster (or of the range read as zeros).
+        guest_offset: u64,
+        /// What the check found.
+        problem: String,
+    },
     /// A read or write outside the virtual disk.
     #[error("request of {len} bytes at {offset:#x} is outside the virtual size {size:#x}")]
     OutOfRange {

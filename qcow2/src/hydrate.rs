@@ -143,6 +143,7 @@ pub fn hydrate_with(
         let mut zeros: Option<(u64, u64)> = None;
         image.for_each_extent(0, size, |extent| {
             if extent.kind.is_zero() {
+                image.check_zeros(extent.kind, extent.start, extent.length)?;
                 if zero_ranges {
                     zeros = match zeros {
                         Some((start, end)) if end == extent.start => Some((start, extent.end())),

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::backing::{self, BackingPolicy};
+use crate::check::{CheckFailure, ClusterCheck};
 use crate::error::{Error, Result, corrupt, io_err};
 use crate::header::{Header, MAGIC, incompat};
 use crate::io::{LocalStorage, ReadAt, Storage};
@@ -42,7 +43,7 @@ impl Format {
 }
 
 /// How to open an image.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OpenOptions {
     /// Which backing and data file names may be followed.
     pub policy: BackingPolicy,
@@ -50,6 +51,9 @@ pub struct OpenOptions {
     pub max_depth: usize,
     /// The top image's format; `None` probes the magic.
     pub format: Option<Format>,
+    /// Checks every stored cluster any reader of the image returns (see [`ClusterCheck`]);
+    /// `None` reads unchecked.
+    pub cluster_check: Option<Arc<dyn ClusterCheck>>,
 }
 
 impl Default for OpenOptions {
@@ -58,7 +62,19 @@ impl Default for OpenOptions {
             policy: BackingPolicy::Confined,
             max_depth: DEFAULT_MAX_DEPTH,
             format: None,
+            cluster_check: None,
         }
+    }
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("policy", &self.policy)
+            .field("max_depth", &self.max_depth)
+            .field("format", &self.format)
+            .field("cluster_check", &self.cluster_check.is_some())
+            .finish()
     }
 }
 
@@ -138,6 +154,7 @@ pub struct Qcow2Info {
 /// All reads take `&self`: share an `Image` between threads to read it in parallel.
 pub struct Image {
     layers: Vec<Layer>,
+    check: Option<Arc<dyn ClusterCheck>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -191,6 +208,12 @@ impl Image {
                 None => probe(&current, source.as_ref(), len)?,
             };
             if format == Format::Raw {
+                if options.cluster_check.is_some() {
+                    return Err(Error::Unsupported {
+                        image: current,
+                        feature: "cluster checks of a raw image".into(),
+                    });
+                }
                 layers.push(Layer::Raw {
                     name: current,
                     source,
@@ -199,6 +222,12 @@ impl Image {
                 break;
             }
             let layer = open_qcow2(storage, options.policy, &top_dir, current, source, len)?;
+            if options.cluster_check.is_some() && layer.header.extended_l2() {
+                return Err(Error::Unsupported {
+                    image: layer.name.clone(),
+                    feature: "cluster checks of an image with extended L2 entries".into(),
+                });
+            }
             if let Some(backing_name) = &layer.header.backing_file {
                 let resolved = backing::resolve(
                     options.policy,
@@ -224,7 +253,10 @@ impl Image {
             }
             layers.push(Layer::Qcow2(Box::new(layer)));
         }
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            check: options.cluster_check.clone(),
+        })
     }
 
     /// The virtual disk size in bytes.
@@ -409,14 +441,23 @@ impl Image {
 
     /// Reads the bytes of one extent (as produced by [`map`](Self::map)) into `buf`, whose
     /// length must not exceed the extent's.
+    ///
+    /// An image opened with a [`ClusterCheck`] reads every stored cluster the extent touches
+    /// whole and checks it (and checks zeros as zeros) before filling `buf`.
     pub fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         match extent.kind {
             ExtentKind::Zero { .. } | ExtentKind::Unallocated => {
+                self.check_zeros(extent.kind, extent.start, buf.len() as u64)?;
                 buf.fill(0);
                 Ok(())
             }
             ExtentKind::Data { depth, host_offset } => match self.layers.get(depth) {
-                Some(Layer::Qcow2(q)) => q.read_data(buf, host_offset),
+                Some(Layer::Qcow2(q)) => match &self.check {
+                    None => q.read_data(buf, host_offset),
+                    Some(check) => {
+                        self.read_checked(check.as_ref(), depth, q, extent.start, host_offset, buf)
+                    }
+                },
                 Some(Layer::Raw { name, source, len }) => {
                     let available = len.saturating_sub(host_offset).min(buf.len() as u64);
                     let (head, tail) = buf.split_at_mut(available as usize);
@@ -441,6 +482,14 @@ impl Image {
                 let cluster_size = q.header.cluster_size();
                 let mut cluster = vec![0u8; cluster_size as usize];
                 q.read_compressed(&mut cluster, host_offset, compressed_len)?;
+                if let Some(check) = &self.check {
+                    let first = extent.start - extent.start % cluster_size;
+                    let len = cluster_size.min(q.size().saturating_sub(first)) as usize;
+                    let data = cluster.get(..len).unwrap_or(&cluster);
+                    check
+                        .stored(depth, first, data)
+                        .map_err(|failure| self.check_failed(check.as_ref(), failure))?;
+                }
                 let within = (extent.start % cluster_size) as usize;
                 let src = cluster
                     .get(within..within + buf.len())
@@ -448,6 +497,96 @@ impl Image {
                 buf.copy_from_slice(src);
                 Ok(())
             }
+        }
+    }
+
+    /// Reads data stored in `q` (at `depth`) for guest bytes `start..start + buf.len()` from
+    /// host offset `host` on, checking every cluster it touches whole: clusters that `buf`
+    /// covers are checked where they land, a cluster covered in part is read whole into a
+    /// scratch buffer first. A standard cluster is stored contiguously (qcow2.rst, "Cluster
+    /// mapping": the descriptor gives the host offset of its first byte), so its start is
+    /// `host` less the request's distance into it.
+    fn read_checked(
+        &self,
+        check: &dyn ClusterCheck,
+        depth: usize,
+        q: &Qcow2Layer,
+        start: u64,
+        host: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let cluster = q.header.cluster_size();
+        let size = q.size();
+        let end = start + buf.len() as u64;
+        let outside = || Error::InvalidArgument("checked read outside its buffer".into());
+        let mut pos = start;
+        while pos < end {
+            let first = pos - pos % cluster;
+            let from = (pos - start) as usize;
+            // From a cluster boundary: whole clusters up to the last one `buf` covers (the last
+            // cluster of the image ends at the virtual size).
+            let whole_end = if end >= size {
+                end
+            } else {
+                end - end % cluster
+            };
+            if pos == first && whole_end > pos {
+                let part = buf
+                    .get_mut(from..(whole_end - start) as usize)
+                    .ok_or_else(outside)?;
+                q.read_data(part, host + (pos - start))?;
+                for (i, data) in part.chunks(cluster as usize).enumerate() {
+                    check
+                        .stored(depth, pos + i as u64 * cluster, data)
+                        .map_err(|failure| self.check_failed(check, failure))?;
+                }
+                pos = whole_end;
+                continue;
+            }
+            let cluster_end = (first + cluster).min(size);
+            let host_first = (host + (pos - start))
+                .checked_sub(pos - first)
+                .ok_or_else(|| corrupt(&q.name, "data cluster before the file's start", 0))?;
+            let mut whole = vec![0u8; (cluster_end - first) as usize];
+            q.read_data(&mut whole, host_first)?;
+            check
+                .stored(depth, first, &whole)
+                .map_err(|failure| self.check_failed(check, failure))?;
+            let piece_end = end.min(cluster_end);
+            let dst = buf
+                .get_mut(from..(piece_end - start) as usize)
+                .ok_or_else(outside)?;
+            let src = whole
+                .get((pos - first) as usize..(piece_end - first) as usize)
+                .ok_or_else(outside)?;
+            dst.copy_from_slice(src);
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Checks that `len` guest bytes from `start`, which `kind` says read as zeros, may, when
+    /// the image was opened with a [`ClusterCheck`].
+    pub(crate) fn check_zeros(&self, kind: ExtentKind, start: u64, len: u64) -> Result<()> {
+        match &self.check {
+            Some(check) => check
+                .zeros(kind.depth(), start, len)
+                .map_err(|failure| self.check_failed(check.as_ref(), failure)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_failed(&self, check: &dyn ClusterCheck, failure: CheckFailure) -> Error {
+        let image = check.image_name(failure.depth).unwrap_or_else(|| {
+            self.layers
+                .get(failure.depth)
+                .map_or_else(String::new, |layer| layer.name().to_owned())
+        });
+        Error::ClusterCheck {
+            image,
+            depth: failure.depth,
+            guest_offset: failure.guest_offset,
+            problem: failure.problem,
         }
     }
 

@@ -81,10 +81,16 @@
 //! [`Storage`], so the same reader serves a local folder or an object store. Extents of the
 //! resolved chain come out merged and in order ([`Image::for_each_extent`]), which is what a
 //! hydration loop wants: one walk, large reads, holes skipped.
+//!
+//! A chain opened with [`OpenOptions::cluster_check`] hands every stored cluster it reads,
+//! whole and decompressed, to the caller's [`ClusterCheck`] (and the ranges it reads as zeros)
+//! before returning any of its bytes, so every reader of the [`Image`] (hydration, an NBD
+//! export, a merge) is verified by the same code. Partial reads read the whole cluster.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod backing;
+mod check;
 mod compressed;
 mod convert;
 mod error;
@@ -100,6 +106,7 @@ mod volume;
 mod writer;
 
 pub use backing::BackingPolicy;
+pub use check::{CheckFailure, ClusterCheck};
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use hydrate::{HydrateOptions, HydrateStats, hydrate, hydrate_with, hydrate_with_progress};

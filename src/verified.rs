@@ -1,0 +1,228 @@
+//! Verified backup points: the chain the images name checked against the chain the manifests
+//! name, then opened so that every stored cluster read from it is checked against its backup's
+//! `checksums` side file.
+//!
+//! Restore, `strata serve` and retention's fold all open backups through [`open_verified`]:
+//! a backup that does not read as it was written fails with [`Error::Damaged`] naming the
+//! backup, and for clusters the guest offset, instead of handing out its bytes.
+
+use std::sync::Arc;
+
+use strata_chain::{ChainChecksums, ClusterChecksums};
+use strata_qcow2::{Image, OpenOptions};
+use strata_target::{BackupId, BackupManifest, Target, VolumeName};
+
+use crate::volume::{CHECKSUMS_FILE, Error, Result, chain_text, side_file};
+
+/// A backup point opened for verified reads.
+pub(crate) struct VerifiedChain {
+    /// The backup point's manifest.
+    pub manifest: BackupManifest,
+    /// The manifests from the backup point down to its base (top first, as the image's
+    /// layers are).
+    pub manifests: Vec<BackupManifest>,
+    /// The chain, opened with every layer's checksum list as its cluster check.
+    pub image: Image,
+}
+
+impl VerifiedChain {
+    /// `error` with a failed cluster check or a corrupt structure named by its backup
+    /// (`Error::Damaged`); other errors as they are.
+    pub fn name_damage(&self, error: Error) -> Error {
+        let depth = match &error {
+            Error::Image(strata_qcow2::Error::ClusterCheck { depth, .. }) => Some(*depth),
+            Error::Image(strata_qcow2::Error::Corrupt { image, .. }) => self
+                .image
+                .chain()
+                .iter()
+                .position(|layer| layer.name == *image),
+            _ => None,
+        };
+        let Some(manifest) = depth.and_then(|d| self.manifests.get(d)) else {
+            return error;
+        };
+        match error {
+            Error::Image(strata_qcow2::Error::ClusterCheck {
+                guest_offset,
+                problem,
+                ..
+            }) => damaged(
+                manifest,
+                format!("cluster at guest offset {guest_offset:#x} {problem}"),
+            ),
+            Error::Image(strata_qcow2::Error::Corrupt { what, offset, .. }) => damaged(
+                manifest,
+                format!("its image is corrupt: {what} (at file offset {offset:#x})"),
+            ),
+            other => other,
+        }
+    }
+}
+
+/// Opens backup `id` of `volume` (the latest when `None`) for verified reads.
+///
+/// Before any data is read: the manifests are walked from the backup through `parent` (a
+/// missing parent, a backup naming itself or a loop is damage), each layer's `checksums`
+/// side file is read (its size and CRC checked against its manifest), the chain is opened from
+/// the backup's image object through the volume's storage no deeper than the manifests go,
+/// and each layer is compared with its manifest: backing name (`image_name(parent)`), virtual
+/// size, object size, cluster size (also the checksum list's), and the chain's depth.
+pub(crate) fn open_verified(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+) -> Result<VerifiedChain> {
+    let top = match id {
+        Some(id) => target.backup(volume, id)?,
+        None => target
+            .latest(volume)?
+            .ok_or_else(|| Error::NotFound(format!("volume {volume} has no backups")))?,
+    };
+    let manifests = manifest_chain(target, top.clone())?;
+    let mut lists = Vec::with_capacity(manifests.len());
+    for manifest in &manifests {
+        let list = target
+            .read_file(volume, &manifest.id, &side_file(CHECKSUMS_FILE))
+            .map_err(Error::from)
+            .and_then(|bytes| Ok(ClusterChecksums::decode(&bytes)?))
+            .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
+        lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
+    }
+    let check = Arc::new(ChainChecksums::new(lists));
+    let options = OpenOptions {
+        max_depth: manifests.len(),
+        cluster_check: Some(Arc::clone(&check) as Arc<dyn strata_qcow2::ClusterCheck>),
+        ..OpenOptions::default()
+    };
+    let image = Image::open_with(&target.storage(volume), &top.image.object, &options).map_err(
+        |e| match e {
+            strata_qcow2::Error::ChainTooDeep { image, .. } => {
+                let base = manifests.last().unwrap_or(&top);
+                damaged(
+                    base,
+                    format!("its image names backing file {image:?}, its manifest names no parent"),
+                )
+            }
+            e => damaged(
+                &top,
+                format!("its image chain does not open: {}", chain_text(&e)),
+            ),
+        },
+    )?;
+    check_layers(&manifests, &image, &check)?;
+    Ok(VerifiedChain {
+        manifest: top,
+        manifests,
+        image,
+    })
+}
+
+/// The manifests from `top` through `parent` to the base, top first.
+fn manifest_chain(target: &Target, top: BackupManifest) -> Result<Vec<BackupManifest>> {
+    let mut chain = vec![top];
+    while let Some(last) = chain.last() {
+        let Some(parent) = last.parent.clone() else {
+            break;
+        };
+        if parent == last.id {
+            return Err(damaged(last, "its manifest names itself as parent".into()));
+        }
+        if chain.iter().any(|m| m.id == parent) {
+            return Err(damaged(
+                last,
+                format!("its parent {parent} is already in the chain (the parents loop)"),
+            ));
+        }
+        if chain.len() >= strata_target::MAX_CHAIN_DEPTH {
+            return Err(damaged(
+                last,
+                format!(
+                    "the chain is longer than {} backups",
+                    strata_target::MAX_CHAIN_DEPTH
+                ),
+            ));
+        }
+        match target.backup(&last.volume, &parent) {
+            Ok(manifest) => chain.push(manifest),
+            Err(strata_target::Error::NotFound { .. }) => {
+                return Err(damaged(
+                    last,
+                    format!("its parent {parent} has no manifest"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(chain)
+}
+
+/// Compares every layer of `image` with its manifest and checksum list.
+fn check_layers(manifests: &[BackupManifest], image: &Image, check: &ChainChecksums) -> Result<()> {
+    let layers = image.chain();
+    for (depth, (manifest, layer)) in manifests.iter().zip(&layers).enumerate() {
+        let differs = |what: String| Err(damaged(manifest, what));
+        let Some(qcow2) = &layer.qcow2 else {
+            return differs("its image is not a QCOW2 image".into());
+        };
+        let expected = manifest.parent.as_ref().map(strata_target::image_name);
+        if qcow2.backing_file != expected {
+            return differs(match (&qcow2.backing_file, &expected) {
+                (Some(found), Some(parent)) => {
+                    format!(
+                        "its image names backing file {found:?}, its manifest's parent is {parent:?}"
+                    )
+                }
+                (None, Some(parent)) => {
+                    format!("its image names no backing file, its manifest's parent is {parent:?}")
+                }
+                (found, None) => {
+                    format!("its image names backing file {found:?}, its manifest names no parent")
+                }
+            });
+        }
+        if layer.virtual_size != manifest.virtual_size {
+            return differs(format!(
+                "its image's virtual size is {} bytes, its manifest says {}",
+                layer.virtual_size, manifest.virtual_size
+            ));
+        }
+        if layer.file_length != manifest.image.size {
+            return differs(format!(
+                "its image object is {} bytes, its manifest says {}",
+                layer.file_length, manifest.image.size
+            ));
+        }
+        if qcow2.cluster_size != manifest.cluster_size {
+            return differs(format!(
+                "its image's cluster size is {} bytes, its manifest says {}",
+                qcow2.cluster_size, manifest.cluster_size
+            ));
+        }
+        let listed = check.list(depth).map_or(0, |list| list.cluster_size);
+        if listed != qcow2.cluster_size {
+            return differs(format!(
+                "its checksum list covers {listed} byte clusters, its image has {}",
+                qcow2.cluster_size
+            ));
+        }
+    }
+    if let Some(base) = manifests.last().filter(|_| layers.len() != manifests.len()) {
+        return Err(damaged(
+            base,
+            format!(
+                "the image chain has {} images, the manifests name {} backups",
+                layers.len(),
+                manifests.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn damaged(manifest: &BackupManifest, problem: String) -> Error {
+    Error::Damaged {
+        volume: manifest.volume.clone(),
+        id: manifest.id.clone(),
+        problem,
+    }
+}
