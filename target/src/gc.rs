@@ -1,9 +1,13 @@
-//! Garbage collection of what interrupted or abandoned backups left behind.
+//! Garbage collection of what interrupted or abandoned backups and folds left behind.
 //!
 //! An object is garbage when it belongs to a backup id that is not committed and whose claim is
 //! missing or older than the grace period, and the object itself is older than the grace
 //! period. Data objects go first and claims last, so an interrupted `gc` is simply run again.
 //! Application metadata archives without a manifest are garbage after the grace period too.
+//! Folds: an intent older than the grace period is finished or rolled back first
+//! ([`Target::recover_folds`]); objects a committed fold superseded are removed once their
+//! retired record is older than the grace period; nothing a committed manifest, a fold in
+//! progress or (on a folder) a committed backup's `<id>.qcow2` needs is ever removed.
 //! Incomplete multipart uploads are aborted by the sink that started them; those of a crashed
 //! process cannot be listed through object_store, so object stores should also carry a
 //! lifecycle rule that aborts incomplete multipart uploads after a day.
@@ -16,6 +20,7 @@ use object_store::ObjectMeta;
 use object_store::path::Path;
 
 use crate::error::Result;
+use crate::fold_recovery::{Needed, collect_retired};
 use crate::layout::{IMAGE_EXTENSION, id_from_key};
 use crate::manifest::{Reservation, from_json};
 use crate::name::VolumeName;
@@ -30,14 +35,23 @@ pub struct GcReport {
 
 impl Target {
     /// Removes the leftovers of backups that were never committed and whose writers have been
-    /// silent for longer than `grace`. A writer must commit within `grace` of claiming its id.
+    /// silent for longer than `grace`, and the objects folds superseded more than `grace` ago.
+    /// A writer must commit within `grace` of claiming its id, and a reader that opened a chain
+    /// before a fold must be done within `grace` of the fold.
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
         let volumes = self.volumes()?;
+        let min_age = grace;
         let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let mut report = GcReport::default();
         for volume in volumes {
+            // Folds stopped for longer than the grace period are finished or rolled back first.
+            self.recover_folds(&volume, min_age)?;
             let removed = self.block("gc", move |inner| async move {
-                collect_volume(&inner, &volume, Utc::now() - grace).await
+                let cutoff = Utc::now() - grace;
+                let needed = Needed::of_volume(&inner, &volume, cutoff).await?;
+                let mut removed = collect_volume(&inner, &volume, cutoff, &needed).await?;
+                removed.extend(collect_retired(&inner, &volume, cutoff, &needed).await?);
+                Ok(removed)
             })?;
             report.removed.extend(removed);
         }
@@ -67,6 +81,7 @@ async fn collect_volume(
     inner: &Inner,
     volume: &VolumeName,
     cutoff: DateTime<Utc>,
+    needed: &Needed,
 ) -> Result<Vec<String>> {
     let volume_prefix = inner.layout.volume(volume);
     let objects = inner.list(&volume_prefix).await?;
@@ -102,7 +117,7 @@ async fn collect_volume(
     let mut removed = Vec::new();
     for dir in ["images", "files", "children", "claims"] {
         for (meta, rest) in by_dir.get(dir).into_iter().flatten() {
-            if meta.last_modified > cutoff {
+            if meta.last_modified > cutoff || needed.contains(&meta.location) {
                 continue;
             }
             let id = if dir == "children" {
