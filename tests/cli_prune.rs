@@ -98,6 +98,9 @@ fn has_file(dir: &Path, matches: impl Fn(&str) -> bool) -> bool {
         .unwrap_or(false)
 }
 
+/// When to kill the prune, given the time since it started.
+type KillPoint<'a> = Box<dyn Fn(Duration) -> bool + 'a>;
+
 #[test]
 fn prune_killed_during_a_fold_leaves_every_point_restorable() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -128,7 +131,7 @@ fn prune_killed_during_a_fold_leaves_every_point_restorable() {
     let images = volume_dir.join("images");
     // Kill points: as soon as the intent exists (during the merge), once the merged image is
     // published, and after fixed delays that land anywhere.
-    let kill_when: [(&str, Box<dyn Fn(Duration) -> bool>); 4] = [
+    let kill_when: [(&str, KillPoint); 4] = [
         (
             "the intent exists",
             Box::new(|_| has_file(&folds, |_| true)),

@@ -79,8 +79,9 @@ pub(crate) enum Recovered {
 
 impl Target {
     /// Finishes or rolls back every fold of `volume` whose intent record is older than
-    /// `min_age` (see the module docs of the fold protocol in the crate docs, "Guarantees").
-    /// Returns the parents whose folds were finished, which are no longer committed.
+    /// `min_age` (see "Guarantees" in the crate docs): forward when the child's manifest
+    /// already names the fold's new image, back otherwise. Returns the parents whose folds
+    /// were finished, which are no longer committed.
     ///
     /// `prune` calls this with `min_age` zero before folding anything (one prune runs per
     /// volume at a time); [`gc`](Self::gc) with its grace period.
