@@ -436,13 +436,18 @@ pub fn chain_text(error: &dyn std::error::Error) -> String {
 
 /// Retention: keeps the newest `keep_last` backups of `volume`, folding each older backup into
 /// its child (so every kept point stays restorable) and returns the ids removed.
+///
+/// A fold never rewrites an object in place (see "Guarantees" in `strata_target`): readers that
+/// opened a chain before the fold keep reading it until `gc` removes the superseded objects. A
+/// fold that stopped (a crash, a failed request) is first finished or rolled back, from the
+/// intent record the target keeps; run one prune per volume at a time.
 pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<Vec<BackupId>> {
     if keep_last == 0 {
         return Err(Error::NotFound(
             "keep-last must keep at least one backup".into(),
         ));
     }
-    let mut removed = finish_interrupted_folds(target, volume)?;
+    let mut removed = target.recover_folds(volume, std::time::Duration::ZERO)?;
     loop {
         let backups = target.backups(volume)?;
         if backups.len() <= keep_last {
@@ -475,62 +480,4 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
         })?;
         removed.push(oldest.id.clone());
     }
-}
-
-/// Finishes every fold that stopped after replacing a child's image (see
-/// [`Target::finish_fold`]): such a child's image no longer names its manifest's parent as its
-/// backing file. Folding anything else first could delete an image the child now stands on.
-/// Returns the parents removed.
-fn finish_interrupted_folds(target: &Target, volume: &VolumeName) -> Result<Vec<BackupId>> {
-    let storage = target.storage(volume);
-    let mut removed = Vec::new();
-    for manifest in target.backups(volume)? {
-        let Some(parent) = &manifest.parent else {
-            continue;
-        };
-        let expected = strata_target::image_name(parent);
-        let source = strata_qcow2::Storage::open(&storage, &manifest.image.object)
-            .map_err(|e| io_error(Path::new(&manifest.image.object), "opening the image", e))?;
-        if backing_name(&*source)
-            .map_err(|e| io_error(Path::new(&manifest.image.object), "reading the header", e))?
-            .as_deref()
-            == Some(expected.as_str())
-        {
-            continue;
-        }
-        let chain = Image::open_with(
-            &storage,
-            &manifest.image.object,
-            &strata_qcow2::OpenOptions::default(),
-        )?;
-        let checksums = strata_chain::stored_checksums(&chain)?;
-        drop(chain);
-        target.finish_fold(
-            volume,
-            parent,
-            vec![(side_file(CHECKSUMS_FILE), checksums.encode().into())],
-        )?;
-        removed.push(parent.clone());
-    }
-    Ok(removed)
-}
-
-/// The backing file name a QCOW2 image's header gives: `backing_file_offset` (bytes 8-15) and
-/// `backing_file_size` (bytes 16-19) of the header (QEMU `docs/interop/qcow2.rst`, "Header").
-/// Reads only those fields and the name.
-fn backing_name(image: &dyn strata_qcow2::ReadAt) -> std::io::Result<Option<String>> {
-    let mut fields = [0u8; 20];
-    image.read_exact_at(&mut fields, 0)?;
-    let offset = u64::from_be_bytes([
-        fields[8], fields[9], fields[10], fields[11], fields[12], fields[13], fields[14],
-        fields[15],
-    ]);
-    let len = u32::from_be_bytes([fields[16], fields[17], fields[18], fields[19]]);
-    // The specification caps the name at 1023 bytes.
-    if offset == 0 || len == 0 || len > 1023 {
-        return Ok(None);
-    }
-    let mut name = vec![0u8; len as usize];
-    image.read_exact_at(&mut name, offset)?;
-    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
 }

@@ -46,6 +46,9 @@ impl Target {
             }
             inner.delete(&inner.layout.manifest(&volume, &id)).await?;
             inner
+                .delete(&inner.layout.image(&volume, &manifest.image.object))
+                .await?;
+            inner
                 .delete(&inner.layout.image(&volume, &image_name(&id)))
                 .await?;
             for file in inner.list(&inner.layout.files_dir(&volume, &id)).await? {

@@ -112,6 +112,17 @@ pub enum Error {
         /// The backup that extends it.
         child: String,
     },
+    /// Another fold of this backup into its child is in progress (or stopped and not yet
+    /// recovered: the next `prune`, or `gc` after the grace period, finishes or rolls it back).
+    #[error("backup {parent} of volume {volume} is already being folded by {writer}")]
+    FoldInProgress {
+        /// The volume.
+        volume: String,
+        /// The backup being folded.
+        parent: String,
+        /// The writer token in the fold's intent record.
+        writer: String,
+    },
     /// The repository was written by a newer (or unknown) layout version.
     #[error(
         "repository format {found:?} version {version} is not supported (this build reads version {supported})"
@@ -192,7 +203,9 @@ impl From<Error> for io::Error {
     fn from(err: Error) -> Self {
         let kind = match &err {
             Error::NotFound { .. } => io::ErrorKind::NotFound,
-            Error::BackupExists { .. } => io::ErrorKind::AlreadyExists,
+            Error::BackupExists { .. } | Error::FoldInProgress { .. } => {
+                io::ErrorKind::AlreadyExists
+            }
             Error::InvalidName { .. } | Error::Upload { .. } => io::ErrorKind::InvalidInput,
             Error::Corrupt { .. } => io::ErrorKind::InvalidData,
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,

@@ -1,4 +1,4 @@
-//! Garbage collection of what interrupted or abandoned backups left behind.
+//! Garbage collection of what interrupted or abandoned backups and folds left behind.
 //!
 //! An object is garbage when it belongs to a backup id that is not committed and whose writer
 //! is dead (its claim is missing, or the writer's lock is free or its lease lapsed: see
@@ -7,6 +7,10 @@
 //! takeovers go too, once older than the grace period. Data objects go first, claims after
 //! them and writer records last, so an interrupted `gc` is simply run again.
 //! Application metadata archives without a manifest are garbage after the grace period too.
+//! Folds: an intent older than the grace period is finished or rolled back first
+//! ([`Target::recover_folds`]); objects a committed fold superseded are removed once their
+//! retired record is older than the grace period; nothing a committed manifest, a fold in
+//! progress or (on a folder) a committed backup's `<id>.qcow2` needs is ever removed.
 //! Incomplete multipart uploads are aborted by the sink that started them; those of a crashed
 //! process cannot be listed through object_store, so object stores should also carry a
 //! lifecycle rule that aborts incomplete multipart uploads after a day.
@@ -19,6 +23,7 @@ use object_store::ObjectMeta;
 use object_store::path::Path;
 
 use crate::error::Result;
+use crate::fold_recovery::{Needed, collect_retired};
 use crate::layout::{IMAGE_EXTENSION, id_from_key};
 use crate::liveness::Liveness;
 use crate::manifest::{Reservation, from_json};
@@ -35,20 +40,19 @@ pub struct GcReport {
 impl Target {
     /// Removes the leftovers of backups that were never committed and whose writers are dead
     /// (see the module docs), once older than `grace`: partial images, side files, claims and
-    /// child slots, the dead writers' records, and finished takeovers. Objects of live writers
-    /// and of committed backups are never touched. Incomplete multipart uploads of a killed
-    /// writer cannot be listed through object_store: give buckets a lifecycle rule that aborts
-    /// them (after a day, say).
+    /// child slots, the dead writers' records, and finished takeovers; and the objects folds
+    /// superseded more than `grace` ago (a reader that opened a chain before a fold must be
+    /// done within `grace` of the fold). Objects of live writers and of committed backups are
+    /// never touched. Incomplete multipart uploads of a killed writer cannot be listed through
+    /// object_store: give buckets a lifecycle rule that aborts them (after a day, say).
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
-        let volumes = self.volumes()?;
-        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let mut report = GcReport::default();
-        for volume in volumes {
-            let removed = self.block("gc", move |inner| async move {
-                collect_volume(&inner, &volume, Utc::now() - grace).await
-            })?;
-            report.removed.extend(removed);
+        for volume in self.volumes()? {
+            report
+                .removed
+                .extend(self.gc_volume(&volume, grace)?.removed);
         }
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let removed = self.block("gc", move |inner| async move {
             collect_archives(&inner, Utc::now() - grace).await
         })?;
@@ -59,10 +63,16 @@ impl Target {
     /// [`gc`](Self::gc) of one volume's leftovers only (what the controller runs after it
     /// commits a backup of the volume).
     pub fn gc_volume(&self, volume: &VolumeName, grace: Duration) -> Result<GcReport> {
+        // Folds stopped for longer than the grace period are finished or rolled back first.
+        self.recover_folds(volume, grace)?;
         let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let volume = volume.clone();
         let removed = self.block("gc", move |inner| async move {
-            collect_volume(&inner, &volume, Utc::now() - grace).await
+            let cutoff = Utc::now() - grace;
+            let needed = Needed::of_volume(&inner, &volume, cutoff).await?;
+            let mut removed = collect_volume(&inner, &volume, cutoff, &needed).await?;
+            removed.extend(collect_retired(&inner, &volume, cutoff, &needed).await?);
+            Ok(removed)
         })?;
         Ok(GcReport { removed })
     }
@@ -86,6 +96,7 @@ async fn collect_volume(
     inner: &Inner,
     volume: &VolumeName,
     cutoff: DateTime<Utc>,
+    needed: &Needed,
 ) -> Result<Vec<String>> {
     let volume_prefix = inner.layout.volume(volume);
     let objects = inner.list(&volume_prefix).await?;
@@ -134,7 +145,7 @@ async fn collect_volume(
     let mut removed = Vec::new();
     for dir in ["images", "files", "children", "claims"] {
         for (meta, rest) in by_dir.get(dir).into_iter().flatten() {
-            if meta.last_modified > cutoff {
+            if meta.last_modified > cutoff || needed.contains(&meta.location) {
                 continue;
             }
             let id = if dir == "children" {

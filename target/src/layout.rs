@@ -11,6 +11,10 @@
 //! <prefix>/volumes/<volume>/writers/<token>.json the record of a live writer (lock or lease)
 //! <prefix>/volumes/<volume>/takeovers/<id>/<token>.json
 //!                                                the one writer taking over <token>'s slot on <id>
+//! <prefix>/volumes/<volume>/images/<id>.<token>.qcow2   merged image a fold wrote for <id>
+//! <prefix>/volumes/<volume>/files/<id>/<token>/<name>   side files a fold wrote for <id>
+//! <prefix>/volumes/<volume>/folds/<parent>.json  intent of a fold of <parent> into its child
+//! <prefix>/volumes/<volume>/retired/<token>.json objects a committed fold superseded (for gc)
 //! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
 //! <prefix>/applications/<app>/<id>.archive       its metadata archive
 //! ```
@@ -20,6 +24,8 @@
 
 use object_store::path::Path;
 
+use crate::error::{Error, Result};
+use crate::manifest::SideFile;
 use crate::name::{AppBackupId, AppName, BackupId, FileName, VolumeName};
 
 /// The format name written in the repository marker.
@@ -115,6 +121,51 @@ impl Layout {
         ])
     }
 
+    /// The key of a side file's object, as its manifest entry names it.
+    pub(crate) fn side_file(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+        file: &SideFile,
+    ) -> Result<Path> {
+        match &file.object {
+            None => Ok(self.file(volume, id, &file.name)),
+            Some(object) => self.under(self.files_dir(volume, id), object),
+        }
+    }
+
+    /// The intent record of a fold of `parent` into its child.
+    pub(crate) fn fold_intent(&self, volume: &VolumeName, parent: &BackupId) -> Path {
+        self.key(["volumes", volume.as_str(), "folds", &json(parent.as_str())])
+    }
+
+    /// The record of the objects a committed fold (by writer `token`) superseded.
+    pub(crate) fn retired(&self, volume: &VolumeName, token: &str) -> Path {
+        self.key(["volumes", volume.as_str(), "retired", &json(token)])
+    }
+
+    /// The key of `relative` (`images/<name>`, `files/<id>/<name>`, ...) in `volume`'s folder.
+    pub(crate) fn in_volume(&self, volume: &VolumeName, relative: &str) -> Result<Path> {
+        self.under(self.volume(volume), relative)
+    }
+
+    /// `base` joined with the `/`-separated `relative` name read from a stored record, whose
+    /// segments must stay inside `base`.
+    fn under(&self, base: Path, relative: &str) -> Result<Path> {
+        let mut path = base;
+        for segment in relative.split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(Error::InvalidName {
+                    kind: "object",
+                    name: relative.to_string(),
+                    reason: "must not contain empty, '.' or '..' segments",
+                });
+            }
+            path = path.clone().join(segment);
+        }
+        Ok(path)
+    }
+
     pub(crate) fn all_applications(&self) -> Path {
         self.key(["applications"])
     }
@@ -135,6 +186,11 @@ impl Layout {
 /// The image object name (and backing name) of a backup.
 pub fn image_name(id: &BackupId) -> String {
     format!("{id}{IMAGE_EXTENSION}")
+}
+
+/// The object name of the merged image a fold by writer `token` writes for backup `child`.
+pub(crate) fn fold_image_name(child: &BackupId, token: &str) -> String {
+    format!("{child}.{token}{IMAGE_EXTENSION}")
 }
 
 fn json(name: &str) -> String {

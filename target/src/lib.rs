@@ -71,13 +71,20 @@
 //! <prefix>/volumes/<volume>/claims/<id>.json     reservation of a backup id
 //! <prefix>/volumes/<volume>/children/<id>.json   reservation of the one child extending <id>
 //! <prefix>/volumes/<volume>/files/<id>/<name>    side files (digest manifests, ...)
+//! <prefix>/volumes/<volume>/images/<id>.<token>.qcow2  the merged image a fold wrote for <id>
+//! <prefix>/volumes/<volume>/files/<id>/<token>/<name>  side files a fold wrote for <id>
+//! <prefix>/volumes/<volume>/folds/<parent>.json  intent of a fold of <parent> (create-only)
+//! <prefix>/volumes/<volume>/retired/<token>.json objects a committed fold superseded
 //! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
 //! <prefix>/applications/<app>/<id>.archive       its metadata archive
 //! ```
 //!
 //! A manifest ([`BackupManifest`]) holds the id, parent id, creation time, virtual size,
 //! cluster size, the image object's name, size, header length and CRC-32, and each side file's
-//! name, size and CRC-32. Every name is checked ([`VolumeName`], [`BackupId`], ...: ASCII
+//! name, size, CRC-32 and, when it is not `<name>`, its object under `files/<id>/`. Readers
+//! resolve objects through the manifest: after a fold the child's manifest names the merged
+//! image, and [`VolumeStorage`] resolves a backing name `<id>.qcow2` to the image the
+//! manifest of `<id>` names. Every name is checked ([`VolumeName`], [`BackupId`], ...: ASCII
 //! letters, digits, `.`, `_`, `-`), so no key leaves its folder. The marker's version is
 //! checked on open; a newer layout is refused with [`Error::UnsupportedFormat`]. On a
 //! filesystem target the images of a volume sit in one folder
@@ -105,6 +112,22 @@
 //! - **Safe deletion.** [`Target::delete_backup`] takes the backup's child slot first, so it
 //!   refuses a backup that has (or is getting) a child and no overlay can start on a backup
 //!   being deleted; the manifest goes before the data.
+//! - **Retention never rewrites in place.** [`Target::fold_into_child`] creates the intent
+//!   `folds/<parent>.json` first (create-only, so a second fold of the same parent gets
+//!   [`Error::FoldInProgress`]), stores the merged image and its side files under new names,
+//!   and commits by switching the child's manifest to them: a conditional put
+//!   (`PutMode::Update` with the e-tag read when the fold began) where the store has one, a
+//!   whole-object put under the exclusive intent elsewhere (the local filesystem). On a folder
+//!   it then re-points `<child>.qcow2` to the merged image by a rename over it, so qemu-img
+//!   follows the overlays' backing names to the current image at every step. A reader that
+//!   opened a chain before the fold reads the same bytes while it runs and after it commits:
+//!   superseded objects are only listed in `retired/<token>.json`, and [`Target::gc`] removes
+//!   them once that record is older than the grace period (so a reader must finish within
+//!   it). A crash at any step leaves every point restorable; [`Target::recover_folds`] rolls
+//!   the fold forward when the child's manifest names the new image and back otherwise.
+//!   `target/tests/fold.rs` breaks this on purpose (a fold killed at each request in turn,
+//!   readers held across folds on every backend, a child manifest changed under a fold), as
+//!   does `tests/cli_prune.rs` with SIGKILL of a real `strata prune`.
 //! - **Retries.** Transient errors (object_store's `Generic`) are retried with exponential
 //!   backoff ([`RetryPolicy`]) on top of the HTTP client's own retries; part uploads are
 //!   idempotent, and short range reads count as transient.
@@ -166,6 +189,7 @@ mod delete;
 mod error;
 mod failpoint;
 mod fold;
+mod fold_recovery;
 mod gc;
 mod layout;
 mod liveness;

@@ -31,8 +31,6 @@ pub(crate) struct LocalSink {
     body_len: u64,
     body_crc: crc32fast::Hasher,
     result: Arc<Mutex<Option<ImageInfo>>>,
-    /// Whether publishing may replace an existing image (retention merges).
-    replace: bool,
 }
 
 impl LocalSink {
@@ -42,7 +40,6 @@ impl LocalSink {
         writer: &str,
         reserved: usize,
         result: Arc<Mutex<Option<ImageInfo>>>,
-        replace: bool,
     ) -> Result<Self> {
         let mut staging = path.clone().into_os_string();
         staging.push(format!(".{writer}.partial"));
@@ -64,7 +61,6 @@ impl LocalSink {
             body_len: 0,
             body_crc: crc32fast::Hasher::new(),
             result,
-            replace,
         })
     }
 
@@ -116,16 +112,9 @@ impl LocalSink {
         file.set_len(header_len + self.body_len)
             .map_err(io("truncate"))?;
         file.sync_all().map_err(io("sync"))?;
-        if self.replace {
-            // Retention replaces a committed image: rename swaps it atomically, and readers
-            // that have it open keep reading the old file.
-            std::fs::rename(&self.staging, &self.path)
-                .map_err(|err| Error::io("publish", self.path.display(), err))?;
-        } else {
-            std::fs::hard_link(&self.staging, &self.path)
-                .map_err(|err| Error::io("publish", self.path.display(), err))?;
-            std::fs::remove_file(&self.staging).map_err(io("remove"))?;
-        }
+        std::fs::hard_link(&self.staging, &self.path)
+            .map_err(|err| Error::io("publish", self.path.display(), err))?;
+        std::fs::remove_file(&self.staging).map_err(io("remove"))?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)
                 .and_then(|d| d.sync_all())

@@ -63,6 +63,11 @@ pub struct SideFile {
     pub size: u64,
     /// Checksums of its bytes.
     pub checksums: Checksums,
+    /// Its object's key under the backup's side-file folder (`files/<id>/`) when that is not
+    /// `<name>`: a fold writes the files of the merged image as `<fold token>/<name>`, so a
+    /// reader holding the manifest from before the fold keeps finding the bytes it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// One committed backup of a volume (`volumes/<volume>/backups/<id>.json`).

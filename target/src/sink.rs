@@ -22,10 +22,9 @@ use object_store::{MultipartId, PutPayload};
 use strata_qcow2::ImageSink;
 
 use crate::error::{Error, Result};
-use crate::layout::image_name;
 use crate::local_sink::LocalSink;
 use crate::manifest::{Checksums, Crc32, ImageInfo};
-use crate::name::{BackupId, VolumeName};
+use crate::name::VolumeName;
 use crate::target::{Inner, Target};
 
 /// Streams one backup image to the target. Obtained from
@@ -44,27 +43,22 @@ enum Kind {
 }
 
 impl ImageUpload {
+    /// A sink that publishes the image as object `object` of `volume`'s image folder, which
+    /// must not exist yet (images are never replaced in place).
     pub(crate) fn new(
         target: &Target,
         volume: &VolumeName,
-        id: &BackupId,
+        object: &str,
         writer: &str,
         result: Arc<Mutex<Option<ImageInfo>>>,
-        replace: bool,
     ) -> Result<Self> {
         let inner = &target.inner;
-        let object = image_name(id);
+        let object = object.to_string();
         let path = inner.layout.image(volume, &object);
         if let Some(root) = &inner.local_root {
             let file = crate::url::local_path(root, &path);
-            let sink = LocalSink::create(
-                file,
-                object,
-                writer,
-                inner.options.local_header_len,
-                result,
-                replace,
-            )?;
+            let sink =
+                LocalSink::create(file, object, writer, inner.options.local_header_len, result)?;
             return Ok(Self {
                 kind: Kind::Local(Box::new(sink)),
                 appended: 0,

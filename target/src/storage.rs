@@ -1,5 +1,9 @@
 //! [`VolumeStorage`]: the QCOW2 reader's [`Storage`] over one volume's image folder, so a chain
 //! is opened by name straight from the target and follows its relative backing names.
+//!
+//! A backing name `<id>.qcow2` of a committed backup resolves through that backup's manifest
+//! to its current image object: after a fold the manifest names the merged image
+//! (`<id>.<token>.qcow2`) while the overlays built on it still carry the name `<id>.qcow2`.
 
 use std::io;
 use std::sync::Arc;
@@ -10,7 +14,7 @@ use object_store::ObjectStoreExt;
 use strata_qcow2::{ReadAt, Storage};
 
 use crate::error::{Error, Result};
-use crate::layout::image_name;
+use crate::layout::{IMAGE_EXTENSION, image_name};
 use crate::manifest::{BackupManifest, Crc32};
 use crate::name::{BackupId, FileName, VolumeName};
 use crate::reader::ObjectReader;
@@ -39,7 +43,7 @@ impl Target {
     /// Opens the image of a committed backup for positional reads.
     pub fn open_image(&self, volume: &VolumeName, id: &BackupId) -> Result<Arc<dyn ReadAt>> {
         let manifest = self.backup(volume, id)?;
-        self.storage(volume).open_object(&manifest.image.object)
+        self.storage(volume).open_named(&manifest.image.object)
     }
 
     /// Reads a side file of a committed backup, checking its size and CRC against the manifest.
@@ -54,15 +58,16 @@ impl Target {
                 name: format!("{volume}/{id}/{name}"),
             })?
             .clone();
-        let path = self.inner.layout.file(volume, id, name);
+        let path = self.inner.layout.side_file(volume, id, &entry)?;
+        let key = path.clone();
         let bytes = self.block("read side file", move |inner| async move {
-            inner.get_bytes(&path).await
+            inner.get_bytes(&key).await
         })?;
         let found = crate::manifest::crc32(&bytes);
         if bytes.len() as u64 != entry.size || found != entry.checksums {
             return Err(Error::Corrupt {
                 what: "side file",
-                path: self.inner.layout.file(volume, id, name).to_string(),
+                path: path.to_string(),
                 reason: format!(
                     "{} bytes with CRC {:08x}, the manifest says {} bytes with CRC {:08x}",
                     bytes.len(),
@@ -94,13 +99,6 @@ impl Target {
         let path = self.inner.layout.image(volume, &manifest.image.object);
         let (size, crc) = self.stream_object(&path, dest)?;
         check_image(manifest, &path, size, crc)
-    }
-
-    /// Streams the stored image object `object` of `volume` through `dest`, returning its size
-    /// and CRC-32.
-    pub(crate) fn measure_image(&self, volume: &VolumeName, object: &str) -> Result<(u64, Crc32)> {
-        let path = self.inner.layout.image(volume, object);
-        self.stream_object(&path, &mut io::sink())
     }
 
     fn stream_object(
@@ -200,7 +198,25 @@ impl VolumeStorage {
         image_name(id)
     }
 
-    fn open_object(&self, name: &str) -> Result<Arc<dyn ReadAt>> {
+    /// The object a backing name stands for: `<id>.qcow2` of a committed backup is the image
+    /// its manifest names now; any other name (an image whose backup is not committed, a
+    /// fold's merged image) is the object of that name.
+    fn current_object(&self, name: &str) -> Result<String> {
+        let Some(id) = name
+            .strip_suffix(IMAGE_EXTENSION)
+            .and_then(|stem| BackupId::new(stem).ok())
+        else {
+            return Ok(name.to_string());
+        };
+        match self.target.backup(&self.volume, &id) {
+            Ok(manifest) => Ok(manifest.image.object),
+            Err(Error::NotFound { .. }) => Ok(name.to_string()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Opens the object named `name` itself, without resolving it through a manifest.
+    fn open_named(&self, name: &str) -> Result<Arc<dyn ReadAt>> {
         let bad = |reason| Error::InvalidName {
             kind: "image",
             name: name.to_string(),
@@ -252,6 +268,8 @@ impl VolumeStorage {
 
 impl Storage for VolumeStorage {
     fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>> {
-        self.open_object(path).map_err(io::Error::from)
+        self.current_object(path)
+            .and_then(|object| self.open_named(&object))
+            .map_err(io::Error::from)
     }
 }

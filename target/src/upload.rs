@@ -189,10 +189,9 @@ impl BackupUpload {
         ImageUpload::new(
             &self.target,
             &self.volume,
-            &self.id,
+            &self.image_name(),
             &self.writer,
             self.image.clone(),
-            false,
         )
     }
 
@@ -203,6 +202,7 @@ impl BackupUpload {
             name: name.clone(),
             size: bytes.len() as u64,
             checksums: crc32(&bytes),
+            object: None,
         };
         self.target
             .block("put side file", move |inner| async move {

@@ -4,6 +4,7 @@
 
 pub mod faulty;
 pub mod moto;
+pub mod qemu;
 
 use std::sync::Arc;
 
