@@ -104,7 +104,7 @@ impl Leg {
     }
 
     /// The committed backups as (id, parent).
-    fn list(&self) -> Vec<(String, Option<String>)> {
+    fn list(&self) -> Listing {
         let out = self.ok(&["list", "--target", &self.url, "--output", "json"]);
         let entries: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list json");
         entries
@@ -377,10 +377,13 @@ fn stopped(pid: u32) -> bool {
         .is_some_and(|state| state == 'T')
 }
 
+/// The committed backups as (id, parent), oldest first.
+type Listing = Vec<(String, Option<String>)>;
+
 /// A writer stalled (SIGSTOP) right after taking its claim; a second backup runs meanwhile,
-/// then the first is resumed (SIGCONT). Returns the second backup's output, the first's, and the
-/// target's backups.
-fn stall_and_race(leg: &Leg) -> (Output, Output, Vec<(String, Option<String>)>, Vec<u8>) {
+/// then the first is resumed (SIGCONT). Returns the second backup's output, the first's, the
+/// target's backups and the volume's content that both backed up.
+fn stall_and_race(leg: &Leg) -> (Output, Output, Listing, Vec<u8>) {
     let work = tempfile::tempdir().expect("temp dir");
     let source_path = work.path().join("volume.raw");
     let source = std::fs::File::options()
