@@ -169,19 +169,25 @@ fn write_version(volume: &std::fs::File, version: u32) -> Vec<u8> {
     content
 }
 
-/// Kills a backup at `point`, then checks the target as the module docs say.
-fn kill_at(leg: &Leg, point: &str) {
-    let work = tempfile::tempdir().expect("temp dir");
-    let source_path = work.path().join("volume.raw");
-    let source = std::fs::File::options()
+/// A volume file of `VOLUME_BYTES` in `dir`: its path and the open file.
+fn new_volume(dir: &Path) -> (String, std::fs::File) {
+    let path = dir.join("volume.raw");
+    let file = std::fs::File::options()
         .create(true)
         .truncate(true)
         .read(true)
         .write(true)
-        .open(&source_path)
+        .open(&path)
         .expect("volume");
-    source.set_len(VOLUME_BYTES).expect("size");
-    let source_arg = source_path.to_str().expect("utf-8");
+    file.set_len(VOLUME_BYTES).expect("size");
+    (path.to_str().expect("utf-8").to_string(), file)
+}
+
+/// Kills a backup at `point`, then checks the target as the module docs say.
+fn kill_at(leg: &Leg, point: &str) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let (source_arg, source) = new_volume(work.path());
+    let source_arg = source_arg.as_str();
     let mut versions = vec![write_version(&source, 1)];
     leg.ok(&leg.backup_args(source_arg));
     let base = leg.list();
@@ -312,16 +318,8 @@ fn a_backup_killed_at_any_step_never_blocks_the_volume_on_s3() {
 fn backups_killed_from_outside_at_many_moments_leave_the_chain_whole() {
     let leg = Leg::folder();
     let work = tempfile::tempdir().expect("temp dir");
-    let source_path = work.path().join("volume.raw");
-    let source = std::fs::File::options()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&source_path)
-        .expect("volume");
-    source.set_len(VOLUME_BYTES).expect("size");
-    let source_arg = source_path.to_str().expect("utf-8");
+    let (source_arg, source) = new_volume(work.path());
+    let source_arg = source_arg.as_str();
     let mut version = 1;
     write_version(&source, version);
     let mut committed: Vec<(String, Vec<u8>)> = Vec::new();
@@ -385,16 +383,8 @@ type Listing = Vec<(String, Option<String>)>;
 /// target's backups and the volume's content that both backed up.
 fn stall_and_race(leg: &Leg) -> (Output, Output, Listing, Vec<u8>) {
     let work = tempfile::tempdir().expect("temp dir");
-    let source_path = work.path().join("volume.raw");
-    let source = std::fs::File::options()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&source_path)
-        .expect("volume");
-    source.set_len(VOLUME_BYTES).expect("size");
-    let source_arg = source_path.to_str().expect("utf-8");
+    let (source_arg, source) = new_volume(work.path());
+    let source_arg = source_arg.as_str();
     write_version(&source, 1);
     leg.ok(&leg.backup_args(source_arg));
     let content = write_version(&source, 2);

@@ -52,17 +52,7 @@ const SIZE: u64 = 64 << 20;
 fn chain(s: &Scratch) -> String {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
     s.qemu_io("base.qcow2", &["write -P 0x5a 0 8M"]);
-    s.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    s.overlay("top.qcow2", "base.qcow2");
     s.qemu_io("top.qcow2", &["write -z 1M 2M", "write -P 0x33 6M 1M"]);
     s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "expected.raw"]);
     "top.qcow2".to_string()

@@ -53,18 +53,7 @@ fn checked(recorder: &Arc<Recorder>) -> OpenOptions {
 fn chain(s: &Scratch) {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
     s.qemu_io("base.qcow2", &["write -P 0x11 0 128k"]);
-    s.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-        "1M",
-    ]);
+    s.overlay("top.qcow2", "base.qcow2");
     s.qemu_io("top.qcow2", &["write -P 0x22 64k 64k"]);
 }
 

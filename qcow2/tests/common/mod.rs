@@ -32,6 +32,13 @@ impl Scratch {
         run(self.dir(), "qemu-img", args)
     }
 
+    /// `qemu-img create` of QCOW2 overlay `name` on QCOW2 `backing`, of the backing's size.
+    pub fn overlay(&self, name: &str, backing: &str) {
+        self.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", name,
+        ]);
+    }
+
     /// `qemu-io -f FORMAT IMAGE -c CMD...`.
     pub fn qemu_io(&self, image: &str, commands: &[&str]) {
         let mut args = vec![image];
