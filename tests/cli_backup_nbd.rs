@@ -2,36 +2,18 @@
 //! then incrementally, restores byte-identical.
 
 mod strata_bin;
-use strata_bin::strata_command;
+use strata_bin::{ok, s, strata};
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn strata(args: &[&str]) -> Output {
-    strata_command().args(args).output().expect("run strata")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn tool(program: &str, args: &[&str]) -> String {
     ok(Command::new(program)
         .args(args)
         .output()
         .expect("tool runs"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// `qemu-nbd -r` serving `file` as export `vol` on a free port; killed on drop.

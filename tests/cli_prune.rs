@@ -3,30 +3,13 @@
 //! and the next `strata prune` finishes or rolls back the fold and completes.
 
 mod strata_bin;
-use strata_bin::strata_command;
+use strata_bin::{ok, s, strata, strata_command};
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn strata(args: &[&str]) -> Output {
-    strata_command().args(args).output().expect("run strata")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "strata failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// The committed backup ids, oldest first.
 fn listed(target: &Path) -> Vec<String> {

@@ -3,7 +3,7 @@
 //! one line naming the backup and what differs, and leaves no complete-looking destination.
 
 mod strata_bin;
-use strata_bin::strata_command;
+use strata_bin::{s, strata};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -15,14 +15,6 @@ use strata::target::{BackupSpec, FileName, Target, VolumeName};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
-
-fn strata(args: &[&str]) -> Output {
-    strata_command().args(args).output().expect("run strata")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A folder target with two backups of a 4 MiB volume: the base stores 1 MiB at 1 MiB, the
 /// incremental 64 KiB at 3 MiB.

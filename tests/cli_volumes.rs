@@ -1,28 +1,11 @@
 //! `strata backup`, `restore`, `list` and `verify` on a folder target, as a user runs them.
 
 mod strata_bin;
-use strata_bin::strata_command;
+use strata_bin::{ok, s, strata, strata_command};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn strata(args: &[&str]) -> Output {
-    strata_command().args(args).output().expect("run strata")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "strata failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Restores backup `id` into `dir/<id><suffix>.raw`, asserts it reads as `expected`, and
 /// returns the restored file and the backup's image in the folder target.
