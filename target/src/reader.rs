@@ -326,12 +326,18 @@ impl ReadAt for ObjectReader {
         let last_block = (self.len - 1) / self.block;
         let mut state = self.lock()?;
         let max_window = (self.inner.options.max_readahead as u64 / self.block).max(1);
-        state.window = if offset == state.last_end && offset != 0 {
-            (state.window * 2).clamp(1, max_window)
+        // Sequential, or near it: several readers working through neighbouring ranges (a
+        // restore's parallel workers) land a little ahead of or behind one another. Only a
+        // jump farther than the read-ahead window counts as random access and stops a stream.
+        let near =
+            state.last_end != 0 && offset.abs_diff(state.last_end) <= max_window * self.block;
+        if near {
+            state.window = (state.window * 2).clamp(1, max_window);
+            state.last_end = state.last_end.max(end);
         } else {
-            0
-        };
-        state.last_end = end;
+            state.window = 0;
+            state.last_end = end;
+        }
         let ahead = (last + state.window).min(last_block);
         if state.window >= STREAM_AFTER {
             let here = matches!(state.stream, Some(next) if next >= first && next <= ahead + 1);
