@@ -120,4 +120,4 @@ pub use volume::{DataRanges, DenseVolume, VolumeRead};
 pub use writer::options::{
     Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,
 };
-pub use writer::{WriteSummary, Writer, is_zero};
+pub use writer::{ClusterCompressor, WriteSummary, Writer, is_zero};
