@@ -3,9 +3,11 @@
 //! One planner thread walks the volume's data ranges once, in ascending order, and cuts the
 //! volume into chunks. Reader threads fill the chunks (holes as zeros), read the previous point
 //! where a comparison needs it, and classify every wanted cluster in parallel: zero or not, its
-//! 128-bit digest, whether it differs from the previous point. The backup's own thread takes
-//! the chunks back in order and only decides and writes, so reading, hashing and writing the
-//! image overlap, and hashing spreads over the cores.
+//! 128-bit digest, whether it differs from the previous point. With compression on they also
+//! compress every cluster the backup will store (non-zero and changed by the comparison or the
+//! previous digests). The backup's own thread takes the chunks back in order and only decides
+//! and writes, so reading, hashing, compressing and writing the image overlap, and hashing and
+//! compressing spread over the cores.
 //!
 //! Memory is bounded: [`BUFFERS`] chunk buffers hold data, each reader owns one more for the
 //! previous point in comparison mode, and at most [`IN_FLIGHT`] chunks are planned but not yet
@@ -15,9 +17,11 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Mutex, mpsc};
 
-use strata_qcow2::{BackingRead, DataRanges, VolumeRead, is_zero};
+use strata_qcow2::{
+    BackingRead, ClusterCompressor, CompressionType, DataRanges, VolumeRead, is_zero,
+};
 
-use crate::digest::{Digest, DigestAlgorithm};
+use crate::digest::{Digest, DigestAlgorithm, DigestManifest};
 use crate::error::{Error, Result};
 
 /// Reader threads. Parallel reads from the page cache or a device queue go faster than one,
@@ -47,6 +51,11 @@ pub(crate) struct Plan<'a> {
     pub changed: Option<&'a [(u64, u64)]>,
     /// The previous point, for a comparison.
     pub previous: Option<&'a (dyn BackingRead + Sync)>,
+    /// The previous backup's digests, when clusters whose digest did not change are not
+    /// stored (only to spare compressing them).
+    pub previous_digests: Option<&'a DigestManifest>,
+    /// Compress the clusters to be stored with this method and level.
+    pub compression: Option<(CompressionType, Option<i32>)>,
 }
 
 /// A chunk read and classified.
@@ -66,12 +75,16 @@ pub(crate) struct Chunk {
     pub differs: Vec<bool>,
     /// Whether the previous point held anything in this chunk (comparison mode only).
     pub previous_data: bool,
+    /// One entry per cluster of the chunk (compression on): where its compressed form lies
+    /// in the buffer's [`Buffer::packed`], for a cluster to be stored that shrank.
+    pub compressed: Vec<Option<Range<usize>>>,
 }
 
-/// A page-aligned chunk buffer.
+/// A page-aligned chunk buffer, with room for the chunk's compressed clusters.
 pub(crate) struct Buffer {
     bytes: Vec<u8>,
     range: Range<usize>,
+    packed: Vec<u8>,
 }
 
 impl Buffer {
@@ -79,6 +92,7 @@ impl Buffer {
         Self {
             bytes: Vec::with_capacity(capacity + PAGE),
             range: 0..0,
+            packed: Vec::new(),
         }
     }
 
@@ -93,6 +107,11 @@ impl Buffer {
     /// The bytes of the chunk.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[self.range.clone()]
+    }
+
+    /// The chunk's compressed clusters, back to back (see [`Chunk::compressed`]).
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
     }
 }
 
@@ -135,13 +154,25 @@ pub(crate) fn scan(
         for _ in 0..READERS {
             let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
             scope.spawn(move || {
+                let compressor = plan
+                    .compression
+                    .map(|(method, level)| ClusterCompressor::new(method, level, plan.cluster))
+                    .transpose();
+                let mut compressor = match compressor {
+                    Ok(compressor) => compressor,
+                    Err(err) => {
+                        let _ = done_tx.send(Err(err.into()));
+                        return;
+                    }
+                };
                 let mut old = plan.previous.map(|_| Buffer::new(plan.chunk as usize));
                 // A buffer first, then the next task: the lowest unfinished chunk always holds
                 // a buffer, so reassembly in order always makes progress.
                 let mut buf = lock_recv(pool_rx);
                 while let Some(task) = buf.as_ref().and_then(|_| lock_recv(task_rx)) {
                     let seq = task.seq;
-                    let result = read_chunk(plan, task, &mut buf, old.as_mut());
+                    let result =
+                        read_chunk(plan, task, &mut buf, old.as_mut(), compressor.as_mut());
                     if done_tx.send(result.map(|chunk| (seq, chunk))).is_err() {
                         return;
                     }
@@ -273,6 +304,7 @@ fn read_chunk(
     task: Task,
     buf: &mut Option<Buffer>,
     old: Option<&mut Buffer>,
+    mut compressor: Option<&mut ClusterCompressor>,
 ) -> Result<Chunk> {
     let (offset, len) = (task.offset, task.len);
     let cluster = plan.cluster as usize;
@@ -313,6 +345,15 @@ fn read_chunk(
         Some(_) => vec![false; clusters],
         None => Vec::new(),
     };
+    let mut compressed = Vec::new();
+    let mut packed = Vec::new();
+    if compressor.is_some() {
+        compressed = vec![None; clusters];
+        if let Some(buf) = &mut data {
+            packed = std::mem::take(&mut buf.packed);
+            packed.clear();
+        }
+    }
     let c0 = offset / plan.cluster;
     for &(a, b) in &task.wanted {
         for index in a..b {
@@ -320,9 +361,8 @@ fn read_chunk(
             let range = i * cluster..((i + 1) * cluster).min(len);
             let now = data.as_ref().map(|d| &d.bytes()[range.clone()]);
             let now = now.filter(|bytes| !is_zero(bytes));
-            if let Some(bytes) = now {
-                digests[i] = Some(plan.algorithm.digest(bytes));
-            }
+            let digest = now.map(|bytes| plan.algorithm.digest(bytes));
+            digests[i] = digest;
             if plan.previous.is_some() {
                 let before = previous.map(|p| &p[range]);
                 differs[i] = match (now, before) {
@@ -332,7 +372,24 @@ fn read_chunk(
                     (Some(now), Some(before)) => now != before,
                 };
             }
+            // Only clusters the backup stores are worth compressing.
+            let stored = plan.previous.is_none() || differs[i];
+            let changed = plan
+                .previous_digests
+                .is_none_or(|manifest| manifest.get(index) != digest.as_ref());
+            if let (Some(bytes), Some(compressor), true) =
+                (now, compressor.as_deref_mut(), stored && changed)
+            {
+                if let Some(shrunk) = compressor.compress(bytes) {
+                    let start = packed.len();
+                    packed.extend_from_slice(shrunk);
+                    compressed[i] = Some(start..packed.len());
+                }
+            }
         }
+    }
+    if let Some(buf) = &mut data {
+        buf.packed = packed;
     }
     Ok(Chunk {
         offset,
@@ -342,6 +399,7 @@ fn read_chunk(
         digests,
         differs,
         previous_data: previous.is_some(),
+        compressed,
     })
 }
 
