@@ -377,10 +377,13 @@ fn stopped(pid: u32) -> bool {
         .is_some_and(|state| state == 'T')
 }
 
+/// The target's backups: id and parent.
+type Listed = Vec<(String, Option<String>)>;
+
 /// A writer stalled (SIGSTOP) right after taking its claim; a second backup runs meanwhile,
 /// then the first is resumed (SIGCONT). Returns the second backup's output, the first's, and the
 /// target's backups.
-fn stall_and_race(leg: &Leg) -> (Output, Output, Vec<(String, Option<String>)>, Vec<u8>) {
+fn stall_and_race(leg: &Leg) -> (Output, Output, Listed, Vec<u8>) {
     let work = tempfile::tempdir().expect("temp dir");
     let source_path = work.path().join("volume.raw");
     let source = std::fs::File::options()

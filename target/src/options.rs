@@ -48,9 +48,12 @@ pub struct TargetOptions {
     pub notices: Notices,
 }
 
+/// What receives one notice line.
+type NoticeSink = dyn Fn(&str) + Send + Sync;
+
 /// A receiver of the target's notices (one line each), such as `eprintln!`.
 #[derive(Clone, Default)]
-pub struct Notices(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+pub struct Notices(Option<Arc<NoticeSink>>);
 
 impl Notices {
     /// Notices go to `sink`.
