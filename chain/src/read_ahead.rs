@@ -444,6 +444,59 @@ mod tests {
     }
 
     #[test]
+    fn only_clusters_to_be_stored_are_compressed() {
+        // Four clusters of text and one random: with the previous digests of clusters 0 and
+        // 1 unchanged, only 2 and 3 are compressed; 4 does not shrink.
+        let cluster = 4096u64;
+        let mut bytes: Vec<u8> = (0..4 * cluster)
+            .map(|i| b"strata compresses text\n"[(i % 23) as usize])
+            .collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        bytes.extend((0..cluster).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        }));
+        let algorithm = DigestAlgorithm::Blake3;
+        let mut previous = DigestManifest::new(algorithm, cluster, bytes.len() as u64);
+        for index in 0..2u64 {
+            let at = (index * cluster) as usize;
+            previous.push(index, algorithm.digest(&bytes[at..at + cluster as usize]));
+        }
+        let volume = strata_qcow2::DenseVolume(bytes.clone());
+        let plan = Plan {
+            volume: &volume,
+            algorithm,
+            size: bytes.len() as u64,
+            cluster,
+            chunk: 8 * cluster,
+            changed: None,
+            previous: None,
+            previous_digests: Some(&previous),
+            compression: Some((CompressionType::Zstd, Some(1))),
+        };
+        let mut compressed = Vec::new();
+        scan(&plan, &mut |chunk| {
+            let packed = chunk.data.as_ref().map(|buf| buf.packed().to_vec());
+            for range in &chunk.compressed {
+                compressed.push(
+                    range
+                        .clone()
+                        .map(|r| packed.as_ref().map(|p| p[r].to_vec())),
+                );
+            }
+            Ok(chunk.data)
+        })
+        .unwrap();
+        let shape: Vec<bool> = compressed.iter().map(Option::is_some).collect();
+        assert_eq!(shape, [false, false, true, true, false]);
+        let packed = compressed[2].clone().flatten().unwrap();
+        assert_eq!(&packed[..4], b"\x28\xb5\x2f\xfd", "a zstd frame");
+        assert!(packed.len() < cluster as usize / 10, "{}", packed.len());
+    }
+
+    #[test]
     fn buffers_are_page_aligned() {
         let mut buf = Buffer::new(10_000);
         let len = buf.resize(10_000).len();
