@@ -6,6 +6,10 @@
 //! backup chose XXH3-128 ([`BackupOptions::digests`]). Each backup stores two side files
 //! next to its image: `digests` (for the next incremental) and `checksums` (CRC-32 of every
 //! stored cluster, for [`verify`]).
+//!
+//! Backups compress their data clusters with zstd by default ([`BackupOptions::compression`]),
+//! on the scan's reader threads; a cluster that does not shrink is stored raw, and compressed
+//! clusters are packed byte-adjacent as `qemu-img convert -c` packs them.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
@@ -14,7 +18,9 @@ use std::path::Path;
 use strata_chain::{
     ByteRange, ChangeSource, ClusterChecksums, Damage, DigestAlgorithm, DigestManifest, Progress,
 };
-use strata_qcow2::{HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with};
+use strata_qcow2::{
+    CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
+};
 use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
 
 use crate::verified::open_verified;
@@ -92,6 +98,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// opens, so restores stay fast and no build's reader is ever at its edge.
 pub const DEFAULT_MAX_CHAIN_LENGTH: usize = 64;
 
+/// The zstd level backups use by default. On 64 KiB clusters of text, level 1 compresses 10 to
+/// 25% faster than QEMU's level 3 for about 5% more compressed bytes; a mixed volume's image
+/// is then 1.005 times `qemu-img convert -c`'s (README, "Compression").
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+
 /// How to take a backup.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -108,6 +119,12 @@ pub struct BackupOptions {
     /// longer is taken as a full image (its manifest says why). At most
     /// [`strata_target::MAX_CHAIN_DEPTH`]; [`DEFAULT_MAX_CHAIN_LENGTH`] by default.
     pub max_chain_length: usize,
+    /// Compress stored clusters with this method (zstd by default; `None` stores them raw).
+    /// Each image names its own method, so a chain may mix them.
+    pub compression: Option<CompressionType>,
+    /// Level of [`Self::compression`] ([`DEFAULT_COMPRESSION_LEVEL`] by default; `None`: the
+    /// level QEMU uses, zlib's 6 or zstd's 3).
+    pub compression_level: Option<i32>,
 }
 
 impl Default for BackupOptions {
@@ -118,6 +135,8 @@ impl Default for BackupOptions {
             cluster_size: None,
             digests: DigestAlgorithm::default(),
             max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
+            compression: Some(CompressionType::Zstd),
+            compression_level: Some(DEFAULT_COMPRESSION_LEVEL),
         }
     }
 }
@@ -190,6 +209,8 @@ pub fn backup_volume(
     let mut writer_options = WriterOptions::default();
     writer_options.cluster_size = cluster_size;
     writer_options.backing_file = upload.backing_name();
+    writer_options.compression = options.compression;
+    writer_options.compression_level = options.compression_level;
     let change = match (&options.changed_ranges, &previous_digests) {
         (Some(ranges), previous) => ChangeSource::ChangedRanges {
             ranges,
@@ -467,9 +488,14 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
         let (_, chain) = open_backup(target, volume, Some(&child.id))?;
         let cluster_size = child.cluster_size;
         target.fold_into_child(volume, &oldest.id, |sink, backing| {
+            // The merged image is compressed as a default backup is, so retention never
+            // inflates what compressed backups stored.
+            let defaults = BackupOptions::default();
             let mut options = WriterOptions::default();
             options.cluster_size = cluster_size;
             options.backing_file = backing;
+            options.compression = defaults.compression;
+            options.compression_level = defaults.compression_level;
             let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
                 strata_target::Error::Upload {
                     path: child.image.object.clone(),

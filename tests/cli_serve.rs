@@ -214,11 +214,14 @@ fn serve_refuses_reads_of_a_cluster_that_fails_its_checksum() {
     let target = Target::open(repo.to_str().unwrap()).unwrap();
     let volume = VolumeName::new("data").unwrap();
     let file = std::fs::File::open(&raw).unwrap();
-    let base =
-        strata::backup_volume(&target, &volume, &file, &Default::default(), &mut |_| {}).unwrap();
+    // Uncompressed, so the byte flipped below is at a host offset qemu-img map gives.
+    let options = strata::BackupOptions {
+        compression: None,
+        ..Default::default()
+    };
+    let base = strata::backup_volume(&target, &volume, &file, &options, &mut |_| {}).unwrap();
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x78 1M 64k", r]);
-    let top =
-        strata::backup_volume(&target, &volume, &file, &Default::default(), &mut |_| {}).unwrap();
+    let top = strata::backup_volume(&target, &volume, &file, &options, &mut |_| {}).unwrap();
 
     // One byte of the base's second stored cluster (guest 0x20000), found with qemu-img map.
     let image = repo.join(format!("volumes/data/images/{}.qcow2", base.id));

@@ -69,15 +69,17 @@ fn backup_restore_list_verify_round_trip() {
     let id = backup(&target, &volume, &[]);
     points.push((id, std::fs::read(&volume).expect("read")));
 
-    // Incremental by digest: a changed megabyte and a zeroed one.
-    file.write_all_at(&vec![0x22; 1 << 20], 8 << 20)
+    // Incremental by digest: a changed megabyte (random, so it is stored raw and the byte
+    // flipped below is in plain data) and a zeroed one.
+    file.write_all_at(&random_bytes(1 << 20, 1), 8 << 20)
         .expect("write");
     file.write_all_at(&vec![0; 1 << 20], 0).expect("zero");
     let id = backup(&target, &volume, &[]);
     points.push((id, std::fs::read(&volume).expect("read")));
 
-    // Incremental from changed ranges.
-    file.write_all_at(&vec![0x33; 4096], 12 << 20)
+    // Incremental from changed ranges: 4 KiB changed (and, unknown to the ranges, the rest of
+    // their cluster, random so that the stored cluster is raw for the byte flipped below).
+    file.write_all_at(&random_bytes(65536, 2), 12 << 20)
         .expect("write");
     let ranges = dir.path().join("ranges.json");
     std::fs::write(
@@ -116,11 +118,13 @@ fn backup_restore_list_verify_round_trip() {
     assert_eq!(listed[1]["parent"], points[0].0.as_str());
     assert_eq!(listed[2]["id"], points[2].0.as_str());
     assert_eq!(listed[2]["virtual_size"], 16 << 20);
-    // The incrementals hold only what changed.
-    assert!(
-        listed[2]["image_size"].as_u64().expect("size")
-            < listed[0]["image_size"].as_u64().expect("size")
-    );
+    // The incrementals hold only what changed: the second its megabyte of data (the zeroed
+    // one is zero clusters), the third the cluster holding the 4 KiB written.
+    let images = target.join("volumes/vol1/images");
+    let stored = |i: usize| stored_data_bytes(&images.join(format!("{}.qcow2", points[i].0)));
+    assert_eq!(stored(0), 3 << 20);
+    assert_eq!(stored(1), 1 << 20);
+    assert_eq!(stored(2), 65536);
 
     ok(strata(&["verify", "--target", s(&target)]));
 
@@ -196,6 +200,36 @@ fn backup_restore_list_verify_round_trip() {
         )),
         "{stdout}"
     );
+}
+
+/// Guest bytes that `image` itself (not its backing chain) stores data for, compressed or
+/// not, by `qemu-img map`.
+fn stored_data_bytes(image: &Path) -> u64 {
+    let map = Command::new("qemu-img")
+        .args(["map", "--output", "json", s(image)])
+        .output()
+        .expect("qemu-img map");
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("map json");
+    map.as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["data"] == true && e["depth"] == 0)
+        .map(|e| e["length"].as_u64().expect("length"))
+        .sum()
+}
+
+/// A megabyte-scale run of pseudo-random bytes (xorshift), which no compressor shrinks.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 /// The id on the last line of a successful `strata backup`.

@@ -3,9 +3,11 @@
 //! The volume is scanned in ascending order, a chunk at a time; holes the volume reports
 //! ([`VolumeRead::next_data`]) are never read. Helper threads read and hash the chunks ahead
 //! (see `read_ahead`); this thread classifies each cluster by the [`ChangeSource`] and hands
-//! changed clusters to the QCOW2 writer, which streams them into the sink. Along the way the
+//! changed clusters to the QCOW2 writer, which streams them into the sink. With compression on,
+//! the helper threads compress the clusters to be stored as well, and this thread hands the
+//! writer compressed clusters and raw ones (those that did not shrink) alike. Along the way the
 //! backup records the digest of every non-zero cluster (for the next digest delta) and the
-//! CRC-32 of every cluster it stores (for verify).
+//! CRC-32 of the guest bytes of every cluster it stores, compressed or not (for verify).
 
 use strata_qcow2::{BackingRead, ImageSink, VolumeRead, WriteSummary, Writer, WriterOptions};
 
@@ -75,6 +77,10 @@ pub struct BackupOutcome {
 /// are zero clusters, unchanged ones stay unallocated. Without it the image is a full base
 /// image whatever `source` says. `progress` is called after every chunk.
 ///
+/// With `options.compression` set, stored clusters are compressed (at
+/// `options.compression_level`) on the reader threads; a cluster that does not shrink is
+/// stored raw. Compression never changes which clusters are stored.
+///
 /// `digests` is the algorithm of the new digest manifest when `source` carries no previous
 /// digests (a full backup, a comparison). With previous digests their algorithm carries over,
 /// whatever `digests` says: the new digests are compared with, or copied from, the old.
@@ -93,7 +99,16 @@ pub fn backup<S: ImageSink>(
     })?;
     let overlay = options.backing_file.is_some();
     let source = if overlay { source } else { ChangeSource::Full };
-    let mut writer = Writer::new(sink, options, size)?;
+    // The readers compress; the writer stores what they give it and only names the method in
+    // the header.
+    let compression = options
+        .compression
+        .map(|method| (method, options.compression_level));
+    let mut writer_options = options.clone();
+    if let Some(method) = writer_options.compression.take() {
+        writer_options.compression_type = method;
+    }
+    let mut writer = Writer::new(sink, &writer_options, size)?;
     let cluster = writer.cluster_size();
     let (previous_digests, changed) = match source {
         ChangeSource::ChangedRanges { ranges, previous } => {
@@ -122,6 +137,11 @@ pub fn backup<S: ImageSink>(
             ChangeSource::Compare { previous } => Some(previous),
             _ => None,
         },
+        previous_digests: match source {
+            ChangeSource::Digests { previous } => Some(previous),
+            _ => None,
+        },
+        compression,
     };
     let mut state = State {
         source,
@@ -195,14 +215,20 @@ impl State<'_> {
         if !self.ranges_given && chunk.data.is_none() && !previous_data {
             return Ok(chunk.data);
         }
-        let bytes = match &chunk.data {
-            Some(buf) => buf.bytes(),
+        let (bytes, packed) = match &chunk.data {
+            Some(buf) => (buf.bytes(), buf.packed()),
             None => {
                 if self.zeros.len() < chunk.len {
                     self.zeros = vec![0; chunk.len];
                 }
-                &self.zeros[..chunk.len]
+                (&self.zeros[..chunk.len], &[][..])
             }
+        };
+        let clusters = Clusters {
+            bytes,
+            offset: chunk.offset,
+            packed,
+            compressed: &chunk.compressed,
         };
         let mut pos = c0;
         for &(a, b) in &chunk.wanted {
@@ -235,11 +261,11 @@ impl State<'_> {
                         self.progress.zeroed_clusters += 1;
                     }
                 } else if let Some(first) = run.take() {
-                    self.write_run(writer, bytes, chunk.offset, first, index)?;
+                    self.write_run(writer, &clusters, first, index)?;
                 }
             }
             if let Some(first) = run {
-                self.write_run(writer, bytes, chunk.offset, first, b)?;
+                self.write_run(writer, &clusters, first, b)?;
             }
             if self.ranges_given {
                 // Skip the previous digests of the clusters just read.
@@ -255,25 +281,67 @@ impl State<'_> {
         Ok(chunk.data)
     }
 
-    /// Hands clusters `first..end` of the chunk at `offset` to the writer.
+    /// Hands clusters `first..end` of the chunk to the writer: compressed ones one at a
+    /// time, the others in runs.
     fn write_run<S: ImageSink>(
         &self,
         writer: &mut Writer<S>,
-        bytes: &[u8],
-        offset: u64,
+        clusters: &Clusters<'_>,
         first: u64,
         end: u64,
     ) -> Result<()> {
+        let c0 = clusters.offset / self.cluster;
+        let mut raw_from = first;
+        for index in first..end {
+            let packed = clusters
+                .compressed
+                .get((index - c0) as usize)
+                .cloned()
+                .flatten()
+                .and_then(|range| clusters.packed.get(range));
+            if let Some(packed) = packed {
+                self.write_raw(writer, clusters, raw_from, index)?;
+                writer.write_compressed(index * self.cluster, packed)?;
+                raw_from = index + 1;
+            }
+        }
+        self.write_raw(writer, clusters, raw_from, end)
+    }
+
+    /// Hands clusters `first..end` of the chunk to the writer as they are (nothing when empty).
+    fn write_raw<S: ImageSink>(
+        &self,
+        writer: &mut Writer<S>,
+        clusters: &Clusters<'_>,
+        first: u64,
+        end: u64,
+    ) -> Result<()> {
+        if first >= end {
+            return Ok(());
+        }
         let at = first * self.cluster;
-        let from = (at - offset) as usize;
-        let to = ((end * self.cluster - offset) as usize).min(bytes.len());
+        let from = (at - clusters.offset) as usize;
+        let to = ((end * self.cluster - clusters.offset) as usize).min(clusters.bytes.len());
+        let data = &clusters.bytes[from..to];
         if self.overlay {
-            writer.write_data_over_backing(at, &bytes[from..to])?;
+            writer.write_data_over_backing(at, data)?;
         } else {
-            writer.write_data(at, &bytes[from..to])?;
+            writer.write_data(at, data)?;
         }
         Ok(())
     }
+}
+
+/// A chunk's clusters as the writer takes them.
+struct Clusters<'a> {
+    /// The chunk's bytes, holes as zeros.
+    bytes: &'a [u8],
+    /// Guest offset of the chunk.
+    offset: u64,
+    /// The compressed clusters, back to back.
+    packed: &'a [u8],
+    /// Per cluster of the chunk, its compressed form in `packed` (empty without compression).
+    compressed: &'a [Option<std::ops::Range<usize>>],
 }
 
 /// The bytes of cluster `index` in a chunk starting at cluster `c0`.

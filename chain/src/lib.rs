@@ -39,7 +39,8 @@
 //! # Memory
 //!
 //! A backup holds six 4 MiB chunk buffers (read ahead on three reader threads, which also hash
-//! the clusters), one more per reader when comparing with the previous point, the writer's
+//! and, with compression on, compress the clusters; each buffer keeps up to 4 MiB more for the
+//! compressed clusters), the writer's compressed tail (at most 4 MiB), one more per reader when comparing with the previous point, the writer's
 //! metadata (about 16 bytes per stored cluster), the new digest manifest (24 bytes per
 //! non-zero cluster) and the previous one, and the checksum list (12 bytes per stored
 //! cluster): for a 1 TiB volume full of data at 64 KiB clusters, about 1 GiB; for a typical

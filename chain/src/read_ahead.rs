@@ -3,9 +3,11 @@
 //! One planner thread walks the volume's data ranges once, in ascending order, and cuts the
 //! volume into chunks. Reader threads fill the chunks (holes as zeros), read the previous point
 //! where a comparison needs it, and classify every wanted cluster in parallel: zero or not, its
-//! 128-bit digest, whether it differs from the previous point. The backup's own thread takes
-//! the chunks back in order and only decides and writes, so reading, hashing and writing the
-//! image overlap, and hashing spreads over the cores.
+//! 128-bit digest, whether it differs from the previous point. With compression on they also
+//! compress every cluster the backup will store (non-zero and changed by the comparison or the
+//! previous digests). The backup's own thread takes the chunks back in order and only decides
+//! and writes, so reading, hashing, compressing and writing the image overlap, and hashing and
+//! compressing spread over the cores.
 //!
 //! Memory is bounded: [`BUFFERS`] chunk buffers hold data, each reader owns one more for the
 //! previous point in comparison mode, and at most [`IN_FLIGHT`] chunks are planned but not yet
@@ -15,9 +17,11 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Mutex, mpsc};
 
-use strata_qcow2::{BackingRead, DataRanges, VolumeRead, is_zero};
+use strata_qcow2::{
+    BackingRead, ClusterCompressor, CompressionType, DataRanges, VolumeRead, is_zero,
+};
 
-use crate::digest::{Digest, DigestAlgorithm};
+use crate::digest::{Digest, DigestAlgorithm, DigestManifest};
 use crate::error::{Error, Result};
 
 /// Reader threads. Parallel reads from the page cache or a device queue go faster than one,
@@ -47,6 +51,11 @@ pub(crate) struct Plan<'a> {
     pub changed: Option<&'a [(u64, u64)]>,
     /// The previous point, for a comparison.
     pub previous: Option<&'a (dyn BackingRead + Sync)>,
+    /// The previous backup's digests, when clusters whose digest did not change are not
+    /// stored (only to spare compressing them).
+    pub previous_digests: Option<&'a DigestManifest>,
+    /// Compress the clusters to be stored with this method and level.
+    pub compression: Option<(CompressionType, Option<i32>)>,
 }
 
 /// A chunk read and classified.
@@ -66,12 +75,16 @@ pub(crate) struct Chunk {
     pub differs: Vec<bool>,
     /// Whether the previous point held anything in this chunk (comparison mode only).
     pub previous_data: bool,
+    /// One entry per cluster of the chunk (compression on): where its compressed form lies
+    /// in the buffer's [`Buffer::packed`], for a cluster to be stored that shrank.
+    pub compressed: Vec<Option<Range<usize>>>,
 }
 
-/// A page-aligned chunk buffer.
+/// A page-aligned chunk buffer, with room for the chunk's compressed clusters.
 pub(crate) struct Buffer {
     bytes: Vec<u8>,
     range: Range<usize>,
+    packed: Vec<u8>,
 }
 
 impl Buffer {
@@ -79,6 +92,7 @@ impl Buffer {
         Self {
             bytes: Vec::with_capacity(capacity + PAGE),
             range: 0..0,
+            packed: Vec::new(),
         }
     }
 
@@ -93,6 +107,11 @@ impl Buffer {
     /// The bytes of the chunk.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[self.range.clone()]
+    }
+
+    /// The chunk's compressed clusters, back to back (see [`Chunk::compressed`]).
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
     }
 }
 
@@ -135,13 +154,25 @@ pub(crate) fn scan(
         for _ in 0..READERS {
             let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
             scope.spawn(move || {
+                let compressor = plan
+                    .compression
+                    .map(|(method, level)| ClusterCompressor::new(method, level, plan.cluster))
+                    .transpose();
+                let mut compressor = match compressor {
+                    Ok(compressor) => compressor,
+                    Err(err) => {
+                        let _ = done_tx.send(Err(err.into()));
+                        return;
+                    }
+                };
                 let mut old = plan.previous.map(|_| Buffer::new(plan.chunk as usize));
                 // A buffer first, then the next task: the lowest unfinished chunk always holds
                 // a buffer, so reassembly in order always makes progress.
                 let mut buf = lock_recv(pool_rx);
                 while let Some(task) = buf.as_ref().and_then(|_| lock_recv(task_rx)) {
                     let seq = task.seq;
-                    let result = read_chunk(plan, task, &mut buf, old.as_mut());
+                    let result =
+                        read_chunk(plan, task, &mut buf, old.as_mut(), compressor.as_mut());
                     if done_tx.send(result.map(|chunk| (seq, chunk))).is_err() {
                         return;
                     }
@@ -273,6 +304,7 @@ fn read_chunk(
     task: Task,
     buf: &mut Option<Buffer>,
     old: Option<&mut Buffer>,
+    mut compressor: Option<&mut ClusterCompressor>,
 ) -> Result<Chunk> {
     let (offset, len) = (task.offset, task.len);
     let cluster = plan.cluster as usize;
@@ -313,6 +345,15 @@ fn read_chunk(
         Some(_) => vec![false; clusters],
         None => Vec::new(),
     };
+    let mut compressed = Vec::new();
+    let mut packed = Vec::new();
+    if compressor.is_some() {
+        compressed = vec![None; clusters];
+        if let Some(buf) = &mut data {
+            packed = std::mem::take(&mut buf.packed);
+            packed.clear();
+        }
+    }
     let c0 = offset / plan.cluster;
     for &(a, b) in &task.wanted {
         for index in a..b {
@@ -320,9 +361,8 @@ fn read_chunk(
             let range = i * cluster..((i + 1) * cluster).min(len);
             let now = data.as_ref().map(|d| &d.bytes()[range.clone()]);
             let now = now.filter(|bytes| !is_zero(bytes));
-            if let Some(bytes) = now {
-                digests[i] = Some(plan.algorithm.digest(bytes));
-            }
+            let digest = now.map(|bytes| plan.algorithm.digest(bytes));
+            digests[i] = digest;
             if plan.previous.is_some() {
                 let before = previous.map(|p| &p[range]);
                 differs[i] = match (now, before) {
@@ -332,7 +372,24 @@ fn read_chunk(
                     (Some(now), Some(before)) => now != before,
                 };
             }
+            // Only clusters the backup stores are worth compressing.
+            let stored = plan.previous.is_none() || differs[i];
+            let changed = plan
+                .previous_digests
+                .is_none_or(|manifest| manifest.get(index) != digest.as_ref());
+            if let (Some(bytes), Some(compressor), true) =
+                (now, compressor.as_deref_mut(), stored && changed)
+            {
+                if let Some(shrunk) = compressor.compress(bytes) {
+                    let start = packed.len();
+                    packed.extend_from_slice(shrunk);
+                    compressed[i] = Some(start..packed.len());
+                }
+            }
         }
+    }
+    if let Some(buf) = &mut data {
+        buf.packed = packed;
     }
     Ok(Chunk {
         offset,
@@ -342,6 +399,7 @@ fn read_chunk(
         digests,
         differs,
         previous_data: previous.is_some(),
+        compressed,
     })
 }
 
@@ -383,6 +441,59 @@ mod tests {
         let data = [(0, 100), (300, 1000)];
         let wanted = [(0, 1), (5, 7)];
         assert_eq!(intersect(&data, &wanted, 64), vec![(0, 64), (320, 448)]);
+    }
+
+    #[test]
+    fn only_clusters_to_be_stored_are_compressed() {
+        // Four clusters of text and one random: with the previous digests of clusters 0 and
+        // 1 unchanged, only 2 and 3 are compressed; 4 does not shrink.
+        let cluster = 4096u64;
+        let mut bytes: Vec<u8> = (0..4 * cluster)
+            .map(|i| b"strata compresses text\n"[(i % 23) as usize])
+            .collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        bytes.extend((0..cluster).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        }));
+        let algorithm = DigestAlgorithm::Blake3;
+        let mut previous = DigestManifest::new(algorithm, cluster, bytes.len() as u64);
+        for index in 0..2u64 {
+            let at = (index * cluster) as usize;
+            previous.push(index, algorithm.digest(&bytes[at..at + cluster as usize]));
+        }
+        let volume = strata_qcow2::DenseVolume(bytes.clone());
+        let plan = Plan {
+            volume: &volume,
+            algorithm,
+            size: bytes.len() as u64,
+            cluster,
+            chunk: 8 * cluster,
+            changed: None,
+            previous: None,
+            previous_digests: Some(&previous),
+            compression: Some((CompressionType::Zstd, Some(1))),
+        };
+        let mut compressed = Vec::new();
+        scan(&plan, &mut |chunk| {
+            let packed = chunk.data.as_ref().map(|buf| buf.packed().to_vec());
+            for range in &chunk.compressed {
+                compressed.push(
+                    range
+                        .clone()
+                        .map(|r| packed.as_ref().map(|p| p[r].to_vec())),
+                );
+            }
+            Ok(chunk.data)
+        })
+        .unwrap();
+        let shape: Vec<bool> = compressed.iter().map(Option::is_some).collect();
+        assert_eq!(shape, [false, false, true, true, false]);
+        let packed = compressed[2].clone().flatten().unwrap();
+        assert_eq!(&packed[..4], b"\x28\xb5\x2f\xfd", "a zstd frame");
+        assert!(packed.len() < cluster as usize / 10, "{}", packed.len());
     }
 
     #[test]

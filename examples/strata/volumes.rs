@@ -43,6 +43,10 @@ pub struct BackupArgs {
     /// were it killed, the volume's next backup waits about this long before taking over.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
     lease: Duration,
+    /// Compression of the stored clusters: `none`, `zlib[:LEVEL]` (0-9) or `zstd[:LEVEL]`
+    /// (1-22; the default is zstd at level 1). Clusters that do not shrink are stored raw.
+    #[arg(long, value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:1")]
+    compress: Compression,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -119,6 +123,40 @@ fn open_target(url: &str) -> anyhow::Result<Target> {
 fn open_target_with(url: &str, mut options: TargetOptions) -> anyhow::Result<Target> {
     options.notices = Notices::new(|line| eprintln!("strata: {line}"));
     Target::open_with(url, options).with_context(|| format!("opening target {url}"))
+}
+
+/// A `--compress` choice: the method (`None` for raw) and its level.
+#[derive(Debug, Clone, Copy)]
+pub struct Compression(Option<(strata::qcow2::CompressionType, Option<i32>)>);
+
+/// Parses `none`, `zlib`, `zstd`, optionally with `:LEVEL`.
+pub fn parse_compression(text: &str) -> Result<Compression, String> {
+    use strata::qcow2::CompressionType;
+    let (name, level) = match text.split_once(':') {
+        Some((name, level)) => (
+            name,
+            Some(
+                level
+                    .parse::<i32>()
+                    .map_err(|_| format!("{text:?}: {level:?} is not a level"))?,
+            ),
+        ),
+        None => (text, None),
+    };
+    let method = match name {
+        "none" if level.is_none() => return Ok(Compression(None)),
+        "zlib" | "deflate" => CompressionType::Deflate,
+        "zstd" => CompressionType::Zstd,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected none, zlib[:LEVEL] or zstd[:LEVEL]"
+            ));
+        }
+    };
+    // Checked here, so a bad level fails before the target is touched.
+    strata::qcow2::ClusterCompressor::new(method, level, strata::qcow2::MIN_CLUSTER_SIZE)
+        .map_err(|_| format!("{text:?}: not a level of {}", method.name()))?;
+    Ok(Compression(Some((method, level))))
 }
 
 /// Parses a duration: a number with `ms`, `s` (the default), `m`, `h` or `d`.
@@ -223,6 +261,8 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             DigestChoice::Xxh3 => strata::chain::DigestAlgorithm::xxh3_random()?,
         },
         max_chain_length: args.max_chain_length,
+        compression: args.compress.0.map(|(method, _)| method),
+        compression_level: args.compress.0.and_then(|(_, level)| level),
     };
     let source: Box<dyn strata::qcow2::VolumeRead> =
         match args.source.to_str().filter(|s| s.starts_with("nbd://")) {

@@ -1,7 +1,9 @@
 //! Converting a raw volume (a sparse file or a block device) into a QCOW2 image or overlay.
 //!
 //! Holes are found with `SEEK_DATA`/`SEEK_HOLE` and never read; data ranges are read in large
-//! chunks and checked for all-zero clusters by the [`Writer`]. For an overlay every cluster is
+//! chunks and checked for all-zero clusters by the [`Writer`]. With compression (`-c`) the
+//! reader threads of a base image compress the clusters too, so the writer's thread only
+//! appends. For an overlay every cluster is
 //! compared with what the backing chain reads there, and only differing clusters are written.
 
 use std::collections::BTreeMap;
@@ -14,7 +16,7 @@ use std::sync::{Mutex, mpsc};
 use crate::error::Error;
 use crate::volume::{DataRanges, VolumeRead};
 use crate::writer::options::WriterOptions;
-use crate::writer::{WriteSummary, Writer, is_zero};
+use crate::writer::{ClusterCompressor, WriteSummary, Writer, is_zero};
 use crate::{FileSink, ImageSink, ReadAt};
 
 /// Bytes read from the source at a time (rounded up to whole clusters).
@@ -108,12 +110,22 @@ pub fn convert_raw<S: ImageSink>(
     let size = source
         .size()
         .map_err(Error::write_io("reading the source size", 0))?;
-    let mut writer = Writer::new(sink, options, size)?;
+    // A base image is compressed on the reader threads: the writer only names the method.
+    let (writer_options, compression) = match (backing, options.compression) {
+        (None, Some(method)) => {
+            let mut writer_options = options.clone();
+            writer_options.compression = None;
+            writer_options.compression_type = method;
+            (writer_options, Some((method, options.compression_level)))
+        }
+        _ => (options.clone(), None),
+    };
+    let mut writer = Writer::new(sink, &writer_options, size)?;
     let chunk = CHUNK.next_multiple_of(writer.cluster_size());
     // Ranges end at the source's length; the image's last sector may reach past it.
     let mut ranges = DataRanges::new(source, size);
     match backing {
-        None => write_base(&mut writer, source, &mut ranges, chunk)?,
+        None => write_base(&mut writer, source, &mut ranges, chunk, compression)?,
         Some(backing) => write_overlay(&mut writer, source, &mut ranges, backing, chunk)?,
     }
     writer.finish()
@@ -128,7 +140,69 @@ const BUFFERS: usize = READERS + 2;
 /// A chunk to read: its order among chunks, guest offset and length.
 type Task = (u64, u64, usize);
 /// A chunk read, or why reading failed.
-type Delivery = Result<(u64, u64, Vec<u8>, Range<usize>), Error>;
+type Delivery = Result<(u64, Read), Error>;
+
+/// A chunk read: its guest offset, its buffer and the chunk's bytes in it, and (compression
+/// on) each cluster's compressed form in `packed`, `None` for a cluster that is zero or did
+/// not shrink.
+struct Read {
+    offset: u64,
+    buf: Vec<u8>,
+    range: Range<usize>,
+    packed: Vec<u8>,
+    compressed: Vec<Option<Range<usize>>>,
+}
+
+impl Read {
+    /// Hands the chunk to the writer: compressed clusters one at a time, the rest in runs.
+    fn write_to<S: ImageSink>(&self, writer: &mut Writer<S>) -> Result<(), Error> {
+        let bytes = &self.buf[self.range.clone()];
+        if self.compressed.is_empty() {
+            return writer.write_data(self.offset, bytes);
+        }
+        let cluster = writer.cluster_size() as usize;
+        let mut raw_from = 0;
+        for (i, packed) in self.compressed.iter().enumerate() {
+            let Some(packed) = packed.clone().and_then(|range| self.packed.get(range)) else {
+                continue;
+            };
+            if raw_from < i {
+                let raw = &bytes[raw_from * cluster..i * cluster];
+                writer.write_data(self.offset + (raw_from * cluster) as u64, raw)?;
+            }
+            writer.write_compressed(self.offset + (i * cluster) as u64, packed)?;
+            raw_from = i + 1;
+        }
+        match bytes.get(raw_from * cluster..) {
+            Some(raw) if !raw.is_empty() => {
+                writer.write_data(self.offset + (raw_from * cluster) as u64, raw)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Compresses every non-zero cluster of `bytes` that shrinks into `packed`.
+fn compress_chunk(
+    compressor: &mut ClusterCompressor,
+    bytes: &[u8],
+    cluster: usize,
+    packed: &mut Vec<u8>,
+) -> Vec<Option<Range<usize>>> {
+    packed.clear();
+    bytes
+        .chunks(cluster)
+        .map(|data| {
+            if is_zero(data) {
+                return None;
+            }
+            let shrunk = compressor.compress(data)?;
+            let start = packed.len();
+            packed.extend_from_slice(shrunk);
+            Some(start..packed.len())
+        })
+        .collect()
+}
 
 /// Reads the data ranges on helper threads while the writer checks and appends earlier chunks,
 /// so reading the source overlaps writing the image. Chunks are reassembled in order.
@@ -137,16 +211,17 @@ fn write_base<S: ImageSink>(
     source: &dyn VolumeRead,
     ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
     chunk: u64,
+    compression: Option<(crate::CompressionType, Option<i32>)>,
 ) -> Result<(), Error> {
     let cluster = writer.cluster_size();
     let (task_tx, task_rx) = mpsc::sync_channel::<Task>(BUFFERS);
     let task_rx = Mutex::new(task_rx);
     let (done_tx, done_rx) = mpsc::channel::<Delivery>();
-    let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
+    let (pool_tx, pool_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let pool_rx = Mutex::new(pool_rx);
     for _ in 0..BUFFERS {
         // The receiver is alive: it is ours.
-        let _ = pool_tx.send(Vec::with_capacity(chunk as usize + PAGE));
+        let _ = pool_tx.send((Vec::with_capacity(chunk as usize + PAGE), Vec::new()));
     }
     std::thread::scope(|scope| {
         let planner_done = done_tx.clone();
@@ -158,15 +233,42 @@ fn write_base<S: ImageSink>(
         for _ in 0..READERS {
             let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
             scope.spawn(move || {
+                let compressor = compression
+                    .map(|(method, level)| ClusterCompressor::new(method, level, cluster))
+                    .transpose();
+                let mut compressor = match compressor {
+                    Ok(compressor) => compressor,
+                    Err(err) => {
+                        let _ = done_tx.send(Err(err));
+                        return;
+                    }
+                };
                 // A buffer first, then the next task: the lowest unfinished chunk always holds
                 // a buffer, so reassembly can always make progress.
-                while let Some(mut buf) = lock_recv(pool_rx) {
+                while let Some((mut buf, mut packed)) = lock_recv(pool_rx) {
                     let Some((seq, offset, len)) = lock_recv(task_rx) else {
                         return;
                     };
                     let range = page_aligned(&mut buf, len);
-                    let message = read_source(source, &mut buf[range.clone()], offset)
-                        .map(|()| (seq, offset, buf, range));
+                    let message = read_source(source, &mut buf[range.clone()], offset).map(|()| {
+                        let compressed = match compressor.as_mut() {
+                            Some(compressor) => compress_chunk(
+                                compressor,
+                                &buf[range.clone()],
+                                cluster as usize,
+                                &mut packed,
+                            ),
+                            None => Vec::new(),
+                        };
+                        let read = Read {
+                            offset,
+                            buf,
+                            range,
+                            packed,
+                            compressed,
+                        };
+                        (seq, read)
+                    });
                     if done_tx.send(message).is_err() {
                         return;
                     }
@@ -180,11 +282,11 @@ fn write_base<S: ImageSink>(
         let mut waiting = BTreeMap::new();
         let mut next = 0;
         for message in done_rx.iter() {
-            let (seq, offset, buf, range) = message?;
-            waiting.insert(seq, (offset, buf, range));
-            while let Some((offset, buf, range)) = waiting.remove(&next) {
-                writer.write_data(offset, &buf[range])?;
-                let _ = pool_tx.send(buf);
+            let (seq, read) = message?;
+            waiting.insert(seq, read);
+            while let Some(read) = waiting.remove(&next) {
+                read.write_to(writer)?;
+                let _ = pool_tx.send((read.buf, read.packed));
                 next += 1;
             }
         }

@@ -58,7 +58,9 @@
 //! 512 B to 2 MiB, 16-bit refcounts that `qemu-img check` finds exact, optional deflate or zstd
 //! compressed clusters, and overlays naming their backing file with the backing-format
 //! extension. It works in one pass: guest clusters come in ascending order and are appended as
-//! they come; all-zero clusters are not stored (an overlay marks them as zero clusters where its
+//! they come (compressed ones byte-adjacent in segments of their own, so raw clusters between
+//! them cost no padding; [`ClusterCompressor`] and [`Writer::write_compressed`] let callers
+//! compress on their own threads); all-zero clusters are not stored (an overlay marks them as zero clusters where its
 //! backing has data, or stores zeros in version 2). The L2 tables, the L1 table and the
 //! refcount structures follow the data, and the header area goes to the [`ImageSink`] last, so
 //! an interrupted write never looks like an image. Memory holds runs of written clusters only:
@@ -120,4 +122,4 @@ pub use volume::{DataRanges, DenseVolume, VolumeRead};
 pub use writer::options::{
     Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,
 };
-pub use writer::{WriteSummary, Writer, is_zero};
+pub use writer::{ClusterCompressor, WriteSummary, Writer, is_zero};

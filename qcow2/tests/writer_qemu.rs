@@ -195,3 +195,116 @@ fn huge_sparse_volume_costs_only_metadata() {
     let header = info(&image, false);
     assert_eq!(header["virtual-size"], 1u64 << 40);
 }
+
+/// Writes `clusters` 64 KiB clusters where every third is random and the others are text-like
+/// (16 letters, about half compressible); returns the raw file's path.
+fn interleaved_volume(dir: &Path, clusters: usize) -> std::path::PathBuf {
+    let raw = dir.join("interleaved.raw");
+    let mut bytes = writer_support::random_bytes(clusters * 65536, 7);
+    for (i, cluster) in bytes.chunks_mut(65536).enumerate() {
+        if i % 3 != 1 {
+            for byte in cluster {
+                *byte = b'a' + (*byte & 15);
+            }
+        }
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    raw
+}
+
+/// The L2 entries of the image's first L2 table (64 KiB clusters).
+fn l2_entries(image: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(image).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l1 = be64(40) as usize;
+    let l2 = (be64(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    (0..8192).map(|i| be64(l2 + i * 8)).collect()
+}
+
+#[test]
+fn compressed_clusters_interleaved_with_raw_ones_are_packed_byte_adjacent() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 clusters: about 17 MiB compressed, so the tail is cut into several segments.
+    let raw = interleaved_volume(dir.path(), 400);
+    let image = dir.path().join("strata.qcow2");
+    let mut options = options("compression_type=zstd");
+    options.compress();
+    let summary = convert_raw_file(&raw, &image, &options, None).unwrap();
+    assert_eq!(summary.data_clusters, 133);
+    assert_eq!(summary.compressed_clusters, 267);
+    assert_check_clean(&image);
+    assert!(images_equal(&raw, "raw", &image, "qcow2"));
+
+    // Each compressed cluster starts in the sector where the one before it (in guest order,
+    // a raw cluster between them) ends, except where the tail was cut into a new segment.
+    let offset_bits = 62 - (16 - 8);
+    let compressed: Vec<(u64, u64)> = l2_entries(&image)
+        .into_iter()
+        .filter(|entry| entry & (1 << 62) != 0)
+        .map(|entry| {
+            let offset = entry & ((1 << offset_bits) - 1);
+            let extra = (entry >> offset_bits) & 0xff;
+            (offset, extra)
+        })
+        .collect();
+    assert_eq!(compressed.len(), 267);
+    let adjacent = compressed
+        .windows(2)
+        .filter(|pair| pair[1].0 >> 9 == (pair[0].0 >> 9) + pair[0].1)
+        .count();
+    assert!(adjacent >= 266 - 8, "only {adjacent} of 266 pairs adjacent");
+
+    // No larger than qemu-img's packing of the same volume.
+    let theirs = dir.path().join("qemu.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+        .args(["-o", "compression_type=zstd"])
+        .arg(&raw)
+        .arg(&theirs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs = std::fs::metadata(&theirs).unwrap().len();
+    assert!(
+        summary.file_size <= theirs,
+        "strata {} bytes, qemu-img {theirs}",
+        summary.file_size
+    );
+}
+
+#[test]
+fn precompressed_clusters_are_stored_as_given() {
+    use strata_qcow2::ClusterCompressor;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = interleaved_volume(dir.path(), 30);
+    let bytes = std::fs::read(&raw).unwrap();
+    // As a backup does: compressed elsewhere, incompressible clusters written raw, the header
+    // naming zstd without the writer compressing anything itself.
+    let options = options("compression_type=zstd");
+    let mut writer = Writer::new(MemorySink::new(), &options, bytes.len() as u64).unwrap();
+    let mut compressor = ClusterCompressor::new(CompressionType::Zstd, Some(1), 65536).unwrap();
+    for (i, cluster) in bytes.chunks(65536).enumerate() {
+        let offset = i as u64 * 65536;
+        match compressor.compress(cluster) {
+            Some(packed) => writer.write_compressed(offset, packed).unwrap(),
+            None => writer.write_data(offset, cluster).unwrap(),
+        }
+    }
+    assert!(matches!(
+        writer.write_compressed(30 * 65536, &[1, 2, 3]),
+        Err(strata_qcow2::Error::BadRange { .. })
+    ));
+    let (sink, summary) = writer.finish().unwrap();
+    assert_eq!(
+        (summary.compressed_clusters, summary.data_clusters),
+        (20, 10)
+    );
+    let image = dir.path().join("precompressed.qcow2");
+    std::fs::write(&image, sink.image().unwrap()).unwrap();
+    assert_check_clean(&image);
+    assert!(images_equal(&raw, "raw", &image, "qcow2"));
+    assert_eq!(
+        info(&image, false)["format-specific"]["data"]["compression-type"],
+        "zstd"
+    );
+}

@@ -91,13 +91,24 @@ impl GuestMap {
         });
     }
 
-    pub(crate) fn push_compressed(&mut self, guest: GuestCluster, entry: u64) {
+    /// Maps one compressed cluster, its entry to be set with [`Self::set_compressed`] through
+    /// the returned slot.
+    pub(crate) fn push_compressed(&mut self, guest: GuestCluster) -> usize {
         self.note_table(guest);
         self.runs.push(Run {
             guest,
             count: 1,
-            kind: Kind::Compressed { entry },
+            kind: Kind::Compressed { entry: 0 },
         });
+        self.runs.len() - 1
+    }
+
+    /// Sets the L2 entry of the compressed cluster at `slot`.
+    pub(crate) fn set_compressed(&mut self, slot: usize, entry: u64) {
+        if let Some(run) = self.runs.get_mut(slot) {
+            debug_assert!(matches!(run.kind, Kind::Compressed { .. }));
+            run.kind = Kind::Compressed { entry };
+        }
     }
 
     fn note_table(&mut self, guest: GuestCluster) {
@@ -151,7 +162,7 @@ impl DataRefcounts {
     }
 
     /// The count of `cluster` if it is the last counted one, else zero.
-    pub(crate) fn count_of_last(&self, cluster: HostCluster) -> u16 {
+    fn count_of_last(&self, cluster: HostCluster) -> u16 {
         match self.runs.last() {
             Some(run) if run.start + run.len == cluster.0 + 1 => run.count,
             _ => 0,
@@ -159,7 +170,7 @@ impl DataRefcounts {
     }
 
     /// Adds one reference to `cluster`, which is either the last counted cluster or a later one.
-    /// The caller keeps counts below `u16::MAX` with [`Self::count_of_last`].
+    /// The caller keeps counts at most `u16::MAX` (the compressed tail plans its segments so).
     pub(crate) fn add_reference(&mut self, cluster: HostCluster) {
         let count = self.count_of_last(cluster);
         if count > 0 {

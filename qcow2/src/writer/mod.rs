@@ -1,7 +1,8 @@
 //! The one-pass QCOW2 writer.
 //!
-//! Guest clusters arrive in ascending order and are appended to the sink as they come (data,
-//! or compressed data packed at byte granularity). Nothing is stored for clusters that read as
+//! Guest clusters arrive in ascending order and are appended to the sink as they come; compressed
+//! clusters are packed byte-adjacent in segments of their own (see `packing`), so raw clusters
+//! between them cost no padding. Nothing is stored for clusters that read as
 //! zeros, except zero-flagged L2 entries where an overlay must hide its backing file. At the end
 //! the L2 tables, the L1 table, the refcount blocks and the refcount table are appended, and the
 //! header area goes to the sink last, through [`ImageSink::finish`]. Memory holds the mapping of
@@ -12,13 +13,15 @@ mod compress;
 mod header;
 mod layout;
 pub(crate) mod options;
+mod packing;
 
 use crate::error::Error;
 use allocation::{COMPRESSED, DataRefcounts, GuestCluster, GuestMap, HostCluster};
-use compress::Compressor;
+pub use compress::ClusterCompressor;
 use header::HeaderFields;
 use layout::Layout;
 use options::{Compat, WriterOptions};
+use packing::CompressedTail;
 
 use std::sync::Arc;
 
@@ -66,11 +69,11 @@ pub struct Writer<S: ImageSink> {
     next_guest: u64,
     map: GuestMap,
     refcounts: DataRefcounts,
-    compressor: Option<Compressor>,
+    compressor: Option<ClusterCompressor>,
+    /// Compressed clusters not yet appended.
+    tail: CompressedTail,
     /// One cluster of zeros, for padding and for zero clusters of version 2.
     zeros: Arc<[u8]>,
-    /// One cluster of scratch space for compressing a short last cluster.
-    scratch: Vec<u8>,
     summary: WriteSummary,
     poisoned: bool,
 }
@@ -106,9 +109,8 @@ impl<S: ImageSink> Writer<S> {
             .map_err(Error::write_io("starting the sink", 0))?;
         let compressor = options
             .compression
-            .map(|method| Compressor::new(method, cluster_size as usize))
-            .transpose()
-            .map_err(Error::write_io("setting up compression", 0))?;
+            .map(|method| ClusterCompressor::new(method, options.compression_level, cluster_size))
+            .transpose()?;
         Ok(Self {
             sink,
             options: options.clone(),
@@ -120,8 +122,8 @@ impl<S: ImageSink> Writer<S> {
             map: GuestMap::new(cluster_bits),
             refcounts: DataRefcounts::default(),
             compressor,
+            tail: CompressedTail::new(cluster_bits),
             zeros: vec![0; cluster_size as usize].into(),
-            scratch: vec![0; cluster_size as usize],
             summary: WriteSummary::default(),
             poisoned: false,
         })
@@ -163,6 +165,24 @@ impl<S: ImageSink> Writer<S> {
         Ok(())
     }
 
+    /// Stores the cluster at `offset` (a cluster boundary past everything written so far) as
+    /// `packed`, its compressed form made by a [`ClusterCompressor`] with the image's
+    /// compression type (the header's: [`WriterOptions::compression`], else
+    /// [`WriterOptions::compression_type`]), so callers can compress on their own threads.
+    /// `packed` must be shorter than a cluster; the writer does not decompress it to check.
+    pub fn write_compressed(&mut self, offset: u64, packed: &[u8]) -> Result<(), Error> {
+        let cluster = self.cluster_size();
+        if packed.is_empty() || packed.len() as u64 >= cluster {
+            return Err(Error::CannotWrite {
+                feature: "a compressed cluster that is empty or not smaller than a cluster",
+            });
+        }
+        let len = self.virtual_size.saturating_sub(offset).clamp(1, cluster);
+        let (first, _) = self.claim(offset, len)?;
+        self.store_compressed(GuestCluster(first), packed)?;
+        self.flush_due()
+    }
+
     fn write(&mut self, offset: u64, data: &[u8], over_backing: bool) -> Result<(), Error> {
         let (first, _) = self.claim(offset, data.len() as u64)?;
         let cluster = self.cluster_size() as usize;
@@ -189,7 +209,7 @@ impl<S: ImageSink> Writer<S> {
         if let Some(start) = run_start {
             self.store_run(first + start as u64, &data[start * cluster..])?;
         }
-        Ok(())
+        self.flush_due()
     }
 
     /// Checks that `offset..offset + len` may be written next and claims it; returns its first
@@ -243,9 +263,9 @@ impl<S: ImageSink> Writer<S> {
         }
     }
 
-    /// Stores consecutive guest clusters from `first` uncompressed, cluster-aligned.
+    /// Stores consecutive guest clusters from `first` uncompressed, cluster-aligned (the end
+    /// of the file always is: compressed data goes to the tail).
     fn store_run(&mut self, first: u64, bytes: &[u8]) -> Result<(), Error> {
-        self.pad_to_cluster()?;
         let cluster = self.cluster_size();
         let host = HostCluster(self.host_end >> self.cluster_bits);
         self.append(bytes)?;
@@ -268,65 +288,70 @@ impl<S: ImageSink> Writer<S> {
         let Some(mut compressor) = self.compressor.take() else {
             return self.store_run(guest.0, chunk);
         };
-        let result = if chunk.len() as u64 == self.cluster_size() {
-            match compressor.compress(chunk) {
-                Some(packed) => self.store_compressed(guest, packed),
-                None => self.store_run(guest.0, chunk),
-            }
-        } else {
-            // A short last cluster is compressed as the whole cluster it reads as.
-            let mut full = std::mem::take(&mut self.scratch);
-            full[..chunk.len()].copy_from_slice(chunk);
-            full[chunk.len()..].fill(0);
-            let result = match compressor.compress(&full) {
-                Some(packed) => self.store_compressed(guest, packed),
-                None => self.store_run(guest.0, chunk),
-            };
-            self.scratch = full;
-            result
+        let result = match compressor.compress(chunk) {
+            Some(packed) => self.store_compressed(guest, packed),
+            None => self.store_run(guest.0, chunk),
         };
         self.compressor = Some(compressor);
         result
     }
 
-    /// Appends compressed bytes right after the previous ones (qcow2.rst, "Compressed Clusters
-    /// Descriptor": byte-granular offset, count of additional 512-byte sectors).
+    /// Maps `guest` to compressed bytes in the tail; the L2 entry is known once the tail's
+    /// segment holding them is placed ([`Self::flush_compressed`]).
     fn store_compressed(&mut self, guest: GuestCluster, packed: &[u8]) -> Result<(), Error> {
-        let cluster_mask = self.cluster_size() - 1;
-        if self.host_end & cluster_mask != 0
-            && self
-                .refcounts
-                .count_of_last(HostCluster(self.host_end >> self.cluster_bits))
-                == u16::MAX
-        {
-            self.pad_to_cluster()?;
-        }
-        let offset_bits = 62 - (self.cluster_bits - 8);
-        let offset = self.host_end;
-        if offset >= 1 << offset_bits.min(56) {
-            return Err(Error::CannotWrite {
-                feature: "compressed clusters this far into the image file",
-            });
-        }
-        let last_byte = offset + packed.len() as u64 - 1;
-        let extra_sectors = (last_byte >> 9) - (offset >> 9);
-        let entry = COMPRESSED | (extra_sectors << offset_bits) | offset;
-        self.append(packed)?;
-        for host in (offset >> self.cluster_bits)..=(last_byte >> self.cluster_bits) {
-            self.refcounts.add_reference(HostCluster(host));
-        }
-        self.map.push_compressed(guest, entry);
+        let slot = self.map.push_compressed(guest);
+        self.tail.push(slot, packed);
         self.summary.compressed_clusters += 1;
         Ok(())
     }
 
-    fn pad_to_cluster(&mut self) -> Result<(), Error> {
-        let cluster = self.cluster_size();
-        let partial = self.host_end % cluster;
-        if partial == 0 {
-            return Ok(());
+    fn flush_due(&mut self) -> Result<(), Error> {
+        if self.tail.is_due() {
+            self.flush_compressed(false)?;
         }
-        self.append_zeros(cluster - partial)
+        Ok(())
+    }
+
+    /// Appends a segment of the compressed tail (all of it when `all`) at the end of the
+    /// file, a cluster boundary, and fills in the L2 entries of its clusters: byte offset and
+    /// count of additional 512-byte sectors (qcow2.rst, "Compressed Clusters Descriptor",
+    /// `x = 62 - (cluster_bits - 8)`).
+    fn flush_compressed(&mut self, all: bool) -> Result<(), Error> {
+        let cluster = self.cluster_size();
+        let offset_bits = 62 - (self.cluster_bits - 8);
+        while !self.tail.is_empty() {
+            let (placed, len) = self.tail.plan(all);
+            let base = self.host_end;
+            debug_assert_eq!(base % cluster, 0);
+            for p in &placed {
+                let offset = base + p.start;
+                if offset + p.len > 1 << offset_bits.min(56) {
+                    return Err(Error::CannotWrite {
+                        feature: "compressed clusters this far into the image file",
+                    });
+                }
+                let last_byte = offset + p.len - 1;
+                let extra_sectors = (last_byte >> 9) - (offset >> 9);
+                self.map
+                    .set_compressed(p.slot, COMPRESSED | (extra_sectors << offset_bits) | offset);
+                for host in (offset >> self.cluster_bits)..=(last_byte >> self.cluster_bits) {
+                    self.refcounts.add_reference(HostCluster(host));
+                }
+            }
+            let tail = std::mem::replace(&mut self.tail, CompressedTail::new(self.cluster_bits));
+            let appended = self.append(tail.segment(len));
+            self.tail = tail;
+            appended?;
+            self.tail.take(placed.len(), len);
+            let partial = (len as u64) % cluster;
+            if partial != 0 {
+                self.append_zeros(cluster - partial)?;
+            }
+            if !all {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn append_zeros(&mut self, len: u64) -> Result<(), Error> {
@@ -352,7 +377,7 @@ impl<S: ImageSink> Writer<S> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
-        self.pad_to_cluster()?;
+        self.flush_compressed(true)?;
         let l1_size = layout::l1_size(self.virtual_size, self.cluster_bits)?;
         let layout = Layout::plan(
             self.cluster_bits,

@@ -54,6 +54,9 @@ pub struct WriterOptions {
     pub cluster_size: u64,
     /// Compress data clusters with this method (`-c`); `None` stores them as they are.
     pub compression: Option<CompressionType>,
+    /// Compression level for [`Self::compression`] (`None`: the level QEMU uses); see
+    /// [`ClusterCompressor::new`](crate::ClusterCompressor::new).
+    pub compression_level: Option<i32>,
     /// Compression method named by `-o compression_type=`; it takes effect only with `-c`
     /// (as in `qemu-img`), but a zstd choice still marks the header.
     pub compression_type: CompressionType,
@@ -70,6 +73,7 @@ impl Default for WriterOptions {
             compat: Compat::V3,
             cluster_size: DEFAULT_CLUSTER_SIZE,
             compression: None,
+            compression_level: None,
             compression_type: CompressionType::Deflate,
             backing_file: None,
             backing_format: "qcow2".to_owned(),
