@@ -152,3 +152,41 @@ fn errors_are_one_line_with_status_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
 }
+
+/// A backing file the default policy refuses is named, and so is the flag that allows it.
+#[test]
+fn a_refused_backing_file_names_trust_backing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("1M")
+        .status()
+        .expect("qemu-img");
+    assert!(status.success());
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .status()
+        .expect("qemu-img");
+    assert!(status.success());
+    let out = strata().arg("info").arg(&top).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(stderr.contains("--trust-backing"), "{stderr}");
+    let trusted = strata()
+        .args(["info", "--trust-backing"])
+        .arg(&top)
+        .output()
+        .expect("run");
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+}

@@ -87,9 +87,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("strata: {}", one_line(&err));
+            eprintln!("strata: {}{}", one_line(&err), hint(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What the user can do about an error, when the CLI has a flag for it.
+fn hint(err: &anyhow::Error) -> &'static str {
+    let refused = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<strata::qcow2::Error>(),
+            Some(strata::qcow2::Error::PathRefused { .. })
+        )
+    });
+    if refused {
+        " (pass --trust-backing to follow it, for images you trust)"
+    } else {
+        ""
     }
 }
 

@@ -148,9 +148,17 @@ impl Target {
             let found = match inner.get_bytes(&path).await {
                 Ok(bytes) => bytes,
                 Err(Error::NotFound { .. }) => {
-                    match inner.put_create(&path, to_json(&marker).into()).await? {
-                        Created::New => return Ok(()),
-                        Created::Exists(bytes) => bytes,
+                    match inner.put_create(&path, to_json(&marker).into()).await {
+                        Ok(Created::New) => return Ok(()),
+                        Ok(Created::Exists(bytes)) => bytes,
+                        // Nothing can be created: the bucket (or container) itself is missing.
+                        Err(Error::NotFound { .. }) => {
+                            return Err(Error::NotFound {
+                                what: "bucket",
+                                name: bucket_of(&inner.url),
+                            });
+                        }
+                        Err(err) => return Err(err),
                     }
                 }
                 Err(err) => return Err(err),
@@ -392,6 +400,14 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The bucket (or container) a target URL names: its host part, `s3://BUCKET/prefix`.
+fn bucket_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_else(|| url.to_string())
 }
 
 /// Builds a fresh in-memory target store (shared by the `memory://` scheme and tests).
