@@ -38,6 +38,17 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// The store refused the credentials (HTTP 401 or 403): `problem` says which part is wrong,
+    /// from the store's error code where it gives one.
+    #[error("the store refused to {operation} {path}: {problem}")]
+    AccessDenied {
+        /// What was being done.
+        operation: &'static str,
+        /// The object or prefix concerned.
+        path: String,
+        /// What the store's answer means for the user.
+        problem: String,
+    },
     /// Local file I/O failed (filesystem targets write images directly).
     #[error("I/O error while trying to {operation} {path}")]
     Io {
@@ -182,6 +193,12 @@ impl Error {
                 what: "object",
                 name: path.to_string(),
             },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => Error::AccessDenied {
+                operation,
+                path: path.to_string(),
+                problem: credential_problem(&source.to_string()),
+            },
             source => Error::Store {
                 operation,
                 path: path.to_string(),
@@ -199,6 +216,31 @@ impl Error {
     }
 }
 
+/// What a refusal means, from the S3 error code in the store's answer (`<Code>...</Code>`).
+fn credential_problem(answer: &str) -> String {
+    let code = answer
+        .split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code);
+    let meaning = match code {
+        Some("SignatureDoesNotMatch") => {
+            "the secret key (AWS_SECRET_ACCESS_KEY) does not match the access key"
+        }
+        Some("InvalidAccessKeyId" | "NotSignedUp") => {
+            "the access key (AWS_ACCESS_KEY_ID) is unknown to the store"
+        }
+        Some("ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => {
+            "the session token (AWS_SESSION_TOKEN) is expired or invalid"
+        }
+        Some("AccessDenied") => "the credentials are valid but lack permission for this",
+        _ => "the credentials were refused (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+    };
+    match code {
+        Some(code) => format!("{meaning} ({code})"),
+        None => meaning.to_string(),
+    }
+}
+
 impl From<Error> for io::Error {
     fn from(err: Error) -> Self {
         let kind = match &err {
@@ -209,9 +251,38 @@ impl From<Error> for io::Error {
             Error::InvalidName { .. } | Error::Upload { .. } => io::ErrorKind::InvalidInput,
             Error::Corrupt { .. } => io::ErrorKind::InvalidData,
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,
+            Error::AccessDenied { .. } => io::ErrorKind::PermissionDenied,
             Error::Io { source, .. } => source.kind(),
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(answer: &str) -> String {
+        let source = object_store::Error::PermissionDenied {
+            path: "p/strata-repository.json".into(),
+            source: answer.to_string().into(),
+        };
+        Error::store("get", "p/strata-repository.json", source).to_string()
+    }
+
+    #[test]
+    fn refused_credentials_say_which_part_is_wrong() {
+        assert_eq!(
+            refused("403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>"),
+            "the store refused to get p/strata-repository.json: the secret key \
+             (AWS_SECRET_ACCESS_KEY) does not match the access key (SignatureDoesNotMatch)"
+        );
+        assert!(
+            refused("<Code>InvalidAccessKeyId</Code>").contains("AWS_ACCESS_KEY_ID) is unknown")
+        );
+        assert!(refused("<Code>NotSignedUp</Code>").contains("AWS_ACCESS_KEY_ID) is unknown"));
+        assert!(refused("<Code>AccessDenied</Code>").contains("lack permission"));
+        assert!(refused("401").ends_with("(check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"));
     }
 }
