@@ -31,7 +31,7 @@ const POINTS: [&str; 6] = [
 ];
 
 const VOLUME_BYTES: u64 = 6 << 20;
-const LEASE: &str = "1s";
+const LEASE: &str = "2s";
 
 /// Where backups go: a folder, or a fresh prefix of the moto bucket.
 struct Leg {
@@ -233,7 +233,7 @@ fn kill_at(leg: &Leg, point: &str) {
     }
     if took_over && leg.s3 {
         assert!(
-            stderr.contains("waiting up to 1s for its lease to lapse"),
+            stderr.contains("waiting up to 2s for its lease to lapse"),
             "{point}: no wait reported: {stderr}"
         );
         assert!(
@@ -267,7 +267,8 @@ fn kill_at(leg: &Leg, point: &str) {
     // gc removes the dead writer's leftovers (after its lease lapsed twice on S3), and then
     // finds nothing more.
     if leg.s3 {
-        std::thread::sleep(Duration::from_millis(2500));
+        // Past two leases and a second (Last-Modified has one-second resolution).
+        std::thread::sleep(Duration::from_millis(5500));
     }
     let report = leg.ok(&["gc", "--target", &leg.url, "--grace", "0"]);
     assert!(

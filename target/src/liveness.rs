@@ -15,8 +15,8 @@
 //!   ([`TargetOptions::lease`](crate::TargetOptions::lease), 30 s by default), so a record that
 //!   has not changed for a whole lease belongs to a dead or cut-off writer. A later writer
 //!   judges that by watching the record's e-tag, so the clocks of writer, store and reader
-//!   need not agree; a record already older than two leases by the store's clock counts as
-//!   lapsed at once.
+//!   need not agree; a record already older than two leases and a second by the store's clock
+//!   (Last-Modified has one-second resolution on S3) counts as lapsed at once.
 //!
 //! A writer refuses to commit unless it renewed its lease within the last half lease, and a
 //! later writer takes over only after a full lease without a renewal, so a live writer is
@@ -274,7 +274,8 @@ impl Inner {
         };
         // The holder's own lease counts, bounded so that a hostile record cannot stall us.
         let lease = Duration::from_millis(record.lease_ms).min(MAX_LEASE);
-        let lapsed = chrono::Duration::from_std(lease * 2)
+        // Two leases, plus a second for stores whose Last-Modified has one-second resolution.
+        let lapsed = chrono::Duration::from_std(lease * 2 + Duration::from_secs(1))
             .is_ok_and(|two_leases| meta.last_modified + two_leases < Utc::now());
         Ok(if lapsed {
             Liveness::Dead
