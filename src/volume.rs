@@ -158,8 +158,12 @@ pub fn backup_volume(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupManifest> {
     let mut full_reason = None;
-    let latest = match target.latest(volume)? {
-        _ if options.full => None,
+    let latest = if options.full {
+        None
+    } else {
+        target.latest(volume)?
+    };
+    let latest = match latest {
         Some(latest) => {
             let limit = options
                 .max_chain_length

@@ -63,7 +63,7 @@ pub struct BackupUpload {
     cluster_size: u64,
     writer: String,
     /// Proves this writer alive until it commits or gives up (see [`crate::liveness`]).
-    lease: Option<WriterLease>,
+    lease: Option<Arc<WriterLease>>,
     image: Arc<Mutex<Option<ImageInfo>>>,
     image_started: bool,
     files: Vec<SideFile>,
@@ -135,7 +135,7 @@ impl Target {
             virtual_size: spec.virtual_size,
             cluster_size: spec.cluster_size,
             writer,
-            lease: Some(lease),
+            lease: Some(Arc::new(lease)),
             image: Arc::new(Mutex::new(None)),
             image_started: false,
             files: Vec::new(),
@@ -248,7 +248,8 @@ impl BackupUpload {
             self.writer.clone(),
             manifest.clone(),
         );
-        let lease = self.lease.take();
+        // Shared with the commit, so that a failed commit's clean-up (on drop) still releases it.
+        let lease = self.lease.clone();
         self.target
             .block("commit backup", move |inner| async move {
                 if let Some(lease) = &lease {
