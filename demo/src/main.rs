@@ -2,7 +2,7 @@
 //! a full backup then three incrementals while its data changes, restore every point and check
 //! it byte for byte (by BLAKE3 of the whole volume, so the demo holds no volume in memory).
 //!
-//! `cargo run --release --example demo [-- --size-mib N --keep DIR]`
+//! `cargo run --release -p strata-demo [-- --size-mib N --keep DIR]`
 
 use std::fs::File;
 use std::io::Write;
