@@ -21,12 +21,14 @@
 //!
 //! # Features
 //!
-//! - `kubernetes` (default): re-exports `discovery` and `csi` and holds the `operator` (CRDs and
-//!   reconcilers), the Kubernetes side (kube and its TLS stack). Without it the facade is the data path alone (images, chains, targets,
-//!   NBD), which builds much faster.
+//! - `s3` (default): targets on S3 (`s3://`), through object_store's AWS client. Without it
+//!   the facade is the data path on folder targets alone (the demo's build).
+//! - `kubernetes`: re-exports `discovery`, `csi` and the `operator` (CRDs, reconcilers, the
+//!   controller's run loop), the Kubernetes side (kube and its TLS stack), and composes the
+//!   operator with this crate's flows ([`operator_context`]).
+//! - `cli`: the `strata` binary (and, with `kubernetes`, `strata-controller`); installed with
+//!   `cargo install --path . --features cli,kubernetes`.
 
-#[cfg(feature = "kubernetes")]
-pub mod operator;
 mod verified;
 mod volume;
 
@@ -36,6 +38,8 @@ pub use strata_csi as csi;
 #[cfg(feature = "kubernetes")]
 pub use strata_discovery as discovery;
 pub use strata_nbd as nbd;
+#[cfg(feature = "kubernetes")]
+pub use strata_operator as operator;
 pub use strata_qcow2 as qcow2;
 pub use strata_target as target;
 pub use volume::{
@@ -43,3 +47,12 @@ pub use volume::{
     DIGESTS_FILE, Error, Result, VerifyReport, backup_volume, chain_text, list, open_backup,
     open_destination, open_volume, prune, restore_volume, restore_volume_with, verify,
 };
+
+/// The operator's settings for a controller whose Backups prune with [`prune`] (the operator
+/// sits below this facade, so the facade hands it the data path's retention).
+#[cfg(feature = "kubernetes")]
+pub fn operator_context(client: kube::Client, image: impl Into<String>) -> operator::Context {
+    operator::Context::new(client, image, |target, volume, keep_last| {
+        Ok(prune(target, volume, keep_last)?)
+    })
+}

@@ -122,7 +122,7 @@ impl Mock {
 
     /// An operator context on this mock that polls every 3 s.
     pub fn context(&self) -> strata::operator::Context {
-        let mut ctx = strata::operator::Context::new(self.client(), "registry.example/strata:test");
+        let mut ctx = strata::operator_context(self.client(), "registry.example/strata:test");
         ctx.poll = std::time::Duration::from_secs(3);
         ctx
     }

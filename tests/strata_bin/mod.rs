@@ -1,20 +1,14 @@
-//! The `strata` example binary, for the tests that run the CLI as a user does, and the helpers
+//! The `strata` binary, for the tests that run the CLI as a user does, and the helpers
 //! those tests share (not every test file uses each).
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// A command for the `strata` example binary cargo built next to the running test's folder
-/// (`build/debug/examples/strata`; `cargo test` builds examples, a filtered `cargo test --test`
-/// needs `cargo build --example strata` first).
+/// A command for the `strata` binary cargo built for this test (`CARGO_BIN_EXE_strata`; the
+/// package's dev-dependency on itself turns on the `cli` feature the binary requires).
 pub fn strata_command() -> Command {
-    let mut path = std::env::current_exe().expect("test binary path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    Command::new(path.join("examples").join("strata"))
+    Command::new(env!("CARGO_BIN_EXE_strata"))
 }
 
 /// Runs `strata ARGS` and returns what it did.

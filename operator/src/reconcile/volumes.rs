@@ -9,12 +9,12 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use super::jobs::{JobOutcome, delete_job, read_job};
-use crate::csi::client::{delete_pvc, delete_snapshot};
-use crate::csi::naming::{LABEL_RUN, label_value};
-use crate::csi::{Role, VolumeKey};
-use crate::operator::crd::{Staging, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::status::Progress;
+use crate::crd::{Staging, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::status::Progress;
+use strata_csi::client::{delete_pvc, delete_snapshot};
+use strata_csi::naming::{LABEL_RUN, label_value};
+use strata_csi::{Role, VolumeKey};
 
 /// Read the datamover Job of every volume not yet done; mark the finished ones done and return
 /// their indexes. A failed Job is an [`Error::JobFailed`] with the Job's own message.

@@ -8,7 +8,16 @@ use kube::{Api, Client};
 
 use super::crd::Target as TargetResource;
 use super::error::{Error, Result};
-use crate::target::{Target, TargetOptions, VolumeName};
+use strata_target::{BackupId, Target, TargetOptions, VolumeName};
+
+/// An error from outside the operator (the retention the facade supplies).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Retention: keep the newest `keep_last` backups of a volume, folding older ones into their
+/// children, and return the ids removed. The data path's flows live in the facade above this
+/// crate, so the controller is handed `strata::prune` ([`Context::new`]'s caller supplies it;
+/// `strata::operator_context` wires it).
+pub type Prune = fn(&Target, &VolumeName, usize) -> std::result::Result<Vec<BackupId>, BoxError>;
 
 /// Settings of the controller.
 #[derive(Clone)]
@@ -23,17 +32,20 @@ pub struct Context {
     pub poll: Duration,
     /// Field manager for server-side apply of restored objects.
     pub field_manager: String,
+    /// What a Backup's `retention` runs after its commit.
+    pub prune: Prune,
 }
 
 impl Context {
-    /// A context polling every five seconds.
-    pub fn new(client: Client, image: impl Into<String>) -> Self {
+    /// A context polling every five seconds, pruning with `prune`.
+    pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         Context {
             client,
             image: image.into(),
             datamover_service_account: None,
             poll: Duration::from_secs(5),
             field_manager: "strata-controller".to_owned(),
+            prune,
         }
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backup::VolumeStatus;
 use super::target::LocalReference;
-use crate::operator::status::{Condition, Phase, Progress};
+use crate::status::{Condition, Phase, Progress};
 
 /// Restore a completed Backup (same namespace): recreate its PVCs, fill them with datamover
 /// Jobs, then apply its objects, with namespaces and storage classes mapped.

@@ -42,13 +42,13 @@ use super::lock::{self, Acquired};
 use super::stash;
 use super::volumes::{Temporaries, cleanup, progress};
 use super::{fail, namespace_and_name, patch_status};
-use crate::csi::VolumeKey;
-use crate::discovery::{Inventory, LiveSource, MetadataBackup, RestoreOrder, discover};
-use crate::operator::context::{Context, TargetAccess, volume_name};
-use crate::operator::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::status::{ConditionStatus, Phase, condition, quantity_bytes, set_condition};
-use crate::target::{AppBackupId, AppName};
+use crate::context::{Context, TargetAccess, volume_name};
+use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::status::{ConditionStatus, Phase, condition, quantity_bytes, set_condition};
+use strata_csi::VolumeKey;
+use strata_discovery::{Inventory, LiveSource, MetadataBackup, RestoreOrder, discover};
+use strata_target::{AppBackupId, AppName};
 
 /// One reconcile of a Backup.
 struct Run<'a> {

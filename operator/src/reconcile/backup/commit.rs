@@ -5,14 +5,14 @@
 use futures::future::try_join_all;
 
 use super::Run;
-use crate::csi::Role;
-use crate::csi::client::delete_pvc;
-use crate::operator::crd::{BackupStatus, CleanupPolicy, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::volumes::{Temporaries, cleanup};
-use crate::operator::reconcile::{cbt, stash};
-use crate::operator::status::{ConditionStatus, Phase, set_condition};
-use crate::target::{BackupId, VolumeBackupRef, VolumeName};
+use crate::crd::{BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::reconcile::volumes::{Temporaries, cleanup};
+use crate::reconcile::{cbt, stash};
+use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_csi::Role;
+use strata_csi::client::delete_pvc;
+use strata_target::{BackupId, VolumeBackupRef, VolumeName};
 
 impl Run<'_> {
     /// Commit the application backup, apply retention, clean up.
@@ -38,6 +38,7 @@ impl Run<'_> {
             .collect::<Result<Vec<_>>>()?;
         let ids: Vec<String> = refs.iter().map(|r| r.backup.to_string()).collect();
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
+        let prune = self.ctx.prune;
         let gc_failure = self
             .target()
             .await?
@@ -47,7 +48,7 @@ impl Run<'_> {
                     Some(archive) => {
                         match t.put_app_backup(&app, &id, refs.clone(), archive.into()) {
                             Ok(_) => false,
-                            Err(crate::target::Error::BackupExists { .. }) => true,
+                            Err(strata_target::Error::BackupExists { .. }) => true,
                             Err(err) => {
                                 return Err(Error::target(format!("commit {app}/{id}"))(err));
                             }
@@ -78,11 +79,9 @@ impl Run<'_> {
                 }
                 if let Some(keep) = keep_last {
                     for r in &refs {
-                        crate::prune(t, &r.volume, keep.max(1)).map_err(|source| {
-                            Error::Retention {
-                                volume: r.volume.to_string(),
-                                source: Box::new(source),
-                            }
+                        prune(t, &r.volume, keep.max(1)).map_err(|source| Error::Retention {
+                            volume: r.volume.to_string(),
+                            source,
                         })?;
                     }
                 }
@@ -92,9 +91,11 @@ impl Run<'_> {
                 let failures: Vec<String> = refs
                     .iter()
                     .filter_map(|r| {
-                        t.gc_volume(&r.volume, crate::target::DEFAULT_GC_GRACE)
+                        t.gc_volume(&r.volume, strata_target::DEFAULT_GC_GRACE)
                             .err()
-                            .map(|err| format!("{}: {}", r.volume, crate::chain_text(&err)))
+                            .map(|err| {
+                                format!("{}: {}", r.volume, crate::reconcile::error_chain(&err))
+                            })
                     })
                     .collect();
                 Ok((!failures.is_empty()).then(|| failures.join("; ")))

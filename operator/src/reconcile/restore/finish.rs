@@ -4,13 +4,13 @@
 use futures::future::try_join_all;
 
 use super::{Run, Source, is_claim};
-use crate::csi::VolumeKey;
-use crate::discovery::restore::apply;
-use crate::operator::crd::RestoreStatus;
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::staging::{awaits_binding, clean_up_once_bound};
-use crate::operator::reconcile::volumes::{Temporaries, cleanup};
-use crate::operator::status::{ConditionStatus, set_condition};
+use crate::crd::RestoreStatus;
+use crate::error::{Error, Result};
+use crate::reconcile::staging::{awaits_binding, clean_up_once_bound};
+use crate::reconcile::volumes::{Temporaries, cleanup};
+use crate::status::{ConditionStatus, set_condition};
+use strata_csi::VolumeKey;
+use strata_discovery::restore::apply;
 
 impl Run<'_> {
     /// Apply everything but the restored PVCs, then delete the Jobs; the counts in the status

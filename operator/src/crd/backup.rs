@@ -5,8 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::target::LocalReference;
-use crate::operator::selection::ApplicationSelection;
-use crate::operator::status::{Condition, Phase, Progress};
+use crate::selection::ApplicationSelection;
+use crate::status::{Condition, Phase, Progress};
 
 /// Back up an application of the Backup's namespace: its objects (as a metadata archive) and
 /// its volumes (CSI snapshot, then a datamover Job per volume writing a QCOW2 backup).

@@ -6,22 +6,22 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Api;
 
 use super::Run;
-use crate::csi::client::{
+use crate::context::TargetAccess;
+use crate::crd::{BackupMode, BackupStatus, ChangeSource, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::reconcile::cbt::{self, Plan};
+use crate::reconcile::jobs::{Created, create_job};
+use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
 };
-use crate::csi::datamover::{self, Attach, DatamoverSpec, Step};
-use crate::csi::metadata::backup_job_with_changed_blocks;
-use crate::csi::{
+use strata_csi::datamover::{self, Attach, DatamoverSpec, Step};
+use strata_csi::metadata::backup_job_with_changed_blocks;
+use strata_csi::{
     ReadySnapshot, Role, VolumeMode, changes_volume_mode, pvc_from_snapshot, ready_or_failed,
     volume_snapshot,
 };
-use crate::operator::context::TargetAccess;
-use crate::operator::crd::{BackupMode, BackupStatus, ChangeSource, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::cbt::{self, Plan};
-use crate::operator::reconcile::jobs::{Created, create_job};
-use crate::operator::status::{ConditionStatus, Phase, set_condition};
-use crate::target::VolumeName;
+use strata_target::VolumeName;
 
 impl Run<'_> {
     /// Snapshot every volume; once all are ready, start a datamover per volume. True when the

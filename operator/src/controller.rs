@@ -1,40 +1,16 @@
-//! `controller`: the Backup and Restore controller, a thin kube-runtime wrapper around
-//! `strata::operator::{reconcile_backup, reconcile_restore}`.
-//!
-//! Runs in the cluster (service account credentials) or outside it (`KUBECONFIG`):
-//!
-//! ```text
-//! cargo run --example controller -- --datamover-image registry.example/strata:0.1.0
-//! ```
+//! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
+//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Parser;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use strata::operator::crd::{Backup, Restore};
-use strata::operator::reconcile::error_chain;
-use strata::operator::{Context, Error, reconcile_backup, reconcile_restore};
 
-/// Reconcile strata.io Backups and Restores.
-#[derive(Parser)]
-struct Args {
-    /// Image of the datamover Jobs (it must contain the `strata` binary).
-    #[arg(long)]
-    datamover_image: String,
-    /// Service account of the datamover pods (the namespace default when absent).
-    #[arg(long)]
-    datamover_service_account: Option<String>,
-    /// Watch only this namespace (all namespaces when absent).
-    #[arg(long)]
-    namespace: Option<String>,
-    /// Seconds between looks at snapshots and Jobs in progress.
-    #[arg(long, default_value_t = 5)]
-    poll_seconds: u64,
-}
+use crate::crd::{Backup, Restore};
+use crate::reconcile::error_chain;
+use crate::{Context, Error, reconcile_backup, reconcile_restore};
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -53,16 +29,11 @@ fn retry<K>(_object: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(ctx.poll * 2)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let client = Client::try_default().await?;
-    let mut ctx = Context::new(client.clone(), args.datamover_image);
-    ctx.datamover_service_account = args.datamover_service_account;
-    ctx.poll = Duration::from_secs(args.poll_seconds.max(1));
+/// Reconciles the Backups and Restores of `namespace` (all namespaces when `None`) until the
+/// process is asked to stop; each reconcile's outcome is logged on stderr.
+pub async fn run(ctx: Context, namespace: Option<&str>) {
+    let client = ctx.client.clone();
     let ctx = Arc::new(ctx);
-    let namespace = args.namespace.as_deref();
-
     let backups = Controller::new(
         api::<Backup>(&client, namespace),
         watcher::Config::default(),
@@ -96,5 +67,4 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     futures::join!(backups, restores);
-    Ok(())
 }

@@ -7,7 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::discovery::{AppSpec, OperatorRef, Selector};
+use strata_discovery::{AppSpec, OperatorRef, Selector};
 
 /// Which objects and volumes of the Backup's namespace make up the application. The fields
 /// combine: the application is the union of what each selects, plus what those objects need.
@@ -49,7 +49,7 @@ impl ApplicationSelection {
     }
 
     /// The discovery spec for `namespace`, with every selector parsed.
-    pub fn app_spec(&self, namespace: &str) -> crate::discovery::Result<AppSpec> {
+    pub fn app_spec(&self, namespace: &str) -> strata_discovery::Result<AppSpec> {
         Ok(AppSpec {
             namespace: namespace.to_owned(),
             helm_releases: self.helm_releases.clone(),
@@ -92,7 +92,7 @@ mod tests {
         };
         assert!(matches!(
             bad.app_spec("shop"),
-            Err(crate::discovery::Error::Selector { position: 9, .. })
+            Err(strata_discovery::Error::Selector { position: 9, .. })
         ));
     }
 }

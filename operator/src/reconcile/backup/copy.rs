@@ -2,11 +2,11 @@
 //! wrote, or finding that an earlier call already committed them.
 
 use super::Run;
-use crate::operator::crd::{BackupStatus, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::volumes::{finished_jobs, progress};
-use crate::operator::status::{ConditionStatus, Phase, set_condition};
-use crate::target::VolumeName;
+use crate::crd::{BackupStatus, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::reconcile::volumes::{finished_jobs, progress};
+use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_target::VolumeName;
 
 impl Run<'_> {
     /// Read the datamovers; true once all succeeded.
@@ -117,7 +117,7 @@ impl Run<'_> {
 }
 
 /// The backup a finished datamover wrote: the volume's latest, which must be new.
-fn written_backup(target: &crate::target::Target, volume: &VolumeStatus) -> Result<String> {
+fn written_backup(target: &strata_target::Target, volume: &VolumeStatus) -> Result<String> {
     let name = VolumeName::new(&volume.volume).map_err(Error::target("volume name"))?;
     let latest = target
         .latest(&name)

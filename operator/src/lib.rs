@@ -1,13 +1,16 @@
-//! The in-cluster operator: custom resources and the reconcile logic of the controller.
+//! Strata's in-cluster operator: custom resources, the reconcile logic of the controller and
+//! its run loop. The facade re-exports it as `strata::operator` (feature `kubernetes`).
 //!
 //! `Target`, `Backup` and `Restore` ([`crd`]) describe what to back up, where, and what to
 //! restore. The reconcilers ([`reconcile_backup`], [`reconcile_restore`]) move one run a step
-//! forward per call and record where it stands in the resource's status; the `controller`
-//! example wraps them in a kube-runtime `Controller`.
+//! forward per call and record where it stands in the resource's status; [`controller::run`]
+//! wraps them in kube-runtime `Controller`s, and the `strata-controller` binary is a thin
+//! `main` around it. Backups' retention runs the data path's `strata::prune`, which the facade
+//! (above this crate) hands over in the [`Context`] (`strata::operator_context`).
 //!
 //! ```
 //! // The CRDs to install, as `strata crds | kubectl apply -f -` prints them.
-//! let yaml = strata::operator::crd::crds_yaml()?;
+//! let yaml = strata_operator::crd::crds_yaml()?;
 //! assert!(yaml.contains("name: backups.strata.io"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -31,13 +34,14 @@
 //!   `Failed` condition and phase; transient ones (API errors) are returned for a retry.
 
 mod context;
+pub mod controller;
 pub mod crd;
 mod error;
 pub mod reconcile;
 mod selection;
 pub mod status;
 
-pub use context::{Context, TargetAccess, volume_name};
+pub use context::{BoxError, Context, Prune, TargetAccess, volume_name};
 pub use error::{Error, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore};
 pub use selection::{ApplicationSelection, OperatorSelection};

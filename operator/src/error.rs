@@ -41,7 +41,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: Box<crate::discovery::Error>,
+        source: Box<strata_discovery::Error>,
     },
     /// A snapshot, PVC or datamover step failed.
     #[error("volume step: {operation}")]
@@ -50,7 +50,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: Box<crate::csi::Error>,
+        source: Box<strata_csi::Error>,
     },
     /// Reading or writing the target failed.
     #[error("target: {operation}")]
@@ -59,7 +59,7 @@ pub enum Error {
         operation: String,
         /// The cause.
         #[source]
-        source: Box<crate::target::Error>,
+        source: Box<strata_target::Error>,
     },
     /// A datamover Job failed.
     #[error("datamover Job {namespace}/{job} failed: {message}")]
@@ -78,7 +78,7 @@ pub enum Error {
         volume: String,
         /// The cause.
         #[source]
-        source: Box<crate::Error>,
+        source: crate::context::BoxError,
     },
     /// The Kubernetes API call failed.
     #[error("Kubernetes API: {operation}")]
@@ -102,12 +102,12 @@ impl Error {
                 true
             }
             Error::Discovery { source, .. } => {
-                !matches!(**source, crate::discovery::Error::Kube { .. })
+                !matches!(**source, strata_discovery::Error::Kube { .. })
             }
-            Error::Csi { source, .. } => !matches!(**source, crate::csi::Error::Kube { .. }),
+            Error::Csi { source, .. } => !matches!(**source, strata_csi::Error::Kube { .. }),
             Error::Target { source, .. } => matches!(
                 **source,
-                crate::target::Error::InvalidName { .. } | crate::target::Error::Corrupt { .. }
+                strata_target::Error::InvalidName { .. } | strata_target::Error::Corrupt { .. }
             ),
             Error::NotFound { .. }
             | Error::Retention { .. }
@@ -121,7 +121,7 @@ impl Error {
         move |source| Error::Kube { operation, source }
     }
 
-    pub(crate) fn csi(operation: impl Into<String>) -> impl FnOnce(crate::csi::Error) -> Error {
+    pub(crate) fn csi(operation: impl Into<String>) -> impl FnOnce(strata_csi::Error) -> Error {
         let operation = operation.into();
         move |source| Error::Csi {
             operation,
@@ -131,7 +131,7 @@ impl Error {
 
     pub(crate) fn discovery(
         operation: impl Into<String>,
-    ) -> impl FnOnce(crate::discovery::Error) -> Error {
+    ) -> impl FnOnce(strata_discovery::Error) -> Error {
         let operation = operation.into();
         move |source| Error::Discovery {
             operation,
@@ -141,7 +141,7 @@ impl Error {
 
     pub(crate) fn target(
         operation: impl Into<String>,
-    ) -> impl FnOnce(crate::target::Error) -> Error {
+    ) -> impl FnOnce(strata_target::Error) -> Error {
         let operation = operation.into();
         move |source| Error::Target {
             operation,

@@ -25,13 +25,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::operator::error::{Error, Result};
-use crate::operator::status::{Condition, ConditionStatus, set_condition};
+use crate::error::{Error, Result};
+use crate::status::{Condition, ConditionStatus, set_condition};
 
 /// `err` and its causes on one line, as a condition message.
-pub fn error_chain(err: &Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());

@@ -29,12 +29,12 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::csi::client::delete_snapshot;
-use crate::csi::metadata::{ChangedBlocksBase, bound_content, metadata_service, snapshot_handle};
-use crate::csi::naming::label_value;
-use crate::csi::{VolumeSnapshot, VolumeSnapshotContent};
-use crate::operator::error::{Error, Result};
+use crate::error::{Error, Result};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use strata_csi::client::delete_snapshot;
+use strata_csi::metadata::{ChangedBlocksBase, bound_content, metadata_service, snapshot_handle};
+use strata_csi::naming::label_value;
+use strata_csi::{VolumeSnapshot, VolumeSnapshotContent};
 
 /// Label of a base snapshot: the PVC it is the base of (as a label value).
 pub const LABEL_BASE: &str = "strata.io/cbt-base";
@@ -77,7 +77,7 @@ pub async fn plan(
     };
     match metadata_service(client, driver).await {
         Ok(_) => {}
-        Err(crate::csi::Error::NoMetadataService { .. }) => {
+        Err(strata_csi::Error::NoMetadataService { .. }) => {
             return Ok(Plan::Digests(format!(
                 "CSI driver {driver} has no SnapshotMetadataService"
             )));
@@ -138,7 +138,7 @@ pub async fn keep_as_base(
 ) -> Result<bool> {
     let content = match bound_content(client, namespace, snapshot).await {
         Ok(content) => content,
-        Err(crate::csi::Error::Kube { source, .. }) if !is_not_found(&source) => {
+        Err(strata_csi::Error::Kube { source, .. }) if !is_not_found(&source) => {
             return Err(Error::kube(format!(
                 "read VolumeSnapshot {namespace}/{snapshot}"
             ))(source));
@@ -150,7 +150,7 @@ pub async fn keep_as_base(
     };
     match metadata_service(client, &driver).await {
         Ok(_) => {}
-        Err(crate::csi::Error::Kube { source, .. }) if !is_not_found(&source) => {
+        Err(strata_csi::Error::Kube { source, .. }) if !is_not_found(&source) => {
             return Err(Error::kube(format!("get SnapshotMetadataService {driver}"))(source));
         }
         Err(_) => return Ok(false),

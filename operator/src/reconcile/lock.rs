@@ -28,9 +28,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client};
 
-use crate::csi::naming::{LABEL_PVC, MANAGED_BY, label_value};
-use crate::operator::crd::Backup;
-use crate::operator::error::{Error, Result};
+use crate::crd::Backup;
+use crate::error::{Error, Result};
+use strata_csi::naming::{LABEL_PVC, MANAGED_BY, label_value};
 
 /// Name of the Lease locking PVC `pvc` (in its namespace).
 pub fn lock_name(pvc: &str) -> String {
@@ -181,7 +181,7 @@ async fn in_progress(client: &Client, namespace: &str, holder: &OwnerReference) 
             && !b
                 .status
                 .and_then(|s| s.phase)
-                .is_some_and(crate::operator::status::Phase::is_final)
+                .is_some_and(crate::status::Phase::is_final)
     }))
 }
 

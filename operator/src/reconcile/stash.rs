@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 
-use crate::csi::naming::{LABEL_RUN, MANAGED_BY, label_value};
-use crate::operator::error::{Error, Result};
+use crate::error::{Error, Result};
+use strata_csi::naming::{LABEL_RUN, MANAGED_BY, label_value};
 
 /// Key of the archive in the Secret.
 pub const ARCHIVE_KEY: &str = "metadata.tar.gz";

@@ -4,8 +4,8 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 
-use crate::csi::naming::{LABEL_RUN, label_value};
-use crate::operator::error::{Error, Result};
+use crate::error::{Error, Result};
+use strata_csi::naming::{LABEL_RUN, label_value};
 
 /// Whether a create made the object or found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

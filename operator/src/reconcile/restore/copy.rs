@@ -4,12 +4,12 @@
 use futures::future::try_join_all;
 
 use super::{Run, Source, is_claim};
-use crate::csi::VolumeKey;
-use crate::operator::crd::RestoreStatus;
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::staging::{awaits_snapshot, provision};
-use crate::operator::reconcile::volumes::{finished_jobs, progress};
-use crate::operator::status::{ConditionStatus, Phase, set_condition};
+use crate::crd::RestoreStatus;
+use crate::error::{Error, Result};
+use crate::reconcile::staging::{awaits_snapshot, provision};
+use crate::reconcile::volumes::{finished_jobs, progress};
+use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_csi::VolumeKey;
 
 impl Run<'_> {
     /// Read the datamovers, and make the Filesystem PVCs of the filled staging volumes; once

@@ -28,15 +28,15 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 
 use super::volumes::{Temporaries, claim_taken, cleanup, create_claim, restored_by};
-use crate::csi::client::{
+use crate::crd::{Staging, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::status::quantity_bytes;
+use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
 };
-use crate::csi::{
+use strata_csi::{
     Role, VolumeKey, claim_from_snapshot, ready_or_failed, staging_pvc, staging_snapshot,
 };
-use crate::operator::crd::{Staging, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::status::quantity_bytes;
 
 /// Whether a volume's claim is restored through a staging volume: it is not `Block`.
 pub fn needs_staging(volume_mode: &str) -> bool {

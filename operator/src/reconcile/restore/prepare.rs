@@ -7,17 +7,17 @@ use futures::future::try_join_all;
 use serde_json::Value;
 
 use super::{Run, Source, is_claim};
-use crate::csi::VolumeKey;
-use crate::csi::datamover::{Attach, DatamoverSpec, restore_job};
-use crate::discovery::RestorePlan;
-use crate::discovery::restore::apply;
-use crate::operator::context::{TargetAccess, volume_name};
-use crate::operator::crd::{RestoreStatus, Staging, VolumeStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::reconcile::jobs::create_job;
-use crate::operator::reconcile::staging::{create_staging, needs_staging};
-use crate::operator::reconcile::volumes::{create_claim, progress};
-use crate::operator::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
+use crate::context::{TargetAccess, volume_name};
+use crate::crd::{RestoreStatus, Staging, VolumeStatus};
+use crate::error::{Error, Result};
+use crate::reconcile::jobs::create_job;
+use crate::reconcile::staging::{create_staging, needs_staging};
+use crate::reconcile::volumes::{create_claim, progress};
+use crate::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
+use strata_csi::VolumeKey;
+use strata_csi::datamover::{Attach, DatamoverSpec, restore_job};
+use strata_discovery::RestorePlan;
+use strata_discovery::restore::apply;
 
 impl Run<'_> {
     /// Validate, recreate the PVCs and start a restore datamover per volume.

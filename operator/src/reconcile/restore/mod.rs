@@ -38,13 +38,13 @@ use serde_json::Value;
 
 use super::volumes::label_restored;
 use super::{fail, namespace_and_name, patch_status};
-use crate::discovery::restore::{ApplyOptions, ExistingPolicy};
-use crate::discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
-use crate::operator::context::{Context, TargetAccess};
-use crate::operator::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
-use crate::operator::error::{Error, Result};
-use crate::operator::status::{ConditionStatus, Phase, set_condition};
-use crate::target::{AppBackupId, AppName};
+use crate::context::{Context, TargetAccess};
+use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
+use crate::error::{Error, Result};
+use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
+use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
+use strata_target::{AppBackupId, AppName};
 
 /// One reconcile of a Restore.
 struct Run<'a> {
