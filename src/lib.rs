@@ -35,6 +35,7 @@ mod volume;
 pub use strata_chain as chain;
 #[cfg(feature = "kubernetes")]
 pub use strata_csi as csi;
+pub use strata_datamover as datamover;
 #[cfg(feature = "kubernetes")]
 pub use strata_discovery as discovery;
 pub use strata_nbd as nbd;

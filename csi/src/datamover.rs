@@ -29,6 +29,7 @@
 //! further ([`pin_to_node`]) or to copy a source volume's topology ([`affinity_of_volume`]).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
@@ -40,6 +41,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use strata_datamover::{BackupInvocation, Invocation, RestoreInvocation};
 
 use crate::error::{Error, Result};
 use crate::naming::{Role, VolumeKey};
@@ -157,42 +160,38 @@ impl DatamoverSpec {
     }
 }
 
-/// The `strata` command line for `step`.
-pub fn command_line(spec: &DatamoverSpec, step: &Step) -> Vec<String> {
+/// The `strata` invocation for `step` (the typed command line the CLI parses, see
+/// `strata_datamover`).
+pub fn invocation(spec: &DatamoverSpec, step: &Step) -> Invocation {
     let path = match spec.attach {
         Attach::Block => DEVICE_PATH,
         Attach::Filesystem => MOUNT_PATH,
     };
-    let (verb, full, options) = match step {
+    match step {
         Step::Backup {
             full,
             changed_ranges,
             changed_since,
-        } => (
-            "backup",
-            *full,
-            vec![
-                ("--changed-ranges", changed_ranges),
-                ("--changed-since", changed_since),
-            ],
-        ),
-        Step::Restore { backup } => ("restore", false, vec![("--backup", backup)]),
-    };
-    let mut args = vec!["strata".to_owned(), verb.to_owned()];
-    if full {
-        args.push("--full".to_owned());
+        } => Invocation::Backup(BackupInvocation {
+            target: spec.target.clone(),
+            volume: spec.volume.clone(),
+            changed_ranges: changed_ranges.as_ref().map(PathBuf::from),
+            changed_since: changed_since.clone(),
+            full: *full,
+            source: path.into(),
+        }),
+        Step::Restore { backup } => Invocation::Restore(RestoreInvocation {
+            target: spec.target.clone(),
+            volume: spec.volume.clone(),
+            backup: backup.clone(),
+            dest: path.into(),
+        }),
     }
-    for value in ["--target", &spec.target, "--volume", &spec.volume] {
-        args.push(value.to_owned());
-    }
-    for (flag, value) in options {
-        if let Some(value) = value {
-            args.push(flag.to_owned());
-            args.push(value.clone());
-        }
-    }
-    args.push(path.to_owned());
-    args
+}
+
+/// The `strata` command line for `step`.
+pub fn command_line(spec: &DatamoverSpec, step: &Step) -> Vec<String> {
+    invocation(spec, step).args()
 }
 
 /// Affinity pinning a pod to node `node` (by `metadata.name`, which needs no node label).

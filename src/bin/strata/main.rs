@@ -150,3 +150,90 @@ pub enum Output {
     /// JSON for programs.
     Json,
 }
+
+/// What the datamover Jobs run parses with this CLI's parser into what the Job builder meant:
+/// the Job's container args go through `Cli::try_parse_from`, and the flattened invocation
+/// comes back equal to the builder's (so a flag renamed on one side only fails here).
+#[cfg(all(test, feature = "kubernetes"))]
+mod datamover_jobs {
+    use clap::Parser;
+    use strata::csi::VolumeKey;
+    use strata::csi::datamover::{self, Attach, DatamoverSpec, Step};
+    use strata::datamover::Invocation;
+
+    use super::{Cli, Command};
+
+    fn spec(attach: Attach) -> DatamoverSpec {
+        DatamoverSpec::new(
+            VolumeKey::new("run", "shop", "data"),
+            "registry.example/strata:0.1",
+            "strata-volume-data-0123",
+            attach,
+            "s3://bucket/prefix",
+            "shop.data",
+        )
+    }
+
+    /// The Job's container args, parsed by the CLI.
+    fn parsed(spec: &DatamoverSpec, step: &Step) -> Command {
+        let job = datamover::job(spec, step).expect("job");
+        let pod = job.spec.and_then(|s| s.template.spec).expect("pod spec");
+        let args = pod.containers[0].args.clone().expect("container args");
+        match Cli::try_parse_from(&args) {
+            Ok(cli) => cli.command,
+            Err(err) => panic!("the CLI refuses the Job's {args:?}: {err}"),
+        }
+    }
+
+    #[test]
+    fn every_datamover_step_parses_into_the_invocation_the_job_builder_meant() {
+        let steps = [
+            Step::Backup {
+                full: false,
+                changed_ranges: None,
+                changed_since: None,
+            },
+            Step::Backup {
+                full: true,
+                changed_ranges: None,
+                changed_since: None,
+            },
+            Step::Backup {
+                full: false,
+                changed_ranges: Some("/scratch/ranges.json".into()),
+                changed_since: Some("20260101T000000Z-0a1b2c3d".into()),
+            },
+            Step::Restore { backup: None },
+            Step::Restore {
+                backup: Some("20260101T000000Z-0a1b2c3d".into()),
+            },
+        ];
+        for attach in [Attach::Block, Attach::Filesystem] {
+            let spec = spec(attach);
+            for step in &steps {
+                let meant = datamover::invocation(&spec, step);
+                match (parsed(&spec, step), &meant) {
+                    (Command::Backup(args), Invocation::Backup(meant)) => {
+                        assert_eq!(&args.job, meant, "{step:?} on {attach:?}");
+                        // The CLI's own options keep their defaults in a Job.
+                        assert!(!args.quiet);
+                    }
+                    (Command::Restore(args), Invocation::Restore(meant)) => {
+                        assert_eq!(&args.job, meant, "{step:?} on {attach:?}");
+                        assert!(!args.target_is_zero);
+                    }
+                    _ => panic!("{step:?} parsed as another command"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_flag_the_cli_does_not_know_is_refused() {
+        // The check above can fail: an args list the CLI does not define is an error.
+        let mut args =
+            datamover::command_line(&spec(Attach::Block), &Step::Restore { backup: None });
+        args.insert(2, "--no-such-flag".to_owned());
+        assert!(Cli::try_parse_from(&args).is_err());
+    }
+}

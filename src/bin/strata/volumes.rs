@@ -1,12 +1,12 @@
 //! `strata backup`, `restore`, `list` and `verify`: volume backups in a target.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use strata::datamover::{BackupInvocation, RestoreInvocation};
 use strata::target::{BackupId, Notices, Target, TargetOptions, VolumeName};
 
 use crate::Output;
@@ -14,22 +14,9 @@ use crate::Output;
 /// Arguments of `strata backup`.
 #[derive(clap::Args)]
 pub struct BackupArgs {
-    /// The target: a folder, `file://`, `s3://bucket/prefix` or `memory://`.
-    #[arg(long)]
-    target: String,
-    /// The volume's name in the target.
-    #[arg(long)]
-    volume: String,
-    /// Changed ranges from changed-block tracking: a JSON array of `{"offset", "length"}`.
-    #[arg(long)]
-    changed_ranges: Option<PathBuf>,
-    /// The backup the changed ranges are relative to. With it, a missing ranges file or a
-    /// volume whose latest backup is another makes the backup compare digests instead.
-    #[arg(long, value_name = "ID", requires = "changed_ranges")]
-    changed_since: Option<String>,
-    /// Take a full base image even when the volume has backups.
-    #[arg(long)]
-    full: bool,
+    /// What a datamover Job sets (shared with the Job builder).
+    #[command(flatten)]
+    pub(crate) job: BackupInvocation,
     /// Digests of a new chain: `blake3` (cryptographic, the default) or `xxh3` (XXH3-128 with a
     /// random seed, several times faster, for volumes whose writers are trusted). Incrementals
     /// keep their chain's (a note on stderr says so when this asks for another).
@@ -49,9 +36,7 @@ pub struct BackupArgs {
     compress: Compression,
     /// Hide the progress bar.
     #[arg(long, short)]
-    quiet: bool,
-    /// The volume: a raw file, a block device, or an NBD export (`nbd://HOST:PORT/EXPORT`).
-    source: PathBuf,
+    pub(crate) quiet: bool,
 }
 
 /// The digest algorithms `strata backup --digests` offers.
@@ -66,24 +51,16 @@ enum DigestChoice {
 /// Arguments of `strata restore`.
 #[derive(clap::Args)]
 pub struct RestoreArgs {
-    /// The target.
-    #[arg(long)]
-    target: String,
-    /// The volume's name in the target.
-    #[arg(long)]
-    volume: String,
-    /// The backup to restore (the latest when absent).
-    #[arg(long)]
-    backup: Option<String>,
+    /// What a datamover Job sets (shared with the Job builder).
+    #[command(flatten)]
+    pub(crate) job: RestoreInvocation,
     /// The destination block device already reads as zeros (a freshly provisioned thin
     /// volume): its zero ranges are not zeroed again. Files are always written sparse.
     #[arg(long)]
-    target_is_zero: bool,
+    pub(crate) target_is_zero: bool,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
-    /// Where to: a file (created sparse) or a block device.
-    dest: PathBuf,
 }
 
 /// Arguments of `strata list`.
@@ -232,17 +209,17 @@ fn usable_ranges(
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let mut target_options = TargetOptions::default();
     target_options.lease = args.lease;
-    let target = open_target_with(&args.target, target_options)?;
-    let volume = VolumeName::new(&args.volume)?;
-    let changed_ranges = match &args.changed_ranges {
-        Some(path) if usable_ranges(&target, &volume, path, args.changed_since.as_deref())? => {
+    let target = open_target_with(&args.job.target, target_options)?;
+    let volume = VolumeName::new(&args.job.volume)?;
+    let changed_ranges = match &args.job.changed_ranges {
+        Some(path) if usable_ranges(&target, &volume, path, args.job.changed_since.as_deref())? => {
             Some(strata::chain::parse_changed_ranges(
                 &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
             )?)
         }
         _ => None,
     };
-    if let Some(asked) = args.digests.filter(|_| !args.full) {
+    if let Some(asked) = args.digests.filter(|_| !args.job.full) {
         if target.latest(&volume)?.is_some() {
             eprintln!(
                 "strata: an incremental keeps its chain's digests; --digests {} applies to the \
@@ -253,7 +230,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         }
     }
     let options = strata::BackupOptions {
-        full: args.full,
+        full: args.job.full,
         changed_ranges,
         cluster_size: None,
         digests: match args.digests.unwrap_or(DigestChoice::Blake3) {
@@ -265,11 +242,11 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         compression_level: args.compress.0.and_then(|(_, level)| level),
     };
     let source: Box<dyn strata::qcow2::VolumeRead> =
-        match args.source.to_str().filter(|s| s.starts_with("nbd://")) {
+        match args.job.source.to_str().filter(|s| s.starts_with("nbd://")) {
             Some(url) => Box::new(
                 strata::nbd::Client::open(url).with_context(|| format!("connecting to {url}"))?,
             ),
-            None => Box::new(strata::open_volume(&args.source)?),
+            None => Box::new(strata::open_volume(&args.job.source)?),
         };
     let bar = bar(0, args.quiet);
     let manifest = strata::backup_volume(&target, &volume, &*source, &options, &mut |p| {
@@ -299,9 +276,9 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
 
 /// Runs `strata restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let target = open_target(&args.target)?;
-    let volume = VolumeName::new(&args.volume)?;
-    let id = args.backup.as_deref().map(BackupId::new).transpose()?;
+    let target = open_target(&args.job.target)?;
+    let volume = VolumeName::new(&args.job.volume)?;
+    let id = args.job.backup.as_deref().map(BackupId::new).transpose()?;
     let bar = bar(0, args.quiet);
     let mut options = strata::qcow2::HydrateOptions::default();
     options.target_is_zero = args.target_is_zero;
@@ -309,7 +286,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         &target,
         &volume,
         id.as_ref(),
-        &args.dest,
+        &args.job.dest,
         &options,
         &mut |p| {
             bar.set_length(p.total_bytes);
@@ -322,7 +299,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         "restored {} of {} into {} ({} bytes of data)",
         manifest.id,
         manifest.volume,
-        args.dest.display(),
+        args.job.dest.display(),
         stats.data_bytes
     )?;
     Ok(())
