@@ -37,6 +37,7 @@ mod context;
 pub mod controller;
 pub mod crd;
 mod error;
+pub mod install;
 pub mod reconcile;
 mod selection;
 pub mod status;

@@ -16,6 +16,8 @@ mod crds;
 #[cfg(feature = "kubernetes")]
 mod discover;
 mod info;
+#[cfg(feature = "kubernetes")]
+mod install;
 mod map;
 mod serve;
 mod volumes;
@@ -61,6 +63,9 @@ enum Command {
     /// Print the Target, Backup and Restore CRDs for `kubectl apply -f -`.
     #[cfg(feature = "kubernetes")]
     Crds(crds::Args),
+    /// Print every manifest a cluster needs (CRDs, controller, RBAC, datamover accounts).
+    #[cfg(feature = "kubernetes")]
+    Install(install::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +88,8 @@ fn main() -> ExitCode {
         Command::ChangedBlocks(args) => changed_blocks::run(args),
         #[cfg(feature = "kubernetes")]
         Command::Crds(args) => crds::run(args),
+        #[cfg(feature = "kubernetes")]
+        Command::Install(args) => install::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,334 @@
+//! The manifests a cluster needs, as `strata install` prints them (in the manner of
+//! `velero install`): the CRDs, the controller's namespace, ServiceAccount, RBAC and
+//! Deployment, and for each application namespace the datamover's ServiceAccount and bindings.
+//!
+//! ```
+//! use strata_operator::install::{Install, manifests};
+//!
+//! let mut install = Install::new("registry.example/strata:0.1.0");
+//! install.app_namespaces.push("shop".to_owned());
+//! let yaml = manifests(&install)?;
+//! assert!(yaml.contains("kind: Deployment"));
+//! assert!(yaml.contains("namespace: shop"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Permissions
+//!
+//! The controller reads whole namespaces for discovery, snapshots and copies volumes, and
+//! applies restored objects of any kind, so its ClusterRole is broad where restore needs it
+//! (get/list/watch/create/patch on every kind) and narrow elsewhere: no `delete` beyond the
+//! snapshots, claims, Secrets, Jobs and Leases it creates itself, and status writes only on
+//! its own resources. Grant it only in clusters where Strata is the backup system.
+//!
+//! The datamover pods need the API only for changed-block tracking (KEP-3314): the init step
+//! of an incremental Job reads its snapshot, the snapshot's content and the driver's
+//! SnapshotMetadataService, and asks a token for the service's audience for its own account
+//! (TokenRequest). Its ServiceAccount and RoleBinding live in each application namespace, the
+//! ClusterRoleBinding for the cluster-scoped kinds names each of those accounts.
+//!
+//! # The controller's Deployment
+//!
+//! One replica with the `Recreate` strategy: the controller has no leader election, and two
+//! controllers reconciling the same Backup would race (their per-PVC Leases keep volumes safe,
+//! not the statuses). It serves no HTTP endpoint, so it has no probes; a crash restarts it, and
+//! its state is in the resources' statuses. It runs as the image's non-root user with a
+//! read-only root filesystem, no capabilities and the `RuntimeDefault` seccomp profile.
+
+use serde_json::{Value, json};
+
+use crate::crd::crds_yaml;
+
+/// The controller's namespace by default.
+pub const DEFAULT_NAMESPACE: &str = "strata-system";
+/// Name of the controller's ServiceAccount, ClusterRole, ClusterRoleBinding and Deployment.
+pub const CONTROLLER: &str = "strata-controller";
+/// Name of the datamover pods' ServiceAccount in each application namespace, and of the
+/// ClusterRole its RoleBinding grants.
+pub const DATAMOVER: &str = "strata-datamover";
+/// The uid and gid the controller runs as (the image's user, distroless' "nonroot").
+pub const CONTROLLER_UID: i64 = 65532;
+
+/// What to install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Install {
+    /// The image holding `strata-controller` and `strata` (the controller and its datamovers).
+    pub image: String,
+    /// The controller's namespace.
+    pub namespace: String,
+    /// Application namespaces whose volumes are backed up: each gets the datamover's account.
+    pub app_namespaces: Vec<String>,
+}
+
+impl Install {
+    /// The controller in [`DEFAULT_NAMESPACE`], no application namespace yet.
+    pub fn new(image: impl Into<String>) -> Self {
+        Install {
+            image: image.into(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            app_namespaces: Vec::new(),
+        }
+    }
+}
+
+/// A refused [`Install`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// A namespace is not a DNS label (RFC 1123: at most 63 of `a-z0-9-`, alphanumeric ends).
+    #[error(
+        "namespace {name:?} is not a DNS label (a-z, 0-9 and '-', at most 63, alphanumeric ends)"
+    )]
+    Namespace {
+        /// The name given.
+        name: String,
+    },
+    /// The same application namespace was named twice.
+    #[error("namespace {name} is named twice")]
+    Duplicate {
+        /// The name given.
+        name: String,
+    },
+    /// The image is empty.
+    #[error("the image must not be empty")]
+    Image,
+    /// Rendering YAML failed.
+    #[error("rendering the manifests")]
+    Render(#[from] serde_saphyr::SerializeError),
+}
+
+fn dns_label(name: &str) -> Result<(), InstallError> {
+    let bytes = name.as_bytes();
+    let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    let end = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if bytes.len() <= 63 && bytes.iter().all(inner) && end(bytes.first()) && end(bytes.last()) {
+        Ok(())
+    } else {
+        Err(InstallError::Namespace {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Every manifest as one multi-document YAML stream, for `kubectl apply -f -`: the CRDs, then
+/// [`controller_objects`], then [`datamover_objects`] for each application namespace.
+pub fn manifests(install: &Install) -> Result<String, InstallError> {
+    if install.image.is_empty() {
+        return Err(InstallError::Image);
+    }
+    dns_label(&install.namespace)?;
+    for (i, name) in install.app_namespaces.iter().enumerate() {
+        dns_label(name)?;
+        if install.app_namespaces[..i].contains(name) {
+            return Err(InstallError::Duplicate { name: name.clone() });
+        }
+    }
+    let mut out = crds_yaml()?;
+    let objects = controller_objects(install).into_iter().chain(
+        install
+            .app_namespaces
+            .iter()
+            .flat_map(|ns| datamover_objects(ns)),
+    );
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&object)?);
+    }
+    Ok(out)
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
+    json!({ "apiGroups": groups, "resources": resources, "verbs": verbs })
+}
+
+fn labels() -> Value {
+    json!({ "app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strata" })
+}
+
+/// The controller's Namespace, ServiceAccount, ClusterRoles (its own and the datamovers'),
+/// ClusterRoleBinding and Deployment.
+pub fn controller_objects(install: &Install) -> Vec<Value> {
+    let ns = install.namespace.as_str();
+    let image = install.image.as_str();
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": ns, "labels": labels() },
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": { "name": CONTROLLER, "namespace": ns, "labels": labels() },
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": { "name": CONTROLLER, "labels": labels() },
+            "rules": [
+                // Its own resources.
+                rule(&["strata.io"], &["targets", "backups", "restores"], &["get", "list", "watch"]),
+                rule(&["strata.io"], &["backups/status", "restores/status"], &["get", "patch", "update"]),
+                // Discovery reads every kind; restore applies them.
+                rule(&["*"], &["*"], &["get", "list", "watch", "create", "patch"]),
+                // Snapshots (kept bases are patched), temporary claims, datamover Jobs, the
+                // metadata stash, one Lease per PVC, changed-block tracking.
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["get", "list", "create", "patch", "delete"]),
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["get", "patch"]),
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshotclasses"], &["get", "list"]),
+                rule(&[""], &["persistentvolumeclaims", "secrets"], &["get", "list", "create", "delete"]),
+                rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
+                rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
+                rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": { "name": CONTROLLER, "labels": labels() },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONTROLLER },
+            "subjects": [{ "kind": "ServiceAccount", "name": CONTROLLER, "namespace": ns }],
+        }),
+        // What a datamover may do in its namespace (bound per namespace) ...
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": { "name": DATAMOVER, "labels": labels() },
+            "rules": [
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["get"]),
+                {
+                    "apiGroups": [""], "resources": ["serviceaccounts/token"],
+                    "resourceNames": [DATAMOVER], "verbs": ["create"],
+                },
+            ],
+        }),
+        // ... and on the cluster-scoped kinds.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": { "name": format!("{DATAMOVER}-cluster"), "labels": labels() },
+            "rules": [
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["get"]),
+                rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+            ],
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": CONTROLLER, "namespace": ns, "labels": labels() },
+            "spec": {
+                "replicas": 1,
+                "strategy": { "type": "Recreate" },
+                "selector": { "matchLabels": { "app.kubernetes.io/name": CONTROLLER } },
+                "template": {
+                    "metadata": { "labels": labels() },
+                    "spec": {
+                        "serviceAccountName": CONTROLLER,
+                        "securityContext": {
+                            "runAsNonRoot": true,
+                            "runAsUser": CONTROLLER_UID,
+                            "runAsGroup": CONTROLLER_UID,
+                            "seccompProfile": { "type": "RuntimeDefault" },
+                        },
+                        "containers": [{
+                            "name": "controller",
+                            "image": image,
+                            "command": ["/usr/local/bin/strata-controller"],
+                            "args": [
+                                "--datamover-image", image,
+                                "--datamover-service-account", DATAMOVER,
+                            ],
+                            "resources": {
+                                "requests": { "cpu": "100m", "memory": "128Mi" },
+                                "limits": { "memory": "512Mi" },
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": { "drop": ["ALL"] },
+                            },
+                            "volumeMounts": [{ "name": "tmp", "mountPath": "/tmp" }],
+                        }],
+                        "volumes": [{ "name": "tmp", "emptyDir": {} }],
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// The datamover's ServiceAccount in application namespace `ns`, its RoleBinding to the
+/// [`DATAMOVER`] ClusterRole there, and its ClusterRoleBinding for the cluster-scoped kinds.
+pub fn datamover_objects(ns: &str) -> Vec<Value> {
+    let subjects = json!([{ "kind": "ServiceAccount", "name": DATAMOVER, "namespace": ns }]);
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": { "name": DATAMOVER, "namespace": ns, "labels": labels() },
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": { "name": DATAMOVER, "namespace": ns, "labels": labels() },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": DATAMOVER },
+            "subjects": subjects,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": { "name": format!("{DATAMOVER}-{ns}"), "labels": labels() },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                "name": format!("{DATAMOVER}-cluster"),
+            },
+            "subjects": subjects,
+        }),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_namespaces_and_images_are_refused_by_name() {
+        let mut install = Install::new("img");
+        install.app_namespaces = vec!["shop".into(), "Shop_2".into()];
+        let err = manifests(&install).unwrap_err();
+        assert!(
+            matches!(&err, InstallError::Namespace { name } if name == "Shop_2"),
+            "{err}"
+        );
+        install.app_namespaces = vec!["shop".into(), "shop".into()];
+        assert!(matches!(
+            manifests(&install),
+            Err(InstallError::Duplicate { .. })
+        ));
+        install.app_namespaces.clear();
+        install.namespace = "-x".into();
+        assert!(matches!(
+            manifests(&install),
+            Err(InstallError::Namespace { .. })
+        ));
+        install.namespace = "a".repeat(64);
+        assert!(matches!(
+            manifests(&install),
+            Err(InstallError::Namespace { .. })
+        ));
+        install.namespace = "a".repeat(63);
+        assert!(manifests(&install).is_ok());
+        assert!(matches!(
+            manifests(&Install::new("")),
+            Err(InstallError::Image)
+        ));
+    }
+
+    #[test]
+    fn each_application_namespace_gets_its_account_and_both_bindings() {
+        let objects = datamover_objects("shop");
+        let kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["ServiceAccount", "RoleBinding", "ClusterRoleBinding"]
+        );
+        for o in &objects[1..] {
+            assert_eq!(o["subjects"][0]["namespace"], "shop");
+            assert_eq!(o["subjects"][0]["name"], DATAMOVER);
+        }
+        assert_eq!(objects[2]["metadata"]["name"], "strata-datamover-shop");
+    }
+}

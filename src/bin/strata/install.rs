@@ -1,0 +1,36 @@
+//! `strata install`: print the manifests a cluster needs, for `kubectl apply -f -`.
+
+use std::io::Write;
+
+use anyhow::Context;
+use strata::operator::install::{DEFAULT_NAMESPACE, Install, manifests};
+
+/// Arguments of `strata install`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// An application namespace whose volumes are backed up: it gets the datamover's
+    /// ServiceAccount and bindings (repeat for each).
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// The image holding `strata-controller` and `strata` (see Containerfile).
+    #[arg(long, value_name = "IMG", default_value = concat!("strata:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// The controller's namespace.
+    #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
+    controller_namespace: String,
+}
+
+/// Print the CRDs, the controller and the datamovers' accounts as one YAML stream.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let install = Install {
+        image: args.image,
+        namespace: args.controller_namespace,
+        app_namespaces: args.namespaces,
+    };
+    let yaml = manifests(&install)?;
+    std::io::stdout()
+        .lock()
+        .write_all(yaml.as_bytes())
+        .context("writing the manifests")?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! `strata install` prints manifests that pass `kubernetes-validate --strict`, and
+//! `deploy/strata.yaml` is exactly its output for the sample namespace.
+
+mod strata_bin;
+use strata_bin::{ok, strata};
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/strata.yaml");
+const SAMPLE: [&str; 5] = [
+    "install",
+    "--namespace",
+    "shop",
+    "--image",
+    "registry.example/strata:0.1.0",
+];
+
+fn kinds_and_names(text: &str) -> Vec<(String, String, String)> {
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(text).expect("YAML stream");
+    docs.iter()
+        .map(|d| {
+            let field = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                field(&d["kind"]),
+                field(&d["metadata"]["namespace"]),
+                field(&d["metadata"]["name"]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_strata_yaml_is_the_output_of_strata_install() {
+    let printed = ok(strata(&SAMPLE));
+    let shipped = std::fs::read_to_string(DEPLOY).expect("deploy/strata.yaml");
+    assert!(
+        printed == shipped,
+        "deploy/strata.yaml is stale: regenerate it with `strata {}` (deploy/README.md)",
+        SAMPLE.join(" ")
+    );
+}
+
+#[test]
+fn every_document_passes_kubernetes_validate_strict() {
+    let printed = ok(strata(&[
+        "install",
+        "--namespace",
+        "shop",
+        "--namespace",
+        "web",
+        "--image",
+        "registry.example/strata:0.1.0",
+    ]));
+    let docs = kinds_and_names(&printed);
+    let per_namespace = |ns: &str| {
+        docs.iter()
+            .filter(|(_, namespace, name)| namespace == ns || name.ends_with(&format!("-{ns}")))
+            .map(|(kind, _, _)| kind.as_str())
+            .collect::<Vec<_>>()
+    };
+    for ns in ["shop", "web"] {
+        assert_eq!(
+            per_namespace(ns),
+            ["ServiceAccount", "RoleBinding", "ClusterRoleBinding"],
+            "{ns}"
+        );
+    }
+    assert_eq!(docs.len(), 3 + 7 + 2 * 3, "{docs:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("install.yaml");
+    std::fs::write(&file, &printed).unwrap();
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("kubernetes-validate is needed ({e}); scripts/test installs it")
+        });
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        docs.len(),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_deployment_runs_the_image_it_was_given_for_itself_and_its_datamovers() {
+    let printed = ok(strata(&["install", "--image", "example.org/s:9"]));
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&printed).unwrap();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "example.org/s:9");
+    assert_eq!(container["args"][0], "--datamover-image");
+    assert_eq!(container["args"][1], "example.org/s:9");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    // No --namespace: no datamover account anywhere.
+    assert!(!printed.contains("kind: RoleBinding"));
+}
+
+#[test]
+fn a_namespace_that_is_not_a_dns_label_is_refused_on_one_line() {
+    let out = strata(&["install", "--namespace", "Shop_1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("\"Shop_1\" is not a DNS label"), "{err}");
+    assert!(out.stdout.is_empty());
+}
