@@ -4,7 +4,7 @@
 //! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. Restores, `strata serve` and
 //! [`prune`] read through [`open_backup`], which checks the chain against its manifests and
 //! every cluster against its backup's checksums. The in-cluster side, the
-//! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is [`operator`].
+//! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is `operator` (feature `kubernetes`).
 //!
 //! ```no_run
 //! use strata::target::{Target, VolumeName};
@@ -25,7 +25,7 @@
 //!   the facade is the data path on folder targets alone (the demo's build).
 //! - `kubernetes`: re-exports `discovery`, `csi` and the `operator` (CRDs, reconcilers, the
 //!   controller's run loop), the Kubernetes side (kube and its TLS stack), and composes the
-//!   operator with this crate's flows ([`operator_context`]).
+//!   operator with this crate's flows (`operator_context`).
 //! - `cli`: the `strata` binary (and, with `kubernetes`, `strata-controller`); installed with
 //!   `cargo install --path . --features cli,kubernetes`.
 

@@ -4,14 +4,11 @@
 
 mod strata_bin;
 use strata_bin::strata_command as strata;
+use strata_bin::{assert_valid_manifests, kubernetes_validate};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::{Value, json};
-
-/// Kubernetes version of the workspace's k8s-openapi feature (`v1_33`).
-const KUBERNETES: &str = "1.33.0";
 
 fn crds_text() -> String {
     let out = strata().arg("crds").output().expect("run strata crds");
@@ -25,20 +22,6 @@ fn crds_text() -> String {
 
 fn documents(text: &str) -> Vec<Value> {
     serde_saphyr::from_str_multiple::<Value, _>(text).expect("YAML stream")
-}
-
-/// `kubernetes-validate --strict` over `file`; the tool is required, not optional.
-fn kubernetes_validate(file: &Path) -> std::process::Output {
-    Command::new("kubernetes-validate")
-        .args(["--strict", "--kubernetes-version", KUBERNETES])
-        .arg(file)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "kubernetes-validate is needed by this test and cannot run ({e}); \
-                 install it with `pip install kubernetes-validate` (.ci/run does)"
-            )
-        })
 }
 
 #[test]
@@ -61,25 +44,12 @@ fn strata_crds_prints_three_crds_that_pass_kubernetes_validate() {
         assert_eq!(doc["apiVersion"], "apiextensions.k8s.io/v1");
         assert_eq!(doc["spec"]["versions"][0]["name"], "v1alpha1");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("crds.yaml");
-    std::fs::write(&file, &text).unwrap();
-    let out = kubernetes_validate(&file);
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        report.matches(" passed for resource ").count(),
-        3,
-        "{report}"
-    );
+    assert_valid_manifests(&text, 3);
 
     // The validator does check: a CRD without its names is refused.
     let mut broken = docs[1].clone();
     broken["spec"]["names"] = json!({"plural": 7});
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.yaml");
     std::fs::write(&file, serde_json::to_string(&broken).unwrap()).unwrap();
     assert!(!kubernetes_validate(&file).status.success());

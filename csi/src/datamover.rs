@@ -7,7 +7,9 @@
 //! `strata restore --target T --volume NAME [--backup ID] PATH`, where `PATH` is the device
 //! ([`DEVICE_PATH`], when the claim is attached as a raw block device through `volumeDevices`)
 //! or the mount point ([`MOUNT_PATH`], for a filesystem mount). Target credentials come from a
-//! Secret through `envFrom`, so they never appear in the Job spec.
+//! Secret through `envFrom`, so they never appear in the Job spec. The command line is a
+//! `strata_datamover::Invocation` ([`invocation`]), the type the `strata` CLI's parser flattens,
+//! so the two cannot drift apart unnoticed.
 //!
 //! # Security context
 //!

@@ -31,3 +31,40 @@ pub fn ok(out: Output) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Kubernetes version of the workspace's k8s-openapi feature (`v1_33`).
+pub const KUBERNETES: &str = "1.33.0";
+
+/// `kubernetes-validate --strict` over `file`; the tool is required, not optional.
+pub fn kubernetes_validate(file: &Path) -> Output {
+    Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", KUBERNETES])
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "kubernetes-validate is needed by this test and cannot run ({e}); \
+                 install it with `pip install kubernetes-validate` (scripts/test does)"
+            )
+        })
+}
+
+/// Asserts that the YAML stream `text` passes `kubernetes-validate --strict`, each of its
+/// `documents` reported as passed.
+pub fn assert_valid_manifests(text: &str, documents: usize) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let file = dir.path().join("manifests.yaml");
+    std::fs::write(&file, text).expect("write the manifests");
+    let out = kubernetes_validate(&file);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        documents,
+        "{report}"
+    );
+}

@@ -118,13 +118,13 @@ pub async fn acquire(
                 held = true;
                 break;
             }
-            if let Some(holder) = holder {
-                if in_progress(client, namespace, holder).await? {
-                    return Ok(Acquired::HeldBy {
-                        holder: holder.name.clone(),
-                        pvc: pvc.clone(),
-                    });
-                }
+            if let Some(holder) = holder
+                && in_progress(client, namespace, holder).await?
+            {
+                return Ok(Acquired::HeldBy {
+                    holder: holder.name.clone(),
+                    pvc: pvc.clone(),
+                });
             }
             delete_exact(&api, namespace, &existing).await?;
         }
