@@ -27,6 +27,7 @@
 
 #[cfg(feature = "kubernetes")]
 pub mod operator;
+mod planned_restore;
 mod verified;
 mod volume;
 
