@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 
 use strata_qcow2::{Extent, ExtentKind, HydrateStats, Image, is_zero};
 use strata_target::{FetchPlanner, Fetched, InFlight, Part, PartStorage, TargetOptions};
@@ -62,64 +62,114 @@ pub(crate) fn restore_planned(
     }
     let cluster = image.cluster_size().max(512);
     let part_size = options.fetch_part_size as u64;
-    let piece_max = (part_size - part_size % cluster).max(cluster);
-    let mut fetch = Fetch {
-        storage,
-        image,
-        dest,
-        dest_name,
-        concurrency: options.fetch_concurrency.max(1),
-        in_flight: HashMap::new(),
-        unwritten: 0,
-        channel: mpsc::channel(),
-        buf: Vec::new(),
-        stats: HydrateStats::default(),
-        done_bytes: 0,
-    };
-    let mut planner = FetchPlanner::new(part_size, options.fetch_gap as u64);
-    let mut window = 0;
-    while window < size {
-        let len = WALK_WINDOW.min(size - window);
-        for extent in image.map(window, len)? {
-            if extent.kind.is_zero() {
-                image.check_zero_extent(&extent)?;
-                fetch.done_bytes += extent.length;
-                continue;
-            }
-            let mut pos = extent.start;
-            while pos < extent.end() {
-                let cut = if matches!(extent.kind, ExtentKind::Compressed { .. }) {
-                    extent.end()
-                } else {
-                    extent.end().min((pos / piece_max + 1) * piece_max)
-                };
-                let piece = extent.piece(pos, cut - pos);
-                pos = cut;
-                if let Some(range) = image.source_read(&piece)?
-                    && let Some(part) = planner.add(range.source, range.start, range.end, piece)
-                {
-                    fetch.start(part, progress)?;
+    // Written data is flushed in the background while the fetch goes on, so the final flush
+    // of the file (or device) waits for the tail only and the disk's writes overlap the
+    // network's reads.
+    let flush_failed = Mutex::new(None);
+    let (flush, flush_requests) = mpsc::sync_channel::<()>(1);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for () in flush_requests {
+                if let Err(e) = dest.sync_data() {
+                    *flush_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    return;
                 }
             }
+        });
+        let mut fetch = Fetch {
+            storage,
+            image,
+            dest,
+            dest_name,
+            concurrency: options.fetch_concurrency.max(1),
+            in_flight: HashMap::new(),
+            unwritten: 0,
+            channel: mpsc::channel(),
+            buf: Vec::new(),
+            stats: HydrateStats::default(),
+            done_bytes: 0,
+            flush,
+            unflushed: 0,
+        };
+        let piece_max = (part_size - part_size % cluster).max(cluster);
+        let planner = FetchPlanner::new(part_size, options.fetch_gap as u64);
+        fetch.run(planner, piece_max, progress)
+        // Dropping `fetch` cancels what is in flight and ends the flusher.
+    })
+    .map(|stats| {
+        (
+            stats,
+            flush_failed.into_inner().unwrap_or_else(|e| e.into_inner()),
+        )
+    })
+    .and_then(|(stats, failed)| match failed {
+        Some(e) => Err(io("flushing restored data")(e)),
+        None => Ok(stats),
+    })
+    .map(|stats| {
+        progress(size);
+        stats
+    })
+    .and_then(|stats| {
+        if device {
+            dest.sync_data().map_err(io("flushing the device"))?;
         }
-        window += len;
-    }
-    for part in planner.finish() {
-        fetch.start(part, progress)?;
-    }
-    while fetch.unwritten > 0 {
-        fetch.write_next(progress)?;
-    }
-    progress(size);
-    if device {
-        dest.sync_data().map_err(io("flushing the device"))?;
-    }
-    Ok(fetch.stats)
+        Ok(stats)
+    })
 }
 
+impl Fetch<'_> {
+    /// Walks the chain's map, plans its parts, fetches and writes them all.
+    fn run(
+        &mut self,
+        mut planner: FetchPlanner<Extent>,
+        piece_max: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<HydrateStats> {
+        let image = self.image;
+        let size = image.virtual_size();
+        let mut window = 0;
+        while window < size {
+            let len = WALK_WINDOW.min(size - window);
+            for extent in image.map(window, len)? {
+                if extent.kind.is_zero() {
+                    image.check_zero_extent(&extent)?;
+                    self.done_bytes += extent.length;
+                    continue;
+                }
+                let mut pos = extent.start;
+                while pos < extent.end() {
+                    let cut = if matches!(extent.kind, ExtentKind::Compressed { .. }) {
+                        extent.end()
+                    } else {
+                        extent.end().min((pos / piece_max + 1) * piece_max)
+                    };
+                    let piece = extent.piece(pos, cut - pos);
+                    pos = cut;
+                    if let Some(range) = image.source_read(&piece)?
+                        && let Some(part) = planner.add(range.source, range.start, range.end, piece)
+                    {
+                        self.start(part, progress)?;
+                    }
+                }
+            }
+            window += len;
+        }
+        for part in planner.finish() {
+            self.start(part, progress)?;
+        }
+        while self.unwritten > 0 {
+            self.write_next(progress)?;
+        }
+        Ok(self.stats)
+    }
+}
 /// Guest bytes whose map is resolved at once: the extents of one window are held (at most
 /// one per cluster, 16,384 at 64 KiB clusters), never the whole volume's.
 const WALK_WINDOW: u64 = 1 << 30;
+
+/// Bytes written between background flushes.
+const FLUSH_EVERY: u64 = 32 << 20;
 
 /// The parts of a restore in flight and arrived.
 struct Fetch<'a> {
@@ -139,6 +189,10 @@ struct Fetch<'a> {
     stats: HydrateStats,
     /// Guest bytes written or known to read as zeros.
     done_bytes: u64,
+    /// Asks the flusher to flush what is written.
+    flush: mpsc::SyncSender<()>,
+    /// Bytes written since the last flush request.
+    unflushed: u64,
 }
 
 impl Fetch<'_> {
@@ -179,15 +233,22 @@ impl Fetch<'_> {
             self.buf.resize(piece.length as usize, 0);
             self.image.read_extent(piece, &mut self.buf)?;
             self.stats.data_bytes += piece.length;
-            self.stats.written_bytes +=
+            let written =
                 write_sparse(self.dest, &self.buf, piece.start).map_err(|source| Error::Io {
                     path: self.dest_name.to_owned(),
                     action: "writing restored data",
                     source,
                 })?;
+            self.stats.written_bytes += written;
+            self.unflushed += written;
             self.done_bytes += piece.length;
         }
         drop(part);
+        if self.unflushed >= FLUSH_EVERY {
+            // A flush under way already covers this; a stopped flusher left its error.
+            let _ = self.flush.try_send(());
+            self.unflushed = 0;
+        }
         progress(self.done_bytes);
         Ok(())
     }
