@@ -16,6 +16,11 @@
 //! [`TargetOptions::fetch_memory_bound`] bytes of fetched data (64 MiB by default) besides
 //! the metadata readers' caches. The first failure (a GET failed after its retries, a cluster
 //! failing its check, a write) drops the GETs still in flight, which cancels them.
+//!
+//! Written data is flushed (`fdatasync`) on a thread of its own every 32 MiB, so the disk
+//! writes back while the network delivers and the flush before the file is renamed into place
+//! waits for the tail only (on ext4 it took 0.16-0.18 s of a 1.5 s restore of 320 MiB
+//! before, under a millisecond after).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -118,6 +123,37 @@ pub(crate) fn restore_planned(
     })
 }
 
+/// Guest bytes whose map is resolved at once: the extents of one window are held (at most
+/// one per cluster, 16,384 at 64 KiB clusters), never the whole volume's.
+const WALK_WINDOW: u64 = 1 << 30;
+
+/// Bytes written between background flushes.
+const FLUSH_EVERY: u64 = 32 << 20;
+
+/// A part as it arrives, or why its GET failed.
+type Arrived = strata_target::Result<Fetched<Extent>>;
+
+/// The parts of a restore in flight and arrived.
+struct Fetch<'a> {
+    storage: &'a PartStorage,
+    image: &'a Image,
+    dest: &'a File,
+    dest_name: &'a str,
+    concurrency: usize,
+    in_flight: HashMap<u64, InFlight>,
+    /// Parts started and not yet written.
+    unwritten: usize,
+    channel: (mpsc::Sender<Arrived>, mpsc::Receiver<Arrived>),
+    buf: Vec<u8>,
+    stats: HydrateStats,
+    /// Guest bytes written or known to read as zeros.
+    done_bytes: u64,
+    /// Asks the flusher to flush what is written.
+    flush: mpsc::SyncSender<()>,
+    /// Bytes written since the last flush request.
+    unflushed: u64,
+}
+
 impl Fetch<'_> {
     /// Walks the chain's map, plans its parts, fetches and writes them all.
     fn run(
@@ -163,39 +199,7 @@ impl Fetch<'_> {
         }
         Ok(self.stats)
     }
-}
-/// Guest bytes whose map is resolved at once: the extents of one window are held (at most
-/// one per cluster, 16,384 at 64 KiB clusters), never the whole volume's.
-const WALK_WINDOW: u64 = 1 << 30;
 
-/// Bytes written between background flushes.
-const FLUSH_EVERY: u64 = 32 << 20;
-
-/// The parts of a restore in flight and arrived.
-struct Fetch<'a> {
-    storage: &'a PartStorage,
-    image: &'a Image,
-    dest: &'a File,
-    dest_name: &'a str,
-    concurrency: usize,
-    in_flight: HashMap<u64, InFlight>,
-    /// Parts started and not yet written.
-    unwritten: usize,
-    channel: (
-        mpsc::Sender<strata_target::Result<Fetched<Extent>>>,
-        mpsc::Receiver<strata_target::Result<Fetched<Extent>>>,
-    ),
-    buf: Vec<u8>,
-    stats: HydrateStats,
-    /// Guest bytes written or known to read as zeros.
-    done_bytes: u64,
-    /// Asks the flusher to flush what is written.
-    flush: mpsc::SyncSender<()>,
-    /// Bytes written since the last flush request.
-    unflushed: u64,
-}
-
-impl Fetch<'_> {
     /// Starts the GET of `part`, first writing arrived parts while `concurrency` are
     /// outstanding, and writing any that arrived meanwhile.
     fn start(&mut self, part: Part<Extent>, progress: &mut dyn FnMut(u64)) -> Result<()> {

@@ -292,15 +292,11 @@ fn s3_target(prefix: &str) -> Option<(Arc<Counting<object_store::aws::AmazonS3>>
         return None;
     }
     let server = moto::server();
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&server.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&server.bucket)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_region("us-east-1")
-        .build()
-        .unwrap();
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(&server.bucket);
+    for (key, value) in server.config() {
+        builder = builder.with_config(key.parse().unwrap(), value);
+    }
+    let s3 = builder.build().unwrap();
     let store = Arc::new(Counting::new(s3));
     let prefix = format!(
         "{prefix}-{}-{}",

@@ -233,11 +233,9 @@ impl<T> Drop for Fetched<T> {
 mod tests {
     use super::*;
 
-    fn plan(
-        part_size: u64,
-        gap: u64,
-        ranges: &[(&str, u64, u64)],
-    ) -> Vec<(String, u64, u64, Vec<usize>)> {
+    type Planned = Vec<(String, u64, u64, Vec<usize>)>;
+
+    fn plan(part_size: u64, gap: u64, ranges: &[(&str, u64, u64)]) -> Planned {
         let mut planner = FetchPlanner::new(part_size, gap);
         let mut parts = Vec::new();
         for (i, &(source, start, end)) in ranges.iter().enumerate() {
