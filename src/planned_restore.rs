@@ -111,10 +111,7 @@ pub(crate) fn restore_planned(
         Some(e) => Err(io("flushing restored data")(e)),
         None => Ok(stats),
     })
-    .map(|stats| {
-        progress(size);
-        stats
-    })
+    .inspect(|_| progress(size))
     .and_then(|stats| {
         if device {
             dest.sync_data().map_err(io("flushing the device"))?;

@@ -2,6 +2,9 @@
 //! never one per cluster; byte-identical chains on moto; a damaged or short part fails the
 //! restore on one line, names what failed and leaves no file; one failed GET stops the rest.
 
+#[allow(dead_code)]
+#[path = "../target/tests/common/faulty.rs"]
+mod faulty;
 #[path = "../target/tests/common/moto.rs"]
 mod moto;
 
@@ -144,23 +147,7 @@ impl<S: ObjectStore + MultipartStore> ObjectStore for Counting<S> {
             if faults.short_from.is_none_or(|from| n < from) {
                 return Ok(result);
             }
-            let (meta, range, attributes, extensions) = (
-                result.meta.clone(),
-                result.range.clone(),
-                result.attributes.clone(),
-                result.extensions.clone(),
-            );
-            let bytes = result.bytes().await?;
-            let short = bytes.slice(..bytes.len() - 1);
-            Ok(GetResult {
-                payload: object_store::GetResultPayload::Stream(Box::pin(futures::stream::once(
-                    async move { Ok(short) },
-                ))),
-                meta,
-                range,
-                attributes,
-                extensions,
-            })
+            faulty::one_byte_short(result).await
         }
         .await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
