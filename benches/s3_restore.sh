@@ -13,6 +13,10 @@
 # `cargo install s3s-fs@0.14.1 --features binary`), or moto with SERVER=moto (moto assembles the
 # whole object for every ranged GET, so every ranged reader pays O(object) per request there).
 #
+# Measured 2026-12-01 (2 cores, load 2.8-3.7): s3s-fs 320 MiB, 5 pairs: base 0.95, chain 0.99
+# (limit: 8 parallel curl GETs 298 MB/s, i.e. 0.81 of boto3's time); moto 64 MiB, 3 pairs: base
+# 0.66, chain 0.79.
+#
 #   cargo build --release --example strata
 #   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
 #                                         # FLAGS="--fetch-part-size 16M --fetch-parallel 4"
