@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# Restore from object storage, side by side: `strata restore` of a full backup from an S3 server
-# against boto3's `download_file` of the same image object (its peer for S3 throughput), in
-# interleaved pairs, with each pair's ratio and the medians.
+# Restore from object storage, side by side: `strata restore` against boto3's `download_file`
+# of the same objects (its peer for S3 throughput: 10 threads x 8 MiB ranged GETs, set
+# explicitly below), in interleaved pairs (the order alternates), with each pair's ratio, the
+# server's CPU time for each side, and the medians. Two cases:
+#   base  - a full backup of a MIB-MiB random volume: one image object;
+#   chain - a base and two overlays (each rewriting an eighth of the volume in scattered 2 MiB
+#           runs): strata restores the top point, boto3 downloads every object of the chain.
+# Then the physical limit: the same server streaming the base object to curl with 1 GET and
+# with 8 parallel ranged GETs of 8 MiB (no client work but the socket), as MB/s.
 #
 # Server: s3s-fs (a real S3 protocol server with efficient ranged GETs:
 # `cargo install s3s-fs@0.14.1 --features binary`), or moto with SERVER=moto (moto assembles the
-# whole object for every ranged GET, so it punishes ranged readers; quoted for that reason only).
+# whole object for every ranged GET, so every ranged reader pays O(object) per request there).
+#
+# Measured 2026-12-01 (2 cores, load 2.8-3.7): s3s-fs 320 MiB, 5 pairs: base 0.95, chain 0.99
+# (limit: 8 parallel curl GETs 298 MB/s, i.e. 0.81 of boto3's time); moto 64 MiB, 3 pairs: base
+# 0.66, chain 0.79.
 #
 #   cargo build --release --example strata
-#   benches/s3_restore.sh [PAIRS] [MIB]        # STRATA=..., SERVER=s3s-fs|moto
+#   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
+#                                         # FLAGS="--fetch-part-size 16M --fetch-parallel 4"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-5}
 mib=${2:-320}
 strata=${STRATA:-build/release/examples/strata}
 server=${SERVER:-s3s-fs}
+cases=${CASES:-base chain}
+read -r -a flags <<<"${FLAGS:-}"
 [ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
 work=$(mktemp -d)
 pid=
@@ -38,32 +51,84 @@ for _ in $(seq 100); do curl -s "http://127.0.0.1:$port/" >/dev/null 2>&1 && bre
 export AWS_ENDPOINT="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 
-head -c $((mib << 20)) /dev/urandom >"$work/volume.raw"
-"$strata" backup --target s3://bench/p --volume v -q "$work/volume.raw" >/dev/null
-key=$(python3 - <<'EOF'
-import boto3
-s3 = boto3.client("s3")
-keys = [o["Key"] for o in s3.list_objects_v2(Bucket="bench", Prefix="p/volumes/v/images/")["Contents"]]
-print(keys[0])
-EOF
-)
-cat >"$work/get.py" <<'EOF'
+# The volumes: base (one backup) and chain (base + two overlays of scattered 2 MiB runs).
+head -c $((mib << 20)) /dev/urandom >"$work/base.raw"
+"$strata" backup --target s3://bench/p --volume base -q "$work/base.raw" >/dev/null
+cp "$work/base.raw" "$work/chain.raw"
+"$strata" backup --target s3://bench/p --volume chain -q "$work/chain.raw" >/dev/null
+for layer in 1 2; do
+  runs=$((mib / 16))
+  for r in $(seq 0 $((runs - 1))); do
+    off=$(( (r * 16 + layer * 5) % (mib - 2) ))
+    head -c $((2 << 20)) /dev/urandom | dd of="$work/chain.raw" bs=1M seek="$off" conv=notrunc status=none
+  done
+  "$strata" backup --target s3://bench/p --volume chain -q "$work/chain.raw" >/dev/null
+done
+cat >"$work/keys.py" <<'EOF_PY'
 import sys, boto3
-boto3.client("s3").download_file("bench", sys.argv[1], sys.argv[2])
-EOF
+s3 = boto3.client("s3")
+prefix = "p/volumes/%s/images/" % sys.argv[1]
+for o in s3.list_objects_v2(Bucket="bench", Prefix=prefix)["Contents"]:
+    print(o["Key"], o["Size"])
+EOF_PY
+cat >"$work/get.py" <<'EOF_PY'
+import os, sys, boto3
+from boto3.s3.transfer import TransferConfig
+# boto3's defaults, spelled out: ranged GETs of 8 MiB, 10 threads.
+config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20,
+                        max_concurrency=10, use_threads=True)
+s3 = boto3.client("s3")
+for key in sys.argv[2:]:
+    s3.download_file("bench", key, os.path.join(sys.argv[1], os.path.basename(key)), Config=config)
+EOF_PY
 
 now() { date +%s.%N; }
-declare -a ts tb
-for p in $(seq "$pairs"); do
-  rm -f "$work/out.raw" "$work/obj.qcow2"
-  a=$(now); "$strata" restore --target s3://bench/p --volume v -q "$work/out.raw" >/dev/null; b=$(now)
-  c=$(now); python3 "$work/get.py" "$key" "$work/obj.qcow2"; d=$(now)
-  s=$(echo "$b - $a" | bc); q=$(echo "$d - $c" | bc)
-  ts+=("$s"); tb+=("$q")
-  printf 'pair %d: strata restore %.3f s, boto3 download_file %.3f s, ratio %.3f\n' "$p" "$s" "$q" "$(echo "$s / $q" | bc -l)"
-done
-cmp -s "$work/out.raw" "$work/volume.raw" && echo "restored volume matches"
+# The server's CPU time (user + system) in seconds.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$pid/stat"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-ms=$(median "${ts[@]}"); mb=$(median "${tb[@]}")
-printf 'median (%s, %d MiB image): strata %.3f s, boto3 %.3f s, ratio %.3f; load %s\n' "$server" "$mib" \
-  "$ms" "$mb" "$(echo "$ms / $mb" | bc -l)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+run_case() {
+  local name=$1 keys bytes
+  keys=$(python3 "$work/keys.py" "$name" | awk '{print $1}' | tr '\n' ' ')
+  bytes=$(python3 "$work/keys.py" "$name" | awk '{s += $2} END {print s}')
+  local -a ts tb cs cb
+  for p in $(seq "$pairs"); do
+    rm -rf "$work/out.raw" "$work/objects"; mkdir "$work/objects"
+    local a b c d s q c0 c1 c2 c3
+    strata_run() { c0=$(cpu); a=$(now)
+      "$strata" restore --target s3://bench/p --volume "$name" "${flags[@]}" -q "$work/out.raw" >/dev/null
+      b=$(now); c1=$(cpu); }
+    boto_run() { c2=$(cpu); c=$(now)
+      # shellcheck disable=SC2086
+      python3 "$work/get.py" "$work/objects" $keys
+      d=$(now); c3=$(cpu); }
+    if [ $((p % 2)) = 1 ]; then strata_run; boto_run; else boto_run; strata_run; fi
+    s=$(echo "$b - $a" | bc); q=$(echo "$d - $c" | bc)
+    ts+=("$s"); tb+=("$q"); cs+=("$(echo "$c1 - $c0" | bc)"); cb+=("$(echo "$c3 - $c2" | bc)")
+    printf '%s pair %d: strata restore %.3f s, boto3 download_file %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s\n' \
+      "$name" "$p" "$s" "$q" "$(echo "$s / $q" | bc -l)" "${cs[-1]}" "${cb[-1]}"
+  done
+  cmp -s "$work/out.raw" "$work/$name.raw" && echo "$name: restored volume matches"
+  local ms mb
+  ms=$(median "${ts[@]}"); mb=$(median "${tb[@]}")
+  printf '%s median (%s, %d MiB volume, %d objects, %d MiB stored, %d pairs): strata %.3f s, boto3 %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s; load %s\n' \
+    "$name" "$server" "$mib" "$(wc -w <<<"$keys")" $((bytes >> 20)) "$pairs" "$ms" "$mb" \
+    "$(echo "$ms / $mb" | bc -l)" "$(median "${cs[@]}")" "$(median "${cb[@]}")" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+for name in $cases; do run_case "$name"; done
+
+# The physical limit: raw GETs of the base object to /dev/null, 1 stream and 8 x 8 MiB parts.
+read -r key size < <(python3 "$work/keys.py" base)
+url="http://127.0.0.1:$port/bench/$key"
+get() { curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user bench:benchsecret \
+  -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@" -o /dev/null; }
+a=$(now); get "$url"; b=$(now)
+parts=$(( (size + (8 << 20) - 1) / (8 << 20) ))
+export -f get; export url size
+c=$(now)
+seq 0 $((parts - 1)) | xargs -P 8 -I{} bash -c \
+  'i={}; s=$((i << 23)); e=$(( s + (8 << 20) - 1 )); [ $e -ge $size ] && e=$((size - 1)); get -H "Range: bytes=$s-$e" "$url"'
+d=$(now)
+printf 'limit (%s, base object %d MiB): curl 1 GET %.0f MB/s, 8 parallel 8 MiB GETs %.0f MB/s; load %s\n' "$server" \
+  $((size >> 20)) "$(echo "$size / ($b - $a) / 1000000" | bc -l)" "$(echo "$size / ($d - $c) / 1000000" | bc -l)" \
+  "$(cut -d' ' -f1-3 /proc/loadavg)"

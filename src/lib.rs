@@ -29,6 +29,7 @@
 //! - `cli`: the `strata` binary (and, with `kubernetes`, `strata-controller`); installed with
 //!   `cargo install --path . --features cli,kubernetes`.
 
+mod planned_restore;
 mod verified;
 mod volume;
 

@@ -72,6 +72,17 @@ pub(crate) fn open_verified(
     volume: &VolumeName,
     id: Option<&BackupId>,
 ) -> Result<VerifiedChain> {
+    open_verified_in(target, volume, id, &target.storage(volume))
+}
+
+/// [`open_verified`], opening the images through `storage` (a [`strata_target::PartStorage`]
+/// for a planned restore).
+pub(crate) fn open_verified_in(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+    storage: &dyn strata_qcow2::Storage,
+) -> Result<VerifiedChain> {
     let top = match id {
         Some(id) => target.backup(volume, id)?,
         None => target
@@ -94,21 +105,19 @@ pub(crate) fn open_verified(
         cluster_check: Some(Arc::clone(&check) as Arc<dyn strata_qcow2::ClusterCheck>),
         ..OpenOptions::default()
     };
-    let image = Image::open_with(&target.storage(volume), &top.image.object, &options).map_err(
-        |e| match e {
-            strata_qcow2::Error::ChainTooDeep { image, .. } => {
-                let base = manifests.last().unwrap_or(&top);
-                damaged(
-                    base,
-                    format!("its image names backing file {image:?}, its manifest names no parent"),
-                )
-            }
-            e => damaged(
-                &top,
-                format!("its image chain does not open: {}", chain_text(&e)),
-            ),
-        },
-    )?;
+    let image = Image::open_with(storage, &top.image.object, &options).map_err(|e| match e {
+        strata_qcow2::Error::ChainTooDeep { image, .. } => {
+            let base = manifests.last().unwrap_or(&top);
+            damaged(
+                base,
+                format!("its image names backing file {image:?}, its manifest names no parent"),
+            )
+        }
+        e => damaged(
+            &top,
+            format!("its image chain does not open: {}", chain_text(&e)),
+        ),
+    })?;
     check_layers(&manifests, &image, &check)?;
     Ok(VerifiedChain {
         manifest: top,

@@ -21,9 +21,12 @@ use strata_chain::{
 use strata_qcow2::{
     CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
 };
-use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
+use strata_target::{
+    BackupId, BackupManifest, BackupSpec, FileName, PartStorage, Target, VolumeName,
+};
 
-use crate::verified::open_verified;
+use crate::planned_restore::restore_planned;
+use crate::verified::{open_verified, open_verified_in};
 
 /// Side file holding the digest manifest of a backup.
 pub const DIGESTS_FILE: &str = "digests";
@@ -265,6 +268,12 @@ pub fn open_backup(
 /// failure a file destination is left as it was (the partial file is removed) and a block
 /// device's error ([`Error::Incomplete`]) says its content is incomplete. `progress` is called
 /// as the chain is walked.
+///
+/// From object storage, the chain's data is fetched by a plan: parallel range GETs of large
+/// parts, each written as it arrives (`TargetOptions::fetch_part_size`, `fetch_concurrency`
+/// and `fetch_gap` tune it; memory: `TargetOptions::fetch_memory_bound`), except onto a block
+/// device whose zero ranges must be zeroed (without `target_is_zero`), which is hydrated in
+/// guest order through the readers' read-ahead.
 pub fn restore_volume(
     target: &Target,
     volume: &VolumeName,
@@ -293,26 +302,41 @@ pub fn restore_volume_with(
     options: &HydrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
-    let chain = open_verified(target, volume, id)?;
     let device = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_block_device());
+    // From object storage, by a fetch plan (parallel GETs of large parts), wherever zero
+    // ranges need no zeroing: a device that must be zeroed is hydrated in guest order.
+    let planned = (!target.is_folder() && (!device || options.target_is_zero))
+        .then(|| PartStorage::new(target.storage(volume)));
+    let chain = match &planned {
+        Some(storage) => open_verified_in(target, volume, id, storage)?,
+        None => open_verified(target, volume, id)?,
+    };
     let partial = partial_path(dest);
     let written = if device { dest } else { partial.as_path() };
     let out = open_destination(written)?;
     let total_bytes = chain.image.virtual_size();
-    let hydrated = hydrate_with(
-        &chain.image,
-        &out,
-        &written.to_string_lossy(),
-        options,
-        &mut |reached| {
-            progress(&Progress {
-                total_bytes,
-                scanned_bytes: reached,
-                ..Progress::default()
-            });
-        },
-    )
-    .map_err(|e| chain.name_damage(e.into()))
+    let written_name = written.to_string_lossy();
+    let mut reached = |reached| {
+        progress(&Progress {
+            total_bytes,
+            scanned_bytes: reached,
+            ..Progress::default()
+        });
+    };
+    let hydrated = match &planned {
+        Some(storage) => restore_planned(
+            storage,
+            &chain.image,
+            target.options(),
+            &out,
+            &written_name,
+            device,
+            &mut reached,
+        ),
+        None => hydrate_with(&chain.image, &out, &written_name, options, &mut reached)
+            .map_err(Error::from),
+    }
+    .map_err(|e| chain.name_damage(e))
     .and_then(|stats| {
         if !device {
             out.sync_all()

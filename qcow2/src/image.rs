@@ -11,6 +11,9 @@ use crate::io::{LocalStorage, ReadAt, Storage};
 use crate::layer::Qcow2Layer;
 use crate::map::{Extent, ExtentKind};
 
+mod source_read;
+pub use source_read::SourceRead;
+
 /// The default limit on the length of a backing chain.
 pub const DEFAULT_MAX_DEPTH: usize = 128;
 

@@ -149,6 +149,11 @@
 //! reader opens a chain straight from the target and follows its relative backing names; on a
 //! filesystem target it opens the files themselves.
 //!
+//! A restore does not read data through that cache: [`FetchPlanner`] cuts the ranges the
+//! chain's extents read into parts (8 MiB, gaps up to 1 MiB merged) and [`PartStorage`] fetches
+//! them with one range GET each, 8 at once, the restore writing each part as it arrives: at
+//! most [`TargetOptions::fetch_memory_bound`] bytes (64 MiB by default) of fetched data.
+//!
 //! # Sync and async
 //!
 //! The QCOW2 traits are synchronous, so is this crate's API. Each [`Target`] owns a small
@@ -188,6 +193,7 @@ mod apps;
 mod delete;
 mod error;
 mod failpoint;
+mod fetch;
 mod fold;
 mod fold_recovery;
 mod gc;
@@ -206,6 +212,7 @@ mod upload;
 mod url;
 
 pub use error::{Error, Result};
+pub use fetch::{FetchPlanner, Fetched, InFlight, Part, PartStorage};
 pub use gc::GcReport;
 pub use layout::{FORMAT_NAME, FORMAT_VERSION, IMAGE_EXTENSION, MARKER, image_name};
 pub use manifest::{

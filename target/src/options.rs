@@ -31,6 +31,23 @@ pub struct TargetOptions {
     /// Largest single range GET; bigger windows are fetched as several requests in parallel.
     /// Default 4 MiB.
     pub max_request: usize,
+    /// Largest range GET of a restore's planned fetch ([`crate::FetchPlanner`]): adjacent
+    /// data of one image, and gaps up to [`fetch_gap`](Self::fetch_gap), is fetched in parts
+    /// of up to this size. Default 8 MiB, boto3's and the AWS CLI's part size: large enough
+    /// that a request's fixed cost (a round trip, the server's per-request work; on moto the
+    /// assembly of the whole object) is small against its transfer, small enough that
+    /// [`fetch_concurrency`](Self::fetch_concurrency) parts keep every connection busy on a
+    /// small image.
+    pub fetch_part_size: usize,
+    /// Parts of a restore's fetch in flight or waiting to be written at once. Default 8: one
+    /// GET stream rarely fills a link (S3 serves each connection at tens to a hundred MB/s),
+    /// a few in parallel do; 8 x 8 MiB keeps [`fetch_memory_bound`](Self::fetch_memory_bound)
+    /// at 64 MiB.
+    pub fetch_concurrency: usize,
+    /// Gaps between needed ranges of one image up to this size are fetched (and discarded)
+    /// rather than cutting the part: one more request costs more than this many bytes.
+    /// Default 1 MiB.
+    pub fetch_gap: usize,
     /// Retries of transient errors.
     pub retry: RetryPolicy,
     /// Threads of the target's I/O runtime. Default 2.
@@ -98,6 +115,9 @@ impl Default for TargetOptions {
             read_cache_blocks: 32,
             max_readahead: 16 * MIB,
             max_request: 4 * MIB,
+            fetch_part_size: 8 * MIB,
+            fetch_concurrency: 8,
+            fetch_gap: MIB,
             retry: RetryPolicy::default(),
             io_threads: 2,
             store_config: Vec::new(),
@@ -123,7 +143,15 @@ impl TargetOptions {
             .saturating_add(self.max_readahead)
     }
 
+    /// Upper bound of the fetched data a planned restore holds: its parts in flight or
+    /// waiting to be written (a part is larger than the part size only when one cluster is).
+    pub fn fetch_memory_bound(&self) -> usize {
+        self.fetch_part_size.saturating_mul(self.fetch_concurrency)
+    }
+
     pub(crate) fn sanitized(mut self) -> Self {
+        self.fetch_part_size = self.fetch_part_size.max(64 << 10);
+        self.fetch_concurrency = self.fetch_concurrency.max(1);
         self.part_size = self.part_size.max(self.min_part_size).max(1);
         self.upload_concurrency = self.upload_concurrency.max(1);
         self.read_block_size = self.read_block_size.max(4096);

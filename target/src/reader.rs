@@ -12,8 +12,12 @@
 //! blocks that evicts the least recently used; a reader copies each block it needs as soon as
 //! it lands, so eviction never loses data. A short or failed GET is retried; a block that keeps
 //! failing fails the reads that need it, and is fetched afresh by the next read.
+//!
+//! A planned restore ([`crate::PartStorage`]) fetches large parts of the object itself and
+//! pins them in the reader while it reads from them: a read that lies inside a pinned part
+//! copies from it and touches neither the cache nor the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -36,6 +40,17 @@ pub struct ObjectReader {
     len: u64,
     block: u64,
     state: Arc<Shared>,
+    /// Parts fetched for a planned restore, by (start, serial), while their holders keep them.
+    pinned: Mutex<Pinned>,
+    /// Whether sequential reads fetch ahead (off where a fetch plan reads the data and only
+    /// metadata goes through the cache).
+    read_ahead: bool,
+}
+
+#[derive(Debug, Default)]
+struct Pinned {
+    parts: BTreeMap<(u64, u64), Bytes>,
+    serial: u64,
 }
 
 #[derive(Debug, Default)]
@@ -67,7 +82,79 @@ impl ObjectReader {
             len,
             block,
             state: Arc::new(Shared::default()),
+            pinned: Mutex::new(Pinned::default()),
+            read_ahead: true,
         }
+    }
+
+    /// The reader with read-ahead off: every read fetches just the blocks it covers.
+    pub(crate) fn without_read_ahead(mut self) -> Self {
+        self.read_ahead = false;
+        self
+    }
+
+    /// Serves reads inside `start..start + bytes.len()` from `bytes` until [`unpin`](Self::unpin)
+    /// is called with the returned key.
+    pub(crate) fn pin(&self, start: u64, bytes: Bytes) -> u64 {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        pinned.serial += 1;
+        let key = pinned.serial;
+        pinned.parts.insert((start, key), bytes);
+        key
+    }
+
+    /// Releases a part [`pin`](Self::pin) kept.
+    pub(crate) fn unpin(&self, start: u64, key: u64) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        pinned.parts.remove(&(start, key));
+    }
+
+    /// Copies `buf.len()` bytes at `offset` from a pinned part covering them; whether one did.
+    fn read_pinned(&self, buf: &mut [u8], offset: u64, end: u64) -> bool {
+        let pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        // Parts starting at or before `offset`, nearest first; few are pinned at once.
+        for (&(start, _), bytes) in pinned.parts.range(..(offset, u64::MAX)).rev() {
+            if start + bytes.len() as u64 >= end
+                && let Some(src) = bytes.get((offset - start) as usize..(end - start) as usize)
+            {
+                buf.copy_from_slice(src);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Fetches bytes `start..end` (clamped to the object) with one range GET on the target's
+    /// runtime, retried as every read is, and hands the result to `done` there.
+    pub(crate) fn fetch_part(
+        self: Arc<Self>,
+        start: u64,
+        end: u64,
+        done: impl FnOnce(crate::Result<Bytes>) + Send + 'static,
+    ) -> tokio::task::AbortHandle {
+        let range = start.min(self.len)..end.min(self.len);
+        let (store, path, retry) = (
+            self.inner.store.clone(),
+            self.path.clone(),
+            self.inner.options.retry,
+        );
+        let task = self.inner.runtime.handle().spawn(async move {
+            if range.is_empty() {
+                return done(Ok(Bytes::new()));
+            }
+            let result = retry
+                .run(|| get_exact(&*store, &path, range.clone()))
+                .await
+                .map_err(|err| {
+                    Error::store(
+                        "get",
+                        format!("{path} (bytes {:#x}..{:#x})", range.start, range.end),
+                        err,
+                    )
+                });
+            done(result);
+        });
+        task.abort_handle()
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, State>> {
@@ -321,6 +408,9 @@ impl ReadAt for ObjectReader {
                     format!("read past the end of {}", self.path),
                 )
             })?;
+        if self.read_pinned(buf, offset, end) {
+            return Ok(());
+        }
         let first = offset / self.block;
         let last = (end - 1) / self.block;
         let last_block = (self.len - 1) / self.block;
@@ -329,8 +419,9 @@ impl ReadAt for ObjectReader {
         // Sequential, or near it: several readers working through neighbouring ranges (a
         // restore's parallel workers) land a little ahead of or behind one another. Only a
         // jump farther than the read-ahead window counts as random access and stops a stream.
-        let near =
-            state.last_end != 0 && offset.abs_diff(state.last_end) <= max_window * self.block;
+        let near = self.read_ahead
+            && state.last_end != 0
+            && offset.abs_diff(state.last_end) <= max_window * self.block;
         if near {
             state.window = (state.window * 2).clamp(1, max_window);
             state.last_end = state.last_end.max(end);

@@ -217,6 +217,18 @@ impl VolumeStorage {
 
     /// Opens the object named `name` itself, without resolving it through a manifest.
     fn open_named(&self, name: &str) -> Result<Arc<dyn ReadAt>> {
+        Ok(match self.open_object(name)? {
+            Opened::File(file) => Arc::new(file),
+            Opened::Object(reader) => Arc::new(reader),
+        })
+    }
+
+    /// Opens the image a backing name stands for, as [`Storage::open`] does.
+    pub(crate) fn open_source(&self, name: &str) -> Result<Opened> {
+        self.open_object(&self.current_object(name)?)
+    }
+
+    fn open_object(&self, name: &str) -> Result<Opened> {
         let bad = |reason| Error::InvalidName {
             kind: "image",
             name: name.to_string(),
@@ -245,7 +257,7 @@ impl VolumeStorage {
                 },
                 _ => Error::io("open", file_path.display(), err),
             })?;
-            return Ok(Arc::new(file));
+            return Ok(Opened::File(file));
         }
         let p = path.clone();
         let meta = self.target.block("open image", move |inner| async move {
@@ -262,8 +274,18 @@ impl VolumeStorage {
                     err => Error::store("head", &p, err),
                 })
         })?;
-        Ok(Arc::new(ObjectReader::new(inner.clone(), path, meta.size)))
+        Ok(Opened::Object(ObjectReader::new(
+            inner.clone(),
+            path,
+            meta.size,
+        )))
     }
+}
+
+/// An opened image: a file of a folder target, or an object.
+pub(crate) enum Opened {
+    File(std::fs::File),
+    Object(ObjectReader),
 }
 
 impl Storage for VolumeStorage {

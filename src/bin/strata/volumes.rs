@@ -58,6 +58,18 @@ pub struct RestoreArgs {
     /// volume): its zero ranges are not zeroed again. Files are always written sparse.
     #[arg(long)]
     pub(crate) target_is_zero: bool,
+    /// From object storage: the largest range GET (`8M`, `16MiB`, bytes without a unit).
+    /// The chain's data is fetched in parts up to this size, `--fetch-parallel` at once.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8M")]
+    fetch_part_size: usize,
+    /// From object storage: parts fetched or waiting to be written at once. Memory holds up
+    /// to this many parts.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    fetch_parallel: usize,
+    /// From object storage: gaps up to this size between needed ranges of an image are
+    /// fetched with them rather than costing another request.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1M")]
+    fetch_gap: usize,
     /// Hide the progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -158,6 +170,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Parses a size in bytes: a number with `K`, `M` or `G` (powers of 1024, `KiB`... too).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (K, M or G)")),
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size such as 8M or 65536"))
 }
 
 /// A progress bar over `total` bytes, hidden when stderr is not a terminal or `quiet`.
@@ -276,7 +309,11 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
 
 /// Runs `strata restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let target = open_target(&args.job.target)?;
+    let mut target_options = TargetOptions::default();
+    target_options.fetch_part_size = args.fetch_part_size;
+    target_options.fetch_concurrency = args.fetch_parallel;
+    target_options.fetch_gap = args.fetch_gap;
+    let target = open_target_with(&args.job.target, target_options)?;
     let volume = VolumeName::new(&args.job.volume)?;
     let id = args.job.backup.as_deref().map(BackupId::new).transpose()?;
     let bar = bar(0, args.quiet);

@@ -127,23 +127,7 @@ impl ObjectStore for FaultyStore {
         if !ranged || !self.short_read() {
             return Ok(result);
         }
-        let (meta, range, attributes, extensions) = (
-            result.meta.clone(),
-            result.range.clone(),
-            result.attributes.clone(),
-            result.extensions.clone(),
-        );
-        let bytes = result.bytes().await?;
-        let short = bytes.slice(..bytes.len().saturating_sub(1));
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(
-                futures::stream::once(async move { Ok(short) }).boxed(),
-            ),
-            meta,
-            range,
-            attributes,
-            extensions,
-        })
+        one_byte_short(result).await
     }
 
     fn delete_stream(
@@ -216,4 +200,23 @@ impl MultipartStore for FaultyStore {
         self.open_uploads.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// `result` with its body one byte short, as a truncated object or a cut connection gives it.
+pub async fn one_byte_short(result: GetResult) -> Result<GetResult> {
+    let (meta, range, attributes, extensions) = (
+        result.meta.clone(),
+        result.range.clone(),
+        result.attributes.clone(),
+        result.extensions.clone(),
+    );
+    let bytes = result.bytes().await?;
+    let short = bytes.slice(..bytes.len().saturating_sub(1));
+    Ok(GetResult {
+        payload: GetResultPayload::Stream(futures::stream::once(async move { Ok(short) }).boxed()),
+        meta,
+        range,
+        attributes,
+        extensions,
+    })
 }

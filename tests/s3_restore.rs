@@ -1,0 +1,480 @@
+//! Restores from object storage by a fetch plan: parallel range GETs of large coalesced parts,
+//! never one per cluster; byte-identical chains on moto; a damaged or short part fails the
+//! restore on one line, names what failed and leaves no file; one failed GET stops the rest.
+
+#[allow(dead_code)]
+#[path = "../target/tests/common/faulty.rs"]
+mod faulty;
+#[path = "../target/tests/common/moto.rs"]
+mod moto;
+
+use std::fmt;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetRange, GetResult, ListResult, MultipartId, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, Result,
+};
+use strata::target::{BackupManifest, Target, TargetOptions, VolumeName};
+
+const CLUSTER: u64 = 64 << 10;
+
+/// What a `Counting` store does to the ranged GETs of image data (those longer than
+/// `METADATA_GET`).
+#[derive(Debug, Default, Clone)]
+struct Faults {
+    /// Data GETs numbered from 1 that fail for good.
+    fail_data_get: Option<usize>,
+    /// Data GETs from this one on return one byte short.
+    short_from: Option<usize>,
+    /// Each data GET takes this long first.
+    delay: Duration,
+}
+
+/// Metadata reads of the restores here: the header area (an image's first 5 MiB, the
+/// minimum part size of a multipart upload, which its header is sent as; the reader's open
+/// reads the first 2 MiB) and blocks of 32 KiB, at most two of them (an L2 table) at once.
+/// The fetch plan's parts here are longer (all but the compressed clusters' parts, which count
+/// as metadata).
+const METADATA_GET: u64 = 32 << 10;
+
+fn is_data(range: &Range<u64>) -> bool {
+    range.start >= 5 << 20 && range.end - range.start > 2 * METADATA_GET
+}
+
+/// Counts the GETs of image objects (their ranges) and the most in flight at once, and
+/// injects `Faults` into the data GETs.
+#[derive(Debug)]
+struct Counting<S> {
+    inner: S,
+    gets: Mutex<Vec<Range<u64>>>,
+    data_gets: AtomicUsize,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+    faults: Mutex<Faults>,
+}
+
+impl<S> Counting<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            gets: Mutex::default(),
+            data_gets: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+            faults: Mutex::default(),
+        }
+    }
+
+    fn reset(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
+        self.gets.lock().unwrap().clear();
+        self.data_gets.store(0, Ordering::SeqCst);
+        self.most_in_flight.store(0, Ordering::SeqCst);
+    }
+
+    fn image_gets(&self) -> Vec<Range<u64>> {
+        self.gets.lock().unwrap().clone()
+    }
+
+    fn data_gets(&self) -> Vec<Range<u64>> {
+        let gets = self.image_gets();
+        gets.into_iter().filter(is_data).collect()
+    }
+}
+
+impl<S: fmt::Display> fmt::Display for Counting<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Counting({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl<S: ObjectStore + MultipartStore> ObjectStore for Counting<S> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        let range = match &options.range {
+            Some(GetRange::Bounded(range)) => Some(range.clone()),
+            _ => None,
+        };
+        let image = location.as_ref().contains("/images/");
+        let Some(range) = range.filter(|_| image) else {
+            return self.inner.get_opts(location, options).await;
+        };
+        self.gets.lock().unwrap().push(range.clone());
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let faults = self.faults.lock().unwrap().clone();
+        let result = async {
+            if !is_data(&range) {
+                return self.inner.get_opts(location, options).await;
+            }
+            let n = self.data_gets.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(faults.delay).await;
+            if faults.fail_data_get == Some(n) {
+                return Err(object_store::Error::NotImplemented {
+                    operation: "injected failure of a data GET".into(),
+                    implementer: "Counting".into(),
+                });
+            }
+            let result = self.inner.get_opts(location, options).await?;
+            if faults.short_from.is_none_or(|from| n < from) {
+                return Ok(result);
+            }
+            faulty::one_byte_short(result).await
+        }
+        .await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[async_trait]
+impl<S: ObjectStore + MultipartStore> MultipartStore for Counting<S> {
+    async fn create_multipart(&self, path: &Path) -> Result<MultipartId> {
+        self.inner.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> Result<PartId> {
+        self.inner.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> Result<object_store::PutResult> {
+        self.inner.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> Result<()> {
+        self.inner.abort_multipart(path, id).await
+    }
+}
+
+/// Parts of 256 KiB (4 clusters), 3 at once, gaps up to 2 clusters merged; metadata read in
+/// 32 KiB blocks so the counts tell them apart.
+fn options() -> TargetOptions {
+    let mut options = TargetOptions::default();
+    options.fetch_part_size = 256 << 10;
+    options.fetch_concurrency = 3;
+    options.fetch_gap = 2 * CLUSTER as usize;
+    options.read_block_size = METADATA_GET as usize;
+    options.max_request = 2 << 20;
+    options.max_readahead = METADATA_GET as usize;
+    options.read_cache_blocks = 64;
+    options.part_size = 5 << 20;
+    options.lease = Duration::from_secs(2);
+    options
+}
+
+/// Deterministic bytes that do not compress.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A 4 MiB volume backed up three times: a base of random clusters, compressible text and
+/// holes; an overlay rewriting scattered runs; another rewriting one run and zeroing one.
+/// Returns the manifests and the volume's content at each point.
+fn three_points(target: &Target, volume: &VolumeName) -> Vec<(BackupManifest, Vec<u8>)> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let f = file.as_file();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(&noise(1, 1 << 20), 0).unwrap();
+    let text: Vec<u8> = b"strata restores in parallel parts. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(512 << 10)
+        .collect();
+    f.write_all_at(&text, 1 << 20).unwrap();
+    f.write_all_at(&noise(2, 1 << 20), 2 << 20).unwrap();
+    let edits: [&[(u64, u64, u64)]; 3] = [
+        &[],
+        &[
+            (3 * CLUSTER, 2 * CLUSTER, 3),
+            (9 * CLUSTER, 3 * CLUSTER, 4),
+            (40 * CLUSTER, 2 * CLUSTER, 5),
+        ],
+        &[(20 * CLUSTER, 2 * CLUSTER, 6), (4 << 20 >> 1, 0, 0)],
+    ];
+    let mut points = Vec::new();
+    for (i, point) in edits.iter().enumerate() {
+        for &(offset, len, seed) in *point {
+            f.write_all_at(&noise(seed, len as usize), offset).unwrap();
+        }
+        if i == 2 {
+            f.write_all_at(&vec![0; 2 * CLUSTER as usize], 2 << 20)
+                .unwrap();
+        }
+        let manifest =
+            strata::backup_volume(target, volume, f, &Default::default(), &mut |_| {}).unwrap();
+        points.push((manifest, std::fs::read(file.path()).unwrap()));
+    }
+    points
+}
+
+fn s3_target(prefix: &str) -> Option<(Arc<Counting<object_store::aws::AmazonS3>>, Target)> {
+    if !moto::available() {
+        return None;
+    }
+    let server = moto::server();
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(&server.bucket);
+    for (key, value) in server.config() {
+        builder = builder.with_config(key.parse().unwrap(), value);
+    }
+    let s3 = builder.build().unwrap();
+    let store = Arc::new(Counting::new(s3));
+    let prefix = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let target = Target::from_store(Arc::clone(&store), &prefix, options()).unwrap();
+    Some((store, target))
+}
+
+fn memory_target() -> (Arc<Counting<object_store::memory::InMemory>>, Target) {
+    let store = Arc::new(Counting::new(object_store::memory::InMemory::new()));
+    let target = Target::from_store(Arc::clone(&store), "repo", options()).unwrap();
+    (store, target)
+}
+
+fn restore_into(
+    target: &Target,
+    volume: &VolumeName,
+    manifest: &BackupManifest,
+    dest: &FsPath,
+) -> strata::Result<()> {
+    strata::restore_volume(target, volume, Some(&manifest.id), dest, &mut |_| {}).map(|_| ())
+}
+
+#[test]
+fn a_chain_restores_byte_identical_from_moto_in_parallel_coalesced_parts() {
+    let Some((store, target)) = s3_target("s3-restore-chain") else {
+        return;
+    };
+    let volume = VolumeName::new("v").unwrap();
+    let points = three_points(&target, &volume);
+    let dir = tempfile::tempdir().unwrap();
+    for (manifest, expected) in &points {
+        store.reset(Faults::default());
+        let dest = dir.path().join(format!("{}.raw", manifest.id));
+        restore_into(&target, &volume, manifest, &dest).unwrap();
+        assert!(
+            std::fs::read(&dest).unwrap() == *expected,
+            "point {}",
+            manifest.id
+        );
+        // Stored data bytes of the chain, over the part size: at least the parts needed.
+        let data = store.data_gets();
+        let fetched: u64 = data.iter().map(|r| r.end - r.start).sum();
+        let all = store.image_gets();
+        let clusters = expected
+            .chunks(CLUSTER as usize)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count();
+        // Every point holds at least 38 data clusters (some compressed); far fewer GETs.
+        assert!(clusters >= 38, "{clusters}");
+        // Parts of up to 4 clusters; a few metadata reads per image (two for the header, L1
+        // and L2 tables, the compressed clusters' part).
+        assert!(data.len() >= 2, "{data:?}");
+        assert!(
+            data.len() * 3 <= clusters,
+            "{data:?} for {clusters} data clusters"
+        );
+        let layers = points
+            .iter()
+            .position(|(m, _)| m.id == manifest.id)
+            .unwrap()
+            + 1;
+        assert!(
+            all.len() - data.len() <= 6 * layers,
+            "{} metadata GETs: {all:?}",
+            all.len() - data.len()
+        );
+        // Coalesced: parts of more than one cluster, none over the part size.
+        assert!(
+            data.iter().any(|r| r.end - r.start > 2 * CLUSTER),
+            "{data:?}"
+        );
+        assert!(
+            data.iter().all(|r| r.end - r.start <= 256 << 10),
+            "{data:?}"
+        );
+        // Only what is needed: less than the images' size (holes and metadata are skipped).
+        assert!(fetched <= 4 << 20, "{fetched}");
+        assert!(
+            store.most_in_flight.load(Ordering::SeqCst) >= 2,
+            "GETs never overlapped"
+        );
+    }
+}
+
+#[test]
+fn a_flipped_byte_mid_part_fails_the_restore_naming_the_backup_and_offset_and_leaves_no_file() {
+    let (store, target) = memory_target();
+    let volume = VolumeName::new("v").unwrap();
+    let points = three_points(&target, &volume);
+    let (base, _) = &points[0];
+    // Flip a byte of guest cluster 34 (random data, never rewritten), inside a part.
+    let guest = 34 * CLUSTER + 1000;
+    let key = Path::from(format!("repo/volumes/v/images/{}", base.image.object));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut bytes = rt
+        .block_on(async { store.inner.get(&key).await?.bytes().await })
+        .unwrap()
+        .to_vec();
+    let scratch = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(scratch.path(), &bytes).unwrap();
+    let image = strata::qcow2::Image::open(scratch.path()).unwrap();
+    let extent = image.map(guest, 1).unwrap()[0];
+    let strata::qcow2::ExtentKind::Data { host_offset, .. } = extent.kind else {
+        panic!("guest {guest:#x} is {extent:?}");
+    };
+    bytes[host_offset as usize] ^= 0x40;
+    rt.block_on(store.inner.put(&key, bytes.into())).unwrap();
+    let (top, _) = &points[2];
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out.raw");
+    let err = restore_into(&target, &volume, top, &dest).unwrap_err();
+    let text = strata::chain_text(&err);
+    assert!(!text.contains('\n'), "{text}");
+    assert!(
+        text.contains(&format!(
+            "backup v/{}: cluster at guest offset {:#x}",
+            base.id,
+            34 * CLUSTER
+        )),
+        "{text}"
+    );
+    assert!(!dest.exists() && !dir.path().join("out.raw.partial").exists());
+}
+
+#[test]
+fn a_short_part_fails_the_restore_naming_the_object_and_range_and_leaves_no_file() {
+    let (store, target) = memory_target();
+    let volume = VolumeName::new("v").unwrap();
+    let points = three_points(&target, &volume);
+    let (base, _) = &points[0];
+    store.reset(Faults {
+        short_from: Some(2),
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out.raw");
+    let err = restore_into(&target, &volume, base, &dest).unwrap_err();
+    let text = strata::chain_text(&err);
+    assert!(!text.contains('\n'), "{text}");
+    assert!(
+        text.contains(&format!("images/{}", base.image.object)),
+        "{text}"
+    );
+    assert!(
+        text.contains("(bytes 0x") && text.contains("short read"),
+        "{text}"
+    );
+    assert!(!dest.exists() && !dir.path().join("out.raw.partial").exists());
+}
+
+#[test]
+fn one_failed_get_stops_the_others() {
+    let (store, target) = memory_target();
+    let volume = VolumeName::new("v").unwrap();
+    let points = three_points(&target, &volume);
+    let (base, _) = &points[0];
+    store.reset(Faults::default());
+    let dir = tempfile::tempdir().unwrap();
+    restore_into(&target, &volume, base, &dir.path().join("whole.raw")).unwrap();
+    let parts = store.data_gets().len();
+    assert!(parts >= 8, "{parts} parts");
+    store.reset(Faults {
+        fail_data_get: Some(2),
+        delay: Duration::from_millis(200),
+        ..Faults::default()
+    });
+    let dest = dir.path().join("out.raw");
+    let started = std::time::Instant::now();
+    let err = restore_into(&target, &volume, base, &dest).unwrap_err();
+    let text = strata::chain_text(&err);
+    assert!(text.contains("injected failure of a data GET"), "{text}");
+    // The failure arrives after one delay; GETs after it are never started and those in
+    // flight are dropped, not awaited.
+    assert!(
+        started.elapsed() < Duration::from_millis(200 * parts as u64 / 3),
+        "{:?}",
+        started.elapsed()
+    );
+    let issued = store.data_gets().len();
+    assert!(issued <= 2 + 3, "{issued} of {parts} data GETs issued");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        store.data_gets().len(),
+        issued,
+        "GETs went on after the failure"
+    );
+    assert!(!dest.exists() && !dir.path().join("out.raw.partial").exists());
+}
