@@ -21,7 +21,9 @@ use strata_chain::{
 use strata_qcow2::{
     CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
 };
-use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, Target, VolumeName};
+use strata_target::{
+    BackupId, BackupManifest, BackupSpec, FileName, SideBody, Target, VolumeName,
+};
 
 use crate::verified::open_verified;
 
@@ -191,7 +193,7 @@ pub fn backup_volume(
         .or(options.cluster_size)
         .unwrap_or(strata_qcow2::DEFAULT_CLUSTER_SIZE);
     let previous_digests = match &latest {
-        Some(parent) => Some(DigestManifest::decode(&target.read_file(
+        Some(parent) => Some(DigestManifest::open(target.download_file(
             volume,
             &parent.id,
             &side_file(DIGESTS_FILE),
@@ -232,10 +234,13 @@ pub fn backup_volume(
         options.digests,
         progress,
     )?;
-    upload.put_file(&side_file(DIGESTS_FILE), outcome.digests.encode().into())?;
-    upload.put_file(
+    upload.put_file_streamed(
+        &side_file(DIGESTS_FILE),
+        SideBody::from_reader(outcome.digests.into_reader()),
+    )?;
+    upload.put_file_streamed(
         &side_file(CHECKSUMS_FILE),
-        outcome.checksums.encode().into(),
+        SideBody::from_reader(outcome.checksums.into_reader()),
     )?;
     Ok(upload.commit()?)
 }
@@ -411,9 +416,9 @@ pub fn verify(
             damage.push(problem(format!("chain: {}", chain_text(&e))));
         }
         let checksums = target
-            .read_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
+            .download_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
             .map_err(Error::from)
-            .and_then(|bytes| Ok(ClusterChecksums::decode(&bytes)?));
+            .and_then(|file| Ok(ClusterChecksums::open(file)?));
         // Unverified: verify reports every damaged cluster instead of stopping at the first.
         let image = Image::open_with(
             &target.storage(&manifest.volume),
@@ -506,7 +511,10 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
                     reason: chain_text(&e),
                 }
             })?;
-            Ok(vec![(side_file(CHECKSUMS_FILE), checksums.encode().into())])
+            Ok(vec![(
+                side_file(CHECKSUMS_FILE),
+                SideBody::from_reader(checksums.into_reader()),
+            )])
         })?;
         removed.push(oldest.id.clone());
     }

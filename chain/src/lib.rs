@@ -19,7 +19,10 @@
 //! let (_, outcome) = backup(&volume, sink, &options, ChangeSource::Full, digests, &mut |p| {
 //!     eprintln!("{}/{} bytes scanned", p.scanned_bytes, p.total_bytes);
 //! })?;
-//! std::fs::write("backups/0001.digests", outcome.digests.encode())?;
+//! std::io::copy(
+//!     &mut outcome.digests.reader(),
+//!     &mut std::fs::File::create("backups/0001.digests")?,
+//! )?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -65,6 +68,7 @@ mod merge;
 mod progress;
 mod ranges;
 mod read_ahead;
+mod table;
 mod verify;
 
 pub use backup::{BackupOutcome, ChangeSource, backup};

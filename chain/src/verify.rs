@@ -32,63 +32,73 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         });
         return damage;
     }
-    let stored = match stored_clusters(image) {
-        Ok(stored) => stored,
-        Err(e) => {
-            damage.push(Damage {
-                guest_offset: error_offset(&e),
-                problem: format!("image structure: {e}"),
-            });
-            return damage;
-        }
-    };
-    let expected = checksums.entries();
-    let (mut i, mut j) = (0, 0);
+    let mut expected = checksums.cursor();
     let mut buf = vec![0u8; cluster as usize];
-    while i < stored.len() || j < expected.len() {
-        let have = stored.get(i).copied();
-        let want = expected.get(j).map(|&(index, _)| index);
-        match (have, want) {
-            (Some(h), Some(w)) if h == w => {
-                let offset = h * cluster;
-                let len = cluster.min(image.virtual_size() - offset) as usize;
-                match image.read_at(&mut buf[..len], offset) {
-                    Ok(()) => {
-                        let crc = crc32fast::hash(&buf[..len]);
-                        if crc != expected[j].1 {
-                            damage.push(Damage {
-                                guest_offset: offset,
-                                problem: format!(
-                                    "checksum mismatch: stored {:08x}, data {crc:08x}",
-                                    expected[j].1
-                                ),
-                            });
-                        }
-                    }
-                    Err(e) => damage.push(Damage {
-                        guest_offset: offset,
-                        problem: format!("unreadable: {e}"),
-                    }),
-                }
-                i += 1;
-                j += 1;
+    let mut check = |index: Option<u64>, damage: &mut Vec<Damage>| -> crate::Result<()> {
+        // Entries listed below `index` (all of them at the end) are not stored.
+        while let Some(want) = expected.peek()? {
+            if index.is_some_and(|have| want > have) {
+                break;
             }
-            (Some(h), w) if w.is_none_or(|w| h < w) => {
+            let Some((want, crc)) = expected.next()? else {
+                break;
+            };
+            let crc = u32::from_be_bytes(crc);
+            if Some(want) != index {
                 damage.push(Damage {
-                    guest_offset: h * cluster,
-                    problem: "cluster stored but not in the checksum list".into(),
-                });
-                i += 1;
-            }
-            (_, Some(w)) => {
-                damage.push(Damage {
-                    guest_offset: w * cluster,
+                    guest_offset: want * cluster,
                     problem: "cluster in the checksum list is not stored".into(),
                 });
-                j += 1;
+                continue;
             }
-            _ => break,
+            let offset = want * cluster;
+            let len = cluster.min(image.virtual_size() - offset) as usize;
+            match image.read_at(&mut buf[..len], offset) {
+                Ok(()) => {
+                    let read = crc32fast::hash(&buf[..len]);
+                    if read != crc {
+                        damage.push(Damage {
+                            guest_offset: offset,
+                            problem: format!(
+                                "checksum mismatch: stored {crc:08x}, data {read:08x}"
+                            ),
+                        });
+                    }
+                }
+                Err(e) => damage.push(Damage {
+                    guest_offset: offset,
+                    problem: format!("unreadable: {e}"),
+                }),
+            }
+            return Ok(());
         }
+        if let Some(have) = index {
+            damage.push(Damage {
+                guest_offset: have * cluster,
+                problem: "cluster stored but not in the checksum list".into(),
+            });
+        }
+        Ok(())
+    };
+    let mut list_error = None;
+    let walked = for_each_stored(image, |index| {
+        check(Some(index), &mut damage).map_err(|e| {
+            list_error = Some(e);
+            stopped()
+        })
+    });
+    let problem = match (walked, list_error) {
+        (_, Some(e)) => Some((0, format!("checksum list: {e}"))),
+        (Err(e), None) => Some((error_offset(&e), format!("image structure: {e}"))),
+        (Ok(()), None) => check(None, &mut damage)
+            .err()
+            .map(|e| (0, format!("checksum list: {e}"))),
+    };
+    if let Some((guest_offset, problem)) = problem {
+        damage.push(Damage {
+            guest_offset,
+            problem,
+        });
     }
     damage
 }
@@ -100,10 +110,13 @@ fn error_offset(e: &strata_qcow2::Error) -> u64 {
     }
 }
 
-/// The clusters stored in the top image of `image`'s chain, ascending.
-fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
+/// Calls `f` with every cluster stored in the top image of `image`'s chain, ascending.
+fn for_each_stored(
+    image: &Image,
+    mut f: impl FnMut(u64) -> Result<(), strata_qcow2::Error>,
+) -> Result<(), strata_qcow2::Error> {
     let cluster = image.cluster_size();
-    let mut stored: Vec<u64> = Vec::new();
+    let mut last: Option<u64> = None;
     image.for_each_extent(0, image.virtual_size(), |extent| {
         if matches!(
             extent.kind,
@@ -112,14 +125,14 @@ fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
             let first = extent.start / cluster;
             let end = extent.end().div_ceil(cluster);
             for index in first..end {
-                if stored.last() != Some(&index) {
-                    stored.push(index);
+                if last.is_none_or(|last| last < index) {
+                    last = Some(index);
+                    f(index)?;
                 }
             }
         }
         Ok(())
-    })?;
-    Ok(stored)
+    })
 }
 
 /// Computes the checksum list of the clusters stored in the top image of `image`'s chain, as
@@ -129,11 +142,25 @@ pub fn stored_checksums(image: &Image) -> crate::Result<ClusterChecksums> {
     let cluster = image.cluster_size();
     let mut checksums = ClusterChecksums::new(cluster);
     let mut buf = vec![0u8; cluster as usize];
-    for index in stored_clusters(image)? {
+    let mut failed = None;
+    for_each_stored(image, |index| {
         let offset = index * cluster;
         let len = cluster.min(image.virtual_size() - offset) as usize;
         image.read_at(&mut buf[..len], offset)?;
-        checksums.push(index, &buf[..len]);
-    }
+        checksums.push(index, &buf[..len]).map_err(|e| {
+            failed = Some(e);
+            stopped()
+        })
+    })
+    .map_err(|e| failed.take().unwrap_or(e.into()))?;
     Ok(checksums)
+}
+
+/// Stops a walk of the extents whose callback failed with an error of this crate (kept aside).
+fn stopped() -> strata_qcow2::Error {
+    strata_qcow2::Error::Io {
+        image: String::new(),
+        action: "stopped".into(),
+        source: std::io::Error::other("stopped"),
+    }
 }

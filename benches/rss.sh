@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Peak memory against the volume: the maximum resident set size (GNU time's %M) of
+# `strata backup` (full), `strata backup` (an incremental comparing digests), `strata verify`
+# and `strata restore`, for fully written volumes of each size given, side by side with
+# qemu-img doing the same job: `convert -c -O qcow2` (full), `convert -O qcow2 -B BASE`
+# (an overlay of the differing clusters), `check` and `convert -O raw` (restore). Rows of
+# each size, then the ratio of the largest size's peaks to the smallest's: flat is 1.00.
+#
+# The volume is fully written with text (every cluster non-zero and compressible, so every
+# cluster has a digest, a checksum and a compressed L2 entry: the worst case for per-cluster
+# tables), in a file of exactly the size; the incremental overwrites 1 MiB in every 64 MiB.
+# CLUSTER (bytes, default 65536) is the chain's cluster size: 4096 makes the per-cluster tables
+# 16 times larger for the same data (16 GiB at 4 KiB clusters: 4M entries, about 100 MiB of
+# digests alone if held in memory). Needs free disk of about twice the largest size (the
+# volume, then the restored copy; the images are small).
+#
+#   cargo build --release --example strata
+#   benches/rss.sh [GIB...]          # default: 1 16; STRATA=path/to/strata to override
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(1 16)
+cluster=${CLUSTER:-65536}
+strata=${STRATA:-build/release/examples/strata}
+[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+work=$(mktemp -d "${WORK:-/tmp}/rss.XXXXXX")
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+
+# Peak RSS in MiB of a command (its output discarded).
+peak() {
+  /usr/bin/time -f %M -o "$work/kb" "$@" >/dev/null
+  echo "scale=1; $(cat "$work/kb") / 1024" | bc
+}
+
+declare -A row
+echo "cluster size $cluster bytes; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%8s %9s | %12s %12s | %12s %12s | %12s %12s | %12s %12s\n' written clusters \
+  "backup full" "qemu -c" "incremental" "qemu -B" "verify" "qemu check" "restore" "qemu raw"
+for gib in "${sizes[@]}"; do
+  vol="$work/volume.raw" target="$work/target"
+  rm -rf "$target" "$work"/*.qcow2 "$work"/*.raw
+  bytes=$((gib << 30))
+  # Text: compressible, never a zero cluster.
+  # (yes stops on SIGPIPE once head has enough.)
+  { yes "strata memory bench $gib GiB: the quick brown fox jumps over the lazy dog" || true; } |
+    head -c "$bytes" >"$vol"
+  b_full=$(peak "$strata" backup -q --cluster-size "$cluster" --target "$target" --volume v "$vol")
+  q_full=$(peak qemu-img convert -c -f raw -O qcow2 -o "compression_type=zstd,cluster_size=$cluster" "$vol" "$work/base.qcow2")
+  for mib in $(seq 0 64 $(((bytes >> 20) - 1))); do
+    head -c 1048576 /dev/urandom | dd of="$vol" bs=1M seek="$mib" conv=notrunc status=none
+  done
+  b_incr=$(peak "$strata" backup -q --target "$target" --volume v "$vol")
+  q_incr=$(peak qemu-img convert -f raw -O qcow2 -o "cluster_size=$cluster" -B base.qcow2 -F qcow2 "$vol" "$work/top.qcow2")
+  b_verify=$(peak "$strata" verify --target "$target" --volume v)
+  q_check=$(peak qemu-img check "$work/top.qcow2")
+  # The restore compares with the volume, then the volume makes room for the copies.
+  "$strata" restore -q --target "$target" --volume v "$work/restored.raw" >/dev/null
+  cmp "$vol" "$work/restored.raw" || { echo "the restore differs from the volume" >&2; exit 1; }
+  rm -f "$vol" "$work/restored.raw"
+  b_restore=$(peak "$strata" restore -q --target "$target" --volume v "$work/restored.raw")
+  rm -f "$work/restored.raw"
+  q_restore=$(peak qemu-img convert -O raw "$work/top.qcow2" "$work/qemu.raw")
+  rm -f "$work/qemu.raw"
+  row[$gib]="$b_full $q_full $b_incr $q_incr $b_verify $q_check $b_restore $q_restore"
+  # shellcheck disable=SC2086
+  printf '%6d G %9d | %9s MiB %8s MiB | %8s MiB %8s MiB | %8s MiB %8s MiB | %8s MiB %8s MiB\n' \
+    "$gib" $((bytes / cluster)) ${row[$gib]}
+done
+first=${sizes[0]} last=${sizes[-1]}
+read -r -a lo <<<"${row[$first]}"
+read -r -a hi <<<"${row[$last]}"
+ratios=""
+for i in "${!lo[@]}"; do ratios+=$(printf ' %12.2f' "$(echo "${hi[$i]} / ${lo[$i]}" | bc -l)"); done
+echo "peak at $last GiB / peak at $first GiB (flat is 1.00):"
+echo "                    $ratios"
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
