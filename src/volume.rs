@@ -5,7 +5,10 @@
 //! changed-block tracking, only those clusters). Digests are BLAKE3 unless the chain's full
 //! backup chose XXH3-128 ([`BackupOptions::digests`]). Each backup stores two side files
 //! next to its image: `digests` (for the next incremental) and `checksums` (CRC-32 of every
-//! stored cluster, for [`verify`]).
+//! stored cluster, for [`verify`]). Both are streamed, never held whole: uploaded a part at a
+//! time, downloaded into unnamed temporary files (in `TMPDIR`) and read back through a small
+//! cache, so backup, restore, verify and prune stay under a fixed peak memory for any volume
+//! size (see "Memory" in [`strata_chain`]).
 //!
 //! Backups compress their data clusters with zstd by default ([`BackupOptions::compression`]),
 //! on the scan's reader threads; a cluster that does not shrink is stored raw, and compressed
@@ -21,9 +24,7 @@ use strata_chain::{
 use strata_qcow2::{
     CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
 };
-use strata_target::{
-    BackupId, BackupManifest, BackupSpec, FileName, SideBody, Target, VolumeName,
-};
+use strata_target::{BackupId, BackupManifest, BackupSpec, FileName, SideBody, Target, VolumeName};
 
 use crate::verified::open_verified;
 

@@ -46,7 +46,13 @@ impl ChainChecksums {
         len: u64,
     ) -> Result<Option<(usize, u64)>, CheckFailure> {
         let limit = depth.unwrap_or(self.layers.len()).min(self.layers.len());
-        for (d, (_, list)) in self.layers.get(..limit).unwrap_or_default().iter().enumerate() {
+        for (d, (_, list)) in self
+            .layers
+            .get(..limit)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             let size = list.cluster_size.max(1);
             let clusters = guest_offset / size..(guest_offset + len).div_ceil(size);
             let first = list

@@ -72,13 +72,8 @@ impl ClusterChecksums {
 
     /// The entries in ascending cluster order, read back a block at a time.
     pub fn iter(&self) -> impl Iterator<Item = Result<(u64, u32)>> + '_ {
-        let mut cursor = self.table.cursor();
-        let mut failed = false;
-        std::iter::from_fn(move || {
-            let next = cursor.next().transpose().filter(|_| !failed);
-            failed = matches!(next, Some(Err(_)));
-            next
-        })
+        self.table
+            .iter()
             .map(|entry| entry.map(|(i, v)| (i, u32::from_be_bytes(v))))
     }
 
@@ -100,15 +95,7 @@ impl ClusterChecksums {
     /// The encoding, whole in memory (12 bytes per entry: for small lists and tests; stream
     /// large ones with [`Self::reader`]).
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut self.reader(), &mut out).map_err(|source| {
-            crate::error::Error::Io {
-                what: "encoding a checksum list",
-                offset: 0,
-                source,
-            }
-        })?;
-        Ok(out)
+        self.table.encode()
     }
 
     /// Decodes a list read back from a target (untrusted: every field is checked).

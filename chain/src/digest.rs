@@ -161,14 +161,7 @@ impl DigestManifest {
 
     /// The entries in ascending cluster order, read back a block at a time.
     pub fn iter(&self) -> impl Iterator<Item = Result<(u64, Digest)>> + '_ {
-        let mut cursor = self.table.cursor();
-        let mut failed = false;
-        std::iter::from_fn(move || {
-            let next = cursor.next().transpose().filter(|_| !failed);
-            failed = matches!(next, Some(Err(_)));
-            next
-        })
-            .map(|entry| entry.map(|(i, v)| (i, v)))
+        self.table.iter()
     }
 
     /// Bytes of the encoding.
@@ -189,15 +182,7 @@ impl DigestManifest {
     /// The encoding, whole in memory (24 bytes per entry: for small manifests and tests;
     /// stream large ones with [`Self::reader`]).
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut self.reader(), &mut out).map_err(|source| {
-            crate::error::Error::Io {
-                what: "encoding a digest manifest",
-                offset: 0,
-                source,
-            }
-        })?;
-        Ok(out)
+        self.table.encode()
     }
 
     /// Decodes a manifest read back from a target (untrusted: every field is checked).
@@ -336,13 +321,21 @@ mod tests {
     fn round_trips_and_rejects_damage() {
         let m = sample(DigestAlgorithm::Blake3);
         let bytes = m.encode().unwrap();
-        assert_eq!(DigestManifest::decode(&bytes).ok(), Some(sample(DigestAlgorithm::Blake3)));
+        assert_eq!(
+            DigestManifest::decode(&bytes).ok(),
+            Some(sample(DigestAlgorithm::Blake3))
+        );
         assert!(DigestManifest::decode(&bytes[..bytes.len() - 1]).is_err());
         let mut out_of_range = bytes.clone();
         out_of_range[HEADER + ENTRY..HEADER + ENTRY + 8].copy_from_slice(&1000u64.to_be_bytes());
-        let err = DigestManifest::decode(&out_of_range).unwrap_err().to_string();
+        let err = DigestManifest::decode(&out_of_range)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cluster 1000 out of range"), "{err}");
-        assert_eq!(m.get(3).unwrap(), Some(DigestAlgorithm::Blake3.digest(&[1; 65536])));
+        assert_eq!(
+            m.get(3).unwrap(),
+            Some(DigestAlgorithm::Blake3.digest(&[1; 65536]))
+        );
         assert_eq!(m.get(4).unwrap(), None);
     }
 
@@ -391,7 +384,10 @@ mod tests {
     fn first_format_manifests_read_as_blake3() {
         let m = sample(DigestAlgorithm::Blake3);
         let v1 = first_format(&m);
-        assert_eq!(DigestManifest::decode(&v1).ok(), Some(sample(DigestAlgorithm::Blake3)));
+        assert_eq!(
+            DigestManifest::decode(&v1).ok(),
+            Some(sample(DigestAlgorithm::Blake3))
+        );
         // From a downloaded file too, and written back in the current format.
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &v1).unwrap();
@@ -404,18 +400,25 @@ mod tests {
         let algorithm = DigestAlgorithm::Blake3;
         let mut m = DigestManifest::new(algorithm, 4096, 1 << 30);
         for index in (0..262_144).step_by(2) {
-            m.push(index, algorithm.digest(&index.to_be_bytes())).unwrap();
+            m.push(index, algorithm.digest(&index.to_be_bytes()))
+                .unwrap();
         }
         let mut file = tempfile::tempfile().unwrap();
         std::io::copy(&mut m.reader(), &mut file).unwrap();
         assert_eq!(file.metadata().unwrap().len(), m.encoded_len());
         let opened = DigestManifest::open(file).unwrap();
         assert_eq!(opened.len(), 131_072);
-        assert_eq!(opened.get(262_142).unwrap(), Some(algorithm.digest(&262_142u64.to_be_bytes())));
+        assert_eq!(
+            opened.get(262_142).unwrap(),
+            Some(algorithm.digest(&262_142u64.to_be_bytes()))
+        );
         assert_eq!(opened.get(262_141).unwrap(), None);
         let mut cursor = Cursor::new(Some(&opened));
         assert!(cursor.any_in(1001, 1003).unwrap());
-        assert_eq!(cursor.get(1002).unwrap(), Some(algorithm.digest(&1002u64.to_be_bytes())));
+        assert_eq!(
+            cursor.get(1002).unwrap(),
+            Some(algorithm.digest(&1002u64.to_be_bytes()))
+        );
         let mut taken = Vec::new();
         cursor
             .take_until(1003, 1010, |index, _| {

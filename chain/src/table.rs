@@ -56,7 +56,10 @@ impl Body {
         if at < self.spilled {
             let n = (self.spilled - at).min(buf.len() as u64) as usize;
             let (head, rest) = buf.split_at_mut(n);
-            let file = self.file.as_ref().ok_or_else(|| io::Error::other("no table file"))?;
+            let file = self
+                .file
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no table file"))?;
             file.read_exact_at(head, self.base + at)?;
             buf = rest;
             at += n as u64;
@@ -212,9 +215,9 @@ impl<const V: usize> Table<V> {
             )));
         }
         let mut entry = [0u8; 24];
-        let entry = entry.get_mut(..8 + V).ok_or_else(|| {
-            Error::Mismatch(format!("{}: entries too large", self.format.what))
-        })?;
+        let entry = entry
+            .get_mut(..8 + V)
+            .ok_or_else(|| Error::Mismatch(format!("{}: entries too large", self.format.what)))?;
         entry[..8].copy_from_slice(&index.to_be_bytes());
         entry[8..].copy_from_slice(value);
         self.body.append(entry).map_err(|source| Error::Io {
@@ -237,6 +240,33 @@ impl<const V: usize> Table<V> {
             at: 0,
             next: 0,
         }
+    }
+
+    /// The whole encoding in memory.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.reader()
+            .read_to_end(&mut out)
+            .map_err(|source| Error::Io {
+                what: "encoding a side file",
+                offset: 0,
+                source,
+            })?;
+        Ok(out)
+    }
+
+    /// The entries in ascending order; ends after the first error.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(u64, [u8; V])>> + '_ {
+        let mut cursor = self.cursor();
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let next = cursor.next().transpose();
+            failed = matches!(next, Some(Err(_)));
+            next
+        })
     }
 
     /// Bytes of the whole encoding.
@@ -526,7 +556,8 @@ mod tests {
         assert!(t.body.file.is_some());
         assert!(t.body.pending.len() < SPILL);
         for index in [0, 1, 2, 3, 150_000, 299_997, 299_998, 400_000] {
-            let want = (index % 3 == 0 && index < 300_000).then(|| ((index / 3) as u32).to_be_bytes());
+            let want =
+                (index % 3 == 0 && index < 300_000).then(|| ((index / 3) as u32).to_be_bytes());
             assert_eq!(t.get(index).unwrap(), want, "cluster {index}");
         }
         assert_eq!(t.first_from(4).unwrap(), Some(6));
@@ -563,7 +594,10 @@ mod tests {
         assert!(reopened == t);
         assert_eq!(reopened.get(59_997).unwrap(), Some(19_999u32.to_be_bytes()));
         let err = Table::<4>::decode(&FORMAT, &bytes, |_| Some(59_997)).unwrap_err();
-        assert!(err.to_string().contains("cluster 59997 out of range"), "{err}");
+        assert!(
+            err.to_string().contains("cluster 59997 out of range"),
+            "{err}"
+        );
     }
 
     #[test]

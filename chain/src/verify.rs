@@ -14,7 +14,13 @@ pub struct Damage {
     pub problem: String,
 }
 
+/// Damage reported for one image at most; past it, one more entry counts the rest (a
+/// hostile or wholly corrupt image must not make the report grow with the volume).
+pub const MAX_DAMAGE: usize = 10_000;
+
 /// Verifies the clusters stored in the top image of `image` against `checksums`.
+///
+/// At most [`MAX_DAMAGE`] problems are listed, then one saying how many more were found.
 ///
 /// Structure is checked by walking every L1 and L2 entry (through the reader's validation);
 /// each stored cluster is read (decompressed where compressed) and its CRC-32 compared.
@@ -32,9 +38,13 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         });
         return damage;
     }
+    let mut report = Report {
+        listed: damage,
+        more: 0,
+    };
     let mut expected = checksums.cursor();
     let mut buf = vec![0u8; cluster as usize];
-    let mut check = |index: Option<u64>, damage: &mut Vec<Damage>| -> crate::Result<()> {
+    let mut check = |index: Option<u64>, report: &mut Report| -> crate::Result<()> {
         // Entries listed below `index` (all of them at the end) are not stored.
         while let Some(want) = expected.peek()? {
             if index.is_some_and(|have| want > have) {
@@ -45,7 +55,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
             };
             let crc = u32::from_be_bytes(crc);
             if Some(want) != index {
-                damage.push(Damage {
+                report.add(Damage {
                     guest_offset: want * cluster,
                     problem: "cluster in the checksum list is not stored".into(),
                 });
@@ -57,7 +67,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
                 Ok(()) => {
                     let read = crc32fast::hash(&buf[..len]);
                     if read != crc {
-                        damage.push(Damage {
+                        report.add(Damage {
                             guest_offset: offset,
                             problem: format!(
                                 "checksum mismatch: stored {crc:08x}, data {read:08x}"
@@ -65,7 +75,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
                         });
                     }
                 }
-                Err(e) => damage.push(Damage {
+                Err(e) => report.add(Damage {
                     guest_offset: offset,
                     problem: format!("unreadable: {e}"),
                 }),
@@ -73,7 +83,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
             return Ok(());
         }
         if let Some(have) = index {
-            damage.push(Damage {
+            report.add(Damage {
                 guest_offset: have * cluster,
                 problem: "cluster stored but not in the checksum list".into(),
             });
@@ -82,7 +92,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
     };
     let mut list_error = None;
     let walked = for_each_stored(image, |index| {
-        check(Some(index), &mut damage).map_err(|e| {
+        check(Some(index), &mut report).map_err(|e| {
             list_error = Some(e);
             stopped()
         })
@@ -90,17 +100,43 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
     let problem = match (walked, list_error) {
         (_, Some(e)) => Some((0, format!("checksum list: {e}"))),
         (Err(e), None) => Some((error_offset(&e), format!("image structure: {e}"))),
-        (Ok(()), None) => check(None, &mut damage)
+        (Ok(()), None) => check(None, &mut report)
             .err()
             .map(|e| (0, format!("checksum list: {e}"))),
     };
     if let Some((guest_offset, problem)) = problem {
-        damage.push(Damage {
+        report.add(Damage {
             guest_offset,
             problem,
         });
     }
-    damage
+    report.finish()
+}
+
+/// Damage found so far: the first [`MAX_DAMAGE`] listed, the rest counted.
+struct Report {
+    listed: Vec<Damage>,
+    more: u64,
+}
+
+impl Report {
+    fn add(&mut self, damage: Damage) {
+        if self.listed.len() < MAX_DAMAGE {
+            self.listed.push(damage);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Damage> {
+        if self.more > 0 {
+            self.listed.push(Damage {
+                guest_offset: 0,
+                problem: format!("{} more problems not listed", self.more),
+            });
+        }
+        self.listed
+    }
 }
 
 fn error_offset(e: &strata_qcow2::Error) -> u64 {
@@ -162,5 +198,35 @@ fn stopped() -> strata_qcow2::Error {
         image: String::new(),
         action: "stopped".into(),
         source: std::io::Error::other("stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_qcow2::{FileSink, WriterOptions};
+
+    #[test]
+    fn a_wholly_unlisted_image_lists_a_bounded_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.qcow2");
+        let mut options = WriterOptions::default();
+        options.cluster_size = 512;
+        let clusters = MAX_DAMAGE as u64 + 5;
+        let mut writer =
+            strata_qcow2::Writer::new(FileSink::create(&path).unwrap(), &options, clusters * 512)
+                .unwrap();
+        writer
+            .write_data(0, &vec![1u8; clusters as usize * 512])
+            .unwrap();
+        writer.finish().unwrap();
+        let image = Image::open(&path).unwrap();
+        let damage = verify(&image, &ClusterChecksums::new(512));
+        assert_eq!(damage.len(), MAX_DAMAGE + 1);
+        assert_eq!(
+            damage[0].problem,
+            "cluster stored but not in the checksum list"
+        );
+        assert_eq!(damage[MAX_DAMAGE].problem, "5 more problems not listed");
     }
 }

@@ -40,8 +40,8 @@ use crate::fold_recovery::{FoldIntent, roll_forward};
 use crate::layout::{fold_image_name, image_name};
 use crate::liveness::WriterLease;
 use crate::manifest::{BackupManifest, Reservation, SideFile, crc32, from_json, to_json};
-use crate::side::SideBody;
 use crate::name::{BackupId, FileName, VolumeName};
+use crate::side::SideBody;
 use crate::sink::ImageUpload;
 use crate::target::{Created, Inner, Target};
 

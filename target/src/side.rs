@@ -8,8 +8,8 @@ use std::fs::File;
 use std::io::{self, Read};
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutPayload};
 use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, Result};
 use crate::manifest::{Checksums, Crc32};
@@ -115,10 +115,15 @@ impl Target {
     /// Downloads a side file of a committed backup into an unnamed temporary file (in
     /// `TMPDIR`), checking its size and CRC against the manifest ([`Error::Corrupt`] names
     /// what differs) before handing it out. Memory: one chunk of the body at a time.
-    pub fn download_file(&self, volume: &VolumeName, id: &BackupId, name: &FileName) -> Result<File> {
+    pub fn download_file(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+        name: &FileName,
+    ) -> Result<File> {
         let (entry, path) = self.side_file_entry(volume, id, name)?;
-        let mut file =
-            tempfile::tempfile().map_err(|err| Error::io("create a temporary file for", &path, err))?;
+        let mut file = tempfile::tempfile()
+            .map_err(|err| Error::io("create a temporary file for", &path, err))?;
         let (size, crc) = self.stream_object(&path, &mut file)?;
         if size != entry.size || crc != entry.checksums.crc32 {
             return Err(Error::Corrupt {

@@ -385,7 +385,8 @@ mod tests {
     fn contiguous_data_collapses_into_one_run() {
         let mut map = GuestMap::new(16);
         for i in 0..10 {
-            map.push_data(GuestCluster(100 + i), HostCluster(1 + i)).unwrap();
+            map.push_data(GuestCluster(100 + i), HostCluster(1 + i))
+                .unwrap();
         }
         map.push_zero(GuestCluster(8192)).unwrap();
         map.push_zero(GuestCluster(8193)).unwrap();

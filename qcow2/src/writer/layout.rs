@@ -182,15 +182,16 @@ impl Layout {
             buf.fill(0);
             let first = chunk * per_cluster;
             while let Some((k, l1_index)) = tables.peek() {
-                let (k, l1_index) = match l1_index {
-                    Ok(l1_index) => (*k, *l1_index),
-                    Err(_) => {
-                        let failed = tables.next().map(|(_, r)| r);
-                        return Err(spill(failed.and_then(Result::err).unwrap_or_else(|| {
-                            std::io::Error::other("spilled L2 table list")
-                        })));
-                    }
-                };
+                let (k, l1_index) =
+                    match l1_index {
+                        Ok(l1_index) => (*k, *l1_index),
+                        Err(_) => {
+                            let failed = tables.next().map(|(_, r)| r);
+                            return Err(spill(failed.and_then(Result::err).unwrap_or_else(|| {
+                                std::io::Error::other("spilled L2 table list")
+                            })));
+                        }
+                    };
                 if l1_index >= first + per_cluster {
                     break;
                 }
@@ -210,9 +211,7 @@ impl Layout {
             if self.skipped.contains(&slot) {
                 continue;
             }
-            cursor
-                .fill(slot * per_block, &mut counts)
-                .map_err(spill)?;
+            cursor.fill(slot * per_block, &mut counts).map_err(spill)?;
             self.fill_metadata_counts(slot * per_block, &mut counts);
             for (bytes, count) in buf.chunks_exact_mut(2).zip(&counts) {
                 bytes.copy_from_slice(&count.to_be_bytes());
