@@ -64,7 +64,7 @@ pub struct BackupOutcome {
     /// The image written.
     pub summary: WriteSummary,
     /// Digests of every non-zero cluster of the volume at this point (spilled to a temporary
-    /// file: stream it out with [`DigestManifest::reader`]).
+    /// file: stream it out with [`DigestManifest::into_reader`]).
     pub digests: DigestManifest,
     /// CRC-32 of every cluster stored in the image (spilled likewise).
     pub checksums: ClusterChecksums,

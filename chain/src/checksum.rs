@@ -77,23 +77,13 @@ impl ClusterChecksums {
             .map(|entry| entry.map(|(i, v)| (i, u32::from_be_bytes(v))))
     }
 
-    /// Bytes of the encoding.
-    pub fn encoded_len(&self) -> u64 {
-        self.table.encoded_len()
-    }
-
-    /// The encoding, streamed.
-    pub fn reader(&self) -> impl std::io::Read + '_ {
-        self.table.reader()
-    }
-
-    /// [`Self::reader`] owning the checksum list, for an upload that outlives the borrow.
+    /// The encoding, streamed (owning the list, so an upload can outlive the borrow).
     pub fn into_reader(self) -> impl std::io::Read + Send + 'static {
         self.table.into_reader()
     }
 
     /// The encoding, whole in memory (12 bytes per entry: for small lists and tests; stream
-    /// large ones with [`Self::reader`]).
+    /// large ones with [`Self::into_reader`]).
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.table.encode()
     }

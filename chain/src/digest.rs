@@ -164,23 +164,14 @@ impl DigestManifest {
         self.table.iter()
     }
 
-    /// Bytes of the encoding.
-    pub fn encoded_len(&self) -> u64 {
-        self.table.encoded_len()
-    }
-
-    /// The encoding, streamed (the current format, whatever format it was read from).
-    pub fn reader(&self) -> impl std::io::Read + '_ {
-        self.table.reader()
-    }
-
-    /// [`Self::reader`] owning the digest manifest, for an upload that outlives the borrow.
+    /// The encoding, streamed (owning the manifest, so an upload can outlive the borrow),
+    /// in the current format whatever format it was read from.
     pub fn into_reader(self) -> impl std::io::Read + Send + 'static {
         self.table.into_reader()
     }
 
     /// The encoding, whole in memory (24 bytes per entry: for small manifests and tests;
-    /// stream large ones with [`Self::reader`]).
+    /// stream large ones with [`Self::into_reader`]).
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.table.encode()
     }
@@ -404,8 +395,8 @@ mod tests {
                 .unwrap();
         }
         let mut file = tempfile::tempfile().unwrap();
-        std::io::copy(&mut m.reader(), &mut file).unwrap();
-        assert_eq!(file.metadata().unwrap().len(), m.encoded_len());
+        std::io::copy(&mut m.into_reader(), &mut file).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 48 + 131_072 * 24);
         let opened = DigestManifest::open(file).unwrap();
         assert_eq!(opened.len(), 131_072);
         assert_eq!(

@@ -20,7 +20,7 @@
 //!     eprintln!("{}/{} bytes scanned", p.scanned_bytes, p.total_bytes);
 //! })?;
 //! std::io::copy(
-//!     &mut outcome.digests.reader(),
+//!     &mut outcome.digests.into_reader(),
 //!     &mut std::fs::File::create("backups/0001.digests")?,
 //! )?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -43,11 +43,14 @@
 //!
 //! Memory is bounded by a budget, not by the volume: **a backup (full or incremental), a
 //! verify, a restore and a fold each peak under 64 MiB of resident memory with the default
-//! buffers, for any volume size** (measured with `benches/rss.sh`: 47 MiB for a full backup,
-//! 38 MiB for an incremental, 15 MiB for a verify and 31 MiB for a restore, the same at 1 and
-//! 4 GiB written at 4 KiB clusters, that is 262,144 and 1,048,576 clusters; `tests/cli_memory.rs`
+//! buffers, for any volume size** (measured with `benches/rss.sh`, release build: at 64 KiB
+//! clusters and 1 vs 16 GiB written, 40 vs 45 MiB for a full backup, 38 vs 38 for an
+//! incremental, 15 vs 16 for a verify, 31 vs 31.5 for a restore; at 4 KiB clusters and 1 vs
+//! 4 GiB, that is 262,144 vs 1,048,576 clusters, 47 vs 47, 38 vs 38, 15 vs 15, 31 vs 31;
+//! `tests/cli_memory.rs`
 //! holds CI to the budget at 2^20 clusters). A restore adds at most 1 MiB of cached L2 tables
-//! per image of its chain.
+//! per image of its chain. The budget is for a folder target: on object storage the target's
+//! upload parts and read caches come on top (`strata_target::TargetOptions`).
 //!
 //! What the budget holds: six 4 MiB chunk buffers (read ahead on three reader threads, which
 //! also hash and, with compression on, compress the clusters; each buffer keeps up to 4 MiB

@@ -1,7 +1,7 @@
 //! Side files streamed both ways, so that one as large as a backup's digest manifest (24 bytes
 //! per cluster of the volume) never sits whole in memory: uploaded from a [`SideBody`] one
 //! part at a time ([`TargetOptions::min_part_size`](crate::TargetOptions::min_part_size),
-//! 5 MiB by default), downloaded into an unnamed temporary file with its size and CRC-32
+//! 5 MiB by default, on object stores; 1 MiB on a folder), downloaded into an unnamed temporary file with its size and CRC-32
 //! checked against the manifest before the file is handed out.
 
 use std::fs::File;
@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::manifest::{Checksums, Crc32};
 use crate::name::{BackupId, FileName, VolumeName};
 use crate::target::Target;
+
+/// Bytes of a part on a folder target.
+const LOCAL_PART: usize = 1 << 20;
 
 /// The bytes of a side file to store: in memory, or read as they are uploaded.
 pub struct SideBody {
@@ -45,7 +48,11 @@ impl std::fmt::Debug for SideBody {
 impl Target {
     /// Stores `body` as object `path`, one part at a time; returns its size and checksums.
     pub(crate) fn put_streamed(&self, path: &Path, mut body: SideBody) -> Result<(u64, Checksums)> {
-        let part_size = self.inner.options.min_part_size.max(1 << 20);
+        // A folder has no minimum part size: 1 MiB parts keep the buffer small there.
+        let part_size = match self.inner.local_root {
+            Some(_) => LOCAL_PART,
+            None => self.inner.options.min_part_size.max(LOCAL_PART),
+        };
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         let mut next_part = |crc: &mut crc32fast::Hasher, size: &mut u64| -> Result<Bytes> {
