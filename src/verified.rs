@@ -63,7 +63,8 @@ impl VerifiedChain {
 ///
 /// Before any data is read: the manifests are walked from the backup through `parent` (a
 /// missing parent, a backup naming itself or a loop is damage), each layer's `checksums`
-/// side file is read (its size and CRC checked against its manifest), the chain is opened from
+/// side file is downloaded into a temporary file (its size and CRC checked against its
+/// manifest; read back through a small page cache, never held whole), the chain is opened from
 /// the backup's image object through the volume's storage no deeper than the manifests go,
 /// and each layer is compared with its manifest: backing name (`image_name(parent)`), virtual
 /// size, object size, cluster size (also the checksum list's), and the chain's depth.
@@ -93,9 +94,9 @@ pub(crate) fn open_verified_in(
     let mut lists = Vec::with_capacity(manifests.len());
     for manifest in &manifests {
         let list = target
-            .read_file(volume, &manifest.id, &side_file(CHECKSUMS_FILE))
+            .download_file(volume, &manifest.id, &side_file(CHECKSUMS_FILE))
             .map_err(Error::from)
-            .and_then(|bytes| Ok(ClusterChecksums::decode(&bytes)?))
+            .and_then(|file| Ok(ClusterChecksums::open(file)?))
             .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
         lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
     }

@@ -5,7 +5,10 @@
 //! changed-block tracking, only those clusters). Digests are BLAKE3 unless the chain's full
 //! backup chose XXH3-128 ([`BackupOptions::digests`]). Each backup stores two side files
 //! next to its image: `digests` (for the next incremental) and `checksums` (CRC-32 of every
-//! stored cluster, for [`verify`]).
+//! stored cluster, for [`verify`]). Both are streamed, never held whole: uploaded a part at a
+//! time, downloaded into unnamed temporary files (in `TMPDIR`) and read back through a small
+//! cache, so backup, restore, verify and prune stay under a fixed peak memory for any volume
+//! size (see "Memory" in [`strata_chain`]).
 //!
 //! Backups compress their data clusters with zstd by default ([`BackupOptions::compression`]),
 //! on the scan's reader threads; a cluster that does not shrink is stored raw, and compressed
@@ -22,7 +25,7 @@ use strata_qcow2::{
     CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
 };
 use strata_target::{
-    BackupId, BackupManifest, BackupSpec, FileName, PartStorage, Target, VolumeName,
+    BackupId, BackupManifest, BackupSpec, FileName, PartStorage, SideBody, Target, VolumeName,
 };
 
 use crate::planned_restore::restore_planned;
@@ -194,7 +197,7 @@ pub fn backup_volume(
         .or(options.cluster_size)
         .unwrap_or(strata_qcow2::DEFAULT_CLUSTER_SIZE);
     let previous_digests = match &latest {
-        Some(parent) => Some(DigestManifest::decode(&target.read_file(
+        Some(parent) => Some(DigestManifest::open(target.download_file(
             volume,
             &parent.id,
             &side_file(DIGESTS_FILE),
@@ -235,10 +238,13 @@ pub fn backup_volume(
         options.digests,
         progress,
     )?;
-    upload.put_file(&side_file(DIGESTS_FILE), outcome.digests.encode().into())?;
-    upload.put_file(
+    upload.put_file_streamed(
+        &side_file(DIGESTS_FILE),
+        SideBody::from_reader(outcome.digests.into_reader()),
+    )?;
+    upload.put_file_streamed(
         &side_file(CHECKSUMS_FILE),
-        outcome.checksums.encode().into(),
+        SideBody::from_reader(outcome.checksums.into_reader()),
     )?;
     Ok(upload.commit()?)
 }
@@ -435,9 +441,9 @@ pub fn verify(
             damage.push(problem(format!("chain: {}", chain_text(&e))));
         }
         let checksums = target
-            .read_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
+            .download_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
             .map_err(Error::from)
-            .and_then(|bytes| Ok(ClusterChecksums::decode(&bytes)?));
+            .and_then(|file| Ok(ClusterChecksums::open(file)?));
         // Unverified: verify reports every damaged cluster instead of stopping at the first.
         let image = Image::open_with(
             &target.storage(&manifest.volume),
@@ -530,7 +536,10 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
                     reason: chain_text(&e),
                 }
             })?;
-            Ok(vec![(side_file(CHECKSUMS_FILE), checksums.encode().into())])
+            Ok(vec![(
+                side_file(CHECKSUMS_FILE),
+                SideBody::from_reader(checksums.into_reader()),
+            )])
         })?;
         removed.push(oldest.id.clone());
     }

@@ -407,10 +407,16 @@ fn compressed_backup(target: &Target, volume: &Path) -> String {
     .expect("backup");
     let file = |n: &str| FileName::new(n).expect("name");
     upload
-        .put_file(&file("digests"), outcome.digests.encode().into())
+        .put_file(
+            &file("digests"),
+            outcome.digests.encode().expect("digests").into(),
+        )
         .expect("digests");
     upload
-        .put_file(&file("checksums"), outcome.checksums.encode().into())
+        .put_file(
+            &file("checksums"),
+            outcome.checksums.encode().expect("checksums").into(),
+        )
         .expect("checksums");
     upload.commit().expect("commit").id.to_string()
 }

@@ -59,13 +59,14 @@ impl std::fmt::Debug for ChangeSource<'_> {
 }
 
 /// What a backup produced besides the image.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BackupOutcome {
     /// The image written.
     pub summary: WriteSummary,
-    /// Digests of every non-zero cluster of the volume at this point.
+    /// Digests of every non-zero cluster of the volume at this point (spilled to a temporary
+    /// file: stream it out with [`DigestManifest::into_reader`]).
     pub digests: DigestManifest,
-    /// CRC-32 of every cluster stored in the image.
+    /// CRC-32 of every cluster stored in the image (spilled likewise).
     pub checksums: ClusterChecksums,
     /// Counters at the end.
     pub progress: Progress,
@@ -202,14 +203,14 @@ impl State<'_> {
         self.progress.scanned_bytes = end;
         if self.ranges_given && chunk.wanted.is_empty() {
             // Nothing changed here: the previous digests carry over, nothing was read.
-            for &(index, d) in self.cursor.take_until(c0, c1) {
-                self.digests.push(index, d);
-            }
+            let digests = &mut self.digests;
+            self.cursor
+                .take_until(c0, c1, |index, d| digests.push(index, d))?;
             return Ok(chunk.data);
         }
         let previous_data = match self.source {
             ChangeSource::Compare { .. } => chunk.previous_data,
-            ChangeSource::Digests { .. } => self.cursor.any_in(c0, c1),
+            ChangeSource::Digests { .. } => self.cursor.any_in(c0, c1)?,
             _ => false,
         };
         if !self.ranges_given && chunk.data.is_none() && !previous_data {
@@ -233,28 +234,28 @@ impl State<'_> {
         let mut pos = c0;
         for &(a, b) in &chunk.wanted {
             // Clusters not read keep their previous digests.
-            for &(index, d) in self.cursor.take_until(pos, a) {
-                self.digests.push(index, d);
-            }
+            let digests = &mut self.digests;
+            self.cursor
+                .take_until(pos, a, |index, d| digests.push(index, d))?;
             let mut run: Option<u64> = None;
             for index in a..b {
                 let i = (index - c0) as usize;
                 let new_digest = chunk.digests.get(i).copied().flatten();
                 let zero = new_digest.is_none();
                 if let Some(d) = new_digest {
-                    self.digests.push(index, d);
+                    self.digests.push(index, d)?;
                 }
                 let differs = match self.source {
                     ChangeSource::Full => !zero,
                     ChangeSource::ChangedRanges { .. } => true,
-                    ChangeSource::Digests { .. } => new_digest != self.cursor.get(index),
+                    ChangeSource::Digests { .. } => new_digest != self.cursor.get(index)?,
                     ChangeSource::Compare { .. } => chunk.differs.get(i).copied().unwrap_or(true),
                 };
                 if differs {
                     run.get_or_insert(index);
                     if !zero {
                         let data = cluster_bytes(bytes, c0, index, cluster);
-                        self.checksums.push(index, data);
+                        self.checksums.push(index, data)?;
                         self.progress.changed_clusters += 1;
                         self.progress.written_bytes += data.len() as u64;
                     } else if self.overlay {
@@ -269,14 +270,14 @@ impl State<'_> {
             }
             if self.ranges_given {
                 // Skip the previous digests of the clusters just read.
-                self.cursor.take_until(a, b);
+                self.cursor.take_until(a, b, |_, _| Ok(()))?;
             }
             pos = b;
         }
         if self.ranges_given {
-            for &(index, d) in self.cursor.take_until(pos, c1) {
-                self.digests.push(index, d);
-            }
+            let digests = &mut self.digests;
+            self.cursor
+                .take_until(pos, c1, |index, d| digests.push(index, d))?;
         }
         Ok(chunk.data)
     }

@@ -12,9 +12,11 @@ use crate::checksum::ClusterChecksums;
 /// A stored cluster must be in its image's list with the CRC-32 of the bytes read; it must not
 /// be in the list of an image above it (whose mapping would then have lost it); and a range
 /// that reads as zeros must not hold a cluster listed by the image that decides it or by any
-/// image above (or, unallocated, by any image). Lookups are binary searches: a check costs the
-/// CRC-32 of the cluster (several GB/s) and a few comparisons per image.
-#[derive(Debug, Clone)]
+/// image above (or, unallocated, by any image). Lookups go through each list's small page cache
+/// (the lists are never held whole): a check costs the CRC-32 of the cluster (several GB/s)
+/// and a binary search in a cached page per image. A list that cannot be read back fails the
+/// check.
+#[derive(Debug)]
 pub struct ChainChecksums {
     layers: Vec<(String, ClusterChecksums)>,
 }
@@ -42,17 +44,25 @@ impl ChainChecksums {
         depth: Option<usize>,
         guest_offset: u64,
         len: u64,
-    ) -> Option<(usize, u64)> {
+    ) -> Result<Option<(usize, u64)>, CheckFailure> {
         let limit = depth.unwrap_or(self.layers.len()).min(self.layers.len());
-        self.layers
-            .get(..limit)?
+        for (d, (_, list)) in self
+            .layers
+            .get(..limit)
+            .unwrap_or_default()
             .iter()
             .enumerate()
-            .find_map(|(d, (_, list))| {
-                let size = list.cluster_size.max(1);
-                let clusters = guest_offset / size..(guest_offset + len).div_ceil(size);
-                list.first_in(clusters).map(|index| (d, index * size))
-            })
+        {
+            let size = list.cluster_size.max(1);
+            let clusters = guest_offset / size..(guest_offset + len).div_ceil(size);
+            let first = list
+                .first_in(clusters)
+                .map_err(|e| unreadable(d, guest_offset, &e))?;
+            if let Some(index) = first {
+                return Ok(Some((d, index * size)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -70,7 +80,10 @@ impl ClusterCheck for ChainChecksums {
             ));
         };
         let read = crc32fast::hash(data);
-        match list.get(guest_offset / list.cluster_size.max(1)) {
+        let listed = list
+            .get(guest_offset / list.cluster_size.max(1))
+            .map_err(|e| unreadable(depth, guest_offset, &e))?;
+        match listed {
             None => {
                 return Err(failure(
                     depth,
@@ -85,7 +98,7 @@ impl ClusterCheck for ChainChecksums {
             }
             Some(_) => {}
         }
-        match self.listed_above(Some(depth), guest_offset, data.len() as u64) {
+        match self.listed_above(Some(depth), guest_offset, data.len() as u64)? {
             Some((above, at)) => Err(CheckFailure {
                 depth: above,
                 guest_offset: at,
@@ -100,7 +113,7 @@ impl ClusterCheck for ChainChecksums {
 
     fn zeros(&self, depth: Option<usize>, guest_offset: u64, len: u64) -> Result<(), CheckFailure> {
         // The image deciding the range, and every image above it.
-        match self.listed_above(depth.map(|d| d + 1), guest_offset, len) {
+        match self.listed_above(depth.map(|d| d + 1), guest_offset, len)? {
             Some((listed, at)) => Err(CheckFailure {
                 depth: listed,
                 guest_offset: at,
@@ -115,6 +128,21 @@ impl ClusterCheck for ChainChecksums {
     }
 }
 
+/// A check that failed because the checksum list of the image at `depth` could not be read.
+fn unreadable(depth: usize, guest_offset: u64, error: &crate::Error) -> CheckFailure {
+    let mut problem = format!("cannot be checked: its checksum list does not read back: {error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        problem.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    CheckFailure {
+        depth,
+        guest_offset,
+        problem,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,7 +152,7 @@ mod tests {
     fn list(clusters: &[(u64, &[u8])]) -> ClusterChecksums {
         let mut list = ClusterChecksums::new(CLUSTER);
         for &(index, data) in clusters {
-            list.push(index, data);
+            list.push(index, data).unwrap();
         }
         list
     }

@@ -2,10 +2,12 @@
 //!
 //! Encoding (big-endian): the magic `STRCRC01`, the cluster size (u64), the entry count (u64),
 //! then per stored cluster in ascending order its index (u64) and the CRC-32 (IEEE, u32) of its
-//! guest bytes (after decompression).
+//! guest bytes (after decompression). The file is 12 bytes per stored cluster; memory is not:
+//! a list is written and read as a stream (see [`ClusterChecksums`]).
 
 use crate::codec::Format;
 use crate::error::Result;
+use crate::table::{Cursor, Table};
 
 const FORMAT: Format = Format {
     what: "checksum list",
@@ -14,12 +16,16 @@ const FORMAT: Format = Format {
     value: 4,
 };
 
-/// The CRC-32 of every stored cluster of one image.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The CRC-32 of every stored cluster of one image, in ascending cluster order.
+///
+/// Never held whole: past 64 KiB the entries spill to an unnamed temporary file (in
+/// `TMPDIR`, 12 bytes per stored cluster), and lookups read them back through a cache of a
+/// few pages.
+#[derive(Debug, PartialEq)]
 pub struct ClusterChecksums {
     /// Cluster size of the image.
     pub cluster_size: u64,
-    entries: Vec<(u64, u32)>,
+    table: Table<4>,
 }
 
 impl ClusterChecksums {
@@ -27,64 +33,77 @@ impl ClusterChecksums {
     pub fn new(cluster_size: u64) -> Self {
         Self {
             cluster_size,
-            entries: Vec::new(),
+            table: Table::new(&FORMAT, vec![cluster_size]),
         }
     }
 
     /// Records cluster `index` (ascending) with the bytes stored for it.
-    pub(crate) fn push(&mut self, index: u64, data: &[u8]) {
-        self.entries.push((index, crc32fast::hash(data)));
+    pub(crate) fn push(&mut self, index: u64, data: &[u8]) -> Result<()> {
+        self.table.push(index, &crc32fast::hash(data).to_be_bytes())
     }
 
-    /// The stored clusters and their checksums, ascending.
-    pub fn entries(&self) -> &[(u64, u32)] {
-        &self.entries
+    /// Number of listed clusters.
+    pub fn len(&self) -> u64 {
+        self.table.len()
+    }
+
+    /// Whether no cluster is listed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The checksum of cluster `index`, if the list has it.
-    pub fn get(&self, index: u64) -> Option<u32> {
-        let at = self
-            .entries
-            .binary_search_by_key(&index, |&(i, _)| i)
-            .ok()?;
-        self.entries.get(at).map(|&(_, crc)| crc)
+    pub fn get(&self, index: u64) -> Result<Option<u32>> {
+        Ok(self.table.get(index)?.map(u32::from_be_bytes))
     }
 
     /// The first listed cluster in `clusters`, if any.
-    pub fn first_in(&self, clusters: std::ops::Range<u64>) -> Option<u64> {
-        let at = self.entries.partition_point(|&(i, _)| i < clusters.start);
-        self.entries
-            .get(at)
-            .map(|&(i, _)| i)
-            .filter(|&i| i < clusters.end)
+    pub fn first_in(&self, clusters: std::ops::Range<u64>) -> Result<Option<u64>> {
+        Ok(self
+            .table
+            .first_from(clusters.start)?
+            .filter(|&i| i < clusters.end))
     }
 
-    /// Encodes the list.
-    pub fn encode(&self) -> Vec<u8> {
-        let values: Vec<[u8; 4]> = self.entries.iter().map(|(_, c)| c.to_be_bytes()).collect();
-        FORMAT.encode(
-            &[self.cluster_size],
-            self.entries
-                .iter()
-                .zip(&values)
-                .map(|((i, _), v)| (*i, &v[..])),
-        )
+    /// The listed clusters and their checksums, ascending, as a cursor.
+    pub(crate) fn cursor(&self) -> Cursor<'_, 4> {
+        self.table.cursor()
+    }
+
+    /// The entries in ascending cluster order, read back a block at a time.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(u64, u32)>> + '_ {
+        self.table
+            .iter()
+            .map(|entry| entry.map(|(i, v)| (i, u32::from_be_bytes(v))))
+    }
+
+    /// The encoding, streamed (owning the list, so an upload can outlive the borrow).
+    pub fn into_reader(self) -> impl std::io::Read + Send + 'static {
+        self.table.into_reader()
+    }
+
+    /// The encoding, whole in memory (12 bytes per entry: for small lists and tests; stream
+    /// large ones with [`Self::into_reader`]).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        self.table.encode()
     }
 
     /// Decodes a list read back from a target (untrusted: every field is checked).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (words, raw) = FORMAT.decode(bytes)?;
-        let mut entries = Vec::with_capacity(raw.len());
-        for entry in raw {
-            let (index, value) = entry?;
-            let mut crc = [0u8; 4];
-            crc.copy_from_slice(value);
-            entries.push((index, u32::from_be_bytes(crc)));
+        Ok(Self::from_table(Table::decode(&FORMAT, bytes, |_| None)?))
+    }
+
+    /// Opens a list stored in `file` (a side file downloaded from a target; untrusted: every
+    /// field is checked, in one pass that holds no more than a page).
+    pub fn open(file: std::fs::File) -> Result<Self> {
+        Ok(Self::from_table(Table::open(&FORMAT, file, |_| None)?))
+    }
+
+    fn from_table(table: Table<4>) -> Self {
+        Self {
+            cluster_size: table.words().first().copied().unwrap_or(0),
+            table,
         }
-        Ok(Self {
-            cluster_size: words[0],
-            entries,
-        })
     }
 }
 
@@ -94,31 +113,35 @@ mod tests {
 
     fn sample() -> ClusterChecksums {
         let mut list = ClusterChecksums::new(65536);
-        list.push(3, b"abc");
-        list.push(9, &[0u8; 100]);
+        list.push(3, b"abc").unwrap();
+        list.push(9, &[0u8; 100]).unwrap();
         list
     }
 
     #[test]
     fn looks_up_clusters_and_ranges() {
         let list = sample();
-        assert_eq!(list.get(3), Some(crc32fast::hash(b"abc")));
-        assert_eq!(list.get(4), None);
-        assert_eq!(list.first_in(0..3), None);
-        assert_eq!(list.first_in(0..4), Some(3));
-        assert_eq!(list.first_in(4..10), Some(9));
-        assert_eq!(list.first_in(10..u64::MAX), None);
+        assert_eq!(list.get(3).unwrap(), Some(crc32fast::hash(b"abc")));
+        assert_eq!(list.get(4).unwrap(), None);
+        assert_eq!(list.first_in(0..3).unwrap(), None);
+        assert_eq!(list.first_in(0..4).unwrap(), Some(3));
+        assert_eq!(list.first_in(4..10).unwrap(), Some(9));
+        assert_eq!(list.first_in(10..u64::MAX).unwrap(), None);
     }
 
     #[test]
     fn round_trips() {
         let list = sample();
-        assert_eq!(ClusterChecksums::decode(&list.encode()).unwrap(), list);
+        let bytes = list.encode().unwrap();
+        assert_eq!(ClusterChecksums::decode(&bytes).unwrap(), list);
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        assert_eq!(ClusterChecksums::open(file).unwrap(), list);
     }
 
     #[test]
     fn rejects_damage_with_a_named_reason() {
-        let good = sample().encode();
+        let good = sample().encode().unwrap();
         let cases: [(&str, Vec<u8>); 5] = [
             ("bad magic", [b"STRCRC02", &good[8..]].concat()),
             ("truncated header", good[..20].to_vec()),
@@ -144,7 +167,7 @@ mod tests {
 
     #[test]
     fn an_absurd_count_is_refused_before_allocating() {
-        let mut bytes = sample().encode();
+        let mut bytes = sample().encode().unwrap();
         bytes[16..24].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
         let err = ClusterChecksums::decode(&bytes).unwrap_err().to_string();
         assert!(err.contains("entries do not fit"), "{err}");

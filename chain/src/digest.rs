@@ -19,12 +19,15 @@
 //! Encoding (all integers big-endian): the magic `STRDGST2`, the cluster size (u64), the
 //! virtual size (u64), the algorithm (u64: 1 BLAKE3, 2 XXH3-128), the seed (u64, 0 for
 //! BLAKE3), the entry count (u64), then per non-zero cluster in ascending order its index
-//! (u64) and digest (16 bytes). All-zero clusters have no entry. Memory and size are 24 bytes
-//! per non-zero cluster (384 MiB for a full 1 TiB volume at 64 KiB clusters). Manifests of the
-//! first format, `STRDGST1` (no algorithm and seed words, always BLAKE3), are still read.
+//! (u64) and digest (16 bytes). All-zero clusters have no entry. The file is 24 bytes
+//! per non-zero cluster (384 MiB for a full 1 TiB volume at 64 KiB clusters); memory is not:
+//! a manifest is written and read as a stream, spilled to a temporary file (see
+//! [`DigestManifest`]). Manifests of the first format, `STRDGST1` (no algorithm and seed
+//! words, always BLAKE3), are still read, and written back in the current one.
 
-use crate::codec::{Format, check_index};
+use crate::codec::Format;
 use crate::error::{Result, malformed};
+use crate::table::{Cursor as TableCursor, Table};
 
 const FORMAT: Format = Format {
     what: "digest manifest",
@@ -108,8 +111,12 @@ impl DigestAlgorithm {
     }
 }
 
-/// The digests of one backup point.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The digests of one backup point, in ascending cluster order.
+///
+/// Never held whole: past 64 KiB the entries spill to an unnamed temporary file (in
+/// `TMPDIR`, 24 bytes per non-zero cluster), and lookups read them back through a cache of a
+/// few pages (see the crate's "Memory" section).
+#[derive(Debug, PartialEq)]
 pub struct DigestManifest {
     /// Cluster size the digests cover.
     pub cluster_size: u64,
@@ -117,124 +124,173 @@ pub struct DigestManifest {
     pub virtual_size: u64,
     /// How the digests were computed.
     pub algorithm: DigestAlgorithm,
-    entries: Vec<(u64, Digest)>,
+    table: Table<16>,
 }
 
 impl DigestManifest {
     /// An empty manifest (every cluster zero).
     pub fn new(algorithm: DigestAlgorithm, cluster_size: u64, virtual_size: u64) -> Self {
+        let [id, seed] = algorithm.words();
         Self {
             cluster_size,
             virtual_size,
             algorithm,
-            entries: Vec::new(),
+            table: Table::new(&FORMAT, vec![cluster_size, virtual_size, id, seed]),
         }
     }
 
     /// Appends the digest of cluster `index`; indexes must ascend.
-    pub(crate) fn push(&mut self, index: u64, digest: Digest) {
-        debug_assert!(self.entries.last().is_none_or(|(i, _)| *i < index));
-        self.entries.push((index, digest));
+    pub(crate) fn push(&mut self, index: u64, digest: Digest) -> Result<()> {
+        self.table.push(index, &digest)
     }
 
-    /// The non-zero clusters and their digests, ascending.
-    pub fn entries(&self) -> &[(u64, Digest)] {
-        &self.entries
+    /// Number of non-zero clusters.
+    pub fn len(&self) -> u64 {
+        self.table.len()
+    }
+
+    /// Whether every cluster was zero.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The digest of cluster `index`, `None` when it was all zeros.
-    pub fn get(&self, index: u64) -> Option<&Digest> {
-        self.entries
-            .binary_search_by_key(&index, |(i, _)| *i)
-            .ok()
-            .and_then(|at| self.entries.get(at).map(|(_, d)| d))
+    pub fn get(&self, index: u64) -> Result<Option<Digest>> {
+        self.table.get(index)
     }
 
-    /// Encodes the manifest.
-    pub fn encode(&self) -> Vec<u8> {
-        let [id, seed] = self.algorithm.words();
-        FORMAT.encode(
-            &[self.cluster_size, self.virtual_size, id, seed],
-            self.entries.iter().map(|(i, d)| (*i, &d[..])),
-        )
+    /// The entries in ascending cluster order, read back a block at a time.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(u64, Digest)>> + '_ {
+        self.table.iter()
+    }
+
+    /// The encoding, streamed (owning the manifest, so an upload can outlive the borrow),
+    /// in the current format whatever format it was read from.
+    pub fn into_reader(self) -> impl std::io::Read + Send + 'static {
+        self.table.into_reader()
+    }
+
+    /// The encoding, whole in memory (24 bytes per entry: for small manifests and tests;
+    /// stream large ones with [`Self::into_reader`]).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        self.table.encode()
     }
 
     /// Decodes a manifest read back from a target (untrusted: every field is checked).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (words, raw) = if bytes.starts_with(FORMAT_V1.magic) {
-            FORMAT_V1.decode(bytes)?
-        } else {
-            FORMAT.decode(bytes)?
-        };
+        Self::from_table(Table::decode(format_of(bytes), bytes, clusters)?)
+    }
+
+    /// Opens a manifest stored in `file` (a side file downloaded from a target; untrusted:
+    /// every field is checked, in one pass that holds no more than a page).
+    pub fn open(file: std::fs::File) -> Result<Self> {
+        let mut magic = [0u8; 8];
+        // A short file fails the header check of whichever format.
+        let _ = std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0);
+        Self::from_table(Table::open(format_of(&magic), file, clusters)?)
+    }
+
+    fn from_table(table: Table<16>) -> Result<Self> {
+        let words = table.words();
         let word = |i: usize| words.get(i).copied().unwrap_or(0);
         let (cluster_size, virtual_size) = (word(0), word(1));
         let algorithm = match words.len() {
             2 => DigestAlgorithm::Blake3,
             _ => DigestAlgorithm::from_words(word(2), word(3))?,
         };
-        let clusters = virtual_size.div_ceil(cluster_size);
-        let mut entries = Vec::with_capacity(raw.len());
-        for entry in raw {
-            let (index, value) = entry?;
-            check_index(FORMAT.what, index, clusters)?;
-            let mut digest = [0u8; 16];
-            digest.copy_from_slice(value);
-            entries.push((index, digest));
+        if words.len() == 2 {
+            // A first-format manifest: re-framed in the current format, so that it streams
+            // out as one (a carried-over manifest is written with the next backup).
+            let mut current = Self::new(algorithm, cluster_size, virtual_size);
+            let mut cursor = table.cursor();
+            while let Some((index, digest)) = cursor.next()? {
+                current.push(index, digest)?;
+            }
+            return Ok(current);
         }
         Ok(Self {
             cluster_size,
             virtual_size,
             algorithm,
-            entries,
+            table,
         })
     }
 }
 
+/// The format of an encoding starting with `bytes`.
+fn format_of(bytes: &[u8]) -> &'static Format {
+    if bytes.starts_with(FORMAT_V1.magic) {
+        &FORMAT_V1
+    } else {
+        &FORMAT
+    }
+}
+
+/// The clusters of a manifest with header `words` (cluster size, virtual size, ...).
+fn clusters(words: &[u64]) -> Option<u64> {
+    let cluster_size = words.first().copied().unwrap_or(1).max(1);
+    Some(words.get(1).copied().unwrap_or(0).div_ceil(cluster_size))
+}
+
 /// Walks a manifest in ascending cluster order, as a backup scans the volume.
 pub(crate) struct Cursor<'a> {
-    entries: &'a [(u64, Digest)],
-    at: usize,
+    entries: Option<TableCursor<'a, 16>>,
 }
 
 impl<'a> Cursor<'a> {
     pub fn new(manifest: Option<&'a DigestManifest>) -> Self {
         Self {
-            entries: manifest.map_or(&[], |m| m.entries()),
-            at: 0,
+            entries: manifest.map(|m| m.table.cursor()),
         }
+    }
+
+    /// Skips the entries below `index`.
+    fn skip_below(&mut self, index: u64) -> Result<()> {
+        if let Some(entries) = &mut self.entries {
+            while entries.peek()?.is_some_and(|i| i < index) {
+                entries.next()?;
+            }
+        }
+        Ok(())
     }
 
     /// The digest of `index` (which must not go backwards between calls).
-    pub fn get(&mut self, index: u64) -> Option<Digest> {
-        while let Some((i, _)) = self.entries.get(self.at) {
-            if *i >= index {
-                break;
+    pub fn get(&mut self, index: u64) -> Result<Option<Digest>> {
+        self.skip_below(index)?;
+        let Some(entries) = &mut self.entries else {
+            return Ok(None);
+        };
+        if entries.peek()? == Some(index) {
+            return Ok(entries.next()?.map(|(_, d)| d));
+        }
+        Ok(None)
+    }
+
+    /// Hands the entries with an index in `from..to` to `f`, advancing past them.
+    pub fn take_until(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, Digest) -> Result<()>,
+    ) -> Result<()> {
+        self.skip_below(from)?;
+        if let Some(entries) = &mut self.entries {
+            while entries.peek()?.is_some_and(|i| i < to) {
+                if let Some((index, digest)) = entries.next()? {
+                    f(index, digest)?;
+                }
             }
-            self.at += 1;
         }
-        match self.entries.get(self.at) {
-            Some((i, d)) if *i == index => Some(*d),
-            _ => None,
-        }
+        Ok(())
     }
 
-    /// Entries with an index in `from..to`, advancing past them.
-    pub fn take_until(&mut self, from: u64, to: u64) -> &'a [(u64, Digest)] {
-        while self.entries.get(self.at).is_some_and(|(i, _)| *i < from) {
-            self.at += 1;
-        }
-        let start = self.at;
-        while self.entries.get(self.at).is_some_and(|(i, _)| *i < to) {
-            self.at += 1;
-        }
-        &self.entries[start..self.at]
-    }
-
-    /// Whether any entry lies in `from..to` (without advancing).
-    pub fn any_in(&self, from: u64, to: u64) -> bool {
-        let rest = &self.entries[self.at.min(self.entries.len())..];
-        let first = rest.partition_point(|(i, _)| *i < from);
-        rest.get(first).is_some_and(|(i, _)| *i < to)
+    /// Whether any entry lies in `from..to` (skipping those below `from`).
+    pub fn any_in(&mut self, from: u64, to: u64) -> Result<bool> {
+        self.skip_below(from)?;
+        Ok(match &mut self.entries {
+            Some(entries) => entries.peek()?.is_some_and(|i| i < to),
+            None => false,
+        })
     }
 }
 
@@ -247,29 +303,38 @@ mod tests {
 
     fn sample(algorithm: DigestAlgorithm) -> DigestManifest {
         let mut m = DigestManifest::new(algorithm, 65536, 10 << 20);
-        m.push(3, algorithm.digest(&[1; 65536]));
-        m.push(100, algorithm.digest(&[2; 65536]));
+        m.push(3, algorithm.digest(&[1; 65536])).unwrap();
+        m.push(100, algorithm.digest(&[2; 65536])).unwrap();
         m
     }
 
     #[test]
     fn round_trips_and_rejects_damage() {
         let m = sample(DigestAlgorithm::Blake3);
-        let bytes = m.encode();
-        assert_eq!(DigestManifest::decode(&bytes).ok(), Some(m.clone()));
+        let bytes = m.encode().unwrap();
+        assert_eq!(
+            DigestManifest::decode(&bytes).ok(),
+            Some(sample(DigestAlgorithm::Blake3))
+        );
         assert!(DigestManifest::decode(&bytes[..bytes.len() - 1]).is_err());
         let mut out_of_range = bytes.clone();
         out_of_range[HEADER + ENTRY..HEADER + ENTRY + 8].copy_from_slice(&1000u64.to_be_bytes());
-        assert!(DigestManifest::decode(&out_of_range).is_err());
-        assert_eq!(m.get(3), Some(&DigestAlgorithm::Blake3.digest(&[1; 65536])));
-        assert_eq!(m.get(4), None);
+        let err = DigestManifest::decode(&out_of_range)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster 1000 out of range"), "{err}");
+        assert_eq!(
+            m.get(3).unwrap(),
+            Some(DigestAlgorithm::Blake3.digest(&[1; 65536]))
+        );
+        assert_eq!(m.get(4).unwrap(), None);
     }
 
     #[test]
     fn xxh3_manifests_keep_their_seed() {
         let algorithm = DigestAlgorithm::Xxh3 { seed: 0x1234_5678 };
         let m = sample(algorithm);
-        let decoded = DigestManifest::decode(&m.encode()).ok();
+        let decoded = DigestManifest::decode(&m.encode().unwrap()).ok();
         assert_eq!(decoded.map(|d| d.algorithm), Some(algorithm));
         // The seed changes every digest, and XXH3 differs from BLAKE3.
         let other = DigestAlgorithm::Xxh3 { seed: 0x1234_5679 };
@@ -282,7 +347,7 @@ mod tests {
 
     #[test]
     fn unknown_algorithms_are_refused() {
-        let mut bytes = sample(DigestAlgorithm::Blake3).encode();
+        let mut bytes = sample(DigestAlgorithm::Blake3).encode().unwrap();
         bytes[24..32].copy_from_slice(&7u64.to_be_bytes());
         let err = DigestManifest::decode(&bytes).err().map(|e| e.to_string());
         assert!(
@@ -292,18 +357,67 @@ mod tests {
         );
     }
 
+    /// A first-format manifest, as backups before XXH3 digests wrote it.
+    fn first_format(m: &DigestManifest) -> Vec<u8> {
+        let mut v1 = b"STRDGST1".to_vec();
+        for word in [65536u64, 10 << 20, m.len()] {
+            v1.extend_from_slice(&word.to_be_bytes());
+        }
+        let mut cursor = m.table.cursor();
+        while let Some((index, digest)) = cursor.next().unwrap() {
+            v1.extend_from_slice(&index.to_be_bytes());
+            v1.extend_from_slice(&digest);
+        }
+        v1
+    }
+
     #[test]
     fn first_format_manifests_read_as_blake3() {
         let m = sample(DigestAlgorithm::Blake3);
-        let mut v1 = b"STRDGST1".to_vec();
-        for word in [65536u64, 10 << 20, 2] {
-            v1.extend_from_slice(&word.to_be_bytes());
+        let v1 = first_format(&m);
+        assert_eq!(
+            DigestManifest::decode(&v1).ok(),
+            Some(sample(DigestAlgorithm::Blake3))
+        );
+        // From a downloaded file too, and written back in the current format.
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &v1).unwrap();
+        let opened = DigestManifest::open(file).unwrap();
+        assert_eq!(opened.encode().unwrap(), m.encode().unwrap());
+    }
+
+    #[test]
+    fn large_manifests_stream_through_a_file() {
+        let algorithm = DigestAlgorithm::Blake3;
+        let mut m = DigestManifest::new(algorithm, 4096, 1 << 30);
+        for index in (0..262_144).step_by(2) {
+            m.push(index, algorithm.digest(&index.to_be_bytes()))
+                .unwrap();
         }
-        for (index, digest) in m.entries() {
-            v1.extend_from_slice(&index.to_be_bytes());
-            v1.extend_from_slice(digest);
-        }
-        assert_eq!(DigestManifest::decode(&v1).ok(), Some(m));
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::copy(&mut m.into_reader(), &mut file).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 48 + 131_072 * 24);
+        let opened = DigestManifest::open(file).unwrap();
+        assert_eq!(opened.len(), 131_072);
+        assert_eq!(
+            opened.get(262_142).unwrap(),
+            Some(algorithm.digest(&262_142u64.to_be_bytes()))
+        );
+        assert_eq!(opened.get(262_141).unwrap(), None);
+        let mut cursor = Cursor::new(Some(&opened));
+        assert!(cursor.any_in(1001, 1003).unwrap());
+        assert_eq!(
+            cursor.get(1002).unwrap(),
+            Some(algorithm.digest(&1002u64.to_be_bytes()))
+        );
+        let mut taken = Vec::new();
+        cursor
+            .take_until(1003, 1010, |index, _| {
+                taken.push(index);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(taken, [1004, 1006, 1008]);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub fn merge<S: ImageSink>(
             chain.read_at(part, offset)?;
             for (i, data) in part.chunks(cluster as usize).enumerate() {
                 if !strata_qcow2::is_zero(data) {
-                    checksums.push(offset / cluster + i as u64, data);
+                    checksums.push(offset / cluster + i as u64, data)?;
                 }
             }
             if overlay {

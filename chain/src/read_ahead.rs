@@ -376,7 +376,7 @@ fn read_chunk(
             let stored = plan.previous.is_none() || differs[i];
             let changed = plan
                 .previous_digests
-                .is_none_or(|manifest| manifest.get(index) != digest.as_ref());
+                .is_none_or(|manifest| manifest.get(index).ok().flatten() != digest);
             if let (Some(bytes), Some(compressor), true) =
                 (now, compressor.as_deref_mut(), stored && changed)
             {
@@ -462,7 +462,9 @@ mod tests {
         let mut previous = DigestManifest::new(algorithm, cluster, bytes.len() as u64);
         for index in 0..2u64 {
             let at = (index * cluster) as usize;
-            previous.push(index, algorithm.digest(&bytes[at..at + cluster as usize]));
+            previous
+                .push(index, algorithm.digest(&bytes[at..at + cluster as usize]))
+                .unwrap();
         }
         let volume = strata_qcow2::DenseVolume(bytes.clone());
         let plan = Plan {

@@ -14,7 +14,13 @@ pub struct Damage {
     pub problem: String,
 }
 
+/// Damage reported for one image at most; past it, one more entry counts the rest (a
+/// hostile or wholly corrupt image must not make the report grow with the volume).
+pub const MAX_DAMAGE: usize = 10_000;
+
 /// Verifies the clusters stored in the top image of `image` against `checksums`.
+///
+/// At most [`MAX_DAMAGE`] problems are listed, then one saying how many more were found.
 ///
 /// Structure is checked by walking every L1 and L2 entry (through the reader's validation);
 /// each stored cluster is read (decompressed where compressed) and its CRC-32 compared.
@@ -32,65 +38,105 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         });
         return damage;
     }
-    let stored = match stored_clusters(image) {
-        Ok(stored) => stored,
-        Err(e) => {
-            damage.push(Damage {
-                guest_offset: error_offset(&e),
-                problem: format!("image structure: {e}"),
-            });
-            return damage;
-        }
+    let mut report = Report {
+        listed: damage,
+        more: 0,
     };
-    let expected = checksums.entries();
-    let (mut i, mut j) = (0, 0);
+    let mut expected = checksums.cursor();
     let mut buf = vec![0u8; cluster as usize];
-    while i < stored.len() || j < expected.len() {
-        let have = stored.get(i).copied();
-        let want = expected.get(j).map(|&(index, _)| index);
-        match (have, want) {
-            (Some(h), Some(w)) if h == w => {
-                let offset = h * cluster;
-                let len = cluster.min(image.virtual_size() - offset) as usize;
-                match image.read_at(&mut buf[..len], offset) {
-                    Ok(()) => {
-                        let crc = crc32fast::hash(&buf[..len]);
-                        if crc != expected[j].1 {
-                            damage.push(Damage {
-                                guest_offset: offset,
-                                problem: format!(
-                                    "checksum mismatch: stored {:08x}, data {crc:08x}",
-                                    expected[j].1
-                                ),
-                            });
-                        }
-                    }
-                    Err(e) => damage.push(Damage {
-                        guest_offset: offset,
-                        problem: format!("unreadable: {e}"),
-                    }),
-                }
-                i += 1;
-                j += 1;
+    let mut check = |index: Option<u64>, report: &mut Report| -> crate::Result<()> {
+        // Entries listed below `index` (all of them at the end) are not stored.
+        while let Some(want) = expected.peek()? {
+            if index.is_some_and(|have| want > have) {
+                break;
             }
-            (Some(h), w) if w.is_none_or(|w| h < w) => {
-                damage.push(Damage {
-                    guest_offset: h * cluster,
-                    problem: "cluster stored but not in the checksum list".into(),
-                });
-                i += 1;
-            }
-            (_, Some(w)) => {
-                damage.push(Damage {
-                    guest_offset: w * cluster,
+            let Some((want, crc)) = expected.next()? else {
+                break;
+            };
+            let crc = u32::from_be_bytes(crc);
+            if Some(want) != index {
+                report.add(Damage {
+                    guest_offset: want * cluster,
                     problem: "cluster in the checksum list is not stored".into(),
                 });
-                j += 1;
+                continue;
             }
-            _ => break,
+            let offset = want * cluster;
+            let len = cluster.min(image.virtual_size() - offset) as usize;
+            match image.read_at(&mut buf[..len], offset) {
+                Ok(()) => {
+                    let read = crc32fast::hash(&buf[..len]);
+                    if read != crc {
+                        report.add(Damage {
+                            guest_offset: offset,
+                            problem: format!(
+                                "checksum mismatch: stored {crc:08x}, data {read:08x}"
+                            ),
+                        });
+                    }
+                }
+                Err(e) => report.add(Damage {
+                    guest_offset: offset,
+                    problem: format!("unreadable: {e}"),
+                }),
+            }
+            return Ok(());
+        }
+        if let Some(have) = index {
+            report.add(Damage {
+                guest_offset: have * cluster,
+                problem: "cluster stored but not in the checksum list".into(),
+            });
+        }
+        Ok(())
+    };
+    let mut list_error = None;
+    let walked = for_each_stored(image, |index| {
+        check(Some(index), &mut report).map_err(|e| {
+            list_error = Some(e);
+            stopped()
+        })
+    });
+    let problem = match (walked, list_error) {
+        (_, Some(e)) => Some((0, format!("checksum list: {e}"))),
+        (Err(e), None) => Some((error_offset(&e), format!("image structure: {e}"))),
+        (Ok(()), None) => check(None, &mut report)
+            .err()
+            .map(|e| (0, format!("checksum list: {e}"))),
+    };
+    if let Some((guest_offset, problem)) = problem {
+        report.add(Damage {
+            guest_offset,
+            problem,
+        });
+    }
+    report.finish()
+}
+
+/// Damage found so far: the first [`MAX_DAMAGE`] listed, the rest counted.
+struct Report {
+    listed: Vec<Damage>,
+    more: u64,
+}
+
+impl Report {
+    fn add(&mut self, damage: Damage) {
+        if self.listed.len() < MAX_DAMAGE {
+            self.listed.push(damage);
+        } else {
+            self.more += 1;
         }
     }
-    damage
+
+    fn finish(mut self) -> Vec<Damage> {
+        if self.more > 0 {
+            self.listed.push(Damage {
+                guest_offset: 0,
+                problem: format!("{} more problems not listed", self.more),
+            });
+        }
+        self.listed
+    }
 }
 
 fn error_offset(e: &strata_qcow2::Error) -> u64 {
@@ -100,10 +146,13 @@ fn error_offset(e: &strata_qcow2::Error) -> u64 {
     }
 }
 
-/// The clusters stored in the top image of `image`'s chain, ascending.
-fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
+/// Calls `f` with every cluster stored in the top image of `image`'s chain, ascending.
+fn for_each_stored(
+    image: &Image,
+    mut f: impl FnMut(u64) -> Result<(), strata_qcow2::Error>,
+) -> Result<(), strata_qcow2::Error> {
     let cluster = image.cluster_size();
-    let mut stored: Vec<u64> = Vec::new();
+    let mut last: Option<u64> = None;
     image.for_each_extent(0, image.virtual_size(), |extent| {
         if matches!(
             extent.kind,
@@ -112,14 +161,14 @@ fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
             let first = extent.start / cluster;
             let end = extent.end().div_ceil(cluster);
             for index in first..end {
-                if stored.last() != Some(&index) {
-                    stored.push(index);
+                if last.is_none_or(|last| last < index) {
+                    last = Some(index);
+                    f(index)?;
                 }
             }
         }
         Ok(())
-    })?;
-    Ok(stored)
+    })
 }
 
 /// Computes the checksum list of the clusters stored in the top image of `image`'s chain, as
@@ -129,11 +178,55 @@ pub fn stored_checksums(image: &Image) -> crate::Result<ClusterChecksums> {
     let cluster = image.cluster_size();
     let mut checksums = ClusterChecksums::new(cluster);
     let mut buf = vec![0u8; cluster as usize];
-    for index in stored_clusters(image)? {
+    let mut failed = None;
+    for_each_stored(image, |index| {
         let offset = index * cluster;
         let len = cluster.min(image.virtual_size() - offset) as usize;
         image.read_at(&mut buf[..len], offset)?;
-        checksums.push(index, &buf[..len]);
-    }
+        checksums.push(index, &buf[..len]).map_err(|e| {
+            failed = Some(e);
+            stopped()
+        })
+    })
+    .map_err(|e| failed.take().unwrap_or(e.into()))?;
     Ok(checksums)
+}
+
+/// Stops a walk of the extents whose callback failed with an error of this crate (kept aside).
+fn stopped() -> strata_qcow2::Error {
+    strata_qcow2::Error::Io {
+        image: String::new(),
+        action: "stopped".into(),
+        source: std::io::Error::other("stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_qcow2::{FileSink, WriterOptions};
+
+    #[test]
+    fn a_wholly_unlisted_image_lists_a_bounded_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.qcow2");
+        let mut options = WriterOptions::default();
+        options.cluster_size = 512;
+        let clusters = MAX_DAMAGE as u64 + 5;
+        let mut writer =
+            strata_qcow2::Writer::new(FileSink::create(&path).unwrap(), &options, clusters * 512)
+                .unwrap();
+        writer
+            .write_data(0, &vec![1u8; clusters as usize * 512])
+            .unwrap();
+        writer.finish().unwrap();
+        let image = Image::open(&path).unwrap();
+        let damage = verify(&image, &ClusterChecksums::new(512));
+        assert_eq!(damage.len(), MAX_DAMAGE + 1);
+        assert_eq!(
+            damage[0].problem,
+            "cluster stored but not in the checksum list"
+        );
+        assert_eq!(damage[MAX_DAMAGE].problem, "5 more problems not listed");
+    }
 }

@@ -41,6 +41,7 @@ use crate::layout::{fold_image_name, image_name};
 use crate::liveness::WriterLease;
 use crate::manifest::{BackupManifest, Reservation, SideFile, crc32, from_json, to_json};
 use crate::name::{BackupId, FileName, VolumeName};
+use crate::side::SideBody;
 use crate::sink::ImageUpload;
 use crate::target::{Created, Inner, Target};
 
@@ -56,7 +57,7 @@ impl Target {
         &self,
         volume: &VolumeName,
         parent: &BackupId,
-        write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, Bytes)>>,
+        write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, SideBody)>>,
     ) -> Result<BackupManifest> {
         let parent_manifest = self.backup(volume, parent)?;
         let child_id = self.child_of(volume, parent)?;
@@ -118,7 +119,7 @@ impl Target {
         child: BackupManifest,
         version: Option<UpdateVersion>,
         intent: &FoldIntent,
-        write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, Bytes)>>,
+        write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, SideBody)>>,
     ) -> Result<BackupManifest> {
         let slot = Arc::new(Mutex::new(None));
         let sink = ImageUpload::new(self, volume, &intent.image, &intent.writer, slot.clone())?;
@@ -137,26 +138,20 @@ impl Target {
         let mut manifest = child;
         manifest.parent = parent_manifest.parent.clone();
         manifest.image = image;
-        let mut puts = Vec::new();
-        for (name, bytes) in files {
-            let entry = SideFile {
+        for (name, body) in files {
+            let mut entry = SideFile {
                 name: name.clone(),
-                size: bytes.len() as u64,
-                checksums: crc32(&bytes),
+                size: 0,
+                checksums: crc32(&[]),
                 object: Some(format!("{}/{name}", intent.writer)),
             };
-            puts.push((
-                self.inner.layout.side_file(volume, &manifest.id, &entry)?,
-                bytes,
-            ));
+            let path = self.inner.layout.side_file(volume, &manifest.id, &entry)?;
+            (entry.size, entry.checksums) = self.put_streamed(&path, body)?;
             manifest.files.retain(|f| f.name != name);
             manifest.files.push(entry);
         }
         let (volume_c, intent_c, doc) = (volume.clone(), intent.clone(), manifest.clone());
         self.block("fold backup", move |inner| async move {
-            for (path, bytes) in puts {
-                inner.put(&path, bytes).await?;
-            }
             check_intent_is_ours(&inner, &volume_c, &intent_c).await?;
             switch_manifest(&inner, &volume_c, &doc, version).await?;
             roll_forward(&inner, &volume_c, &intent_c).await

@@ -15,7 +15,7 @@ use strata_qcow2::{ReadAt, Storage};
 
 use crate::error::{Error, Result};
 use crate::layout::{IMAGE_EXTENSION, image_name};
-use crate::manifest::{BackupManifest, Crc32};
+use crate::manifest::{BackupManifest, Crc32, SideFile};
 use crate::name::{BackupId, FileName, VolumeName};
 use crate::reader::ObjectReader;
 use crate::target::Target;
@@ -47,18 +47,10 @@ impl Target {
     }
 
     /// Reads a side file of a committed backup, checking its size and CRC against the manifest.
+    /// It is held whole: large side files are better read with
+    /// [`download_file`](Self::download_file).
     pub fn read_file(&self, volume: &VolumeName, id: &BackupId, name: &FileName) -> Result<Bytes> {
-        let manifest = self.backup(volume, id)?;
-        let entry = manifest
-            .files
-            .iter()
-            .find(|f| &f.name == name)
-            .ok_or_else(|| Error::NotFound {
-                what: "side file",
-                name: format!("{volume}/{id}/{name}"),
-            })?
-            .clone();
-        let path = self.inner.layout.side_file(volume, id, &entry)?;
+        let (entry, path) = self.side_file_entry(volume, id, name)?;
         let key = path.clone();
         let bytes = self.block("read side file", move |inner| async move {
             inner.get_bytes(&key).await
@@ -78,6 +70,27 @@ impl Target {
             });
         }
         Ok(bytes)
+    }
+
+    /// The manifest's entry of a side file and its object's path.
+    pub(crate) fn side_file_entry(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+        name: &FileName,
+    ) -> Result<(SideFile, object_store::path::Path)> {
+        let manifest = self.backup(volume, id)?;
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| &f.name == name)
+            .ok_or_else(|| Error::NotFound {
+                what: "side file",
+                name: format!("{volume}/{id}/{name}"),
+            })?
+            .clone();
+        let path = self.inner.layout.side_file(volume, id, &entry)?;
+        Ok((entry, path))
     }
 
     /// Streams the image of a committed backup and checks its size and CRC-32 against the
@@ -101,7 +114,7 @@ impl Target {
         check_image(manifest, &path, size, crc)
     }
 
-    fn stream_object(
+    pub(crate) fn stream_object(
         &self,
         path: &object_store::path::Path,
         dest: &mut dyn io::Write,

@@ -33,6 +33,7 @@ use crate::manifest::{
     BackupManifest, ImageInfo, Reservation, SideFile, crc32, from_json, to_json,
 };
 use crate::name::{BackupId, FileName, VolumeName};
+use crate::side::SideBody;
 use crate::sink::ImageUpload;
 use crate::target::{Created, Target};
 
@@ -210,6 +211,21 @@ impl BackupUpload {
             })?;
         self.files.retain(|f| &f.name != name);
         self.files.push(side);
+        Ok(())
+    }
+
+    /// Stores a side file read from `body` as it is uploaded, a part at a time (a digest
+    /// manifest of a large volume, say), so it is never held whole.
+    pub fn put_file_streamed(&mut self, name: &FileName, body: SideBody) -> Result<()> {
+        let path = self.target.inner.layout.file(&self.volume, &self.id, name);
+        let (size, checksums) = self.target.put_streamed(&path, body)?;
+        self.files.retain(|f| &f.name != name);
+        self.files.push(SideFile {
+            name: name.clone(),
+            size,
+            checksums,
+            object: None,
+        });
         Ok(())
     }
 

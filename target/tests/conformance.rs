@@ -40,6 +40,7 @@ conformance!(
     gc_never_removes_a_live_writers_objects,
     header_areas_of_other_lengths,
     side_files_are_checked,
+    large_side_files_stream_in_parts_and_download_checked,
     application_backups_round_trip,
     storage_refuses_escaping_names,
     concurrent_readers_see_the_same_bytes,
@@ -331,6 +332,44 @@ fn side_files_are_checked(f: Fixture) -> TestResult {
             ..
         })
     ));
+    Ok(())
+}
+
+/// A side file of several upload parts (a digest manifest of a large volume) goes up a part
+/// at a time and comes back into a temporary file, byte for byte; a damaged one is refused.
+fn large_side_files_stream_in_parts_and_download_checked(f: Fixture) -> TestResult {
+    let v = volume("data");
+    let mut upload = f.target.begin_backup(&v, spec(None))?;
+    write_image(&mut upload, 1, 1 << 20)?;
+    let name = FileName::new("digests")?;
+    let bytes = common::pattern(5, 12 << 20);
+    upload.put_file_streamed(
+        &name,
+        strata_target::SideBody::from_reader(std::io::Cursor::new(bytes.clone())),
+    )?;
+    let manifest = upload.commit()?;
+    assert_eq!(manifest.files[0].size, 12 << 20);
+    assert_eq!(manifest.files[0].checksums.crc32.0, crc32fast::hash(&bytes));
+    let file = f.target.download_file(&v, &manifest.id, &name)?;
+    let mut back = vec![0u8; bytes.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0)?;
+    assert!(back == bytes, "the downloaded side file differs");
+    assert_eq!(file.metadata()?.len(), bytes.len() as u64);
+    if let Kind::Local = f.kind {
+        let path = format!("{}/volumes/data/files/{}/digests", f.url, manifest.id);
+        std::fs::write(&path, &bytes[..1000])?;
+        let damaged = f.target.download_file(&v, &manifest.id, &name);
+        assert!(
+            matches!(
+                damaged,
+                Err(Error::Corrupt {
+                    what: "side file",
+                    ..
+                })
+            ),
+            "{damaged:?}"
+        );
+    }
     Ok(())
 }
 

@@ -123,7 +123,7 @@ fn readers_keep_their_bytes_through_a_fold(f: Fixture) -> TestResult {
         })?;
         Ok(vec![(
             "checksums".parse()?,
-            bytes::Bytes::from_static(b"new"),
+            bytes::Bytes::from_static(b"new").into(),
         )])
     })?;
     check_readers(&opened, "after the commit")?;
@@ -262,7 +262,7 @@ fn fold_p1(target: &Target, merged: &[u8]) -> strata_target::Result<BackupManife
         })?;
         Ok(vec![(
             "checksums".parse()?,
-            bytes::Bytes::from_static(b"merged"),
+            bytes::Bytes::from_static(b"merged").into(),
         )])
     })
 }

@@ -151,9 +151,15 @@ impl Layout {
         let mut buf = vec![0u8; cluster];
         let l2_bits = self.cluster_bits - 3;
 
+        let spill = |e| Error::WriteIo {
+            operation: "reading back the writer's spilled tables",
+            offset: 0,
+            source: e,
+        };
         // L2 tables, one per L1 index that has entries.
         let mut current: Option<u64> = None;
-        for (guest, entry) in map.entries() {
+        for mapped in map.entries() {
+            let (guest, entry) = mapped.map_err(spill)?;
             let l1_index = guest.0 >> l2_bits;
             if current != Some(l1_index) {
                 if current.is_some() {
@@ -171,11 +177,21 @@ impl Layout {
 
         // The L1 table.
         let per_cluster = (cluster / 8) as u64;
-        let mut tables = map.l2_tables().iter().copied().enumerate().peekable();
+        let mut tables = map.l2_tables().enumerate().peekable();
         for chunk in 0..self.l1_clusters {
             buf.fill(0);
             let first = chunk * per_cluster;
-            while let Some(&(k, l1_index)) = tables.peek() {
+            while let Some((k, l1_index)) = tables.peek() {
+                let (k, l1_index) =
+                    match l1_index {
+                        Ok(l1_index) => (*k, *l1_index),
+                        Err(_) => {
+                            let failed = tables.next().map(|(_, r)| r);
+                            return Err(spill(failed.and_then(Result::err).unwrap_or_else(|| {
+                                std::io::Error::other("spilled L2 table list")
+                            })));
+                        }
+                    };
                 if l1_index >= first + per_cluster {
                     break;
                 }
@@ -190,11 +206,13 @@ impl Layout {
         // Refcount blocks, 16-bit big-endian counts.
         let per_block = (cluster / 2) as u64;
         let mut counts = vec![0u16; cluster / 2];
+        let mut cursor = refcounts.cursor();
         for slot in 0..self.block_slots {
             if self.skipped.contains(&slot) {
                 continue;
             }
-            self.fill_counts(slot * per_block, refcounts, &mut counts);
+            cursor.fill(slot * per_block, &mut counts).map_err(spill)?;
+            self.fill_metadata_counts(slot * per_block, &mut counts);
             for (bytes, count) in buf.chunks_exact_mut(2).zip(&counts) {
                 bytes.copy_from_slice(&count.to_be_bytes());
             }
@@ -220,11 +238,10 @@ impl Layout {
         Ok(())
     }
 
-    /// Refcounts of host clusters `first..first + out.len()`: the header cluster and every
-    /// metadata cluster once, the data area as recorded, the header padding and the space past
-    /// the end zero.
-    fn fill_counts(&self, first: u64, refcounts: &DataRefcounts, out: &mut [u16]) {
-        refcounts.fill(first, out);
+    /// Sets the refcounts of host clusters `first..first + out.len()` that hold the header
+    /// cluster or metadata to one (the data area's are filled in from the writer's runs; the
+    /// header padding and the space past the end stay zero).
+    fn fill_metadata_counts(&self, first: u64, out: &mut [u16]) {
         let stop = first + out.len() as u64;
         for range in [0..1, self.data_end..self.end()] {
             let lo = range.start.max(first);

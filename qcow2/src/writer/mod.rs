@@ -5,8 +5,10 @@
 //! between them cost no padding. Nothing is stored for clusters that read as
 //! zeros, except zero-flagged L2 entries where an overlay must hide its backing file. At the end
 //! the L2 tables, the L1 table, the refcount blocks and the refcount table are appended, and the
-//! header area goes to the sink last, through [`ImageSink::finish`]. Memory holds the mapping of
-//! written clusters as runs, never anything proportional to the virtual size.
+//! header area goes to the sink last, through [`ImageSink::finish`]. The mapping of
+//! written clusters is kept as runs, of which only the newest few thousand stay in memory (the
+//! rest wait in a temporary file until `finish` reads them back), so memory is fixed whatever
+//! the virtual size or the number of clusters written.
 
 mod allocation;
 mod compress;
@@ -14,6 +16,7 @@ mod header;
 mod layout;
 pub(crate) mod options;
 mod packing;
+mod spill;
 
 use crate::error::Error;
 use allocation::{COMPRESSED, DataRefcounts, GuestCluster, GuestMap, HostCluster};
@@ -248,7 +251,7 @@ impl<S: ImageSink> Writer<S> {
     fn zero_cluster(&mut self, guest: GuestCluster) -> Result<(), Error> {
         match self.options.compat {
             Compat::V3 => {
-                self.map.push_zero(guest);
+                self.map.push_zero(guest).map_err(spilling)?;
                 self.summary.zero_clusters += 1;
                 Ok(())
             }
@@ -276,9 +279,10 @@ impl<S: ImageSink> Writer<S> {
         let count = (bytes.len() as u64).div_ceil(cluster);
         for i in 0..count {
             self.map
-                .push_data(GuestCluster(first + i), HostCluster(host.0 + i));
+                .push_data(GuestCluster(first + i), HostCluster(host.0 + i))
+                .map_err(spilling)?;
         }
-        self.refcounts.add_new(host, count);
+        self.refcounts.add_new(host, count).map_err(spilling)?;
         self.summary.data_clusters += count;
         Ok(())
     }
@@ -299,7 +303,7 @@ impl<S: ImageSink> Writer<S> {
     /// Maps `guest` to compressed bytes in the tail; the L2 entry is known once the tail's
     /// segment holding them is placed ([`Self::flush_compressed`]).
     fn store_compressed(&mut self, guest: GuestCluster, packed: &[u8]) -> Result<(), Error> {
-        let slot = self.map.push_compressed(guest);
+        let slot = self.map.push_compressed(guest).map_err(spilling)?;
         self.tail.push(slot, packed);
         self.summary.compressed_clusters += 1;
         Ok(())
@@ -335,7 +339,9 @@ impl<S: ImageSink> Writer<S> {
                 self.map
                     .set_compressed(p.slot, COMPRESSED | (extra_sectors << offset_bits) | offset);
                 for host in (offset >> self.cluster_bits)..=(last_byte >> self.cluster_bits) {
-                    self.refcounts.add_reference(HostCluster(host));
+                    self.refcounts
+                        .add_reference(HostCluster(host))
+                        .map_err(spilling)?;
                 }
             }
             let tail = std::mem::replace(&mut self.tail, CompressedTail::new(self.cluster_bits));
@@ -383,7 +389,7 @@ impl<S: ImageSink> Writer<S> {
             self.cluster_bits,
             self.header_clusters,
             self.host_end >> self.cluster_bits,
-            self.map.l2_tables().len() as u64,
+            self.map.l2_count() as u64,
             l1_size,
         )?;
         let mut host_end = self.host_end;
@@ -411,6 +417,15 @@ impl<S: ImageSink> Writer<S> {
         self.summary.file_size = layout.end() << self.cluster_bits;
         self.summary.metadata_clusters = layout.metadata_clusters();
         Ok((self.sink, self.summary))
+    }
+}
+
+/// A failure to spill the writer's runs to their temporary file.
+fn spilling(source: std::io::Error) -> Error {
+    Error::WriteIo {
+        operation: "spilling the writer's tables to a temporary file",
+        offset: 0,
+        source,
     }
 }
 

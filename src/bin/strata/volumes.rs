@@ -22,6 +22,10 @@ pub struct BackupArgs {
     /// keep their chain's (a note on stderr says so when this asks for another).
     #[arg(long, value_enum)]
     digests: Option<DigestChoice>,
+    /// Cluster size of a new chain in bytes (a power of two from 512 to 2 MiB; 64 KiB by
+    /// default). Incrementals keep their chain's.
+    #[arg(long, value_name = "BYTES")]
+    cluster_size: Option<u64>,
     /// The longest chain (base included) an incremental may make; the backup that would
     /// exceed it is taken full instead (and says so).
     #[arg(long, value_name = "N", default_value_t = strata::DEFAULT_MAX_CHAIN_LENGTH)]
@@ -265,7 +269,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let options = strata::BackupOptions {
         full: args.job.full,
         changed_ranges,
-        cluster_size: None,
+        cluster_size: args.cluster_size,
         digests: match args.digests.unwrap_or(DigestChoice::Blake3) {
             DigestChoice::Blake3 => strata::chain::DigestAlgorithm::Blake3,
             DigestChoice::Xxh3 => strata::chain::DigestAlgorithm::xxh3_random()?,
