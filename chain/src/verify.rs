@@ -109,9 +109,7 @@ fn stored_clusters(image: &Image) -> Result<Vec<u64>, strata_qcow2::Error> {
             extent.kind,
             ExtentKind::Data { depth: 0, .. } | ExtentKind::Compressed { depth: 0, .. }
         ) {
-            let first = extent.start / cluster;
-            let end = extent.end().div_ceil(cluster);
-            for index in first..end {
+            for index in extent.range().clusters(cluster) {
                 if stored.last() != Some(&index) {
                     stored.push(index);
                 }
