@@ -11,6 +11,12 @@
 # the data out of the page cache and into the tmpfs (two memory copies a byte, the physical
 # floor), and the tools' own overhead. Each round writes a new file (a removed one is freed).
 #
+# Measured on the shared 2-core machine (load about 2.2): strata/qemu-img 0.67 (median of 15
+# pairs, farm-bench; this script's 9 pairs gave 0.58 to 0.74 as the load moved). The limit is
+# the tmpfs itself: writing 288 MiB into one tmpfs file takes 0.12 s on one core (dd from
+# /dev/zero), and writers on more threads only wait on the file's inode lock; strata takes
+# 0.14 to 0.17 s, qemu-img 0.20 to 0.25 s, so 0.5 is below the floor here (0.12 / 0.24).
+#
 #   cargo build --release --example strata
 #   benches/hydrate_deep.sh [PAIRS]      # STRATA=path/to/strata to override; needs root for
 #                                        # the tmpfs mount, else uses /dev/shm

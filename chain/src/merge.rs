@@ -49,7 +49,7 @@ pub fn merge<S: ImageSink>(
             let mut run: Option<GuestRange> = None;
             let mut submit = |run: GuestRange| run.pieces(chunk).all(|piece| tasks.submit(piece));
             let walked = chain.for_each_extent(0, size, |extent| {
-                if !extent.kind.depth().is_some_and(|d| d <= 1) {
+                if extent.kind.depth().is_none_or(|d| d > 1) {
                     return Ok(());
                 }
                 let range = extent.range().to_clusters(cluster, size);
