@@ -32,12 +32,7 @@ pub fn merge<S: ImageSink>(
 ) -> Result<(S, WriteSummary, ClusterChecksums)> {
     let size = chain.virtual_size();
     // Clusters are compressed on the reader threads: the writer only names the method.
-    let mut writer_options = options.clone();
-    let compression = options.compression.map(|method| {
-        writer_options.compression = None;
-        writer_options.compression_type = method;
-        (method, options.compression_level)
-    });
+    let (writer_options, compression) = options.compress_on_readers();
     let mut writer = Writer::new(sink, &writer_options, size)?;
     let cluster = writer.cluster_size();
     let chunk = CHUNK.next_multiple_of(cluster);

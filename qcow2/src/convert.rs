@@ -114,12 +114,7 @@ pub fn convert_raw<S: ImageSink>(
         .size()
         .map_err(Error::write_io("reading the source size", 0))?;
     // Clusters are compressed on the reader threads: the writer only names the method.
-    let mut writer_options = options.clone();
-    let compression = options.compression.map(|method| {
-        writer_options.compression = None;
-        writer_options.compression_type = method;
-        (method, options.compression_level)
-    });
+    let (writer_options, compression) = options.compress_on_readers();
     let mut writer = Writer::new(sink, &writer_options, size)?;
     let chunk = CHUNK.next_multiple_of(writer.cluster_size());
     // Data ranges end at the source's length; the image's last sector may reach past it.
