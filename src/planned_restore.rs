@@ -170,14 +170,15 @@ impl Fetch<'_> {
                     self.done_bytes += extent.length;
                     continue;
                 }
-                let mut pos = extent.start;
-                while pos < extent.end() {
+                let end = extent.end().get();
+                let mut pos = extent.start.get();
+                while pos < end {
                     let cut = if matches!(extent.kind, ExtentKind::Compressed { .. }) {
-                        extent.end()
+                        end
                     } else {
-                        extent.end().min((pos / piece_max + 1) * piece_max)
+                        end.min((pos / piece_max + 1) * piece_max)
                     };
-                    let piece = extent.piece(pos, cut - pos);
+                    let piece = extent.slice(strata_qcow2::GuestOffset(pos), cut - pos);
                     pos = cut;
                     if let Some(range) = image.source_read(&piece)?
                         && let Some(part) = planner.add(range.source, range.start, range.end, piece)
@@ -235,10 +236,12 @@ impl Fetch<'_> {
             self.image.read_extent(piece, &mut self.buf)?;
             self.stats.data_bytes += piece.length;
             let written =
-                write_sparse(self.dest, &self.buf, piece.start).map_err(|source| Error::Io {
-                    path: self.dest_name.to_owned(),
-                    action: "writing restored data",
-                    source,
+                write_sparse(self.dest, &self.buf, piece.start.get()).map_err(|source| {
+                    Error::Io {
+                        path: self.dest_name.to_owned(),
+                        action: "writing restored data",
+                        source,
+                    }
                 })?;
             self.stats.written_bytes += written;
             self.unflushed += written;

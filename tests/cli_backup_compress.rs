@@ -126,17 +126,17 @@ fn stored(image: &Path) -> Vec<(char, u64)> {
                 depth: 0,
                 host_offset,
                 ..
-            } => ('c', host_offset),
+            } => ('c', host_offset.get()),
             ExtentKind::Data {
                 depth: 0,
                 host_offset,
-            } => ('r', host_offset),
+            } => ('r', host_offset.get()),
             ExtentKind::Zero { depth: 0 } => ('z', 0),
             _ => continue,
         };
-        let first = extent.start / CLUSTER;
-        let end = (extent.start + extent.length).div_ceil(CLUSTER);
-        for index in first..end {
+        let clusters = extent.range().clusters(CLUSTER);
+        let first = clusters.start;
+        for index in clusters {
             let host = match kind.0 {
                 'r' => kind.1 + (index - first) * CLUSTER,
                 _ => kind.1,

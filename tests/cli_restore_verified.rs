@@ -447,7 +447,7 @@ fn a_flipped_byte_in_a_compressed_cluster_that_still_decompresses_fails_its_chec
                 host_offset,
                 compressed_len,
                 ..
-            } if e.start >= MIB => Some((e.start, host_offset, compressed_len)),
+            } if e.start.get() >= MIB => Some((e.start.get(), host_offset.get(), compressed_len)),
             _ => None,
         })
         .expect("a compressed cluster");

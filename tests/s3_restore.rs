@@ -395,7 +395,7 @@ fn a_flipped_byte_mid_part_fails_the_restore_naming_the_backup_and_offset_and_le
     let strata::qcow2::ExtentKind::Data { host_offset, .. } = extent.kind else {
         panic!("guest {guest:#x} is {extent:?}");
     };
-    bytes[host_offset as usize] ^= 0x40;
+    bytes[host_offset.get() as usize] ^= 0x40;
     rt.block_on(store.inner.put(&key, bytes.into())).unwrap();
     let (top, _) = &points[2];
     let dir = tempfile::tempdir().unwrap();

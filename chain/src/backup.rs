@@ -16,7 +16,7 @@ use crate::digest::{Cursor, DigestAlgorithm, DigestManifest};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::ranges::{ByteRange, to_clusters};
-use crate::read_ahead::{self, Buffer, Chunk, Plan};
+use crate::read_ahead::{self, Chunk, Plan};
 
 /// Bytes scanned at a time (rounded up to whole clusters).
 const CHUNK: u64 = 4 << 20;
@@ -159,9 +159,9 @@ pub fn backup<S: ImageSink>(
         zeros: Vec::new(),
     };
     read_ahead::scan(&plan, &mut |chunk| {
-        let buf = state.consume(&mut writer, chunk)?;
+        state.consume(&mut writer, chunk)?;
         progress(&state.progress);
-        Ok(buf)
+        Ok(())
     })?;
     let (sink, summary) = writer.finish()?;
     Ok((
@@ -191,12 +191,8 @@ struct State<'a> {
 
 impl State<'_> {
     /// Decides which clusters of the chunk changed, writes them, records digests and
-    /// checksums; gives the chunk's buffer back.
-    fn consume<S: ImageSink>(
-        &mut self,
-        writer: &mut Writer<S>,
-        chunk: Chunk,
-    ) -> Result<Option<Buffer>> {
+    /// checksums.
+    fn consume<S: ImageSink>(&mut self, writer: &mut Writer<S>, chunk: Chunk<'_>) -> Result<()> {
         let cluster = self.cluster;
         let end = chunk.offset + chunk.len as u64;
         let (c0, c1) = (chunk.offset / cluster, end.div_ceil(cluster));
@@ -206,7 +202,7 @@ impl State<'_> {
             let digests = &mut self.digests;
             self.cursor
                 .take_until(c0, c1, |index, d| digests.push(index, d))?;
-            return Ok(chunk.data);
+            return Ok(());
         }
         let previous_data = match self.source {
             ChangeSource::Compare { .. } => chunk.previous_data,
@@ -214,7 +210,7 @@ impl State<'_> {
             _ => false,
         };
         if !self.ranges_given && chunk.data.is_none() && !previous_data {
-            return Ok(chunk.data);
+            return Ok(());
         }
         let (bytes, packed) = match &chunk.data {
             Some(buf) => (buf.bytes(), buf.packed()),
@@ -279,7 +275,7 @@ impl State<'_> {
             self.cursor
                 .take_until(pos, c1, |index, d| digests.push(index, d))?;
         }
-        Ok(chunk.data)
+        Ok(())
     }
 
     /// Hands clusters `first..end` of the chunk to the writer: compressed ones one at a

@@ -158,9 +158,7 @@ fn for_each_stored(
             extent.kind,
             ExtentKind::Data { depth: 0, .. } | ExtentKind::Compressed { depth: 0, .. }
         ) {
-            let first = extent.start / cluster;
-            let end = extent.end().div_ceil(cluster);
-            for index in first..end {
+            for index in extent.range().clusters(cluster) {
                 if last.is_none_or(|last| last < index) {
                     last = Some(index);
                     f(index)?;

@@ -337,7 +337,8 @@ fn verify_names_a_flipped_byte() {
         .write(true)
         .open(&path)
         .expect("open");
-    file.write_all_at(&[0x62], host_offset + 100).expect("flip");
+    file.write_all_at(&[0x62], host_offset.get() + 100)
+        .expect("flip");
     let image = Image::open(&path).expect("open");
     let damage = verify(&image, &repo.checksums[0]);
     assert_eq!(damage.len(), 1, "{damage:?}");

@@ -2,7 +2,7 @@
 //! [`Overlay`] on top. Reads, block status and writes are answered here; the transmission
 //! module only speaks the protocol.
 
-use strata_qcow2::{Extent, ExtentKind, Image};
+use strata_qcow2::{Extent, ExtentKind, GuestOffset, Image};
 
 use crate::overlay::{Granule, Overlay};
 use crate::proto::state;
@@ -96,7 +96,7 @@ impl Export {
                     let extents = self.image.map(start, len).map_err(|e| describe(&e))?;
                     read_extents(&self.image, &extents, start, part).map_err(|e| describe(&e))?;
                     for e in &extents {
-                        push(e.start, e.length, e.kind.is_zero());
+                        push(e.start.get(), e.length, e.kind.is_zero());
                     }
                 }
             }
@@ -300,7 +300,7 @@ fn read_extents(
     buf: &mut [u8],
 ) -> strata_qcow2::Result<()> {
     for e in extents {
-        let from = (e.start - offset) as usize;
+        let from = e.start.distance_from(GuestOffset(offset)) as usize;
         let Some(part) = buf.get_mut(from..from + e.length as usize) else {
             return Err(strata_qcow2::Error::InvalidArgument(
                 "extent outside the request".into(),

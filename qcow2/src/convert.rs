@@ -1,29 +1,32 @@
 //! Converting a raw volume (a sparse file or a block device) into a QCOW2 image or overlay.
 //!
 //! Holes are found with `SEEK_DATA`/`SEEK_HOLE` and never read; data ranges are read in large
-//! chunks and checked for all-zero clusters by the [`Writer`]. With compression (`-c`) the
-//! reader threads of a base image compress the clusters too, so the writer's thread only
-//! appends. For an overlay every cluster is
-//! compared with what the backing chain reads there, and only differing clusters are written.
+//! chunks on the reader threads of a [`Pipeline`] and checked for all-zero clusters by the
+//! [`Writer`]. For an overlay the reader threads also compare every cluster with what the
+//! backing chain reads there, and only differing clusters are written. With compression
+//! (`-c`) the reader threads compress the clusters to be stored too, so the writer's thread
+//! only appends, in order.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Mutex, mpsc};
 
 use crate::error::Error;
-use crate::volume::{DataRanges, VolumeRead};
+use crate::offset::GuestRange;
+use crate::pipeline::{Buffer, Pipeline};
+use crate::volume::{DataRanges, VolumeChunks, VolumeRead, read_chunk};
 use crate::writer::options::WriterOptions;
 use crate::writer::{ClusterCompressor, WriteSummary, Writer, is_zero};
-use crate::{FileSink, ImageSink, ReadAt};
+use crate::{CompressionType, FileSink, ImageSink, ReadAt};
 
 /// Bytes read from the source at a time (rounded up to whole clusters).
 const CHUNK: u64 = 4 << 20;
 
 /// What the backing chain of an overlay reads, guest offset by guest offset.
-pub trait BackingRead {
+///
+/// It is `Sync`: the reader threads of a conversion read it at once.
+pub trait BackingRead: Sync {
     /// Virtual size of the backing chain; past it, the overlay's backing reads as zeros.
     fn size(&self) -> u64;
 
@@ -110,90 +113,251 @@ pub fn convert_raw<S: ImageSink>(
     let size = source
         .size()
         .map_err(Error::write_io("reading the source size", 0))?;
-    // A base image is compressed on the reader threads: the writer only names the method.
-    let (writer_options, compression) = match (backing, options.compression) {
-        (None, Some(method)) => {
-            let mut writer_options = options.clone();
-            writer_options.compression = None;
-            writer_options.compression_type = method;
-            (writer_options, Some((method, options.compression_level)))
-        }
-        _ => (options.clone(), None),
-    };
+    // Clusters are compressed on the reader threads: the writer only names the method.
+    let (writer_options, compression) = options.compress_on_readers();
     let mut writer = Writer::new(sink, &writer_options, size)?;
     let chunk = CHUNK.next_multiple_of(writer.cluster_size());
-    // Ranges end at the source's length; the image's last sector may reach past it.
-    let mut ranges = DataRanges::new(source, size);
+    // Data ranges end at the source's length; the image's last sector may reach past it.
     match backing {
-        None => write_base(&mut writer, source, &mut ranges, chunk, compression)?,
-        Some(backing) => write_overlay(&mut writer, source, &mut ranges, backing, chunk)?,
+        None => write_base(&mut writer, source, size, chunk, compression)?,
+        Some(backing) => write_overlay(&mut writer, source, size, backing, chunk, compression)?,
     }
     writer.finish()
 }
 
-/// Threads reading the source at once: parallel reads from the page cache or a device queue
-/// go faster than one, and the writer's thread checks and appends meanwhile.
+/// Threads reading (and compressing) the source at once: parallel reads from the page cache
+/// or a device queue go faster than one, and the writer's thread only checks and appends.
 const READERS: usize = 3;
-/// Chunk buffers in flight (being read, queued, or being written).
-const BUFFERS: usize = READERS + 2;
 
-/// A chunk to read: its order among chunks, guest offset and length.
-type Task = (u64, u64, usize);
-/// A chunk read, or why reading failed.
-type Delivery = Result<(u64, Read), Error>;
-
-/// A chunk read: its guest offset, its buffer and the chunk's bytes in it, and (compression
-/// on) each cluster's compressed form in `packed`, `None` for a cluster that is zero or did
-/// not shrink.
-struct Read {
-    offset: u64,
-    buf: Vec<u8>,
-    range: Range<usize>,
-    packed: Vec<u8>,
+/// A chunk read and classified by a reader thread.
+struct Converted {
+    /// The chunk.
+    range: GuestRange,
+    /// Whether anything was read (an overlay's chunk where neither the source nor the backing
+    /// holds data is left alone).
+    read: bool,
+    /// Overlay only: per cluster, whether it differs from the backing.
+    differs: Vec<bool>,
+    /// Compression on: per cluster to be stored, where its compressed form lies in the
+    /// buffer's side vector (`None` for a zero cluster or one that did not shrink).
     compressed: Vec<Option<Range<usize>>>,
 }
 
-impl Read {
-    /// Hands the chunk to the writer: compressed clusters one at a time, the rest in runs.
-    fn write_to<S: ImageSink>(&self, writer: &mut Writer<S>) -> Result<(), Error> {
-        let bytes = &self.buf[self.range.clone()];
-        if self.compressed.is_empty() {
-            return writer.write_data(self.offset, bytes);
-        }
-        let cluster = writer.cluster_size() as usize;
-        let mut raw_from = 0;
-        for (i, packed) in self.compressed.iter().enumerate() {
-            let Some(packed) = packed.clone().and_then(|range| self.packed.get(range)) else {
-                continue;
-            };
-            if raw_from < i {
-                let raw = &bytes[raw_from * cluster..i * cluster];
-                writer.write_data(self.offset + (raw_from * cluster) as u64, raw)?;
-            }
-            writer.write_compressed(self.offset + (i * cluster) as u64, packed)?;
-            raw_from = i + 1;
-        }
-        match bytes.get(raw_from * cluster..) {
-            Some(raw) if !raw.is_empty() => {
-                writer.write_data(self.offset + (raw_from * cluster) as u64, raw)
-            }
-            _ => Ok(()),
-        }
-    }
+/// What each reader thread keeps: its compressor and, for an overlay, a buffer for what the
+/// backing chain reads in the chunk.
+struct Reader {
+    compressor: Option<ClusterCompressor>,
+    backing: Buffer,
 }
 
-/// Compresses every non-zero cluster of `bytes` that shrinks into `packed`.
-fn compress_chunk(
+/// Reads the data ranges on reader threads (compressing the clusters with compression on)
+/// while the writer's thread appends earlier chunks in order: a base image's chunks are the
+/// source's data ranges, whole clusters around them.
+fn write_base<S: ImageSink>(
+    writer: &mut Writer<S>,
+    source: &dyn VolumeRead,
+    size: u64,
+    chunk: u64,
+    compression: Option<(CompressionType, Option<i32>)>,
+) -> Result<(), Error> {
+    let cluster = writer.cluster_size();
+    Pipeline::new(READERS, chunk as usize).run(
+        |tasks| {
+            let mut ranges = DataRanges::new(source, size);
+            let mut done = 0;
+            while let Some((start, end)) = next_range(&mut ranges, done)? {
+                // Whole clusters around the data, never going back over what was planned.
+                let range = GuestRange::new(start, end).to_clusters(cluster, size);
+                let range = GuestRange::new(range.start.get().max(done), range.end.get());
+                for piece in range.pieces(chunk) {
+                    if !tasks.submit(piece) {
+                        return Ok(());
+                    }
+                }
+                done = done.max(range.end.get());
+            }
+            Ok(())
+        },
+        || reader(compression, cluster, None),
+        |reader, range: GuestRange, buf| {
+            buf.resize(range.len() as usize);
+            let (bytes, packed) = buf.split_mut();
+            read_source(source, bytes, range.start.get())?;
+            let compressed = match reader.compressor.as_mut() {
+                Some(compressor) => compress_clusters(compressor, bytes, cluster, packed, |_| true),
+                None => Vec::new(),
+            };
+            Ok(Converted {
+                range,
+                read: true,
+                differs: Vec::new(),
+                compressed,
+            })
+        },
+        |converted, buf| {
+            let range = converted.range;
+            writer.write_clusters(
+                range.start.get(),
+                buf.bytes(),
+                buf.packed(),
+                &converted.compressed,
+                false,
+            )
+        },
+    )
+}
+
+/// Reads every chunk of the source and of the backing chain on reader threads, which compare
+/// them cluster by cluster (and compress what differs, with compression on); the writer's
+/// thread stores the differing clusters in order: zeros as zero clusters, data over the
+/// backing.
+fn write_overlay<S: ImageSink>(
+    writer: &mut Writer<S>,
+    source: &dyn VolumeRead,
+    size: u64,
+    backing: &dyn BackingRead,
+    chunk: u64,
+    compression: Option<(CompressionType, Option<i32>)>,
+) -> Result<(), Error> {
+    let cluster = writer.cluster_size();
+    let image_size = writer.virtual_size();
+    Pipeline::new(READERS, chunk as usize).run(
+        |tasks| {
+            let mut chunks = VolumeChunks::new(source, image_size, chunk);
+            while let Some((range, data)) = chunks
+                .next_chunk()
+                .map_err(Error::write_io("looking for data in the source", 0))?
+            {
+                // Past the source's end it reads as zeros.
+                let data: Vec<GuestRange> = data
+                    .iter()
+                    .filter_map(|piece| piece.intersect(&GuestRange::new(0, size)))
+                    .collect();
+                if !tasks.submit((range, data)) {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        },
+        || reader(compression, cluster, Some(chunk)),
+        |reader, (range, data): (GuestRange, Vec<GuestRange>), buf| {
+            buf.resize(range.len() as usize);
+            let (new, packed) = buf.split_mut();
+            let source_data = !data.is_empty();
+            read_chunk(source, range, &data, new)
+                .map_err(Error::write_io("reading the source", range.start.get()))?;
+            let old = reader.backing.resize(range.len() as usize);
+            let backing_data = read_backing(backing, range, old)?;
+            if !source_data && !backing_data {
+                return Ok(Converted {
+                    range,
+                    read: false,
+                    differs: Vec::new(),
+                    compressed: Vec::new(),
+                });
+            }
+            let cl = cluster as usize;
+            let differs: Vec<bool> = new
+                .chunks(cl)
+                .zip(old.chunks(cl))
+                .map(|(a, b)| a != b)
+                .collect();
+            let compressed = match reader.compressor.as_mut() {
+                Some(compressor) => compress_clusters(compressor, new, cluster, packed, |i| {
+                    differs.get(i) == Some(&true)
+                }),
+                None => Vec::new(),
+            };
+            Ok(Converted {
+                range,
+                read: true,
+                differs,
+                compressed,
+            })
+        },
+        |converted, buf| {
+            if !converted.read {
+                return Ok(());
+            }
+            let (bytes, cl) = (buf.bytes(), cluster as usize);
+            let mut i = 0;
+            while i < converted.differs.len() {
+                if !converted.differs[i] {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while converted.differs.get(i) == Some(&true) {
+                    i += 1;
+                }
+                let data = bytes
+                    .get(first * cl..(i * cl).min(bytes.len()))
+                    .unwrap_or_default();
+                let compressed = converted.compressed.get(first..i).unwrap_or_default();
+                let at = converted.range.start.get() + (first * cl) as u64;
+                writer.write_clusters(at, data, buf.packed(), compressed, true)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// A reader thread's state.
+fn reader(
+    compression: Option<(CompressionType, Option<i32>)>,
+    cluster: u64,
+    backing_chunk: Option<u64>,
+) -> Result<Reader, Error> {
+    Ok(Reader {
+        compressor: compression
+            .map(|(method, level)| ClusterCompressor::new(method, level, cluster))
+            .transpose()?,
+        backing: Buffer::new(backing_chunk.unwrap_or(0) as usize),
+    })
+}
+
+/// Fills `old` with what the backing chain reads in `range` (zeros past its end); `false`,
+/// with `old` untouched, where the backing holds nothing there.
+fn read_backing(
+    backing: &dyn BackingRead,
+    range: GuestRange,
+    old: &mut [u8],
+) -> Result<bool, Error> {
+    let offset = range.start.get();
+    let end = range.end.get().min(backing.size());
+    if offset >= end
+        || !backing
+            .may_hold_data(offset, end - offset)
+            .map_err(Error::write_io("mapping the backing chain", offset))?
+    {
+        old.fill(0);
+        return Ok(false);
+    }
+    let span = (end - offset) as usize;
+    let (head, tail) = old.split_at_mut(span.min(old.len()));
+    backing
+        .read_at(head, offset)
+        .map_err(Error::write_io("reading the backing chain", offset))?;
+    tail.fill(0);
+    Ok(true)
+}
+
+/// Compresses every non-zero cluster `i` of `bytes` (`cluster` bytes each, the last one
+/// shorter) with `wanted(i)` that shrinks into `packed`, as reader threads do before handing
+/// a chunk to [`Writer::write_clusters`]; returns where each one's compressed form lies.
+pub fn compress_clusters(
     compressor: &mut ClusterCompressor,
     bytes: &[u8],
-    cluster: usize,
+    cluster: u64,
     packed: &mut Vec<u8>,
+    wanted: impl Fn(usize) -> bool,
 ) -> Vec<Option<Range<usize>>> {
     packed.clear();
     bytes
-        .chunks(cluster)
-        .map(|data| {
-            if is_zero(data) {
+        .chunks(cluster as usize)
+        .enumerate()
+        .map(|(i, data)| {
+            if !wanted(i) || is_zero(data) {
                 return None;
             }
             let shrunk = compressor.compress(data)?;
@@ -202,218 +366,6 @@ fn compress_chunk(
             Some(start..packed.len())
         })
         .collect()
-}
-
-/// Reads the data ranges on helper threads while the writer checks and appends earlier chunks,
-/// so reading the source overlaps writing the image. Chunks are reassembled in order.
-fn write_base<S: ImageSink>(
-    writer: &mut Writer<S>,
-    source: &dyn VolumeRead,
-    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
-    chunk: u64,
-    compression: Option<(crate::CompressionType, Option<i32>)>,
-) -> Result<(), Error> {
-    let cluster = writer.cluster_size();
-    let (task_tx, task_rx) = mpsc::sync_channel::<Task>(BUFFERS);
-    let task_rx = Mutex::new(task_rx);
-    let (done_tx, done_rx) = mpsc::channel::<Delivery>();
-    let (pool_tx, pool_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
-    let pool_rx = Mutex::new(pool_rx);
-    for _ in 0..BUFFERS {
-        // The receiver is alive: it is ours.
-        let _ = pool_tx.send((Vec::with_capacity(chunk as usize + PAGE), Vec::new()));
-    }
-    std::thread::scope(|scope| {
-        let planner_done = done_tx.clone();
-        scope.spawn(move || {
-            if let Err(err) = plan_chunks(ranges, cluster, chunk, &task_tx) {
-                let _ = planner_done.send(Err(err));
-            }
-        });
-        for _ in 0..READERS {
-            let (task_rx, pool_rx, done_tx) = (&task_rx, &pool_rx, done_tx.clone());
-            scope.spawn(move || {
-                let compressor = compression
-                    .map(|(method, level)| ClusterCompressor::new(method, level, cluster))
-                    .transpose();
-                let mut compressor = match compressor {
-                    Ok(compressor) => compressor,
-                    Err(err) => {
-                        let _ = done_tx.send(Err(err));
-                        return;
-                    }
-                };
-                // A buffer first, then the next task: the lowest unfinished chunk always holds
-                // a buffer, so reassembly can always make progress.
-                while let Some((mut buf, mut packed)) = lock_recv(pool_rx) {
-                    let Some((seq, offset, len)) = lock_recv(task_rx) else {
-                        return;
-                    };
-                    let range = page_aligned(&mut buf, len);
-                    let message = read_source(source, &mut buf[range.clone()], offset).map(|()| {
-                        let compressed = match compressor.as_mut() {
-                            Some(compressor) => compress_chunk(
-                                compressor,
-                                &buf[range.clone()],
-                                cluster as usize,
-                                &mut packed,
-                            ),
-                            None => Vec::new(),
-                        };
-                        let read = Read {
-                            offset,
-                            buf,
-                            range,
-                            packed,
-                            compressed,
-                        };
-                        (seq, read)
-                    });
-                    if done_tx.send(message).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(done_tx);
-        // Returning (on an error too) drops the pool's sender and the deliveries' receiver,
-        // which stops the helper threads at their next wait.
-        let (pool_tx, done_rx) = (pool_tx, done_rx);
-        let mut waiting = BTreeMap::new();
-        let mut next = 0;
-        for message in done_rx.iter() {
-            let (seq, read) = message?;
-            waiting.insert(seq, read);
-            while let Some(read) = waiting.remove(&next) {
-                read.write_to(writer)?;
-                let _ = pool_tx.send((read.buf, read.packed));
-                next += 1;
-            }
-        }
-        Ok(())
-    })
-}
-
-/// Page size the read buffers are aligned to.
-const PAGE: usize = 4096;
-
-/// The range of `buf` (grown as needed) holding `len` bytes from a page boundary: the kernel
-/// copies out of the page cache markedly faster into page-aligned memory.
-fn page_aligned(buf: &mut Vec<u8>, len: usize) -> Range<usize> {
-    buf.resize(len + PAGE, 0);
-    let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
-    start..start + len
-}
-
-fn lock_recv<T>(receiver: &Mutex<mpsc::Receiver<T>>) -> Option<T> {
-    receiver.lock().ok()?.recv().ok()
-}
-
-/// Splits whole clusters around every data range into chunks of at most `chunk` bytes.
-fn plan_chunks(
-    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
-    cluster: u64,
-    chunk: u64,
-    tasks: &mpsc::SyncSender<Task>,
-) -> Result<(), Error> {
-    let size = ranges.size();
-    let mut done = 0;
-    let mut seq = 0;
-    while let Some((start, end)) = next_range(ranges, done)? {
-        // Whole clusters around the data, never going back over what was planned.
-        let start = (start - start % cluster).max(done);
-        let end = end.next_multiple_of(cluster).min(size);
-        let mut offset = start;
-        while offset < end {
-            let len = (end - offset).min(chunk);
-            if tasks.send((seq, offset, len as usize)).is_err() {
-                return Ok(());
-            }
-            seq += 1;
-            offset += len;
-        }
-        done = done.max(end);
-    }
-    Ok(())
-}
-
-fn write_overlay<S: ImageSink>(
-    writer: &mut Writer<S>,
-    source: &dyn VolumeRead,
-    ranges: &mut DataRanges<'_, dyn VolumeRead + '_>,
-    backing: &dyn BackingRead,
-    chunk: u64,
-) -> Result<(), Error> {
-    let cluster = writer.cluster_size() as usize;
-    let size = writer.virtual_size();
-    let backing_size = backing.size();
-    let (mut new, mut old) = (Vec::new(), Vec::new());
-    let new_range = page_aligned(&mut new, chunk as usize);
-    let old_range = page_aligned(&mut old, chunk as usize);
-    let mut pending = next_range(ranges, 0)?;
-    let mut offset = 0;
-    while offset < size {
-        let len = (size - offset).min(chunk);
-        let end = offset + len;
-        let new = &mut new[new_range.start..new_range.start + len as usize];
-        let old = &mut old[old_range.start..old_range.start + len as usize];
-
-        // The source: data ranges read, holes zero.
-        new.fill(0);
-        let mut source_data = false;
-        while let Some((start, stop)) = pending {
-            if start >= end {
-                break;
-            }
-            let lo = start.max(offset);
-            let hi = stop.min(end);
-            if lo < hi {
-                read_source(
-                    source,
-                    &mut new[(lo - offset) as usize..(hi - offset) as usize],
-                    lo,
-                )?;
-                source_data = true;
-            }
-            if stop > end {
-                break;
-            }
-            pending = next_range(ranges, end)?;
-        }
-
-        // The backing: zero past its end or where it says it holds nothing.
-        old.fill(0);
-        let backing_end = end.min(backing_size);
-        let mut backing_data = false;
-        if offset < backing_end {
-            let span = backing_end - offset;
-            let may = backing
-                .may_hold_data(offset, span)
-                .map_err(Error::write_io("mapping the backing chain", offset))?;
-            if may {
-                backing
-                    .read_at(&mut old[..span as usize], offset)
-                    .map_err(Error::write_io("reading the backing chain", offset))?;
-                backing_data = true;
-            }
-        }
-
-        if source_data || backing_data {
-            for (i, (now, before)) in new.chunks(cluster).zip(old.chunks(cluster)).enumerate() {
-                if now == before {
-                    continue;
-                }
-                let at = offset + (i * cluster) as u64;
-                if is_zero(now) {
-                    writer.write_zeros(at, now.len() as u64)?;
-                } else {
-                    writer.write_data_over_backing(at, now)?;
-                }
-            }
-        }
-        offset = end;
-    }
-    Ok(())
 }
 
 fn read_source(source: &dyn VolumeRead, buf: &mut [u8], offset: u64) -> Result<(), Error> {

@@ -10,6 +10,7 @@ use crate::header::{Header, MAGIC, incompat};
 use crate::io::{LocalStorage, ReadAt, Storage};
 use crate::layer::Qcow2Layer;
 use crate::map::{Extent, ExtentKind};
+use crate::offset::{GuestOffset, HostOffset};
 
 mod source_read;
 pub use source_read::SourceRead;
@@ -385,7 +386,7 @@ impl Image {
     ) -> Result<()> {
         let Some(layer) = self.layers.get(depth) else {
             return emit(Extent {
-                start: offset,
+                start: GuestOffset(offset),
                 length: len,
                 kind: ExtentKind::Unallocated,
             });
@@ -396,7 +397,7 @@ impl Image {
         while pos < end {
             if pos >= layer_size {
                 return emit(Extent {
-                    start: pos,
+                    start: GuestOffset(pos),
                     length: end - pos,
                     kind: ExtentKind::Unallocated,
                 });
@@ -406,7 +407,7 @@ impl Image {
                 Layer::Raw { .. } => (
                     ExtentKind::Data {
                         depth,
-                        host_offset: pos,
+                        host_offset: HostOffset(pos),
                     },
                     limit,
                 ),
@@ -415,11 +416,11 @@ impl Image {
                     let kind = match mapping {
                         crate::l2::Mapping::Data { host } => ExtentKind::Data {
                             depth,
-                            host_offset: host,
+                            host_offset: HostOffset(host),
                         },
                         crate::l2::Mapping::Compressed { host, len } => ExtentKind::Compressed {
                             depth,
-                            host_offset: host,
+                            host_offset: HostOffset(host),
                             compressed_len: len,
                         },
                         crate::l2::Mapping::Zero => ExtentKind::Zero { depth },
@@ -432,7 +433,7 @@ impl Image {
                 self.resolve(depth + 1, pos, run, emit)?;
             } else {
                 emit(Extent {
-                    start: pos,
+                    start: GuestOffset(pos),
                     length: run,
                     kind,
                 })?;
@@ -448,23 +449,24 @@ impl Image {
     /// An image opened with a [`ClusterCheck`] reads every stored cluster the extent touches
     /// whole and checks it (and checks zeros as zeros) before filling `buf`.
     pub fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        let start = extent.start.get();
         match extent.kind {
             ExtentKind::Zero { .. } | ExtentKind::Unallocated => {
-                self.check_zeros(extent.kind, extent.start, buf.len() as u64)?;
+                self.check_zeros(extent.kind, start, buf.len() as u64)?;
                 buf.fill(0);
                 Ok(())
             }
             ExtentKind::Data { depth, host_offset } => match self.layers.get(depth) {
                 Some(Layer::Qcow2(q)) => match &self.check {
-                    None => q.read_data(buf, host_offset),
+                    None => q.read_data(buf, host_offset.get()),
                     Some(check) => {
-                        self.read_checked(check.as_ref(), depth, q, extent.start, host_offset, buf)
+                        self.read_checked(check.as_ref(), depth, q, start, host_offset.get(), buf)
                     }
                 },
                 Some(Layer::Raw { name, source, len }) => {
-                    let available = len.saturating_sub(host_offset).min(buf.len() as u64);
+                    let available = len.saturating_sub(host_offset.get()).min(buf.len() as u64);
                     let (head, tail) = buf.split_at_mut(available as usize);
-                    source.read_exact_at(head, host_offset).map_err(|e| {
+                    source.read_exact_at(head, host_offset.get()).map_err(|e| {
                         io_err(name, format!("reading data at {host_offset:#x}"), e)
                     })?;
                     tail.fill(0);
@@ -484,16 +486,16 @@ impl Image {
                 };
                 let cluster_size = q.header.cluster_size();
                 let mut cluster = vec![0u8; cluster_size as usize];
-                q.read_compressed(&mut cluster, host_offset, compressed_len)?;
+                q.read_compressed(&mut cluster, host_offset.get(), compressed_len)?;
                 if let Some(check) = &self.check {
-                    let first = extent.start - extent.start % cluster_size;
+                    let first = start - start % cluster_size;
                     let len = cluster_size.min(q.size().saturating_sub(first)) as usize;
                     let data = cluster.get(..len).unwrap_or(&cluster);
                     check
                         .stored(depth, first, data)
                         .map_err(|failure| self.check_failed(check.as_ref(), failure))?;
                 }
-                let within = (extent.start % cluster_size) as usize;
+                let within = (start % cluster_size) as usize;
                 let src = cluster
                     .get(within..within + buf.len())
                     .ok_or_else(|| corrupt(&q.name, "compressed extent spans clusters", 0))?;
@@ -597,7 +599,7 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.for_each_extent(offset, len, |extent| {
-            let from = (extent.start - offset) as usize;
+            let from = extent.start.distance_from(GuestOffset(offset)) as usize;
             let to = from + extent.length as usize;
             let part = buf
                 .get_mut(from..to)

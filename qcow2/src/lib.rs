@@ -103,6 +103,8 @@ mod io;
 mod l2;
 mod layer;
 mod map;
+mod offset;
+pub mod pipeline;
 mod sink;
 mod volume;
 mod writer;
@@ -115,10 +117,11 @@ pub use hydrate::{HydrateOptions, HydrateStats, hydrate, hydrate_with, hydrate_w
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
 pub use map::{Extent, ExtentKind};
+pub use offset::{GuestOffset, GuestRange, HostOffset};
 
-pub use convert::{BackingRead, RawBacking, convert_raw, convert_raw_file};
+pub use convert::{BackingRead, RawBacking, compress_clusters, convert_raw, convert_raw_file};
 pub use sink::{FileSink, MemorySink};
-pub use volume::{DataRanges, DenseVolume, VolumeRead};
+pub use volume::{DataRanges, DenseVolume, VolumeChunks, VolumeRead, read_chunk};
 pub use writer::options::{
     Compat, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, WriterOptions,
 };

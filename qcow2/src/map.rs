@@ -1,5 +1,7 @@
 //! The block-status map of a resolved chain: for each guest range, where its bytes come from.
 
+use crate::offset::{GuestOffset, GuestRange, HostOffset};
+
 /// Where the bytes of a guest range come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {
@@ -9,14 +11,14 @@ pub enum ExtentKind {
         /// Chain depth of the image holding the data.
         depth: usize,
         /// File offset of the extent's first byte.
-        host_offset: u64,
+        host_offset: HostOffset,
     },
     /// Part of a compressed cluster in the image at `depth`.
     Compressed {
         /// Chain depth of the image holding the cluster.
         depth: usize,
         /// File offset of the compressed stream.
-        host_offset: u64,
+        host_offset: HostOffset,
         /// Upper bound of the compressed stream's length.
         compressed_len: u64,
     },
@@ -50,7 +52,7 @@ impl ExtentKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     /// Guest offset.
-    pub start: u64,
+    pub start: GuestOffset,
     /// Length in bytes.
     pub length: u64,
     /// Where the bytes come from.
@@ -59,8 +61,30 @@ pub struct Extent {
 
 impl Extent {
     /// The guest offset just past the extent.
-    pub fn end(&self) -> u64 {
+    pub fn end(&self) -> GuestOffset {
         self.start + self.length
+    }
+
+    /// The guest bytes it covers.
+    pub fn range(&self) -> GuestRange {
+        GuestRange::at(self.start, self.length)
+    }
+
+    /// The part of the extent from `at` (inside it) for `len` bytes: a data extent's host
+    /// offset moves along; a compressed one still names its whole cluster.
+    pub fn slice(&self, at: GuestOffset, len: u64) -> Extent {
+        let kind = match self.kind {
+            ExtentKind::Data { depth, host_offset } => ExtentKind::Data {
+                depth,
+                host_offset: host_offset + at.distance_from(self.start),
+            },
+            other => other,
+        };
+        Extent {
+            start: at,
+            length: len,
+            kind,
+        }
     }
 
     /// Appends `next` to `self` if it continues it; returns whether it did.

@@ -13,6 +13,7 @@ use rustix::fs::{SeekFrom, seek};
 use rustix::io::Errno;
 
 use crate::ReadAt;
+use crate::offset::GuestRange;
 
 /// A raw volume read by a backup: its size, positional reads, and where data may be.
 pub trait VolumeRead: Send + Sync {
@@ -149,6 +150,84 @@ impl<'a, V: VolumeRead + ?Sized> DataRanges<'a, V> {
     }
 }
 
+/// A volume cut into chunks of one size, each with the volume's data ranges inside it: what a
+/// scan of every chunk (an overlay, a backup) plans from. Holes between the data read as
+/// zeros; [`read_chunk`] fills a chunk that way.
+pub struct VolumeChunks<'a, V: ?Sized> {
+    ranges: DataRanges<'a, V>,
+    pending: Option<GuestRange>,
+    chunk: u64,
+    at: u64,
+}
+
+impl<'a, V: VolumeRead + ?Sized> VolumeChunks<'a, V> {
+    /// `volume` below `size`, in chunks of `chunk` bytes (the last one shorter).
+    pub fn new(volume: &'a V, size: u64, chunk: u64) -> Self {
+        Self {
+            ranges: DataRanges::new(volume, size),
+            pending: None,
+            chunk: chunk.max(1),
+            at: 0,
+        }
+    }
+
+    /// The next chunk and the data ranges within it (ascending), or `None` past the end.
+    pub fn next_chunk(&mut self) -> io::Result<Option<(GuestRange, Vec<GuestRange>)>> {
+        let size = self.ranges.size();
+        if self.at >= size {
+            return Ok(None);
+        }
+        if self.at == 0 && self.pending.is_none() {
+            self.pending = self.next_range()?;
+        }
+        let range = GuestRange::new(self.at, (self.at + self.chunk).min(size));
+        let mut data = Vec::new();
+        while let Some(pending) = self.pending {
+            if pending.start >= range.end {
+                break;
+            }
+            data.extend(pending.intersect(&range));
+            if pending.end > range.end {
+                break;
+            }
+            self.pending = self.next_range()?;
+        }
+        self.at = range.end.get();
+        Ok(Some((range, data)))
+    }
+
+    fn next_range(&mut self) -> io::Result<Option<GuestRange>> {
+        let next = self.ranges.next_range()?;
+        Ok(next.map(|(start, end)| GuestRange::new(start, end)))
+    }
+}
+
+/// Fills `bytes` (the chunk `range` of `volume`) with the volume's `data` ranges within it
+/// (ascending, as [`VolumeChunks`] gives them), zeroing only the holes between them.
+pub fn read_chunk(
+    volume: &(impl VolumeRead + ?Sized),
+    range: GuestRange,
+    data: &[GuestRange],
+    bytes: &mut [u8],
+) -> io::Result<()> {
+    let mut filled = 0;
+    for piece in data {
+        let (from, to) = (range.index_of(piece.start), range.index_of(piece.end));
+        let part = bytes
+            .get_mut(from..to)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "data outside its chunk"))?;
+        volume.read_exact_at(part, piece.start.get())?;
+        if let Some(hole) = bytes.get_mut(filled..from) {
+            hole.fill(0);
+        }
+        filled = filled.max(to);
+    }
+    if let Some(tail) = bytes.get_mut(filled..) {
+        tail.fill(0);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +250,41 @@ mod tests {
             first.1 - first.0 < 32 << 20,
             "the hole was reported as data: {first:?}"
         );
+    }
+
+    #[test]
+    fn chunks_carry_the_data_ranges_inside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let file = File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[1; 4096], (8 << 20) - 1024).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut chunks = VolumeChunks::new(&file, 64 << 20, 4 << 20);
+        let mut found = Vec::new();
+        while let Some((range, data)) = chunks.next_chunk().unwrap() {
+            let mut bytes = vec![9u8; range.len() as usize];
+            read_chunk(&file, range, &data, &mut bytes).unwrap();
+            let ones = bytes.iter().filter(|&&b| b == 1).count();
+            assert!(
+                bytes.iter().all(|&b| b <= 1),
+                "holes read as zeros in {range}"
+            );
+            found.push((range.start.get() >> 20, ones));
+            for piece in &data {
+                assert!(range.intersect(piece) == Some(*piece), "{piece} in {range}");
+            }
+        }
+        // The write spans the boundary of the second and third chunks.
+        let expect: Vec<(u64, usize)> = (0..16)
+            .map(|i| {
+                (
+                    i * 4,
+                    [0, 1024, 3072][(i as usize).min(2)] * usize::from(i < 3),
+                )
+            })
+            .collect();
+        assert_eq!(found, expect);
     }
 
     #[test]

@@ -38,28 +38,28 @@ impl Image {
                 match self.layers.get(depth).ok_or_else(|| no_layer(depth))? {
                     Layer::Raw { name, .. } => Ok(Some(SourceRead {
                         source: name,
-                        start: host_offset,
-                        end: host_offset.saturating_add(extent.length),
+                        start: host_offset.get(),
+                        end: host_offset.get().saturating_add(extent.length),
                     })),
                     Layer::Qcow2(q) => {
                         let source = q.data_file_name().unwrap_or(&q.name);
-                        let (mut start, mut end) = (extent.start, extent.end());
+                        let (mut start, mut end) = (extent.start.get(), extent.end().get());
                         if self.check.is_some() {
                             let cluster = q.header.cluster_size();
                             start -= start % cluster;
                             end = end.div_ceil(cluster).saturating_mul(cluster).min(q.size());
-                            end = end.max(extent.end());
+                            end = end.max(extent.end().get());
                         }
-                        let host_start =
-                            host_offset
-                                .checked_sub(extent.start - start)
-                                .ok_or_else(|| {
-                                    crate::error::corrupt(
-                                        &q.name,
-                                        "data cluster before the file's start",
-                                        host_offset,
-                                    )
-                                })?;
+                        let host_start = host_offset
+                            .get()
+                            .checked_sub(extent.start.get() - start)
+                            .ok_or_else(|| {
+                                crate::error::corrupt(
+                                    &q.name,
+                                    "data cluster before the file's start",
+                                    host_offset.get(),
+                                )
+                            })?;
                         Ok(Some(SourceRead {
                             source,
                             start: host_start,
@@ -75,8 +75,11 @@ impl Image {
             } => match self.layers.get(depth).ok_or_else(|| no_layer(depth))? {
                 Layer::Qcow2(q) => Ok(Some(SourceRead {
                     source: &q.name,
-                    start: host_offset,
-                    end: host_offset.saturating_add(compressed_len).min(q.file_len()),
+                    start: host_offset.get(),
+                    end: host_offset
+                        .get()
+                        .saturating_add(compressed_len)
+                        .min(q.file_len()),
                 })),
                 Layer::Raw { .. } => Err(no_layer(depth)),
             },
@@ -87,29 +90,8 @@ impl Image {
     /// opened without a cluster check, and for data extents).
     pub fn check_zero_extent(&self, extent: &Extent) -> Result<()> {
         if extent.kind.is_zero() {
-            self.check_zeros(extent.kind, extent.start, extent.length)?;
+            self.check_zeros(extent.kind, extent.start.get(), extent.length)?;
         }
         Ok(())
-    }
-}
-
-impl Extent {
-    /// The part of the extent from guest offset `start` for `length` bytes (both inside it):
-    /// data moves its host offset along; a compressed extent's part is still read from
-    /// within its cluster.
-    pub fn piece(&self, start: u64, length: u64) -> Extent {
-        let by = start.saturating_sub(self.start);
-        let kind = match self.kind {
-            ExtentKind::Data { depth, host_offset } => ExtentKind::Data {
-                depth,
-                host_offset: host_offset + by,
-            },
-            other => other,
-        };
-        Extent {
-            start,
-            length,
-            kind,
-        }
     }
 }

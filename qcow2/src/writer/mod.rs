@@ -186,6 +186,42 @@ impl<S: ImageSink> Writer<S> {
         self.flush_due()
     }
 
+    /// Writes a run of clusters from `offset` whose compressed forms were made on other
+    /// threads: cluster `i` of `data` is stored as `packed[compressed[i]]` where that is
+    /// `Some`, the others as [`Self::write_data`] (or, `over_backing`,
+    /// [`Self::write_data_over_backing`]) stores them, in runs. An empty `compressed` stores
+    /// everything uncompressed.
+    pub fn write_clusters(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        packed: &[u8],
+        compressed: &[Option<std::ops::Range<usize>>],
+        over_backing: bool,
+    ) -> Result<(), Error> {
+        let cluster = self.cluster_size() as usize;
+        let mut raw_from = 0;
+        for (i, range) in compressed.iter().enumerate() {
+            let Some(packed) = range.clone().and_then(|range| packed.get(range)) else {
+                continue;
+            };
+            if let Some(raw) = data
+                .get(raw_from * cluster..i * cluster)
+                .filter(|r| !r.is_empty())
+            {
+                self.write(offset + (raw_from * cluster) as u64, raw, over_backing)?;
+            }
+            self.write_compressed(offset + (i * cluster) as u64, packed)?;
+            raw_from = i + 1;
+        }
+        match data.get(raw_from * cluster..) {
+            Some(raw) if !raw.is_empty() => {
+                self.write(offset + (raw_from * cluster) as u64, raw, over_backing)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn write(&mut self, offset: u64, data: &[u8], over_backing: bool) -> Result<(), Error> {
         let (first, _) = self.claim(offset, data.len() as u64)?;
         let cluster = self.cluster_size() as usize;

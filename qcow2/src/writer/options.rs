@@ -82,6 +82,18 @@ impl Default for WriterOptions {
 }
 
 impl WriterOptions {
+    /// For compressing on reader threads: these options with the writer's own compression
+    /// off (the header still names the method), and the method and level the readers use.
+    pub fn compress_on_readers(&self) -> (WriterOptions, Option<(CompressionType, Option<i32>)>) {
+        let mut writer_options = self.clone();
+        let compression = self.compression.map(|method| {
+            writer_options.compression = None;
+            writer_options.compression_type = method;
+            (method, self.compression_level)
+        });
+        (writer_options, compression)
+    }
+
     /// Applies a comma-separated `key=value` list as `qemu-img create/convert -o` takes it:
     /// `cluster_size` (bytes, or with a `k`/`K`, `M` suffix), `compat` (`0.10`, `v2`, `1.1`,
     /// `v3`), `compression_type` (`zlib`, `zstd`), `backing_file`, `backing_fmt`.

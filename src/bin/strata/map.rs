@@ -48,14 +48,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map(|e| {
                     let (depth, offset, compressed) = match e.kind {
                         ExtentKind::Data { depth, host_offset } => {
-                            (depth, Some(host_offset), false)
+                            (depth, Some(host_offset.get()), false)
                         }
                         ExtentKind::Compressed { depth, .. } => (depth, None, true),
                         ExtentKind::Zero { depth } => (depth, None, false),
                         ExtentKind::Unallocated => (chain.len().saturating_sub(1), None, false),
                     };
                     ExtentJson {
-                        start: e.start,
+                        start: e.start.get(),
                         length: e.length,
                         depth,
                         present: e.kind.depth().is_some(),
