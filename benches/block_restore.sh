@@ -12,13 +12,13 @@
 # both tools is the device: the data must be written (128 MiB), and everything else zeroed
 # without data writes (fallocate / BLKZEROOUT); a tool that writes zeros writes 4 GiB.
 #
-#   cargo build --release --example strata
+#   cargo build --release --features cli --bin strata
 #   sudo benches/block_restore.sh [PAIRS]          # STRATA=path/to/strata to override
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-5}
-strata=${STRATA:-build/release/examples/strata}
-[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+strata=${STRATA:-build/release/strata}
+[ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d)
 dev=
 cleanup() { [ -n "$dev" ] && losetup -d "$dev"; rm -rf "$work"; }

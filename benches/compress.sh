@@ -11,14 +11,14 @@
 # The raw file stays in the page cache for both tools (nothing is dropped unless
 # DROP_CACHES=1 and root).
 #
-#   cargo build --release --example strata
+#   cargo build --release --features cli --bin strata
 #   benches/compress.sh [PAIRS] [MIB]          # STRATA=path/to/strata to override
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-3}
 mib=${2:-256}
-strata=${STRATA:-build/release/examples/strata}
-[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+strata=${STRATA:-build/release/strata}
+[ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 

@@ -17,14 +17,14 @@
 # /dev/zero), and writers on more threads only wait on the file's inode lock; strata takes
 # 0.14 to 0.17 s, qemu-img 0.20 to 0.25 s, so 0.5 is below the floor here (0.12 / 0.24).
 #
-#   cargo build --release --example strata
+#   cargo build --release --features cli --bin strata
 #   benches/hydrate_deep.sh [PAIRS]      # STRATA=path/to/strata to override; needs root for
 #                                        # the tmpfs mount, else uses /dev/shm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-7}
-strata=${STRATA:-build/release/examples/strata}
-[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+strata=${STRATA:-build/release/strata}
+[ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d)
 out=$(mktemp -d)
 mounted=

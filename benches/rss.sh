@@ -23,15 +23,15 @@
 # At 4 KiB clusters, 1 vs 4 GiB: before 59.7 vs 114.1, 49.8 vs 86.3, 22.2 vs 67.4, 33.9 vs
 # 53.4; after 46.7 vs 46.6, 37.8 vs 38.2, 14.8 vs 14.5, 30.9 vs 30.9.
 #
-#   cargo build --release --example strata
+#   cargo build --release --features cli --bin strata
 #   benches/rss.sh [GIB...]          # default: 1 16; STRATA=path/to/strata to override
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(1 16)
 cluster=${CLUSTER:-65536}
-strata=${STRATA:-build/release/examples/strata}
-[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+strata=${STRATA:-build/release/strata}
+[ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d "${WORK:-/tmp}/rss.XXXXXX")
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 

@@ -17,18 +17,18 @@
 # (limit: 8 parallel curl GETs 298 MB/s, i.e. 0.81 of boto3's time); moto 64 MiB, 3 pairs: base
 # 0.66, chain 0.79.
 #
-#   cargo build --release --example strata
+#   cargo build --release --features cli --bin strata
 #   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
 #                                         # FLAGS="--fetch-part-size 16M --fetch-parallel 4"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-5}
 mib=${2:-320}
-strata=${STRATA:-build/release/examples/strata}
+strata=${STRATA:-build/release/strata}
 server=${SERVER:-s3s-fs}
 cases=${CASES:-base chain}
 read -r -a flags <<<"${FLAGS:-}"
-[ -x "$strata" ] || { echo "build it first: cargo build --release --example strata" >&2; exit 2; }
+[ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
