@@ -41,9 +41,9 @@ fuzz_target!(|data: &[u8]| {
     let mut budget = READ_BUDGET;
     let mut buf = vec![0u8; 1 << 16];
     let _ = image.for_each_extent(0, image.virtual_size(), |extent| {
-        let mut pos = extent.start;
-        while pos < extent.end() && budget > 0 {
-            let n = (extent.end() - pos).min(buf.len() as u64).min(budget);
+        let (mut pos, end) = (extent.start.get(), extent.end().get());
+        while pos < end && budget > 0 {
+            let n = (end - pos).min(buf.len() as u64).min(budget);
             image.read_at(&mut buf[..n as usize], pos)?;
             budget -= n;
             pos += n;
