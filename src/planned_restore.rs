@@ -27,14 +27,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, mpsc};
 
-use strata_qcow2::{Extent, ExtentKind, HydrateStats, Image, is_zero};
+use strata_qcow2::{Extent, ExtentKind, HydrateStats, Image};
 use strata_target::{FetchPlanner, Fetched, InFlight, Part, PartStorage, TargetOptions};
 
 use crate::volume::{Error, Result};
-
-/// Blocks of zeros inside data this size are left as holes on a regular file (as
-/// `qemu-img convert -S 4k`), or unwritten on a device known to read zeros.
-const SPARSE_BLOCK: usize = 4096;
 
 /// Writes the virtual disk of `image`, opened through `storage`, into `dest` (a new regular
 /// file, or a block device that reads zeros), by the fetch plan.
@@ -258,28 +254,14 @@ impl Fetch<'_> {
     }
 }
 
-/// Writes the blocks of `buf` that are not all zeros at `offset` on, adjacent ones at once;
-/// returns the bytes written.
+/// Writes the 4 KiB blocks of `buf` that are not all zeros at `offset` on (holes on a regular
+/// file, unwritten on a device known to read zeros), adjacent ones at once; returns the bytes
+/// written.
 fn write_sparse(dest: &File, buf: &[u8], offset: u64) -> std::io::Result<u64> {
     let mut written = 0;
-    let mut run: Option<usize> = None;
-    let blocks = buf.len().div_ceil(SPARSE_BLOCK);
-    for index in 0..=blocks {
-        let from = index * SPARSE_BLOCK;
-        let data = buf
-            .get(from..buf.len().min(from + SPARSE_BLOCK))
-            .filter(|block| !block.is_empty() && !is_zero(block));
-        match (data, run) {
-            (Some(_), None) => run = Some(from),
-            (None, Some(start)) => {
-                let end = buf.len().min(from);
-                let bytes = buf.get(start..end).unwrap_or_default();
-                dest.write_all_at(bytes, offset + start as u64)?;
-                written += bytes.len() as u64;
-                run = None;
-            }
-            _ => {}
-        }
+    for span in strata_qcow2::nonzero_spans(buf) {
+        dest.write_all_at(&buf[span.clone()], offset + span.start as u64)?;
+        written += span.len() as u64;
     }
     Ok(written)
 }

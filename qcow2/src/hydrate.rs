@@ -355,9 +355,9 @@ impl Zeroing {
     }
 }
 
-/// The spans of `buf` holding anything but zeros, in [`SPARSE_BLOCK`]s: what is written to a
-/// regular file, the rest staying holes.
-fn nonzero_spans(buf: &[u8]) -> Vec<std::ops::Range<usize>> {
+/// The spans of `buf` holding anything but zeros, in blocks of 4 KiB (as `qemu-img convert
+/// -S 4k`): what a hydration writes to a regular file, the rest staying holes.
+pub fn nonzero_spans(buf: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut spans = Vec::new();
     let mut from = None;
     for (block, bytes) in buf.chunks(SPARSE_BLOCK).enumerate() {
