@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -27,24 +27,93 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-/// The VolumeSnapshotClass for `pvc`: reads its StorageClass for the CSI driver, lists the
-/// classes and chooses as [`choose_snapshot_class`] does (`preferred` overrides, checked).
-pub async fn snapshot_class_for_pvc(
-    client: &Client,
-    pvc: &PersistentVolumeClaim,
-    preferred: Option<&str>,
-) -> Result<VolumeSnapshotClass> {
+/// The CSI driver of `pvc`'s volume: its bound PersistentVolume's `spec.csi.driver`, else its
+/// StorageClass's provisioner. The volume is the better witness: a migrated in-tree class
+/// (EKS's `gp2` names `kubernetes.io/aws-ebs`) provisions volumes of the CSI driver
+/// (`ebs.csi.aws.com`, Kubernetes docs "CSI migration"), and a statically provisioned claim
+/// may have no class at all.
+pub async fn driver_of_pvc(client: &Client, pvc: &PersistentVolumeClaim) -> Result<String> {
+    let bound = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .filter(|n| !n.is_empty());
+    if let Some(volume) = bound {
+        let pv = Api::<PersistentVolume>::all(client.clone())
+            .get_opt(volume)
+            .await
+            .map_err(Error::kube(format!("get PersistentVolume {volume}")))?;
+        let driver = pv
+            .and_then(|pv| pv.spec?.csi)
+            .map(|csi| csi.driver)
+            .filter(|d| !d.is_empty());
+        if let Some(driver) = driver {
+            return Ok(driver);
+        }
+    }
     let class_name = storage_class_name(pvc)?;
     let storage_class = Api::<StorageClass>::all(client.clone())
         .get(class_name)
         .await
         .map_err(Error::kube(format!("get StorageClass {class_name}")))?;
+    Ok(driver_of(&storage_class).to_owned())
+}
+
+/// The VolumeSnapshotClass for `pvc`: finds the CSI driver of its volume
+/// ([`driver_of_pvc`]), lists the classes and chooses as [`choose_snapshot_class`] does
+/// (`preferred` overrides, checked).
+pub async fn snapshot_class_for_pvc(
+    client: &Client,
+    pvc: &PersistentVolumeClaim,
+    preferred: Option<&str>,
+) -> Result<VolumeSnapshotClass> {
+    let driver = driver_of_pvc(client, pvc).await?;
     let classes = Api::<VolumeSnapshotClass>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("list VolumeSnapshotClasses"))?
         .items;
-    choose_snapshot_class(driver_of(&storage_class), &classes, preferred).cloned()
+    choose_snapshot_class(&driver, &classes, preferred).cloned()
+}
+
+/// The StorageClass a claim cloned from a snapshot of `pvc` takes: `pvc`'s own, or for a claim
+/// without one, the StorageClass whose provisioner is `driver` (the cluster's default class
+/// among several).
+pub async fn storage_class_for_clone(
+    client: &Client,
+    pvc: &PersistentVolumeClaim,
+    driver: &str,
+) -> Result<String> {
+    if let Ok(class) = storage_class_name(pvc) {
+        return Ok(class.to_owned());
+    }
+    let classes = Api::<StorageClass>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list StorageClasses"))?
+        .items;
+    let is_default = |c: &&&StorageClass| {
+        c.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("storageclass.kubernetes.io/is-default-class"))
+            .is_some_and(|v| v == "true")
+    };
+    let of_driver: Vec<&StorageClass> =
+        classes.iter().filter(|c| c.provisioner == driver).collect();
+    of_driver
+        .iter()
+        .find(is_default)
+        .or(of_driver.first())
+        .and_then(|c| c.metadata.name.clone())
+        .ok_or_else(|| Error::Invalid {
+            what: "storage class",
+            reason: format!(
+                "PVC {} has no storageClassName and no StorageClass provisions {driver}, so no \
+                 claim can be made from its snapshot",
+                pvc.metadata.name.as_deref().unwrap_or_default()
+            ),
+        })
 }
 
 /// Create `snapshot`, or return the existing one of the same name when it snapshots the same PVC.

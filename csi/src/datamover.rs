@@ -33,7 +33,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, NodeAffinity,
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
@@ -159,6 +162,43 @@ impl DatamoverSpec {
             backoff_limit: 3,
             active_deadline_seconds: None,
         }
+    }
+}
+
+/// Exit code of a `strata` command line that does not parse (clap's usage error): the image's
+/// CLI does not match the controller's, so a retry cannot help.
+pub const USAGE_EXIT_CODE: i32 = 2;
+
+/// The Job's `podFailurePolicy` (batch/v1, Kubernetes docs "Jobs", "Pod failure policy"; it
+/// needs `restartPolicy: Never`, which the pod has). Rules apply in order:
+///
+/// 1. `Ignore` a pod failed with the `DisruptionTarget` condition (node loss or drain,
+///    preemption, eviction): not the datamover's fault, so it does not count against
+///    `backoffLimit`, and the replacement takes over the dead writer's claim.
+/// 2. `FailJob` on [`USAGE_EXIT_CODE`]: the command line itself is wrong.
+///
+/// Every other failure (exit 1, an OOM kill's 137) counts against `backoffLimit`.
+pub fn pod_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "Ignore".to_owned(),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".to_owned(),
+                    status: "True".to_owned(),
+                }]),
+                on_exit_codes: None,
+            },
+            PodFailurePolicyRule {
+                action: "FailJob".to_owned(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(CONTAINER.to_owned()),
+                    operator: "In".to_owned(),
+                    values: vec![USAGE_EXIT_CODE],
+                }),
+                on_pod_conditions: None,
+            },
+        ],
     }
 }
 
@@ -370,6 +410,7 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
         spec: Some(JobSpec {
             backoff_limit: Some(spec.backoff_limit),
             active_deadline_seconds: spec.active_deadline_seconds,
+            pod_failure_policy: Some(pod_failure_policy()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -474,6 +515,11 @@ mod tests {
         );
         assert_eq!(job["metadata"]["namespace"], "shop");
         assert_eq!(job["spec"]["backoffLimit"], 3);
+        let rules = &job["spec"]["podFailurePolicy"]["rules"];
+        assert_eq!(rules[0]["action"], "Ignore");
+        assert_eq!(rules[0]["onPodConditions"][0]["type"], "DisruptionTarget");
+        assert_eq!(rules[1]["action"], "FailJob");
+        assert_eq!(rules[1]["onExitCodes"]["values"], json!([USAGE_EXIT_CODE]));
         let pod = &job["spec"]["template"]["spec"];
         assert_eq!(
             job["spec"]["template"]["metadata"]["labels"]["strata.io/role"],

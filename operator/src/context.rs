@@ -34,10 +34,23 @@ pub struct Context {
     pub field_manager: String,
     /// What a Backup's `retention` runs after its commit.
     pub prune: Prune,
+    /// How long a datamover pod may be unable to start (image pull, missing Secret or claim,
+    /// refused by admission) before the run fails with the reason; meanwhile the run's
+    /// `DatamoversStarted` condition names it.
+    pub datamover_start_timeout: Duration,
+    /// The datamover Jobs' `activeDeadlineSeconds`: a Job running longer is failed by the Job
+    /// controller (`DeadlineExceeded`), so a hung writer cannot hold its volumes' locks forever.
+    pub datamover_deadline: Option<Duration>,
+    /// How long a VolumeSnapshot may report `status.error` before the run fails with it: the
+    /// snapshot controller posts transient errors and clears them on a later retry
+    /// (external-snapshotter retries with exponential backoff up to about five minutes).
+    pub snapshot_error_grace: Duration,
 }
 
 impl Context {
-    /// A context polling every five seconds, pruning with `prune`.
+    /// A context polling every five seconds, pruning with `prune`; datamover pods get ten
+    /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
+    /// hours), snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         Context {
             client,
@@ -46,6 +59,9 @@ impl Context {
             poll: Duration::from_secs(5),
             field_manager: "strata-controller".to_owned(),
             prune,
+            datamover_start_timeout: Duration::from_secs(10 * 60),
+            datamover_deadline: Some(Duration::from_secs(24 * 60 * 60)),
+            snapshot_error_grace: Duration::from_secs(15 * 60),
         }
     }
 }

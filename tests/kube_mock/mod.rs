@@ -3,6 +3,8 @@
 //! and list (by URL path; query parameters ignored), merge and apply `PATCH` (of the object or
 //! of its `/status`), delete, and API discovery of the core kinds the tests use.
 
+#![allow(dead_code)] // Shared by several test files, each using a part.
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -74,6 +76,34 @@ fn discovery(path: &str) -> Option<Value> {
             })).collect::<Vec<_>>()})),
         _ => None,
     }
+}
+
+/// The equality requirements of a list's `labelSelector` query parameter (`a=b,c==d`); the
+/// other selector forms are not used by the code under test.
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("labelSelector="))
+        .flat_map(|value| {
+            let value = value
+                .replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/");
+            value
+                .split(',')
+                .filter_map(|term| {
+                    let (key, wanted) = term.split_once('=')?;
+                    Some((key.to_owned(), wanted.trim_start_matches('=').to_owned()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn selects(selector: &[(String, String)], object: &Value) -> bool {
+    selector
+        .iter()
+        .all(|(key, wanted)| object["metadata"]["labels"][key].as_str() == Some(wanted))
 }
 
 impl Mock {
@@ -150,6 +180,16 @@ impl Mock {
             .collect()
     }
 
+    /// Paths of every stored object, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.lock().unwrap().objects.keys().cloned().collect()
+    }
+
+    /// Remove the object at `path` (as a controller's delete would); whether it was there.
+    pub fn remove(&self, path: &str) -> bool {
+        self.state.lock().unwrap().objects.remove(path).is_some()
+    }
+
     /// `"METHOD path"` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -158,6 +198,7 @@ impl Mock {
     async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let selector = label_selector(req.uri().query().unwrap_or_default());
         let content_type = req
             .headers()
             .get("content-type")
@@ -177,6 +218,8 @@ impl Mock {
                 }
                 state.next_uid += 1;
                 object["metadata"]["uid"] = json!(format!("uid-{}", state.next_uid));
+                object["metadata"]["creationTimestamp"] =
+                    json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 state.objects.insert(at, object.clone());
                 respond(StatusCode::CREATED, &object)
             }
@@ -198,6 +241,7 @@ impl Mock {
                         at.strip_prefix(&prefix)
                             .is_some_and(|rest| !rest.contains('/'))
                     })
+                    .filter(|(_, object)| selects(&selector, object))
                     .map(|(_, object)| object.clone())
                     .collect();
                 respond(

@@ -2,6 +2,7 @@
 //! cleanup of the temporary objects, and the creation of restored claims.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -11,19 +12,30 @@ use kube::{Api, Client};
 use super::jobs::{JobOutcome, delete_job, read_job};
 use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
-use crate::status::Progress;
+use crate::status::{Condition, ConditionStatus, Progress, condition, set_condition};
 use strata_csi::client::{delete_pvc, delete_snapshot};
 use strata_csi::naming::{LABEL_RUN, label_value};
 use strata_csi::{Role, VolumeKey};
 
-/// Read the datamover Job of every volume not yet done; mark the finished ones done and return
-/// their indexes. A failed Job is an [`Error::JobFailed`] with the Job's own message.
+/// What reading the datamover Jobs found.
+#[derive(Debug, Default)]
+pub struct JobsRead {
+    /// Indexes of the volumes whose Job finished now.
+    pub finished: Vec<usize>,
+    /// Jobs whose pod cannot start (yet within the wait): `(reason, message)`.
+    pub stuck: Vec<(String, String)>,
+}
+
+/// Read the datamover Job of every volume not yet done; mark the finished ones done. A failed
+/// Job is an [`Error::JobFailed`] with the Job's own message, and so is one whose pod has been
+/// unable to start for longer than `start_timeout` (see [`super::jobs::why_not_started`]).
 pub async fn finished_jobs(
     client: &Client,
     run: &str,
     namespace: &str,
     volumes: &mut [VolumeStatus],
-) -> Result<Vec<usize>> {
+    start_timeout: Duration,
+) -> Result<JobsRead> {
     let pending: Vec<(usize, String)> = volumes
         .iter()
         .enumerate()
@@ -41,15 +53,32 @@ pub async fn finished_jobs(
             .map(|(_, job)| read_job(client, namespace, job)),
     )
     .await?;
-    let mut finished = Vec::new();
+    let mut read = JobsRead::default();
     for ((index, job), outcome) in pending.into_iter().zip(outcomes) {
         match outcome {
             JobOutcome::Running => {}
             JobOutcome::Succeeded => {
                 if let Some(volume) = volumes.get_mut(index) {
                     volume.done = true;
-                    finished.push(index);
+                    read.finished.push(index);
                 }
+            }
+            JobOutcome::Stuck {
+                reason,
+                message,
+                age,
+            } => {
+                if age >= start_timeout {
+                    return Err(Error::JobFailed {
+                        namespace: namespace.to_owned(),
+                        job,
+                        message: format!(
+                            "its pod did not start within {}s: {reason}: {message}",
+                            start_timeout.as_secs()
+                        ),
+                    });
+                }
+                read.stuck.push((reason, message));
             }
             JobOutcome::Failed(message) => {
                 return Err(Error::JobFailed {
@@ -60,7 +89,42 @@ pub async fn finished_jobs(
             }
         }
     }
-    Ok(finished)
+    Ok(read)
+}
+
+/// The `DatamoversStarted` condition: False naming what keeps the stuck pods from starting,
+/// True again once none is stuck (set only after it was first False, so a run that never
+/// waited carries no such condition).
+pub fn record_stuck(
+    conditions: &mut Vec<Condition>,
+    stuck: &[(String, String)],
+    generation: Option<i64>,
+) {
+    match stuck.first() {
+        Some((reason, _)) => {
+            let messages: Vec<String> = stuck
+                .iter()
+                .map(|(reason, message)| format!("{reason}: {message}"))
+                .collect();
+            set_condition(
+                conditions,
+                "DatamoversStarted",
+                ConditionStatus::False,
+                reason,
+                messages.join("; "),
+                generation,
+            );
+        }
+        None if condition(conditions, "DatamoversStarted").is_some() => set_condition(
+            conditions,
+            "DatamoversStarted",
+            ConditionStatus::True,
+            "Started",
+            "every datamover pod started",
+            generation,
+        ),
+        None => {}
+    }
 }
 
 /// Whether `volume`'s data is in place: its datamover finished and, for a volume restored

@@ -4,22 +4,23 @@
 use super::Run;
 use crate::crd::{BackupStatus, VolumeStatus};
 use crate::error::{Error, Result};
-use crate::reconcile::volumes::{finished_jobs, progress};
+use crate::reconcile::volumes::{finished_jobs, progress, record_stuck};
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_target::VolumeName;
 
 impl Run<'_> {
     /// Read the datamovers; true once all succeeded.
     pub(super) async fn copy(&self, status: &mut BackupStatus) -> Result<bool> {
-        let finished = match finished_jobs(
+        let read = match finished_jobs(
             &self.ctx.client,
             &self.name,
             &self.namespace,
             &mut status.volumes,
+            self.ctx.datamover_start_timeout,
         )
         .await
         {
-            Ok(finished) => finished,
+            Ok(read) => read,
             Err(
                 err @ Error::InvalidSpec {
                     what: "datamover Job",
@@ -35,6 +36,12 @@ impl Run<'_> {
             }
             Err(err) => return Err(err),
         };
+        record_stuck(
+            &mut status.conditions,
+            &read.stuck,
+            self.backup.metadata.generation,
+        );
+        let finished = read.finished;
         if !finished.is_empty() {
             let target = self.target().await?;
             let volumes: Vec<VolumeStatus> = finished

@@ -10,16 +10,18 @@ use crate::context::TargetAccess;
 use crate::crd::{BackupMode, BackupStatus, ChangeSource, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::reconcile::cbt::{self, Plan};
+use crate::reconcile::jobs::age_of;
 use crate::reconcile::jobs::{Created, create_job};
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
+    storage_class_for_clone,
 };
 use strata_csi::datamover::{self, Attach, DatamoverSpec, Step};
 use strata_csi::metadata::backup_job_with_changed_blocks;
 use strata_csi::{
-    ReadySnapshot, Role, VolumeMode, changes_volume_mode, pvc_from_snapshot, ready_or_failed,
-    volume_snapshot,
+    ReadySnapshot, Role, SnapshotState, VolumeMode, changes_volume_mode, pvc_from_snapshot,
+    snapshot_state, volume_snapshot,
 };
 use strata_target::VolumeName;
 
@@ -51,26 +53,66 @@ impl Run<'_> {
                 let snapshot = create_or_get_snapshot(client, &wanted)
                     .await
                     .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
-                let ready = ready_or_failed(&snapshot)
-                    .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
-                Ok::<_, Error>(ready.map(|ready| Source {
-                    pvc,
-                    snapshot: ready,
-                    driver: class.driver,
-                }))
+                let ready = match snapshot_state(&snapshot) {
+                    SnapshotState::Ready(ready) => Some(ready),
+                    SnapshotState::Pending {
+                        error: Some(message),
+                    } => {
+                        // The snapshot controller posts errors it retries and clears; only
+                        // one that outlasts the grace fails the run.
+                        let age = snapshot
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| age_of(t.0.as_second()))
+                            .unwrap_or_default();
+                        if age >= self.ctx.snapshot_error_grace {
+                            return Err(Error::csi(format!("snapshot {}", v.pvc))(
+                                strata_csi::Error::SnapshotFailed {
+                                    namespace: self.namespace.clone(),
+                                    name: wanted.metadata.name.clone().unwrap_or_default(),
+                                    message,
+                                },
+                            ));
+                        }
+                        return Ok((None, Some(format!("{}: {message}", v.pvc))));
+                    }
+                    _ => None,
+                };
+                Ok::<_, Error>((
+                    ready.map(|ready| Source {
+                        pvc,
+                        snapshot: ready,
+                        driver: class.driver,
+                    }),
+                    None,
+                ))
             }
         }))
         .await?;
+        let (snapshots, errors): (Vec<_>, Vec<_>) = snapshots.into_iter().unzip();
+        let errors: Vec<String> = errors.into_iter().flatten().collect();
         let total = snapshots.len();
         let ready: Vec<Source> = snapshots.into_iter().flatten().collect();
         let generation = self.backup.metadata.generation;
         if ready.len() < total {
+            let mut message = format!("{} of {total} snapshots ready", ready.len());
+            if !errors.is_empty() {
+                message.push_str(&format!(
+                    "; the snapshot controller reports (retrying): {}",
+                    errors.join("; ")
+                ));
+            }
             set_condition(
                 &mut status.conditions,
                 "SnapshotsReady",
                 ConditionStatus::False,
-                "Waiting",
-                format!("{} of {total} snapshots ready", ready.len()),
+                if errors.is_empty() {
+                    "Waiting"
+                } else {
+                    "SnapshotError"
+                },
+                message,
                 generation,
             );
             return Ok(false);
@@ -186,9 +228,21 @@ impl Run<'_> {
                     volume.pvc
                 )))?;
         }
+        // A claim without a class (statically provisioned) clones into a class of its driver.
+        let mut source_pvc = pvc.clone();
+        if let Some(spec) = source_pvc.spec.as_mut() {
+            spec.storage_class_name = Some(
+                storage_class_for_clone(client, pvc, driver)
+                    .await
+                    .map_err(Error::csi(format!(
+                        "storage class for a clone of {}",
+                        volume.pvc
+                    )))?,
+            );
+        }
         let claim = pvc_from_snapshot(
             &key,
-            pvc,
+            &source_pvc,
             &key.name(Role::Snapshot),
             snapshot.restore_size.as_ref(),
             VolumeMode::Block,
@@ -213,6 +267,10 @@ impl Run<'_> {
         );
         spec.credentials_secret = target.credentials_secret.clone();
         spec.service_account = self.ctx.datamover_service_account.clone();
+        spec.active_deadline_seconds = self
+            .ctx
+            .datamover_deadline
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let plan = match self.backup.spec.mode {
             BackupMode::Full => None,
             BackupMode::Incremental => Some(

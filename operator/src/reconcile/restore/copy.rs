@@ -7,7 +7,7 @@ use super::{Run, Source, is_claim};
 use crate::crd::RestoreStatus;
 use crate::error::{Error, Result};
 use crate::reconcile::staging::{awaits_snapshot, provision};
-use crate::reconcile::volumes::{finished_jobs, progress};
+use crate::reconcile::volumes::{finished_jobs, progress, record_stuck};
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::VolumeKey;
 
@@ -16,7 +16,19 @@ impl Run<'_> {
     /// every volume is settled, move to Finishing.
     pub(super) async fn copy(&self, status: &mut RestoreStatus) -> Result<()> {
         let restored = self.restored_namespace(&self.source_namespace().await?);
-        finished_jobs(&self.ctx.client, &self.name, &restored, &mut status.volumes).await?;
+        let read = finished_jobs(
+            &self.ctx.client,
+            &self.name,
+            &restored,
+            &mut status.volumes,
+            self.ctx.datamover_start_timeout,
+        )
+        .await?;
+        record_stuck(
+            &mut status.conditions,
+            &read.stuck,
+            self.restore.metadata.generation,
+        );
         if status.volumes.iter().any(awaits_snapshot) {
             let Some(source) = self.source(status).await? else {
                 return Ok(());

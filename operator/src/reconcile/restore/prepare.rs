@@ -124,6 +124,10 @@ impl Run<'_> {
         );
         spec.credentials_secret = target.credentials_secret.clone();
         spec.service_account = self.ctx.datamover_service_account.clone();
+        spec.active_deadline_seconds = self
+            .ctx
+            .datamover_deadline
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let job = restore_job(&spec, volume.backup_id.as_deref())
             .map_err(Error::csi(format!("datamover of {}", volume.pvc)))?;
         create_job(client, &job, &self.name).await?;

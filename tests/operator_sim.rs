@@ -1,0 +1,435 @@
+//! The controller against the cluster simulator (`cluster_sim`): its Jobs' pods run the real
+//! `strata` binary on files standing in for the volumes, while the simulated Job controller,
+//! kubelet, snapshot controller and provisioner behave as their documentation says, faults
+//! included. Each test is one way a real cluster breaks a run.
+
+mod cluster_sim;
+mod kube_mock;
+
+use std::time::Duration;
+
+use cluster_sim::{DRIVER, IMAGE, PodFault, Sim, SnapshotFault};
+use serde_json::{Value, json};
+use strata::csi::{Role, VolumeKey};
+use strata::operator::crd::BackupStatus;
+use strata::operator::status::Phase;
+use strata::operator::{Context, reconcile_backup};
+
+const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
+const VOLUME_BYTES: usize = 4 << 20;
+
+/// Bytes that neither repeat nor compress (xorshift), so a backup sends every MiB.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Namespace `shop` (Pod Security `labels`) holding Block PVC `data` (class `fast` of the
+/// hostpath driver, labelled `app=db`) on a device of noise; a snapshot class; Target `local`
+/// on a folder; Backup `nightly` (Full) of `app=db`.
+fn cluster(namespace_labels: Value) -> (Sim, tempfile::TempDir) {
+    let sim = Sim::new();
+    sim.add_namespace("shop", namespace_labels);
+    sim.add_storage_class("fast", DRIVER, "Immediate");
+    sim.add_snapshot_class("csi-hostpath-snapclass", DRIVER);
+    sim.add_volume(
+        "shop",
+        "data",
+        json!({"app": "db"}),
+        Some("fast"),
+        DRIVER,
+        &noise(VOLUME_BYTES, 7),
+    );
+    let folder = tempfile::tempdir().unwrap();
+    sim.mock
+        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
+    (sim, folder)
+}
+
+fn add_backup(sim: &Sim, name: &str, uid: &str, mode: &str) {
+    sim.mock.put(
+        &format!("{BACKUPS}/{name}"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": name, "namespace": "shop", "uid": uid, "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": mode}}),
+    );
+}
+
+fn context(sim: &Sim) -> Context {
+    let mut ctx = sim.mock.context();
+    ctx.image = IMAGE.to_owned();
+    ctx
+}
+
+fn status(sim: &Sim, name: &str) -> BackupStatus {
+    sim.mock.backup(name).status.unwrap_or_default()
+}
+
+fn is_final(status: &BackupStatus) -> bool {
+    status.phase.is_some_and(Phase::is_final)
+}
+
+/// Reconcile Backup `name` and step the cluster, `rounds` times or until the Backup ends;
+/// errors are retried, as the controller's error policy does.
+async fn drive(
+    sim: &Sim,
+    ctx: &Context,
+    name: &str,
+    rounds: usize,
+    wait: Duration,
+) -> BackupStatus {
+    for _ in 0..rounds {
+        if is_final(&status(sim, name)) {
+            break;
+        }
+        let _ = reconcile_backup(&sim.mock.backup(name), ctx).await;
+        sim.step(wait).await;
+    }
+    status(sim, name)
+}
+
+fn condition(status: &BackupStatus, type_: &str) -> Option<(String, String, String)> {
+    let found = status.conditions.iter().find(|c| c.type_ == type_)?;
+    let state = serde_json::to_value(&found.status).unwrap();
+    Some((
+        state.as_str().unwrap_or_default().to_owned(),
+        found.reason.clone(),
+        found.message.clone(),
+    ))
+}
+
+fn job_of(run: &str) -> String {
+    VolumeKey::new(run, "shop", "data").name(Role::Datamover)
+}
+
+/// The volume restored from the target's backup `id` of `shop.data`, read with the CLI.
+fn restored(folder: &std::path::Path, id: &str) -> Vec<u8> {
+    let out = folder.join(format!("restored-{id}.raw"));
+    let target = folder.join("target");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "restore",
+            "--target",
+            target.to_str().unwrap(),
+            "--volume",
+            "shop.data",
+        ])
+        .args(["--backup", id, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn backup_id(status: &BackupStatus) -> String {
+    status.volumes[0]
+        .backup_id
+        .clone()
+        .expect("a volume backup id")
+}
+
+/// Whether the run still holds its per-PVC Lease.
+fn holds_lease(sim: &Sim) -> bool {
+    sim.mock.names_under(LEASES).iter().any(|name| {
+        sim.mock
+            .get(&format!("{LEASES}/{name}"))
+            .is_some_and(|lease| {
+                lease["spec"]["holderIdentity"]
+                    .as_str()
+                    .is_some_and(|h| !h.is_empty())
+            })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_backup_runs_the_real_datamover_and_restores_byte_for_byte() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    let pods = sim.pods_of("shop", &job_of("nightly"));
+    assert_eq!(pods.len(), 1, "one pod, no retry: {pods:?}");
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+    assert!(!holds_lease(&sim), "the run released its locks");
+}
+
+/// Item 1: an OOM-killed datamover leaves a claim (and, for an incremental, the parent's child
+/// slot) behind; the Job's retry must take them over, and the next incremental must work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_datamover_killed_mid_upload_is_retried_and_later_incrementals_still_work() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    sim.inject_pod_fault(PodFault::OomAt("mid-upload"));
+    let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
+    let pods = sim.pods_of("shop", &job_of("nightly"));
+    assert_eq!(pods.len(), 2, "the killed pod and its retry: {pods:?}");
+    let first = sim.mock.get(&pods[0]).unwrap();
+    assert_eq!(first["status"]["phase"], "Failed");
+    assert_eq!(
+        first["status"]["containerStatuses"][0]["state"]["terminated"]["reason"],
+        "OOMKilled"
+    );
+    assert_eq!(
+        restored(folder.path(), &backup_id(&full)),
+        noise(VOLUME_BYTES, 7)
+    );
+
+    // The incremental's first pod dies holding the full backup's one child slot.
+    let changed = noise(VOLUME_BYTES, 11);
+    std::fs::write(sim.device_of_claim("shop", "data").unwrap(), &changed).unwrap();
+    add_backup(&sim, "hourly", "b-2", "Incremental");
+    sim.inject_pod_fault(PodFault::OomAt("claimed"));
+    let incremental = drive(&sim, &ctx, "hourly", 12, Duration::from_secs(60)).await;
+    assert_eq!(incremental.phase, Some(Phase::Completed), "{incremental:?}");
+    assert_eq!(sim.pods_of("shop", &job_of("hourly")).len(), 2);
+    assert_eq!(restored(folder.path(), &backup_id(&incremental)), changed);
+
+    add_backup(&sim, "later", "b-3", "Incremental");
+    let later = drive(&sim, &ctx, "later", 12, Duration::from_secs(60)).await;
+    assert_eq!(later.phase, Some(Phase::Completed), "{later:?}");
+    assert_eq!(restored(folder.path(), &backup_id(&later)), changed);
+}
+
+/// Item 2: a pod that can never start must not leave the Backup `Copying` forever holding its
+/// volumes' locks: the reason shows in a condition while the run waits, and after the bounded
+/// wait the run fails with it and releases the locks.
+async fn never_starts(
+    sim: &Sim,
+    mut ctx: Context,
+    reason: &str,
+    message_part: &str,
+) -> BackupStatus {
+    ctx.datamover_start_timeout = Duration::from_secs(3600);
+    let waiting = drive(sim, &ctx, "nightly", 6, Duration::from_secs(5)).await;
+    assert_eq!(waiting.phase, Some(Phase::Copying), "{waiting:?}");
+    let (state, got, message) = condition(&waiting, "DatamoversStarted").expect("a condition");
+    assert_eq!(
+        (state.as_str(), got.as_str()),
+        ("False", reason),
+        "{message}"
+    );
+    assert!(message.contains(message_part), "{message}");
+    assert!(holds_lease(sim), "still waiting, still locked");
+
+    ctx.datamover_start_timeout = Duration::ZERO;
+    let failed = drive(sim, &ctx, "nightly", 2, Duration::from_secs(5)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let (_, _, why) = condition(&failed, "Failed")
+        .or_else(|| condition(&failed, "Ready"))
+        .expect("a failure condition");
+    assert!(why.contains(reason) && why.contains(message_part), "{why}");
+    assert!(!holds_lease(sim), "a failed run releases its locks");
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_service_account_is_reported_then_fails_the_backup() {
+    let (sim, _folder) = cluster(json!({}));
+    let mut ctx = context(&sim);
+    ctx.datamover_service_account = Some("strata-datamover".to_owned());
+    never_starts(
+        &sim,
+        ctx,
+        "FailedCreate",
+        "serviceaccount \"strata-datamover\" not found",
+    )
+    .await;
+    assert!(
+        sim.pods_of("shop", &job_of("nightly")).is_empty(),
+        "admission made no pod"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_the_registry_lacks_is_reported_then_fails_the_backup() {
+    let (sim, _folder) = cluster(json!({}));
+    let mut ctx = context(&sim);
+    ctx.image = "registry.example/strata:no-such-tag".to_owned();
+    never_starts(&sim, ctx, "ErrImagePull", "strata:no-such-tag").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_security_restricted_refusing_the_root_datamover_is_reported_then_fails() {
+    let (sim, _folder) = cluster(json!({"pod-security.kubernetes.io/enforce": "restricted"}));
+    let ctx = context(&sim);
+    never_starts(&sim, ctx, "FailedCreate", "violates PodSecurity").await;
+}
+
+/// Item 2: a datamover that hangs (a frozen process) is stopped by the Job's deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_datamover_is_failed_by_the_jobs_deadline() {
+    let (sim, _folder) = cluster(json!({}));
+    let mut ctx = context(&sim);
+    ctx.datamover_deadline = Some(Duration::from_secs(600));
+    sim.inject_pod_fault(PodFault::FreezeAt("mid-upload"));
+    let running = drive(&sim, &ctx, "nightly", 4, Duration::from_millis(500)).await;
+    assert_eq!(running.phase, Some(Phase::Copying), "{running:?}");
+    let job = sim
+        .mock
+        .get(&format!(
+            "/apis/batch/v1/namespaces/shop/jobs/{}",
+            job_of("nightly")
+        ))
+        .unwrap();
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
+    sim.advance(601);
+    let failed = drive(&sim, &ctx, "nightly", 3, Duration::from_millis(500)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let text = format!("{:?}", failed.conditions);
+    assert!(text.contains("DeadlineExceeded"), "{text}");
+    assert!(!holds_lease(&sim));
+}
+
+/// Item 2 (`podFailurePolicy`): node losses are not the datamover's failures and must not use
+/// up `backoffLimit` (3): four in a row still end in a completed backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_losses_do_not_count_against_the_backoff_limit() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    for _ in 0..4 {
+        sim.inject_pod_fault(PodFault::FreezeAt("claimed"));
+    }
+    let mut lost = 0;
+    for _ in 0..40 {
+        if is_final(&status(&sim, "nightly")) {
+            break;
+        }
+        let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+        // Frozen pods never end by themselves: short rounds until the last node loss.
+        let wait = if lost < 4 { 300 } else { 60_000 };
+        sim.step(Duration::from_millis(wait)).await;
+        for pod in sim.pods_of("shop", &job_of("nightly")) {
+            let phase = sim.mock.get(&pod).unwrap()["status"]["phase"].clone();
+            if phase == "Running" && lost < 4 {
+                sim.lose_node(&pod);
+                lost += 1;
+            }
+        }
+    }
+    let done = status(&sim, "nightly");
+    assert_eq!(lost, 4);
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert_eq!(sim.pods_of("shop", &job_of("nightly")).len(), 5);
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}
+
+/// Item 8: the snapshot controller posts transient errors and clears them; they must not fail
+/// the run (the condition shows them meanwhile), while one that outlasts the grace does.
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_snapshot_errors_are_waited_out_and_lasting_ones_fail() {
+    let (sim, _folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let snapshot = VolumeKey::new("nightly", "shop", "data").name(Role::Snapshot);
+    sim.inject_snapshot_fault(
+        "shop",
+        &snapshot,
+        SnapshotFault::Transient(2, "rpc error: code = Unavailable desc = driver busy".into()),
+    );
+    let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+    sim.step(Duration::from_secs(1)).await;
+    let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+    let (state, reason, message) = condition(&status(&sim, "nightly"), "SnapshotsReady").unwrap();
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("False", "SnapshotError")
+    );
+    assert!(message.contains("driver busy"), "{message}");
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+
+    add_backup(&sim, "doomed", "b-9", "Full");
+    let snapshot = VolumeKey::new("doomed", "shop", "data").name(Role::Snapshot);
+    sim.inject_snapshot_fault(
+        "shop",
+        &snapshot,
+        SnapshotFault::Permanent("quota exceeded".into()),
+    );
+    let waiting = drive(&sim, &ctx, "doomed", 4, Duration::from_secs(1)).await;
+    assert_eq!(waiting.phase, Some(Phase::Preparing), "{waiting:?}");
+    let mut impatient = ctx.clone();
+    impatient.snapshot_error_grace = Duration::ZERO;
+    let failed = drive(&sim, &impatient, "doomed", 2, Duration::from_secs(1)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    assert!(format!("{:?}", failed.conditions).contains("quota exceeded"));
+}
+
+/// Item 8: a migrated in-tree class names the in-tree provisioner while its volumes are the CSI
+/// driver's; the snapshot class must be found from the PV's driver.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_snapshot_class_follows_the_volumes_csi_driver_not_the_class_provisioner() {
+    let sim = Sim::new();
+    sim.add_namespace("shop", json!({}));
+    sim.add_storage_class("gp2", "kubernetes.io/aws-ebs", "WaitForFirstConsumer");
+    sim.add_snapshot_class("ebs-snapclass", "ebs.csi.aws.com");
+    sim.add_volume(
+        "shop",
+        "data",
+        json!({"app": "db"}),
+        Some("gp2"),
+        "ebs.csi.aws.com",
+        &noise(VOLUME_BYTES, 7),
+    );
+    let folder = tempfile::tempdir().unwrap();
+    sim.mock
+        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
+    sim.mock
+        .remove("/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/csi-hostpath-snapclass");
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}
+
+/// Item 8: a statically provisioned claim without a class is backed up through a class of its
+/// driver.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_without_a_storage_class_is_backed_up() {
+    let sim = Sim::new();
+    sim.add_namespace("shop", json!({}));
+    sim.add_storage_class("fast", DRIVER, "Immediate");
+    sim.add_snapshot_class("csi-hostpath-snapclass", DRIVER);
+    sim.add_volume(
+        "shop",
+        "data",
+        json!({"app": "db"}),
+        None,
+        DRIVER,
+        &noise(VOLUME_BYTES, 7),
+    );
+    let folder = tempfile::tempdir().unwrap();
+    sim.mock
+        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    let clone = VolumeKey::new("nightly", "shop", "data").name(Role::Volume);
+    let events = sim.events_for("shop", &clone);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}
