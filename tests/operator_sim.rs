@@ -99,7 +99,7 @@ async fn drive(
 
 fn condition(status: &BackupStatus, type_: &str) -> Option<(String, String, String)> {
     let found = status.conditions.iter().find(|c| c.type_ == type_)?;
-    let state = serde_json::to_value(&found.status).unwrap();
+    let state = serde_json::to_value(found.status).unwrap();
     Some((
         state.as_str().unwrap_or_default().to_owned(),
         found.reason.clone(),
@@ -160,7 +160,7 @@ async fn a_full_backup_runs_the_real_datamover_and_restores_byte_for_byte() {
     let ctx = context(&sim);
     let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
-    let pods = sim.pods_of("shop", &job_of("nightly"));
+    let pods = sim.pod_history("shop", &job_of("nightly"));
     assert_eq!(pods.len(), 1, "one pod, no retry: {pods:?}");
     assert_eq!(
         restored(folder.path(), &backup_id(&done)),
@@ -178,9 +178,9 @@ async fn a_datamover_killed_mid_upload_is_retried_and_later_incrementals_still_w
     sim.inject_pod_fault(PodFault::OomAt("mid-upload"));
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
-    let pods = sim.pods_of("shop", &job_of("nightly"));
+    let pods = sim.pod_history("shop", &job_of("nightly"));
     assert_eq!(pods.len(), 2, "the killed pod and its retry: {pods:?}");
-    let first = sim.mock.get(&pods[0]).unwrap();
+    let first = &pods[0];
     assert_eq!(first["status"]["phase"], "Failed");
     assert_eq!(
         first["status"]["containerStatuses"][0]["state"]["terminated"]["reason"],
@@ -198,7 +198,7 @@ async fn a_datamover_killed_mid_upload_is_retried_and_later_incrementals_still_w
     sim.inject_pod_fault(PodFault::OomAt("claimed"));
     let incremental = drive(&sim, &ctx, "hourly", 12, Duration::from_secs(60)).await;
     assert_eq!(incremental.phase, Some(Phase::Completed), "{incremental:?}");
-    assert_eq!(sim.pods_of("shop", &job_of("hourly")).len(), 2);
+    assert_eq!(sim.pod_history("shop", &job_of("hourly")).len(), 2);
     assert_eq!(restored(folder.path(), &backup_id(&incremental)), changed);
 
     add_backup(&sim, "later", "b-3", "Incremental");
@@ -252,7 +252,7 @@ async fn a_missing_service_account_is_reported_then_fails_the_backup() {
     )
     .await;
     assert!(
-        sim.pods_of("shop", &job_of("nightly")).is_empty(),
+        sim.pod_history("shop", &job_of("nightly")).is_empty(),
         "admission made no pod"
     );
 }
@@ -326,7 +326,7 @@ async fn node_losses_do_not_count_against_the_backoff_limit() {
     let done = status(&sim, "nightly");
     assert_eq!(lost, 4);
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
-    assert_eq!(sim.pods_of("shop", &job_of("nightly")).len(), 5);
+    assert_eq!(sim.pod_history("shop", &job_of("nightly")).len(), 5);
     assert_eq!(
         restored(folder.path(), &backup_id(&done)),
         noise(VOLUME_BYTES, 7)

@@ -86,6 +86,8 @@ struct State {
     job_started: BTreeMap<String, u64>,
     next_pod: u64,
     next_event: u64,
+    /// Pods the garbage collector deleted, as they were.
+    deleted_pods: BTreeMap<String, Value>,
 }
 
 impl Drop for State {
@@ -510,7 +512,62 @@ impl Sim {
 
     // --- Job controller ---------------------------------------------------------------------
 
+    /// The garbage collector (docs "Garbage Collection", background cascading deletion):
+    /// a pod whose owning Job is gone is killed and deleted.
+    fn garbage_collector(&self) {
+        let pods: Vec<String> = self
+            .mock
+            .paths()
+            .into_iter()
+            .filter(|p| is_a(p, "pods"))
+            .collect();
+        for path in pods {
+            let Some(pod) = self.mock.get(&path) else {
+                continue;
+            };
+            let owner = pod["metadata"]["ownerReferences"][0]["name"]
+                .as_str()
+                .map(str::to_owned);
+            let Some(owner) = owner else { continue };
+            let job = format!("/apis/batch/v1/namespaces/{}/jobs/{owner}", ns_of(&path));
+            if self.mock.get(&job).is_none() {
+                let running = self.state.lock().unwrap().running.remove(&path);
+                if let Some(mut running) = running {
+                    let _ = running.child.kill();
+                    let _ = running.child.wait();
+                }
+                let mut gone = self.mock.get(&path).unwrap_or(pod.clone());
+                if gone["status"]["phase"] == "Running" || gone["status"]["phase"] == "Pending" {
+                    gone["status"]["phase"] = json!("Failed");
+                }
+                self.state
+                    .lock()
+                    .unwrap()
+                    .deleted_pods
+                    .insert(path.clone(), gone);
+                self.mock.remove(&path);
+            }
+        }
+    }
+
+    /// Every pod Job `namespace/job` ever had, the deleted ones as they ended, by name.
+    pub fn pod_history(&self, namespace: &str, job: &str) -> Vec<Value> {
+        let mut all: BTreeMap<String, Value> = self.state.lock().unwrap().deleted_pods.clone();
+        for path in self.pods_of(namespace, job) {
+            if let Some(pod) = self.mock.get(&path) {
+                all.insert(path, pod);
+            }
+        }
+        all.into_values()
+            .filter(|pod| {
+                pod["metadata"]["namespace"] == namespace
+                    && pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] == job
+            })
+            .collect()
+    }
+
     fn job_controller(&self) {
+        self.garbage_collector();
         let jobs: Vec<String> = self
             .mock
             .paths()
