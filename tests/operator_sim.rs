@@ -11,9 +11,9 @@ use std::time::Duration;
 use cluster_sim::{DRIVER, IMAGE, PodFault, Sim, SnapshotFault};
 use serde_json::{Value, json};
 use strata::csi::{Role, VolumeKey};
-use strata::operator::crd::BackupStatus;
+use strata::operator::crd::{BackupStatus, Restore};
 use strata::operator::status::Phase;
-use strata::operator::{Context, reconcile_backup};
+use strata::operator::{Context, reconcile_backup, reconcile_restore};
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
@@ -432,4 +432,78 @@ async fn a_claim_without_a_storage_class_is_backed_up() {
         restored(folder.path(), &backup_id(&done)),
         noise(VOLUME_BYTES, 7)
     );
+}
+
+const RESTORES: &str = "/apis/strata.io/v1alpha1/namespaces/shop/restores";
+
+/// Reconcile Restore `name` and step the cluster until it ends (or `rounds` pass).
+async fn drive_restore(sim: &Sim, ctx: &Context, name: &str, rounds: usize) -> Value {
+    let path = format!("{RESTORES}/{name}");
+    for _ in 0..rounds {
+        let restore: Restore = serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+        let phase = restore.status.as_ref().and_then(|s| s.phase);
+        if phase.is_some_and(Phase::is_final) {
+            break;
+        }
+        let _ = reconcile_restore(&restore, ctx).await;
+        sim.step(Duration::from_secs(60)).await;
+    }
+    sim.mock.get(&path).unwrap()["status"].clone()
+}
+
+/// Item 3: a Restore into a mapped namespace runs its datamover there, where neither the
+/// Target's credentials Secret nor the datamover's ServiceAccount exists; the run brings its
+/// own and removes them when done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_into_a_mapped_namespace_brings_its_own_credentials_and_account() {
+    let (sim, _folder) = cluster(json!({}));
+    // As `strata install --namespace shop` sets it up, and a Target with credentials.
+    sim.add_service_account("shop", "strata-datamover");
+    sim.mock.put(
+        "/api/v1/namespaces/shop/secrets/target-credentials",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "target-credentials", "namespace": "shop"},
+               "data": {"AWS_REGION": "ZXUtd2VzdC0x"}}),
+    );
+    let target = "/apis/strata.io/v1alpha1/namespaces/shop/targets/local";
+    let mut spec = sim.mock.get(target).unwrap();
+    spec["spec"]["credentialsSecretRef"] = json!({"name": "target-credentials"});
+    sim.mock.put(target, spec);
+    let mut ctx = context(&sim);
+    ctx.datamover_service_account = Some("strata-datamover".to_owned());
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let device = sim
+        .device_of_claim("copy", "data")
+        .expect("restored claim bound");
+    assert_eq!(std::fs::read(device).unwrap(), noise(VOLUME_BYTES, 7));
+
+    let job = VolumeKey::new("copy", "copy", "data").name(Role::Datamover);
+    let pods = sim.pod_history("copy", &job);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let spec = &pods[0]["spec"];
+    let account = spec["serviceAccountName"].as_str().unwrap();
+    assert!(account.starts_with("strata-access-"), "{account}");
+    assert_eq!(
+        spec["containers"][0]["envFrom"][0]["secretRef"]["name"], account,
+        "the copy of the credentials"
+    );
+    for kind in ["secrets", "serviceaccounts"] {
+        let left = sim
+            .mock
+            .names_under(&format!("/api/v1/namespaces/copy/{kind}"));
+        assert!(
+            left.iter().all(|n| !n.starts_with("strata-access-")),
+            "{kind} left behind: {left:?}"
+        );
+    }
 }

@@ -33,6 +33,9 @@ pub enum Role {
     Volume,
     /// A datamover Job.
     Datamover,
+    /// What a run's datamovers use in a namespace not their run's own (a Secret, a
+    /// ServiceAccount).
+    Access,
 }
 
 impl Role {
@@ -42,6 +45,7 @@ impl Role {
             Role::Snapshot => "snapshot",
             Role::Volume => "volume",
             Role::Datamover => "datamover",
+            Role::Access => "access",
         }
     }
 }

@@ -173,7 +173,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["get", "list", "create", "patch", "delete"]),
                 rule(&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["get", "patch"]),
                 rule(&["snapshot.storage.k8s.io"], &["volumesnapshotclasses"], &["get", "list"]),
-                rule(&[""], &["persistentvolumeclaims", "secrets"], &["get", "list", "create", "delete"]),
+                rule(&[""], &["persistentvolumeclaims", "secrets", "serviceaccounts"], &["get", "list", "create", "delete"]),
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),

@@ -293,6 +293,7 @@ impl Sim {
 
     /// One round of every simulated component; running pods get up to `wait` to finish.
     pub async fn step(&self, wait: Duration) {
+        self.service_account_controller();
         self.snapshot_controller();
         self.provisioner();
         self.job_controller();
@@ -300,6 +301,23 @@ impl Sim {
         // A pod that ended this round is counted by the Job controller at once, as the real
         // one reacts to the pod's update.
         self.job_controller();
+    }
+
+    /// The ServiceAccount controller (docs "Service Accounts"): every namespace has a
+    /// `default` ServiceAccount.
+    fn service_account_controller(&self) {
+        let namespaces: Vec<String> = self
+            .mock
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with("/api/v1/namespaces/") && p.matches('/').count() == 4)
+            .collect();
+        for path in namespaces {
+            let account = format!("{path}/serviceaccounts/default");
+            if self.mock.get(&account).is_none() {
+                self.add_service_account(name_of(&path), "default");
+            }
+        }
     }
 
     // --- snapshot controller ----------------------------------------------------------------

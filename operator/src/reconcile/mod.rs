@@ -1,5 +1,6 @@
 //! The reconcilers of Backup and Restore, and the object helpers they share.
 
+mod access;
 mod backup;
 mod cbt;
 mod jobs;

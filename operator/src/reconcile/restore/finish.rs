@@ -6,6 +6,7 @@ use futures::future::try_join_all;
 use super::{Run, Source, is_claim};
 use crate::crd::RestoreStatus;
 use crate::error::{Error, Result};
+use crate::reconcile::access::revoke;
 use crate::reconcile::staging::{awaits_binding, clean_up_once_bound};
 use crate::reconcile::volumes::{Temporaries, cleanup};
 use crate::status::{ConditionStatus, set_condition};
@@ -39,6 +40,7 @@ impl Run<'_> {
             Temporaries::JobOnly,
         )
         .await?;
+        revoke(&self.ctx.client, &self.name, &self.namespace, &restored).await?;
         status.objects_applied = Some(u32::try_from(report.applied.len()).unwrap_or(u32::MAX));
         status.objects_skipped = Some(u32::try_from(report.skipped.len()).unwrap_or(u32::MAX));
         set_condition(

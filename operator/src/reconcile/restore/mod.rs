@@ -84,6 +84,7 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
         Err(err) if err.is_permanent() => {
             fail(&mut status.conditions, &err, generation);
             status.phase = Some(Phase::Failed);
+            run.revoke_access().await?;
             Action::await_change()
         }
         Err(err) => return Err(err),
@@ -96,6 +97,16 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
 }
 
 impl Run<'_> {
+    /// Remove the credentials and ServiceAccount made for the run in a mapped namespace.
+    async fn revoke_access(&self) -> Result<()> {
+        let destinations: std::collections::BTreeSet<&String> =
+            self.restore.spec.namespace_mapping.values().collect();
+        for namespace in destinations {
+            super::access::revoke(&self.ctx.client, &self.name, &self.namespace, namespace).await?;
+        }
+        Ok(())
+    }
+
     /// Where the application's namespace is restored to.
     fn restored_namespace(&self, source: &str) -> String {
         self.restore

@@ -10,6 +10,7 @@ use super::{Run, Source, is_claim};
 use crate::context::{TargetAccess, volume_name};
 use crate::crd::{RestoreStatus, Staging, VolumeStatus};
 use crate::error::{Error, Result};
+use crate::reconcile::access::{RunAccess, grant};
 use crate::reconcile::jobs::create_job;
 use crate::reconcile::staging::{create_staging, needs_staging};
 use crate::reconcile::volumes::{create_claim, progress};
@@ -83,11 +84,18 @@ impl Run<'_> {
         apply(&self.ctx.client, &namespaces, &self.apply_options())
             .await
             .map_err(Error::discovery("apply the Namespace"))?;
-        try_join_all(
-            claims.into_iter().zip(&volumes).map(|(claim, volume)| {
-                self.restore_volume(claim, volume, &restored, &source.target)
-            }),
+        let access = grant(
+            &self.ctx.client,
+            &self.name,
+            &self.namespace,
+            &restored,
+            source.target.credentials_secret.as_deref(),
+            self.ctx.datamover_service_account.as_deref(),
         )
+        .await?;
+        try_join_all(claims.into_iter().zip(&volumes).map(|(claim, volume)| {
+            self.restore_volume(claim, volume, &restored, &source.target, &access)
+        }))
         .await?;
         status.backup_id = source.backup.backup_id.clone();
         status.progress = Some(progress(&volumes));
@@ -104,6 +112,7 @@ impl Run<'_> {
         volume: &VolumeStatus,
         namespace: &str,
         target: &TargetAccess,
+        access: &RunAccess,
     ) -> Result<()> {
         let client = &self.ctx.client;
         let pvc = self.restored_claim(claim)?;
@@ -122,8 +131,8 @@ impl Run<'_> {
             &target.url,
             &volume.volume,
         );
-        spec.credentials_secret = target.credentials_secret.clone();
-        spec.service_account = self.ctx.datamover_service_account.clone();
+        spec.credentials_secret = access.credentials_secret.clone();
+        spec.service_account = access.service_account.clone();
         spec.active_deadline_seconds = self
             .ctx
             .datamover_deadline
