@@ -98,3 +98,34 @@ fn a_namespace_that_is_not_a_dns_label_is_refused_on_one_line() {
     assert!(err.contains("\"Shop_1\" is not a DNS label"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn nfs_targets_are_mounted_into_the_controller_where_their_urls_point() {
+    let printed = ok(strata(&[
+        "install",
+        "--nfs-target",
+        "/targets/nas=nas.example:/exports/strata",
+    ]));
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&printed).unwrap();
+    let pod = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/targets/nas")
+        .expect("the export's mount");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["nfs"]["server"], "nas.example");
+    assert_eq!(volume["nfs"]["path"], "/exports/strata");
+    assert_valid_manifests(&printed, docs.len());
+
+    let out = strata(&["install", "--nfs-target", "nas.example:/exports"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not PATH=SERVER:EXPORT"), "{err}");
+}

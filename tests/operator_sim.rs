@@ -507,3 +507,77 @@ async fn a_restore_into_a_mapped_namespace_brings_its_own_credentials_and_accoun
         );
     }
 }
+
+/// Item 10: a folder target the controller can see is no target for pods elsewhere; without
+/// the NFS export that brings it to them the Backup fails at once, saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_target_without_its_nfs_export_is_refused_by_name() {
+    let (sim, _folder) = cluster(json!({}));
+    let mut ctx = context(&sim);
+    ctx.host_folder_targets = false;
+    let failed = drive(&sim, &ctx, "nightly", 3, Duration::from_secs(1)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let (_, _, why) = condition(&failed, "Failed").unwrap();
+    assert!(
+        why.contains("shop/local") && why.contains("spec.nfs"),
+        "{why}"
+    );
+    assert!(sim.pod_history("shop", &job_of("nightly")).is_empty());
+}
+
+/// Item 10: two clusters backing up the same `shop/data` into one target keep separate
+/// chains under their cluster ids, and each restores its own data.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_sharing_a_target_keep_their_chains_apart() {
+    let shared = tempfile::tempdir().unwrap();
+    let mut made = Vec::new();
+    for (id, seed) in [("east", 21), ("west", 22)] {
+        let (sim, _own) = cluster(json!({}));
+        std::fs::write(
+            sim.device_of_claim("shop", "data").unwrap(),
+            noise(VOLUME_BYTES, seed),
+        )
+        .unwrap();
+        let target = "/apis/strata.io/v1alpha1/namespaces/shop/targets/local";
+        let mut spec = sim.mock.get(target).unwrap();
+        spec["spec"]["url"] = json!(shared.path().join("target").to_str().unwrap());
+        sim.mock.put(target, spec);
+        let mut ctx = context(&sim);
+        ctx.cluster_id = Some(id.to_owned());
+        let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+        assert_eq!(done.phase, Some(Phase::Completed), "{id}: {done:?}");
+        made.push((id, seed, backup_id(&done)));
+    }
+    for (id, seed, backup) in made {
+        let out = shared.path().join(format!("{id}.raw"));
+        let target = shared.path().join("target").join(id);
+        let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args([
+                "restore",
+                "--target",
+                target.to_str().unwrap(),
+                "--volume",
+                "shop.data",
+            ])
+            .args(["--backup", &backup, out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            noise(VOLUME_BYTES, seed),
+            "{id}"
+        );
+        // Each cluster's volume holds only its own backup: no chain was extended across.
+        let opened = strata::target::Target::open(target.to_str().unwrap()).unwrap();
+        let backups = opened
+            .backups(&strata::target::VolumeName::new("shop.data").unwrap())
+            .unwrap();
+        assert_eq!(backups.len(), 1, "{id}: {backups:?}");
+        assert_eq!(backups[0].id.to_string(), backup);
+    }
+}

@@ -38,11 +38,11 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, NodeAffinity,
-    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeDevice,
-    VolumeMount,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    NFSVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PersistentVolume, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext,
+    Volume, VolumeDevice, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -64,6 +64,7 @@ pub const NON_ROOT_ID: i64 = 65532;
 const CONTAINER: &str = "datamover";
 const DATA_VOLUME: &str = "data";
 const SCRATCH_VOLUME: &str = "scratch";
+const TARGET_VOLUME: &str = "target";
 
 /// What the datamover does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +125,19 @@ pub struct DatamoverSpec {
     pub backoff_limit: i32,
     /// Upper bound on the Job's run time, in seconds.
     pub active_deadline_seconds: Option<i64>,
+    /// For a folder target: the NFS export mounted at the target's path.
+    pub target_mount: Option<TargetMount>,
+}
+
+/// An NFS export the datamover mounts where its folder target is (`path` is the `--target`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetMount {
+    /// NFS server.
+    pub server: String,
+    /// The exported path.
+    pub export: String,
+    /// Where the pod sees it: the target folder.
+    pub path: String,
 }
 
 impl DatamoverSpec {
@@ -161,6 +175,7 @@ impl DatamoverSpec {
             run_as_user: None,
             backoff_limit: 3,
             active_deadline_seconds: None,
+            target_mount: None,
         }
     }
 }
@@ -329,6 +344,15 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
         mount_path: SCRATCH_PATH.to_owned(),
         ..Default::default()
     });
+    if let Some(mount) = &spec.target_mount {
+        // A restore only reads the target.
+        volume_mounts.push(VolumeMount {
+            name: TARGET_VOLUME.to_owned(),
+            mount_path: mount.path.clone(),
+            read_only: Some(!read_only),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: CONTAINER.to_owned(),
         image: Some(spec.image.clone()),
@@ -368,21 +392,34 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
         service_account_name: spec.service_account.clone(),
         automount_service_account_token: Some(false),
         containers: vec![container],
-        volumes: Some(vec![
-            Volume {
-                name: DATA_VOLUME.to_owned(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: spec.claim.clone(),
-                    read_only: Some(read_only),
+        volumes: Some(
+            vec![
+                Volume {
+                    name: DATA_VOLUME.to_owned(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: spec.claim.clone(),
+                        read_only: Some(read_only),
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: SCRATCH_VOLUME.to_owned(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(spec.target_mount.as_ref().map(|mount| Volume {
+                name: TARGET_VOLUME.to_owned(),
+                nfs: Some(NFSVolumeSource {
+                    server: mount.server.clone(),
+                    path: mount.export.clone(),
+                    read_only: None,
                 }),
                 ..Default::default()
-            },
-            Volume {
-                name: SCRATCH_VOLUME.to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(run_as_user != 0),
             run_as_user: Some(run_as_user),
@@ -428,6 +465,42 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn a_folder_targets_nfs_export_is_mounted_at_its_path_read_only_for_restores() {
+        let mut spec = spec(Attach::Block);
+        spec.target = "/targets/nas".into();
+        spec.target_mount = Some(TargetMount {
+            server: "nas.example".into(),
+            export: "/exports/strata".into(),
+            path: "/targets/nas".into(),
+        });
+        for (job, read_only) in [
+            (backup_job(&spec, None).unwrap(), false),
+            (restore_job(&spec, None).unwrap(), true),
+        ] {
+            let job = serde_json::to_value(job).unwrap();
+            let pod = &job["spec"]["template"]["spec"];
+            let volume = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == TARGET_VOLUME)
+                .unwrap();
+            assert_eq!(
+                volume["nfs"],
+                json!({"server": "nas.example", "path": "/exports/strata"})
+            );
+            let mount = pod["containers"][0]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == TARGET_VOLUME)
+                .unwrap();
+            assert_eq!(mount["mountPath"], "/targets/nas");
+            assert_eq!(mount["readOnly"], read_only);
+        }
+    }
 
     fn spec(attach: Attach) -> DatamoverSpec {
         let mut spec = DatamoverSpec::new(

@@ -6,8 +6,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
+use super::crd::NfsExport;
 use super::crd::Target as TargetResource;
 use super::error::{Error, Result};
+use strata_csi::datamover::TargetMount;
 use strata_target::{BackupId, Target, TargetOptions, VolumeName};
 
 /// An error from outside the operator (the retention the facade supplies).
@@ -45,6 +47,13 @@ pub struct Context {
     /// snapshot controller posts transient errors and clears them on a later retry
     /// (external-snapshotter retries with exponential backoff up to about five minutes).
     pub snapshot_error_grace: Duration,
+    /// This cluster's name in the target layout: every Target's URL gets `/<cluster_id>`
+    /// appended, so two clusters writing to one target never interleave their chains (their
+    /// volume names, `NAMESPACE.PVC`, may well be equal). `None` writes at the URL itself.
+    pub cluster_id: Option<String>,
+    /// Accept folder Targets without `spec.nfs`: for a controller and datamovers that share
+    /// a filesystem (development, tests), never in a cluster.
+    pub host_folder_targets: bool,
 }
 
 impl Context {
@@ -62,6 +71,8 @@ impl Context {
             datamover_start_timeout: Duration::from_secs(10 * 60),
             datamover_deadline: Some(Duration::from_secs(24 * 60 * 60)),
             snapshot_error_grace: Duration::from_secs(15 * 60),
+            cluster_id: None,
+            host_folder_targets: false,
         }
     }
 }
@@ -75,14 +86,79 @@ pub struct TargetAccess {
     pub credentials_secret: Option<String>,
     /// object_store settings for the controller's own access.
     pub store_config: Vec<(String, String)>,
+    /// The NFS export a folder target lives on, which the datamovers mount at its folder.
+    pub mount: Option<TargetMount>,
+}
+
+/// The folder of a folder target URL (`file:///p` or `/p`), `None` for object storage.
+pub fn folder_of(url: &str) -> Option<&str> {
+    match url.split_once("://") {
+        None => Some(url),
+        Some(("file", rest)) => Some(rest.strip_prefix("localhost").unwrap_or(rest)),
+        Some(_) => None,
+    }
+}
+
+/// The uid of namespace `kube-system`: a cluster's identity for as long as it exists (a
+/// Namespace's uid never changes, and `kube-system` is never deleted).
+pub async fn cluster_uid(client: &Client) -> Result<String> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .get("kube-system")
+        .await
+        .map_err(Error::kube("get Namespace kube-system"))?
+        .metadata
+        .uid
+        .ok_or(Error::MissingMetadata {
+            kind: "Namespace",
+            field: "metadata.uid",
+        })
+}
+
+/// Whether `id` can name a cluster in a target's layout: a DNS label (RFC 1123).
+pub fn valid_cluster_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
 }
 
 /// Prefixes of object_store configuration keys; other Secret keys are the datamovers' business.
 const STORE_KEY_PREFIXES: [&str; 3] = ["aws_", "google_", "azure_"];
 
 impl TargetAccess {
-    /// Read Target `namespace/name` and its credentials Secret.
-    pub async fn resolve(client: &Client, namespace: &str, name: &str) -> Result<Self> {
+    /// Read Target `namespace/name` and its credentials Secret, as `ctx` reaches targets: a
+    /// folder target needs its NFS export (unless `ctx.host_folder_targets`), and the URL
+    /// gets the cluster's part of the layout (`ctx.cluster_id`).
+    pub async fn resolve(ctx: &Context, namespace: &str, name: &str) -> Result<Self> {
+        let mut access = Self::read(&ctx.client, namespace, name).await?;
+        if folder_of(&access.url).is_some() && access.mount.is_none() && !ctx.host_folder_targets {
+            return Err(Error::InvalidSpec {
+                what: "Target",
+                reason: format!(
+                    "{namespace}/{name} is the folder {} but has no spec.nfs: datamover pods \
+                     cannot reach a folder of the controller's; give the NFS export holding it",
+                    access.url
+                ),
+            });
+        }
+        if let Some(id) = &ctx.cluster_id {
+            if !valid_cluster_id(id) {
+                return Err(Error::InvalidSpec {
+                    what: "cluster id",
+                    reason: format!("{id:?} is not a DNS label"),
+                });
+            }
+            access.url = format!("{}/{id}", access.url.trim_end_matches('/'));
+        }
+        Ok(access)
+    }
+
+    /// Read Target `namespace/name` and its credentials Secret, as they are.
+    pub async fn read(client: &Client, namespace: &str, name: &str) -> Result<Self> {
         let targets: Api<TargetResource> = Api::namespaced(client.clone(), namespace);
         let target = targets
             .get_opt(name)
@@ -119,9 +195,17 @@ impl TargetAccess {
         }
         store_config.extend(target.spec.options);
         Ok(TargetAccess {
-            url: target.spec.url,
             credentials_secret,
             store_config,
+            mount: match (folder_of(&target.spec.url), target.spec.nfs) {
+                (Some(folder), Some(NfsExport { server, path })) => Some(TargetMount {
+                    server,
+                    export: path,
+                    path: folder.to_owned(),
+                }),
+                _ => None,
+            },
+            url: target.spec.url,
         })
     }
 

@@ -58,6 +58,42 @@ pub struct Install {
     pub namespace: String,
     /// Application namespaces whose volumes are backed up: each gets the datamover's account.
     pub app_namespaces: Vec<String>,
+    /// NFS exports of folder Targets, mounted into the controller where the Targets' URLs
+    /// point (the datamovers mount them from the Target's `spec.nfs`).
+    pub nfs_targets: Vec<NfsMount>,
+}
+
+/// An NFS export mounted at `path`: `PATH=SERVER:EXPORT` on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NfsMount {
+    /// Where the controller sees it: the folder Targets' URLs name it.
+    pub path: String,
+    /// NFS server.
+    pub server: String,
+    /// The exported path.
+    pub export: String,
+}
+
+impl std::str::FromStr for NfsMount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let shape = || {
+            format!(
+                "{text:?} is not PATH=SERVER:EXPORT (e.g. /targets/nas=nas.example:/exports/strata)"
+            )
+        };
+        let (path, rest) = text.split_once('=').ok_or_else(shape)?;
+        let (server, export) = rest.split_once(':').ok_or_else(shape)?;
+        if !path.starts_with('/') || !export.starts_with('/') || server.is_empty() {
+            return Err(shape());
+        }
+        Ok(NfsMount {
+            path: path.to_owned(),
+            server: server.to_owned(),
+            export: export.to_owned(),
+        })
+    }
 }
 
 impl Install {
@@ -67,6 +103,7 @@ impl Install {
             image: image.into(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             app_namespaces: Vec::new(),
+            nfs_targets: Vec::new(),
         }
     }
 }
@@ -150,6 +187,15 @@ fn labels() -> Value {
 pub fn controller_objects(install: &Install) -> Vec<Value> {
     let ns = install.namespace.as_str();
     let image = install.image.as_str();
+    let mut mounts = vec![json!({ "name": "tmp", "mountPath": "/tmp" })];
+    let mut volumes = vec![json!({ "name": "tmp", "emptyDir": {} })];
+    for (i, target) in install.nfs_targets.iter().enumerate() {
+        let name = format!("target-{i}");
+        mounts.push(json!({ "name": name, "mountPath": target.path }));
+        volumes.push(
+            json!({ "name": name, "nfs": { "server": target.server, "path": target.export } }),
+        );
+    }
     vec![
         json!({
             "apiVersion": "v1", "kind": "Namespace",
@@ -240,9 +286,9 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": { "drop": ["ALL"] },
                             },
-                            "volumeMounts": [{ "name": "tmp", "mountPath": "/tmp" }],
+                            "volumeMounts": mounts,
                         }],
-                        "volumes": [{ "name": "tmp", "emptyDir": {} }],
+                        "volumes": volumes,
                     },
                 },
             },

@@ -42,7 +42,9 @@ pub mod reconcile;
 mod selection;
 pub mod status;
 
-pub use context::{BoxError, Context, Prune, TargetAccess, volume_name};
+pub use context::{
+    BoxError, Context, Prune, TargetAccess, cluster_uid, folder_of, valid_cluster_id, volume_name,
+};
 pub use error::{Error, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore};
 pub use selection::{ApplicationSelection, OperatorSelection};

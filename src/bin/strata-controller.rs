@@ -29,15 +29,35 @@ struct Args {
     /// Seconds between looks at snapshots and Jobs in progress.
     #[arg(long, default_value_t = 5)]
     poll_seconds: u64,
+    /// This cluster's name in every target's layout (a DNS label), so clusters sharing a target
+    /// keep apart; by default the uid of the `kube-system` namespace, which lives as long as
+    /// the cluster.
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Write at each target's URL itself, with no cluster part (the layout of earlier
+    /// versions, for a target only this cluster uses).
+    #[arg(long, conflicts_with = "cluster_id")]
+    no_cluster_id: bool,
+    /// Accept folder Targets without an NFS export (a controller and datamovers on one
+    /// machine; never in a cluster).
+    #[arg(long)]
+    allow_host_folder_targets: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = Client::try_default().await?;
+    let client_for_id = client.clone();
     let mut ctx = strata::operator_context(client, args.datamover_image);
     ctx.datamover_service_account = args.datamover_service_account;
     ctx.poll = Duration::from_secs(args.poll_seconds.max(1));
+    ctx.host_folder_targets = args.allow_host_folder_targets;
+    ctx.cluster_id = match (args.cluster_id, args.no_cluster_id) {
+        (_, true) => None,
+        (Some(id), false) => Some(id),
+        (None, false) => Some(strata::operator::cluster_uid(&client_for_id).await?),
+    };
     strata::operator::controller::run(ctx, args.namespace.as_deref()).await;
     Ok(())
 }

@@ -154,6 +154,8 @@ impl Mock {
     pub fn context(&self) -> strata::operator::Context {
         let mut ctx = strata::operator_context(self.client(), "registry.example/strata:test");
         ctx.poll = std::time::Duration::from_secs(3);
+        // The tests' datamovers share the test's filesystem.
+        ctx.host_folder_targets = true;
         ctx
     }
 

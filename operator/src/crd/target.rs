@@ -33,6 +33,23 @@ pub struct TargetSpec {
     /// `aws_allow_http`, `aws_region`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// For a folder target (a `file://` URL or an absolute path): the NFS export holding the
+    /// folder. Every datamover pod mounts it at the URL's path, and the controller must have
+    /// it mounted at the same path (`strata install --nfs-target PATH=SERVER:EXPORT`). A
+    /// folder target without it is refused: nothing would make the folder reach the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsExport>,
+}
+
+/// An NFS export (the fields of a pod's `nfs` volume).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NfsExport {
+    /// Host name or address of the NFS server.
+    #[schemars(length(min = 1, max = 253))]
+    pub server: String,
+    /// The exported path.
+    #[schemars(length(min = 1))]
+    pub path: String,
 }
 
 /// A Secret in the referring object's namespace.

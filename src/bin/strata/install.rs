@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use strata::operator::install::{DEFAULT_NAMESPACE, Install, manifests};
+use strata::operator::install::{DEFAULT_NAMESPACE, Install, NfsMount, manifests};
 
 /// Arguments of `strata install`.
 #[derive(clap::Args)]
@@ -18,6 +18,10 @@ pub struct Args {
     /// The controller's namespace.
     #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
     controller_namespace: String,
+    /// The NFS export of a folder Target, mounted into the controller at PATH, the folder its
+    /// Targets' URLs name (repeat for each; the Target's `spec.nfs` names the same export).
+    #[arg(long = "nfs-target", value_name = "PATH=SERVER:EXPORT")]
+    nfs_targets: Vec<NfsMount>,
 }
 
 /// Print the CRDs, the controller and the datamovers' accounts as one YAML stream.
@@ -26,6 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         image: args.image,
         namespace: args.controller_namespace,
         app_namespaces: args.namespaces,
+        nfs_targets: args.nfs_targets,
     };
     let yaml = manifests(&install)?;
     std::io::stdout()

@@ -131,12 +131,7 @@ impl Run<'_> {
     }
 
     async fn target(&self) -> Result<TargetAccess> {
-        TargetAccess::resolve(
-            &self.ctx.client,
-            &self.namespace,
-            &self.backup.spec.target_ref.name,
-        )
-        .await
+        TargetAccess::resolve(self.ctx, &self.namespace, &self.backup.spec.target_ref.name).await
     }
 
     async fn step(&self, status: &mut BackupStatus) -> Result<Action> {

@@ -267,6 +267,7 @@ impl Run<'_> {
         );
         spec.credentials_secret = target.credentials_secret.clone();
         spec.service_account = self.ctx.datamover_service_account.clone();
+        spec.target_mount = target.mount.clone();
         spec.active_deadline_seconds = self
             .ctx
             .datamover_deadline

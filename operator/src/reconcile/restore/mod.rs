@@ -201,12 +201,8 @@ impl Run<'_> {
         };
         let app = AppName::new(app).map_err(Error::target("application name"))?;
         let id = AppBackupId::new(id).map_err(Error::target("backup id"))?;
-        let target = TargetAccess::resolve(
-            &self.ctx.client,
-            &self.namespace,
-            &backup.spec.target_ref.name,
-        )
-        .await?;
+        let target =
+            TargetAccess::resolve(self.ctx, &self.namespace, &backup.spec.target_ref.name).await?;
         let archive = target
             .with(move |t| {
                 t.read_app_archive(&app, &id)

@@ -133,6 +133,7 @@ impl Run<'_> {
         );
         spec.credentials_secret = access.credentials_secret.clone();
         spec.service_account = access.service_account.clone();
+        spec.target_mount = target.mount.clone();
         spec.active_deadline_seconds = self
             .ctx
             .datamover_deadline
