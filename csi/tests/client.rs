@@ -122,7 +122,10 @@ async fn wait_surfaces_status_error_or_times_out_with_it() {
         }) => {
             // Gives up at the deadline: not before it, and not a whole interval past it.
             assert!(waited <= patient.timeout, "waited {waited:?}");
-            assert!(waited + patient.interval > patient.timeout, "waited {waited:?}");
+            assert!(
+                waited + patient.interval > patient.timeout,
+                "waited {waited:?}"
+            );
             assert_eq!(last_error.as_deref(), Some("snapshot quota exceeded"));
         }
         other => panic!("expected SnapshotTimeout, got {other:?}"),

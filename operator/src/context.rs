@@ -1,11 +1,14 @@
 //! What the reconcilers share: the client, the datamover image, timing, and access to the
 //! target a resource names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 
+use super::backoff::Backoff;
 use super::crd::Target as TargetResource;
 use super::error::{Error, Result};
 use strata_target::{BackupId, Target, TargetOptions, VolumeName};
@@ -34,12 +37,19 @@ pub struct Context {
     pub field_manager: String,
     /// What a Backup's `retention` runs after its commit.
     pub prune: Prune,
+    /// Publishes the Events on Backups and Restores.
+    pub recorder: Recorder,
+    /// Failures in a row per object, and when each may be tried again.
+    pub backoff: Arc<Backoff>,
 }
 
 impl Context {
-    /// A context polling every five seconds, pruning with `prune`.
+    /// A context polling every five seconds, pruning with `prune`, publishing Events as
+    /// [`events::reporter`](crate::events::reporter) says.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         Context {
+            recorder: Recorder::new(client.clone(), crate::events::reporter()),
+            backoff: Arc::default(),
             client,
             image: image.into(),
             datamover_service_account: None,

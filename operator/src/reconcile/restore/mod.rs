@@ -36,8 +36,9 @@ use kube::Api;
 use kube::runtime::controller::Action;
 use serde_json::Value;
 
+use super::namespace_and_name;
+use super::outcome::Call;
 use super::volumes::label_restored;
-use super::{fail, namespace_and_name, patch_status};
 use crate::context::{Context, TargetAccess};
 use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
 use crate::error::{Error, Result};
@@ -77,21 +78,13 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
         namespace,
         name,
     };
-    let before = status.clone();
-    let generation = restore.metadata.generation;
-    let action = match run.step(&mut status).await {
-        Ok(action) => action,
-        Err(err) if err.is_permanent() => {
-            fail(&mut status.conditions, &err, generation);
-            status.phase = Some(Phase::Failed);
-            Action::await_change()
-        }
-        Err(err) => return Err(err),
-    };
-    status.observed_generation = generation;
-    if status != before {
-        patch_status::<Restore>(&ctx.client, &run.namespace, &run.name, &status).await?;
+    let call = Call::new(ctx, restore, &run.namespace, &run.name);
+    if let Some(wait) = call.backing_off() {
+        return Ok(Action::requeue(wait));
     }
+    let before = status.clone();
+    let outcome = run.step(&mut status).await;
+    let action = call.end(&before, &mut status, outcome).await?;
     Ok(action)
 }
 
