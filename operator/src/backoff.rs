@@ -9,9 +9,12 @@
 //!
 //! The count lives in memory ([`Backoff`], in the [`Context`](crate::Context)), keyed by the
 //! object's namespace, name and uid, so a recreated object starts afresh and a controller
-//! restart starts every object at attempt 1. While an object waits, a reconcile triggered by
-//! anything but a spec change (its own status write, a resync) returns at once: without that
-//! gate, the status write that records a failure would trigger the next attempt immediately.
+//! restart starts every object at attempt 1. While an object waits, a reconcile of the same
+//! object returns at once, without API calls, as long as the object is the version that failed
+//! or the one the controller's own status write made of it: without that gate, the write that
+//! records a failure would trigger the next attempt immediately. Any other change (a spec
+//! edit, an annotation, another writer's status, which is also what a 409 Conflict announces)
+//! ends the wait.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -85,8 +88,9 @@ struct Entry {
     attempt: u32,
     /// When the next attempt may run.
     due: Instant,
-    /// The generation that failed: a spec change ends the wait.
-    generation: Option<i64>,
+    /// The resourceVersions the failure is known under: the object as read and as the
+    /// controller's condition write left it. Another version ends the wait.
+    versions: Vec<String>,
 }
 
 /// Failures in a row per object, and when each may be tried again.
@@ -96,13 +100,13 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Record a failure of `key` at generation `generation`, the latest of class `class`, at
-    /// `now`: the attempt number and the pause before the next.
+    /// Record a failure of `key`, read at resourceVersion `version`, the latest of class
+    /// `class`, at `now`: the attempt number and the pause before the next.
     pub fn failed(
         &self,
         key: &ObjectKey,
         class: ErrorClass,
-        generation: Option<i64>,
+        version: Option<&str>,
         now: Instant,
     ) -> Retry {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -114,10 +118,19 @@ impl Backoff {
             Entry {
                 attempt,
                 due: now + delay,
-                generation,
+                versions: version.map(str::to_owned).into_iter().collect(),
             },
         );
         Retry { attempt, delay }
+    }
+
+    /// The controller wrote the failure into `key`'s status, which made it `version`: that
+    /// version waits too.
+    pub fn written(&self, key: &ObjectKey, version: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = entries.get_mut(key) {
+            entry.versions.push(version.to_owned());
+        }
     }
 
     /// `key` reconciled successfully (or its run is over): the next failure is attempt 1.
@@ -128,17 +141,18 @@ impl Backoff {
             .remove(key);
     }
 
-    /// How long `key`, now at `generation`, must still wait at `now`; `None` when it may run
-    /// (no failure recorded, the pause is over, or the spec changed since the failure).
+    /// How long `key`, now at resourceVersion `version`, must still wait at `now`; `None` when
+    /// it may run (no failure recorded, the pause is over, or someone else changed it since).
     pub fn remaining(
         &self,
         key: &ObjectKey,
-        generation: Option<i64>,
+        version: Option<&str>,
         now: Instant,
     ) -> Option<Duration> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.get(key)?;
-        if entry.generation != generation || entry.due <= now {
+        let known = version.is_none_or(|v| entry.versions.iter().any(|w| w == v));
+        if !known || entry.due <= now {
             return None;
         }
         Some(entry.due - now)
@@ -182,8 +196,8 @@ mod tests {
     fn failures_count_per_object_and_success_resets() {
         let backoff = Backoff::default();
         let t0 = Instant::now();
-        let first = backoff.failed(&key("a"), ErrorClass::Transient, Some(1), t0);
-        let second = backoff.failed(&key("a"), ErrorClass::Transient, Some(1), t0 + secs(5));
+        let first = backoff.failed(&key("a"), ErrorClass::Transient, Some("1"), t0);
+        let second = backoff.failed(&key("a"), ErrorClass::Transient, Some("1"), t0 + secs(5));
         assert_eq!(
             (first, second),
             (
@@ -198,36 +212,40 @@ mod tests {
             )
         );
         // Same name, another uid: another object.
-        let other = backoff.failed(&key("b"), ErrorClass::Stalled, Some(1), t0);
+        let other = backoff.failed(&key("b"), ErrorClass::Stalled, Some("1"), t0);
         assert_eq!(other.attempt, 1);
         backoff.succeeded(&key("a"));
-        let again = backoff.failed(&key("a"), ErrorClass::Transient, Some(1), t0 + secs(20));
+        let again = backoff.failed(&key("a"), ErrorClass::Transient, Some("1"), t0 + secs(20));
         assert_eq!(again.attempt, 1);
     }
 
     #[test]
-    fn the_wait_ends_when_due_or_when_the_spec_changes() {
+    fn the_wait_ends_when_due_or_when_someone_else_changes_the_object() {
         let backoff = Backoff::default();
         let t0 = Instant::now();
-        assert_eq!(backoff.remaining(&key("a"), Some(1), t0), None);
-        backoff.failed(&key("a"), ErrorClass::Stalled, Some(1), t0);
-        assert_eq!(
-            backoff.remaining(&key("a"), Some(1), t0 + secs(10)),
-            Some(secs(20))
-        );
-        assert_eq!(backoff.remaining(&key("a"), Some(1), t0 + secs(30)), None);
-        assert_eq!(backoff.remaining(&key("a"), Some(2), t0 + secs(10)), None);
+        let a = key("a");
+        assert_eq!(backoff.remaining(&a, Some("1"), t0), None);
+        backoff.failed(&a, ErrorClass::Stalled, Some("1"), t0);
+        backoff.written(&a, "2");
+        for own in ["1", "2"] {
+            assert_eq!(
+                backoff.remaining(&a, Some(own), t0 + secs(10)),
+                Some(secs(20))
+            );
+        }
+        assert_eq!(backoff.remaining(&a, Some("1"), t0 + secs(30)), None);
+        assert_eq!(backoff.remaining(&a, Some("3"), t0 + secs(10)), None);
     }
 
     #[test]
     fn entries_of_objects_long_gone_are_dropped() {
         let backoff = Backoff::default();
         let t0 = Instant::now();
-        backoff.failed(&key("gone"), ErrorClass::Transient, Some(1), t0);
+        backoff.failed(&key("gone"), ErrorClass::Transient, Some("1"), t0);
         backoff.failed(
             &key("live"),
             ErrorClass::Transient,
-            Some(1),
+            Some("1"),
             t0 + FORGET_AFTER * 2,
         );
         let entries = backoff.entries.lock().unwrap();

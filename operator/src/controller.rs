@@ -30,9 +30,9 @@ where
 fn retry<K: kube::Resource>(object: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     let delay = err.requeue_after().unwrap_or_else(|| {
         let key = ObjectKey::of(&*object);
-        let generation = object.meta().generation;
+        let version = object.meta().resource_version.as_deref();
         ctx.backoff
-            .failed(&key, err.class(), generation, Instant::now())
+            .failed(&key, err.class(), version, Instant::now())
             .delay
     });
     eprintln!("retrying in {}s: {}", delay.as_secs(), error_chain(err));

@@ -68,7 +68,8 @@ fn namespace_and_name<K: Resource>(object: &K, kind: &'static str) -> Result<(St
 }
 
 /// Write `status` as the status of the `K` `namespace/name`, by a merge patch carrying
-/// `resource_version`, the version of the object the reconcile read.
+/// `resource_version`, the version of the object the reconcile read; the version the write
+/// made.
 ///
 /// Optimistic concurrency (the API conventions, "Concurrency Control and Consistency"): the
 /// API server refuses a patch whose `metadata.resourceVersion` is not the stored one with 409
@@ -83,7 +84,7 @@ async fn patch_status<K>(
     name: &str,
     resource_version: Option<&str>,
     status: &impl Serialize,
-) -> Result<()>
+) -> Result<Option<String>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -95,11 +96,12 @@ where
     if let Some(version) = resource_version {
         patch["metadata"] = json!({ "resourceVersion": version });
     }
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+    let written = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(Error::kube(format!(
             "update status of {} {namespace}/{name}",
             K::kind(&())
         )))?;
-    Ok(())
+    Ok(written.meta().resource_version.clone())
 }

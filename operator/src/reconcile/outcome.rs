@@ -94,7 +94,11 @@ where
     pub(super) fn backing_off(&self) -> Option<Duration> {
         self.ctx
             .backoff
-            .remaining(&self.key, self.generation(), Instant::now())
+            .remaining(&self.key, self.version(), Instant::now())
+    }
+
+    fn version(&self) -> Option<&str> {
+        self.object.meta().resource_version.as_deref()
     }
 
     fn generation(&self) -> Option<i64> {
@@ -132,12 +136,19 @@ where
         Ok(action)
     }
 
-    async fn write<S: RunStatus>(&self, before: &S, status: &S) -> Result<()> {
+    /// Write `status` unless it is `before`; the resourceVersion written, if any.
+    async fn write<S: RunStatus>(&self, before: &S, status: &S) -> Result<Option<String>> {
         if status == before {
-            return Ok(());
+            return Ok(None);
         }
-        let version = self.object.meta().resource_version.as_deref();
-        patch_status::<K>(&self.ctx.client, self.namespace, self.name, version, status).await
+        patch_status::<K>(
+            &self.ctx.client,
+            self.namespace,
+            self.name,
+            self.version(),
+            status,
+        )
+        .await
     }
 
     /// Record the failure `err`: the backoff, the condition (when `record`), the Event; the
@@ -153,7 +164,7 @@ where
         let retry = self
             .ctx
             .backoff
-            .failed(&self.key, class, self.generation(), Instant::now());
+            .failed(&self.key, class, self.version(), Instant::now());
         let message = format!(
             "attempt {}, next in {}s: {}",
             retry.attempt,
@@ -173,15 +184,17 @@ where
                     self.generation(),
                 );
             }
-            if let Err(write) = self.write(before, status).await {
-                eprintln!(
+            match self.write(before, status).await {
+                Ok(Some(version)) => self.ctx.backoff.written(&self.key, &version),
+                Ok(None) => {}
+                Err(write) => eprintln!(
                     "{} {}/{}: the {} condition was not written: {}",
                     K::kind(&()),
                     self.namespace,
                     self.name,
                     class.condition_type().unwrap_or_default(),
                     error_chain(&write)
-                );
+                ),
             }
         }
         self.event(EventType::Warning, err.reason(), "Retry", &message)
