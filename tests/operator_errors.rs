@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube_mock::Mock;
 use serde_json::{Value, json};
 use strata::operator::reconcile_backup;
-use strata::operator::{Error, ErrorClass};
+use strata::operator::{Context, Error, ErrorClass};
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const CONFIGMAPS: &str = "/api/v1/namespaces/shop/configmaps";
@@ -45,6 +45,14 @@ fn cluster(folder: &std::path::Path) -> Mock {
     mock
 }
 
+/// The cluster on a fresh target folder (kept while the test runs) and a context on it.
+fn setup() -> (tempfile::TempDir, Mock, Context) {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = mock.context();
+    (folder, mock, ctx)
+}
+
 fn status(mock: &Mock) -> Value {
     mock.get(&format!("{BACKUPS}/nightly")).unwrap()["status"].clone()
 }
@@ -70,12 +78,7 @@ fn warnings(mock: &Mock) -> Vec<String> {
 
 /// One reconcile of `nightly` as stored, expected to fail with `class` and `reason`; its
 /// requeue delay.
-async fn fails(
-    mock: &Mock,
-    ctx: &strata::operator::Context,
-    class: ErrorClass,
-    reason: &str,
-) -> Duration {
+async fn fails(mock: &Mock, ctx: &Context, class: ErrorClass, reason: &str) -> Duration {
     let err: Error = reconcile_backup(&mock.backup("nightly"), ctx)
         .await
         .expect_err("the reconcile fails");
@@ -85,9 +88,7 @@ async fn fails(
 
 #[tokio::test(start_paused = true)]
 async fn forbidden_listing_stalls_with_a_condition_an_event_and_a_growing_backoff() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     mock.fail(&format!("GET {CONFIGMAPS}"), 403);
 
     let first = fails(&mock, &ctx, ErrorClass::Stalled, "Forbidden").await;
@@ -131,13 +132,16 @@ async fn forbidden_listing_stalls_with_a_condition_an_event_and_a_growing_backof
     let events = mock.events("shop");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["series"]["count"], 3);
+    let note = events[0]["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("application metadata: read namespace shop: "),
+        "{note}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_missing_target_stalls_the_backup_instead_of_failing_it() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     let mut backup = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
     backup["spec"]["targetRef"]["name"] = json!("offsite");
     mock.put(&format!("{BACKUPS}/nightly"), backup);
@@ -161,9 +165,7 @@ async fn a_missing_target_stalls_the_backup_instead_of_failing_it() {
 
 #[tokio::test(start_paused = true)]
 async fn an_invalid_snapshot_fails_the_backup_with_an_event() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     mock.fail(&format!("POST {SNAPSHOTS}"), 422);
 
     let action = reconcile_backup(&mock.backup("nightly"), &ctx)
@@ -185,9 +187,7 @@ async fn an_invalid_snapshot_fails_the_backup_with_an_event() {
 
 #[tokio::test(start_paused = true)]
 async fn a_status_write_from_a_stale_copy_is_refused_and_overwrites_nothing() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     let stale = mock.backup("nightly");
     // Another writer (a second controller during a rolling update) gets there first.
     let mut newer = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
@@ -214,9 +214,7 @@ async fn a_status_write_from_a_stale_copy_is_refused_and_overwrites_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_success_clears_the_condition_and_resets_the_backoff() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     mock.fail(&format!("GET {CONFIGMAPS}"), 403);
     let first = fails(&mock, &ctx, ErrorClass::Stalled, "Forbidden").await;
     tokio::time::advance(first).await;
@@ -250,9 +248,7 @@ async fn a_success_clears_the_condition_and_resets_the_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_event_does_not_fail_the_reconcile() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
+    let (_folder, mock, ctx) = setup();
     mock.fail("POST /apis/events.k8s.io/", 403);
     reconcile_backup(&mock.backup("nightly"), &ctx)
         .await

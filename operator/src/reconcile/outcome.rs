@@ -1,16 +1,16 @@
 //! How a reconcile call of a Backup or Restore ends: the status write, the conditions and
 //! Events that report the outcome, and the backoff of a call that failed.
 //!
-//! | outcome            | status                                      | Event              |
-//! |--------------------|---------------------------------------------|--------------------|
-//! | success            | the step's, `Retrying`/`Stalled` removed     | Normal on a phase change |
-//! | permanent error    | phase Failed, condition `Failed`             | Warning, the reason |
-//! | transient, stalled | as read, plus `Retrying` or `Stalled` True   | Warning, the reason |
+//! | outcome            | status                                     | Event                    |
+//! |--------------------|--------------------------------------------|--------------------------|
+//! | success            | the step's, `Retrying`/`Stalled` removed   | Normal on a phase change |
+//! | permanent error    | phase Failed, condition `Failed`           | Warning, the reason      |
+//! | transient, stalled | as read, plus `Retrying` or `Stalled` True | Warning, the reason      |
 //!
 //! A failed call's own progress is dropped, as before errors were reported: its steps are
 //! repeated by the next call, which every step tolerates. The retry condition's message is
-//! `attempt N, next in Ds: ERROR`. Every failure returns [`Error::Retrying`], which the
-//! controller's error policy turns into the requeue.
+//! `attempt N, next in Ds: ERROR`, the Event's note `ERROR`. Every failure returns
+//! [`Error::Retrying`], which the controller's error policy turns into the requeue.
 
 use std::fmt::Debug;
 use std::time::Duration;
@@ -165,11 +165,11 @@ where
             .ctx
             .backoff
             .failed(&self.key, class, self.version(), Instant::now());
+        let chain = error_chain(&err);
         let message = format!(
-            "attempt {}, next in {}s: {}",
+            "attempt {}, next in {}s: {chain}",
             retry.attempt,
             retry.delay.as_secs(),
-            error_chain(&err)
         );
         *status = before.clone();
         if record {
@@ -197,7 +197,8 @@ where
                 ),
             }
         }
-        self.event(EventType::Warning, err.reason(), "Retry", &message)
+        // Without the attempt: the Recorder folds repeats into the first Event, note included.
+        self.event(EventType::Warning, err.reason(), "Retry", &chain)
             .await;
         Error::Retrying {
             retry,
