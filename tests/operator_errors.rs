@@ -13,8 +13,9 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 use kube_mock::Mock;
 use serde_json::{Value, json};
-use strata::operator::reconcile_backup;
+use strata::operator::crd::Restore;
 use strata::operator::{Context, Error, ErrorClass};
+use strata::operator::{reconcile_backup, reconcile_restore};
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const CONFIGMAPS: &str = "/api/v1/namespaces/shop/configmaps";
@@ -260,5 +261,55 @@ async fn a_refused_event_does_not_fail_the_reconcile() {
             .iter()
             .any(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/shop/events")),
         "the Event was tried"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_whose_credentials_secret_is_missing_stalls() {
+    let (folder, mock, ctx) = setup();
+    mock.put(
+        "/apis/strata.io/v1alpha1/namespaces/shop/targets/local",
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Target",
+               "metadata": {"name": "local", "namespace": "shop"},
+               "spec": {"url": folder.path().to_str().unwrap(),
+                        "credentialsSecretRef": {"name": "s3-keys"}}}),
+    );
+    let mut backup = mock.get(&format!("{BACKUPS}/nightly")).unwrap();
+    backup["status"] =
+        json!({"phase": "Completed", "applicationName": "shop", "backupId": "nightly"});
+    mock.put(&format!("{BACKUPS}/nightly"), backup);
+    let path = "/apis/strata.io/v1alpha1/namespaces/shop/restores/copy";
+    mock.put(
+        path,
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}}}),
+    );
+    let restore: Restore = serde_json::from_value(mock.get(path).unwrap()).unwrap();
+    let err = reconcile_restore(&restore, &ctx).await.unwrap_err();
+    assert_eq!(
+        (err.class(), err.reason(), err.requeue_after()),
+        (
+            ErrorClass::Stalled,
+            "SecretNotFound",
+            Some(Duration::from_secs(30))
+        )
+    );
+    let stored = mock.get(path).unwrap()["status"].clone();
+    assert_eq!(stored["phase"], Value::Null);
+    let stalled = condition(&stored, "Stalled");
+    assert_eq!(stalled["reason"], "SecretNotFound");
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("Secret shop/s3-keys not found"),
+        "{stalled}"
+    );
+    let events = mock.events("shop");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (&events[0]["type"], &events[0]["regarding"]["kind"]),
+        (&json!("Warning"), &json!("Restore"))
     );
 }
