@@ -1,11 +1,14 @@
 //! What the reconcilers share: the client, the datamover image, timing, and access to the
 //! target a resource names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 
+use super::backoff::Backoff;
 use super::crd::NfsExport;
 use super::crd::Target as TargetResource;
 use super::error::{Error, Result};
@@ -54,14 +57,21 @@ pub struct Context {
     /// Accept folder Targets without `spec.nfs`: for a controller and datamovers that share
     /// a filesystem (development, tests), never in a cluster.
     pub host_folder_targets: bool,
+    /// Publishes the Events on Backups and Restores.
+    pub recorder: Recorder,
+    /// Failures in a row per object, and when each may be tried again.
+    pub backoff: Arc<Backoff>,
 }
 
 impl Context {
-    /// A context polling every five seconds, pruning with `prune`; datamover pods get ten
-    /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
-    /// hours), snapshots fifteen minutes to clear an error.
+    /// A context polling every five seconds, pruning with `prune`, publishing Events as
+    /// [`events::reporter`](crate::events::reporter) says; datamover pods get ten minutes to
+    /// start and a day to finish (a 2 TiB volume at 100 MB/s takes under six hours),
+    /// snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         Context {
+            recorder: Recorder::new(client.clone(), crate::events::reporter()),
+            backoff: Arc::default(),
             client,
             image: image.into(),
             datamover_service_account: None,

@@ -223,6 +223,8 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+                // Events on Backups and Restores (a repeat patches the first one's series).
+                rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
             ],
         }),
         json!({
@@ -277,6 +279,11 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                                 "--datamover-image", image,
                                 "--datamover-service-account", DATAMOVER,
                             ],
+                            // The Events' reportingInstance.
+                            "env": [{
+                                "name": crate::events::POD_NAME_ENV,
+                                "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } },
+                            }],
                             "resources": {
                                 "requests": { "cpu": "100m", "memory": "128Mi" },
                                 "limits": { "memory": "512Mi" },
