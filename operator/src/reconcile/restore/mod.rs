@@ -32,16 +32,19 @@ mod finish;
 mod prepare;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::runtime::controller::Action;
 use serde_json::Value;
 
 use super::volumes::label_restored;
-use super::{fail, namespace_and_name, patch_status};
+use super::volumes::{Temporaries, cleanup};
+use super::{controller_of, fail, finalizer, namespace_and_name, patch_status};
 use crate::context::{Context, TargetAccess};
 use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
 use crate::error::{Error, Result};
 use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_csi::VolumeKey;
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
 use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
 use strata_target::{AppBackupId, AppName};
@@ -52,6 +55,8 @@ struct Run<'a> {
     ctx: &'a Context,
     namespace: String,
     name: String,
+    /// The Restore as the owner of what it makes in its own namespace.
+    owner: OwnerReference,
 }
 
 /// What the Backup being restored provides.
@@ -67,16 +72,19 @@ struct Source {
 /// again. A finished Restore is left alone without any API call.
 pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Action> {
     let mut status = restore.status.clone().unwrap_or_default();
+    if finalizer::is_deleted(restore) {
+        if finalizer::has_finalizer(restore) {
+            let run = Run::new(restore, ctx)?;
+            run.cancel(&status).await?;
+            finalizer::remove(&ctx.client, &run.namespace, restore).await?;
+        }
+        return Ok(Action::await_change());
+    }
     if status.phase.is_some_and(Phase::is_final) {
         return Ok(Action::await_change());
     }
-    let (namespace, name) = namespace_and_name(restore, "Restore")?;
-    let run = Run {
-        restore,
-        ctx,
-        namespace,
-        name,
-    };
+    let run = Run::new(restore, ctx)?;
+    finalizer::add(&ctx.client, &run.namespace, restore).await?;
     let before = status.clone();
     let generation = restore.metadata.generation;
     let action = match run.step(&mut status).await {
@@ -95,7 +103,59 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     Ok(action)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(restore: &'a Restore, ctx: &'a Context) -> Result<Self> {
+        let (namespace, name) = namespace_and_name(restore, "Restore")?;
+        Ok(Run {
+            restore,
+            ctx,
+            namespace,
+            name,
+            owner: controller_of(restore, "Restore")?,
+        })
+    }
+
+    /// Cancel the run of a deleted Restore before its finalizer goes: delete its datamover
+    /// Jobs and its staging PVCs and snapshots, by name, as they may be in a namespace its
+    /// owner references cannot reach. (The Backup restored, in the Restore's namespace, may be
+    /// gone, so the restored namespace comes from the mapping alone.) What it restored stays:
+    /// those PVCs and objects are the application's now.
+    async fn cancel(&self, status: &RestoreStatus) -> Result<()> {
+        if status.phase == Some(Phase::Completed) {
+            return Ok(());
+        }
+        let restored = self.restored_namespace(&self.namespace);
+        let staged: Vec<_> = status
+            .volumes
+            .iter()
+            .filter(|v| v.staging.is_some())
+            .cloned()
+            .collect();
+        let key = |v: &crate::crd::VolumeStatus| self.key(&restored, &v.pvc);
+        cleanup(
+            &self.ctx.client,
+            key,
+            &restored,
+            &status.volumes,
+            Temporaries::JobOnly,
+        )
+        .await?;
+        cleanup(
+            &self.ctx.client,
+            key,
+            &restored,
+            &staged,
+            Temporaries::SnapshotAndClaim,
+        )
+        .await
+    }
+
+    /// The names and owner of the objects restoring `namespace/pvc` makes: named with the
+    /// Restore's uid; owned by it when in its namespace, else found by their run labels.
+    fn key(&self, namespace: &str, pvc: &str) -> VolumeKey {
+        VolumeKey::of_run(&self.owner, &self.namespace, namespace, pvc)
+    }
+
     /// Where the application's namespace is restored to.
     fn restored_namespace(&self, source: &str) -> String {
         self.restore
