@@ -470,3 +470,51 @@ async fn the_restores_snapshot_class_overrides_the_default_choice() {
         .expect("staging snapshot");
     assert_eq!(taken["spec"]["volumeSnapshotClassName"], "hostpath-retain");
 }
+
+/// Issue 16 item 5: a Restore into another namespace cannot own what it makes there (owner
+/// references do not cross namespaces); deleted mid-way, its finalizer deletes its Jobs and
+/// staging objects there by name, and leaves the claims it restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_namespace() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = mock.context();
+    backed_up(&mock, &ctx, folder.path()).await;
+    let key = mock.run_key("restores", "copy", "shop-copy", "data");
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let job = key.name(Role::Datamover);
+    update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let staging = key.name(Role::Volume);
+    let snapshot = key.name(Role::Snapshot);
+    for path in [
+        format!("{COPY_PVCS}/{staging}"),
+        format!("{COPY_SNAPSHOTS}/{snapshot}"),
+        format!("{COPY_JOBS}/{job}"),
+    ] {
+        let object = mock.get(&path).unwrap_or_else(|| panic!("{path} exists"));
+        assert!(object["metadata"]["ownerReferences"].is_null(), "{path}");
+        assert_eq!(object["metadata"]["labels"]["strata.io/run-uid"], "r-1");
+    }
+    assert_eq!(
+        restore(&mock).metadata.finalizers,
+        Some(vec![strata::operator::reconcile::FINALIZER.to_owned()])
+    );
+
+    kube::Api::<Restore>::namespaced(mock.client(), "shop")
+        .delete("copy", &Default::default())
+        .await
+        .unwrap();
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    assert!(
+        mock.get(&format!("{RESTORES}/copy")).is_none(),
+        "finalizer removed"
+    );
+    assert!(mock.names_under(COPY_JOBS).is_empty());
+    assert!(mock.names_under(COPY_SNAPSHOTS).is_empty());
+    assert_eq!(
+        mock.names_under(COPY_PVCS),
+        ["raw"],
+        "the restored claim stays"
+    );
+}

@@ -532,7 +532,8 @@ async fn a_backup_recreated_under_its_name_does_not_adopt_the_old_job() {
     add_backup(&sim, "nightly", "b-2", "Full");
     let new = job_of(&sim, "nightly");
     assert_ne!(old, new);
-    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    // Short rounds: the kubelet would wait out each one for the frozen pod.
+    let done = drive(&sim, &ctx, "nightly", 60, Duration::from_secs(2)).await;
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
     assert!(
         sim.mock.get(&format!("{JOBS}/{old}")).is_some(),
