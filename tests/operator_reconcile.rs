@@ -58,15 +58,18 @@ fn cluster(target: &std::path::Path) -> Mock {
     mock
 }
 
-fn key(run: &str, namespace: &str) -> VolumeKey {
-    VolumeKey::new(run, namespace, "data")
+/// The key of Backup `run`'s objects for `shop/data` (`copy`: Restore `copy`'s for
+/// `namespace/data`).
+fn key(mock: &Mock, run: &str, namespace: &str) -> VolumeKey {
+    let kind = if run == "copy" { "restores" } else { "backups" };
+    mock.run_key(kind, run, namespace, "data")
 }
 
 /// Mark the snapshot of `data` ready, as the snapshot controller would.
 fn snapshot_ready(mock: &Mock) {
     let path = format!(
         "{SNAPSHOTS}/{}",
-        key("nightly", "shop").name(Role::Snapshot)
+        key(mock, "nightly", "shop").name(Role::Snapshot)
     );
     let mut snapshot = mock.get(&path).expect("snapshot created");
     snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": "snapcontent-1",
@@ -121,7 +124,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
     let ctx = mock.context();
-    let k = key("nightly", "shop");
+    let k = key(&mock, "nightly", "shop");
     let job = k.name(Role::Datamover);
 
     // 1: discovery, the metadata stash, a snapshot; nothing else until it is ready.
@@ -131,7 +134,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     assert_eq!(action, Action::requeue(Duration::from_secs(3)));
     assert_eq!(mock.names_under(SNAPSHOTS), [k.name(Role::Snapshot)]);
     assert!(
-        mock.get(&format!("{SECRETS}/{}", stash_name("nightly")))
+        mock.get(&format!("{SECRETS}/{}", stash_name("nightly", "b-1")))
             .is_some()
     );
     assert_eq!(mock.names_under(PVCS), ["data"]);
@@ -298,7 +301,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
         serde_json::from_value(mock.get(&format!("{RESTORES}/copy")).unwrap()).unwrap()
     };
     let copy_jobs = "/apis/batch/v1/namespaces/shop-copy/jobs";
-    let restore_job = key("copy", "shop-copy").name(Role::Datamover);
+    let restore_job = key(&mock, "copy", "shop-copy").name(Role::Datamover);
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
     assert!(mock.get("/api/v1/namespaces/shop-copy").is_some());
     let pvc = mock
@@ -338,7 +341,7 @@ async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() 
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
     let ctx = mock.context();
-    let job = key("nightly", "shop").name(Role::Datamover);
+    let job = key(&mock, "nightly", "shop").name(Role::Datamover);
     reconcile_backup(&mock.backup("nightly"), &ctx)
         .await
         .unwrap();
@@ -435,7 +438,10 @@ fn metadata_service(mock: &Mock) {
 
 /// Mark run `run`'s snapshot of `data` ready, bound to content `content` with CSI `handle`.
 fn snapshot_ready_with(mock: &Mock, run: &str, content: &str, handle: &str) {
-    let path = format!("{SNAPSHOTS}/{}", key(run, "shop").name(Role::Snapshot));
+    let path = format!(
+        "{SNAPSHOTS}/{}",
+        key(mock, run, "shop").name(Role::Snapshot)
+    );
     let mut snapshot = mock.get(&path).expect("snapshot created");
     snapshot["status"] = json!({"readyToUse": true, "boundVolumeSnapshotContentName": content,
                                 "restoreSize": "1Mi"});
@@ -444,7 +450,7 @@ fn snapshot_ready_with(mock: &Mock, run: &str, content: &str, handle: &str) {
         &format!("{CONTENTS}/{content}"),
         json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
                "metadata": {"name": content},
-               "spec": {"volumeSnapshotRef": {"name": key(run, "shop").name(Role::Snapshot),
+               "spec": {"volumeSnapshotRef": {"name": key(mock, run, "shop").name(Role::Snapshot),
                                               "namespace": "shop"},
                         "deletionPolicy": "Delete", "driver": DRIVER,
                         "source": {"volumeHandle": "pvc-data"}},
@@ -475,7 +481,7 @@ async fn run_backup(
     job_status(
         mock,
         JOBS,
-        &key(name, "shop").name(Role::Datamover),
+        &key(mock, name, "shop").name(Role::Datamover),
         complete(),
     );
     // The commit, run twice from the same object, as after a crash before the status write;
@@ -491,7 +497,7 @@ async fn run_backup(
 fn pod_spec(mock: &Mock, run: &str) -> Value {
     mock.get(&format!(
         "{JOBS}/{}",
-        key(run, "shop").name(Role::Datamover)
+        key(mock, run, "shop").name(Role::Datamover)
     ))
     .expect("datamover Job")["spec"]["template"]["spec"]
         .clone()
@@ -503,11 +509,10 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     let mock = cluster(folder.path());
     metadata_service(&mock);
     let ctx = mock.context();
-    let monday = key("nightly", "shop").name(Role::Snapshot);
-    let tuesday = key("tuesday", "shop").name(Role::Snapshot);
+    let monday = key(&mock, "nightly", "shop").name(Role::Snapshot);
 
     // The full backup reads the whole volume; its snapshot stays as the volume's base,
-    // recording the backup taken from it, its CSI handle and driver, owned by the Backup.
+    // recording the backup taken from it, its CSI handle and driver, owned by the PVC.
     let first = run_backup(
         &mock,
         &ctx,
@@ -530,7 +535,13 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
         json!({"strata.io/cbt-backup": first, "strata.io/cbt-snapshot-handle": "handle-monday",
                "strata.io/cbt-driver": DRIVER, "strata.io/cbt-pvc-uid": "pvc-data-1"})
     );
-    assert_eq!(base["metadata"]["ownerReferences"][0]["uid"], "b-1");
+    // Owned by the PVC, not the Backup: deleting the Backup must not take the next
+    // incremental's base with it.
+    assert_eq!(
+        base["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data",
+                "uid": "pvc-data-1"}])
+    );
     assert_eq!(mock.names_under(PVCS), ["data"]);
     assert!(mock.names_under(JOBS).is_empty());
     assert!(mock.names_under(LEASES).is_empty());
@@ -540,6 +551,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     // The incremental lists the changes since the base's handle, then backs up only those,
     // on the condition that the base's backup is still the latest.
     add_backup(&mock, "tuesday", "b-2", "Incremental");
+    let tuesday = key(&mock, "tuesday", "shop").name(Role::Snapshot);
     let second = run_backup(
         &mock,
         &ctx,
@@ -653,7 +665,7 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
     )
     .await;
     // Its own snapshot, with a known handle, replaced the unusable base.
-    let wednesday = key("wednesday", "shop").name(Role::Snapshot);
+    let wednesday = key(&mock, "wednesday", "shop").name(Role::Snapshot);
     assert_eq!(
         mock.names_under(SNAPSHOTS),
         std::slice::from_ref(&wednesday)
@@ -779,7 +791,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         );
         assert_eq!(
             mock.names_under(SNAPSHOTS),
-            [key("nightly", "shop").name(Role::Snapshot)]
+            [key(&mock, "nightly", "shop").name(Role::Snapshot)]
         );
         assert_eq!(mock.names_under(LEASES), ["strata-backup-data"]);
     }
@@ -808,7 +820,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
     job_status(
         &mock,
         JOBS,
-        &key("nightly", "shop").name(Role::Datamover),
+        &key(&mock, "nightly", "shop").name(Role::Datamover),
         complete(),
     );
     let before = mock.requests().len();
@@ -841,10 +853,15 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         let lease = mock.get(&format!("{LEASES}/{name}")).unwrap();
         assert_eq!(lease["spec"]["holderIdentity"], "second");
     }
-    let logs = VolumeKey::new("second", "shop", "logs").name(Role::Snapshot);
+    let logs = mock
+        .run_key("backups", "second", "shop", "logs")
+        .name(Role::Snapshot);
     assert_eq!(
         mock.names_under(SNAPSHOTS),
-        [key("second", "shop").name(Role::Snapshot), logs.clone()]
+        [
+            key(&mock, "second", "shop").name(Role::Snapshot),
+            logs.clone()
+        ]
     );
     let status = mock.backup("second").status.unwrap();
     assert_eq!(status.volumes.len(), 2);
@@ -862,7 +879,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
     job_status(
         &mock,
         JOBS,
-        &key("second", "shop").name(Role::Datamover),
+        &key(&mock, "second", "shop").name(Role::Datamover),
         json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True",
             "reason": "BackoffLimitExceeded"}]}),
     );

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use kube_mock::{Mock, refused_as_stale};
 use serde_json::{Value, json};
-use strata::csi::{ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, Role, VolumeKey};
+use strata::csi::{ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, Role};
 use strata::operator::crd::{Restore, Staging};
 use strata::operator::status::Phase;
 use strata::operator::{Context, reconcile_backup, reconcile_restore};
@@ -126,7 +126,9 @@ async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
         .await
         .unwrap();
     for pvc in ["data", "raw"] {
-        let snapshot = VolumeKey::new("nightly", "shop", pvc).name(Role::Snapshot);
+        let snapshot = mock
+            .run_key("backups", "nightly", "shop", pvc)
+            .name(Role::Snapshot);
         update(
             mock,
             &format!("{SNAPSHOTS}/{snapshot}"),
@@ -161,7 +163,9 @@ async fn backed_up(mock: &Mock, ctx: &Context, folder: &std::path::Path) {
     .await
     .unwrap();
     for pvc in ["data", "raw"] {
-        let job = VolumeKey::new("nightly", "shop", pvc).name(Role::Datamover);
+        let job = mock
+            .run_key("backups", "nightly", "shop", pvc)
+            .name(Role::Datamover);
         update(mock, &format!("{JOBS}/{job}"), complete());
     }
     reconcile_backup(&mock.backup("nightly"), ctx)
@@ -177,13 +181,15 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     let mock = cluster(folder.path());
     let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
-    let key = VolumeKey::new("copy", "shop-copy", "data");
+    let key = mock.run_key("restores", "copy", "shop-copy", "data");
     let (staging, snapshot, job) = (
         key.name(Role::Volume),
         key.name(Role::Snapshot),
         key.name(Role::Datamover),
     );
-    let raw_job = VolumeKey::new("copy", "shop-copy", "raw").name(Role::Datamover);
+    let raw_job = mock
+        .run_key("restores", "copy", "shop-copy", "raw")
+        .name(Role::Datamover);
 
     // 1: the Block PVC is recreated and filled in place; the Filesystem one gets an empty Block
     // staging PVC of the mapped class, and its datamover writes the staging PVC. Re-run from
@@ -374,10 +380,12 @@ async fn a_failed_staging_snapshot_fails_the_restore_with_its_error() {
     let mock = cluster(folder.path());
     let ctx = mock.context();
     backed_up(&mock, &ctx, folder.path()).await;
-    let key = VolumeKey::new("copy", "shop-copy", "data");
+    let key = mock.run_key("restores", "copy", "shop-copy", "data");
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
     for pvc in ["data", "raw"] {
-        let job = VolumeKey::new("copy", "shop-copy", pvc).name(Role::Datamover);
+        let job = mock
+            .run_key("restores", "copy", "shop-copy", pvc)
+            .name(Role::Datamover);
         update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
     }
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
@@ -425,7 +433,9 @@ async fn a_filesystem_pvc_name_taken_by_someone_else_is_refused_before_copying()
             .contains("PVC shop-copy/data already exists"),
         "{failed}"
     );
-    let staging = VolumeKey::new("copy", "shop-copy", "data").name(Role::Volume);
+    let staging = mock
+        .run_key("restores", "copy", "shop-copy", "data")
+        .name(Role::Volume);
     assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_none());
 }
 
@@ -449,13 +459,65 @@ async fn the_restores_snapshot_class_overrides_the_default_choice() {
     );
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
     for pvc in ["data", "raw"] {
-        let job = VolumeKey::new("copy", "shop-copy", pvc).name(Role::Datamover);
+        let job = mock
+            .run_key("restores", "copy", "shop-copy", pvc)
+            .name(Role::Datamover);
         update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
     }
     reconcile_restore(&restore(&mock), &ctx).await.unwrap();
-    let snapshot = VolumeKey::new("copy", "shop-copy", "data").name(Role::Snapshot);
+    let snapshot = mock
+        .run_key("restores", "copy", "shop-copy", "data")
+        .name(Role::Snapshot);
     let taken = mock
         .get(&format!("{COPY_SNAPSHOTS}/{snapshot}"))
         .expect("staging snapshot");
     assert_eq!(taken["spec"]["volumeSnapshotClassName"], "hostpath-retain");
+}
+
+/// Issue 16 item 5: a Restore into another namespace cannot own what it makes there (owner
+/// references do not cross namespaces); deleted mid-way, its finalizer deletes its Jobs and
+/// staging objects there by name, and leaves the claims it restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_namespace() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = mock.context();
+    backed_up(&mock, &ctx, folder.path()).await;
+    let key = mock.run_key("restores", "copy", "shop-copy", "data");
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let job = key.name(Role::Datamover);
+    update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let staging = key.name(Role::Volume);
+    let snapshot = key.name(Role::Snapshot);
+    for path in [
+        format!("{COPY_PVCS}/{staging}"),
+        format!("{COPY_SNAPSHOTS}/{snapshot}"),
+        format!("{COPY_JOBS}/{job}"),
+    ] {
+        let object = mock.get(&path).unwrap_or_else(|| panic!("{path} exists"));
+        assert!(object["metadata"]["ownerReferences"].is_null(), "{path}");
+        assert_eq!(object["metadata"]["labels"]["strata.io/run-uid"], "r-1");
+    }
+    assert_eq!(
+        restore(&mock).metadata.finalizers,
+        Some(vec![strata::operator::reconcile::FINALIZER.to_owned()])
+    );
+
+    kube::Api::<Restore>::namespaced(mock.client(), "shop")
+        .delete("copy", &Default::default())
+        .await
+        .unwrap();
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    assert!(
+        mock.get(&format!("{RESTORES}/copy")).is_none(),
+        "finalizer removed"
+    );
+    assert!(mock.names_under(COPY_JOBS).is_empty());
+    assert!(mock.names_under(COPY_SNAPSHOTS).is_empty());
+    assert_eq!(
+        mock.names_under(COPY_PVCS),
+        ["raw"],
+        "the restored claim stays"
+    );
 }

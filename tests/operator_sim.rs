@@ -9,9 +9,12 @@ mod kube_mock;
 use std::time::Duration;
 
 use cluster_sim::{DRIVER, IMAGE, PodFault, Sim, SnapshotFault};
+use kube::Api;
+use kube::api::DeleteParams;
 use serde_json::{Value, json};
-use strata::csi::{Role, VolumeKey};
-use strata::operator::crd::{BackupStatus, Restore};
+use strata::csi::Role;
+use strata::operator::crd::{Backup, BackupStatus, Restore};
+use strata::operator::reconcile::{FINALIZER, lock_name, stash_name};
 use strata::operator::status::Phase;
 use strata::operator::{Context, reconcile_backup, reconcile_restore};
 
@@ -107,8 +110,10 @@ fn condition(status: &BackupStatus, type_: &str) -> Option<(String, String, Stri
     ))
 }
 
-fn job_of(run: &str) -> String {
-    VolumeKey::new(run, "shop", "data").name(Role::Datamover)
+fn job_of(sim: &Sim, run: &str) -> String {
+    sim.mock
+        .run_key("backups", run, "shop", "data")
+        .name(Role::Datamover)
 }
 
 /// The volume restored from the target's backup `id` of `shop.data`, read with the CLI.
@@ -160,7 +165,7 @@ async fn a_full_backup_runs_the_real_datamover_and_restores_byte_for_byte() {
     let ctx = context(&sim);
     let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
-    let pods = sim.pod_history("shop", &job_of("nightly"));
+    let pods = sim.pod_history("shop", &job_of(&sim, "nightly"));
     assert_eq!(pods.len(), 1, "one pod, no retry: {pods:?}");
     assert_eq!(
         restored(folder.path(), &backup_id(&done)),
@@ -178,7 +183,7 @@ async fn a_datamover_killed_mid_upload_is_retried_and_later_incrementals_still_w
     sim.inject_pod_fault(PodFault::OomAt("mid-upload"));
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
-    let pods = sim.pod_history("shop", &job_of("nightly"));
+    let pods = sim.pod_history("shop", &job_of(&sim, "nightly"));
     assert_eq!(pods.len(), 2, "the killed pod and its retry: {pods:?}");
     let first = &pods[0];
     assert_eq!(first["status"]["phase"], "Failed");
@@ -198,7 +203,7 @@ async fn a_datamover_killed_mid_upload_is_retried_and_later_incrementals_still_w
     sim.inject_pod_fault(PodFault::OomAt("claimed"));
     let incremental = drive(&sim, &ctx, "hourly", 12, Duration::from_secs(60)).await;
     assert_eq!(incremental.phase, Some(Phase::Completed), "{incremental:?}");
-    assert_eq!(sim.pod_history("shop", &job_of("hourly")).len(), 2);
+    assert_eq!(sim.pod_history("shop", &job_of(&sim, "hourly")).len(), 2);
     assert_eq!(restored(folder.path(), &backup_id(&incremental)), changed);
 
     add_backup(&sim, "later", "b-3", "Incremental");
@@ -252,7 +257,7 @@ async fn a_missing_service_account_is_reported_then_fails_the_backup() {
     )
     .await;
     assert!(
-        sim.pod_history("shop", &job_of("nightly")).is_empty(),
+        sim.pod_history("shop", &job_of(&sim, "nightly")).is_empty(),
         "admission made no pod"
     );
 }
@@ -285,7 +290,7 @@ async fn a_hung_datamover_is_failed_by_the_jobs_deadline() {
         .mock
         .get(&format!(
             "/apis/batch/v1/namespaces/shop/jobs/{}",
-            job_of("nightly")
+            job_of(&sim, "nightly")
         ))
         .unwrap();
     assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
@@ -315,7 +320,7 @@ async fn node_losses_do_not_count_against_the_backoff_limit() {
         // Frozen pods never end by themselves: short rounds until the last node loss.
         let wait = if lost < 4 { 300 } else { 60_000 };
         sim.step(Duration::from_millis(wait)).await;
-        for pod in sim.pods_of("shop", &job_of("nightly")) {
+        for pod in sim.pods_of("shop", &job_of(&sim, "nightly")) {
             let phase = sim.mock.get(&pod).unwrap()["status"]["phase"].clone();
             if phase == "Running" && lost < 4 {
                 sim.lose_node(&pod);
@@ -326,7 +331,7 @@ async fn node_losses_do_not_count_against_the_backoff_limit() {
     let done = status(&sim, "nightly");
     assert_eq!(lost, 4);
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
-    assert_eq!(sim.pod_history("shop", &job_of("nightly")).len(), 5);
+    assert_eq!(sim.pod_history("shop", &job_of(&sim, "nightly")).len(), 5);
     assert_eq!(
         restored(folder.path(), &backup_id(&done)),
         noise(VOLUME_BYTES, 7)
@@ -339,7 +344,10 @@ async fn node_losses_do_not_count_against_the_backoff_limit() {
 async fn transient_snapshot_errors_are_waited_out_and_lasting_ones_fail() {
     let (sim, _folder) = cluster(json!({}));
     let ctx = context(&sim);
-    let snapshot = VolumeKey::new("nightly", "shop", "data").name(Role::Snapshot);
+    let snapshot = sim
+        .mock
+        .run_key("backups", "nightly", "shop", "data")
+        .name(Role::Snapshot);
     sim.inject_snapshot_fault(
         "shop",
         &snapshot,
@@ -358,7 +366,10 @@ async fn transient_snapshot_errors_are_waited_out_and_lasting_ones_fail() {
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
 
     add_backup(&sim, "doomed", "b-9", "Full");
-    let snapshot = VolumeKey::new("doomed", "shop", "data").name(Role::Snapshot);
+    let snapshot = sim
+        .mock
+        .run_key("backups", "doomed", "shop", "data")
+        .name(Role::Snapshot);
     sim.inject_snapshot_fault(
         "shop",
         &snapshot,
@@ -425,7 +436,10 @@ async fn a_claim_without_a_storage_class_is_backed_up() {
     let ctx = context(&sim);
     let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
-    let clone = VolumeKey::new("nightly", "shop", "data").name(Role::Volume);
+    let clone = sim
+        .mock
+        .run_key("backups", "nightly", "shop", "data")
+        .name(Role::Volume);
     let events = sim.events_for("shop", &clone);
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(
@@ -487,7 +501,10 @@ async fn a_restore_into_a_mapped_namespace_brings_its_own_credentials_and_accoun
         .expect("restored claim bound");
     assert_eq!(std::fs::read(device).unwrap(), noise(VOLUME_BYTES, 7));
 
-    let job = VolumeKey::new("copy", "copy", "data").name(Role::Datamover);
+    let job = sim
+        .mock
+        .run_key("restores", "copy", "copy", "data")
+        .name(Role::Datamover);
     let pods = sim.pod_history("copy", &job);
     assert_eq!(pods.len(), 1, "{pods:?}");
     let spec = &pods[0]["spec"];
@@ -522,7 +539,7 @@ async fn a_folder_target_without_its_nfs_export_is_refused_by_name() {
         why.contains("shop/local") && why.contains("spec.nfs"),
         "{why}"
     );
-    assert!(sim.pod_history("shop", &job_of("nightly")).is_empty());
+    assert!(sim.pod_history("shop", &job_of(&sim, "nightly")).is_empty());
 }
 
 /// Item 10: two clusters backing up the same `shop/data` into one target keep separate
@@ -579,5 +596,148 @@ async fn two_clusters_sharing_a_target_keep_their_chains_apart() {
             .unwrap();
         assert_eq!(backups.len(), 1, "{id}: {backups:?}");
         assert_eq!(backups[0].id.to_string(), backup);
+    }
+}
+
+const JOBS: &str = "/apis/batch/v1/namespaces/shop/jobs";
+const PVCS: &str = "/api/v1/namespaces/shop/persistentvolumeclaims";
+const SNAPSHOTS: &str = "/apis/snapshot.storage.k8s.io/v1/namespaces/shop/volumesnapshots";
+const SECRETS: &str = "/api/v1/namespaces/shop/secrets";
+
+/// Drive Backup `nightly` until its datamover is frozen mid-upload.
+async fn frozen_mid_upload(sim: &Sim, ctx: &Context) {
+    sim.inject_pod_fault(PodFault::FreezeAt("mid-upload"));
+    let running = drive(sim, ctx, "nightly", 4, Duration::from_millis(500)).await;
+    assert_eq!(running.phase, Some(Phase::Copying), "{running:?}");
+    assert!(sim.busy(), "the datamover is writing");
+}
+
+/// The application backups of `shop` the target holds.
+fn committed(folder: &std::path::Path) -> usize {
+    let target = strata::target::Target::open(folder.join("target").to_str().unwrap()).unwrap();
+    target
+        .app_backups(&strata::target::AppName::new("shop").unwrap())
+        .map(|all| all.len())
+        .unwrap_or(0)
+}
+
+/// Item 5: deleting a Backup whose datamover is writing cancels the run through the finalizer:
+/// the Job goes and its writer is killed, the temporaries and the stash are deleted, the lock
+/// released, nothing is committed; the next Backup of the volume completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_running_backup_kills_its_writer_and_removes_what_it_made() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    frozen_mid_upload(&sim, &ctx).await;
+    let backup = sim.mock.backup("nightly");
+    assert_eq!(backup.metadata.finalizers, Some(vec![FINALIZER.to_owned()]));
+    let job = job_of(&sim, "nightly");
+    Api::<Backup>::namespaced(sim.mock.client(), "shop")
+        .delete("nightly", &DeleteParams::default())
+        .await
+        .unwrap();
+    let marked = sim.mock.backup("nightly");
+    assert!(
+        marked.metadata.deletion_timestamp.is_some(),
+        "held by the finalizer"
+    );
+    reconcile_backup(&marked, &ctx).await.unwrap();
+    sim.step(Duration::from_millis(500)).await;
+
+    assert!(
+        sim.mock.get(&format!("{BACKUPS}/nightly")).is_none(),
+        "finalizer removed"
+    );
+    assert!(sim.mock.names_under(JOBS).is_empty());
+    let pods = sim.pod_history("shop", &job);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0]["status"]["phase"], "Failed");
+    assert!(sim.pods_of("shop", &job).is_empty());
+    assert!(!sim.busy(), "the writer process was killed");
+    assert_eq!(sim.mock.names_under(PVCS), ["data"]);
+    assert!(sim.mock.names_under(SNAPSHOTS).is_empty());
+    assert!(sim.mock.names_under(SECRETS).is_empty(), "the stash went");
+    assert!(!holds_lease(&sim), "the lock was released");
+    assert_eq!(committed(folder.path()), 0);
+
+    add_backup(&sim, "again", "b-2", "Full");
+    let done = drive(&sim, &ctx, "again", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert_eq!(committed(folder.path()), 1);
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}
+
+/// Item 5: a Backup made again under the name of one whose Job still runs (deleted without
+/// its finalizer running: the controller was down and someone removed it) must not adopt
+/// that Job: it gets its own and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_recreated_under_its_name_does_not_adopt_the_old_job() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    frozen_mid_upload(&sim, &ctx).await;
+    let old = job_of(&sim, "nightly");
+    assert!(sim.mock.remove(&format!("{BACKUPS}/nightly")));
+    add_backup(&sim, "nightly", "b-2", "Full");
+    let new = job_of(&sim, "nightly");
+    assert_ne!(old, new);
+    // Short rounds: the kubelet would wait out each one for the frozen pod.
+    let done = drive(&sim, &ctx, "nightly", 60, Duration::from_secs(2)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert!(
+        sim.mock.get(&format!("{JOBS}/{old}")).is_some(),
+        "left to its own owner"
+    );
+    assert_eq!(sim.pod_history("shop", &new).len(), 1);
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}
+
+/// Item 5: every object a running Backup made in its namespace names it as its controller
+/// owner, so the garbage collector removes whatever a run leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_object_of_a_run_is_owned_by_its_backup() {
+    let (sim, _folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    frozen_mid_upload(&sim, &ctx).await;
+    let key = sim.mock.run_key("backups", "nightly", "shop", "data");
+    let made = [
+        format!("{JOBS}/{}", key.name(Role::Datamover)),
+        format!("{PVCS}/{}", key.name(Role::Volume)),
+        format!("{SNAPSHOTS}/{}", key.name(Role::Snapshot)),
+        format!("{SECRETS}/{}", stash_name("nightly", "b-1")),
+        format!("{LEASES}/{}", lock_name("data")),
+    ];
+    for path in &made {
+        let object = sim
+            .mock
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} exists"));
+        let owners = &object["metadata"]["ownerReferences"];
+        assert_eq!(owners.as_array().map(Vec::len), Some(1), "{path}: {owners}");
+        let owner = &owners[0];
+        assert_eq!(
+            (&owner["kind"], &owner["name"], &owner["uid"]),
+            (&json!("Backup"), &json!("nightly"), &json!("b-1")),
+            "{path}"
+        );
+        assert_eq!(owner["controller"], true, "{path}");
+        assert_eq!(owner["blockOwnerDeletion"], true, "{path}");
+    }
+    // Nothing else carries the run's label (but the Job's pods, which the Job owns).
+    for path in sim
+        .mock
+        .paths()
+        .into_iter()
+        .filter(|p| !p.contains("/pods/"))
+    {
+        let object = sim.mock.get(&path).unwrap();
+        if object["metadata"]["labels"]["strata.io/run"] == "nightly" {
+            assert!(made.contains(&path), "{path} is not expected");
+        }
     }
 }

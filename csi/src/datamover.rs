@@ -442,6 +442,7 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
             name: Some(spec.key.name(Role::Datamover)),
             namespace: Some(spec.key.namespace.clone()),
             labels: Some(labels.clone()),
+            owner_references: spec.key.owner_references(),
             ..Default::default()
         },
         spec: Some(JobSpec {

@@ -1,13 +1,19 @@
 //! Deterministic names and labels for the objects Strata creates in a cluster.
 //!
 //! Re-running a step after a crash must find, not duplicate, what the first run made, so every
-//! name is a pure function of the backup run and the source PVC. Names are RFC 1123 DNS labels
+//! name is a pure function of the backup run and the source PVC. A run that is a Kubernetes
+//! object (a Backup or Restore) is known by its uid as well as its name
+//! ([`VolumeKey::of_run`]): the uid goes into the hash, so a Backup deleted and made again under
+//! the same name gets names of its own and never adopts what the old one left (Kubernetes API
+//! conventions: names can be reused, uids cannot). Names are RFC 1123 DNS labels
 //! (at most 63 lowercase alphanumerics or `-`, alphanumeric at both ends; Kubernetes API
 //! conventions, "Names"), which also suits Jobs, whose name feeds the pod's `job-name` label.
 //! A readable prefix is kept and a BLAKE3 hash of all inputs is appended, so two inputs that
 //! truncate alike still get different names.
 
 use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 /// Longest DNS label (RFC 1123 section 2.1) and label value (Kubernetes "Labels and Selectors").
 pub const MAX_LABEL: usize = 63;
@@ -22,6 +28,8 @@ pub const LABEL_RUN: &str = "strata.io/run";
 pub const LABEL_PVC: &str = "strata.io/pvc";
 /// Label: what the object is for (`snapshot`, `volume`, `datamover`).
 pub const LABEL_ROLE: &str = "strata.io/role";
+/// Label: the uid of the run an object belongs to, when the run is a Kubernetes object.
+pub const LABEL_RUN_UID: &str = "strata.io/run-uid";
 
 /// The kind of object a name is made for; it is part of the name and of the hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +59,7 @@ impl Role {
 }
 
 /// Identity of one volume within one backup or restore run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VolumeKey {
     /// The run (a Backup or Restore name or id); any string.
     pub run: String,
@@ -59,6 +67,11 @@ pub struct VolumeKey {
     pub namespace: String,
     /// Name of the source PVC.
     pub pvc: String,
+    /// The run's uid, when it is a Kubernetes object; part of every name and a label.
+    pub run_uid: Option<String>,
+    /// The owner reference the objects made for this key carry: the run's, when they are made
+    /// in its namespace (owner references cannot cross namespaces).
+    pub owner: Option<OwnerReference>,
 }
 
 impl VolumeKey {
@@ -72,7 +85,36 @@ impl VolumeKey {
             run: run.into(),
             namespace: namespace.into(),
             pvc: pvc.into(),
+            run_uid: None,
+            owner: None,
         }
+    }
+
+    /// A key for `namespace/pvc` in the run that `owner` references (a Backup or Restore of
+    /// namespace `owner_namespace`): names carry its uid, and objects made in its own namespace
+    /// are owned by it (as controller, blocking its foreground deletion), so Kubernetes' garbage
+    /// collector removes what the run leaves.
+    pub fn of_run(
+        owner: &OwnerReference,
+        owner_namespace: &str,
+        namespace: impl Into<String>,
+        pvc: impl Into<String>,
+    ) -> Self {
+        let mut key = VolumeKey::new(owner.name.clone(), namespace, pvc);
+        key.run_uid = Some(owner.uid.clone());
+        if key.namespace == owner_namespace {
+            key.owner = Some(OwnerReference {
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+                ..owner.clone()
+            });
+        }
+        key
+    }
+
+    /// The `ownerReferences` of the objects made for this key.
+    pub fn owner_references(&self) -> Option<Vec<OwnerReference>> {
+        self.owner.clone().map(|owner| vec![owner])
     }
 
     /// The object name for `role`: `strata-<role>-<pvc prefix>-<hash>`, a DNS label.
@@ -99,6 +141,13 @@ impl VolumeKey {
             (LABEL_PVC.to_owned(), label_value(&self.pvc)),
             (LABEL_ROLE.to_owned(), role.as_str().to_owned()),
         ])
+        .into_iter()
+        .chain(
+            self.run_uid
+                .as_ref()
+                .map(|uid| (LABEL_RUN_UID.to_owned(), label_value(uid))),
+        )
+        .collect()
     }
 
     fn hash(&self, role: Role) -> String {
@@ -107,7 +156,31 @@ impl VolumeKey {
             hasher.update(&(part.len() as u64).to_le_bytes());
             hasher.update(part.as_bytes());
         }
+        // Absent for runs that are not objects, whose names stay as they were.
+        if let Some(uid) = &self.run_uid {
+            hasher.update(&(uid.len() as u64).to_le_bytes());
+            hasher.update(uid.as_bytes());
+        }
         hex_prefix(hasher.finalize().as_bytes())
+    }
+}
+
+/// The name of an object made once per run (not per volume): `<prefix>-<run prefix>-<hash>`,
+/// the hash covering `run` and its uid `run_uid`, so a run recreated under its name gets
+/// another; a DNS label.
+pub fn run_object_name(prefix: &str, run: &str, run_uid: &str) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in [prefix, run, run_uid] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let hash = hex_prefix(hasher.finalize().as_bytes());
+    let room = MAX_LABEL.saturating_sub(prefix.len() + 2 + HASH_HEX);
+    let readable = trimmed(&sanitize(run), room);
+    if readable.is_empty() {
+        format!("{prefix}-{hash}")
+    } else {
+        format!("{prefix}-{readable}-{hash}")
     }
 }
 
@@ -251,5 +324,45 @@ mod tests {
         assert_eq!(labels[LABEL_ROLE], "datamover");
         assert_eq!(labels[LABEL_PVC], "p");
         assert!(labels[LABEL_RUN].starts_with("r-1-"));
+        assert!(!labels.contains_key(LABEL_RUN_UID));
+    }
+
+    fn owner(uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "strata.io/v1alpha1".into(),
+            kind: "Backup".into(),
+            name: "nightly".into(),
+            uid: uid.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_run_recreated_under_its_name_gets_other_names() {
+        let old = VolumeKey::of_run(&owner("uid-1"), "shop", "shop", "data");
+        let new = VolumeKey::of_run(&owner("uid-2"), "shop", "shop", "data");
+        for role in [Role::Snapshot, Role::Volume, Role::Datamover] {
+            assert_ne!(old.name(role), new.name(role));
+            assert_ne!(
+                old.name(role),
+                VolumeKey::new("nightly", "shop", "data").name(role)
+            );
+            assert!(is_dns_label(&old.name(role)));
+        }
+        assert_eq!(old.labels(Role::Volume)[LABEL_RUN_UID], "uid-1");
+        let owned = old.owner_references().unwrap();
+        assert_eq!(owned[0].uid, "uid-1");
+        assert_eq!(owned[0].controller, Some(true));
+        assert_eq!(owned[0].block_owner_deletion, Some(true));
+        // Owner references cannot cross namespaces.
+        let elsewhere = VolumeKey::of_run(&owner("uid-1"), "shop", "shop-copy", "data");
+        assert_eq!(elsewhere.owner_references(), None);
+        assert_eq!(elsewhere.run_uid.as_deref(), Some("uid-1"));
+        let stash = run_object_name("strata-metadata", &"n".repeat(253), "uid-1");
+        assert!(is_dns_label(&stash), "{stash}");
+        assert_ne!(
+            stash,
+            run_object_name("strata-metadata", &"n".repeat(253), "uid-2")
+        );
     }
 }

@@ -87,6 +87,7 @@ pub fn pvc_from_snapshot(
             name: Some(key.name(Role::Volume)),
             namespace: Some(key.namespace.clone()),
             labels: Some(key.labels(Role::Volume)),
+            owner_references: key.owner_references(),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -125,6 +126,7 @@ pub fn staging_pvc(
             name: Some(key.name(Role::Volume)),
             namespace: Some(key.namespace.clone()),
             labels: Some(key.labels(Role::Volume)),
+            owner_references: key.owner_references(),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {

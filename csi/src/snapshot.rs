@@ -29,6 +29,7 @@ fn snapshot_of(key: &VolumeKey, pvc: &str, class: &str) -> VolumeSnapshot {
             name: Some(key.name(Role::Snapshot)),
             namespace: Some(key.namespace.clone()),
             labels: Some(key.labels(Role::Snapshot)),
+            owner_references: key.owner_references(),
             ..Default::default()
         },
         spec: VolumeSnapshotSpec {

@@ -1,9 +1,13 @@
 //! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
-//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C.
+//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C. Each also watches
+//! the Jobs (and a Backup its PVCs) it owns, so a datamover's end is reconciled when it happens
+//! rather than at the next poll.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -23,6 +27,14 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Watch only the objects Strata made (`app.kubernetes.io/managed-by=strata`).
+fn owned() -> watcher::Config {
+    watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        strata_csi::naming::MANAGED_BY
+    ))
 }
 
 /// A failed reconcile is retried after its object's backoff ([`crate::backoff`]): the delay
@@ -48,6 +60,8 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
         api::<Backup>(&client, namespace),
         watcher::Config::default(),
     )
+    .owns(api::<Job>(&client, namespace), owned())
+    .owns(api::<PersistentVolumeClaim>(&client, namespace), owned())
     .shutdown_on_signal()
     .run(
         |backup, ctx: Arc<Context>| async move { reconcile_backup(&backup, &ctx).await },
@@ -64,6 +78,7 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
         api::<Restore>(&client, namespace),
         watcher::Config::default(),
     )
+    .owns(api::<Job>(&client, namespace), owned())
     .shutdown_on_signal()
     .run(
         |restore, ctx: Arc<Context>| async move { reconcile_restore(&restore, &ctx).await },

@@ -212,6 +212,9 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 // Its own resources.
                 rule(&["strata.io"], &["targets", "backups", "restores"], &["get", "list", "watch"]),
                 rule(&["strata.io"], &["backups/status", "restores/status"], &["get", "patch", "update"]),
+                // Owner references with blockOwnerDeletion need this (admission plugin
+                // OwnerReferencesPermissionEnforcement).
+                rule(&["strata.io"], &["backups/finalizers", "restores/finalizers"], &["update"]),
                 // Discovery reads every kind; restore applies them.
                 rule(&["*"], &["*"], &["get", "list", "watch", "create", "patch"]),
                 // Snapshots (kept bases are patched), temporary claims, datamover Jobs, the

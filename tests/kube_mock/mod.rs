@@ -1,7 +1,8 @@
 //! An in-memory Kubernetes API server for the reconcile tests, plugged into `kube::Client::new`
 //! as a tower service (the pattern of strata-csi's tests): create (`POST`, 409 when taken), get
 //! and list (by URL path; query parameters ignored), merge and apply `PATCH` (of the object or
-//! of its `/status`), delete, and API discovery of the core kinds the tests use.
+//! of its `/status`), delete, and API discovery of the core kinds the tests use. JSON patches
+//! and the finalizer semantics of deletion are in their own section at the end.
 //!
 //! Every write sets `metadata.resourceVersion`, and a PATCH carrying another one than the
 //! stored object's is refused with 409, as the API server does; [`Mock::fail`] makes chosen
@@ -294,6 +295,9 @@ impl Mock {
                     None => (path.clone(), false),
                 };
                 let apply = content_type.starts_with("application/apply-patch");
+                if content_type.starts_with("application/json-patch") {
+                    return json_patch_at(&mut state, &at, &patch);
+                }
                 let version = state.version + 1;
                 let object = match state.objects.get_mut(&at) {
                     Some(object) => object,
@@ -316,12 +320,10 @@ impl Mock {
                 object["metadata"]["resourceVersion"] = json!(version.to_string());
                 let object = object.clone();
                 state.version = version;
+                release_if_finalized(&mut state, &at);
                 respond(StatusCode::OK, &object)
             }
-            "DELETE" => match state.objects.remove(&path) {
-                Some(object) => respond(StatusCode::OK, &object),
-                None => failure(StatusCode::NOT_FOUND, "NotFound"),
-            },
+            "DELETE" => delete(&mut state, &path),
             _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
         }
     }
@@ -368,4 +370,93 @@ pub fn refused_as_stale(
         (strata::operator::ErrorClass::Transient, "Conflict"),
         "{err}"
     );
+}
+
+// --- JSON patches and finalizers ------------------------------------------------------------
+//
+// The API server's deletion of an object with finalizers (docs "Finalizers", "Garbage
+// Collection"): a DELETE only sets `metadata.deletionTimestamp`; the object goes when an update
+// removes its last finalizer. JSON patches (RFC 6902) are applied whole or not at all; a failed
+// `test` is 422, and a `test` for null passes on a missing member, as the API server's patch
+// library has it (kube-runtime's finalizer helper relies on that).
+
+fn delete(state: &mut State, path: &str) -> Response<Body> {
+    let Some(object) = state.objects.get_mut(path) else {
+        return failure(StatusCode::NOT_FOUND, "NotFound");
+    };
+    let pending = object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty());
+    if !pending {
+        let object = state.objects.remove(path).unwrap();
+        return respond(StatusCode::OK, &object);
+    }
+    if object["metadata"]["deletionTimestamp"].is_null() {
+        object["metadata"]["deletionTimestamp"] =
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    }
+    respond(StatusCode::OK, object)
+}
+
+/// Remove the object at `path` if it is marked deleted and has no finalizer left.
+fn release_if_finalized(state: &mut State, path: &str) {
+    let done = state.objects.get(path).is_some_and(|object| {
+        !object["metadata"]["deletionTimestamp"].is_null()
+            && object["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty())
+    });
+    if done {
+        state.objects.remove(path);
+    }
+}
+
+fn json_patch_at(state: &mut State, path: &str, ops: &Value) -> Response<Body> {
+    let Some(object) = state.objects.get_mut(path) else {
+        return failure(StatusCode::NOT_FOUND, "NotFound");
+    };
+    let ops: Vec<Value> = ops
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|op| {
+            let missing = op["path"]
+                .as_str()
+                .is_some_and(|p| object.pointer(p).is_none());
+            !(op["op"] == "test" && op["value"].is_null() && missing)
+        })
+        .collect();
+    let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+    let mut patched = object.clone();
+    if json_patch::patch(&mut patched, &ops).is_err() {
+        return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
+    }
+    state.new_version(&mut patched);
+    state.objects.insert(path.to_owned(), patched.clone());
+    release_if_finalized(state, path);
+    respond(StatusCode::OK, &patched)
+}
+
+impl Mock {
+    /// The key naming the objects run `run` (a stored Backup or Restore of `shop`; `kind` is
+    /// `backups` or `restores`) makes for PVC `namespace/pvc`, as the reconcilers compute it.
+    pub fn run_key(
+        &self,
+        kind: &str,
+        run: &str,
+        namespace: &str,
+        pvc: &str,
+    ) -> strata::csi::VolumeKey {
+        let path = format!("/apis/strata.io/v1alpha1/namespaces/shop/{kind}/{run}");
+        let object = self.get(&path).unwrap_or_else(|| panic!("{path} stored"));
+        let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "strata.io/v1alpha1".to_owned(),
+            kind: object["kind"].as_str().unwrap().to_owned(),
+            name: run.to_owned(),
+            uid: object["metadata"]["uid"].as_str().unwrap().to_owned(),
+            ..Default::default()
+        };
+        strata::csi::VolumeKey::of_run(&owner, "shop", namespace, pvc)
+    }
 }

@@ -8,8 +8,11 @@
 //! ([`ANNOTATION_HANDLE`], the content's `status.snapshotHandle`), CSI driver
 //! ([`ANNOTATION_DRIVER`]) and the uid of the PVC it was taken of ([`ANNOTATION_PVC_UID`]: a
 //! PVC deleted and made again under the same name is another volume, whose changes cannot be
-//! listed against this one's snapshot), and owned by the Backup that made it. Only then is the volume's
-//! previous base deleted, so a failed run never leaves a volume without one.
+//! listed against this one's snapshot). Its owner becomes the PVC instead of the Backup that
+//! made it: the next incremental needs the base after this Backup is gone (deleted by a
+//! person, or by a schedule's history limit), so the Backup's garbage collection must not take
+//! it; with the PVC as its owner, deleting the volume deletes its base. Only then is the
+//! volume's previous base deleted, so a failed run never leaves a volume without one.
 //!
 //! The record lives on the snapshot, not in the target's manifests: a handle means something
 //! only in the cluster and storage system that made it and only while the snapshot exists, so
@@ -18,8 +21,8 @@
 //! has a SnapshotMetadataService, so drivers without changed-block tracking keep no snapshots.
 //!
 //! Nothing is left forever: each commit of a volume deletes its older bases, and deleting the
-//! Backup that owns a base deletes the base (garbage collection), after which the next
-//! incremental of that volume compares digests. Retention never removes a volume's latest
+//! PVC deletes its base (garbage collection); a PVC made again under the same name compares
+//! digests, as above. Retention never removes a volume's latest
 //! backup, which is the one a base names; a base naming another backup is never used.
 
 use std::collections::BTreeMap;
@@ -126,7 +129,7 @@ pub async fn plan(
 }
 
 /// Keep snapshot `namespace/snapshot` of PVC `pvc`, from which volume backup `backup` was
-/// taken, as the PVC's base, owned by `owner`; false (nothing changed) when its driver has no
+/// taken, as the PVC's base, owned by the PVC (no longer by the Backup); false (nothing changed) when its driver has no
 /// SnapshotMetadataService or its handle is unknown, so the caller deletes it as before.
 pub async fn keep_as_base(
     client: &Client,
@@ -134,7 +137,6 @@ pub async fn keep_as_base(
     snapshot: &str,
     pvc: &str,
     backup: &str,
-    owner: OwnerReference,
 ) -> Result<bool> {
     let content = match bound_content(client, namespace, snapshot).await {
         Ok(content) => content,
@@ -163,7 +165,17 @@ pub async fn keep_as_base(
         // The PVC is gone: nothing will ask for its changes.
         return Ok(false);
     };
+    // Not a controller reference: the PVC's controller (a StatefulSet, say) is not Strata's.
+    let owner = OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "PersistentVolumeClaim".to_owned(),
+        name: pvc.to_owned(),
+        uid: claim.metadata.uid.clone().unwrap_or_default(),
+        controller: None,
+        block_owner_deletion: None,
+    };
     let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), namespace);
+    // A merge patch replaces the whole list (RFC 7386), dropping the Backup's reference.
     api.patch(
         snapshot,
         &PatchParams::default(),

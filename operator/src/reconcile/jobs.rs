@@ -8,7 +8,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 
 use crate::error::{Error, Result};
-use strata_csi::naming::{LABEL_RUN, label_value};
+use strata_csi::naming::{LABEL_RUN, LABEL_RUN_UID};
 
 /// Whether a create made the object or found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,9 +19,10 @@ pub enum Created {
     Existing,
 }
 
-/// Create `job`, or find the Job of that name made by the same run (its `strata.io/run`
-/// label); a Job of that name from another run is a conflict.
-pub async fn create_job(client: &Client, job: &Job, run: &str) -> Result<Created> {
+/// Create `job`, or find the Job of that name made by the same run (its `strata.io/run` and
+/// `strata.io/run-uid` labels are those of `job`); a Job of that name from another run, such
+/// as an earlier Backup of the same name, is a conflict.
+pub async fn create_job(client: &Client, job: &Job) -> Result<Created> {
     let namespace = job.metadata.namespace.clone().unwrap_or_default();
     let name = job.metadata.name.clone().unwrap_or_default();
     let api: Api<Job> = Api::namespaced(client.clone(), &namespace);
@@ -32,15 +33,14 @@ pub async fn create_job(client: &Client, job: &Job, run: &str) -> Result<Created
                 .get(&name)
                 .await
                 .map_err(Error::kube(format!("get Job {namespace}/{name}")))?;
-            let owner = existing
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_RUN));
-            if owner != Some(&label_value(run)) {
+            let found = run_of(&existing);
+            if found != run_of(job) {
                 return Err(Error::InvalidSpec {
                     what: "datamover Job",
-                    reason: format!("{namespace}/{name} exists and belongs to run {owner:?}"),
+                    reason: format!(
+                        "{namespace}/{name} exists and belongs to run {:?} (uid {:?})",
+                        found.0, found.1
+                    ),
                 });
             }
             Ok(Created::Existing)
@@ -50,6 +50,15 @@ pub async fn create_job(client: &Client, job: &Job, run: &str) -> Result<Created
             source,
         }),
     }
+}
+
+/// The run a Job belongs to: its `strata.io/run` and `strata.io/run-uid` labels.
+fn run_of(job: &Job) -> (Option<&String>, Option<&String>) {
+    let labels = job.metadata.labels.as_ref();
+    (
+        labels.and_then(|l| l.get(LABEL_RUN)),
+        labels.and_then(|l| l.get(LABEL_RUN_UID)),
+    )
 }
 
 /// How a datamover Job ended, if it did.

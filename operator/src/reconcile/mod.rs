@@ -3,6 +3,7 @@
 mod access;
 mod backup;
 mod cbt;
+mod finalizer;
 mod jobs;
 mod lock;
 mod outcome;
@@ -13,6 +14,7 @@ mod volumes;
 
 pub use backup::reconcile_backup;
 pub use cbt::{ANNOTATION_BACKUP, ANNOTATION_DRIVER, ANNOTATION_HANDLE, LABEL_BASE};
+pub use finalizer::FINALIZER;
 pub use jobs::{JobOutcome, job_outcome};
 pub use lock::lock_name;
 pub use restore::reconcile_restore;
@@ -21,6 +23,7 @@ pub use stash::stash_name;
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
@@ -66,6 +69,24 @@ fn namespace_and_name<K: Resource>(object: &K, kind: &'static str) -> Result<(St
         field: "metadata.name",
     })?;
     Ok((namespace, name))
+}
+
+/// The controller owner reference to `object`, a `kind` with a uid; it blocks the owner's
+/// foreground deletion until the garbage collector removed the owned object.
+fn controller_of<K: Resource<DynamicType = ()>>(
+    object: &K,
+    kind: &'static str,
+) -> Result<OwnerReference> {
+    let owner = object
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata {
+            kind,
+            field: "metadata.uid",
+        })?;
+    Ok(OwnerReference {
+        block_owner_deletion: Some(true),
+        ..owner
+    })
 }
 
 /// Write `status` as the status of the `K` `namespace/name`, by a merge patch carrying

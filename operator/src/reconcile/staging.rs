@@ -204,7 +204,7 @@ pub async fn clean_up_once_bound(
     }
     cleanup(
         client,
-        &key.run,
+        |_| key.clone(),
         &key.namespace,
         std::slice::from_ref(volume),
         Temporaries::SnapshotAndClaim,

@@ -4,7 +4,8 @@
 //! the volumes were cut; the application backup can be committed only once the volume backup
 //! ids are known, after the datamovers. In between the archive waits in a Secret (it holds the
 //! application's Secrets, so a Secret is the right kind of object) named after the Backup and
-//! owned by it, so deleting the Backup also removes a stash left by a failed run.
+//! its uid and owned by it, so deleting the Backup also removes a stash left by a failed run,
+//! and a Backup made again under the same name never commits the old one's archive.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +16,7 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 
 use crate::error::{Error, Result};
-use strata_csi::naming::{LABEL_RUN, MANAGED_BY, label_value};
+use strata_csi::naming::{LABEL_RUN, LABEL_RUN_UID, MANAGED_BY, label_value, run_object_name};
 
 /// Key of the archive in the Secret.
 pub const ARCHIVE_KEY: &str = "metadata.tar.gz";
@@ -23,17 +24,16 @@ pub const ARCHIVE_KEY: &str = "metadata.tar.gz";
 /// room for base64 inside the request).
 pub const MAX_ARCHIVE: usize = 1 << 20;
 
-/// Name of the stash Secret of run `run`.
-pub fn stash_name(run: &str) -> String {
-    format!("strata-metadata-{}", label_value(run).to_ascii_lowercase())
+/// Name of the stash Secret of run `run` (uid `run_uid`).
+pub fn stash_name(run: &str, run_uid: &str) -> String {
+    run_object_name("strata-metadata", run, run_uid)
 }
 
-/// Store `archive` for run `run` in `namespace`, owned by `owner`; a stash already there (from
-/// an earlier reconcile of the same run) is kept.
+/// Store `archive` for the run `owner` references, in `namespace`, owned by it; a stash already
+/// there (from an earlier reconcile of the same run) is kept.
 pub async fn store(
     client: &Client,
     namespace: &str,
-    run: &str,
     owner: OwnerReference,
     archive: Vec<u8>,
 ) -> Result<()> {
@@ -46,7 +46,8 @@ pub async fn store(
             ),
         });
     }
-    let name = stash_name(run);
+    let run = owner.name.as_str();
+    let name = stash_name(run, &owner.uid);
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -57,8 +58,9 @@ pub async fn store(
                     MANAGED_BY.to_owned(),
                 ),
                 (LABEL_RUN.to_owned(), label_value(run)),
+                (LABEL_RUN_UID.to_owned(), label_value(&owner.uid)),
             ])),
-            owner_references: Some(vec![owner]),
+            owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
         data: Some(BTreeMap::from([(
@@ -79,9 +81,9 @@ pub async fn store(
     }
 }
 
-/// The archive stashed for run `run`.
-pub async fn load(client: &Client, namespace: &str, run: &str) -> Result<Vec<u8>> {
-    let name = stash_name(run);
+/// The archive stashed for the run `owner` references.
+pub async fn load(client: &Client, namespace: &str, owner: &OwnerReference) -> Result<Vec<u8>> {
+    let name = stash_name(&owner.name, &owner.uid);
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = api
         .get_opt(&name)
@@ -102,9 +104,9 @@ pub async fn load(client: &Client, namespace: &str, run: &str) -> Result<Vec<u8>
         })
 }
 
-/// Delete the stash of run `run`; already gone is fine.
-pub async fn remove(client: &Client, namespace: &str, run: &str) -> Result<()> {
-    let name = stash_name(run);
+/// Delete the stash of the run `owner` references; already gone is fine.
+pub async fn remove(client: &Client, namespace: &str, owner: &OwnerReference) -> Result<()> {
+    let name = stash_name(&owner.name, &owner.uid);
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),

@@ -9,13 +9,14 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::PostParams;
 use kube::{Api, Client};
 
+use super::cbt::LABEL_BASE;
 use super::jobs::{JobOutcome, delete_job, read_job};
 use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::status::{Condition, ConditionStatus, Progress, condition, set_condition};
 use strata_csi::client::{delete_pvc, delete_snapshot};
 use strata_csi::naming::{LABEL_RUN, label_value};
-use strata_csi::{Role, VolumeKey};
+use strata_csi::{Role, VolumeKey, VolumeSnapshot};
 
 /// What reading the datamover Jobs found.
 #[derive(Debug, Default)]
@@ -31,7 +32,7 @@ pub struct JobsRead {
 /// unable to start for longer than `start_timeout` (see [`super::jobs::why_not_started`]).
 pub async fn finished_jobs(
     client: &Client,
-    run: &str,
+    key: impl Fn(&VolumeStatus) -> VolumeKey,
     namespace: &str,
     volumes: &mut [VolumeStatus],
     start_timeout: Duration,
@@ -40,12 +41,7 @@ pub async fn finished_jobs(
         .iter()
         .enumerate()
         .filter(|(_, v)| !v.done)
-        .map(|(i, v)| {
-            (
-                i,
-                VolumeKey::new(run, namespace, &v.pvc).name(Role::Datamover),
-            )
-        })
+        .map(|(i, v)| (i, key(v).name(Role::Datamover)))
         .collect();
     let outcomes = try_join_all(
         pending
@@ -215,26 +211,46 @@ pub enum Temporaries {
     SnapshotAndClaim,
     /// Only the Job (a restore: the PVC is the restored volume).
     JobOnly,
+    /// Job, temporary PVC, and the snapshot unless a commit kept it as the volume's
+    /// changed-block base (a deleted Backup's).
+    AllButBase,
 }
 
-/// Delete the run's temporary objects of every volume: the Job (with its pods) first, as it
-/// uses the claim, then the claim, then the snapshot it was made from.
+/// Whether snapshot `namespace/name` is a volume's changed-block base ([`LABEL_BASE`]).
+async fn is_base(client: &Client, namespace: &str, name: &str) -> Result<bool> {
+    let snapshot = Api::<VolumeSnapshot>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!(
+            "get VolumeSnapshot {namespace}/{name}"
+        )))?;
+    Ok(snapshot
+        .and_then(|s| s.metadata.labels)
+        .is_some_and(|l| l.contains_key(LABEL_BASE)))
+}
+
+/// Delete the run's temporary objects of every volume (named by `key`): the Job (with its
+/// pods) first, as it uses the claim, then the claim, then the snapshot it was made from.
 pub async fn cleanup(
     client: &Client,
-    run: &str,
+    key: impl Fn(&VolumeStatus) -> VolumeKey,
     namespace: &str,
     volumes: &[VolumeStatus],
     what: Temporaries,
 ) -> Result<()> {
+    let key = &key;
     try_join_all(volumes.iter().map(|v| async move {
-        let key = VolumeKey::new(run, namespace, &v.pvc);
+        let key = key(v);
         delete_job(client, namespace, &key.name(Role::Datamover)).await?;
-        if what == Temporaries::SnapshotAndClaim {
+        if what != Temporaries::JobOnly {
             let claim = key.name(Role::Volume);
             delete_pvc(client, namespace, &claim)
                 .await
                 .map_err(Error::csi(format!("delete PVC {namespace}/{claim}")))?;
             let snapshot = key.name(Role::Snapshot);
+            if what == Temporaries::AllButBase && is_base(client, namespace, &snapshot).await? {
+                return Ok(());
+            }
             delete_snapshot(client, namespace, &snapshot)
                 .await
                 .map_err(Error::csi(format!(

@@ -19,7 +19,7 @@ impl Run<'_> {
     pub(super) async fn commit(&self, status: &mut BackupStatus) -> Result<()> {
         // Gone only when an earlier call committed and cleaned up, then crashed before
         // writing the status; the target then holds the commit, checked below.
-        let archive = match stash::load(&self.ctx.client, &self.namespace, &self.name).await {
+        let archive = match stash::load(&self.ctx.client, &self.namespace, &self.owner).await {
             Ok(archive) => Some(archive),
             Err(Error::NotFound { .. }) => None,
             Err(err) => return Err(err),
@@ -144,18 +144,13 @@ impl Run<'_> {
     /// `ids[i]`), then delete the volume's previous bases; which volumes keep theirs.
     async fn keep_bases(&self, status: &BackupStatus, ids: &[String]) -> Result<Vec<bool>> {
         let client = &self.ctx.client;
-        let owner = self.owner()?;
-        try_join_all(status.volumes.iter().zip(ids).map(|(v, id)| {
-            let owner = owner.clone();
-            async move {
-                let snapshot = self.key(v).name(Role::Snapshot);
-                let kept = cbt::keep_as_base(client, &self.namespace, &snapshot, &v.pvc, id, owner)
-                    .await?;
-                if kept {
-                    cbt::retire_bases(client, &self.namespace, &v.pvc, &snapshot).await?;
-                }
-                Ok::<_, Error>(kept)
+        try_join_all(status.volumes.iter().zip(ids).map(|(v, id)| async move {
+            let snapshot = self.key(v).name(Role::Snapshot);
+            let kept = cbt::keep_as_base(client, &self.namespace, &snapshot, &v.pvc, id).await?;
+            if kept {
+                cbt::retire_bases(client, &self.namespace, &v.pvc, &snapshot).await?;
             }
+            Ok::<_, Error>(kept)
         }))
         .await
     }
@@ -169,21 +164,15 @@ impl Run<'_> {
     ) -> Result<()> {
         let client = &self.ctx.client;
         let ns = &self.namespace;
-        cleanup(
-            client,
-            &self.name,
-            ns,
-            others,
-            Temporaries::SnapshotAndClaim,
-        )
-        .await?;
-        cleanup(client, &self.name, ns, bases, Temporaries::JobOnly).await?;
+        let key = |v: &VolumeStatus| self.key(v);
+        cleanup(client, key, ns, others, Temporaries::SnapshotAndClaim).await?;
+        cleanup(client, key, ns, bases, Temporaries::JobOnly).await?;
         for volume in bases {
             let claim = self.key(volume).name(Role::Volume);
             delete_pvc(client, ns, &claim)
                 .await
                 .map_err(Error::csi(format!("delete PVC {ns}/{claim}")))?;
         }
-        stash::remove(client, ns, &self.name).await
+        stash::remove(client, ns, &self.owner).await
     }
 }

@@ -13,7 +13,7 @@ impl Run<'_> {
     pub(super) async fn copy(&self, status: &mut BackupStatus) -> Result<bool> {
         let read = match finished_jobs(
             &self.ctx.client,
-            &self.name,
+            |v| self.key(v),
             &self.namespace,
             &mut status.volumes,
             self.ctx.datamover_start_timeout,

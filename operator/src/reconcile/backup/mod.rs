@@ -35,7 +35,6 @@ mod prepare;
 use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::Resource;
 use kube::runtime::controller::Action;
 
 use super::lock::{self, Acquired};
@@ -43,6 +42,7 @@ use super::namespace_and_name;
 use super::outcome::Call;
 use super::stash;
 use super::volumes::{Temporaries, cleanup, progress};
+use super::{controller_of, finalizer};
 use crate::context::{Context, TargetAccess, volume_name};
 use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
 use crate::error::{Error, ErrorClass, Result};
@@ -57,22 +57,35 @@ struct Run<'a> {
     ctx: &'a Context,
     namespace: String,
     name: String,
+    /// The Backup as the owner of what it makes.
+    owner: OwnerReference,
 }
 
 /// Move `backup` one step forward and write its status; the returned action says when to look
 /// again. A finished Backup (Completed or Failed) is left alone without any API call.
 pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> {
     let mut status = backup.status.clone().unwrap_or_default();
+    if finalizer::is_deleted(backup) {
+        if finalizer::has_finalizer(backup) {
+            let run = Run::new(backup, ctx)?;
+            run.cancel(&status).await?;
+            finalizer::remove(&ctx.client, &run.namespace, backup).await?;
+        }
+        return Ok(Action::await_change());
+    }
     if status.phase.is_some_and(Phase::is_final) {
         return Ok(Action::await_change());
     }
-    let (namespace, name) = namespace_and_name(backup, "Backup")?;
-    let run = Run {
-        backup,
-        ctx,
-        namespace,
-        name,
+    // The finalizer first. The rest of the call works on the object as that patch left it,
+    // so the status write carries its resourceVersion, but only if the status is still the
+    // one read: else the status computed here would overwrite a newer one.
+    let namespace = backup.metadata.namespace.clone().unwrap_or_default();
+    let added = finalizer::add(&ctx.client, &namespace, backup).await?;
+    let backup = match &added {
+        Some(patched) if patched.status == backup.status => patched,
+        _ => backup,
     };
+    let run = Run::new(backup, ctx)?;
     let call = Call::new(ctx, backup, &run.namespace, &run.name);
     if let Some(wait) = call.backing_off() {
         return Ok(Action::requeue(wait));
@@ -98,22 +111,48 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     Ok(action)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(backup: &'a Backup, ctx: &'a Context) -> Result<Self> {
+        let (namespace, name) = namespace_and_name(backup, "Backup")?;
+        Ok(Run {
+            backup,
+            ctx,
+            namespace,
+            name,
+            owner: controller_of(backup, "Backup")?,
+        })
+    }
+
+    /// Cancel the run of a deleted Backup before its finalizer goes: stop its datamovers
+    /// (deleting a Job deletes its pods, whose processes are killed; the target's writer they
+    /// leave is crash-safe and collected by the next commit's gc), delete its temporary PVCs
+    /// and snapshots (never a snapshot a commit kept as a changed-block base), its metadata
+    /// stash, and release its locks. What it wrote into the target stays: an uncommitted
+    /// volume backup is no application backup, and a committed one is kept. A Completed
+    /// Backup has nothing left to cancel.
+    async fn cancel(&self, status: &BackupStatus) -> Result<()> {
+        if status.phase == Some(Phase::Completed) {
+            return Ok(());
+        }
+        cleanup(
+            &self.ctx.client,
+            |v| self.key(v),
+            &self.namespace,
+            &status.volumes,
+            Temporaries::AllButBase,
+        )
+        .await?;
+        stash::remove(&self.ctx.client, &self.namespace, &self.owner).await?;
+        self.unlock(status).await
+    }
+
     fn requeue(&self) -> Action {
         Action::requeue(self.ctx.poll)
     }
 
+    /// The names, labels and owner of the objects made for `volume`.
     fn key(&self, volume: &VolumeStatus) -> VolumeKey {
-        VolumeKey::new(&self.name, &self.namespace, &volume.pvc)
-    }
-
-    fn owner(&self) -> Result<OwnerReference> {
-        self.backup
-            .controller_owner_ref(&())
-            .ok_or(Error::MissingMetadata {
-                kind: "Backup",
-                field: "metadata.uid",
-            })
+        VolumeKey::of_run(&self.owner, &self.namespace, &self.namespace, &volume.pvc)
     }
 
     /// The application and backup id this run commits in the target.
@@ -189,7 +228,7 @@ impl Run<'_> {
         let archive = metadata
             .write_archive(Vec::new())
             .map_err(Error::discovery("write the metadata archive"))?;
-        stash::store(client, &self.namespace, &self.name, self.owner()?, archive).await?;
+        stash::store(client, &self.namespace, self.owner.clone(), archive).await?;
         status.volumes = app
             .volumes
             .iter()
@@ -237,7 +276,7 @@ impl Run<'_> {
         if locked.is_none() {
             return Ok(true);
         }
-        stash::remove(&self.ctx.client, &self.namespace, &self.name).await?;
+        stash::remove(&self.ctx.client, &self.namespace, &self.owner).await?;
         let held: BTreeSet<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
         self.discover(status).await?;
         let now: BTreeSet<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
@@ -249,15 +288,14 @@ impl Run<'_> {
         } else {
             held.into_iter().collect()
         };
-        lock::release(&self.ctx.client, &self.namespace, &self.owner()?, &release).await?;
+        lock::release(&self.ctx.client, &self.namespace, &self.owner, &release).await?;
         self.try_lock(status).await
     }
 
     /// Take the locks of `status.volumes` and set the `VolumesLocked` condition.
     async fn try_lock(&self, status: &mut BackupStatus) -> Result<bool> {
         let pvcs: Vec<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
-        let acquired =
-            lock::acquire(&self.ctx.client, &self.namespace, &self.owner()?, &pvcs).await?;
+        let acquired = lock::acquire(&self.ctx.client, &self.namespace, &self.owner, &pvcs).await?;
         let generation = self.backup.metadata.generation;
         match acquired {
             Acquired::All => {
@@ -299,18 +337,18 @@ impl Run<'_> {
     /// Release this Backup's volume locks.
     async fn unlock(&self, status: &BackupStatus) -> Result<()> {
         let pvcs: Vec<String> = status.volumes.iter().map(|v| v.pvc.clone()).collect();
-        lock::release(&self.ctx.client, &self.namespace, &self.owner()?, &pvcs).await
+        lock::release(&self.ctx.client, &self.namespace, &self.owner, &pvcs).await
     }
 
     async fn cleanup(&self, status: &BackupStatus) -> Result<()> {
         cleanup(
             &self.ctx.client,
-            &self.name,
+            |v| self.key(v),
             &self.namespace,
             &status.volumes,
             Temporaries::SnapshotAndClaim,
         )
         .await?;
-        stash::remove(&self.ctx.client, &self.namespace, &self.name).await
+        stash::remove(&self.ctx.client, &self.namespace, &self.owner).await
     }
 }

@@ -299,7 +299,7 @@ impl Run<'_> {
             ),
         }
         .map_err(Error::csi(format!("datamover of {}", volume.pvc)))?;
-        Ok((create_job(client, &job, &self.name).await?, plan))
+        Ok((create_job(client, &job).await?, plan))
     }
 }
 

@@ -9,7 +9,6 @@ use crate::error::{Error, Result};
 use crate::reconcile::staging::{awaits_snapshot, provision};
 use crate::reconcile::volumes::{finished_jobs, progress, record_stuck};
 use crate::status::{ConditionStatus, Phase, set_condition};
-use strata_csi::VolumeKey;
 
 impl Run<'_> {
     /// Read the datamovers, and make the Filesystem PVCs of the filled staging volumes; once
@@ -18,7 +17,7 @@ impl Run<'_> {
         let restored = self.restored_namespace(&self.source_namespace().await?);
         let read = finished_jobs(
             &self.ctx.client,
-            &self.name,
+            |v| self.key(&restored, &v.pvc),
             &restored,
             &mut status.volumes,
             self.ctx.datamover_start_timeout,
@@ -98,7 +97,7 @@ impl Run<'_> {
                             reason: format!("the archive has no PVC {restored}/{}", volume.pvc),
                         })?;
                         let claim = self.restored_claim(claim)?;
-                        let key = VolumeKey::new(&self.name, restored, &volume.pvc);
+                        let key = self.key(restored, &volume.pvc);
                         provision(&self.ctx.client, &key, volume, claim, class, &self.name).await
                     }
                 }),

@@ -10,7 +10,6 @@ use crate::reconcile::access::revoke;
 use crate::reconcile::staging::{awaits_binding, clean_up_once_bound};
 use crate::reconcile::volumes::{Temporaries, cleanup};
 use crate::status::{ConditionStatus, set_condition};
-use strata_csi::VolumeKey;
 use strata_discovery::restore::apply;
 
 impl Run<'_> {
@@ -34,7 +33,7 @@ impl Run<'_> {
             .map_err(Error::discovery("apply the objects"))?;
         cleanup(
             &self.ctx.client,
-            &self.name,
+            |v| self.key(&restored, &v.pvc),
             &restored,
             &status.volumes,
             Temporaries::JobOnly,
@@ -70,7 +69,7 @@ impl Run<'_> {
                 .iter_mut()
                 .filter(|v| awaits_binding(v))
                 .map(|volume| {
-                    let key = VolumeKey::new(&self.name, &restored, &volume.pvc);
+                    let key = self.key(&restored, &volume.pvc);
                     async move {
                         let pvc = volume.pvc.clone();
                         let phase = clean_up_once_bound(&self.ctx.client, &key, volume).await?;

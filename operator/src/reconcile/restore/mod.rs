@@ -32,6 +32,7 @@ mod finish;
 mod prepare;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::runtime::controller::Action;
 use serde_json::Value;
@@ -39,10 +40,13 @@ use serde_json::Value;
 use super::namespace_and_name;
 use super::outcome::Call;
 use super::volumes::label_restored;
+use super::volumes::{Temporaries, cleanup};
+use super::{controller_of, finalizer};
 use crate::context::{Context, TargetAccess};
 use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
 use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, set_condition};
+use strata_csi::VolumeKey;
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
 use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
 use strata_target::{AppBackupId, AppName};
@@ -53,6 +57,8 @@ struct Run<'a> {
     ctx: &'a Context,
     namespace: String,
     name: String,
+    /// The Restore as the owner of what it makes in its own namespace.
+    owner: OwnerReference,
 }
 
 /// What the Backup being restored provides.
@@ -68,16 +74,27 @@ struct Source {
 /// again. A finished Restore is left alone without any API call.
 pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Action> {
     let mut status = restore.status.clone().unwrap_or_default();
+    if finalizer::is_deleted(restore) {
+        if finalizer::has_finalizer(restore) {
+            let run = Run::new(restore, ctx)?;
+            run.cancel(&status).await?;
+            finalizer::remove(&ctx.client, &run.namespace, restore).await?;
+        }
+        return Ok(Action::await_change());
+    }
     if status.phase.is_some_and(Phase::is_final) {
         return Ok(Action::await_change());
     }
-    let (namespace, name) = namespace_and_name(restore, "Restore")?;
-    let run = Run {
-        restore,
-        ctx,
-        namespace,
-        name,
+    // The finalizer first. The rest of the call works on the object as that patch left it,
+    // so the status write carries its resourceVersion, but only if the status is still the
+    // one read: else the status computed here would overwrite a newer one.
+    let namespace = restore.metadata.namespace.clone().unwrap_or_default();
+    let added = finalizer::add(&ctx.client, &namespace, restore).await?;
+    let restore = match &added {
+        Some(patched) if patched.status == restore.status => patched,
+        _ => restore,
     };
+    let run = Run::new(restore, ctx)?;
     let call = Call::new(ctx, restore, &run.namespace, &run.name);
     if let Some(wait) = call.backing_off() {
         return Ok(Action::requeue(wait));
@@ -92,7 +109,54 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     Ok(action)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(restore: &'a Restore, ctx: &'a Context) -> Result<Self> {
+        let (namespace, name) = namespace_and_name(restore, "Restore")?;
+        Ok(Run {
+            restore,
+            ctx,
+            namespace,
+            name,
+            owner: controller_of(restore, "Restore")?,
+        })
+    }
+
+    /// Cancel the run of a deleted Restore before its finalizer goes: delete its datamover
+    /// Jobs and its staging PVCs and snapshots, by name, as they may be in a namespace its
+    /// owner references cannot reach. (The Backup restored, in the Restore's namespace, may be
+    /// gone, so the restored namespace comes from the mapping alone.) What it restored stays:
+    /// those PVCs and objects are the application's now.
+    async fn cancel(&self, status: &RestoreStatus) -> Result<()> {
+        if status.phase == Some(Phase::Completed) {
+            return Ok(());
+        }
+        let restored = self.restored_namespace(&self.namespace);
+        let staged: Vec<_> = status
+            .volumes
+            .iter()
+            .filter(|v| v.staging.is_some())
+            .cloned()
+            .collect();
+        self.revoke_access().await?;
+        let key = |v: &crate::crd::VolumeStatus| self.key(&restored, &v.pvc);
+        cleanup(
+            &self.ctx.client,
+            key,
+            &restored,
+            &status.volumes,
+            Temporaries::JobOnly,
+        )
+        .await?;
+        cleanup(
+            &self.ctx.client,
+            key,
+            &restored,
+            &staged,
+            Temporaries::SnapshotAndClaim,
+        )
+        .await
+    }
+
     /// Remove the credentials and ServiceAccount made for the run in a mapped namespace.
     async fn revoke_access(&self) -> Result<()> {
         let destinations: std::collections::BTreeSet<&String> =
@@ -101,6 +165,12 @@ impl Run<'_> {
             super::access::revoke(&self.ctx.client, &self.name, &self.namespace, namespace).await?;
         }
         Ok(())
+    }
+
+    /// The names and owner of the objects restoring `namespace/pvc` makes: named with the
+    /// Restore's uid; owned by it when in its namespace, else found by their run labels.
+    fn key(&self, namespace: &str, pvc: &str) -> VolumeKey {
+        VolumeKey::of_run(&self.owner, &self.namespace, namespace, pvc)
     }
 
     /// Where the application's namespace is restored to.

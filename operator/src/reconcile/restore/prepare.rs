@@ -15,7 +15,6 @@ use crate::reconcile::jobs::create_job;
 use crate::reconcile::staging::{create_staging, needs_staging};
 use crate::reconcile::volumes::{create_claim, progress};
 use crate::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
-use strata_csi::VolumeKey;
 use strata_csi::datamover::{Attach, DatamoverSpec, restore_job};
 use strata_discovery::RestorePlan;
 use strata_discovery::restore::apply;
@@ -116,7 +115,7 @@ impl Run<'_> {
     ) -> Result<()> {
         let client = &self.ctx.client;
         let pvc = self.restored_claim(claim)?;
-        let key = VolumeKey::new(&self.name, namespace, &volume.pvc);
+        let key = self.key(namespace, &volume.pvc);
         let filled = if volume.staging.is_some() {
             create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?
         } else {
@@ -140,7 +139,7 @@ impl Run<'_> {
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let job = restore_job(&spec, volume.backup_id.as_deref())
             .map_err(Error::csi(format!("datamover of {}", volume.pvc)))?;
-        create_job(client, &job, &self.name).await?;
+        create_job(client, &job).await?;
         Ok(())
     }
 }
