@@ -1,6 +1,7 @@
 //! What the reconcilers share: the client, the datamover image, timing, and access to the
 //! target a resource names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -8,7 +9,9 @@ use kube::{Api, Client};
 
 use super::crd::NfsExport;
 use super::crd::Target as TargetResource;
+use super::endpoint::Health;
 use super::error::{Error, Result};
+use super::metrics::Metrics;
 use strata_csi::datamover::TargetMount;
 use strata_target::{BackupId, Target, TargetOptions, VolumeName};
 
@@ -54,6 +57,10 @@ pub struct Context {
     /// Accept folder Targets without `spec.nfs`: for a controller and datamovers that share
     /// a filesystem (development, tests), never in a cluster.
     pub host_folder_targets: bool,
+    /// The Prometheus metrics the reconciles update.
+    pub metrics: Arc<Metrics>,
+    /// What the probes report; the run loop says when its watches have started.
+    pub health: Arc<Health>,
 }
 
 impl Context {
@@ -61,6 +68,8 @@ impl Context {
     /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
     /// hours), snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(&metrics));
         Context {
             client,
             image: image.into(),
@@ -73,6 +82,8 @@ impl Context {
             snapshot_error_grace: Duration::from_secs(15 * 60),
             cluster_id: None,
             host_folder_targets: false,
+            metrics,
+            health,
         }
     }
 }

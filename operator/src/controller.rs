@@ -1,5 +1,7 @@
 //! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
-//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C.
+//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C. Each reconcile is
+//! counted and timed in the context's [`crate::metrics::Metrics`]; the context's
+//! [`crate::endpoint::Health`] learns when both watches have listed their resources.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::crd::{Backup, Restore};
+use crate::metrics::{Kind, Outcome};
 use crate::reconcile::error_chain;
 use crate::{Context, Error, reconcile_backup, reconcile_restore};
 
@@ -29,6 +32,22 @@ fn retry<K>(_object: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(ctx.poll * 2)
 }
 
+/// Run `reconcile` and record its outcome and duration as a reconcile of `kind`.
+async fn measured<T>(
+    ctx: &Context,
+    kind: Kind,
+    reconcile: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = tokio::time::Instant::now();
+    let result = reconcile.await;
+    let outcome = match result {
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Error,
+    };
+    ctx.metrics.reconciled(kind, outcome, started.elapsed());
+    result
+}
+
 /// Reconciles the Backups and Restores of `namespace` (all namespaces when `None`) until the
 /// process is asked to stop; each reconcile's outcome is logged on stderr.
 pub async fn run(ctx: Context, namespace: Option<&str>) {
@@ -37,34 +56,52 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
     let backups = Controller::new(
         api::<Backup>(&client, namespace),
         watcher::Config::default(),
-    )
-    .shutdown_on_signal()
-    .run(
-        |backup, ctx: Arc<Context>| async move { reconcile_backup(&backup, &ctx).await },
-        retry,
-        ctx.clone(),
-    )
-    .for_each(|result| async move {
-        match result {
-            Ok((backup, _)) => eprintln!("reconciled Backup {backup}"),
-            Err(err) => eprintln!("Backup controller: {err}"),
-        }
-    });
+    );
+    let backup_store = backups.store();
+    let backups = backups
+        .shutdown_on_signal()
+        .run(
+            |backup, ctx: Arc<Context>| async move {
+                ctx.metrics.backup_seen(&backup);
+                measured(&ctx, Kind::Backup, reconcile_backup(&backup, &ctx)).await
+            },
+            retry,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((backup, _)) => eprintln!("reconciled Backup {backup}"),
+                Err(err) => eprintln!("Backup controller: {err}"),
+            }
+        });
     let restores = Controller::new(
         api::<Restore>(&client, namespace),
         watcher::Config::default(),
-    )
-    .shutdown_on_signal()
-    .run(
-        |restore, ctx: Arc<Context>| async move { reconcile_restore(&restore, &ctx).await },
-        retry,
-        ctx,
-    )
-    .for_each(|result| async move {
-        match result {
-            Ok((restore, _)) => eprintln!("reconciled Restore {restore}"),
-            Err(err) => eprintln!("Restore controller: {err}"),
+    );
+    let restore_store = restores.store();
+    let restores = restores
+        .shutdown_on_signal()
+        .run(
+            |restore, ctx: Arc<Context>| async move {
+                measured(&ctx, Kind::Restore, reconcile_restore(&restore, &ctx)).await
+            },
+            retry,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((restore, _)) => eprintln!("reconciled Restore {restore}"),
+                Err(err) => eprintln!("Restore controller: {err}"),
+            }
+        });
+    let started = async {
+        let ready = futures::join!(
+            backup_store.wait_until_ready(),
+            restore_store.wait_until_ready()
+        );
+        if ready.0.is_ok() && ready.1.is_ok() {
+            ctx.health.watches_started();
         }
-    });
-    futures::join!(backups, restores);
+    };
+    futures::join!(backups, restores, started);
 }

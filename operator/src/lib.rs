@@ -32,12 +32,18 @@
 //!   Backup, so backup ids and bases are never attributed to the wrong run.
 //! - **Failures are data.** A permanent error (bad spec, failed snapshot, failed Job) sets the
 //!   `Failed` condition and phase; transient ones (API errors) are returned for a retry.
+//! - **One leader.** Replicas elect one ([`leader`], a Lease with client-go's semantics); only
+//!   it runs the controllers. Each replica serves probes and Prometheus metrics ([`endpoint`],
+//!   [`metrics`]).
 
 mod context;
 pub mod controller;
 pub mod crd;
+pub mod endpoint;
 mod error;
 pub mod install;
+pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 mod selection;
 pub mod status;

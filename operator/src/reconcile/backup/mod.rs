@@ -89,6 +89,7 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     status.observed_generation = generation;
     if status != before {
         patch_status::<Backup>(&ctx.client, &run.namespace, &run.name, &status).await?;
+        ctx.metrics.backup_status_written(&before, &status);
     }
     // Locks go only once the final status is written: released earlier, a failed status write
     // would re-run the commit (prune, base snapshots) while the next Backup holds the volumes.

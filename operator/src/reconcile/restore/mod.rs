@@ -92,6 +92,7 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     status.observed_generation = generation;
     if status != before {
         patch_status::<Restore>(&ctx.client, &run.namespace, &run.name, &status).await?;
+        ctx.metrics.restore_status_written(&before, &status);
     }
     Ok(action)
 }
