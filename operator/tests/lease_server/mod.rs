@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
+use kube::core::Status;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
 
@@ -51,19 +52,21 @@ pub struct LeaseServer {
     state: Arc<Mutex<State>>,
 }
 
-fn respond(code: StatusCode, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
+/// A JSON answer; failures carry a `Status` as the API server's do.
+fn json_response(code: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
+    let mut response = Response::new(Body::from(serde_json::to_vec(body).unwrap()));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn failure(code: StatusCode, reason: &str) -> Response<Body> {
-    respond(
+    json_response(
         code,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "reason": reason, "message": reason, "code": code.as_u16()}),
+        &Status::failure(reason, reason).with_code(code.as_u16()),
     )
 }
 
@@ -127,7 +130,7 @@ impl LeaseServer {
             let (read, barrier) = {
                 let state = self.state.lock().unwrap();
                 let read = match state.leases.get(&format!("{namespace}/{name}")) {
-                    Some(lease) => respond(StatusCode::OK, lease),
+                    Some(lease) => json_response(StatusCode::OK, lease),
                     None => failure(StatusCode::NOT_FOUND, "NotFound"),
                 };
                 (read, state.get_barrier.clone())
@@ -152,7 +155,7 @@ impl LeaseServer {
                     return failure(StatusCode::CONFLICT, "AlreadyExists");
                 }
                 let created = state.store(&key, body);
-                respond(StatusCode::CREATED, &created)
+                json_response(StatusCode::CREATED, &created)
             }
             (Method::PUT, Some(name)) => {
                 if state.refuse_writes {
@@ -174,7 +177,7 @@ impl LeaseServer {
                     return failure(StatusCode::CONFLICT, "Conflict");
                 }
                 let replaced = state.store(&key, body);
-                respond(StatusCode::OK, &replaced)
+                json_response(StatusCode::OK, &replaced)
             }
             _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
         }
