@@ -388,20 +388,29 @@ impl Elector {
     }
 
     /// Try every retry period until this candidate leads. API errors are logged and retried,
-    /// as client-go does.
+    /// as client-go does; a round that hangs is given up after the renew deadline and tried
+    /// again.
     pub async fn acquire(&mut self) {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(Attempt::Leading) => return,
-                Ok(_) => {}
-                Err(err) => eprintln!("leader election: {}", crate::reconcile::error_chain(&err)),
+            let round =
+                tokio::time::timeout(self.settings.renew_deadline, self.try_acquire_or_renew());
+            match round.await {
+                Ok(Ok(Attempt::Leading)) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    eprintln!("leader election: {}", crate::reconcile::error_chain(&err));
+                }
+                Err(_elapsed) => eprintln!(
+                    "leader election: no answer from the API server within {:?}",
+                    self.settings.renew_deadline
+                ),
             }
             tokio::time::sleep(self.settings.retry_period).await;
         }
     }
 
-    /// Run `work` while renewing the Lease every retry period (the caller holds it, after
-    /// [`Elector::acquire`]). Returns `work`'s output once it finishes; if the Lease is lost
+    /// Run `work` while renewing the Lease every retry period (the caller holds it: call this
+    /// right after [`Elector::acquire`], whose success starts the renew deadline). Returns `work`'s output once it finishes; if the Lease is lost
     /// first, `work` is dropped and [`LeaderError::Lost`] returned.
     pub async fn while_leading<F: Future>(&mut self, work: F) -> Result<F::Output, LeaderError> {
         let lease = self.lease_path();

@@ -385,3 +385,38 @@ fn settings_that_break_client_go_rules_are_refused() {
         Err(LeaderError::Settings { .. })
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_elector_reports_its_rounds_to_the_probes_and_the_leader_gauge() {
+    let server = LeaseServer::default();
+    let clock = Clock::tokio();
+    let metrics = strata_operator::metrics::Metrics::new();
+    let health = Arc::new(strata_operator::endpoint::Health::new(&metrics));
+    let mut a = elector(&server, clock, "a").with_health(health.clone());
+    let mut b = elector(&server, clock, "b");
+    assert_eq!(b.try_acquire_or_renew().await.unwrap(), Attempt::Leading);
+    assert_eq!(
+        a.try_acquire_or_renew().await.unwrap(),
+        Attempt::HeldBy { holder: "b".into() }
+    );
+    assert_eq!(health.ready(), Ok("standing by, another replica leads"));
+    assert!(metrics.encode().contains("strata_controller_leader 0\n"));
+    assert!(b.release().await.unwrap());
+    a.acquire().await;
+    assert_eq!(health.ready(), Err("leading, watches not started yet"));
+    assert!(metrics.encode().contains("strata_controller_leader 1\n"));
+    // The loop beats each round: alive 2 lease durations after the last one, not later.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!(health.live().is_ok());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(health.live().is_err());
+    let mut lease = server.lease(KEY).unwrap();
+    // b takes it over with a fresh renewal (an expired one a would take back).
+    lease["spec"]["holderIdentity"] = json!("b");
+    lease["spec"]["renewTime"] = json!(micro(clock.now()));
+    server.put(KEY, lease);
+    let err = lead_until_lost(&mut a, std::future::pending()).await;
+    assert!(matches!(err, LeaderError::Lost { .. }), "{err}");
+    assert!(metrics.encode().contains("strata_controller_leader 0\n"));
+    assert!(health.live().is_ok());
+}
