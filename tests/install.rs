@@ -171,6 +171,22 @@ fn the_deployment_elects_a_leader_and_serves_probes_and_metrics() {
         assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
     }
+    // The controller accepts every argument the Deployment gives it (clap refuses an unknown
+    // flag before it reaches --help).
+    let parsed = std::process::Command::new(env!("CARGO_BIN_EXE_strata-controller"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let help = String::from_utf8_lossy(&parsed.stdout);
+    for flag in ["--leader-elect", "--lease-name", "--metrics-bind-address"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
     let env = container["env"].as_array().unwrap();
     for (name, field) in [
         ("POD_NAME", "metadata.name"),
