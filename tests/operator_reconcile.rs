@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
-use kube_mock::Mock;
+use kube_mock::{Mock, refused_as_stale};
 use serde_json::{Value, json};
 use strata::csi::{Role, VolumeKey};
 use strata::operator::crd::Restore;
@@ -157,11 +157,12 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     assert_eq!(condition(&waiting, "SnapshotsReady")["reason"], "Waiting");
 
     // 3: ready: a Block claim from the snapshot and a datamover Job, once even if re-run
-    // from the same (stale) object, as after a crash before the status was written.
+    // from the same (stale) object, as after a crash before the status was written (the
+    // re-run's own status write is refused as stale).
     snapshot_ready(&mock);
     let stale = mock.backup("nightly");
     reconcile_backup(&stale, &ctx).await.unwrap();
-    reconcile_backup(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_backup(&stale, &ctx).await);
     assert_eq!(mock.names_under(JOBS), std::slice::from_ref(&job));
     let claim = mock
         .get(&format!("{PVCS}/{}", k.name(Role::Volume)))
@@ -256,6 +257,25 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     assert_eq!(committed.len(), 1);
     assert_eq!(committed[0].id.to_string(), "nightly");
     assert_eq!(committed[0].volumes[0].backup.to_string(), volume_backup);
+    // `kubectl describe` shows the run's phases as Normal Events, in order, and the refused
+    // status write of step 3's stale re-run as a Warning.
+    let mut events = mock.events("shop");
+    events.sort_by_key(|e| e["eventTime"].as_str().map(str::to_owned));
+    let phases: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("Normal", "Started"),
+            ("Normal", "Copying"),
+            ("Warning", "Conflict"),
+            ("Normal", "Completed")
+        ]
+    );
+    assert_eq!(events[3]["regarding"]["name"], "nightly");
+    assert_eq!(events[3]["reportingController"], "strata-controller");
 
     // 5: a completed Backup is left alone: no request at all.
     let before = mock.requests().len();
@@ -479,10 +499,11 @@ async fn run_backup(
         &key(name, "shop").name(Role::Datamover),
         complete(),
     );
-    // The commit, run twice from the same object, as after a crash before the status write.
+    // The commit, run twice from the same object, as after a crash before the status write;
+    // the second status write is refused as stale.
     let stale = mock.backup(name);
     reconcile_backup(&stale, ctx).await.unwrap();
-    reconcile_backup(&stale, ctx).await.unwrap();
+    refused_as_stale(reconcile_backup(&stale, ctx).await);
     let status = mock.backup(name).status.unwrap();
     assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
     status.volumes[0].backup_id.clone().unwrap()

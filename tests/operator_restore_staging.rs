@@ -8,7 +8,7 @@ mod kube_mock;
 
 use std::io::Write;
 
-use kube_mock::Mock;
+use kube_mock::{Mock, refused_as_stale};
 use serde_json::{Value, json};
 use strata::csi::{ALLOW_VOLUME_MODE_CHANGE_ANNOTATION, Role, VolumeKey};
 use strata::operator::crd::{Restore, Staging};
@@ -187,10 +187,11 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
 
     // 1: the Block PVC is recreated and filled in place; the Filesystem one gets an empty Block
     // staging PVC of the mapped class, and its datamover writes the staging PVC. Re-run from
-    // the same (stale) object, as after a crash before the status was written: nothing doubles.
+    // the same (stale) object, as after a crash before the status was written: nothing doubles
+    // (and the re-run's status write is refused as stale; so at every re-run below).
     let stale = restore(&mock);
     reconcile_restore(&stale, &ctx).await.unwrap();
-    reconcile_restore(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_restore(&stale, &ctx).await);
     let mut claims = vec![staging.clone(), "raw".to_owned()];
     claims.sort();
     assert_eq!(mock.names_under(COPY_PVCS), claims);
@@ -233,7 +234,7 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     update(&mock, &format!("{COPY_JOBS}/{raw_job}"), complete());
     let stale = restore(&mock);
     reconcile_restore(&stale, &ctx).await.unwrap();
-    reconcile_restore(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_restore(&stale, &ctx).await);
     assert_eq!(
         mock.names_under(COPY_SNAPSHOTS),
         std::slice::from_ref(&snapshot)
@@ -267,7 +268,7 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     let stale = restore(&mock);
     let before = mock.requests().len();
     reconcile_restore(&stale, &ctx).await.unwrap();
-    reconcile_restore(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_restore(&stale, &ctx).await);
     assert_eq!(
         annotations(&mock, "content-staging"),
         json!({ALLOW_VOLUME_MODE_CHANGE_ANNOTATION: "true"})
@@ -304,7 +305,7 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     // (WaitForFirstConsumer), so the staging snapshot and PVC stay and the Restore waits.
     let stale = restore(&mock);
     reconcile_restore(&stale, &ctx).await.unwrap();
-    reconcile_restore(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_restore(&stale, &ctx).await);
     assert!(
         mock.get("/api/v1/namespaces/shop-copy/configmaps/db-config")
             .is_some()
@@ -317,10 +318,12 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_some());
     let status = restore(&mock).status.unwrap();
     assert_eq!(status.phase, Some(Phase::Finishing));
-    // The re-run from the stale object applied again and found the Namespace and the ConfigMap.
+    // The re-run from the stale object applied again and found the Namespace and the ConfigMap,
+    // but its status write was refused: the first run's counts (the ConfigMap applied, the
+    // existing Namespace skipped) are not overwritten.
     assert_eq!(
         (status.objects_applied, status.objects_skipped),
-        (Some(0), Some(2))
+        (Some(1), Some(1))
     );
     let waiting = condition(&status, "StagingCleanedUp");
     assert_eq!(
@@ -352,7 +355,7 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     );
     let stale = restore(&mock);
     reconcile_restore(&stale, &ctx).await.unwrap();
-    reconcile_restore(&stale, &ctx).await.unwrap();
+    refused_as_stale(reconcile_restore(&stale, &ctx).await);
     assert!(mock.names_under(COPY_SNAPSHOTS).is_empty());
     let mut left = vec!["data".to_owned(), "raw".to_owned()];
     left.sort();

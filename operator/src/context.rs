@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 
+use super::backoff::Backoff;
 use super::crd::NfsExport;
 use super::crd::Target as TargetResource;
 use super::endpoint::Health;
@@ -61,16 +63,23 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// What the probes report; the run loop says when its watches have started.
     pub health: Arc<Health>,
+    /// Publishes the Events on Backups and Restores.
+    pub recorder: Recorder,
+    /// Failures in a row per object, and when each may be tried again.
+    pub backoff: Arc<Backoff>,
 }
 
 impl Context {
-    /// A context polling every five seconds, pruning with `prune`; datamover pods get ten
-    /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
-    /// hours), snapshots fifteen minutes to clear an error.
+    /// A context polling every five seconds, pruning with `prune`, publishing Events as
+    /// [`events::reporter`](crate::events::reporter) says; datamover pods get ten minutes to
+    /// start and a day to finish (a 2 TiB volume at 100 MB/s takes under six hours),
+    /// snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(&metrics));
         Context {
+            recorder: Recorder::new(client.clone(), crate::events::reporter()),
+            backoff: Arc::default(),
             client,
             image: image.into(),
             datamover_service_account: None,

@@ -9,7 +9,9 @@ use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client};
+use tokio::time::Instant;
 
+use crate::backoff::ObjectKey;
 use crate::crd::{Backup, Restore};
 use crate::metrics::{Kind, Outcome};
 use crate::reconcile::error_chain;
@@ -26,10 +28,18 @@ where
     }
 }
 
-/// Transient errors (the API server, the target) are retried after a pause.
-fn retry<K>(_object: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
-    eprintln!("retrying: {}", error_chain(err));
-    Action::requeue(ctx.poll * 2)
+/// A failed reconcile is retried after its object's backoff ([`crate::backoff`]): the delay
+/// the reconciler recorded, or, for an error raised before it could, one recorded here.
+fn retry<K: kube::Resource>(object: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = err.requeue_after().unwrap_or_else(|| {
+        let key = ObjectKey::of(&*object);
+        let version = object.meta().resource_version.as_deref();
+        ctx.backoff
+            .failed(&key, err.class(), version, Instant::now())
+            .delay
+    });
+    eprintln!("retrying in {}s: {}", delay.as_secs(), error_chain(err));
+    Action::requeue(delay)
 }
 
 /// Run `reconcile` and record its outcome and duration as a reconcile of `kind`.

@@ -241,6 +241,8 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+                // Events on Backups and Restores (a repeat patches the first one's series).
+                rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
             ],
         }),
         json!({
@@ -328,8 +330,10 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                                 "--datamover-service-account", DATAMOVER,
                                 "--leader-elect",
                             ],
+                            // The election's identity and the Events' reportingInstance; the
+                            // Lease's namespace.
                             "env": [
-                                field_env("POD_NAME", "metadata.name"),
+                                field_env(crate::events::POD_NAME_ENV, "metadata.name"),
                                 field_env("POD_NAMESPACE", "metadata.namespace"),
                             ],
                             "ports": [{ "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" }],

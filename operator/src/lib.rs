@@ -30,17 +30,25 @@
 //!   (`reconcile::cbt` explains the record and why it lives on the snapshot).
 //! - **One Backup per volume at a time**, by a Lease per PVC created atomically and owned by the
 //!   Backup, so backup ids and bases are never attributed to the wrong run.
-//! - **Failures are data.** A permanent error (bad spec, failed snapshot, failed Job) sets the
-//!   `Failed` condition and phase; transient ones (API errors) are returned for a retry.
+//! - **Failures are data.** Every error is classified ([`ErrorClass`]). A permanent one (bad
+//!   spec, 422 Invalid, corrupt data, failed Job) sets the `Failed` condition and phase; a
+//!   transient one (5xx, 429, conflicts, target I/O) sets condition `Retrying`, a stalled one
+//!   (403, a missing Target or Secret, refused credentials) condition `Stalled`, both retried
+//!   with exponential backoff per object ([`backoff`]) and cleared by the next success. Each
+//!   failure is also a Warning Event, each phase change a Normal one ([`events`]).
+//! - **Optimistic concurrency.** Status is written with the `resourceVersion` the reconcile
+//!   read, so a write computed from a stale copy is refused (409) and redone from a fresh read.
 //! - **One leader.** Replicas elect one ([`leader`], a Lease with client-go's semantics); only
 //!   it runs the controllers. Each replica serves probes and Prometheus metrics ([`endpoint`],
 //!   [`metrics`]).
 
+pub mod backoff;
 mod context;
 pub mod controller;
 pub mod crd;
 pub mod endpoint;
 mod error;
+pub mod events;
 pub mod install;
 pub mod leader;
 pub mod metrics;
@@ -51,6 +59,6 @@ pub mod status;
 pub use context::{
     BoxError, Context, Prune, TargetAccess, cluster_uid, folder_of, valid_cluster_id, volume_name,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore};
 pub use selection::{ApplicationSelection, OperatorSelection};

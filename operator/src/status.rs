@@ -120,6 +120,11 @@ pub fn set_condition(
     }
 }
 
+/// Remove condition `type_` from `conditions`, if set.
+pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
 /// The condition of type `type_`, if set.
 pub fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

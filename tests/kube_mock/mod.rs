@@ -2,6 +2,10 @@
 //! as a tower service (the pattern of strata-csi's tests): create (`POST`, 409 when taken), get
 //! and list (by URL path; query parameters ignored), merge and apply `PATCH` (of the object or
 //! of its `/status`), delete, and API discovery of the core kinds the tests use.
+//!
+//! Every write sets `metadata.resourceVersion`, and a PATCH carrying another one than the
+//! stored object's is refused with 409, as the API server does; [`Mock::fail`] makes chosen
+//! requests answer an error status. Events (events.k8s.io/v1) are stored like any object.
 
 #![allow(dead_code)] // Shared by several test files, each using a part.
 
@@ -17,6 +21,10 @@ struct State {
     objects: BTreeMap<String, Value>,
     requests: Vec<String>,
     next_uid: u64,
+    /// The last resourceVersion handed out.
+    version: u64,
+    /// `("METHOD path-prefix", status code)`: requests answered with that error.
+    failures: Vec<(String, u16)>,
 }
 
 #[derive(Clone, Default)]
@@ -106,6 +114,31 @@ fn selects(selector: &[(String, String)], object: &Value) -> bool {
         .all(|(key, wanted)| object["metadata"]["labels"][key].as_str() == Some(wanted))
 }
 
+/// Whether `patch` names a resourceVersion other than `stored`'s: the API server applies a
+/// patch to the stored object and refuses the result with 409 Conflict when its
+/// resourceVersion differs ("Concurrency Control and Consistency", Kubernetes API conventions).
+fn is_stale(patch: &Value, stored: &Value) -> bool {
+    let wanted = &patch["metadata"]["resourceVersion"];
+    wanted.is_string() && *wanted != stored["metadata"]["resourceVersion"]
+}
+
+impl State {
+    /// Give `object` the next resourceVersion.
+    fn new_version(&mut self, object: &mut Value) {
+        self.version += 1;
+        if object["metadata"].is_object() {
+            object["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        }
+    }
+
+    fn injected_failure(&self, request: &str) -> Option<StatusCode> {
+        self.failures
+            .iter()
+            .find(|(prefix, _)| request.starts_with(prefix.as_str()))
+            .and_then(|(_, code)| StatusCode::from_u16(*code).ok())
+    }
+}
+
 impl Mock {
     pub fn client(&self) -> kube::Client {
         let mock = self.clone();
@@ -116,13 +149,11 @@ impl Mock {
         kube::Client::new(service, "default")
     }
 
-    /// Store `object` at `path` (the object's URL).
-    pub fn put(&self, path: &str, object: Value) {
-        self.state
-            .lock()
-            .unwrap()
-            .objects
-            .insert(path.to_owned(), object);
+    /// Store `object` at `path` (the object's URL), as a write by another client.
+    pub fn put(&self, path: &str, mut object: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.new_version(&mut object);
+        state.objects.insert(path.to_owned(), object);
     }
 
     /// The objects every operator test in namespace `shop` starts from: the hostpath driver's
@@ -209,7 +240,11 @@ impl Mock {
             .to_owned();
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let mut state = self.state.lock().unwrap();
-        state.requests.push(format!("{method} {path}"));
+        let request = format!("{method} {path}");
+        state.requests.push(request.clone());
+        if let Some(code) = state.injected_failure(&request) {
+            return failure(code, code.canonical_reason().unwrap_or("Failure"));
+        }
         match method.as_str() {
             "POST" => {
                 let mut object: Value = serde_json::from_slice(&bytes).unwrap();
@@ -222,6 +257,7 @@ impl Mock {
                 object["metadata"]["uid"] = json!(format!("uid-{}", state.next_uid));
                 object["metadata"]["creationTimestamp"] =
                     json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                state.new_version(&mut object);
                 state.objects.insert(at, object.clone());
                 respond(StatusCode::CREATED, &object)
             }
@@ -258,20 +294,29 @@ impl Mock {
                     None => (path.clone(), false),
                 };
                 let apply = content_type.starts_with("application/apply-patch");
+                let version = state.version + 1;
                 let object = match state.objects.get_mut(&at) {
                     Some(object) => object,
                     None if apply => {
-                        state.objects.insert(at.clone(), patch.clone());
-                        return respond(StatusCode::CREATED, &patch);
+                        let mut created = patch.clone();
+                        state.new_version(&mut created);
+                        state.objects.insert(at.clone(), created.clone());
+                        return respond(StatusCode::CREATED, &created);
                     }
                     None => return failure(StatusCode::NOT_FOUND, "NotFound"),
                 };
+                if is_stale(&patch, object) {
+                    return failure(StatusCode::CONFLICT, "Conflict");
+                }
                 if status_only {
                     json_patch::merge(&mut object["status"], &patch["status"]);
                 } else {
                     json_patch::merge(object, &patch);
                 }
-                respond(StatusCode::OK, object)
+                object["metadata"]["resourceVersion"] = json!(version.to_string());
+                let object = object.clone();
+                state.version = version;
+                respond(StatusCode::OK, &object)
             }
             "DELETE" => match state.objects.remove(&path) {
                 Some(object) => respond(StatusCode::OK, &object),
@@ -280,4 +325,47 @@ impl Mock {
             _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
         }
     }
+}
+
+/// Fault injection and Events, for the tests of error handling (not every test binary that
+/// includes this module uses them).
+#[allow(dead_code)]
+impl Mock {
+    /// Answer every request whose `"METHOD path"` starts with `request` with error `code`
+    /// (a Status of the code's reason), until [`Mock::heal`].
+    pub fn fail(&self, request: &str, code: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .failures
+            .push((request.to_owned(), code));
+    }
+
+    /// Stop the failures of [`Mock::fail`].
+    pub fn heal(&self) {
+        self.state.lock().unwrap().failures.clear();
+    }
+
+    /// The Events stored in `namespace`.
+    pub fn events(&self, namespace: &str) -> Vec<Value> {
+        let collection = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
+        self.names_under(&collection)
+            .iter()
+            .filter_map(|name| self.get(&format!("{collection}/{name}")))
+            .collect()
+    }
+}
+
+/// A reconcile from a stale copy of its object (as after a crash before the status write, or
+/// from a lagging cache): its status write is refused with 409, a transient error.
+#[allow(dead_code)]
+pub fn refused_as_stale(
+    result: Result<kube::runtime::controller::Action, strata::operator::Error>,
+) {
+    let err = result.expect_err("a status write from a stale copy is refused");
+    assert_eq!(
+        (err.class(), err.reason()),
+        (strata::operator::ErrorClass::Transient, "Conflict"),
+        "{err}"
+    );
 }

@@ -5,6 +5,7 @@ mod backup;
 mod cbt;
 mod jobs;
 mod lock;
+mod outcome;
 mod restore;
 mod staging;
 mod stash;
@@ -41,25 +42,13 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     message
 }
 
-/// Reason of the `Failed` condition for `err`.
-fn failure_reason(err: &Error) -> &'static str {
-    match err {
-        Error::InvalidSpec { .. } | Error::MissingMetadata { .. } => "InvalidSpec",
-        Error::JobFailed { .. } => "JobFailed",
-        Error::Csi { .. } => "VolumeStepFailed",
-        Error::Discovery { .. } => "DiscoveryFailed",
-        Error::Target { .. } | Error::Retention { .. } => "TargetFailed",
-        _ => "Error",
-    }
-}
-
 /// Record a permanent failure in `conditions`.
 fn fail(conditions: &mut Vec<Condition>, err: &Error, generation: Option<i64>) {
     set_condition(
         conditions,
         "Failed",
         ConditionStatus::True,
-        failure_reason(err),
+        err.reason(),
         error_chain(err),
         generation,
     );
@@ -79,13 +68,24 @@ fn namespace_and_name<K: Resource>(object: &K, kind: &'static str) -> Result<(St
     Ok((namespace, name))
 }
 
-/// Write `status` as the status of the `K` `namespace/name`, by a merge patch.
+/// Write `status` as the status of the `K` `namespace/name`, by a merge patch carrying
+/// `resource_version`, the version of the object the reconcile read; the version the write
+/// made.
+///
+/// Optimistic concurrency (the API conventions, "Concurrency Control and Consistency"): the
+/// API server refuses a patch whose `metadata.resourceVersion` is not the stored one with 409
+/// Conflict. A status is computed from the object as read, and there can be two writers: the
+/// controller's cache may hand a reconcile a copy older than its own last status write (the
+/// watch event not yet seen), and during a rolling update two controllers run. Without the
+/// check, such a write would put an older phase back or forget the ids a newer one recorded;
+/// with it, the write fails as a transient error and the next call starts from a fresh read.
 async fn patch_status<K>(
     client: &Client,
     namespace: &str,
     name: &str,
+    resource_version: Option<&str>,
     status: &impl Serialize,
-) -> Result<()>
+) -> Result<Option<String>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -93,15 +93,16 @@ where
         + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "update status of {} {namespace}/{name}",
-        K::kind(&())
-    )))?;
-    Ok(())
+    let mut patch = json!({ "status": status });
+    if let Some(version) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    let written = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(Error::kube(format!(
+            "update status of {} {namespace}/{name}",
+            K::kind(&())
+        )))?;
+    Ok(written.meta().resource_version.clone())
 }

@@ -39,12 +39,13 @@ use kube::Resource;
 use kube::runtime::controller::Action;
 
 use super::lock::{self, Acquired};
+use super::namespace_and_name;
+use super::outcome::Call;
 use super::stash;
 use super::volumes::{Temporaries, cleanup, progress};
-use super::{fail, namespace_and_name, patch_status};
 use crate::context::{Context, TargetAccess, volume_name};
 use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, condition, quantity_bytes, set_condition};
 use strata_csi::VolumeKey;
 use strata_discovery::{Inventory, LiveSource, MetadataBackup, RestoreOrder, discover};
@@ -72,25 +73,23 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
         namespace,
         name,
     };
-    let before = status.clone();
-    let generation = backup.metadata.generation;
-    let action = match run.step(&mut status).await {
-        Ok(action) => action,
-        Err(err) if err.is_permanent() => {
-            if backup.spec.cleanup == CleanupPolicy::Always {
-                run.cleanup(&status).await?;
-            }
-            fail(&mut status.conditions, &err, generation);
-            status.phase = Some(Phase::Failed);
-            Action::await_change()
-        }
-        Err(err) => return Err(err),
-    };
-    status.observed_generation = generation;
-    if status != before {
-        patch_status::<Backup>(&ctx.client, &run.namespace, &run.name, &status).await?;
-        ctx.metrics.backup_status_written(&before, &status);
+    let call = Call::new(ctx, backup, &run.namespace, &run.name);
+    if let Some(wait) = call.backing_off() {
+        return Ok(Action::requeue(wait));
     }
+    let before = status.clone();
+    let outcome = match run.step(&mut status).await {
+        Err(err)
+            if err.class() == ErrorClass::Permanent
+                && backup.spec.cleanup == CleanupPolicy::Always =>
+        {
+            // A cleanup that fails is the error retried; the step fails again next time.
+            run.cleanup(&status).await.and(Err(err))
+        }
+        outcome => outcome,
+    };
+    let action = call.end(&before, &mut status, outcome).await?;
+    ctx.metrics.backup_status_written(&before, &status);
     // Locks go only once the final status is written: released earlier, a failed status write
     // would re-run the commit (prune, base snapshots) while the next Backup holds the volumes.
     // Should this release fail, the locks are stale (their holder finished) and taken over.

@@ -36,11 +36,12 @@ use kube::Api;
 use kube::runtime::controller::Action;
 use serde_json::Value;
 
+use super::namespace_and_name;
+use super::outcome::Call;
 use super::volumes::label_restored;
-use super::{fail, namespace_and_name, patch_status};
 use crate::context::{Context, TargetAccess};
 use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
 use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
@@ -77,23 +78,18 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
         namespace,
         name,
     };
-    let before = status.clone();
-    let generation = restore.metadata.generation;
-    let action = match run.step(&mut status).await {
-        Ok(action) => action,
-        Err(err) if err.is_permanent() => {
-            fail(&mut status.conditions, &err, generation);
-            status.phase = Some(Phase::Failed);
-            run.revoke_access().await?;
-            Action::await_change()
-        }
-        Err(err) => return Err(err),
-    };
-    status.observed_generation = generation;
-    if status != before {
-        patch_status::<Restore>(&ctx.client, &run.namespace, &run.name, &status).await?;
-        ctx.metrics.restore_status_written(&before, &status);
+    let call = Call::new(ctx, restore, &run.namespace, &run.name);
+    if let Some(wait) = call.backing_off() {
+        return Ok(Action::requeue(wait));
     }
+    let before = status.clone();
+    let outcome = match run.step(&mut status).await {
+        // The run's copies of the credentials go with it; a failed removal is retried.
+        Err(err) if err.class() == ErrorClass::Permanent => run.revoke_access().await.and(Err(err)),
+        outcome => outcome,
+    };
+    let action = call.end(&before, &mut status, outcome).await?;
+    ctx.metrics.restore_status_written(&before, &status);
     Ok(action)
 }
 
