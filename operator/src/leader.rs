@@ -108,7 +108,10 @@ impl LeaderElection {
 /// This candidate's identity: `POD_NAME` (the Deployment sets it from the downward API), else
 /// the host name and a random suffix, so two processes on one machine differ.
 pub fn identity() -> String {
-    if let Some(pod) = std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()) {
+    if let Some(pod) = std::env::var(crate::events::POD_NAME_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         return pod;
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
