@@ -65,7 +65,7 @@ fn every_document_passes_kubernetes_validate_strict() {
             "{ns}"
         );
     }
-    assert_eq!(docs.len(), 3 + 7 + 2 * 3, "{docs:?}");
+    assert_eq!(docs.len(), 3 + 9 + 2 * 3, "{docs:?}");
     assert_valid_manifests(&printed, docs.len());
 }
 
@@ -85,8 +85,19 @@ fn the_deployment_runs_the_image_it_was_given_for_itself_and_its_datamovers() {
         deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
         true
     );
-    // No --namespace: no datamover account anywhere.
-    assert!(!printed.contains("kind: RoleBinding"));
+    // No --namespace: no datamover account or binding anywhere (the only RoleBinding is the
+    // controller's leader election one).
+    let bindings: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ServiceAccount")
+        .collect();
+    assert!(
+        bindings
+            .iter()
+            .all(|d| d["metadata"]["namespace"] == "strata-system"
+                && d["metadata"]["name"] != "strata-datamover"),
+        "{bindings:?}"
+    );
 }
 
 #[test]
@@ -128,4 +139,111 @@ fn nfs_targets_are_mounted_into_the_controller_where_their_urls_point() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not PATH=SERVER:EXPORT"), "{err}");
+}
+
+fn controller_documents() -> Vec<Value> {
+    let printed = ok(strata(&SAMPLE));
+    serde_saphyr::from_str_multiple(&printed).expect("YAML stream")
+}
+
+#[test]
+fn the_deployment_elects_a_leader_and_serves_probes_and_metrics() {
+    let docs = controller_documents();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 2);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    // A standby is ready, so the rollout can keep every replica up while it replaces them.
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let container = &spec["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--leader-elect"), "{args:?}");
+    assert_eq!(
+        container["ports"],
+        serde_json::json!([{ "name": "metrics", "containerPort": 8080, "protocol": "TCP" }])
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
+    }
+    // The controller accepts every argument the Deployment gives it (clap refuses an unknown
+    // flag before it reaches --help).
+    let parsed = std::process::Command::new(env!("CARGO_BIN_EXE_strata-controller"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let help = String::from_utf8_lossy(&parsed.stdout);
+    for flag in ["--leader-elect", "--lease-name", "--metrics-bind-address"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let env = container["env"].as_array().unwrap();
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = env
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
+}
+
+#[test]
+fn the_election_role_grants_exactly_get_create_update_on_leases_in_the_controller_namespace() {
+    let docs = controller_documents();
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role")
+        .expect("a Role for leader election");
+    assert_eq!(role["metadata"]["namespace"], "strata-system");
+    let mut verbs = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(
+            rule["apiGroups"],
+            serde_json::json!(["coordination.k8s.io"])
+        );
+        assert_eq!(rule["resources"], serde_json::json!(["leases"]));
+        verbs.extend(
+            rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap()),
+        );
+    }
+    verbs.sort();
+    assert_eq!(verbs, ["create", "get", "update"]);
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == "strata-system")
+        .expect("its RoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], "strata-controller");
+    // The ClusterRole's Lease access (the per-PVC locks) is not widened to update.
+    let cluster_role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "strata-controller")
+        .unwrap();
+    let lease_rule = cluster_role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"] == serde_json::json!(["leases"]))
+        .unwrap();
+    assert_eq!(
+        lease_rule["verbs"],
+        serde_json::json!(["get", "create", "delete"])
+    );
 }

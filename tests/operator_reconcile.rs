@@ -334,6 +334,21 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
         status.volumes[0].backup_id.as_deref(),
         Some(volume_backup.as_str())
     );
+    // Each run was counted once as it started and once as it ended, whatever the number of
+    // reconciles in between.
+    let metrics = ctx.metrics.encode();
+    for line in [
+        "strata_backups_total{event=\"Attempted\"} 1",
+        "strata_backups_total{event=\"Succeeded\"} 1",
+        "strata_restores_total{event=\"Attempted\"} 1",
+        "strata_restores_total{event=\"Succeeded\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("event=\"Failed\""), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,6 +400,12 @@ async fn failed_datamover_fails_the_backup_with_the_job_message_and_cleans_up() 
         .await
         .unwrap();
     assert_eq!(mock.requests().len(), before);
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains("strata_backups_total{event=\"Failed\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("event=\"Succeeded\""), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

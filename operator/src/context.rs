@@ -11,7 +11,9 @@ use kube::{Api, Client};
 use super::backoff::Backoff;
 use super::crd::NfsExport;
 use super::crd::Target as TargetResource;
+use super::endpoint::Health;
 use super::error::{Error, Result};
+use super::metrics::Metrics;
 use strata_csi::datamover::TargetMount;
 use strata_target::{BackupId, Target, TargetOptions, VolumeName};
 
@@ -57,6 +59,10 @@ pub struct Context {
     /// Accept folder Targets without `spec.nfs`: for a controller and datamovers that share
     /// a filesystem (development, tests), never in a cluster.
     pub host_folder_targets: bool,
+    /// The Prometheus metrics the reconciles update.
+    pub metrics: Arc<Metrics>,
+    /// What the probes report; the run loop says when its watches have started.
+    pub health: Arc<Health>,
     /// Publishes the Events on Backups and Restores.
     pub recorder: Recorder,
     /// Failures in a row per object, and when each may be tried again.
@@ -69,6 +75,8 @@ impl Context {
     /// start and a day to finish (a 2 TiB volume at 100 MB/s takes under six hours),
     /// snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(&metrics));
         Context {
             recorder: Recorder::new(client.clone(), crate::events::reporter()),
             backoff: Arc::default(),
@@ -83,6 +91,8 @@ impl Context {
             snapshot_error_grace: Duration::from_secs(15 * 60),
             cluster_id: None,
             host_folder_targets: false,
+            metrics,
+            health,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
-//! [`reconcile_backup`] and [`reconcile_restore`], until SIGTERM or Ctrl-C. Each also watches
-//! the Jobs (and a Backup its PVCs) it owns, so a datamover's end is reconciled when it happens
-//! rather than at the next poll.
+//! [`reconcile_backup`] and [`reconcile_restore`], and for Targets around
+//! [`reconcile_target`], until SIGTERM or Ctrl-C. Backups and Restores also watch the Jobs
+//! (and a Backup its PVCs) they own, so a datamover's end is reconciled when it happens rather
+//! than at the next poll. Each reconcile of a run is counted and timed in the context's
+//! [`crate::metrics::Metrics`]; the context's [`crate::endpoint::Health`] learns when both
+//! watches have listed their resources.
 
 use std::sync::Arc;
 
@@ -14,9 +17,10 @@ use kube::{Api, Client};
 use tokio::time::Instant;
 
 use crate::backoff::ObjectKey;
-use crate::crd::{Backup, Restore};
+use crate::crd::{Backup, Restore, Target};
+use crate::metrics::{Kind, Outcome};
 use crate::reconcile::error_chain;
-use crate::{Context, Error, reconcile_backup, reconcile_restore};
+use crate::{Context, Error, reconcile_backup, reconcile_restore, reconcile_target};
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -51,6 +55,22 @@ fn retry<K: kube::Resource>(object: Arc<K>, err: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// Run `reconcile` and record its outcome and duration as a reconcile of `kind`.
+async fn measured<T>(
+    ctx: &Context,
+    kind: Kind,
+    reconcile: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = tokio::time::Instant::now();
+    let result = reconcile.await;
+    let outcome = match result {
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Error,
+    };
+    ctx.metrics.reconciled(kind, outcome, started.elapsed());
+    result
+}
+
 /// Reconciles the Backups and Restores of `namespace` (all namespaces when `None`) until the
 /// process is asked to stop; each reconcile's outcome is logged on stderr.
 pub async fn run(ctx: Context, namespace: Option<&str>) {
@@ -61,35 +81,70 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
         watcher::Config::default(),
     )
     .owns(api::<Job>(&client, namespace), owned())
-    .owns(api::<PersistentVolumeClaim>(&client, namespace), owned())
-    .shutdown_on_signal()
-    .run(
-        |backup, ctx: Arc<Context>| async move { reconcile_backup(&backup, &ctx).await },
-        retry,
-        ctx.clone(),
-    )
-    .for_each(|result| async move {
-        match result {
-            Ok((backup, _)) => eprintln!("reconciled Backup {backup}"),
-            Err(err) => eprintln!("Backup controller: {err}"),
-        }
-    });
+    .owns(api::<PersistentVolumeClaim>(&client, namespace), owned());
+    let backup_store = backups.store();
+    let backups = backups
+        .shutdown_on_signal()
+        .run(
+            |backup, ctx: Arc<Context>| async move {
+                ctx.metrics.backup_seen(&backup);
+                measured(&ctx, Kind::Backup, reconcile_backup(&backup, &ctx)).await
+            },
+            retry,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((backup, _)) => eprintln!("reconciled Backup {backup}"),
+                Err(err) => eprintln!("Backup controller: {err}"),
+            }
+        });
     let restores = Controller::new(
         api::<Restore>(&client, namespace),
         watcher::Config::default(),
     )
-    .owns(api::<Job>(&client, namespace), owned())
+    .owns(api::<Job>(&client, namespace), owned());
+    let restore_store = restores.store();
+    let restores = restores
+        .shutdown_on_signal()
+        .run(
+            |restore, ctx: Arc<Context>| async move {
+                measured(&ctx, Kind::Restore, reconcile_restore(&restore, &ctx)).await
+            },
+            retry,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((restore, _)) => eprintln!("reconciled Restore {restore}"),
+                Err(err) => eprintln!("Restore controller: {err}"),
+            }
+        });
+    // Target health: checked on every change and every `target_check_interval` (the
+    // reconcile's requeue); a failed check is in the status, so errors here are API errors.
+    let targets = Controller::new(
+        api::<Target>(&client, namespace),
+        watcher::Config::default(),
+    )
     .shutdown_on_signal()
     .run(
-        |restore, ctx: Arc<Context>| async move { reconcile_restore(&restore, &ctx).await },
+        |target, ctx: Arc<Context>| async move { reconcile_target(&target, &ctx).await },
         retry,
-        ctx,
+        ctx.clone(),
     )
     .for_each(|result| async move {
-        match result {
-            Ok((restore, _)) => eprintln!("reconciled Restore {restore}"),
-            Err(err) => eprintln!("Restore controller: {err}"),
+        if let Err(err) = result {
+            eprintln!("Target controller: {err}");
         }
     });
-    futures::join!(backups, restores);
+    let started = async {
+        let ready = futures::join!(
+            backup_store.wait_until_ready(),
+            restore_store.wait_until_ready()
+        );
+        if ready.0.is_ok() && ready.1.is_ok() {
+            ctx.health.watches_started();
+        }
+    };
+    futures::join!(backups, restores, targets, started);
 }

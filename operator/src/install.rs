@@ -29,20 +29,33 @@
 //!
 //! # The controller's Deployment
 //!
-//! One replica with the `Recreate` strategy: the controller has no leader election, and two
-//! controllers reconciling the same Backup would race (their per-PVC Leases keep volumes safe,
-//! not the statuses). It serves no HTTP endpoint, so it has no probes; a crash restarts it, and
-//! its state is in the resources' statuses. It runs as the image's non-root user with a
-//! read-only root filesystem, no capabilities and the `RuntimeDefault` seccomp profile.
+//! Two replicas with a `RollingUpdate` strategy (one surge pod, none unavailable): the replicas
+//! elect a leader with a Lease in the controller's namespace (`strata_operator::leader`), and only
+//! the leader reconciles, so an update or a lost node never runs two controllers at once and the
+//! standby takes over within the lease duration (at once when the leader stops cleanly, since it
+//! releases the Lease). Each replica serves `/healthz` (liveness), `/readyz` (readiness: the
+//! leader once its watches started, a standby once it has seen the leader's Lease, so that a
+//! rollout can wait for the new pods before stopping the old ones) and `/metrics`
+//! on the `metrics` port, 8080 (`strata_operator::endpoint`). The pod name and namespace come from
+//! the downward API, as the election's identity and the Lease's namespace. The election needs
+//! get, create and update on Leases in the controller's namespace only: a Role there grants them
+//! (get and update only on the election's Lease); the ClusterRole's get/create/delete on Leases are the
+//! per-PVC locks'. It runs as the image's non-root user with a read-only root filesystem, no
+//! capabilities and the `RuntimeDefault` seccomp profile.
 
 use serde_json::{Value, json};
 
 use crate::crd::crds_yaml;
+use crate::leader::DEFAULT_LEASE_NAME;
 
 /// The controller's namespace by default.
 pub const DEFAULT_NAMESPACE: &str = "strata-system";
 /// Name of the controller's ServiceAccount, ClusterRole, ClusterRoleBinding and Deployment.
 pub const CONTROLLER: &str = "strata-controller";
+/// Name of the Role and RoleBinding of the controller's leader election.
+pub const LEADER_ELECTION: &str = "strata-controller-leader-election";
+/// The controller's HTTP port (probes and metrics).
+pub const METRICS_PORT: u16 = 8080;
 /// Name of the datamover pods' ServiceAccount in each application namespace, and of the
 /// ClusterRole its RoleBinding grants.
 pub const DATAMOVER: &str = "strata-datamover";
@@ -178,12 +191,17 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({ "apiGroups": groups, "resources": resources, "verbs": verbs })
 }
 
+/// Environment variable `name` from the downward API's `field` of the pod.
+fn field_env(name: &str, field: &str) -> Value {
+    json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": field } } })
+}
+
 fn labels() -> Value {
     json!({ "app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strata" })
 }
 
 /// The controller's Namespace, ServiceAccount, ClusterRoles (its own and the datamovers'),
-/// ClusterRoleBinding and Deployment.
+/// ClusterRoleBinding, leader election Role and RoleBinding, and Deployment.
 pub fn controller_objects(install: &Install) -> Vec<Value> {
     let ns = install.namespace.as_str();
     let image = install.image.as_str();
@@ -257,17 +275,49 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
             ],
         }),
+        // Leader election: the Lease in the controller's own namespace. `create` cannot be
+        // limited to a name (the name is in the body), `get` and `update` are.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": { "name": LEADER_ELECTION, "namespace": ns, "labels": labels() },
+            "rules": [
+                rule(&["coordination.k8s.io"], &["leases"], &["create"]),
+                {
+                    "apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                    "resourceNames": [DEFAULT_LEASE_NAME], "verbs": ["get", "update"],
+                },
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": { "name": LEADER_ELECTION, "namespace": ns, "labels": labels() },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LEADER_ELECTION },
+            "subjects": [{ "kind": "ServiceAccount", "name": CONTROLLER, "namespace": ns }],
+        }),
         json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": { "name": CONTROLLER, "namespace": ns, "labels": labels() },
             "spec": {
-                "replicas": 1,
-                "strategy": { "type": "Recreate" },
+                "replicas": 2,
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": { "maxSurge": 1, "maxUnavailable": 0 },
+                },
                 "selector": { "matchLabels": { "app.kubernetes.io/name": CONTROLLER } },
                 "template": {
                     "metadata": { "labels": labels() },
                     "spec": {
                         "serviceAccountName": CONTROLLER,
+                        // The standby on another node than the leader, where there is one.
+                        "affinity": { "podAntiAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                                "weight": 100,
+                                "podAffinityTerm": {
+                                    "topologyKey": "kubernetes.io/hostname",
+                                    "labelSelector": { "matchLabels": { "app.kubernetes.io/name": CONTROLLER } },
+                                },
+                            }],
+                        }},
                         "securityContext": {
                             "runAsNonRoot": true,
                             "runAsUser": CONTROLLER_UID,
@@ -281,12 +331,23 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                             "args": [
                                 "--datamover-image", image,
                                 "--datamover-service-account", DATAMOVER,
+                                "--leader-elect",
                             ],
-                            // The Events' reportingInstance.
-                            "env": [{
-                                "name": crate::events::POD_NAME_ENV,
-                                "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } },
-                            }],
+                            // The election's identity and the Events' reportingInstance; the
+                            // Lease's namespace.
+                            "env": [
+                                field_env(crate::events::POD_NAME_ENV, "metadata.name"),
+                                field_env("POD_NAMESPACE", "metadata.namespace"),
+                            ],
+                            "ports": [{ "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" }],
+                            "livenessProbe": {
+                                "httpGet": { "path": "/healthz", "port": "metrics" },
+                                "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3,
+                            },
+                            "readinessProbe": {
+                                "httpGet": { "path": "/readyz", "port": "metrics" },
+                                "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
+                            },
                             "resources": {
                                 "requests": { "cpu": "100m", "memory": "128Mi" },
                                 "limits": { "memory": "512Mi" },

@@ -38,14 +38,20 @@
 //!   failure is also a Warning Event, each phase change a Normal one ([`events`]).
 //! - **Optimistic concurrency.** Status is written with the `resourceVersion` the reconcile
 //!   read, so a write computed from a stale copy is refused (409) and redone from a fresh read.
+//! - **One leader.** Replicas elect one ([`leader`], a Lease with client-go's semantics); only
+//!   it runs the controllers. Each replica serves probes and Prometheus metrics ([`endpoint`],
+//!   [`metrics`]).
 
 pub mod backoff;
 mod context;
 pub mod controller;
 pub mod crd;
+pub mod endpoint;
 mod error;
 pub mod events;
 pub mod install;
+pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 mod selection;
 pub mod status;

@@ -102,6 +102,7 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
         outcome => outcome,
     };
     let action = call.end(&before, &mut status, outcome).await?;
+    ctx.metrics.backup_status_written(&before, &status);
     // Locks go only once the final status is written: released earlier, a failed status write
     // would re-run the commit (prune, base snapshots) while the next Backup holds the volumes.
     // Should this release fail, the locks are stale (their holder finished) and taken over.

@@ -106,6 +106,7 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
         outcome => outcome,
     };
     let action = call.end(&before, &mut status, outcome).await?;
+    ctx.metrics.restore_status_written(&before, &status);
     Ok(action)
 }
 
