@@ -57,6 +57,8 @@ pub struct Context {
     /// Accept folder Targets without `spec.nfs`: for a controller and datamovers that share
     /// a filesystem (development, tests), never in a cluster.
     pub host_folder_targets: bool,
+    /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
+    pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
     pub recorder: Recorder,
     /// Failures in a row per object, and when each may be tried again.
@@ -83,6 +85,7 @@ impl Context {
             snapshot_error_grace: Duration::from_secs(15 * 60),
             cluster_id: None,
             host_folder_targets: false,
+            target_check_interval: Duration::from_secs(5 * 60),
         }
     }
 }

@@ -211,7 +211,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
             "rules": [
                 // Its own resources.
                 rule(&["strata.io"], &["targets", "backups", "restores"], &["get", "list", "watch"]),
-                rule(&["strata.io"], &["backups/status", "restores/status"], &["get", "patch", "update"]),
+                rule(&["strata.io"], &["backups/status", "restores/status", "targets/status"], &["get", "patch", "update"]),
                 // Discovery reads every kind; restore applies them.
                 rule(&["*"], &["*"], &["get", "list", "watch", "create", "patch"]),
                 // Snapshots (kept bases are patched), temporary claims, datamover Jobs, the

@@ -3,6 +3,7 @@
 mod access;
 mod backup;
 mod cbt;
+mod health;
 mod jobs;
 mod lock;
 mod outcome;
@@ -13,6 +14,7 @@ mod volumes;
 
 pub use backup::reconcile_backup;
 pub use cbt::{ANNOTATION_BACKUP, ANNOTATION_DRIVER, ANNOTATION_HANDLE, LABEL_BASE};
+pub use health::{check as check_target, reconcile_target};
 pub use jobs::{JobOutcome, job_outcome};
 pub use lock::lock_name;
 pub use restore::reconcile_restore;
