@@ -63,6 +63,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// What the probes report; the run loop says when its watches have started.
     pub health: Arc<Health>,
+    /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
+    pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
     pub recorder: Recorder,
     /// Failures in a row per object, and when each may be tried again.
@@ -93,6 +95,7 @@ impl Context {
             host_folder_targets: false,
             metrics,
             health,
+            target_check_interval: Duration::from_secs(5 * 60),
         }
     }
 }

@@ -229,7 +229,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
             "rules": [
                 // Its own resources.
                 rule(&["strata.io"], &["targets", "backups", "restores"], &["get", "list", "watch"]),
-                rule(&["strata.io"], &["backups/status", "restores/status"], &["get", "patch", "update"]),
+                rule(&["strata.io"], &["backups/status", "restores/status", "targets/status"], &["get", "patch", "update"]),
                 // Owner references with blockOwnerDeletion need this (admission plugin
                 // OwnerReferencesPermissionEnforcement).
                 rule(&["strata.io"], &["backups/finalizers", "restores/finalizers"], &["update"]),

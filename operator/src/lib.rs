@@ -60,5 +60,5 @@ pub use context::{
     BoxError, Context, Prune, TargetAccess, cluster_uid, folder_of, valid_cluster_id, volume_name,
 };
 pub use error::{Error, ErrorClass, Result};
-pub use reconcile::{reconcile_backup, reconcile_restore};
+pub use reconcile::{reconcile_backup, reconcile_restore, reconcile_target};
 pub use selection::{ApplicationSelection, OperatorSelection};

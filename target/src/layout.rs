@@ -60,6 +60,11 @@ impl Layout {
         self.key([MARKER])
     }
 
+    /// Where [`crate::Target::check_writable`] writes its probe.
+    pub(crate) fn probe(&self, name: &str) -> Path {
+        self.key(["probes", name])
+    }
+
     pub(crate) fn volumes(&self) -> Path {
         self.key(["volumes"])
     }

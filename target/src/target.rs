@@ -113,6 +113,19 @@ impl Target {
         Ok(target)
     }
 
+    /// Writes a small probe object and deletes it again: whether this client may write here
+    /// (opening only reads the repository marker once it exists). The probe's name is random,
+    /// so checks from several clients never meet; one left by a crash is a few bytes under
+    /// `probes/`, which nothing reads.
+    pub fn check_writable(&self) -> Result<()> {
+        let name = format!("{:016x}.json", rand::random::<u64>());
+        self.block("check writable", move |inner| async move {
+            let path = inner.layout.probe(&name);
+            inner.put(&path, Bytes::from_static(b"{}")).await?;
+            inner.delete(&path).await
+        })
+    }
+
     /// The URL the target was opened with.
     pub fn url(&self) -> &str {
         &self.inner.url

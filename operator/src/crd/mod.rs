@@ -17,7 +17,7 @@ pub use backup::{
     VolumeStatus,
 };
 pub use restore::{ExistingObjects, Restore, RestoreSpec, RestoreStatus};
-pub use target::{LocalReference, NfsExport, SecretReference, Target, TargetSpec};
+pub use target::{LocalReference, NfsExport, SecretReference, Target, TargetSpec, TargetStatus};
 
 /// API group of the resources.
 pub const GROUP: &str = "strata.io";

@@ -16,7 +16,12 @@ use serde::{Deserialize, Serialize};
     kind = "Target",
     namespaced,
     shortname = "stt",
+    status = "TargetStatus",
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.url"}"#,
+    printcolumn = r#"{"name":"Reachable","type":"boolean","jsonPath":".status.reachable"}"#,
+    printcolumn = r#"{"name":"Writable","type":"boolean","jsonPath":".status.writable"}"#,
+    printcolumn = r#"{"name":"Format","type":"string","jsonPath":".status.format"}"#,
+    printcolumn = r#"{"name":"Checked","type":"date","jsonPath":".status.lastCheck"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -39,6 +44,34 @@ pub struct TargetSpec {
     /// folder target without it is refused: nothing would make the folder reach the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nfs: Option<NfsExport>,
+}
+
+/// What the controller found when it last checked the target (every few minutes, and when
+/// the Target changes): `kubectl get targets` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// The target opened and its repository marker read (or was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
+    /// A probe object could be written and deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable: Option<bool>,
+    /// The repository format found, as `NAME/VERSION` (`strata-target/1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Volumes the repository holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<u32>,
+    /// When the check ran (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+    /// Why the target is not reachable or not writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The generation of the spec checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// An NFS export (the fields of a pod's `nfs` volume).
