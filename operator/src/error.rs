@@ -71,11 +71,11 @@ pub enum Error {
         /// Reason and message of the Job's `Failed` condition.
         message: String,
     },
-    /// Pruning old volume backups failed.
-    #[error("retention of volume {volume}")]
+    /// Retention (expiring old application backups and their volume backups) failed.
+    #[error("retention of application {app}")]
     Retention {
-        /// The volume.
-        volume: String,
+        /// The application.
+        app: String,
         /// The cause.
         #[source]
         source: crate::context::BoxError,

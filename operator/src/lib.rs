@@ -42,7 +42,7 @@ pub mod reconcile;
 mod selection;
 pub mod status;
 
-pub use context::{BoxError, Context, Prune, TargetAccess, volume_name};
+pub use context::{AppRetention, BoxError, Context, Prune, TargetAccess, volume_name};
 pub use error::{Error, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore};
 pub use selection::{ApplicationSelection, OperatorSelection};
