@@ -433,3 +433,98 @@ async fn a_claim_without_a_storage_class_is_backed_up() {
         noise(VOLUME_BYTES, 7)
     );
 }
+
+/// Backup `name` (Incremental) of `app=db` keeping the last `keep_last` application backups.
+fn add_backup_keeping(sim: &Sim, name: &str, uid: &str, keep_last: u32) {
+    sim.mock.put(
+        &format!("{BACKUPS}/{name}"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": name, "namespace": "shop", "uid": uid, "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Incremental", "retention": {"keepLast": keep_last}}}),
+    );
+}
+
+/// Restore `name` of Backup `backup` into `shop-copy`, reconciled once; its status.
+async fn validate_restore(
+    sim: &Sim,
+    ctx: &Context,
+    name: &str,
+    backup: &str,
+) -> strata::operator::crd::RestoreStatus {
+    let path = format!("/apis/strata.io/v1alpha1/namespaces/shop/restores/{name}");
+    sim.mock.put(
+        &path,
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": name, "namespace": "shop", "uid": format!("r-{name}"),
+                            "generation": 1},
+               "spec": {"backupRef": {"name": backup},
+                        "namespaceMapping": {"shop": "shop-copy"}}}),
+    );
+    let restore: strata::operator::crd::Restore =
+        serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+    let _ = strata::operator::reconcile_restore(&restore, ctx).await;
+    let restore: strata::operator::crd::Restore =
+        serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+    restore.status.unwrap_or_default()
+}
+
+/// Item 4: `keepLast` kept the newest N volume backups of each volume, folding away the volume
+/// backup an older Completed Backup still named, which then looked restorable and was not.
+/// Retention now expires whole application backups: the expired Backup says so, a Restore of
+/// it fails validation naming the missing id, the kept ones restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backup() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let device = sim.device_of_claim("shop", "data").unwrap();
+    let mut contents = Vec::new();
+    for (i, name) in ["first", "second", "third"].into_iter().enumerate() {
+        let content = noise(VOLUME_BYTES, 100 + i as u64);
+        std::fs::write(&device, &content).unwrap();
+        add_backup_keeping(&sim, name, &format!("b-{name}"), 2);
+        let done = drive(&sim, &ctx, name, 12, Duration::from_secs(60)).await;
+        assert_eq!(done.phase, Some(Phase::Completed), "{name}: {done:?}");
+        contents.push((backup_id(&done), content));
+    }
+
+    let first = status(&sim, "first");
+    assert_eq!(first.phase, Some(Phase::Completed), "the run did complete");
+    let (state, reason, message) = condition(&first, "Expired").expect("an Expired condition");
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("True", "RetentionExpired")
+    );
+    assert!(
+        message.contains("/first") && message.contains("Backup third"),
+        "{message}"
+    );
+    for kept in ["second", "third"] {
+        assert_eq!(condition(&status(&sim, kept), "Expired"), None, "{kept}");
+    }
+    for (id, content) in &contents[1..] {
+        assert!(restored(folder.path(), id) == *content, "{id} restores");
+    }
+
+    let refused = validate_restore(&sim, &ctx, "from-first", "first").await;
+    assert_eq!(refused.phase, Some(Phase::Failed), "{refused:?}");
+    let failed = refused
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("a Failed condition");
+    assert_eq!(failed.reason, "InvalidSpec");
+    assert!(
+        failed.message.contains("/first is not in the target"),
+        "{}",
+        failed.message
+    );
+    let accepted = validate_restore(&sim, &ctx, "from-second", "second").await;
+    assert_ne!(accepted.phase, Some(Phase::Failed), "{accepted:?}");
+    let validated = accepted
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Validated")
+        .expect("a Validated condition");
+    assert_eq!(validated.reason, "Validated", "{accepted:?}");
+}
