@@ -5,7 +5,7 @@
 //! restore. The reconcilers ([`reconcile_backup`], [`reconcile_restore`]) move one run a step
 //! forward per call and record where it stands in the resource's status; [`controller::run`]
 //! wraps them in kube-runtime `Controller`s, and the `strata-controller` binary is a thin
-//! `main` around it. Backups' retention runs the data path's `strata::prune`, which the facade
+//! `main` around it. Backups' retention runs the data path's `strata::expire_app_backups`, which the facade
 //! (above this crate) hands over in the [`Context`] (`strata::operator_context`).
 //!
 //! ```
