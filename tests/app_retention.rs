@@ -3,8 +3,8 @@
 //! backups are shared unevenly, keep-last 2. The kept application backups restore byte for
 //! byte (and qemu-img compares their images in the folder), the expired manifests are gone,
 //! no volume backup a kept application backup names is removed and the unreferenced ones
-//! are; a `strata prune --app` killed between expiring two application backups leaves every
-//! listed one restorable, and the next run finishes the job.
+//! are; a `strata prune --app` killed between expiring two application backups, or inside a
+//! fold, leaves every listed one restorable, and the next run finishes the job.
 
 mod strata_bin;
 use strata_bin::{ok, s, strata_command};
@@ -239,7 +239,7 @@ fn keep_last_two_expires_the_oldest_application_backups_and_only_unreferenced_vo
 }
 
 #[test]
-fn prune_app_killed_between_two_expiries_leaves_every_listed_backup_restorable() {
+fn prune_app_killed_between_expiries_or_inside_a_fold_leaves_every_listed_backup_restorable() {
     let (repo, ids) = scenario();
     let prune = |failpoint: Option<&str>| {
         let mut command = strata_command();
@@ -263,9 +263,20 @@ fn prune_app_killed_between_two_expiries_leaves_every_listed_backup_restorable()
     assert_eq!(repo.volume_backups("shop.a").len(), 4);
     repo.check_listed_restore("after the crash");
 
+    // Killed again inside the first fold (shop.a's oldest into its child): the merged image
+    // is stored, the child's manifest not yet switched. app2 is expired by then.
+    let killed = prune(Some("image-complete"));
+    assert!(!killed.status.success(), "the crash point killed it");
+    assert_eq!(repo.app_backups(), ["app3", "app4"]);
+    let folds = repo.target_dir().join("volumes/shop.a/folds");
+    let intents = std::fs::read_dir(&folds).map_or(0, |d| d.count());
+    assert_eq!(intents, 1, "the fold's intent is left");
+    assert_eq!(repo.volume_backups("shop.a").len(), 4);
+    repo.check_listed_restore("after a crash inside a fold");
+
     let out = ok(prune(None));
     assert!(
-        out.contains("1 application backups expired, 2 kept; 3 volume backups removed"),
+        out.contains("0 application backups expired, 2 kept; 3 volume backups removed"),
         "{out}"
     );
     // The archive the crash left behind is not listed; gc removes it.
