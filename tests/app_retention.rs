@@ -7,7 +7,7 @@
 //! fold, leaves every listed one restorable, and the next run finishes the job.
 
 mod strata_bin;
-use strata_bin::{ok, s, strata_command};
+use strata_bin::{noise, ok, s, strata_command};
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -15,19 +15,6 @@ use std::process::Command;
 use strata::target::{AppBackupId, AppName, BackupId, Target, VolumeBackupRef, VolumeName};
 
 const VOLUME_BYTES: usize = 1 << 20;
-
-/// Bytes that neither repeat nor compress (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// `base` with its `cluster`-th 64 KiB cluster replaced by noise of `seed`: an incremental
 /// that changes one cluster.

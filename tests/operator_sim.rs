@@ -5,6 +5,7 @@
 
 mod cluster_sim;
 mod kube_mock;
+mod strata_bin;
 
 use std::time::Duration;
 
@@ -14,23 +15,11 @@ use strata::csi::{Role, VolumeKey};
 use strata::operator::crd::BackupStatus;
 use strata::operator::status::Phase;
 use strata::operator::{Context, reconcile_backup};
+use strata_bin::noise;
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
 const VOLUME_BYTES: usize = 4 << 20;
-
-/// Bytes that neither repeat nor compress (xorshift), so a backup sends every MiB.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Namespace `shop` (Pod Security `labels`) holding Block PVC `data` (class `fast` of the
 /// hostpath driver, labelled `app=db`) on a device of noise; a snapshot class; Target `local`
@@ -469,6 +458,18 @@ async fn validate_restore(
     restore.status.unwrap_or_default()
 }
 
+/// The condition `type_` of a Restore's status; fails the test when it is not set.
+fn restore_condition<'a>(
+    status: &'a strata::operator::crd::RestoreStatus,
+    type_: &str,
+) -> &'a strata::operator::status::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition: {status:?}"))
+}
+
 /// Item 4: `keepLast` kept the newest N volume backups of each volume, folding away the volume
 /// backup an older Completed Backup still named, which then looked restorable and was not.
 /// Retention now expires whole application backups: the expired Backup says so, a Restore of
@@ -508,11 +509,7 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
 
     let refused = validate_restore(&sim, &ctx, "from-first", "first").await;
     assert_eq!(refused.phase, Some(Phase::Failed), "{refused:?}");
-    let failed = refused
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Failed")
-        .expect("a Failed condition");
+    let failed = restore_condition(&refused, "Failed");
     assert_eq!(failed.reason, "InvalidSpec");
     assert!(
         failed.message.contains("/first is not in the target"),
@@ -521,10 +518,6 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     );
     let accepted = validate_restore(&sim, &ctx, "from-second", "second").await;
     assert_ne!(accepted.phase, Some(Phase::Failed), "{accepted:?}");
-    let validated = accepted
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Validated")
-        .expect("a Validated condition");
+    let validated = restore_condition(&accepted, "Validated");
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }
