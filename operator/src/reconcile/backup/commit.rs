@@ -45,45 +45,45 @@ impl Run<'_> {
         let ids: Vec<String> = refs.iter().map(|r| r.backup.to_string()).collect();
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
         let prune = self.ctx.prune;
-        let (retention, gc_failure) =
-            self.target()
-                .await?
-                .with(move |t| {
-                    let stashed = archive.is_some();
-                    let earlier = match archive {
-                        Some(archive) => {
-                            match t.put_app_backup(&app, &id, refs.clone(), archive.into()) {
-                                Ok(_) => false,
-                                Err(strata_target::Error::BackupExists { .. }) => true,
-                                Err(err) => {
-                                    return Err(Error::target(format!("commit {app}/{id}"))(err));
-                                }
+        let target = self.target().await?;
+        let (retention, gc_failure) = target
+            .with(move |t| {
+                let stashed = archive.is_some();
+                let earlier = match archive {
+                    Some(archive) => {
+                        match t.put_app_backup(&app, &id, refs.clone(), archive.into()) {
+                            Ok(_) => false,
+                            Err(strata_target::Error::BackupExists { .. }) => true,
+                            Err(err) => {
+                                return Err(Error::target(format!("commit {app}/{id}"))(err));
                             }
                         }
-                        None => true,
-                    };
-                    // Committed by an earlier call that crashed before writing the status: fine
-                    // if it is this run's commit.
-                    let ours = !earlier
-                        || t.app_backups(&app)
-                            .map_err(Error::target(format!("list backups of {app}")))?
-                            .iter()
-                            .any(|m| m.id == id && m.volumes == refs);
-                    if !ours && stashed {
-                        return Err(Error::InvalidSpec {
-                            what: "metadata.name",
-                            reason: format!(
-                                "application {app} already has a backup {id} with other volumes"
-                            ),
-                        });
                     }
-                    if !ours {
-                        return Err(Error::InvalidSpec {
-                            what: "metadata stash",
-                            reason: format!("it disappeared before {app}/{id} was committed"),
-                        });
-                    }
-                    let retention = match keep_last {
+                    None => true,
+                };
+                // Committed by an earlier call that crashed before writing the status: fine
+                // if it is this run's commit.
+                let ours = !earlier
+                    || t.app_backups(&app)
+                        .map_err(Error::target(format!("list backups of {app}")))?
+                        .iter()
+                        .any(|m| m.id == id && m.volumes == refs);
+                if !ours && stashed {
+                    return Err(Error::InvalidSpec {
+                        what: "metadata.name",
+                        reason: format!(
+                            "application {app} already has a backup {id} with other volumes"
+                        ),
+                    });
+                }
+                if !ours {
+                    return Err(Error::InvalidSpec {
+                        what: "metadata stash",
+                        reason: format!("it disappeared before {app}/{id} was committed"),
+                    });
+                }
+                let retention =
+                    match keep_last {
                         Some(keep) => Some(prune(t, &app, keep.max(1)).map_err(|source| {
                             Error::Retention {
                                 app: app.to_string(),
@@ -92,25 +92,25 @@ impl Run<'_> {
                         })?),
                         None => None,
                     };
-                    // What killed datamovers left behind (their writers' leftovers; their slots
-                    // are taken over by the next backup anyway). A failure here does not undo the
-                    // commit: it is reported in a condition and retried after the next commit.
-                    let failures: Vec<String> = refs
-                        .iter()
-                        .filter_map(|r| {
-                            t.gc_volume(&r.volume, strata_target::DEFAULT_GC_GRACE)
-                                .err()
-                                .map(|err| {
-                                    format!("{}: {}", r.volume, crate::reconcile::error_chain(&err))
-                                })
-                        })
-                        .collect();
-                    Ok((
-                        retention,
-                        (!failures.is_empty()).then(|| failures.join("; ")),
-                    ))
-                })
-                .await?;
+                // What killed datamovers left behind (their writers' leftovers; their slots
+                // are taken over by the next backup anyway). A failure here does not undo the
+                // commit: it is reported in a condition and retried after the next commit.
+                let failures: Vec<String> = refs
+                    .iter()
+                    .filter_map(|r| {
+                        t.gc_volume(&r.volume, strata_target::DEFAULT_GC_GRACE)
+                            .err()
+                            .map(|err| {
+                                format!("{}: {}", r.volume, crate::reconcile::error_chain(&err))
+                            })
+                    })
+                    .collect();
+                Ok((
+                    retention,
+                    (!failures.is_empty()).then(|| failures.join("; ")),
+                ))
+            })
+            .await?;
         let generation = self.backup.metadata.generation;
         let (gc_status, gc_reason, gc_message) = match gc_failure {
             None => (
