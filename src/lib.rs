@@ -2,7 +2,7 @@
 //!
 //! This facade re-exports the member crates and composes them into the flows a datamover runs:
 //! [`backup_volume`], [`restore_volume`], [`list`], [`verify`]. Restores, `strata serve` and
-//! [`prune`] read through [`open_backup`], which checks the chain against its manifests and
+//! [`prune`] (and [`expire_app_backups`], retention per application backup) read through [`open_backup`], which checks the chain against its manifests and
 //! every cluster against its backup's checksums. The in-cluster side, the
 //! `Target`/`Backup`/`Restore` custom resources and their reconcilers, is `operator` (feature `kubernetes`).
 //!
@@ -30,9 +30,11 @@
 //!   `cargo install --path . --features cli,kubernetes`.
 
 mod planned_restore;
+mod retention;
 mod verified;
 mod volume;
 
+pub use retention::{Expiry, expire_app_backups};
 pub use strata_chain as chain;
 #[cfg(feature = "kubernetes")]
 pub use strata_csi as csi;
@@ -50,11 +52,16 @@ pub use volume::{
     open_destination, open_volume, prune, restore_volume, restore_volume_with, verify,
 };
 
-/// The operator's settings for a controller whose Backups prune with [`prune`] (the operator
-/// sits below this facade, so the facade hands it the data path's retention).
+/// The operator's settings for a controller whose Backups apply retention with
+/// [`expire_app_backups`] (the operator sits below this facade, so the facade hands it the
+/// data path's retention).
 #[cfg(feature = "kubernetes")]
 pub fn operator_context(client: kube::Client, image: impl Into<String>) -> operator::Context {
-    operator::Context::new(client, image, |target, volume, keep_last| {
-        Ok(prune(target, volume, keep_last)?)
+    operator::Context::new(client, image, |target, app, keep_last| {
+        let expiry = expire_app_backups(target, app, keep_last)?;
+        Ok(operator::AppRetention {
+            expired: expiry.expired,
+            kept: expiry.kept,
+        })
     })
 }

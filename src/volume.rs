@@ -518,29 +518,41 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<V
             removed.push(oldest.id.clone());
             continue;
         };
-        // Verified: a damaged cluster stops the fold instead of being copied into the child.
-        let (_, chain) = open_backup(target, volume, Some(&child.id))?;
-        let cluster_size = child.cluster_size;
-        target.fold_into_child(volume, &oldest.id, |sink, backing| {
-            // The merged image is compressed as a default backup is, so retention never
-            // inflates what compressed backups stored.
-            let defaults = BackupOptions::default();
-            let mut options = WriterOptions::default();
-            options.cluster_size = cluster_size;
-            options.backing_file = backing;
-            options.compression = defaults.compression;
-            options.compression_level = defaults.compression_level;
-            let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
-                strata_target::Error::Upload {
-                    path: child.image.object.clone(),
-                    reason: chain_text(&e),
-                }
-            })?;
-            Ok(vec![(
-                side_file(CHECKSUMS_FILE),
-                SideBody::from_reader(checksums.into_reader()),
-            )])
-        })?;
+        fold_verified(target, volume, &oldest.id, child)?;
         removed.push(oldest.id.clone());
     }
+}
+
+/// Folds backup `parent` of `volume` into `child`, its one child: the merged image stands for
+/// `child`'s point over `parent`'s backing file, compressed as a default backup is (so
+/// retention never inflates what compressed backups stored), with fresh checksums. The chain
+/// is verified as it is read: a damaged cluster stops the fold instead of being copied into
+/// the child.
+pub(crate) fn fold_verified(
+    target: &Target,
+    volume: &VolumeName,
+    parent: &BackupId,
+    child: &BackupManifest,
+) -> Result<()> {
+    let (_, chain) = open_backup(target, volume, Some(&child.id))?;
+    let cluster_size = child.cluster_size;
+    target.fold_into_child(volume, parent, |sink, backing| {
+        let defaults = BackupOptions::default();
+        let mut options = WriterOptions::default();
+        options.cluster_size = cluster_size;
+        options.backing_file = backing;
+        options.compression = defaults.compression;
+        options.compression_level = defaults.compression_level;
+        let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
+            strata_target::Error::Upload {
+                path: child.image.object.clone(),
+                reason: chain_text(&e),
+            }
+        })?;
+        Ok(vec![(
+            side_file(CHECKSUMS_FILE),
+            SideBody::from_reader(checksums.into_reader()),
+        )])
+    })?;
+    Ok(())
 }

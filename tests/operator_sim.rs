@@ -5,6 +5,7 @@
 
 mod cluster_sim;
 mod kube_mock;
+mod strata_bin;
 
 use std::time::Duration;
 
@@ -17,23 +18,11 @@ use strata::operator::crd::{Backup, BackupStatus, Restore};
 use strata::operator::reconcile::{FINALIZER, lock_name, stash_name};
 use strata::operator::status::Phase;
 use strata::operator::{Context, reconcile_backup, reconcile_restore};
+use strata_bin::noise;
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
 const VOLUME_BYTES: usize = 4 << 20;
-
-/// Bytes that neither repeat nor compress (xorshift), so a backup sends every MiB.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Namespace `shop` (Pod Security `labels`) holding Block PVC `data` (class `fast` of the
 /// hostpath driver, labelled `app=db`) on a device of noise; a snapshot class; Target `local`
@@ -740,4 +729,103 @@ async fn every_object_of_a_run_is_owned_by_its_backup() {
             assert!(made.contains(&path), "{path} is not expected");
         }
     }
+}
+
+/// Backup `name` (Incremental) of `app=db` keeping the last `keep_last` application backups.
+fn add_backup_keeping(sim: &Sim, name: &str, uid: &str, keep_last: u32) {
+    sim.mock.put(
+        &format!("{BACKUPS}/{name}"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": name, "namespace": "shop", "uid": uid, "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Incremental", "retention": {"keepLast": keep_last}}}),
+    );
+}
+
+/// Restore `name` of Backup `backup` into `shop-copy`, reconciled once; its status.
+async fn validate_restore(
+    sim: &Sim,
+    ctx: &Context,
+    name: &str,
+    backup: &str,
+) -> strata::operator::crd::RestoreStatus {
+    let path = format!("/apis/strata.io/v1alpha1/namespaces/shop/restores/{name}");
+    sim.mock.put(
+        &path,
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": name, "namespace": "shop", "uid": format!("r-{name}"),
+                            "generation": 1},
+               "spec": {"backupRef": {"name": backup},
+                        "namespaceMapping": {"shop": "shop-copy"}}}),
+    );
+    let restore: strata::operator::crd::Restore =
+        serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+    let _ = strata::operator::reconcile_restore(&restore, ctx).await;
+    let restore: strata::operator::crd::Restore =
+        serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+    restore.status.unwrap_or_default()
+}
+
+/// The condition `type_` of a Restore's status; fails the test when it is not set.
+fn restore_condition<'a>(
+    status: &'a strata::operator::crd::RestoreStatus,
+    type_: &str,
+) -> &'a strata::operator::status::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition: {status:?}"))
+}
+
+/// Item 4: `keepLast` kept the newest N volume backups of each volume, folding away the volume
+/// backup an older Completed Backup still named, which then looked restorable and was not.
+/// Retention now expires whole application backups: the expired Backup says so, a Restore of
+/// it fails validation naming the missing id, the kept ones restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backup() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let device = sim.device_of_claim("shop", "data").unwrap();
+    let mut contents = Vec::new();
+    for (i, name) in ["first", "second", "third"].into_iter().enumerate() {
+        let content = noise(VOLUME_BYTES, 100 + i as u64);
+        std::fs::write(&device, &content).unwrap();
+        add_backup_keeping(&sim, name, &format!("b-{name}"), 2);
+        let done = drive(&sim, &ctx, name, 12, Duration::from_secs(60)).await;
+        assert_eq!(done.phase, Some(Phase::Completed), "{name}: {done:?}");
+        contents.push((backup_id(&done), content));
+    }
+
+    let first = status(&sim, "first");
+    assert_eq!(first.phase, Some(Phase::Completed), "the run did complete");
+    let (state, reason, message) = condition(&first, "Expired").expect("an Expired condition");
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("True", "RetentionExpired")
+    );
+    assert!(
+        message.contains("/first") && message.contains("Backup third"),
+        "{message}"
+    );
+    for kept in ["second", "third"] {
+        assert_eq!(condition(&status(&sim, kept), "Expired"), None, "{kept}");
+    }
+    for (id, content) in &contents[1..] {
+        assert!(restored(folder.path(), id) == *content, "{id} restores");
+    }
+
+    let refused = validate_restore(&sim, &ctx, "from-first", "first").await;
+    assert_eq!(refused.phase, Some(Phase::Failed), "{refused:?}");
+    let failed = restore_condition(&refused, "Failed");
+    assert_eq!(failed.reason, "InvalidSpec");
+    assert!(
+        failed.message.contains("/first is not in the target"),
+        "{}",
+        failed.message
+    );
+    let accepted = validate_restore(&sim, &ctx, "from-second", "second").await;
+    assert_ne!(accepted.phase, Some(Phase::Failed), "{accepted:?}");
+    let validated = restore_condition(&accepted, "Validated");
+    assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }

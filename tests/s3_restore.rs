@@ -7,6 +7,7 @@
 mod faulty;
 #[path = "../target/tests/common/moto.rs"]
 mod moto;
+mod strata_bin;
 
 use std::fmt;
 use std::ops::Range;
@@ -222,15 +223,7 @@ fn options() -> TargetOptions {
 
 /// Deterministic bytes that do not compress.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    strata_bin::noise(len, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A 4 MiB volume backed up three times: a base of random clusters, compressible text and

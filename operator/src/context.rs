@@ -15,16 +15,26 @@ use super::endpoint::Health;
 use super::error::{Error, Result};
 use super::metrics::Metrics;
 use strata_csi::datamover::TargetMount;
-use strata_target::{BackupId, Target, TargetOptions, VolumeName};
+use strata_target::{AppBackupId, AppName, Target, TargetOptions, VolumeName};
 
 /// An error from outside the operator (the retention the facade supplies).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Retention: keep the newest `keep_last` backups of a volume, folding older ones into their
-/// children, and return the ids removed. The data path's flows live in the facade above this
-/// crate, so the controller is handed `strata::prune` ([`Context::new`]'s caller supplies it;
+/// Retention of an application: keep its newest `keep_last` application backups, expire the
+/// older ones and remove the volume backups no remaining application backup names. The data
+/// path's flows live in the facade above this crate, so the controller is handed
+/// `strata::expire_app_backups` ([`Context::new`]'s caller supplies it;
 /// `strata::operator_context` wires it).
-pub type Prune = fn(&Target, &VolumeName, usize) -> std::result::Result<Vec<BackupId>, BoxError>;
+pub type Prune = fn(&Target, &AppName, usize) -> std::result::Result<AppRetention, BoxError>;
+
+/// What retention of an application did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppRetention {
+    /// The application backups expired, oldest first.
+    pub expired: Vec<AppBackupId>,
+    /// The application backups that remain, oldest first.
+    pub kept: Vec<AppBackupId>,
+}
 
 /// Settings of the controller.
 #[derive(Clone)]
@@ -39,7 +49,7 @@ pub struct Context {
     pub poll: Duration,
     /// Field manager for server-side apply of restored objects.
     pub field_manager: String,
-    /// What a Backup's `retention` runs after its commit.
+    /// What a Backup's `retention` runs after its commit, once per application backup.
     pub prune: Prune,
     /// How long a datamover pod may be unable to start (image pull, missing Secret or claim,
     /// refused by admission) before the run fails with the reason; meanwhile the run's
@@ -72,10 +82,10 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context polling every five seconds, pruning with `prune`, publishing Events as
-    /// [`events::reporter`](crate::events::reporter) says; datamover pods get ten minutes to
-    /// start and a day to finish (a 2 TiB volume at 100 MB/s takes under six hours),
-    /// snapshots fifteen minutes to clear an error.
+    /// A context polling every five seconds, applying retention with `prune`, publishing
+    /// Events as [`events::reporter`](crate::events::reporter) says; datamover pods get ten
+    /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
+    /// hours), snapshots fifteen minutes to clear an error.
     pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(&metrics));

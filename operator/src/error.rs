@@ -73,11 +73,11 @@ pub enum Error {
         /// Reason and message of the Job's `Failed` condition.
         message: String,
     },
-    /// Pruning old volume backups failed.
-    #[error("retention of volume {volume}")]
+    /// Retention (expiring old application backups and their volume backups) failed.
+    #[error("retention of application {app}")]
     Retention {
-        /// The volume.
-        volume: String,
+        /// The application.
+        app: String,
         /// The cause.
         #[source]
         source: crate::context::BoxError,
@@ -428,7 +428,7 @@ mod tests {
         #[error("prune")]
         struct Facade(#[source] strata_target::Error);
         let err = Error::Retention {
-            volume: "shop.data".into(),
+            app: "shop".into(),
             source: Box::new(Facade(strata_target::Error::AccessDenied {
                 operation: "delete",
                 path: "p".into(),

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::layout::FORMAT_VERSION;
 use crate::manifest::{AppManifest, VolumeBackupRef, crc32, from_json, to_json};
 use crate::name::{AppBackupId, AppName};
-use crate::target::{Created, Target};
+use crate::target::{Created, Inner, Target};
 
 impl Target {
     /// Stores an application backup: the archive first, then its manifest, create-only, as the
@@ -56,10 +56,53 @@ impl Target {
 
     /// The committed backups of application `app`, oldest first.
     pub fn app_backups(&self, app: &AppName) -> Result<Vec<AppManifest>> {
-        let app = app.clone();
-        self.block("list application backups", move |inner| async move {
+        let prefix_app = app.clone();
+        self.list_app_manifests("list application backups", move |layout| {
+            layout.applications(&prefix_app)
+        })
+    }
+
+    /// The committed backups of every application in the target, oldest first: what a volume
+    /// backup may be referenced by (several applications may back up the same volume).
+    pub fn all_app_backups(&self) -> Result<Vec<AppManifest>> {
+        self.list_app_manifests("list all application backups", |layout| {
+            layout.all_applications()
+        })
+    }
+
+    /// The manifest of one committed application backup; [`Error::NotFound`] when there is
+    /// none (never committed, or expired by retention).
+    pub fn app_backup(&self, app: &AppName, id: &AppBackupId) -> Result<AppManifest> {
+        let (app, id) = (app.clone(), id.clone());
+        self.block("read application backup", move |inner| async move {
+            read_app_manifest(&inner, &app, &id).await
+        })
+    }
+
+    /// Expires application backup `id` of `app`: its manifest goes first (the commit point,
+    /// so listings and restores stop seeing it at once), then its archive. Deleting an absent
+    /// backup succeeds, so an expiry interrupted between the two (crash point
+    /// `app-manifest-deleted`) is finished by running it again; an archive left without its
+    /// manifest is never listed or read, and
+    /// [`Target::gc`] removes it. The volume backups it names are left alone: removing
+    /// those that no remaining application backup names is the caller's retention policy.
+    pub fn delete_app_backup(&self, app: &AppName, id: &AppBackupId) -> Result<()> {
+        let (app, id) = (app.clone(), id.clone());
+        self.block("delete application backup", move |inner| async move {
+            inner.delete(&inner.layout.app_manifest(&app, &id)).await?;
+            crate::failpoint::hit("app-manifest-deleted");
+            inner.delete(&inner.layout.app_archive(&app, &id)).await
+        })
+    }
+
+    fn list_app_manifests(
+        &self,
+        operation: &'static str,
+        prefix: impl FnOnce(&crate::layout::Layout) -> object_store::path::Path + Send + 'static,
+    ) -> Result<Vec<AppManifest>> {
+        self.block(operation, move |inner| async move {
             let mut out = Vec::new();
-            for meta in inner.list(&inner.layout.applications(&app)).await? {
+            for meta in inner.list(&prefix(&inner.layout)).await? {
                 if meta.location.as_ref().ends_with(".json") {
                     let bytes = inner.get_bytes(&meta.location).await?;
                     out.push(from_json::<AppManifest>(
@@ -78,17 +121,7 @@ impl Target {
     pub fn read_app_archive(&self, app: &AppName, id: &AppBackupId) -> Result<Bytes> {
         let (app, id) = (app.clone(), id.clone());
         self.block("read application archive", move |inner| async move {
-            let manifest_path = inner.layout.app_manifest(&app, &id);
-            let manifest: AppManifest = match inner.get_bytes(&manifest_path).await {
-                Ok(bytes) => from_json("application manifest", manifest_path.as_ref(), &bytes)?,
-                Err(Error::NotFound { .. }) => {
-                    return Err(Error::NotFound {
-                        what: "application backup",
-                        name: format!("{app}/{id}"),
-                    });
-                }
-                Err(err) => return Err(err),
-            };
+            let manifest = read_app_manifest(&inner, &app, &id).await?;
             let path = inner.layout.app_archive(&app, &id);
             let archive = inner.get_bytes(&path).await?;
             if archive.len() as u64 != manifest.archive_size
@@ -102,5 +135,18 @@ impl Target {
             }
             Ok(archive)
         })
+    }
+}
+
+/// The manifest of application backup `app/id`, [`Error::NotFound`] naming it when absent.
+async fn read_app_manifest(inner: &Inner, app: &AppName, id: &AppBackupId) -> Result<AppManifest> {
+    let path = inner.layout.app_manifest(app, id);
+    match inner.get_bytes(&path).await {
+        Ok(bytes) => from_json("application manifest", path.as_ref(), &bytes),
+        Err(Error::NotFound { .. }) => Err(Error::NotFound {
+            what: "application backup",
+            name: format!("{app}/{id}"),
+        }),
+        Err(err) => Err(err),
     }
 }

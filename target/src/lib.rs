@@ -128,6 +128,12 @@
 //!   `target/tests/fold.rs` breaks this on purpose (a fold killed at each request in turn,
 //!   readers held across folds on every backend, a child manifest changed under a fold), as
 //!   does `tests/cli_prune.rs` with SIGKILL of a real `strata prune`.
+//! - **Application backups expire by manifest.** [`Target::delete_app_backup`] deletes the
+//!   manifest (the commit point) before the archive, and deleting an absent one succeeds, so
+//!   an interrupted expiry is finished by running it again. It never touches volume backups:
+//!   the facade's `expire_app_backups` removes only those no remaining application backup
+//!   names, after the manifests are gone, so a crash never leaves a listed application backup
+//!   naming a removed volume backup.
 //! - **Retries.** Transient errors (object_store's `Generic`) are retried with exponential
 //!   backoff ([`RetryPolicy`]) on top of the HTTP client's own retries; part uploads are
 //!   idempotent, and short range reads count as transient.

@@ -42,6 +42,7 @@ conformance!(
     side_files_are_checked,
     large_side_files_stream_in_parts_and_download_checked,
     application_backups_round_trip,
+    application_backups_expire_by_manifest,
     storage_refuses_escaping_names,
     concurrent_readers_see_the_same_bytes,
     qemu_made_chain_round_trips,
@@ -393,6 +394,54 @@ fn application_backups_round_trip(f: Fixture) -> TestResult {
         .put_app_backup(&app, &id, refs, Bytes::from_static(b"other"));
     assert!(matches!(again, Err(Error::BackupExists { .. })));
     assert_eq!(f.target.read_app_archive(&app, &id)?, archive);
+    Ok(())
+}
+
+fn application_backups_expire_by_manifest(f: Fixture) -> TestResult {
+    let (shop, blog) = (AppName::new("shop")?, AppName::new("blog")?);
+    let v = volume("db");
+    let (b, _) = backup(&f.target, &v, None, 1, 1 << 20)?;
+    let refs = vec![VolumeBackupRef {
+        volume: v.clone(),
+        backup: b.id.clone(),
+    }];
+    let (old, new) = (AppBackupId::new("old")?, AppBackupId::new("new")?);
+    let archive = Bytes::from_static(b"kind: List\n");
+    f.target
+        .put_app_backup(&shop, &old, refs.clone(), archive.clone())?;
+    let kept = f
+        .target
+        .put_app_backup(&shop, &new, refs.clone(), archive.clone())?;
+    let other = f
+        .target
+        .put_app_backup(&blog, &old, refs, archive.clone())?;
+    assert_eq!(f.target.all_app_backups()?.len(), 3);
+
+    f.target.delete_app_backup(&shop, &old)?;
+    assert_eq!(f.target.app_backups(&shop)?, vec![kept.clone()]);
+    let missing = f.target.app_backup(&shop, &old);
+    assert!(
+        matches!(&missing, Err(Error::NotFound { name, .. }) if name == "shop/old"),
+        "{missing:?}"
+    );
+    assert!(matches!(
+        f.target.read_app_archive(&shop, &old),
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(f.target.app_backup(&shop, &new)?, kept);
+    // Another application's backup of the same id, and the volume backup, are untouched.
+    assert_eq!(f.target.app_backup(&blog, &old)?, other);
+    assert_eq!(f.target.backups(&v)?, vec![b]);
+    let mut all: Vec<String> = f
+        .target
+        .all_app_backups()?
+        .iter()
+        .map(|m| format!("{}/{}", m.app, m.id))
+        .collect();
+    all.sort();
+    assert_eq!(all, ["blog/old", "shop/new"]);
+    // Expiring again (a rerun after a crash) succeeds.
+    f.target.delete_app_backup(&shop, &old)?;
     Ok(())
 }
 

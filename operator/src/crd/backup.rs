@@ -21,6 +21,7 @@ use crate::status::{Condition, Phase, Progress};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Volumes","type":"integer","jsonPath":".status.progress.volumesDone"}"#,
     printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".status.backupId"}"#,
+    printcolumn = r#"{"name":"Expired","type":"string","jsonPath":".status.conditions[?(@.type==\"Expired\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -41,7 +42,9 @@ pub struct BackupSpec {
     /// backup; full when a volume has none).
     #[serde(default)]
     pub mode: BackupMode,
-    /// How many backups of each volume to keep; older ones are folded into their children.
+    /// How many application backups of the application to keep; older ones expire (their
+    /// Backups get condition Expired), and the volume backups no kept application backup
+    /// names are folded into their children.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
     /// VolumeSnapshotClass to use instead of the one chosen for each volume's CSI driver.
@@ -62,11 +65,11 @@ pub enum BackupMode {
     Incremental,
 }
 
-/// Retention of volume backups.
+/// Retention of application backups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Retention {
-    /// Backups of each volume to keep, at least one.
+    /// Application backups to keep, at least one.
     #[schemars(range(min = 1))]
     pub keep_last: u32,
 }

@@ -432,9 +432,13 @@ pub struct PruneArgs {
     /// The target.
     #[arg(long)]
     target: String,
-    /// The volume.
+    /// The volume: keep its newest backups, folding older ones into their children.
+    #[arg(long, required_unless_present = "app", conflicts_with = "app")]
+    volume: Option<String>,
+    /// The application: keep its newest application backups, expire the older ones and
+    /// remove the volume backups no remaining application backup names.
     #[arg(long)]
-    volume: String,
+    app: Option<String>,
     /// How many of the newest backups to keep.
     #[arg(long)]
     keep_last: usize,
@@ -443,9 +447,27 @@ pub struct PruneArgs {
 /// Runs `strata prune`.
 pub fn prune(args: PruneArgs) -> anyhow::Result<()> {
     let target = open_target(&args.target)?;
-    let volume = VolumeName::new(&args.volume)?;
-    let removed = strata::prune(&target, &volume, args.keep_last)?;
     let mut out = std::io::stdout().lock();
+    if let Some(app) = &args.app {
+        let app = strata::target::AppName::new(app)?;
+        let expiry = strata::expire_app_backups(&target, &app, args.keep_last)?;
+        for id in &expiry.expired {
+            writeln!(out, "expired application backup {app}/{id}")?;
+        }
+        for (volume, id) in &expiry.removed {
+            writeln!(out, "removed volume backup {volume}/{id}")?;
+        }
+        writeln!(
+            out,
+            "{} application backups expired, {} kept; {} volume backups removed",
+            expiry.expired.len(),
+            expiry.kept.len(),
+            expiry.removed.len()
+        )?;
+        return Ok(());
+    }
+    let volume = VolumeName::new(args.volume.as_deref().unwrap_or_default())?;
+    let removed = strata::prune(&target, &volume, args.keep_last)?;
     for id in &removed {
         writeln!(out, "folded {id} into its child")?;
     }

@@ -2,14 +2,20 @@
 //! keeping each snapshot as its volume's changed-block base and retiring the previous one,
 //! and deleting the temporaries.
 
+use std::collections::HashSet;
+
 use futures::future::try_join_all;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::json;
 
 use super::Run;
-use crate::crd::{BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::context::AppRetention;
+use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::reconcile::volumes::{Temporaries, cleanup};
-use crate::reconcile::{cbt, stash};
-use crate::status::{ConditionStatus, Phase, set_condition};
+use crate::reconcile::{cbt, patch_status, stash};
+use crate::status::{ConditionStatus, Phase, condition, set_condition};
 use strata_csi::Role;
 use strata_csi::client::delete_pvc;
 use strata_target::{BackupId, VolumeBackupRef, VolumeName};
@@ -39,9 +45,8 @@ impl Run<'_> {
         let ids: Vec<String> = refs.iter().map(|r| r.backup.to_string()).collect();
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
         let prune = self.ctx.prune;
-        let gc_failure = self
-            .target()
-            .await?
+        let target = self.target().await?;
+        let (retention, gc_failure) = target
             .with(move |t| {
                 let stashed = archive.is_some();
                 let earlier = match archive {
@@ -77,14 +82,16 @@ impl Run<'_> {
                         reason: format!("it disappeared before {app}/{id} was committed"),
                     });
                 }
-                if let Some(keep) = keep_last {
-                    for r in &refs {
-                        prune(t, &r.volume, keep.max(1)).map_err(|source| Error::Retention {
-                            volume: r.volume.to_string(),
-                            source,
-                        })?;
-                    }
-                }
+                let retention =
+                    match keep_last {
+                        Some(keep) => Some(prune(t, &app, keep.max(1)).map_err(|source| {
+                            Error::Retention {
+                                app: app.to_string(),
+                                source,
+                            }
+                        })?),
+                        None => None,
+                    };
                 // What killed datamovers left behind (their writers' leftovers; their slots
                 // are taken over by the next backup anyway). A failure here does not undo the
                 // commit: it is reported in a condition and retried after the next commit.
@@ -98,7 +105,10 @@ impl Run<'_> {
                             })
                     })
                     .collect();
-                Ok((!failures.is_empty()).then(|| failures.join("; ")))
+                Ok((
+                    retention,
+                    (!failures.is_empty()).then(|| failures.join("; ")),
+                ))
             })
             .await?;
         let generation = self.backup.metadata.generation;
@@ -126,6 +136,9 @@ impl Run<'_> {
             format!("application backup {} written", self.name),
             generation,
         );
+        if let Some(retention) = &retention {
+            self.mark_expired(status, retention).await?;
+        }
         let kept = self.keep_bases(status, &ids).await?;
         if self.backup.spec.cleanup != CleanupPolicy::Never {
             let (mut bases, mut others) = (Vec::new(), Vec::new());
@@ -137,6 +150,69 @@ impl Run<'_> {
         // The locks go after the Completed status is written (see `reconcile_backup`).
         status.backup_id = Some(self.name.clone());
         status.phase = Some(Phase::Completed);
+        Ok(())
+    }
+
+    /// Give each Completed Backup of this application whose application backup retention
+    /// expired (its `status.backupId` is no longer among those kept) the condition `Expired`
+    /// (True, reason `RetentionExpired`, naming this Backup). Its phase stays `Completed`: the
+    /// run did complete, the phase is final (a final resource is never reconciled again), and
+    /// tools that wait for `Completed` keep working; the condition says its data is gone, and
+    /// a Restore of it fails validation. Matching by what remains rather than by what this
+    /// call expired also marks what an earlier commit expired and then crashed before marking.
+    async fn mark_expired(&self, status: &BackupStatus, retention: &AppRetention) -> Result<()> {
+        let app = status
+            .application_name
+            .clone()
+            .unwrap_or_else(|| self.namespace.clone());
+        let kept: HashSet<String> = retention.kept.iter().map(|id| id.to_string()).collect();
+        let api: Api<Backup> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let backups = api
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube(format!("list Backups in {}", self.namespace)))?;
+        for other in backups {
+            let Some(mut other_status) = other.status.clone() else {
+                continue;
+            };
+            let name = other.metadata.name.clone().unwrap_or_default();
+            let expired = name != self.name
+                && other_status.phase == Some(Phase::Completed)
+                && other_status
+                    .application_name
+                    .as_deref()
+                    .unwrap_or(&self.namespace)
+                    == app
+                && other_status
+                    .backup_id
+                    .as_ref()
+                    .is_some_and(|id| !kept.contains(id))
+                && condition(&other_status.conditions, "Expired").is_none();
+            if !expired {
+                continue;
+            }
+            set_condition(
+                &mut other_status.conditions,
+                "Expired",
+                ConditionStatus::True,
+                "RetentionExpired",
+                format!(
+                    "application backup {app}/{} was expired by the retention of Backup {}; \
+                     it can no longer be restored",
+                    other_status.backup_id.as_deref().unwrap_or_default(),
+                    self.name
+                ),
+                other.metadata.generation,
+            );
+            patch_status::<Backup>(
+                &self.ctx.client,
+                &self.namespace,
+                &name,
+                other.metadata.resource_version.as_deref(),
+                &json!({ "conditions": other_status.conditions }),
+            )
+            .await?;
+        }
         Ok(())
     }
 

@@ -49,7 +49,7 @@ use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::VolumeKey;
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
 use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
-use strata_target::{AppBackupId, AppName};
+use strata_target::{AppBackupId, AppName, Target};
 
 /// One reconcile of a Restore.
 struct Run<'a> {
@@ -272,6 +272,7 @@ impl<'a> Run<'a> {
             TargetAccess::resolve(self.ctx, &self.namespace, &backup.spec.target_ref.name).await?;
         let archive = target
             .with(move |t| {
+                check_present(t, &app, &id)?;
                 t.read_app_archive(&app, &id)
                     .map_err(Error::target(format!("read the archive of {app}/{id}")))
             })
@@ -329,4 +330,45 @@ fn is_claim(object: &Value, namespace: &str, name: &str) -> bool {
         && object["kind"] == "PersistentVolumeClaim"
         && object["metadata"]["namespace"] == namespace
         && object["metadata"]["name"] == name
+}
+
+/// Fails at once, naming the missing id, when application backup `app/id` is not in the
+/// target (expired by retention, deleted) or names a volume backup that is not committed
+/// there, instead of a target error in the middle of the copy.
+fn check_present(target: &Target, app: &AppName, id: &AppBackupId) -> Result<()> {
+    let manifest = match target.app_backup(app, id) {
+        Ok(manifest) => manifest,
+        Err(strata_target::Error::NotFound { .. }) => {
+            return Err(Error::InvalidSpec {
+                what: "spec.backupRef",
+                reason: format!(
+                    "application backup {app}/{id} is not in the target (expired by retention \
+                     or deleted)"
+                ),
+            });
+        }
+        Err(err) => return Err(Error::target(format!("read application backup {app}/{id}"))(err)),
+    };
+    for r in &manifest.volumes {
+        match target.backup(&r.volume, &r.backup) {
+            Ok(_) => {}
+            Err(strata_target::Error::NotFound { .. }) => {
+                return Err(Error::InvalidSpec {
+                    what: "spec.backupRef",
+                    reason: format!(
+                        "volume backup {}/{} of application backup {app}/{id} is not committed \
+                         in the target",
+                        r.volume, r.backup
+                    ),
+                });
+            }
+            Err(err) => {
+                return Err(Error::target(format!(
+                    "read volume backup {}/{}",
+                    r.volume, r.backup
+                ))(err));
+            }
+        }
+    }
+    Ok(())
 }
