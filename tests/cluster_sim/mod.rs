@@ -142,6 +142,15 @@ impl Sim {
         }
     }
 
+    /// Paths of the stored objects of namespaced `resource` (`pods`, `jobs`, ...).
+    fn objects(&self, resource: &str) -> Vec<String> {
+        self.mock
+            .paths()
+            .into_iter()
+            .filter(|p| is_a(p, resource))
+            .collect()
+    }
+
     /// A file under the simulator's folder.
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -426,12 +435,7 @@ impl Sim {
     // --- provisioner ------------------------------------------------------------------------
 
     fn provisioner(&self) {
-        let paths: Vec<String> = self
-            .mock
-            .paths()
-            .into_iter()
-            .filter(|p| is_a(p, "persistentvolumeclaims"))
-            .collect();
+        let paths: Vec<String> = self.objects("persistentvolumeclaims");
         for path in paths {
             let Some(mut pvc) = self.mock.get(&path) else {
                 continue;
@@ -533,12 +537,7 @@ impl Sim {
     /// The garbage collector (docs "Garbage Collection", background cascading deletion):
     /// a pod whose owning Job is gone is killed and deleted.
     fn garbage_collector(&self) {
-        let pods: Vec<String> = self
-            .mock
-            .paths()
-            .into_iter()
-            .filter(|p| is_a(p, "pods"))
-            .collect();
+        let pods: Vec<String> = self.objects("pods");
         for path in pods {
             let Some(pod) = self.mock.get(&path) else {
                 continue;
@@ -586,12 +585,7 @@ impl Sim {
 
     fn job_controller(&self) {
         self.garbage_collector();
-        let jobs: Vec<String> = self
-            .mock
-            .paths()
-            .into_iter()
-            .filter(|p| is_a(p, "jobs"))
-            .collect();
+        let jobs: Vec<String> = self.objects("jobs");
         for path in jobs {
             let Some(mut job) = self.mock.get(&path) else {
                 continue;
@@ -791,12 +785,7 @@ impl Sim {
     // --- kubelet ----------------------------------------------------------------------------
 
     async fn kubelet(&self, wait: Duration) {
-        let pods: Vec<String> = self
-            .mock
-            .paths()
-            .into_iter()
-            .filter(|p| is_a(p, "pods"))
-            .collect();
+        let pods: Vec<String> = self.objects("pods");
         for path in &pods {
             let Some(pod) = self.mock.get(path) else {
                 continue;
