@@ -829,3 +829,111 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     let validated = restore_condition(&accepted, "Validated");
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }
+
+/// The rules of the controller's ClusterRole as `strata install` generates it.
+fn install_rules() -> Vec<Value> {
+    let install = strata::operator::install::Install::new(IMAGE);
+    strata::operator::install::controller_objects(&install)
+        .into_iter()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "strata-controller")
+        .expect("the controller's ClusterRole")["rules"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Item 7 (in part): every request the controller makes in a backup, an incremental with
+/// retention, a Target check, a restore into a mapped namespace and the cancellation of a
+/// running Backup is allowed by the ClusterRole `strata install` generates.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_of_the_controller_is_allowed_by_the_generated_rbac() {
+    let (sim, _folder) = cluster(json!({}));
+    sim.mock.enforce_rbac(install_rules());
+    let ctx = context(&sim);
+    let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(
+        full.phase,
+        Some(Phase::Completed),
+        "{full:?} {:?}",
+        sim.mock.denied()
+    );
+    sim.mock.put(
+        &format!("{BACKUPS}/hourly"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "hourly", "namespace": "shop", "uid": "b-2", "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Incremental", "retention": {"keepLast": 1}}}),
+    );
+    let incremental = drive(&sim, &ctx, "hourly", 12, Duration::from_secs(60)).await;
+    assert_eq!(incremental.phase, Some(Phase::Completed), "{incremental:?}");
+    let expired = status(&sim, "nightly");
+    assert!(condition(&expired, "Expired").is_some(), "{expired:?}");
+
+    let target: strata::operator::crd::Target = serde_json::from_value(
+        sim.mock
+            .get("/apis/strata.io/v1alpha1/namespaces/shop/targets/local")
+            .unwrap(),
+    )
+    .unwrap();
+    strata::operator::reconcile_target(&target, &ctx)
+        .await
+        .unwrap();
+
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "hourly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+
+    add_backup(&sim, "doomed", "b-3", "Full");
+    sim.inject_pod_fault(PodFault::FreezeAt("mid-upload"));
+    let running = drive(&sim, &ctx, "doomed", 4, Duration::from_millis(500)).await;
+    assert_eq!(running.phase, Some(Phase::Copying), "{running:?}");
+    // A user deletes it (as its owner may; not the controller's request): the API server
+    // marks an object with finalizers deleted.
+    let path = format!("{BACKUPS}/doomed");
+    let mut marked = sim.mock.get(&path).unwrap();
+    marked["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+    sim.mock.put(&path, marked);
+    let gone = sim.mock.get(&path).unwrap();
+    let doomed: Backup = serde_json::from_value(gone).unwrap();
+    reconcile_backup(&doomed, &ctx).await.unwrap();
+    assert!(sim.mock.get(&format!("{BACKUPS}/doomed")).is_none());
+
+    assert_eq!(sim.mock.denied(), Vec::<String>::new());
+}
+
+/// The enforcement is real: without `delete` on ServiceAccounts, the mapped restore cannot
+/// remove the account it made, and the refused request is the one named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verb_missing_from_the_rbac_stops_the_flow_that_needs_it() {
+    let (sim, _folder) = cluster(json!({}));
+    let mut rules = install_rules();
+    for rule in &mut rules {
+        if let Some(resources) = rule["resources"].as_array_mut() {
+            resources.retain(|r| r != "serviceaccounts");
+        }
+    }
+    sim.mock.enforce_rbac(rules);
+    let ctx = context(&sim);
+    let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let stuck = drive_restore(&sim, &ctx, "copy", 6).await;
+    assert_ne!(stuck["phase"], "Completed", "{stuck}");
+    let denied = sim.mock.denied();
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.starts_with("delete core/serviceaccounts strata-access-")),
+        "{denied:?}"
+    );
+}

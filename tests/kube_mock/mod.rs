@@ -26,6 +26,10 @@ struct State {
     version: u64,
     /// `("METHOD path-prefix", status code)`: requests answered with that error.
     failures: Vec<(String, u16)>,
+    /// The rules every request is authorised against, once [`Mock::enforce_rbac`] is called.
+    rbac: Option<Vec<Value>>,
+    /// The requests RBAC refused.
+    denied: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -246,6 +250,15 @@ impl Mock {
         if let Some(code) = state.injected_failure(&request) {
             return failure(code, code.canonical_reason().unwrap_or("Failure"));
         }
+        if let Some(rules) = &state.rbac {
+            let query = ""; // `watch` never reaches the mock: the reconcilers only get and list.
+            if let Some(attributes) = attributes(method.as_str(), &path, query) {
+                if !allowed(rules, &attributes) {
+                    state.denied.push(attributes.to_string());
+                    return failure(StatusCode::FORBIDDEN, "Forbidden");
+                }
+            }
+        }
         match method.as_str() {
             "POST" => {
                 let mut object: Value = serde_json::from_slice(&bytes).unwrap();
@@ -458,5 +471,109 @@ impl Mock {
             ..Default::default()
         };
         strata::csi::VolumeKey::of_run(&owner, "shop", namespace, pvc)
+    }
+}
+
+// --- RBAC -------------------------------------------------------------------------------------
+//
+// The API server's RBAC authorizer (docs "Using RBAC Authorization", "Authorization: request
+// attributes"): a resource request is allowed when some rule's apiGroups, resources (with
+// `resource/subresource` for a subresource) and verbs contain the request's, or `*`, and its
+// resourceNames, if any, contain the object's name. Discovery (`/api`, `/apis/...` without a
+// resource) is granted to every authenticated user by `system:discovery`.
+
+/// The attributes of one resource request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attributes {
+    pub group: String,
+    pub resource: String,
+    pub verb: &'static str,
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for Attributes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        write!(f, "{} {group}/{}", self.verb, self.resource)?;
+        if let Some(name) = &self.name {
+            write!(f, " {name}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The attributes of `METHOD path`; `None` for discovery.
+fn attributes(method: &str, path: &str, query: &str) -> Option<Attributes> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, mut rest) = match parts.first() {
+        Some(&"api") => (String::new(), parts.get(2..)?),
+        Some(&"apis") => ((*parts.get(1)?).to_owned(), parts.get(3..)?),
+        _ => return None,
+    };
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        rest = &rest[2..];
+    }
+    let (resource, name, sub) = match rest {
+        [] => return None,
+        [resource] => (*resource, None, None),
+        [resource, name] => (*resource, Some(*name), None),
+        [resource, name, sub, ..] => (*resource, Some(*name), Some(*sub)),
+    };
+    let verb = match (method, name.is_some()) {
+        ("GET", true) => "get",
+        ("GET", false) if query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => return None,
+    };
+    Some(Attributes {
+        group,
+        resource: match sub {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_owned(),
+        },
+        verb,
+        name: name.map(str::to_owned),
+    })
+}
+
+fn allowed(rules: &[Value], request: &Attributes) -> bool {
+    let has = |list: &Value, wanted: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|v| v == "*" || v == wanted))
+    };
+    rules.iter().any(|rule| {
+        has(&rule["apiGroups"], &request.group)
+            && has(&rule["resources"], &request.resource)
+            && has(&rule["verbs"], request.verb)
+            && match rule["resourceNames"].as_array() {
+                None => true,
+                Some(names) if names.is_empty() => true,
+                Some(names) => request
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| names.iter().any(|v| v == n.as_str())),
+            }
+    })
+}
+
+impl Mock {
+    /// Authorise every request from now on against `rules` (RBAC PolicyRules, e.g. the
+    /// ClusterRole `strata install` generates): a request no rule allows gets 403.
+    pub fn enforce_rbac(&self, rules: Vec<Value>) {
+        self.state.lock().unwrap().rbac = Some(rules);
+    }
+
+    /// The requests refused so far, as `verb group/resource [name]`.
+    pub fn denied(&self) -> Vec<String> {
+        self.state.lock().unwrap().denied.clone()
     }
 }
