@@ -937,3 +937,69 @@ async fn a_verb_missing_from_the_rbac_stops_the_flow_that_needs_it() {
         "{denied:?}"
     );
 }
+
+/// Item 8: per-PVC include and exclude. An excluded PVC has no volume backup but stays in the
+/// metadata, so a restore provisions it empty; an include naming no PVC of the application is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
+    let (sim, folder) = cluster(json!({}));
+    sim.add_volume(
+        "shop",
+        "cache",
+        json!({"app": "db"}),
+        Some("fast"),
+        DRIVER,
+        &noise(1 << 20, 9),
+    );
+    sim.mock.put(
+        &format!("{BACKUPS}/nightly"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "nightly", "namespace": "shop", "uid": "b-1", "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Full", "volumes": {"exclude": ["cache"]}}}),
+    );
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    let pvcs: Vec<&str> = done.volumes.iter().map(|v| v.pvc.as_str()).collect();
+    assert_eq!(pvcs, ["data"]);
+    let target =
+        strata::target::Target::open(folder.path().join("target").to_str().unwrap()).unwrap();
+    let volumes: Vec<String> = target
+        .volumes()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(volumes, ["shop.data"]);
+
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let data = sim.device_of_claim("copy", "data").unwrap();
+    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+    let cache = sim
+        .mock
+        .get("/api/v1/namespaces/copy/persistentvolumeclaims/cache")
+        .expect("the excluded claim is restored as an object");
+    assert!(cache["spec"]["dataSource"].is_null(), "{cache}");
+
+    add_backup(&sim, "wrong", "b-2", "Full");
+    let path = format!("{BACKUPS}/wrong");
+    let mut wrong = sim.mock.get(&path).unwrap();
+    wrong["spec"]["volumes"] = json!({"include": ["nope"]});
+    sim.mock.put(&path, wrong);
+    let failed = drive(&sim, &ctx, "wrong", 2, Duration::from_secs(1)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let (_, _, why) = condition(&failed, "Failed").unwrap();
+    assert!(
+        why.contains("spec.volumes.include") && why.contains("\"nope\""),
+        "{why}"
+    );
+}

@@ -53,6 +53,35 @@ pub struct BackupSpec {
     /// When to delete the temporary snapshots, PVCs and Jobs.
     #[serde(default)]
     pub cleanup: CleanupPolicy,
+    /// Which of the application's PVCs have their data backed up (all by default). An excluded
+    /// PVC stays in the metadata like any object, so a restore recreates it empty, as a new
+    /// claim is provisioned (a cache, a scratch volume).
+    #[serde(default, skip_serializing_if = "VolumeFilter::is_empty")]
+    pub volumes: VolumeFilter,
+}
+
+/// PVC names to back up: `include` (all when empty), less `exclude`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeFilter {
+    /// Only these PVCs (by name); every PVC of the application when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Not these PVCs (by name), even when included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+impl VolumeFilter {
+    /// Whether the filter selects every PVC.
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty()
+    }
+
+    /// Whether PVC `name` has its data backed up.
+    pub fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|n| n == name))
+            && !self.exclude.iter().any(|n| n == name)
+    }
 }
 
 /// Full or incremental.

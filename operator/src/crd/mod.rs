@@ -14,7 +14,7 @@ use kube::CustomResourceExt;
 
 pub use backup::{
     Backup, BackupMode, BackupSpec, BackupStatus, ChangeSource, CleanupPolicy, Retention, Staging,
-    VolumeStatus,
+    VolumeFilter, VolumeStatus,
 };
 pub use restore::{ExistingObjects, Restore, RestoreSpec, RestoreStatus};
 pub use target::{LocalReference, NfsExport, SecretReference, Target, TargetSpec, TargetStatus};

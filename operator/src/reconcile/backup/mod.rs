@@ -222,8 +222,19 @@ impl<'a> Run<'a> {
             "read namespace {}",
             self.namespace
         )))?;
-        let app = discover(&inventory, &app_spec)
+        let mut app = discover(&inventory, &app_spec)
             .map_err(Error::discovery("discover the application"))?;
+        // An excluded PVC keeps its object in the archive (a restore provisions it empty)
+        // but has no volume backup.
+        for wanted in &spec.volumes.include {
+            if !app.volumes.iter().any(|v| &v.pvc == wanted) {
+                return Err(Error::InvalidSpec {
+                    what: "spec.volumes.include",
+                    reason: format!("the application has no PVC {wanted:?}"),
+                });
+            }
+        }
+        app.volumes.retain(|v| spec.volumes.selects(&v.pvc));
         let metadata = MetadataBackup::from_application(&app, &RestoreOrder::default())
             .map_err(Error::discovery("sanitize the objects"))?;
         let archive = metadata
