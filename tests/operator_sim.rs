@@ -1003,3 +1003,72 @@ async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
         "{why}"
     );
 }
+
+/// Item 9: a Backup of many volumes copies at most `maxParallelVolumes` at once (each copy is a
+/// full-size clone and a pod), starting the others as those finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
+    let (sim, folder) = cluster(json!({}));
+    for (name, seed) in [("logs", 31), ("index", 32)] {
+        sim.add_volume(
+            "shop",
+            name,
+            json!({"app": "db"}),
+            Some("fast"),
+            DRIVER,
+            &noise(1 << 20, seed),
+        );
+    }
+    let path = format!("{BACKUPS}/nightly");
+    let mut backup = sim.mock.get(&path).unwrap();
+    backup["spec"]["maxParallelVolumes"] = json!(1);
+    sim.mock.put(&path, backup);
+    let ctx = context(&sim);
+    let mut most = 0;
+    for _ in 0..30 {
+        if is_final(&status(&sim, "nightly")) {
+            break;
+        }
+        let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+        let running = sim
+            .mock
+            .names_under("/apis/batch/v1/namespaces/shop/jobs")
+            .iter()
+            .filter(|job| {
+                let job = sim
+                    .mock
+                    .get(&format!("/apis/batch/v1/namespaces/shop/jobs/{job}"))
+                    .unwrap();
+                job["status"]["succeeded"].as_u64().unwrap_or(0) == 0
+            })
+            .count();
+        most = most.max(running);
+        sim.step(Duration::from_secs(60)).await;
+    }
+    let done = status(&sim, "nightly");
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert_eq!(most, 1, "never more than one datamover at once");
+    assert_eq!(done.volumes.len(), 3);
+    let target = folder.path().join("target");
+    for volume in &done.volumes {
+        let expected = match volume.pvc.as_str() {
+            "data" => noise(VOLUME_BYTES, 7),
+            "logs" => noise(1 << 20, 31),
+            _ => noise(1 << 20, 32),
+        };
+        let out = folder.path().join(format!("{}.raw", volume.pvc));
+        let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["restore", "--target", target.to_str().unwrap()])
+            .args(["--volume", &volume.volume, "--backup"])
+            .arg(volume.backup_id.as_deref().unwrap())
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), expected, "{}", volume.pvc);
+    }
+}

@@ -73,6 +73,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// What the probes report; the run loop says when its watches have started.
     pub health: Arc<Health>,
+    /// At most this many volumes of one Backup are copied at once, unless the Backup says.
+    pub max_parallel_volumes: usize,
     /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
     pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
@@ -106,6 +108,7 @@ impl Context {
             metrics,
             health,
             target_check_interval: Duration::from_secs(5 * 60),
+            max_parallel_volumes: 4,
         }
     }
 }

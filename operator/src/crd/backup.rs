@@ -58,6 +58,12 @@ pub struct BackupSpec {
     /// claim is provisioned (a cache, a scratch volume).
     #[serde(default, skip_serializing_if = "VolumeFilter::is_empty")]
     pub volumes: VolumeFilter,
+    /// At most this many of the Backup's volumes are copied at once: each needs a full-size
+    /// clone of its snapshot and a datamover pod, against quotas and node attach limits. The
+    /// controller's default (4) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_parallel_volumes: Option<u32>,
 }
 
 /// PVC names to back up: `include` (all when empty), less `exclude`.
@@ -163,6 +169,9 @@ pub struct VolumeStatus {
     /// Whether its datamover finished.
     #[serde(default)]
     pub done: bool,
+    /// Its datamover was started (a Backup runs at most `maxParallelVolumes` at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
     /// Backup: how its datamover finds what changed since the previous backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_source: Option<ChangeSource>,

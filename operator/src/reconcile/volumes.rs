@@ -27,12 +27,14 @@ pub struct JobsRead {
     pub stuck: Vec<(String, String)>,
 }
 
-/// Read the datamover Job of every volume not yet done; mark the finished ones done. A failed
+/// Read the datamover Job of every volume not yet done that `has_job`; mark the finished
+/// ones done. A failed
 /// Job is an [`Error::JobFailed`] with the Job's own message, and so is one whose pod has been
 /// unable to start for longer than `start_timeout` (see [`super::jobs::why_not_started`]).
 pub async fn finished_jobs(
     client: &Client,
     key: impl Fn(&VolumeStatus) -> VolumeKey,
+    has_job: impl Fn(&VolumeStatus) -> bool,
     namespace: &str,
     volumes: &mut [VolumeStatus],
     start_timeout: Duration,
@@ -40,7 +42,7 @@ pub async fn finished_jobs(
     let pending: Vec<(usize, String)> = volumes
         .iter()
         .enumerate()
-        .filter(|(_, v)| !v.done)
+        .filter(|(_, v)| !v.done && has_job(v))
         .map(|(i, v)| (i, key(v).name(Role::Datamover)))
         .collect();
     let outcomes = try_join_all(

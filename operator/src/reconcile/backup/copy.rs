@@ -14,6 +14,7 @@ impl Run<'_> {
         let read = match finished_jobs(
             &self.ctx.client,
             |v| self.key(v),
+            |v| v.started,
             &self.namespace,
             &mut status.volumes,
             self.ctx.datamover_start_timeout,
@@ -61,6 +62,10 @@ impl Run<'_> {
                     volume.backup_id = Some(id);
                 }
             }
+        }
+        // Volumes waiting for a free slot (`maxParallelVolumes`) start as others finish.
+        if status.volumes.iter().any(|v| !v.started && !v.done) {
+            self.snapshot(status).await?;
         }
         let progress = progress(&status.volumes);
         let all = progress.volumes_done == progress.volumes_total;

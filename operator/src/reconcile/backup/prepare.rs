@@ -26,8 +26,9 @@ use strata_csi::{
 use strata_target::VolumeName;
 
 impl Run<'_> {
-    /// Snapshot every volume; once all are ready, start a datamover per volume. True when the
-    /// datamovers were started.
+    /// Snapshot every volume; once all are ready, start datamovers, at most the Backup's
+    /// `maxParallelVolumes` running at once (`copy` calls this again to start the rest). True
+    /// when the datamovers were started.
     pub(super) async fn snapshot(&self, status: &mut BackupStatus) -> Result<bool> {
         let client = &self.ctx.client;
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &self.namespace);
@@ -125,8 +126,31 @@ impl Run<'_> {
             format!("{total} snapshots ready"),
             generation,
         );
+        // Start datamovers up to the limit; `copy` calls this again as they finish.
+        let limit = self
+            .backup
+            .spec
+            .max_parallel_volumes
+            .map_or(self.ctx.max_parallel_volumes, |n| n as usize)
+            .max(1);
+        let active = status
+            .volumes
+            .iter()
+            .filter(|v| v.started && !v.done)
+            .count();
+        let chosen: Vec<usize> = (0..status.volumes.len())
+            .filter(|&i| !status.volumes[i].started && !status.volumes[i].done)
+            .take(limit.saturating_sub(active))
+            .collect();
+        if chosen.is_empty() {
+            status.phase = Some(Phase::Copying);
+            return Ok(true);
+        }
         let target = self.target().await?;
-        let names: Vec<String> = status.volumes.iter().map(|v| v.volume.clone()).collect();
+        let names: Vec<String> = chosen
+            .iter()
+            .map(|&i| status.volumes[i].volume.clone())
+            .collect();
         let previous = target
             .with(move |t| {
                 names
@@ -141,15 +165,17 @@ impl Run<'_> {
                     .collect::<Result<Vec<_>>>()
             })
             .await?;
-        let started = try_join_all(status.volumes.iter().zip(&ready).zip(&previous).map(
-            |((v, source), previous)| self.start_datamover(v, source, previous.as_deref(), &target),
-        ))
+        let started = try_join_all(chosen.iter().zip(&previous).map(|(&i, previous)| {
+            self.start_datamover(&status.volumes[i], &ready[i], previous.as_deref(), &target)
+        }))
         .await?;
         let mut fallbacks = Vec::new();
         let mut any_new = false;
-        for ((volume, (created, plan)), previous) in
-            status.volumes.iter_mut().zip(started).zip(previous)
-        {
+        for ((&i, (created, plan)), previous) in chosen.iter().zip(started).zip(previous) {
+            let Some(volume) = status.volumes.get_mut(i) else {
+                continue;
+            };
+            volume.started = true;
             // A Job found rather than created may already have written its backup, so the
             // latest id now proves nothing; the id is then taken as it is when the Job ends.
             // The same goes for the plan, which the existing Job may not have followed.

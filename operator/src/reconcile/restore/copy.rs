@@ -18,6 +18,7 @@ impl Run<'_> {
         let read = finished_jobs(
             &self.ctx.client,
             |v| self.key(&restored, &v.pvc),
+            |_| true,
             &restored,
             &mut status.volumes,
             self.ctx.datamover_start_timeout,
