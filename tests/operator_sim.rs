@@ -107,15 +107,20 @@ fn job_of(sim: &Sim, run: &str) -> String {
 
 /// The volume restored from the target's backup `id` of `shop.data`, read with the CLI.
 fn restored(folder: &std::path::Path, id: &str) -> Vec<u8> {
-    let out = folder.join(format!("restored-{id}.raw"));
-    let target = folder.join("target");
+    restore_from(&folder.join("target"), "shop.data", id)
+}
+
+/// Backup `id` of `volume` in folder target `target`, restored with `strata restore` into a
+/// file beside the target and read back.
+fn restore_from(target: &std::path::Path, volume: &str, id: &str) -> Vec<u8> {
+    let out = target.with_file_name(format!("restored-{volume}-{id}.raw"));
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .args([
             "restore",
             "--target",
             target.to_str().unwrap(),
             "--volume",
-            "shop.data",
+            volume,
         ])
         .args(["--backup", id, out.to_str().unwrap()])
         .output()
@@ -555,26 +560,9 @@ async fn two_clusters_sharing_a_target_keep_their_chains_apart() {
         made.push((id, seed, backup_id(&done)));
     }
     for (id, seed, backup) in made {
-        let out = shared.path().join(format!("{id}.raw"));
         let target = shared.path().join("target").join(id);
-        let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args([
-                "restore",
-                "--target",
-                target.to_str().unwrap(),
-                "--volume",
-                "shop.data",
-            ])
-            .args(["--backup", &backup, out.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
         assert_eq!(
-            std::fs::read(&out).unwrap(),
+            restore_from(&target, "shop.data", &backup),
             noise(VOLUME_BYTES, seed),
             "{id}"
         );
@@ -1056,19 +1044,12 @@ async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
             "logs" => noise(1 << 20, 31),
             _ => noise(1 << 20, 32),
         };
-        let out = folder.path().join(format!("{}.raw", volume.pvc));
-        let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["restore", "--target", target.to_str().unwrap()])
-            .args(["--volume", &volume.volume, "--backup"])
-            .arg(volume.backup_id.as_deref().unwrap())
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
+        let id = volume.backup_id.as_deref().unwrap();
+        assert_eq!(
+            restore_from(&target, &volume.volume, id),
+            expected,
             "{}",
-            String::from_utf8_lossy(&result.stderr)
+            volume.pvc
         );
-        assert_eq!(std::fs::read(&out).unwrap(), expected, "{}", volume.pvc);
     }
 }
