@@ -40,7 +40,9 @@ async fn a_healthy_target_is_reachable_writable_and_counts_its_volumes() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("target");
     let mock = with_url(folder.to_str().unwrap());
-    let ctx = mock.context();
+    let mut ctx = mock.context();
+    // Check on every call: these tests change the world between checks.
+    ctx.target_check_interval = std::time::Duration::ZERO;
     let status = checked(&mock, &ctx).await;
     assert_eq!(status.reachable, Some(true), "{status:?}");
     assert_eq!(status.writable, Some(true), "{status:?}");
@@ -81,7 +83,9 @@ async fn a_target_refusing_writes_is_reachable_but_not_writable() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("target");
     let mock = with_url(folder.to_str().unwrap());
-    let ctx = mock.context();
+    let mut ctx = mock.context();
+    // Check on every call: these tests change the world between checks.
+    ctx.target_check_interval = std::time::Duration::ZERO;
     assert_eq!(checked(&mock, &ctx).await.writable, Some(true));
     // A file where the probes go: no write can succeed there, not even root's.
     let _ = std::fs::remove_dir(folder.join("probes"));
@@ -99,7 +103,9 @@ async fn an_unreachable_target_says_why() {
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"not a folder").unwrap();
     let mock = with_url(blocker.join("target").to_str().unwrap());
-    let ctx = mock.context();
+    let mut ctx = mock.context();
+    // Check on every call: these tests change the world between checks.
+    ctx.target_check_interval = std::time::Duration::ZERO;
     let status = checked(&mock, &ctx).await;
     assert_eq!(status.reachable, Some(false), "{status:?}");
     assert_eq!(status.writable, None);
@@ -111,4 +117,28 @@ async fn an_unreachable_target_says_why() {
     let status = checked(&mock, &cluster).await;
     assert_eq!(status.reachable, Some(false));
     assert!(status.message.unwrap().contains("spec.nfs"));
+}
+
+/// The status write is a change the controller's watch reports: a fresh check of the same
+/// generation is not repeated (no write, no probe) until the interval is up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_check_is_not_repeated_when_its_own_write_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = with_url(dir.path().join("target").to_str().unwrap());
+    let ctx = mock.context();
+    checked(&mock, &ctx).await;
+    let writes = |mock: &Mock| {
+        mock.requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && r.ends_with("/targets/local/status"))
+            .count()
+    };
+    assert_eq!(writes(&mock), 1);
+    let target: TargetResource = serde_json::from_value(mock.get(TARGET).unwrap()).unwrap();
+    let action = reconcile_target(&target, &ctx).await.unwrap();
+    assert_eq!(writes(&mock), 1, "no second check");
+    // Looks again later (at most one interval on), not at once and not never.
+    use kube::runtime::controller::Action;
+    assert_ne!(action, Action::await_change());
+    assert_ne!(action, Action::requeue(std::time::Duration::ZERO));
 }

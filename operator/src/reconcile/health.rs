@@ -3,6 +3,8 @@
 //! `kubectl get targets`). It checks when the Target changes and every
 //! [`Context::target_check_interval`] after.
 
+use std::time::Duration;
+
 use kube::runtime::controller::Action;
 
 use super::{error_chain, namespace_and_name, patch_status};
@@ -13,8 +15,15 @@ use crate::status::now;
 use strata_target::{FORMAT_NAME, FORMAT_VERSION};
 
 /// Check Target `target` and write its status; look again after the check interval.
+///
+/// The status write is itself a change the controller's watch reports, so a check of this
+/// generation younger than the interval is not repeated: the call only waits out the rest of
+/// the interval (without that, every check would trigger the next one at once).
 pub async fn reconcile_target(target: &Target, ctx: &Context) -> Result<Action> {
     let (namespace, name) = namespace_and_name(target, "Target")?;
+    if let Some(wait) = until_due(target, ctx.target_check_interval) {
+        return Ok(Action::requeue(wait));
+    }
     let mut status = check(ctx, &namespace, &name).await;
     status.observed_generation = target.metadata.generation;
     patch_status::<Target>(
@@ -26,6 +35,20 @@ pub async fn reconcile_target(target: &Target, ctx: &Context) -> Result<Action> 
     )
     .await?;
     Ok(Action::requeue(ctx.target_check_interval))
+}
+
+/// How long until the last check of `target` is `interval` old, if it checked this generation
+/// and is younger than that.
+fn until_due(target: &Target, interval: Duration) -> Option<Duration> {
+    let status = target.status.as_ref()?;
+    if status.observed_generation != target.metadata.generation {
+        return None;
+    }
+    let checked = chrono::DateTime::parse_from_rfc3339(status.last_check.as_deref()?).ok()?;
+    let age = (chrono::Utc::now() - checked.with_timezone(&chrono::Utc))
+        .to_std()
+        .unwrap_or_default();
+    interval.checked_sub(age).filter(|wait| !wait.is_zero())
 }
 
 /// What Target `namespace/name` is like now: reachable (it opens: the store answers, the
