@@ -7,12 +7,14 @@ use strata_bin::{assert_valid_manifests, ok, strata};
 use serde_json::Value;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/strata.yaml");
-const SAMPLE: [&str; 5] = [
+const SAMPLE: [&str; 7] = [
     "install",
     "--namespace",
     "shop",
     "--image",
     "registry.example/strata:0.1.0",
+    "--restore-into",
+    "shop=shop-copy",
 ];
 
 fn kinds_and_names(text: &str) -> Vec<(String, String, String)> {
@@ -61,11 +63,17 @@ fn every_document_passes_kubernetes_validate_strict() {
     for ns in ["shop", "web"] {
         assert_eq!(
             per_namespace(ns),
-            ["ServiceAccount", "RoleBinding", "ClusterRoleBinding"],
+            // The controller's read binding, then the datamover's account and bindings.
+            [
+                "RoleBinding",
+                "ServiceAccount",
+                "RoleBinding",
+                "ClusterRoleBinding"
+            ],
             "{ns}"
         );
     }
-    assert_eq!(docs.len(), 3 + 9 + 2 * 3, "{docs:?}");
+    assert_eq!(docs.len(), 3 + 10 + 2 * 4, "{docs:?}");
     assert_valid_manifests(&printed, docs.len());
 }
 
@@ -246,4 +254,103 @@ fn the_election_role_grants_exactly_get_create_update_on_leases_in_the_controlle
         lease_rule["verbs"],
         serde_json::json!(["get", "create", "delete"])
     );
+}
+
+/// Issue 16 item 7: no wildcard grant writes anything. The controller's ClusterRole names
+/// every resource it writes; the one wildcard (read) role is bound only in the application
+/// namespace; restored kinds are exactly the restore policy's, extended by `--restore-kind`,
+/// and `--restore-kind`/`--restore-into` reach the controller's command line.
+#[test]
+fn the_rbac_writes_only_named_kinds_and_reads_everything_only_in_application_namespaces() {
+    let printed = ok(strata(&[
+        "install",
+        "--namespace",
+        "shop",
+        "--restore-kind",
+        "widgets.example.com",
+        "--restore-into",
+        "shop=shop-*",
+    ]));
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&printed).expect("YAML stream");
+    let role = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ClusterRole {name}"))["rules"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for rule in role("strata-controller") {
+        let resources = strings(&rule["resources"]);
+        assert!(
+            !resources.contains(&"*".to_owned())
+                && !strings(&rule["apiGroups"]).contains(&"*".to_owned()),
+            "wildcard in the controller's ClusterRole: {rule}"
+        );
+    }
+    let granted = |group: &str, resource: &str, verb: &str| {
+        role("strata-controller").iter().any(|r| {
+            strings(&r["apiGroups"]).contains(&group.to_owned())
+                && strings(&r["resources"]).contains(&resource.to_owned())
+                && strings(&r["verbs"]).contains(&verb.to_owned())
+        })
+    };
+    for (group, resource) in strata::operator::policy::DEFAULT_RESTORE_KINDS
+        .iter()
+        .chain(&[("example.com", "widgets")])
+    {
+        for verb in ["get", "create", "patch"] {
+            assert!(granted(group, resource, verb), "{verb} {group}/{resource}");
+        }
+    }
+    for (group, resource) in [
+        ("rbac.authorization.k8s.io", "clusterrolebindings"),
+        ("rbac.authorization.k8s.io", "roles"),
+        (
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+        ),
+        ("", "pods"),
+        ("", "nodes"),
+    ] {
+        assert!(
+            !granted(group, resource, "create"),
+            "create {group}/{resource}"
+        );
+    }
+
+    let reader = role("strata-controller-read");
+    assert_eq!(reader.len(), 1, "{reader:?}");
+    assert_eq!(strings(&reader[0]["verbs"]), ["get", "list"]);
+    let bindings: Vec<(&str, &str)> = docs
+        .iter()
+        .filter(|d| d["roleRef"]["name"] == "strata-controller-read")
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["namespace"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(bindings, [("RoleBinding", "shop")]);
+
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let joined = args.join(" ");
+    assert!(
+        joined.contains("--restore-kind widgets.example.com --restore-into shop=shop-*"),
+        "{joined}"
+    );
+
+    let out = strata(&["install", "--restore-into", "shop"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected FROM=INTO"), "{err}");
 }

@@ -737,6 +737,17 @@ async fn validate_restore(
     name: &str,
     backup: &str,
 ) -> strata::operator::crd::RestoreStatus {
+    validate_restore_into(sim, ctx, name, backup, "shop-copy").await
+}
+
+/// One reconcile of a new Restore `name` of `backup` with shop mapped to `into`.
+async fn validate_restore_into(
+    sim: &Sim,
+    ctx: &Context,
+    name: &str,
+    backup: &str,
+    into: &str,
+) -> strata::operator::crd::RestoreStatus {
     let path = format!("/apis/strata.io/v1alpha1/namespaces/shop/restores/{name}");
     sim.mock.put(
         &path,
@@ -744,7 +755,7 @@ async fn validate_restore(
                "metadata": {"name": name, "namespace": "shop", "uid": format!("r-{name}"),
                             "generation": 1},
                "spec": {"backupRef": {"name": backup},
-                        "namespaceMapping": {"shop": "shop-copy"}}}),
+                        "namespaceMapping": {"shop": into}}}),
     );
     let restore: strata::operator::crd::Restore =
         serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
@@ -818,16 +829,148 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }
 
-/// The rules of the controller's ClusterRole as `strata install` generates it.
-fn install_rules() -> Vec<Value> {
-    let install = strata::operator::install::Install::new(IMAGE);
-    strata::operator::install::controller_objects(&install)
+/// The controller's grants as `strata install` generates them for application namespace
+/// `shop`: each ClusterRole or Role its account is bound to, cluster-wide or in the binding's
+/// namespace. The cluster-wide rules come first.
+fn install_grants(
+    install: &strata::operator::install::Install,
+) -> Vec<(Option<String>, Vec<Value>)> {
+    let objects = strata::operator::install::controller_objects(install);
+    let role = |kind: &str, name: &str, namespace: Option<&str>| {
+        objects
+            .iter()
+            .find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"] == name
+                    && o["metadata"]["namespace"].as_str() == namespace
+            })
+            .unwrap_or_else(|| panic!("{kind} {name}"))["rules"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let mut grants: Vec<(Option<String>, Vec<Value>)> = Vec::new();
+    for binding in &objects {
+        let controller = binding["subjects"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "strata-controller"));
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let namespace = binding["metadata"]["namespace"].as_str();
+        match binding["kind"].as_str() {
+            Some("ClusterRoleBinding") if controller => {
+                grants.insert(0, (None, role("ClusterRole", role_name, None)));
+            }
+            Some("RoleBinding") if controller => {
+                let rules = match binding["roleRef"]["kind"].as_str() {
+                    Some("ClusterRole") => role("ClusterRole", role_name, None),
+                    _ => role("Role", role_name, namespace),
+                };
+                grants.push((namespace.map(str::to_owned), rules));
+            }
+            _ => {}
+        }
+    }
+    grants
+}
+
+/// The install the RBAC tests run under: application namespace `shop`.
+fn shop_install() -> strata::operator::install::Install {
+    let mut install = strata::operator::install::Install::new(IMAGE);
+    install.app_namespaces.push("shop".to_owned());
+    install
+}
+
+/// Authorise every request of the simulated cluster as `install`'s RBAC would.
+fn enforce(sim: &Sim, grants: Vec<(Option<String>, Vec<Value>)>) {
+    let (cluster, namespaced): (Vec<_>, Vec<_>) = grants.into_iter().partition(|g| g.0.is_none());
+    sim.mock
+        .enforce_rbac(cluster.into_iter().flat_map(|(_, rules)| rules).collect());
+    for (namespace, rules) in namespaced {
+        sim.mock
+            .enforce_rbac_in(namespace.as_deref().unwrap(), rules);
+    }
+}
+
+/// Item 7, restore authorisation: the restore policy is checked against the whole mapped plan
+/// before anything is written. A destination namespace no grant names, and a kind the policy
+/// lacks, each fail the Restore with reason NotAuthorized naming what was refused, and nothing
+/// is created there; the same Backup restores where the policy allows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
+    let (sim, _folder) = cluster(json!({}));
+    sim.mock.put(
+        "/api/v1/namespaces/shop/configmaps/settings",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "settings", "namespace": "shop", "labels": {"app": "db"}},
+               "data": {"mode": "fast"}}),
+    );
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+
+    let refused = validate_restore_into(&sim, &ctx, "to-prod", "nightly", "prod").await;
+    assert_eq!(refused.phase, Some(Phase::Failed), "{refused:?}");
+    let failed = restore_condition(&refused, "Failed");
+    assert_eq!(failed.reason, "NotAuthorized", "{failed:?}");
+    assert!(
+        failed
+            .message
+            .contains("namespace prod: a Restore in namespace shop may write only into shop"),
+        "{}",
+        failed.message
+    );
+    assert!(sim.mock.get("/api/v1/namespaces/prod").is_none());
+    let written: Vec<String> = sim
+        .mock
+        .paths()
         .into_iter()
-        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "strata-controller")
-        .expect("the controller's ClusterRole")["rules"]
-        .as_array()
-        .unwrap()
-        .clone()
+        .filter(|p| p.contains("/namespaces/prod/"))
+        .collect();
+    assert!(written.is_empty(), "{written:?}");
+
+    let mut narrow = context(&sim);
+    narrow
+        .restore_policy
+        .kinds
+        .retain(|k| k.resource != "configmaps");
+    let refused = validate_restore_into(&sim, &narrow, "no-configmaps", "nightly", "copy").await;
+    let failed = restore_condition(&refused, "Failed");
+    assert_eq!(failed.reason, "NotAuthorized", "{refused:?}");
+    assert!(
+        failed
+            .message
+            .contains("ConfigMap settings: configmaps is not a kind the restore policy allows"),
+        "{}",
+        failed.message
+    );
+    assert!(sim.mock.get("/api/v1/namespaces/copy").is_none());
+    let written: Vec<String> = sim
+        .mock
+        .paths()
+        .into_iter()
+        .filter(|p| p.contains("/namespaces/copy/"))
+        .collect();
+    assert!(written.is_empty(), "{written:?}");
+
+    let allowed = drive_restore_new(&sim, &ctx, "to-copy", "nightly", "copy").await;
+    assert_eq!(allowed["phase"], "Completed", "{allowed}");
+    assert!(
+        sim.mock
+            .get("/api/v1/namespaces/copy/configmaps/settings")
+            .is_some()
+    );
+}
+
+/// Create Restore `name` of `backup` into `into` and drive it to its end.
+async fn drive_restore_new(
+    sim: &Sim,
+    ctx: &Context,
+    name: &str,
+    backup: &str,
+    into: &str,
+) -> Value {
+    validate_restore_into(sim, ctx, name, backup, into).await;
+    drive_restore(sim, ctx, name, 12).await
 }
 
 /// Item 7 (in part): every request the controller makes in a backup, an incremental with
@@ -836,7 +979,7 @@ fn install_rules() -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_request_of_the_controller_is_allowed_by_the_generated_rbac() {
     let (sim, _folder) = cluster(json!({}));
-    sim.mock.enforce_rbac(install_rules());
+    enforce(&sim, install_grants(&shop_install()));
     let ctx = context(&sim);
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(
@@ -899,13 +1042,31 @@ async fn every_request_of_the_controller_is_allowed_by_the_generated_rbac() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_verb_missing_from_the_rbac_stops_the_flow_that_needs_it() {
     let (sim, _folder) = cluster(json!({}));
-    let mut rules = install_rules();
-    for rule in &mut rules {
-        if let Some(resources) = rule["resources"].as_array_mut() {
-            resources.retain(|r| r != "serviceaccounts");
+    let mut grants = install_grants(&shop_install());
+    // Every grant of `delete` on ServiceAccounts goes; their other verbs stay.
+    for (_, rules) in &mut grants {
+        let mut kept = Vec::new();
+        for rule in rules.iter_mut() {
+            let deletes = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == "delete");
+            let resources = rule["resources"].as_array_mut().unwrap();
+            if deletes && resources.iter().any(|r| r == "serviceaccounts") {
+                resources.retain(|r| r != "serviceaccounts");
+                let mut without = rule.clone();
+                without["resources"] = json!(["serviceaccounts"]);
+                without["verbs"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|v| v != "delete");
+                kept.push(without);
+            }
         }
+        rules.extend(kept);
     }
-    sim.mock.enforce_rbac(rules);
+    enforce(&sim, grants);
     let ctx = context(&sim);
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");

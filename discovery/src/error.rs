@@ -139,6 +139,11 @@ impl Error {
             source,
         }
     }
+    /// Whether the API server refused the request (403 Forbidden: RBAC does not allow it).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(status), .. } if status.code == 403)
+    }
+
     pub(crate) fn kube(operation: impl Into<String>, source: kube::Error) -> Self {
         Error::Kube {
             operation: operation.into(),

@@ -42,7 +42,14 @@ impl Inventory {
                     objects.extend(source.list(kind, Some(ns)).await?);
                 }
             } else {
-                objects.extend(source.list(kind, None).await?);
+                // A least-privilege controller may read only the cluster-scoped kinds an
+                // application refers to (Namespaces, PersistentVolumes, StorageClasses,
+                // definitions): the others it may not list are left out, as if empty.
+                match source.list(kind, None).await {
+                    Ok(listed) => objects.extend(listed),
+                    Err(err) if err.is_forbidden() => {}
+                    Err(err) => return Err(err),
+                }
             }
         }
         Ok(Self::from_objects(objects, kinds))
@@ -109,5 +116,85 @@ impl Inventory {
         self.objects
             .iter()
             .filter(move |o| o.metadata.namespace.as_deref() == Some(namespace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    /// A cluster whose RBAC lets the reader list ConfigMaps in `shop` and Namespaces, and
+    /// refuses ClusterRoles (cluster-scoped) and Secrets (namespaced).
+    struct Partial;
+
+    fn forbidden(what: &str) -> Error {
+        let status = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        Error::kube(what, kube::Error::Api(Box::new(status)))
+    }
+
+    impl ObjectSource for Partial {
+        async fn kinds(&self) -> Result<Vec<ResourceKind>> {
+            Ok(vec![
+                ResourceKind::guess("", "v1", "Namespace", false),
+                ResourceKind::guess("rbac.authorization.k8s.io", "v1", "ClusterRole", false),
+                ResourceKind::guess("", "v1", "ConfigMap", true),
+                ResourceKind::guess("", "v1", "Secret", true),
+            ])
+        }
+
+        async fn list(
+            &self,
+            kind: &ResourceKind,
+            _namespace: Option<&str>,
+        ) -> Result<Vec<DynamicObject>> {
+            let object = |kind: &str, namespace: Option<&str>, name: &str| {
+                let mut value = serde_json::json!({"apiVersion": "v1", "kind": kind,
+                    "metadata": {"name": name}});
+                if let Some(ns) = namespace {
+                    value["metadata"]["namespace"] = ns.into();
+                }
+                serde_json::from_value::<DynamicObject>(value).unwrap()
+            };
+            match kind.kind.as_str() {
+                "Namespace" => Ok(vec![object("Namespace", None, "shop")]),
+                "ConfigMap" => Ok(vec![object("ConfigMap", Some("shop"), "settings")]),
+                other => Err(forbidden(&format!("listing {other}"))),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_cluster_scoped_kind_is_skipped_and_a_forbidden_namespaced_one_fails() {
+        let err = Inventory::collect(&Partial, &["shop".to_owned()])
+            .await
+            .unwrap_err();
+        assert!(err.is_forbidden(), "{err}");
+        assert!(err.to_string().contains("listing Secret"), "{err}");
+
+        struct NoSecrets;
+        impl ObjectSource for NoSecrets {
+            async fn kinds(&self) -> Result<Vec<ResourceKind>> {
+                let mut kinds = Partial.kinds().await?;
+                kinds.retain(|k| k.kind != "Secret");
+                Ok(kinds)
+            }
+            async fn list(
+                &self,
+                kind: &ResourceKind,
+                namespace: Option<&str>,
+            ) -> Result<Vec<DynamicObject>> {
+                Partial.list(kind, namespace).await
+            }
+        }
+        let inventory = Inventory::collect(&NoSecrets, &["shop".to_owned()])
+            .await
+            .unwrap();
+        let names: Vec<&str> = inventory
+            .objects()
+            .iter()
+            .filter_map(|o| o.metadata.name.as_deref())
+            .collect();
+        assert_eq!(names, ["shop", "settings"]);
     }
 }

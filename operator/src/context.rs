@@ -14,6 +14,7 @@ use super::crd::Target as TargetResource;
 use super::endpoint::Health;
 use super::error::{Error, Result};
 use super::metrics::Metrics;
+use super::policy::RestorePolicy;
 use strata_csi::datamover::TargetMount;
 use strata_target::{AppBackupId, AppName, Target, TargetOptions, VolumeName};
 
@@ -75,6 +76,9 @@ pub struct Context {
     pub health: Arc<Health>,
     /// At most this many volumes of one Backup are copied at once, unless the Backup says.
     pub max_parallel_volumes: usize,
+    /// What Restores may create ([`crate::policy`]): by default the usual application kinds,
+    /// into the Restore's own namespace.
+    pub restore_policy: RestorePolicy,
     /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
     pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
@@ -109,6 +113,7 @@ impl Context {
             health,
             target_check_interval: Duration::from_secs(5 * 60),
             max_parallel_volumes: 4,
+            restore_policy: RestorePolicy::default(),
         }
     }
 }

@@ -18,6 +18,12 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The restore policy refuses objects of the plan ([`crate::policy`]).
+    #[error("the restore policy refuses {}", refused.join("; "))]
+    NotAuthorized {
+        /// One line per refused object or namespace.
+        refused: Vec<String>,
+    },
     /// A resource the run refers to does not exist.
     #[error("{kind} {namespace}/{name} not found")]
     NotFound {
@@ -158,6 +164,7 @@ impl Error {
         match self {
             Error::InvalidSpec { .. } | Error::MissingMetadata { .. } => (Permanent, "InvalidSpec"),
             Error::JobFailed { .. } => (Permanent, "JobFailed"),
+            Error::NotAuthorized { .. } => (Permanent, "NotAuthorized"),
             Error::NotFound { kind, .. } => (Stalled, not_found_reason(kind)),
             Error::Discovery { source, .. } => match &**source {
                 strata_discovery::Error::Kube { source, .. } => classify_kube(source),

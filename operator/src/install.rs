@@ -15,11 +15,24 @@
 //!
 //! # Permissions
 //!
-//! The controller reads whole namespaces for discovery, snapshots and copies volumes, and
-//! applies restored objects of any kind, so its ClusterRole is broad where restore needs it
-//! (get/list/watch/create/patch on every kind) and narrow elsewhere: no `delete` beyond the
-//! snapshots, claims, Secrets, Jobs and Leases it creates itself, and status writes only on
-//! its own resources. Grant it only in clusters where Strata is the backup system.
+//! Least privilege, kind by kind:
+//!
+//! - **Reading applications.** Discovery reads every kind of an application's namespace, so
+//!   the [`READER`] ClusterRole (get and list on every kind, no watch) is bound by a
+//!   RoleBinding in each application namespace only; an install naming none binds it
+//!   cluster-wide. Of the cluster-scoped kinds the controller reads only those applications
+//!   refer to: Namespaces, PersistentVolumes, StorageClasses, CustomResourceDefinitions (and
+//!   the snapshot kinds); discovery skips the others as forbidden.
+//! - **Writing restored objects.** Get, create and patch only on the kinds of the restore
+//!   policy ([`crate::policy`]: [`DEFAULT_RESTORE_KINDS`] plus `--restore-kind`), the same
+//!   list the controller checks each Restore's plan against, and create/patch on Namespaces,
+//!   whose names the policy's `--restore-into` grants gate. No RBAC objects, webhooks,
+//!   definitions or other cluster-scoped kinds unless the administrator adds them.
+//! - **What a run makes.** Snapshots, temporary claims, the metadata stash and per-run
+//!   credentials (Secrets), per-run ServiceAccounts, Jobs and Leases: no `delete` beyond these,
+//!   status writes only on its own resources. Secrets, ServiceAccounts and claims are granted
+//!   in every namespace because a mapped restore writes them into its destination, which may
+//!   not exist when the manifests are applied, so no RoleBinding could be made there.
 //!
 //! The datamover pods need the API only for changed-block tracking (KEP-3314): the init step
 //! of an incremental Job reads its snapshot, the snapshot's content and the driver's
@@ -47,6 +60,7 @@ use serde_json::{Value, json};
 
 use crate::crd::crds_yaml;
 use crate::leader::DEFAULT_LEASE_NAME;
+use crate::policy::{DEFAULT_RESTORE_KINDS, GroupResource, NamespaceGrant};
 
 /// The controller's namespace by default.
 pub const DEFAULT_NAMESPACE: &str = "strata-system";
@@ -54,6 +68,8 @@ pub const DEFAULT_NAMESPACE: &str = "strata-system";
 pub const CONTROLLER: &str = "strata-controller";
 /// Name of the Role and RoleBinding of the controller's leader election.
 pub const LEADER_ELECTION: &str = "strata-controller-leader-election";
+/// Name of the ClusterRole that reads every kind, bound in each application namespace.
+pub const READER: &str = "strata-controller-read";
 /// The controller's HTTP port (probes and metrics).
 pub const METRICS_PORT: u16 = 8080;
 /// Name of the datamover pods' ServiceAccount in each application namespace, and of the
@@ -74,6 +90,11 @@ pub struct Install {
     /// NFS exports of folder Targets, mounted into the controller where the Targets' URLs
     /// point (the datamovers mount them from the Target's `spec.nfs`).
     pub nfs_targets: Vec<NfsMount>,
+    /// Kinds Restores may create besides [`DEFAULT_RESTORE_KINDS`] (`--restore-kind`): passed
+    /// to the controller and granted in its ClusterRole.
+    pub restore_kinds: Vec<GroupResource>,
+    /// Namespaces Restores may write into besides their own (`--restore-into`).
+    pub restore_into: Vec<NamespaceGrant>,
 }
 
 /// An NFS export mounted at `path`: `PATH=SERVER:EXPORT` on the command line.
@@ -117,6 +138,8 @@ impl Install {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             app_namespaces: Vec::new(),
             nfs_targets: Vec::new(),
+            restore_kinds: Vec::new(),
+            restore_into: Vec::new(),
         }
     }
 }
@@ -187,6 +210,73 @@ pub fn manifests(install: &Install) -> Result<String, InstallError> {
     Ok(out)
 }
 
+/// Get, create and patch (server-side apply) on the kinds Restores may create, one rule per
+/// API group: [`DEFAULT_RESTORE_KINDS`] and the install's own.
+fn restore_rules(install: &Install) -> Vec<Value> {
+    let mut by_group: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    let defaults = DEFAULT_RESTORE_KINDS.iter().copied();
+    let extra = install
+        .restore_kinds
+        .iter()
+        .map(|k| (k.group.as_str(), k.resource.as_str()));
+    for (group, resource) in defaults.chain(extra) {
+        let resources = by_group.entry(group).or_default();
+        if !resources.contains(&resource) {
+            resources.push(resource);
+        }
+    }
+    by_group
+        .into_iter()
+        .map(|(group, resources)| rule(&[group], &resources, &["get", "create", "patch"]))
+        .collect()
+}
+
+/// The controller's command line: its image for the datamovers, their account, leader
+/// election, and the install's restore policy.
+fn controller_args(install: &Install) -> Vec<String> {
+    let mut args = vec![
+        "--datamover-image".to_owned(),
+        install.image.clone(),
+        "--datamover-service-account".to_owned(),
+        DATAMOVER.to_owned(),
+        "--leader-elect".to_owned(),
+    ];
+    for kind in &install.restore_kinds {
+        args.extend(["--restore-kind".to_owned(), kind.to_string()]);
+    }
+    for grant in &install.restore_into {
+        args.extend(["--restore-into".to_owned(), grant.to_string()]);
+    }
+    args
+}
+
+/// The [`READER`] role's bindings: a RoleBinding in each application namespace, or one
+/// ClusterRoleBinding (every namespace) when the install names none.
+fn reader_bindings(install: &Install) -> Vec<Value> {
+    let role_ref =
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": READER });
+    let subjects =
+        json!([{ "kind": "ServiceAccount", "name": CONTROLLER, "namespace": install.namespace }]);
+    if install.app_namespaces.is_empty() {
+        return vec![json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": { "name": READER, "labels": labels() },
+            "roleRef": role_ref, "subjects": subjects,
+        })];
+    }
+    install
+        .app_namespaces
+        .iter()
+        .map(|ns| {
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": { "name": READER, "namespace": ns, "labels": labels() },
+                "roleRef": role_ref, "subjects": subjects,
+            })
+        })
+        .collect()
+}
+
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({ "apiGroups": groups, "resources": resources, "verbs": verbs })
 }
@@ -200,8 +290,9 @@ fn labels() -> Value {
     json!({ "app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strata" })
 }
 
-/// The controller's Namespace, ServiceAccount, ClusterRoles (its own and the datamovers'),
-/// ClusterRoleBinding, leader election Role and RoleBinding, and Deployment.
+/// The controller's Namespace, ServiceAccount, ClusterRoles (its own, the reader's and the
+/// datamovers'), ClusterRoleBinding, leader election Role and RoleBinding, Deployment, and
+/// the reader's bindings.
 pub fn controller_objects(install: &Install) -> Vec<Value> {
     let ns = install.namespace.as_str();
     let image = install.image.as_str();
@@ -214,7 +305,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
             json!({ "name": name, "nfs": { "server": target.server, "path": target.export } }),
         );
     }
-    vec![
+    let mut objects = vec![
         json!({
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": { "name": ns, "labels": labels() },
@@ -226,27 +317,43 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": { "name": CONTROLLER, "labels": labels() },
-            "rules": [
+            "rules": ([
                 // Its own resources.
                 rule(&["strata.io"], &["targets", "backups", "restores"], &["get", "list", "watch"]),
+                // The cleanup finalizer is added and removed by patching the object.
+                rule(&["strata.io"], &["backups", "restores"], &["patch"]),
                 rule(&["strata.io"], &["backups/status", "restores/status", "targets/status"], &["get", "patch", "update"]),
                 // Owner references with blockOwnerDeletion need this (admission plugin
                 // OwnerReferencesPermissionEnforcement).
                 rule(&["strata.io"], &["backups/finalizers", "restores/finalizers"], &["update"]),
-                // Discovery reads every kind; restore applies them.
-                rule(&["*"], &["*"], &["get", "list", "watch", "create", "patch"]),
+                // Discovery reads every kind of an application's namespace through the
+                // READER role bound there; of the cluster-scoped kinds, those an application
+                // refers to (the others are skipped when forbidden).
+                rule(&[""], &["namespaces"], &["get", "list", "create", "patch"]),
+                rule(&[""], &["persistentvolumes"], &["get", "list"]),
+                rule(&["storage.k8s.io"], &["storageclasses"], &["get", "list"]),
+                rule(&["apiextensions.k8s.io"], &["customresourcedefinitions"], &["get", "list"]),
                 // Snapshots (kept bases are patched), temporary claims, datamover Jobs, the
                 // metadata stash, one Lease per PVC, changed-block tracking.
-                rule(&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["get", "list", "create", "patch", "delete"]),
+                rule(&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["get", "list", "watch", "create", "patch", "delete"]),
                 rule(&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["get", "patch"]),
                 rule(&["snapshot.storage.k8s.io"], &["volumesnapshotclasses"], &["get", "list"]),
-                rule(&[""], &["persistentvolumeclaims", "secrets", "serviceaccounts"], &["get", "list", "create", "delete"]),
+                rule(&[""], &["persistentvolumeclaims"], &["get", "list", "watch", "create", "delete"]),
+                rule(&[""], &["secrets", "serviceaccounts"], &["get", "list", "create", "delete"]),
+                // Why a datamover pod has not started (its pods, its Job's Events), in any
+                // namespace a run copies into.
+                rule(&[""], &["pods", "events"], &["get", "list"]),
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
                 // Events on Backups and Restores (a repeat patches the first one's series).
                 rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
-            ],
+            ].into_iter().chain(restore_rules(install)).collect::<Vec<_>>()),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": { "name": READER, "labels": labels() },
+            "rules": [rule(&["*"], &["*"], &["get", "list"])],
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -328,11 +435,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                             "name": "controller",
                             "image": image,
                             "command": ["/usr/local/bin/strata-controller"],
-                            "args": [
-                                "--datamover-image", image,
-                                "--datamover-service-account", DATAMOVER,
-                                "--leader-elect",
-                            ],
+                            "args": controller_args(install),
                             // The election's identity and the Events' reportingInstance; the
                             // Lease's namespace.
                             "env": [
@@ -364,7 +467,9 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 },
             },
         }),
-    ]
+    ];
+    objects.extend(reader_bindings(install));
+    objects
 }
 
 /// The datamover's ServiceAccount in application namespace `ns`, its RoleBinding to the

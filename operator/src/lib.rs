@@ -52,6 +52,7 @@ pub mod events;
 pub mod install;
 pub mod leader;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 mod selection;
 pub mod status;

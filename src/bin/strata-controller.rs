@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::Client;
 use strata::operator::leader::{self, Elector, LeaderElection};
+use strata::operator::policy::{GroupResource, NamespaceGrant};
 use strata::operator::{controller, endpoint};
 
 /// Reconcile strata.io Backups and Restores.
@@ -65,6 +66,14 @@ struct Args {
     /// Seconds between two attempts to acquire or renew the Lease.
     #[arg(long, default_value_t = leader::DEFAULT_RETRY_PERIOD.as_secs())]
     retry_period_seconds: u64,
+    /// A kind Restores may create besides the usual application kinds (`RESOURCE.GROUP`, as
+    /// RBAC names it; repeat for each). The controller's ClusterRole must grant it too.
+    #[arg(long = "restore-kind", value_name = "RESOURCE.GROUP")]
+    restore_kinds: Vec<GroupResource>,
+    /// Let Restores in namespace FROM write into namespace INTO (a name, a prefix ending in
+    /// `*`, or `*`); by default a Restore writes only into its own namespace (repeat for each).
+    #[arg(long = "restore-into", value_name = "FROM=INTO")]
+    restore_into: Vec<NamespaceGrant>,
     /// Address of the HTTP endpoint: /healthz, /readyz, /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_bind_address: SocketAddr,
@@ -94,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
     ctx.datamover_service_account = args.datamover_service_account;
     ctx.poll = Duration::from_secs(args.poll_seconds.max(1));
     ctx.host_folder_targets = args.allow_host_folder_targets;
+    ctx.restore_policy.kinds.extend(args.restore_kinds);
+    ctx.restore_policy.namespaces = args.restore_into;
     ctx.cluster_id = match (args.cluster_id, args.no_cluster_id) {
         (_, true) => None,
         (Some(id), false) => Some(id),

@@ -26,8 +26,9 @@ struct State {
     version: u64,
     /// `("METHOD path-prefix", status code)`: requests answered with that error.
     failures: Vec<(String, u16)>,
-    /// The rules every request is authorised against, once [`Mock::enforce_rbac`] is called.
-    rbac: Option<Vec<Value>>,
+    /// The rules every request is authorised against, once [`Mock::enforce_rbac`] is called:
+    /// cluster-wide (`None`) or in one namespace (a RoleBinding's).
+    rbac: Option<Vec<(Option<String>, Vec<Value>)>>,
     /// The requests RBAC refused.
     denied: Vec<String>,
 }
@@ -192,6 +193,10 @@ impl Mock {
         ctx.poll = std::time::Duration::from_secs(3);
         // The tests' datamovers share the test's filesystem.
         ctx.host_folder_targets = true;
+        // The tests' mapped restores (shop to shop-copy or copy), as `--restore-into` grants.
+        for grant in ["shop=shop-copy", "shop=copy"] {
+            ctx.restore_policy.namespaces.push(grant.parse().unwrap());
+        }
         ctx
     }
 
@@ -253,7 +258,11 @@ impl Mock {
         if let Some(rules) = &state.rbac {
             let query = ""; // `watch` never reaches the mock: the reconcilers only get and list.
             if let Some(attributes) = attributes(method.as_str(), &path, query) {
-                if !allowed(rules, &attributes) {
+                let granted = rules.iter().any(|(namespace, rules)| {
+                    (namespace.is_none() || *namespace == attributes.namespace)
+                        && allowed(rules, &attributes)
+                });
+                if !granted {
                     state.denied.push(attributes.to_string());
                     return failure(StatusCode::FORBIDDEN, "Forbidden");
                 }
@@ -489,6 +498,7 @@ pub struct Attributes {
     pub resource: String,
     pub verb: &'static str,
     pub name: Option<String>,
+    pub namespace: Option<String>,
 }
 
 impl std::fmt::Display for Attributes {
@@ -502,6 +512,9 @@ impl std::fmt::Display for Attributes {
         if let Some(name) = &self.name {
             write!(f, " {name}")?;
         }
+        if let Some(namespace) = &self.namespace {
+            write!(f, " in {namespace}")?;
+        }
         Ok(())
     }
 }
@@ -514,7 +527,9 @@ fn attributes(method: &str, path: &str, query: &str) -> Option<Attributes> {
         Some(&"apis") => ((*parts.get(1)?).to_owned(), parts.get(3..)?),
         _ => return None,
     };
+    let mut namespace = None;
     if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        namespace = Some(rest[1].to_owned());
         rest = &rest[2..];
     }
     let (resource, name, sub) = match rest {
@@ -542,6 +557,7 @@ fn attributes(method: &str, path: &str, query: &str) -> Option<Attributes> {
         },
         verb,
         name: name.map(str::to_owned),
+        namespace,
     })
 }
 
@@ -569,7 +585,16 @@ impl Mock {
     /// Authorise every request from now on against `rules` (RBAC PolicyRules, e.g. the
     /// ClusterRole `strata install` generates): a request no rule allows gets 403.
     pub fn enforce_rbac(&self, rules: Vec<Value>) {
-        self.state.lock().unwrap().rbac = Some(rules);
+        self.state.lock().unwrap().rbac = Some(vec![(None, rules)]);
+    }
+
+    /// Also allow what `rules` allow in `namespace` (a RoleBinding's grant).
+    pub fn enforce_rbac_in(&self, namespace: &str, rules: Vec<Value>) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .rbac
+            .get_or_insert_with(Vec::new)
+            .push((Some(namespace.to_owned()), rules));
     }
 
     /// The requests refused so far, as `verb group/resource [name]`.

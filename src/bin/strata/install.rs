@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use strata::operator::install::{DEFAULT_NAMESPACE, Install, NfsMount, manifests};
+use strata::operator::policy::{GroupResource, NamespaceGrant};
 
 /// Arguments of `strata install`.
 #[derive(clap::Args)]
@@ -22,6 +23,16 @@ pub struct Args {
     /// Targets' URLs name (repeat for each; the Target's `spec.nfs` names the same export).
     #[arg(long = "nfs-target", value_name = "PATH=SERVER:EXPORT")]
     nfs_targets: Vec<NfsMount>,
+    /// A kind Restores may create besides the usual application kinds, as RBAC names it
+    /// (`RESOURCE.GROUP`, e.g. `postgresclusters.postgres-operator.crunchydata.com`): granted
+    /// to the controller and passed to it (repeat for each).
+    #[arg(long = "restore-kind", value_name = "RESOURCE.GROUP")]
+    restore_kinds: Vec<GroupResource>,
+    /// Let Restores in namespace FROM write into namespace INTO (a name, a prefix ending in
+    /// `*`, or `*`; FROM may be `*`); by default a Restore writes only into its own namespace
+    /// (repeat for each).
+    #[arg(long = "restore-into", value_name = "FROM=INTO")]
+    restore_into: Vec<NamespaceGrant>,
 }
 
 /// Print the CRDs, the controller and the datamovers' accounts as one YAML stream.
@@ -31,6 +42,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         namespace: args.controller_namespace,
         app_namespaces: args.namespaces,
         nfs_targets: args.nfs_targets,
+        restore_kinds: args.restore_kinds,
+        restore_into: args.restore_into,
     };
     let yaml = manifests(&install)?;
     std::io::stdout()

@@ -48,7 +48,9 @@ use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::VolumeKey;
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
-use strata_discovery::{MetadataBackup, RestoreOrder, RestorePlan, Transforms};
+use strata_discovery::{
+    LiveSource, MetadataBackup, ObjectSource, RestoreOrder, RestorePlan, Transforms,
+};
 use strata_target::{AppBackupId, AppName, Target};
 
 /// One reconcile of a Restore.
@@ -279,12 +281,33 @@ impl<'a> Run<'a> {
             .await?;
         let metadata = MetadataBackup::read_archive(&archive[..])
             .map_err(Error::discovery("read the metadata archive"))?;
+        self.authorize(&metadata).await?;
         Ok(Some(Source {
             backup: backup_status,
             target,
             metadata,
             namespace: backup.metadata.namespace.unwrap_or_default(),
         }))
+    }
+
+    /// Refuses the whole Restore, before anything is written, when the cluster's restore
+    /// policy ([`crate::policy`]) refuses any object of its mapped plan: the archive comes from
+    /// shared storage, so what it holds is not trusted to be what the Backup saved.
+    async fn authorize(&self, metadata: &MetadataBackup) -> Result<()> {
+        let plan = self.plan(metadata)?;
+        let served = LiveSource::new(self.ctx.client.clone())
+            .kinds()
+            .await
+            .map_err(Error::discovery("discover the API's kinds"))?;
+        let refused = self
+            .ctx
+            .restore_policy
+            .refusals(&self.namespace, &plan.objects, &served);
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotAuthorized { refused })
+        }
     }
 
     fn plan(&self, metadata: &MetadataBackup) -> Result<RestorePlan> {
