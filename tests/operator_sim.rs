@@ -1214,3 +1214,46 @@ async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
         );
     }
 }
+
+/// With `maxParallelVolumes`, an incremental's volumes start in batches; its
+/// `ChangedBlockTracking` condition names why every volume compared digests, not only the last
+/// batch's (the simulated driver has no SnapshotMetadataService).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_change_tracking_condition_covers_every_batch_of_volumes() {
+    let (sim, _folder) = cluster(json!({}));
+    for (name, seed) in [("logs", 41), ("index", 42)] {
+        sim.add_volume(
+            "shop",
+            name,
+            json!({"app": "db"}),
+            Some("fast"),
+            DRIVER,
+            &noise(1 << 20, seed),
+        );
+    }
+    let ctx = context(&sim);
+    let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
+    sim.mock.put(
+        &format!("{BACKUPS}/hourly"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "hourly", "namespace": "shop", "uid": "b-2", "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "local"},
+                        "mode": "Incremental", "maxParallelVolumes": 1}}),
+    );
+    let incremental = drive(&sim, &ctx, "hourly", 30, Duration::from_secs(60)).await;
+    assert_eq!(incremental.phase, Some(Phase::Completed), "{incremental:?}");
+    let (state, reason, message) =
+        condition(&incremental, "ChangedBlockTracking").expect("the condition");
+    assert_eq!((state.as_str(), reason.as_str()), ("False", "Digests"));
+    assert!(
+        message.starts_with("0 of 3 volumes list changed blocks"),
+        "{message}"
+    );
+    for pvc in ["data", "logs", "index"] {
+        assert!(
+            message.contains(&format!("{pvc}: ")),
+            "{pvc} missing: {message}"
+        );
+    }
+}

@@ -178,6 +178,9 @@ pub struct VolumeStatus {
     /// Backup with `ChangedBlocks`: the base VolumeSnapshot the changes are listed against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
+    /// Backup with `Digests`: why changed blocks could not be listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests_reason: Option<String>,
     /// Restore only: how far a Filesystem volume restored through a Block staging volume got;
     /// unset for a volume filled in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]

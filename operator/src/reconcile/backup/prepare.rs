@@ -169,7 +169,6 @@ impl Run<'_> {
             self.start_datamover(&status.volumes[i], &ready[i], previous.as_deref(), &target)
         }))
         .await?;
-        let mut fallbacks = Vec::new();
         let mut any_new = false;
         for ((&i, (created, plan)), previous) in chosen.iter().zip(started).zip(previous) {
             let Some(volume) = status.volumes.get_mut(i) else {
@@ -192,20 +191,30 @@ impl Run<'_> {
                 }
                 Some(Plan::Digests(why)) => {
                     volume.change_source = Some(ChangeSource::Digests);
-                    fallbacks.push(format!("{}: {why}", volume.pvc));
+                    volume.digests_reason = Some(why);
                 }
             }
         }
         if any_new && self.backup.spec.mode == BackupMode::Incremental {
-            self.record_change_tracking(status, &fallbacks);
+            self.record_change_tracking(status);
         }
         status.phase = Some(Phase::Copying);
         Ok(true)
     }
 
     /// The `ChangedBlockTracking` condition: whether every incremental lists changed blocks,
-    /// and why the others compare digests.
-    fn record_change_tracking(&self, status: &mut BackupStatus, fallbacks: &[String]) {
+    /// and why the others compare digests, over all the volumes started so far (with
+    /// `maxParallelVolumes` they start in batches).
+    fn record_change_tracking(&self, status: &mut BackupStatus) {
+        let fallbacks: Vec<String> = status
+            .volumes
+            .iter()
+            .filter(|v| v.change_source == Some(ChangeSource::Digests))
+            .map(|v| {
+                let why = v.digests_reason.as_deref().unwrap_or("reason not recorded");
+                format!("{}: {why}", v.pvc)
+            })
+            .collect();
         let tracked = status
             .volumes
             .iter()
