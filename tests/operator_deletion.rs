@@ -1,7 +1,8 @@
 //! Deleting Backups and Restores against the cluster simulator (`cluster_sim`): a Backup's
 //! `deletionPolicy: Delete` removes its application backup from the target through the
 //! finalizer, with retention's reference counting, while every other Backup of the application
-//! stays restorable byte for byte; a target that fails keeps the finalizer and says why.
+//! stays restorable byte for byte; a target that fails keeps the finalizer and says why; and a
+//! Restore made again under the name of one whose per-run copies remain gets its own.
 
 mod cluster_sim;
 mod kube_mock;
@@ -11,15 +12,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use cluster_sim::{IMAGE, Sim, restore_from};
-use serde_json::json;
-use strata::operator::crd::BackupStatus;
+use serde_json::{Value, json};
+use strata::csi::Role;
+use strata::operator::crd::{BackupStatus, Restore};
 use strata::operator::reconcile::FINALIZER;
 use strata::operator::status::Phase;
-use strata::operator::{Context, reconcile_backup};
+use strata::operator::{Context, reconcile_backup, reconcile_restore};
 use strata::target::{AppBackupId, AppName, Target, VolumeName};
 use strata_bin::noise;
 
 const BACKUPS: &str = "/apis/strata.io/v1alpha1/namespaces/shop/backups";
+const RESTORES: &str = "/apis/strata.io/v1alpha1/namespaces/shop/restores";
 const VOLUME_BYTES: usize = 4 << 20;
 
 /// `cluster_sim::shop_cluster` with a device of noise, and a context for it.
@@ -312,4 +315,98 @@ async fn a_failing_target_keeps_the_finalizer_until_the_deletion_succeeds() {
     assert!(sim.mock.get(&format!("{BACKUPS}/full")).is_none());
     assert_eq!(app_backups(folder.path()), ["incr"]);
     assert!(restored(folder.path(), &volume_backup(&incremental)) == second);
+}
+
+/// Restore `name` (uid `uid`) of Backup `nightly` into namespace `copy`.
+fn add_restore(sim: &Sim, name: &str, uid: &str) -> String {
+    let path = format!("{RESTORES}/{name}");
+    sim.mock.put(
+        &path,
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": name, "namespace": "shop", "uid": uid, "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    path
+}
+
+async fn reconcile_restore_at(sim: &Sim, ctx: &Context, path: &str) {
+    let restore: Restore = serde_json::from_value(sim.mock.get(path).unwrap()).unwrap();
+    let _ = reconcile_restore(&restore, ctx).await;
+    sim.step(Duration::from_secs(60)).await;
+}
+
+fn access_copies(sim: &Sim, kind: &str) -> Vec<(String, Value)> {
+    let collection = format!("/api/v1/namespaces/copy/{kind}");
+    sim.mock
+        .names_under(&collection)
+        .into_iter()
+        .filter(|n| n.starts_with("strata-access-"))
+        .map(|n| {
+            let object = sim.mock.get(&format!("{collection}/{n}")).unwrap();
+            (n, object)
+        })
+        .collect()
+}
+
+/// A mapped Restore removed while its copy of the credentials and its ServiceAccount remain
+/// (its finalizer removed by hand), then made again under its name, with the credentials
+/// rotated since: the new run makes and uses copies of its own, named and labelled with its
+/// uid, and leaves the old run's alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_recreated_under_its_name_does_not_adopt_the_old_credentials() {
+    let (sim, _folder, ctx) = cluster();
+    sim.give_target_credentials(json!({"AWS_REGION": "ZXUtd2VzdC0x"}));
+    let done = back_up(&sim, &ctx, "nightly", "Full", "Retain").await;
+    assert_eq!(done.phase, Some(Phase::Completed));
+
+    // The first run gets as far as its copies: the claims cannot be made.
+    sim.mock
+        .fail("POST /api/v1/namespaces/copy/persistentvolumeclaims", 500);
+    let path = add_restore(&sim, "copy", "r-1");
+    for _ in 0..3 {
+        reconcile_restore_at(&sim, &ctx, &path).await;
+    }
+    let old_secrets = access_copies(&sim, "secrets");
+    let old_accounts = access_copies(&sim, "serviceaccounts");
+    assert_eq!(old_secrets.len(), 1, "{old_secrets:?}");
+    assert_eq!(old_accounts.len(), 1, "{old_accounts:?}");
+    assert!(sim.mock.remove(&path));
+    sim.mock.heal();
+
+    sim.give_target_credentials(json!({"AWS_REGION": "dXMtZWFzdC0x"}));
+    add_restore(&sim, "copy", "r-2");
+    let mut used = None;
+    for _ in 0..12 {
+        reconcile_restore_at(&sim, &ctx, &path).await;
+        let secrets = access_copies(&sim, "secrets");
+        if let Some((name, secret)) = secrets.iter().find(|(n, _)| *n != old_secrets[0].0) {
+            used = Some((name.clone(), secret.clone()));
+        }
+        if sim.mock.get(&path).unwrap()["status"]["phase"] == "Completed" {
+            break;
+        }
+    }
+    let restored = sim.mock.get(&path).unwrap()["status"].clone();
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let (name, secret) = used.expect("the new run made its own copy");
+    assert_eq!(
+        secret["data"]["AWS_REGION"], "dXMtZWFzdC0x",
+        "current credentials"
+    );
+    assert_eq!(secret["metadata"]["labels"]["strata.io/run-uid"], "r-2");
+
+    let job = sim
+        .mock
+        .run_key("restores", "copy", "copy", "data")
+        .name(Role::Datamover);
+    let pods = sim.pod_history("copy", &job);
+    let pod = pods.last().expect("a datamover pod");
+    assert_eq!(
+        pod["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
+        json!(name)
+    );
+    assert_ne!(pod["spec"]["serviceAccountName"], json!(old_accounts[0].0));
+    // The old run's copies are not the new run's to adopt or to remove.
+    assert_eq!(access_copies(&sim, "secrets"), old_secrets);
+    assert_eq!(access_copies(&sim, "serviceaccounts"), old_accounts);
 }
