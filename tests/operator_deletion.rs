@@ -186,6 +186,30 @@ async fn deleting_a_backup_with_retain_keeps_its_data() {
     assert!(restored(folder.path(), &volume_backup(&kept)) == noise(VOLUME_BYTES, 7));
 }
 
+/// A Backup that never got to copying (its Target does not exist) has nothing in any target:
+/// deleting it with Delete needs no target and removes the finalizer at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_that_never_ran_is_deleted_without_its_target() {
+    let (sim, _folder, ctx) = cluster();
+    sim.mock.put(
+        &format!("{BACKUPS}/lost"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "lost", "namespace": "shop", "uid": "b-lost", "generation": 1},
+               "spec": {"application": {"selectors": ["app=db"]}, "targetRef": {"name": "gone"},
+                        "deletionPolicy": "Delete"}}),
+    );
+    let err = reconcile_backup(&sim.mock.backup("lost"), &ctx)
+        .await
+        .expect_err("no such Target");
+    assert_eq!(err.reason(), "TargetNotFound");
+    assert_eq!(
+        sim.mock.backup("lost").metadata.finalizers,
+        Some(vec![FINALIZER.to_owned()])
+    );
+    delete(&sim, &ctx, "lost").await.unwrap();
+    assert!(sim.mock.get(&format!("{BACKUPS}/lost")).is_none());
+}
+
 /// A run that committed before its status said so (a crash in `Finishing` after the commit)
 /// and is then deleted leaves no restorable application backup behind.
 #[tokio::test(flavor = "multi_thread")]
@@ -203,6 +227,28 @@ async fn a_backup_deleted_after_an_unrecorded_commit_takes_its_application_backu
     assert!(sim.mock.get(&path).is_none());
     assert_eq!(app_backups(folder.path()), Vec::<String>::new());
     assert_eq!(volume_backups(folder.path()), Vec::<String>::new());
+}
+
+/// A target gone for good: the person sets the deleted Backup's policy to Retain, which ends
+/// the backoff's wait (another version of the object) and lets the Backup go.
+#[tokio::test(flavor = "multi_thread")]
+async fn retain_set_on_a_stuck_deletion_lets_the_backup_go() {
+    let (sim, folder, ctx) = cluster();
+    back_up(&sim, &ctx, "full", "Full", "Delete").await;
+    let dir = folder.path().join("target");
+    std::fs::rename(&dir, folder.path().join("away")).unwrap();
+    std::fs::write(&dir, b"not a folder").unwrap();
+    delete(&sim, &ctx, "full")
+        .await
+        .expect_err("the target fails");
+    let path = format!("{BACKUPS}/full");
+    let mut object = sim.mock.get(&path).unwrap();
+    object["spec"]["deletionPolicy"] = json!("Retain");
+    sim.mock.put(&path, object);
+    reconcile_backup(&sim.mock.backup("full"), &ctx)
+        .await
+        .unwrap();
+    assert!(sim.mock.get(&path).is_none());
 }
 
 /// The deletion folds a chain another Backup may be writing on, so it waits for the volume's

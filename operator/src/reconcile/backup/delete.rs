@@ -8,7 +8,9 @@
 //! the volumes' locks ([`lock`](crate::reconcile::lock)), as a commit's retention does: a
 //! Backup writing one of these volumes is waited for (condition `Deleting` False, reason
 //! `WaitingForBackup`). A failure keeps the finalizer, sets `Deleting` False with the cause as
-//! reason, publishes a Warning Event and is retried with the controller's backoff.
+//! reason, publishes a Warning Event and is retried with the controller's backoff. The policy is
+//! read from the Backup as it is now, so a person whose target is gone for good lets the Backup
+//! go by setting it to Retain; a run that never reached its commit does not open the target.
 //!
 //! Which application backup is this Backup's: id `metadata.name` whose manifest names exactly
 //! the volume backups of `status.volumes`. A running Backup is deleted in any phase; should it
@@ -34,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::reconcile::finalizer;
 use crate::reconcile::lock::{self, Acquired};
 use crate::reconcile::outcome::Call;
-use crate::status::{ConditionStatus, Phase, set_condition};
+use crate::status::{ConditionStatus, Phase, condition, set_condition};
 use strata_target::{BackupId, VolumeBackupRef, VolumeName};
 
 impl Run<'_> {
@@ -89,12 +91,17 @@ impl Run<'_> {
         if acquired != Acquired::All {
             return Ok(false);
         }
-        // Without every volume's backup id the run cannot have committed.
-        let Some(refs) = committed_refs(status) else {
+        let completed = status.phase == Some(Phase::Completed);
+        // Without every volume's backup id the run cannot have committed; nor without volumes,
+        // unless it got as far as the commit (a run that failed before, on a missing or
+        // invalid Target say, needs no target, which may be unreachable for good).
+        let reached_commit = completed
+            || status.phase == Some(Phase::Finishing)
+            || condition(&status.conditions, "Committed").is_some();
+        let Some(refs) = committed_refs(status).filter(|r| !r.is_empty() || reached_commit) else {
             return Ok(true);
         };
         let (app, id) = self.app_backup(status)?;
-        let completed = status.phase == Some(Phase::Completed);
         let delete = self.ctx.delete_app_backup;
         self.target()
             .await?
