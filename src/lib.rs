@@ -34,7 +34,7 @@ mod retention;
 mod verified;
 mod volume;
 
-pub use retention::{Expiry, expire_app_backups};
+pub use retention::{Expiry, delete_app_backup, expire_app_backups};
 pub use strata_chain as chain;
 #[cfg(feature = "kubernetes")]
 pub use strata_csi as csi;
@@ -53,15 +53,20 @@ pub use volume::{
 };
 
 /// The operator's settings for a controller whose Backups apply retention with
-/// [`expire_app_backups`] (the operator sits below this facade, so the facade hands it the
+/// [`expire_app_backups`] and delete their data with [`delete_app_backup`] (the operator sits below this facade, so the facade hands it the
 /// data path's retention).
 #[cfg(feature = "kubernetes")]
 pub fn operator_context(client: kube::Client, image: impl Into<String>) -> operator::Context {
-    operator::Context::new(client, image, |target, app, keep_last| {
-        let expiry = expire_app_backups(target, app, keep_last)?;
-        Ok(operator::AppRetention {
-            expired: expiry.expired,
-            kept: expiry.kept,
-        })
-    })
+    operator::Context::new(
+        client,
+        image,
+        |target, app, keep_last| {
+            let expiry = expire_app_backups(target, app, keep_last)?;
+            Ok(operator::AppRetention {
+                expired: expiry.expired,
+                kept: expiry.kept,
+            })
+        },
+        |target, app, id, volumes| Ok(delete_app_backup(target, app, id, volumes)?),
+    )
 }

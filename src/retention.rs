@@ -12,7 +12,9 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use strata_target::{AppBackupId, AppName, BackupId, Target, VolumeName};
+use strata_target::{
+    AppBackupId, AppName, BackupId, BackupManifest, Target, VolumeBackupRef, VolumeName,
+};
 
 use crate::volume::{Error, Result, fold_verified};
 
@@ -69,44 +71,102 @@ pub fn expire_app_backups(target: &Target, app: &AppName, keep_last: usize) -> R
     for old in expired {
         target.delete_app_backup(app, &old.id)?;
     }
-    let named: HashSet<(VolumeName, BackupId)> = target
-        .all_app_backups()?
-        .into_iter()
-        .flat_map(|m| m.volumes)
-        .map(|r| (r.volume, r.backup))
-        .collect();
+    let named = named_volume_backups(target)?;
     let volumes: BTreeSet<&VolumeName> = backups
         .iter()
         .flat_map(|m| m.volumes.iter().map(|r| &r.volume))
         .collect();
     let mut removed = Vec::new();
     for volume in volumes {
-        target.recover_folds(volume, std::time::Duration::ZERO)?;
         let ours: HashSet<&BackupId> = backups
             .iter()
             .flat_map(|m| m.volumes.iter())
             .filter(|r| &r.volume == volume)
             .map(|r| &r.backup)
             .collect();
-        let listed = target.backups(volume)?;
-        let Some(boundary) = listed.iter().rposition(|m| ours.contains(&m.id)) else {
-            continue;
-        };
-        let unreferenced: Vec<BackupId> = listed[..=boundary]
-            .iter()
-            .filter(|m| !named.contains(&(volume.clone(), m.id.clone())))
-            .map(|m| m.id.clone())
-            .collect();
-        for id in unreferenced {
-            remove_volume_backup(target, volume, &id)?;
-            removed.push((volume.clone(), id));
-        }
+        // At or before the newest volume backup these application backups name.
+        let gone = remove_unnamed(target, volume, &named, |listed| {
+            let end = listed.iter().rposition(|m| ours.contains(&m.id));
+            listed[..end.map_or(0, |b| b + 1)]
+                .iter()
+                .map(|m| m.id.clone())
+                .collect()
+        })?;
+        removed.extend(gone.into_iter().map(|id| (volume.clone(), id)));
     }
     Ok(Expiry {
         expired: expired.iter().map(|m| m.id.clone()).collect(),
         kept: kept.iter().map(|m| m.id.clone()).collect(),
         removed,
     })
+}
+
+/// Deletes application backup `id` of `app` (the operator's `deletionPolicy: Delete`), then
+/// removes each volume backup of `volumes` that no remaining application backup names, with
+/// the reference counting of [`expire_app_backups`]: another application backup's volume
+/// backups, and the chain they rest on, read the same bytes afterwards.
+///
+/// `volumes` are the volume backups the application backup names, as its caller recorded them
+/// (the operator: the Backup's status): its manifest is deleted first, so a deletion stopped
+/// after that step is finished by running it again with the same `volumes`, and deleting an
+/// absent application backup succeeds. Only the given volume backups are candidates; other
+/// unnamed ones (an uncommitted run's, the CLI's) are left to retention and gc. Run it under
+/// the same exclusion as [`expire_app_backups`] (the operator holds the volumes' locks).
+pub fn delete_app_backup(
+    target: &Target,
+    app: &AppName,
+    id: &AppBackupId,
+    volumes: &[VolumeBackupRef],
+) -> Result<Vec<(VolumeName, BackupId)>> {
+    target.delete_app_backup(app, id)?;
+    let named = named_volume_backups(target)?;
+    let by_volume: BTreeSet<&VolumeName> = volumes.iter().map(|r| &r.volume).collect();
+    let mut removed = Vec::new();
+    for volume in by_volume {
+        let mine: HashSet<&BackupId> = volumes
+            .iter()
+            .filter(|r| &r.volume == volume)
+            .map(|r| &r.backup)
+            .collect();
+        let gone = remove_unnamed(target, volume, &named, |listed| {
+            listed
+                .iter()
+                .filter(|m| mine.contains(&m.id))
+                .map(|m| m.id.clone())
+                .collect()
+        })?;
+        removed.extend(gone.into_iter().map(|id| (volume.clone(), id)));
+    }
+    Ok(removed)
+}
+
+/// Every (volume, volume backup) some application backup in `target` names.
+fn named_volume_backups(target: &Target) -> Result<HashSet<(VolumeName, BackupId)>> {
+    Ok(target
+        .all_app_backups()?
+        .into_iter()
+        .flat_map(|m| m.volumes)
+        .map(|r| (r.volume, r.backup))
+        .collect())
+}
+
+/// Finishes or rolls back a fold an earlier run left on `volume`, then removes each of the
+/// backups `pick` chooses from its listing (oldest first) that `named` does not name; their ids.
+fn remove_unnamed(
+    target: &Target,
+    volume: &VolumeName,
+    named: &HashSet<(VolumeName, BackupId)>,
+    pick: impl FnOnce(&[BackupManifest]) -> Vec<BackupId>,
+) -> Result<Vec<BackupId>> {
+    target.recover_folds(volume, std::time::Duration::ZERO)?;
+    let unreferenced: Vec<BackupId> = pick(&target.backups(volume)?)
+        .into_iter()
+        .filter(|id| !named.contains(&(volume.clone(), id.clone())))
+        .collect();
+    for id in &unreferenced {
+        remove_volume_backup(target, volume, id)?;
+    }
+    Ok(unreferenced)
 }
 
 /// Removes volume backup `id`: folded into its child when it has one, deleted otherwise.

@@ -185,6 +185,11 @@ fn assert_expired_and_kept(repo: &Repo, ids: &HashMap<&str, String>) {
     );
     repo.check_listed_restore("after retention");
     // b5 was built on bx, folded into b4: it still restores too.
+    assert_b5_restores(repo, ids);
+}
+
+/// `shop.b`'s backup b5, which no application backup names, restores to its bytes.
+fn assert_b5_restores(repo: &Repo, ids: &HashMap<&str, String>) {
     let b5 = repo.dir.path().join("b5.out");
     let volume = VolumeName::new("shop.b").unwrap();
     let id = BackupId::new(&ids["b5"]).unwrap();
@@ -275,4 +280,66 @@ fn prune_app_killed_between_expiries_or_inside_a_fold_leaves_every_listed_backup
         "0",
     ]));
     assert_expired_and_kept(&repo, &ids);
+}
+
+/// `strata::delete_app_backup` (a Backup's `deletionPolicy: Delete`): only the volume backups
+/// the deleted application backup alone names go (folded into their children, deleted when
+/// nothing rests on them); a volume backup other application backups name, and unnamed ones
+/// it does not name, stay; every listed application backup restores byte for byte. Running it
+/// again, its manifest gone, removes nothing more.
+#[test]
+fn delete_app_backup_removes_only_the_volume_backups_it_alone_names() {
+    let (repo, ids) = scenario();
+    let target = repo.target();
+    let refs = |pairs: &[(&str, &str)]| -> Vec<VolumeBackupRef> {
+        pairs
+            .iter()
+            .map(|(volume, id)| VolumeBackupRef {
+                volume: VolumeName::new(*volume).unwrap(),
+                backup: BackupId::new(&ids[id]).unwrap(),
+            })
+            .collect()
+    };
+    let removed = |list: Vec<(VolumeName, BackupId)>| -> Vec<(String, String)> {
+        list.into_iter()
+            .map(|(v, id)| (v.to_string(), id.to_string()))
+            .collect()
+    };
+    let pair = |v: &str, id: &str| (v.to_owned(), ids[id].clone());
+
+    let app2 = AppBackupId::new("app2").unwrap();
+    let named = refs(&[("shop.a", "a2"), ("shop.b", "b1")]);
+    let gone = strata::delete_app_backup(&target, &app(), &app2, &named).unwrap();
+    assert_eq!(removed(gone), [pair("shop.a", "a2")]);
+    assert_eq!(repo.app_backups(), ["app1", "app3", "app4"]);
+    assert_eq!(
+        repo.volume_backups("shop.a"),
+        [ids["a1"].clone(), ids["a3"].clone(), ids["a4"].clone()]
+    );
+    assert_eq!(
+        repo.volume_backups("shop.b"),
+        [
+            ids["b1"].clone(),
+            ids["bx"].clone(),
+            ids["b4"].clone(),
+            ids["b5"].clone()
+        ]
+    );
+    repo.check_listed_restore("after deleting app2");
+    let again = strata::delete_app_backup(&target, &app(), &app2, &named).unwrap();
+    assert_eq!(again, []);
+
+    // The newest: a4 has nothing built on it and is deleted; b4 is folded into b5, the
+    // uncommitted run's backup built on it, which still restores.
+    let app4 = AppBackupId::new("app4").unwrap();
+    let named = refs(&[("shop.a", "a4"), ("shop.b", "b4")]);
+    let gone = strata::delete_app_backup(&target, &app(), &app4, &named).unwrap();
+    assert_eq!(removed(gone), [pair("shop.a", "a4"), pair("shop.b", "b4")]);
+    assert_eq!(repo.app_backups(), ["app1", "app3"]);
+    assert_eq!(
+        repo.volume_backups("shop.b"),
+        [ids["b1"].clone(), ids["bx"].clone(), ids["b5"].clone()]
+    );
+    repo.check_listed_restore("after deleting app4");
+    assert_b5_restores(&repo, &ids);
 }

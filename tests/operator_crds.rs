@@ -109,8 +109,13 @@ fn wrong_samples_are_refused_by_the_schemas() {
     let mut backup = sample("backup.yaml");
     backup["spec"]["mode"] = json!("Sometimes");
     backup["spec"]["retention"]["keepLast"] = json!(0);
+    backup["spec"]["deletionPolicy"] = json!("Purge");
     let errors = schema_errors(&backup);
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.starts_with("/spec/deletionPolicy")),
+        "{errors:?}"
+    );
     assert!(
         errors.iter().any(|e| e.starts_with("/spec/mode")),
         "{errors:?}"

@@ -9,7 +9,7 @@ mod strata_bin;
 
 use std::time::Duration;
 
-use cluster_sim::{DRIVER, IMAGE, PodFault, Sim, SnapshotFault};
+use cluster_sim::{DRIVER, IMAGE, PodFault, Sim, SnapshotFault, restore_from};
 use kube::Api;
 use kube::api::DeleteParams;
 use serde_json::{Value, json};
@@ -28,22 +28,7 @@ const VOLUME_BYTES: usize = 4 << 20;
 /// hostpath driver, labelled `app=db`) on a device of noise; a snapshot class; Target `local`
 /// on a folder; Backup `nightly` (Full) of `app=db`.
 fn cluster(namespace_labels: Value) -> (Sim, tempfile::TempDir) {
-    let sim = Sim::new();
-    sim.add_namespace("shop", namespace_labels);
-    sim.add_storage_class("fast", DRIVER, "Immediate");
-    sim.add_snapshot_class("csi-hostpath-snapclass", DRIVER);
-    sim.add_volume(
-        "shop",
-        "data",
-        json!({"app": "db"}),
-        Some("fast"),
-        DRIVER,
-        &noise(VOLUME_BYTES, 7),
-    );
-    let folder = tempfile::tempdir().unwrap();
-    sim.mock
-        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
-    (sim, folder)
+    cluster_sim::shop_cluster(namespace_labels, &noise(VOLUME_BYTES, 7))
 }
 
 fn add_backup(sim: &Sim, name: &str, uid: &str, mode: &str) {
@@ -108,29 +93,6 @@ fn job_of(sim: &Sim, run: &str) -> String {
 /// The volume restored from the target's backup `id` of `shop.data`, read with the CLI.
 fn restored(folder: &std::path::Path, id: &str) -> Vec<u8> {
     restore_from(&folder.join("target"), "shop.data", id)
-}
-
-/// Backup `id` of `volume` in folder target `target`, restored with `strata restore` into a
-/// file beside the target and read back.
-fn restore_from(target: &std::path::Path, volume: &str, id: &str) -> Vec<u8> {
-    let out = target.with_file_name(format!("restored-{volume}-{id}.raw"));
-    let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args([
-            "restore",
-            "--target",
-            target.to_str().unwrap(),
-            "--volume",
-            volume,
-        ])
-        .args(["--backup", id, out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    std::fs::read(out).unwrap()
 }
 
 fn backup_id(status: &BackupStatus) -> String {
@@ -467,16 +429,7 @@ async fn a_restore_into_a_mapped_namespace_brings_its_own_credentials_and_accoun
     let (sim, _folder) = cluster(json!({}));
     // As `strata install --namespace shop` sets it up, and a Target with credentials.
     sim.add_service_account("shop", "strata-datamover");
-    sim.mock.put(
-        "/api/v1/namespaces/shop/secrets/target-credentials",
-        json!({"apiVersion": "v1", "kind": "Secret",
-               "metadata": {"name": "target-credentials", "namespace": "shop"},
-               "data": {"AWS_REGION": "ZXUtd2VzdC0x"}}),
-    );
-    let target = "/apis/strata.io/v1alpha1/namespaces/shop/targets/local";
-    let mut spec = sim.mock.get(target).unwrap();
-    spec["spec"]["credentialsSecretRef"] = json!({"name": "target-credentials"});
-    sim.mock.put(target, spec);
+    sim.give_target_credentials(json!({"AWS_REGION": "ZXUtd2VzdC0x"}));
     let mut ctx = context(&sim);
     ctx.datamover_service_account = Some("strata-datamover".to_owned());
     let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;

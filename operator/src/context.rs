@@ -16,7 +16,9 @@ use super::error::{Error, Result};
 use super::metrics::Metrics;
 use super::policy::RestorePolicy;
 use strata_csi::datamover::TargetMount;
-use strata_target::{AppBackupId, AppName, Target, TargetOptions, VolumeName};
+use strata_target::{
+    AppBackupId, AppName, BackupId, Target, TargetOptions, VolumeBackupRef, VolumeName,
+};
 
 /// An error from outside the operator (the retention the facade supplies).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,6 +29,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `strata::expire_app_backups` ([`Context::new`]'s caller supplies it;
 /// `strata::operator_context` wires it).
 pub type Prune = fn(&Target, &AppName, usize) -> std::result::Result<AppRetention, BoxError>;
+
+/// Deleting one application backup (a Backup with `deletionPolicy: Delete`): its manifest,
+/// then each of the volume backups given (those it names) that no remaining application
+/// backup names, with retention's reference counting; the volume backups removed. The facade
+/// supplies `strata::delete_app_backup`, as it does [`Prune`].
+pub type DeleteAppBackup = fn(
+    &Target,
+    &AppName,
+    &AppBackupId,
+    &[VolumeBackupRef],
+) -> std::result::Result<Vec<(VolumeName, BackupId)>, BoxError>;
 
 /// What retention of an application did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +65,8 @@ pub struct Context {
     pub field_manager: String,
     /// What a Backup's `retention` runs after its commit, once per application backup.
     pub prune: Prune,
+    /// What deleting a Backup with `deletionPolicy: Delete` runs on the target.
+    pub delete_app_backup: DeleteAppBackup,
     /// How long a datamover pod may be unable to start (image pull, missing Secret or claim,
     /// refused by admission) before the run fails with the reason; meanwhile the run's
     /// `DatamoversStarted` condition names it.
@@ -88,11 +103,17 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context polling every five seconds, applying retention with `prune`, publishing
+    /// A context polling every five seconds, applying retention with `prune` and deleting
+    /// application backups with `delete_app_backup`, publishing
     /// Events as [`events::reporter`](crate::events::reporter) says; datamover pods get ten
     /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
     /// hours), snapshots fifteen minutes to clear an error.
-    pub fn new(client: Client, image: impl Into<String>, prune: Prune) -> Self {
+    pub fn new(
+        client: Client,
+        image: impl Into<String>,
+        prune: Prune,
+        delete_app_backup: DeleteAppBackup,
+    ) -> Self {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(&metrics));
         Context {
@@ -104,6 +125,7 @@ impl Context {
             poll: Duration::from_secs(5),
             field_manager: "strata-controller".to_owned(),
             prune,
+            delete_app_backup,
             datamover_start_timeout: Duration::from_secs(10 * 60),
             datamover_deadline: Some(Duration::from_secs(24 * 60 * 60)),
             snapshot_error_grace: Duration::from_secs(15 * 60),

@@ -88,6 +88,16 @@ pub enum Error {
         #[source]
         source: crate::context::BoxError,
     },
+    /// Deleting a Backup's application backup from the target (`deletionPolicy: Delete`)
+    /// failed.
+    #[error("delete application backup {backup}")]
+    DeleteData {
+        /// `APP/ID`.
+        backup: String,
+        /// The cause.
+        #[source]
+        source: crate::context::BoxError,
+    },
     /// The Kubernetes API call failed.
     #[error("Kubernetes API: {operation}")]
     Kube {
@@ -173,16 +183,8 @@ impl Error {
             },
             Error::Csi { source, .. } => classify_csi(source),
             Error::Target { source, .. } => classify_target(source),
-            Error::Retention { source, .. } => {
-                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
-                while let Some(err) = cause {
-                    if let Some(target) = err.downcast_ref::<strata_target::Error>() {
-                        return classify_target(target);
-                    }
-                    cause = err.source();
-                }
-                (Transient, "RetentionFailed")
-            }
+            Error::Retention { source, .. } => classify_facade(source, "RetentionFailed"),
+            Error::DeleteData { source, .. } => classify_facade(source, "DeleteFailed"),
             Error::Kube { source, .. } => classify_kube(source),
             Error::Task(_) => (Transient, "TargetTaskFailed"),
             Error::Retrying { source, .. } => source.classify(),
@@ -221,6 +223,22 @@ impl Error {
             source: Box::new(source),
         }
     }
+}
+
+/// An error of the facade's data path: as the target error in its cause chain, else a
+/// transient `otherwise`.
+fn classify_facade(
+    source: &crate::context::BoxError,
+    otherwise: &'static str,
+) -> (ErrorClass, &'static str) {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+    while let Some(err) = cause {
+        if let Some(target) = err.downcast_ref::<strata_target::Error>() {
+            return classify_target(target);
+        }
+        cause = err.source();
+    }
+    (ErrorClass::Transient, otherwise)
 }
 
 /// The reason of a referenced object that does not exist.

@@ -5,7 +5,8 @@
 //! restore. The reconcilers ([`reconcile_backup`], [`reconcile_restore`]) move one run a step
 //! forward per call and record where it stands in the resource's status; [`controller::run`]
 //! wraps them in kube-runtime `Controller`s, and the `strata-controller` binary is a thin
-//! `main` around it. Backups' retention runs the data path's `strata::expire_app_backups`, which the facade
+//! `main` around it. Backups' retention runs the data path's `strata::expire_app_backups`, and
+//! `deletionPolicy: Delete` its `strata::delete_app_backup`, which the facade
 //! (above this crate) hands over in the [`Context`] (`strata::operator_context`).
 //!
 //! ```
@@ -58,8 +59,8 @@ mod selection;
 pub mod status;
 
 pub use context::{
-    AppRetention, BoxError, Context, Prune, TargetAccess, cluster_uid, folder_of, valid_cluster_id,
-    volume_name,
+    AppRetention, BoxError, Context, DeleteAppBackup, Prune, TargetAccess, cluster_uid, folder_of,
+    valid_cluster_id, volume_name,
 };
 pub use error::{Error, ErrorClass, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore, reconcile_target};

@@ -131,7 +131,67 @@ fn rfc3339_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// Namespace `shop` (Pod Security `namespace_labels`) holding Block PVC `data` (class `fast`
+/// of the hostpath driver, labelled `app=db`) on a device holding `contents`; a snapshot class;
+/// Target `local` on the folder `target` of the returned directory; Backup `nightly` (Full) of
+/// `app=db`.
+pub fn shop_cluster(namespace_labels: Value, contents: &[u8]) -> (Sim, tempfile::TempDir) {
+    let sim = Sim::new();
+    sim.add_namespace("shop", namespace_labels);
+    sim.add_storage_class("fast", DRIVER, "Immediate");
+    sim.add_snapshot_class("csi-hostpath-snapclass", DRIVER);
+    sim.add_volume(
+        "shop",
+        "data",
+        json!({"app": "db"}),
+        Some("fast"),
+        DRIVER,
+        contents,
+    );
+    let folder = tempfile::tempdir().expect("temp dir");
+    sim.mock
+        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
+    (sim, folder)
+}
+
+/// Backup `id` of `volume` in folder target `target`, restored with `strata restore` into a
+/// file beside the target and read back.
+pub fn restore_from(target: &std::path::Path, volume: &str, id: &str) -> Vec<u8> {
+    let out = target.with_file_name(format!("restored-{volume}-{id}.raw"));
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "restore",
+            "--target",
+            target.to_str().unwrap(),
+            "--volume",
+            volume,
+        ])
+        .args(["--backup", id, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
 impl Sim {
+    /// Secret `target-credentials` of `shop` holding `data`, named by Target `local`.
+    pub fn give_target_credentials(&self, data: Value) {
+        self.mock.put(
+            "/api/v1/namespaces/shop/secrets/target-credentials",
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "target-credentials", "namespace": "shop"},
+                   "data": data}),
+        );
+        let target = "/apis/strata.io/v1alpha1/namespaces/shop/targets/local";
+        let mut spec = self.mock.get(target).expect("Target local");
+        spec["spec"]["credentialsSecretRef"] = json!({"name": "target-credentials"});
+        self.mock.put(target, spec);
+    }
+
     /// An empty cluster whose registry holds [`IMAGE`].
     pub fn new() -> Self {
         Sim {

@@ -64,6 +64,24 @@ pub struct BackupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_parallel_volumes: Option<u32>,
+    /// What deleting the Backup does to its application backup in the target: Retain (the
+    /// default) keeps it; Delete removes it, and the volume backups only it names, before the
+    /// Backup goes (the names of Velero's and VolumeSnapshotContent's policies).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What deleting a Backup does to the data it wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// The application backup stays in the target, restorable with the CLI or a Backup that
+    /// names it again.
+    #[default]
+    Retain,
+    /// The application backup is deleted from the target, and each volume backup no other
+    /// application backup names is folded into its child or deleted; the Backup's finalizer
+    /// stays until that succeeded.
+    Delete,
 }
 
 /// PVC names to back up: `include` (all when empty), less `exclude`.

@@ -13,8 +13,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use backup::{
-    Backup, BackupMode, BackupSpec, BackupStatus, ChangeSource, CleanupPolicy, Retention, Staging,
-    VolumeFilter, VolumeStatus,
+    Backup, BackupMode, BackupSpec, BackupStatus, ChangeSource, CleanupPolicy, DeletionPolicy,
+    Retention, Staging, VolumeFilter, VolumeStatus,
 };
 pub use restore::{ExistingObjects, Restore, RestoreSpec, RestoreStatus};
 pub use target::{LocalReference, NfsExport, SecretReference, Target, TargetSpec, TargetStatus};

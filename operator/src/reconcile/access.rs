@@ -8,18 +8,23 @@
 //! only be referenced by pods in that same namespace"), so the run copies the Secret and makes
 //! a ServiceAccount there. The account has no bindings and mounts no token: a restore
 //! datamover does not call the API.
+//!
+//! Both are named with the Restore's uid as well as its name, like every object a run makes
+//! ([`VolumeKey::of_run`]), and labelled with both: a Restore deleted while its copies remain
+//! (the controller was down, someone removed the finalizer) and made again under its name gets
+//! copies of its own, with the credentials as they are now, rather than adopting the old ones.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use strata_csi::naming::{LABEL_RUN, label_value};
+use strata_csi::naming::{LABEL_RUN, LABEL_RUN_UID, label_value};
 use strata_csi::{Role, VolumeKey};
 
 /// The Secret and ServiceAccount a run's datamovers in one namespace use.
@@ -31,23 +36,40 @@ pub struct RunAccess {
     pub service_account: Option<String>,
 }
 
-/// Name of run `run`'s copy of the credentials, and of its ServiceAccount, in `namespace`.
-pub fn run_object_name(run: &str, namespace: &str) -> String {
-    VolumeKey::new(run, namespace, "").name(Role::Access)
+/// The key of the run that `owner` references (a Restore of namespace `home`) in `namespace`:
+/// its copy of the credentials and its ServiceAccount there are named
+/// `key.name(Role::Access)`, with the run's uid in the hash.
+fn access_key(owner: &OwnerReference, home: &str, namespace: &str) -> VolumeKey {
+    VolumeKey::of_run(owner, home, namespace, "")
 }
 
-fn labels(run: &str) -> BTreeMap<String, String> {
+fn labels(owner: &OwnerReference) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_owned(),
             "strata".to_owned(),
         ),
-        (LABEL_RUN.to_owned(), label_value(run)),
+        (LABEL_RUN.to_owned(), label_value(&owner.name)),
+        (LABEL_RUN_UID.to_owned(), label_value(&owner.uid)),
     ])
 }
 
+/// Whether `object` carries the run labels of the run `owner` references, uid included.
+fn is_ours<K: Resource>(object: &K, owner: &OwnerReference) -> bool {
+    let ours = labels(owner);
+    let theirs = object.meta().labels.as_ref();
+    [LABEL_RUN, LABEL_RUN_UID]
+        .iter()
+        .all(|key| theirs.and_then(|l| l.get(*key)) == ours.get(*key))
+}
+
 /// Create `object`, or adopt the one of that name this run made before.
-async fn create_or_adopt<K>(api: &Api<K>, object: &K, run: &str, what: &str) -> Result<()>
+async fn create_or_adopt<K>(
+    api: &Api<K>,
+    object: &K,
+    owner: &OwnerReference,
+    what: &str,
+) -> Result<()>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
@@ -59,12 +81,7 @@ where
                 .get(&name)
                 .await
                 .map_err(Error::kube(format!("get {what} {name}")))?;
-            let owner = existing
-                .meta()
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_RUN));
-            if owner != Some(&label_value(run)) {
+            if !is_ours(&existing, owner) {
                 return Err(Error::InvalidSpec {
                     what: "restore namespace",
                     reason: format!("{what} {name} exists and is not this run's"),
@@ -79,12 +96,12 @@ where
     }
 }
 
-/// What run `run`'s datamovers in `namespace` use: in `home` (the Restore's namespace) the
-/// Target's own Secret `secret` and `service_account`; elsewhere a copy of the Secret and a
-/// ServiceAccount made for the run.
+/// What the datamovers of the run `owner` references in `namespace` use: in `home` (the
+/// Restore's namespace) the Target's own Secret `secret` and `service_account`; elsewhere a
+/// copy of the Secret and a ServiceAccount made for the run.
 pub async fn grant(
     client: &Client,
-    run: &str,
+    owner: &OwnerReference,
     home: &str,
     namespace: &str,
     secret: Option<&str>,
@@ -96,11 +113,11 @@ pub async fn grant(
             service_account: service_account.map(str::to_owned),
         });
     }
-    let name = run_object_name(run, namespace);
+    let name = access_key(owner, home, namespace).name(Role::Access);
     let meta = ObjectMeta {
         name: Some(name.clone()),
         namespace: Some(namespace.to_owned()),
-        labels: Some(labels(run)),
+        labels: Some(labels(owner)),
         ..Default::default()
     };
     let credentials_secret = match secret {
@@ -122,7 +139,7 @@ pub async fn grant(
                 immutable: Some(true),
             };
             let api = Api::<Secret>::namespaced(client.clone(), namespace);
-            create_or_adopt(&api, &copy, run, "Secret").await?;
+            create_or_adopt(&api, &copy, owner, "Secret").await?;
             Some(name.clone())
         }
         None => None,
@@ -133,14 +150,19 @@ pub async fn grant(
         ..Default::default()
     };
     let api = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    create_or_adopt(&api, &account, run, "ServiceAccount").await?;
+    create_or_adopt(&api, &account, owner, "ServiceAccount").await?;
     Ok(RunAccess {
         credentials_secret,
         service_account: Some(name),
     })
 }
 
-async fn delete_if_ours<K>(api: &Api<K>, name: &str, run: &str, what: &str) -> Result<()>
+async fn delete_if_ours<K>(
+    api: &Api<K>,
+    name: &str,
+    owner: &OwnerReference,
+    what: &str,
+) -> Result<()>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
@@ -148,10 +170,7 @@ where
         .get_opt(name)
         .await
         .map_err(Error::kube(format!("get {what} {name}")))?;
-    let ours = existing.is_some_and(|o| {
-        o.meta().labels.as_ref().and_then(|l| l.get(LABEL_RUN)) == Some(&label_value(run))
-    });
-    if !ours {
+    if !existing.is_some_and(|o| is_ours(&o, owner)) {
         return Ok(());
     }
     match api.delete(name, &DeleteParams::default()).await {
@@ -164,14 +183,20 @@ where
     }
 }
 
-/// Remove what [`grant`] made for run `run` in `namespace` (nothing in `home`); gone is fine.
-pub async fn revoke(client: &Client, run: &str, home: &str, namespace: &str) -> Result<()> {
+/// Remove what [`grant`] made for the run `owner` references in `namespace` (nothing in
+/// `home`); gone is fine.
+pub async fn revoke(
+    client: &Client,
+    owner: &OwnerReference,
+    home: &str,
+    namespace: &str,
+) -> Result<()> {
     if home == namespace {
         return Ok(());
     }
-    let name = run_object_name(run, namespace);
+    let name = access_key(owner, home, namespace).name(Role::Access);
     let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
-    delete_if_ours(&secrets, &name, run, "Secret").await?;
+    delete_if_ours(&secrets, &name, owner, "Secret").await?;
     let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    delete_if_ours(&accounts, &name, run, "ServiceAccount").await
+    delete_if_ours(&accounts, &name, owner, "ServiceAccount").await
 }

@@ -167,7 +167,8 @@ fn holder_of(lease: &Lease) -> Option<&OwnerReference> {
         .find(|o| o.kind == "Backup")
 }
 
-/// Whether `holder` still exists (same uid) and has not finished.
+/// Whether `holder` still exists (same uid) and has not finished, or is deleted and waits
+/// for its finalizer (which removes its data under the locks, `deletionPolicy: Delete`).
 async fn in_progress(client: &Client, namespace: &str, holder: &OwnerReference) -> Result<bool> {
     let backup = Api::<Backup>::namespaced(client.clone(), namespace)
         .get_opt(&holder.name)
@@ -178,10 +179,11 @@ async fn in_progress(client: &Client, namespace: &str, holder: &OwnerReference) 
         )))?;
     Ok(backup.is_some_and(|b| {
         b.metadata.uid.as_deref() == Some(holder.uid.as_str())
-            && !b
-                .status
-                .and_then(|s| s.phase)
-                .is_some_and(crate::status::Phase::is_final)
+            && (b.metadata.deletion_timestamp.is_some()
+                || !b
+                    .status
+                    .and_then(|s| s.phase)
+                    .is_some_and(crate::status::Phase::is_final))
     }))
 }
 

@@ -122,22 +122,43 @@ where
                 status.set_phase(Phase::Failed);
                 Action::await_change()
             }
-            Err(err) => return Err(self.retry(before, status, err, true).await),
+            Err(err) => return Err(self.retry(before, status, err, Record::Retry).await),
         };
         clear_retry(status.conditions_mut());
         status.set_observed_generation(generation);
         if let Err(err) = self.write(before, status).await {
             // Nothing was written (a 409 from a stale read, most likely): no condition either,
             // as its write would be refused the same way.
-            return Err(self.retry(before, status, err, false).await);
+            return Err(self.retry(before, status, err, Record::Nothing).await);
         }
         self.ctx.backoff.succeeded(&self.key);
         self.announce(before, status).await;
         Ok(action)
     }
 
+    /// The call succeeded: the next failure is attempt 1.
+    pub(super) fn succeeded(&self) {
+        self.ctx.backoff.succeeded(&self.key);
+    }
+
+    /// Record the failure `err` of removing a deleted run's data, whose finalizer stays: the
+    /// backoff, condition `Deleting` False with the cause as reason, a Warning Event; the error
+    /// for the controller.
+    pub(super) async fn deletion_failed<S: RunStatus>(
+        &self,
+        before: &S,
+        status: &mut S,
+        err: Error,
+    ) -> Error {
+        self.retry(before, status, err, Record::Deleting).await
+    }
+
     /// Write `status` unless it is `before`; the resourceVersion written, if any.
-    async fn write<S: RunStatus>(&self, before: &S, status: &S) -> Result<Option<String>> {
+    pub(super) async fn write<S: RunStatus>(
+        &self,
+        before: &S,
+        status: &S,
+    ) -> Result<Option<String>> {
         if status == before {
             return Ok(None);
         }
@@ -151,14 +172,14 @@ where
         .await
     }
 
-    /// Record the failure `err`: the backoff, the condition (when `record`), the Event; the
+    /// Record the failure `err`: the backoff, the condition `record` says, the Event; the
     /// error for the controller.
     async fn retry<S: RunStatus>(
         &self,
         before: &S,
         status: &mut S,
         err: Error,
-        record: bool,
+        record: Record,
     ) -> Error {
         let class = err.class();
         let retry = self
@@ -172,13 +193,17 @@ where
             retry.delay.as_secs(),
         );
         *status = before.clone();
-        if record {
+        if record != Record::Nothing {
             clear_retry(status.conditions_mut());
-            if let Some(type_) = class.condition_type() {
+            let condition = match record {
+                Record::Deleting => Some(("Deleting", ConditionStatus::False)),
+                _ => class.condition_type().map(|t| (t, ConditionStatus::True)),
+            };
+            if let Some((type_, state)) = condition {
                 set_condition(
                     status.conditions_mut(),
                     type_,
-                    ConditionStatus::True,
+                    state,
                     err.reason(),
                     message.clone(),
                     self.generation(),
@@ -192,13 +217,18 @@ where
                     K::kind(&()),
                     self.namespace,
                     self.name,
-                    class.condition_type().unwrap_or_default(),
+                    condition.map(|c| c.0).unwrap_or_default(),
                     error_chain(&write)
                 ),
             }
         }
+        let action = if record == Record::Deleting {
+            "Delete"
+        } else {
+            "Retry"
+        };
         // Without the attempt: the Recorder folds repeats into the first Event, note included.
-        self.event(EventType::Warning, err.reason(), "Retry", &chain)
+        self.event(EventType::Warning, err.reason(), action, &chain)
             .await;
         Error::Retrying {
             retry,
@@ -239,6 +269,17 @@ where
         let regarding = self.object.object_ref(&());
         events::publish(&self.ctx.recorder, &regarding, type_, reason, action, note).await;
     }
+}
+
+/// Which condition a failed call records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// None (its write would be refused like the one that failed).
+    Nothing,
+    /// `Retrying` or `Stalled` as the class says.
+    Retry,
+    /// `Deleting` False: a deleted run's data could not be removed yet.
+    Deleting,
 }
 
 /// Remove the conditions a failed call sets, once a call succeeds (or the run failed).

@@ -30,6 +30,7 @@
 
 mod commit;
 mod copy;
+mod delete;
 mod prepare;
 
 use std::collections::BTreeSet;
@@ -44,7 +45,7 @@ use super::stash;
 use super::volumes::{Temporaries, cleanup, progress};
 use super::{controller_of, finalizer};
 use crate::context::{Context, TargetAccess, volume_name};
-use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::crd::{Backup, BackupStatus, CleanupPolicy, DeletionPolicy, VolumeStatus};
 use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, condition, quantity_bytes, set_condition};
 use strata_csi::VolumeKey;
@@ -68,6 +69,9 @@ pub async fn reconcile_backup(backup: &Backup, ctx: &Context) -> Result<Action> 
     if finalizer::is_deleted(backup) {
         if finalizer::has_finalizer(backup) {
             let run = Run::new(backup, ctx)?;
+            if backup.spec.deletion_policy == DeletionPolicy::Delete {
+                return run.delete_with_data(&status).await;
+            }
             run.cancel(&status).await?;
             finalizer::remove(&ctx.client, &run.namespace, backup).await?;
         }
@@ -128,10 +132,20 @@ impl<'a> Run<'a> {
     /// (deleting a Job deletes its pods, whose processes are killed; the target's writer they
     /// leave is crash-safe and collected by the next commit's gc), delete its temporary PVCs
     /// and snapshots (never a snapshot a commit kept as a changed-block base), its metadata
-    /// stash, and release its locks. What it wrote into the target stays: an uncommitted
-    /// volume backup is no application backup, and a committed one is kept. A Completed
-    /// Backup has nothing left to cancel.
+    /// stash, and release its locks. What it wrote into the target stays (`deletionPolicy`
+    /// Retain): an uncommitted volume backup is no application backup, and a committed one is
+    /// kept. A Completed Backup has nothing left to cancel.
     async fn cancel(&self, status: &BackupStatus) -> Result<()> {
+        if status.phase == Some(Phase::Completed) {
+            return Ok(());
+        }
+        self.stop(status).await?;
+        self.unlock(status).await
+    }
+
+    /// [`Run::cancel`] but for the locks, which a deletion with the data keeps until the
+    /// target is done.
+    async fn stop(&self, status: &BackupStatus) -> Result<()> {
         if status.phase == Some(Phase::Completed) {
             return Ok(());
         }
@@ -143,8 +157,7 @@ impl<'a> Run<'a> {
             Temporaries::AllButBase,
         )
         .await?;
-        stash::remove(&self.ctx.client, &self.namespace, &self.owner).await?;
-        self.unlock(status).await
+        stash::remove(&self.ctx.client, &self.namespace, &self.owner).await
     }
 
     fn requeue(&self) -> Action {

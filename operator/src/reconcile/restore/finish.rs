@@ -39,7 +39,7 @@ impl Run<'_> {
             Temporaries::JobOnly,
         )
         .await?;
-        revoke(&self.ctx.client, &self.name, &self.namespace, &restored).await?;
+        revoke(&self.ctx.client, &self.owner, &self.namespace, &restored).await?;
         status.objects_applied = Some(u32::try_from(report.applied.len()).unwrap_or(u32::MAX));
         status.objects_skipped = Some(u32::try_from(report.skipped.len()).unwrap_or(u32::MAX));
         set_condition(

@@ -165,7 +165,8 @@ impl<'a> Run<'a> {
         let destinations: std::collections::BTreeSet<&String> =
             self.restore.spec.namespace_mapping.values().collect();
         for namespace in destinations {
-            super::access::revoke(&self.ctx.client, &self.name, &self.namespace, namespace).await?;
+            super::access::revoke(&self.ctx.client, &self.owner, &self.namespace, namespace)
+                .await?;
         }
         Ok(())
     }

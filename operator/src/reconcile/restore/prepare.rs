@@ -85,7 +85,7 @@ impl Run<'_> {
             .map_err(Error::discovery("apply the Namespace"))?;
         let access = grant(
             &self.ctx.client,
-            &self.name,
+            &self.owner,
             &self.namespace,
             &restored,
             source.target.credentials_secret.as_deref(),
