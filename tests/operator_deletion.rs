@@ -123,14 +123,8 @@ async fn full_then_incremental(
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_the_full_backup_with_delete_keeps_the_incremental_restorable() {
     let (sim, folder, ctx) = cluster();
-    // Every request, the deletion's included, is one `strata install`'s ClusterRole allows.
-    let install = strata::operator::install::Install::new(IMAGE);
-    let role = strata::operator::install::controller_objects(&install)
-        .into_iter()
-        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "strata-controller")
-        .expect("the controller's ClusterRole");
-    sim.mock
-        .enforce_rbac(role["rules"].as_array().unwrap().clone());
+    // Every request, the deletion's included, is one `strata install`'s RBAC allows.
+    sim.enforce(cluster_sim::install_grants(&cluster_sim::shop_install()));
     let ((_, full), (second, incremental)) = full_then_incremental(&sim, &ctx).await;
     let (full_id, incr_id) = (volume_backup(&full), volume_backup(&incremental));
     assert_eq!(

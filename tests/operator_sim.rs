@@ -782,68 +782,6 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }
 
-/// The controller's grants as `strata install` generates them for application namespace
-/// `shop`: each ClusterRole or Role its account is bound to, cluster-wide or in the binding's
-/// namespace. The cluster-wide rules come first.
-fn install_grants(
-    install: &strata::operator::install::Install,
-) -> Vec<(Option<String>, Vec<Value>)> {
-    let objects = strata::operator::install::controller_objects(install);
-    let role = |kind: &str, name: &str, namespace: Option<&str>| {
-        objects
-            .iter()
-            .find(|o| {
-                o["kind"] == kind
-                    && o["metadata"]["name"] == name
-                    && o["metadata"]["namespace"].as_str() == namespace
-            })
-            .unwrap_or_else(|| panic!("{kind} {name}"))["rules"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
-    let mut grants: Vec<(Option<String>, Vec<Value>)> = Vec::new();
-    for binding in &objects {
-        let controller = binding["subjects"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|s| s["name"] == "strata-controller"));
-        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
-        let namespace = binding["metadata"]["namespace"].as_str();
-        match binding["kind"].as_str() {
-            Some("ClusterRoleBinding") if controller => {
-                grants.insert(0, (None, role("ClusterRole", role_name, None)));
-            }
-            Some("RoleBinding") if controller => {
-                let rules = match binding["roleRef"]["kind"].as_str() {
-                    Some("ClusterRole") => role("ClusterRole", role_name, None),
-                    _ => role("Role", role_name, namespace),
-                };
-                grants.push((namespace.map(str::to_owned), rules));
-            }
-            _ => {}
-        }
-    }
-    grants
-}
-
-/// The install the RBAC tests run under: application namespace `shop`.
-fn shop_install() -> strata::operator::install::Install {
-    let mut install = strata::operator::install::Install::new(IMAGE);
-    install.app_namespaces.push("shop".to_owned());
-    install
-}
-
-/// Authorise every request of the simulated cluster as `install`'s RBAC would.
-fn enforce(sim: &Sim, grants: Vec<(Option<String>, Vec<Value>)>) {
-    let (cluster, namespaced): (Vec<_>, Vec<_>) = grants.into_iter().partition(|g| g.0.is_none());
-    sim.mock
-        .enforce_rbac(cluster.into_iter().flat_map(|(_, rules)| rules).collect());
-    for (namespace, rules) in namespaced {
-        sim.mock
-            .enforce_rbac_in(namespace.as_deref().unwrap(), rules);
-    }
-}
-
 /// Item 7, restore authorisation: the restore policy is checked against the whole mapped plan
 /// before anything is written. A destination namespace no grant names, and a kind the policy
 /// lacks, each fail the Restore with reason NotAuthorized naming what was refused, and nothing
@@ -932,7 +870,7 @@ async fn drive_restore_new(
 #[tokio::test(flavor = "multi_thread")]
 async fn every_request_of_the_controller_is_allowed_by_the_generated_rbac() {
     let (sim, _folder) = cluster(json!({}));
-    enforce(&sim, install_grants(&shop_install()));
+    sim.enforce(cluster_sim::install_grants(&cluster_sim::shop_install()));
     let ctx = context(&sim);
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(
@@ -995,7 +933,7 @@ async fn every_request_of_the_controller_is_allowed_by_the_generated_rbac() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_verb_missing_from_the_rbac_stops_the_flow_that_needs_it() {
     let (sim, _folder) = cluster(json!({}));
-    let mut grants = install_grants(&shop_install());
+    let mut grants = cluster_sim::install_grants(&cluster_sim::shop_install());
     // Every grant of `delete` on ServiceAccounts goes; their other verbs stay.
     for (_, rules) in &mut grants {
         let mut kept = Vec::new();
@@ -1019,7 +957,7 @@ async fn a_verb_missing_from_the_rbac_stops_the_flow_that_needs_it() {
         }
         rules.extend(kept);
     }
-    enforce(&sim, grants);
+    sim.enforce(grants);
     let ctx = context(&sim);
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");

@@ -1196,3 +1196,70 @@ fn size_bytes(quantity: &Value) -> u64 {
         _ => n,
     }
 }
+
+// RBAC as `strata install` generates it.
+
+/// The controller's grants as `strata install` generates them for application namespace
+/// `shop`: each ClusterRole or Role its account is bound to, cluster-wide or in the binding's
+/// namespace. The cluster-wide rules come first.
+pub fn install_grants(
+    install: &strata::operator::install::Install,
+) -> Vec<(Option<String>, Vec<Value>)> {
+    let objects = strata::operator::install::controller_objects(install);
+    let role = |kind: &str, name: &str, namespace: Option<&str>| {
+        objects
+            .iter()
+            .find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"] == name
+                    && o["metadata"]["namespace"].as_str() == namespace
+            })
+            .unwrap_or_else(|| panic!("{kind} {name}"))["rules"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let mut grants: Vec<(Option<String>, Vec<Value>)> = Vec::new();
+    for binding in &objects {
+        let controller = binding["subjects"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "strata-controller"));
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let namespace = binding["metadata"]["namespace"].as_str();
+        match binding["kind"].as_str() {
+            Some("ClusterRoleBinding") if controller => {
+                grants.insert(0, (None, role("ClusterRole", role_name, None)));
+            }
+            Some("RoleBinding") if controller => {
+                let rules = match binding["roleRef"]["kind"].as_str() {
+                    Some("ClusterRole") => role("ClusterRole", role_name, None),
+                    _ => role("Role", role_name, namespace),
+                };
+                grants.push((namespace.map(str::to_owned), rules));
+            }
+            _ => {}
+        }
+    }
+    grants
+}
+
+/// The install the RBAC tests run under: application namespace `shop`.
+pub fn shop_install() -> strata::operator::install::Install {
+    let mut install = strata::operator::install::Install::new(IMAGE);
+    install.app_namespaces.push("shop".to_owned());
+    install
+}
+
+impl Sim {
+    /// Authorise every request from now on as `grants` (from [`install_grants`]) would.
+    pub fn enforce(&self, grants: Vec<(Option<String>, Vec<Value>)>) {
+        let (cluster, namespaced): (Vec<_>, Vec<_>) =
+            grants.into_iter().partition(|g| g.0.is_none());
+        self.mock
+            .enforce_rbac(cluster.into_iter().flat_map(|(_, rules)| rules).collect());
+        for (namespace, rules) in namespaced {
+            self.mock
+                .enforce_rbac_in(namespace.as_deref().unwrap(), rules);
+        }
+    }
+}
