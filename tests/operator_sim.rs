@@ -1053,3 +1053,60 @@ async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
         );
     }
 }
+
+/// Wait (at most `limit`) until Backup `name`'s status satisfies `done`, stepping the cluster
+/// only when `step`; the status then.
+async fn until(
+    sim: &Sim,
+    name: &str,
+    limit: Duration,
+    step: bool,
+    done: impl Fn(&BackupStatus) -> bool,
+) -> BackupStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(&status(sim, name)) && tokio::time::Instant::now() < deadline {
+        if step {
+            sim.step(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    status(sim, name)
+}
+
+/// Item 9: the run loop watches the snapshots, claims and Jobs a run makes, so with the
+/// requeue an hour away a Backup still goes from a snapshot turning ready through its clone
+/// and datamover to Completed in seconds (the loop that only polled sat out the hour).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_loop_reconciles_a_backup_when_its_snapshot_turns_ready() {
+    let (sim, folder) = cluster(json!({}));
+    let mut ctx = context(&sim);
+    ctx.poll = Duration::from_secs(3600);
+    ctx.resync = Duration::from_secs(3600);
+    let run = tokio::spawn(strata::operator::controller::run(ctx, Some("shop")));
+    let snapshotting = |s: &BackupStatus| {
+        condition(s, "SnapshotsReady").is_some_and(|(state, ..)| state == "False")
+    };
+    let waiting = until(
+        &sim,
+        "nightly",
+        Duration::from_secs(30),
+        false,
+        snapshotting,
+    )
+    .await;
+    assert!(snapshotting(&waiting), "{waiting:?}");
+    // Let the loop settle: nothing but the snapshot's change can move the run now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    let done = until(&sim, "nightly", Duration::from_secs(60), true, |s| {
+        is_final(s)
+    })
+    .await;
+    run.abort();
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        restored(folder.path(), &backup_id(&done)),
+        noise(VOLUME_BYTES, 7)
+    );
+}

@@ -45,8 +45,15 @@ pub struct Context {
     pub image: String,
     /// Service account of the datamover pods; the namespace default when unset.
     pub datamover_service_account: Option<String>,
-    /// How long to wait before looking again at snapshots and Jobs in progress.
+    /// How long to wait before looking again at what no watch reports: a restored claim's
+    /// binding (the application's claim, which Strata does not label as its own).
     pub poll: Duration,
+    /// How long a run waiting for what the run loop watches (its snapshots, Jobs and claims,
+    /// another Backup's end, a free datamover slot) waits before looking again anyway: a safety
+    /// net, as every such change reconciles the run at once ([`crate::controller`]). It also
+    /// bounds how late a waiting run notices a deadline (`datamover_start_timeout`,
+    /// `snapshot_error_grace`).
+    pub resync: Duration,
     /// Field manager for server-side apply of restored objects.
     pub field_manager: String,
     /// What a Backup's `retention` runs after its commit, once per application backup.
@@ -84,7 +91,9 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context polling every five seconds, applying retention with `prune`, publishing
+    /// A context polling every five seconds (and looking again at watched waits every minute:
+    /// a minute is under a tenth of the shortest deadline a wait has, and a running Backup
+    /// costs a reconcile a minute instead of twelve), applying retention with `prune`, publishing
     /// Events as [`events::reporter`](crate::events::reporter) says; datamover pods get ten
     /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
     /// hours), snapshots fifteen minutes to clear an error.
@@ -98,6 +107,7 @@ impl Context {
             image: image.into(),
             datamover_service_account: None,
             poll: Duration::from_secs(5),
+            resync: Duration::from_secs(60),
             field_manager: "strata-controller".to_owned(),
             prune,
             datamover_start_timeout: Duration::from_secs(10 * 60),
