@@ -82,6 +82,12 @@ pub struct Context {
     pub health: Arc<Health>,
     /// At most this many volumes of one Backup are copied at once, unless the Backup says.
     pub max_parallel_volumes: usize,
+    /// At most this many datamover pods run on one node at once, across all runs (0: no
+    /// bound); see [`crate::reconcile::nodes`].
+    pub max_datamovers_per_node: usize,
+    /// Held from counting the datamovers per node to creating the new Jobs, so that two
+    /// reconciles cannot both take a node's last slot.
+    pub datamover_slots: Arc<tokio::sync::Mutex<()>>,
     /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
     pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
@@ -119,6 +125,8 @@ impl Context {
             health,
             target_check_interval: Duration::from_secs(5 * 60),
             max_parallel_volumes: 4,
+            max_datamovers_per_node: 2,
+            datamover_slots: Arc::default(),
         }
     }
 }

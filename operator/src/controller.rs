@@ -1,10 +1,10 @@
 //! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
 //! [`reconcile_backup`] and [`reconcile_restore`], and for Targets around
 //! [`reconcile_target`], until SIGTERM or Ctrl-C. Backups and Restores also watch the Jobs,
-//! PVCs and VolumeSnapshots they make ([`run_of`]), so a snapshot turning ready or a datamover
+//! PVCs and VolumeSnapshots they make (`run_of`), so a snapshot turning ready or a datamover
 //! ending is reconciled when it happens; a Backup waiting for another's locks, or for a free
 //! datamover slot on some node, and a Restore waiting for its Backup are woken by that Backup's
-//! or that datamover Job's change ([`lock_waiters`], [`slot_waiters`], [`restores_of`]). The
+//! or that datamover Job's change (`lock_waiters`, `slot_waiters`, `restores_of`). The
 //! runs' requeue (`Context::resync`) is then only a safety net. Each reconcile of a run is counted and timed in the context's
 //! [`crate::metrics::Metrics`]; the context's [`crate::endpoint::Health`] learns when both
 //! watches have listed their resources.
@@ -73,6 +73,30 @@ where
             .find(|run| run.meta().uid.as_deref() == Some(uid.as_str()))
             .map(|run| ObjectRef::from_obj(&**run))
     }
+}
+
+/// `controller` also reconciling a run when a PVC or VolumeSnapshot it made changes.
+fn watch_claims_and_snapshots<K>(
+    controller: Controller<K>,
+    client: &Client,
+    namespace: Option<&str>,
+    runs: &Store<K>,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Send + Sync + 'static,
+{
+    controller
+        .watches(
+            api::<PersistentVolumeClaim>(client, namespace),
+            owned(),
+            run_of(runs.clone()),
+        )
+        .watches(
+            api::<VolumeSnapshot>(client, namespace),
+            owned(),
+            run_of(runs.clone()),
+        )
 }
 
 /// Whether `conditions` has condition `type_` False: the run waits for what it names.
@@ -192,20 +216,11 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
             slot_waiters(backup_store.clone()),
         )
         .watches(
-            api::<PersistentVolumeClaim>(&client, namespace),
-            owned(),
-            run_of(backup_store.clone()),
-        )
-        .watches(
-            api::<VolumeSnapshot>(&client, namespace),
-            owned(),
-            run_of(backup_store.clone()),
-        )
-        .watches(
             api::<Backup>(&client, namespace),
             watcher::Config::default(),
             lock_waiters(backup_store.clone()),
         );
+    let backups = watch_claims_and_snapshots(backups, &client, namespace, &backup_store);
     let backups = backups
         .shutdown_on_signal()
         .run(
@@ -234,20 +249,11 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
             run_of(restore_store.clone()),
         )
         .watches(
-            api::<PersistentVolumeClaim>(&client, namespace),
-            owned(),
-            run_of(restore_store.clone()),
-        )
-        .watches(
-            api::<VolumeSnapshot>(&client, namespace),
-            owned(),
-            run_of(restore_store.clone()),
-        )
-        .watches(
             api::<Backup>(&client, namespace),
             watcher::Config::default(),
             restores_of(restore_store.clone()),
         );
+    let restores = watch_claims_and_snapshots(restores, &client, namespace, &restore_store);
     let restores = restores
         .shutdown_on_signal()
         .run(

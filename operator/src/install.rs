@@ -74,6 +74,8 @@ pub struct Install {
     /// NFS exports of folder Targets, mounted into the controller where the Targets' URLs
     /// point (the datamovers mount them from the Target's `spec.nfs`).
     pub nfs_targets: Vec<NfsMount>,
+    /// The controller's `--max-datamovers-per-node`, when not its default.
+    pub max_datamovers_per_node: Option<usize>,
 }
 
 /// An NFS export mounted at `path`: `PATH=SERVER:EXPORT` on the command line.
@@ -117,6 +119,7 @@ impl Install {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             app_namespaces: Vec::new(),
             nfs_targets: Vec::new(),
+            max_datamovers_per_node: None,
         }
     }
 }
@@ -200,6 +203,19 @@ fn labels() -> Value {
     json!({ "app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strata" })
 }
 
+/// The command line of the controller's container.
+fn controller_args(install: &Install) -> Vec<String> {
+    let mut args: Vec<String> = ["--datamover-image", &install.image]
+        .into_iter()
+        .chain(["--datamover-service-account", DATAMOVER, "--leader-elect"])
+        .map(str::to_owned)
+        .collect();
+    if let Some(n) = install.max_datamovers_per_node {
+        args.extend(["--max-datamovers-per-node".to_owned(), n.to_string()]);
+    }
+    args
+}
+
 /// The controller's Namespace, ServiceAccount, ClusterRoles (its own and the datamovers'),
 /// ClusterRoleBinding, leader election Role and RoleBinding, and Deployment.
 pub fn controller_objects(install: &Install) -> Vec<Value> {
@@ -244,6 +260,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+                rule(&[""], &["pods", "nodes"], &["list"]), // datamovers per node
                 // Events on Backups and Restores (a repeat patches the first one's series).
                 rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
             ],
@@ -328,11 +345,7 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                             "name": "controller",
                             "image": image,
                             "command": ["/usr/local/bin/strata-controller"],
-                            "args": [
-                                "--datamover-image", image,
-                                "--datamover-service-account", DATAMOVER,
-                                "--leader-elect",
-                            ],
+                            "args": controller_args(install),
                             // The election's identity and the Events' reportingInstance; the
                             // Lease's namespace.
                             "env": [

@@ -38,6 +38,9 @@ struct Args {
     /// another Backup) is looked at anyway: a safety net against a missed event.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// At most this many datamover pods on one node at once, across all runs (0: no bound).
+    #[arg(long, default_value_t = 2)]
+    max_datamovers_per_node: usize,
     /// This cluster's name in every target's layout (a DNS label), so clusters sharing a target
     /// keep apart; by default the uid of the `kube-system` namespace, which lives as long as
     /// the cluster.
@@ -98,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     ctx.datamover_service_account = args.datamover_service_account;
     ctx.poll = Duration::from_secs(args.poll_seconds.max(1));
     ctx.resync = Duration::from_secs(args.resync_seconds.max(1));
+    ctx.max_datamovers_per_node = args.max_datamovers_per_node;
     ctx.host_folder_targets = args.allow_host_folder_targets;
     ctx.cluster_id = match (args.cluster_id, args.no_cluster_id) {
         (_, true) => None,

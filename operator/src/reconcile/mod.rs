@@ -7,7 +7,7 @@ mod finalizer;
 mod health;
 mod jobs;
 mod lock;
-pub(crate) mod nodes;
+pub mod nodes;
 mod outcome;
 mod restore;
 mod staging;

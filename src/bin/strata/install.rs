@@ -22,6 +22,10 @@ pub struct Args {
     /// Targets' URLs name (repeat for each; the Target's `spec.nfs` names the same export).
     #[arg(long = "nfs-target", value_name = "PATH=SERVER:EXPORT")]
     nfs_targets: Vec<NfsMount>,
+    /// The controller's bound on datamover pods per node (its default, 2, when absent; 0 for
+    /// none).
+    #[arg(long, value_name = "N")]
+    max_datamovers_per_node: Option<usize>,
 }
 
 /// Print the CRDs, the controller and the datamovers' accounts as one YAML stream.
@@ -31,6 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         namespace: args.controller_namespace,
         app_namespaces: args.namespaces,
         nfs_targets: args.nfs_targets,
+        max_datamovers_per_node: args.max_datamovers_per_node,
     };
     let yaml = manifests(&install)?;
     std::io::stdout()
