@@ -1066,9 +1066,11 @@ fn assert_restored(
 /// turning ready through its clone and datamover to Completed in seconds; a second Backup of
 /// the same volume, waiting for the first's locks, and a Restore into a mapped namespace,
 /// waiting for the first to complete (its Jobs there carry no ownerReference), follow at once.
+/// Every list and watch of the loop is allowed by the ClusterRole `strata install` generates.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_run_loop_reconciles_each_wait_when_what_it_waits_for_changes() {
     let (sim, folder) = cluster(json!({}));
+    sim.mock.enforce_rbac(install_rules());
     sim.mock.put(
         &format!("{RESTORES}/copy"),
         json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
@@ -1128,6 +1130,7 @@ async fn the_run_loop_reconciles_each_wait_when_what_it_waits_for_changes() {
     assert!(started.elapsed() < Duration::from_secs(60));
     let data = sim.device_of_claim("copy", "data").unwrap();
     assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+    assert_eq!(sim.mock.denied(), Vec::<String>::new());
 }
 
 /// Item 9: a controller-wide bound on datamovers per node. Two Backups of three volumes each on
