@@ -179,19 +179,7 @@ fn the_deployment_elects_a_leader_and_serves_probes_and_metrics() {
         assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
     }
-    // The controller accepts every argument the Deployment gives it (clap refuses an unknown
-    // flag before it reaches --help).
-    let parsed = std::process::Command::new(env!("CARGO_BIN_EXE_strata-controller"))
-        .args(&args)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(
-        parsed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&parsed.stderr)
-    );
-    let help = String::from_utf8_lossy(&parsed.stdout);
+    let help = controller_help(&args);
     for flag in ["--leader-elect", "--lease-name", "--metrics-bind-address"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
@@ -353,4 +341,48 @@ fn the_rbac_writes_only_named_kinds_and_reads_everything_only_in_application_nam
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected FROM=INTO"), "{err}");
+}
+
+/// The controller's `--help` after `args`, which it must accept (clap refuses an unknown flag
+/// before it reaches --help).
+fn controller_help(args: &[&str]) -> String {
+    let parsed = std::process::Command::new(env!("CARGO_BIN_EXE_strata-controller"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    String::from_utf8_lossy(&parsed.stdout).into_owned()
+}
+
+/// `--max-datamovers-per-node` passes through to the controller's command line, which takes it.
+#[test]
+fn the_datamover_bound_per_node_reaches_the_controller() {
+    let printed = ok(strata(&[
+        "install",
+        "--namespace",
+        "shop",
+        "--max-datamovers-per-node",
+        "1",
+    ]));
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&printed).expect("YAML stream");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--max-datamovers-per-node", "1"]),
+        "{args:?}"
+    );
+    assert!(controller_help(&args).contains("--max-datamovers-per-node"));
+    let default = serde_json::to_string(&controller_documents()).unwrap();
+    assert!(!default.contains("--max-datamovers-per-node"));
 }

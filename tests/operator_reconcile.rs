@@ -5,7 +5,6 @@
 mod kube_mock;
 
 use std::io::Write;
-use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube_mock::{Mock, refused_as_stale};
@@ -131,7 +130,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
     let action = reconcile_backup(&mock.backup("nightly"), &ctx)
         .await
         .unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+    assert_eq!(action, Action::requeue(ctx.resync));
     assert_eq!(mock.names_under(SNAPSHOTS), [k.name(Role::Snapshot)]);
     assert!(
         mock.get(&format!("{SECRETS}/{}", stash_name("nightly", "b-1")))
@@ -800,7 +799,7 @@ async fn a_backup_of_a_volume_another_backup_holds_waits_for_it() {
         let action = reconcile_backup(&mock.backup("second"), &ctx)
             .await
             .unwrap();
-        assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+        assert_eq!(action, Action::requeue(ctx.resync));
         let status = serde_json::to_value(mock.backup("second").status.unwrap()).unwrap();
         assert_eq!(status["phase"], "Preparing");
         let locked = condition(&status, "VolumesLocked");

@@ -1089,20 +1089,166 @@ async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
     assert_eq!(most, 1, "never more than one datamover at once");
     assert_eq!(done.volumes.len(), 3);
-    let target = folder.path().join("target");
+    assert_restored(&folder.path().join("target"), &done, |pvc| match pvc {
+        "data" => noise(VOLUME_BYTES, 7),
+        "logs" => noise(1 << 20, 31),
+        _ => noise(1 << 20, 32),
+    });
+}
+
+/// Every volume backup of `done` restores from `target` to what `expected` says of its PVC.
+fn assert_restored(
+    target: &std::path::Path,
+    done: &BackupStatus,
+    expected: impl Fn(&str) -> Vec<u8>,
+) {
     for volume in &done.volumes {
-        let expected = match volume.pvc.as_str() {
-            "data" => noise(VOLUME_BYTES, 7),
-            "logs" => noise(1 << 20, 31),
-            _ => noise(1 << 20, 32),
-        };
         let id = volume.backup_id.as_deref().unwrap();
         assert_eq!(
-            restore_from(&target, &volume.volume, id),
-            expected,
+            restore_from(target, &volume.volume, id),
+            expected(&volume.pvc),
             "{}",
             volume.pvc
         );
+    }
+}
+
+/// Item 9: the run loop watches what a run makes and what it waits for. With the requeue an
+/// hour away (the loop that only polled sat out the hour): a Backup goes from its snapshot
+/// turning ready through its clone and datamover to Completed in seconds; a second Backup of
+/// the same volume, waiting for the first's locks, and a Restore into a mapped namespace,
+/// waiting for the first to complete (its Jobs there carry no ownerReference), follow at once.
+/// Every list and watch of the loop is allowed by the ClusterRole `strata install` generates.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_loop_reconciles_each_wait_when_what_it_waits_for_changes() {
+    let (sim, folder) = cluster(json!({}));
+    sim.enforce(cluster_sim::install_grants(&cluster_sim::shop_install()));
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let mut ctx = context(&sim);
+    ctx.poll = Duration::from_secs(3600);
+    ctx.resync = Duration::from_secs(3600);
+    let run = tokio::spawn(strata::operator::controller::run(ctx, None));
+    let waits = |name: &str, type_: &str| {
+        condition(&status(&sim, name), type_).is_some_and(|(state, ..)| state == "False")
+    };
+    let restore = || sim.mock.get(&format!("{RESTORES}/copy")).unwrap();
+    let restore_waits = || restore()["status"]["conditions"][0]["reason"] == "BackupNotCompleted";
+    let all_wait = || {
+        waits("nightly", "SnapshotsReady") && waits("hourly", "VolumesLocked") && restore_waits()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !waits("nightly", "SnapshotsReady") && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second Backup comes once the first holds the locks.
+    add_backup(&sim, "hourly", "b-2", "Incremental");
+    while !all_wait() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        all_wait(),
+        "{:?} {:?} {}",
+        status(&sim, "nightly"),
+        status(&sim, "hourly"),
+        restore()
+    );
+    // Let the loop settle: nothing but the snapshot's change can move the runs now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    let done = || {
+        is_final(&status(&sim, "nightly"))
+            && is_final(&status(&sim, "hourly"))
+            && restore()["status"]["phase"] == "Completed"
+    };
+    while !done() && started.elapsed() < Duration::from_secs(60) {
+        sim.step(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    run.abort();
+    for name in ["nightly", "hourly"] {
+        let done = status(&sim, name);
+        assert_eq!(done.phase, Some(Phase::Completed), "{name}: {done:?}");
+        assert_eq!(
+            restored(folder.path(), &backup_id(&done)),
+            noise(VOLUME_BYTES, 7)
+        );
+    }
+    assert_eq!(restore()["status"]["phase"], "Completed", "{}", restore());
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let data = sim.device_of_claim("copy", "data").unwrap();
+    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+    assert_eq!(sim.mock.denied(), Vec::<String>::new());
+}
+
+/// Item 9: a controller-wide bound on datamovers per node. Two Backups of three volumes each on
+/// two nodes with a bound of one never run two datamovers on a node (the simulated kubelet
+/// samples its running pods every round); the volumes without a slot wait, saying so, and every
+/// volume restores byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn datamovers_per_node_stay_within_the_controllers_bound() {
+    let (sim, folder) = cluster(json!({}));
+    sim.add_node("node-2");
+    let volumes = [
+        ("logs", "db", 41),
+        ("index", "db", 42),
+        ("web-a", "web", 43),
+        ("web-b", "web", 44),
+        ("web-c", "web", 45),
+    ];
+    for (name, app, seed) in volumes {
+        sim.add_volume(
+            "shop",
+            name,
+            json!({"app": app}),
+            Some("fast"),
+            DRIVER,
+            &noise(1 << 20, seed),
+        );
+    }
+    sim.mock.put(
+        &format!("{BACKUPS}/web"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Backup",
+               "metadata": {"name": "web", "namespace": "shop", "uid": "b-2", "generation": 1},
+               "spec": {"application": {"selectors": ["app=web"]}, "applicationName": "web",
+                        "targetRef": {"name": "local"}, "mode": "Full"}}),
+    );
+    let mut ctx = context(&sim);
+    ctx.max_datamovers_per_node = 1;
+    let mut waited = false;
+    for _ in 0..60 {
+        if ["nightly", "web"]
+            .iter()
+            .all(|b| is_final(&status(&sim, b)))
+        {
+            break;
+        }
+        for backup in ["nightly", "web"] {
+            let _ = reconcile_backup(&sim.mock.backup(backup), &ctx).await;
+            let slots = condition(&status(&sim, backup), "DatamoverSlots");
+            waited |=
+                slots.is_some_and(|(state, reason, _)| state == "False" && reason == "NodesFull");
+        }
+        sim.step(Duration::from_millis(300)).await;
+    }
+    assert_eq!(sim.most_pods_on_a_node(), 1, "one datamover a node at most");
+    assert!(waited, "some volume waited for a slot");
+    let target = folder.path().join("target");
+    for backup in ["nightly", "web"] {
+        let done = status(&sim, backup);
+        assert_eq!(done.phase, Some(Phase::Completed), "{backup}: {done:?}");
+        assert_eq!(done.volumes.len(), 3);
+        assert_restored(&target, &done, |pvc| match pvc {
+            "data" => noise(VOLUME_BYTES, 7),
+            pvc => {
+                let (_, _, seed) = volumes.iter().find(|(n, ..)| *n == pvc).unwrap();
+                noise(1 << 20, *seed)
+            }
+        });
     }
 }
 

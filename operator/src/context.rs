@@ -59,8 +59,15 @@ pub struct Context {
     pub image: String,
     /// Service account of the datamover pods; the namespace default when unset.
     pub datamover_service_account: Option<String>,
-    /// How long to wait before looking again at snapshots and Jobs in progress.
+    /// How long to wait before looking again at what no watch reports: a restored claim's
+    /// binding (the application's claim, which Strata does not label as its own).
     pub poll: Duration,
+    /// How long a run waiting for what the run loop watches (its snapshots, Jobs and claims,
+    /// another Backup's end, a free datamover slot) waits before looking again anyway: a safety
+    /// net, as every such change reconciles the run at once ([`crate::controller`]). It also
+    /// bounds how late a waiting run notices a deadline (`datamover_start_timeout`,
+    /// `snapshot_error_grace`).
+    pub resync: Duration,
     /// Field manager for server-side apply of restored objects.
     pub field_manager: String,
     /// What a Backup's `retention` runs after its commit, once per application backup.
@@ -94,6 +101,12 @@ pub struct Context {
     /// What Restores may create ([`crate::policy`]): by default the usual application kinds,
     /// into the Restore's own namespace.
     pub restore_policy: RestorePolicy,
+    /// At most this many datamover pods run on one node at once, across all runs (0: no
+    /// bound); see [`crate::reconcile::nodes`].
+    pub max_datamovers_per_node: usize,
+    /// Held from counting the datamovers per node to creating the new Jobs, so that two
+    /// reconciles cannot both take a node's last slot.
+    pub datamover_slots: Arc<tokio::sync::Mutex<()>>,
     /// How often every Target is checked ([`crate::reconcile::reconcile_target`]).
     pub target_check_interval: Duration,
     /// Publishes the Events on Backups and Restores.
@@ -123,6 +136,7 @@ impl Context {
             image: image.into(),
             datamover_service_account: None,
             poll: Duration::from_secs(5),
+            resync: Duration::from_secs(60),
             field_manager: "strata-controller".to_owned(),
             prune,
             delete_app_backup,
@@ -136,6 +150,8 @@ impl Context {
             target_check_interval: Duration::from_secs(5 * 60),
             max_parallel_volumes: 4,
             restore_policy: RestorePolicy::default(),
+            max_datamovers_per_node: 2,
+            datamover_slots: Arc::default(),
         }
     }
 }

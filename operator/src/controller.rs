@@ -1,8 +1,11 @@
 //! The controller's run loop: kube-runtime `Controller`s for Backups and Restores around
 //! [`reconcile_backup`] and [`reconcile_restore`], and for Targets around
-//! [`reconcile_target`], until SIGTERM or Ctrl-C. Backups and Restores also watch the Jobs
-//! (and a Backup its PVCs) they own, so a datamover's end is reconciled when it happens rather
-//! than at the next poll. Each reconcile of a run is counted and timed in the context's
+//! [`reconcile_target`], until SIGTERM or Ctrl-C. Backups and Restores also watch the Jobs,
+//! PVCs and VolumeSnapshots they make (`run_of`), so a snapshot turning ready or a datamover
+//! ending is reconciled when it happens; a Backup waiting for another's locks, or for a free
+//! datamover slot on some node, and a Restore waiting for its Backup are woken by that Backup's
+//! or that datamover Job's change (`lock_waiters`, `slot_waiters`, `restores_of`). The
+//! runs' requeue (`Context::resync`) is then only a safety net. Each reconcile of a run is counted and timed in the context's
 //! [`crate::metrics::Metrics`]; the context's [`crate::endpoint::Health`] learns when both
 //! watches have listed their resources.
 
@@ -12,15 +15,20 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
 use crate::backoff::ObjectKey;
 use crate::crd::{Backup, Restore, Target};
 use crate::metrics::{Kind, Outcome};
 use crate::reconcile::error_chain;
+use crate::reconcile::nodes::SLOT_CONDITION;
+use crate::status::{Condition, ConditionStatus, Phase};
 use crate::{Context, Error, reconcile_backup, reconcile_restore, reconcile_target};
+use strata_csi::VolumeSnapshot;
+use strata_csi::naming::LABEL_RUN_UID;
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -39,6 +47,126 @@ fn owned() -> watcher::Config {
         "app.kubernetes.io/managed-by={}",
         strata_csi::naming::MANAGED_BY
     ))
+}
+
+/// The run of kind `K` an object Strata made belongs to: its controller ownerReference, or, in
+/// another namespace than the run's (where an ownerReference cannot point), the run whose uid
+/// its `strata.io/run-uid` label carries, found in the runs' watch cache `runs`.
+fn run_of<K, O>(runs: Store<K>) -> impl Fn(O) -> Option<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    O: Resource,
+{
+    move |object| {
+        let meta = object.meta();
+        let owner = meta.owner_references.iter().flatten().find(|o| {
+            o.controller == Some(true)
+                && o.kind == K::kind(&())
+                && o.api_version == K::api_version(&())
+        });
+        if let (Some(owner), Some(namespace)) = (owner, meta.namespace.as_deref()) {
+            return Some(ObjectRef::new(&owner.name).within(namespace));
+        }
+        let uid = meta.labels.as_ref()?.get(LABEL_RUN_UID)?;
+        runs.state()
+            .iter()
+            .find(|run| run.meta().uid.as_deref() == Some(uid.as_str()))
+            .map(|run| ObjectRef::from_obj(&**run))
+    }
+}
+
+/// `controller` also reconciling a run when a PVC or VolumeSnapshot it made changes.
+fn watch_claims_and_snapshots<K>(
+    controller: Controller<K>,
+    client: &Client,
+    namespace: Option<&str>,
+    runs: &Store<K>,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Send + Sync + 'static,
+{
+    controller
+        .watches(
+            api::<PersistentVolumeClaim>(client, namespace),
+            owned(),
+            run_of(runs.clone()),
+        )
+        .watches(
+            api::<VolumeSnapshot>(client, namespace),
+            owned(),
+            run_of(runs.clone()),
+        )
+}
+
+/// Whether `conditions` has condition `type_` False: the run waits for what it names.
+fn waits(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == ConditionStatus::False)
+}
+
+/// The Backups that are not final and whose status says `waiting`.
+fn backups_waiting(
+    backups: &Store<Backup>,
+    waiting: impl Fn(&Backup, &crate::crd::BackupStatus) -> bool,
+) -> Vec<ObjectRef<Backup>> {
+    backups
+        .state()
+        .iter()
+        .filter(|b| {
+            b.status.as_ref().is_some_and(|status| {
+                !status.phase.is_some_and(Phase::is_final) && waiting(b, status)
+            })
+        })
+        .map(|b| ObjectRef::from_obj(&**b))
+        .collect()
+}
+
+/// The other Backups of a changed Backup's namespace that wait for volume locks: a Backup's
+/// end (its final status) lets them take over the locks it held.
+fn lock_waiters(backups: Store<Backup>) -> impl Fn(Backup) -> Vec<ObjectRef<Backup>> {
+    move |changed| {
+        backups_waiting(&backups, |b, status| {
+            b.namespace() == changed.namespace()
+                && b.name_any() != changed.name_any()
+                && waits(&status.conditions, "VolumesLocked")
+        })
+    }
+}
+
+/// The Backups waiting for a datamover slot on some node ([`SLOT_CONDITION`]): any datamover
+/// Job's change may free one, whichever run it belongs to.
+fn slot_waiters(backups: Store<Backup>) -> impl Fn(Job) -> Vec<ObjectRef<Backup>> {
+    let owner = run_of::<Backup, Job>(backups.clone());
+    move |job| {
+        let mut woken = backups_waiting(&backups, |_, status| {
+            waits(&status.conditions, SLOT_CONDITION)
+        });
+        woken.extend(owner(job));
+        woken
+    }
+}
+
+/// The Restores of a changed Backup (by `spec.backupRef`) that are not final: they wait for
+/// it to complete.
+fn restores_of(restores: Store<Restore>) -> impl Fn(Backup) -> Vec<ObjectRef<Restore>> {
+    move |backup| {
+        restores
+            .state()
+            .iter()
+            .filter(|r| {
+                r.namespace() == backup.namespace()
+                    && r.spec.backup_ref.name == backup.name_any()
+                    && !r
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(Phase::is_final)
+            })
+            .map(|r| ObjectRef::from_obj(&**r))
+            .collect()
+    }
 }
 
 /// A failed reconcile is retried after its object's backoff ([`crate::backoff`]): the delay
@@ -79,10 +207,20 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
     let backups = Controller::new(
         api::<Backup>(&client, namespace),
         watcher::Config::default(),
-    )
-    .owns(api::<Job>(&client, namespace), owned())
-    .owns(api::<PersistentVolumeClaim>(&client, namespace), owned());
+    );
     let backup_store = backups.store();
+    let backups = backups
+        .watches(
+            api::<Job>(&client, namespace),
+            owned(),
+            slot_waiters(backup_store.clone()),
+        )
+        .watches(
+            api::<Backup>(&client, namespace),
+            watcher::Config::default(),
+            lock_waiters(backup_store.clone()),
+        );
+    let backups = watch_claims_and_snapshots(backups, &client, namespace, &backup_store);
     let backups = backups
         .shutdown_on_signal()
         .run(
@@ -102,9 +240,20 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
     let restores = Controller::new(
         api::<Restore>(&client, namespace),
         watcher::Config::default(),
-    )
-    .owns(api::<Job>(&client, namespace), owned());
+    );
     let restore_store = restores.store();
+    let restores = restores
+        .watches(
+            api::<Job>(&client, namespace),
+            owned(),
+            run_of(restore_store.clone()),
+        )
+        .watches(
+            api::<Backup>(&client, namespace),
+            watcher::Config::default(),
+            restores_of(restore_store.clone()),
+        );
+    let restores = watch_claims_and_snapshots(restores, &client, namespace, &restore_store);
     let restores = restores
         .shutdown_on_signal()
         .run(

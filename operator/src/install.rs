@@ -30,7 +30,9 @@
 //!   definitions or other cluster-scoped kinds unless the administrator adds them.
 //! - **What a run makes.** Snapshots, temporary claims, the metadata stash and per-run
 //!   credentials (Secrets), per-run ServiceAccounts, Jobs and Leases: no `delete` beyond these,
-//!   status writes only on its own resources. Secrets, ServiceAccounts and claims are granted
+//!   status writes only on its own resources. The run loop watches its Backups, Restores,
+//!   Targets and the Jobs, claims and snapshots runs make; it lists pods (why a datamover has
+//!   not started, and how many run on each node) and Nodes (the per-node bound). Secrets, ServiceAccounts and claims are granted
 //!   in every namespace because a mapped restore writes them into its destination, which may
 //!   not exist when the manifests are applied, so no RoleBinding could be made there.
 //!
@@ -95,6 +97,8 @@ pub struct Install {
     pub restore_kinds: Vec<GroupResource>,
     /// Namespaces Restores may write into besides their own (`--restore-into`).
     pub restore_into: Vec<NamespaceGrant>,
+    /// The controller's `--max-datamovers-per-node`, when not its default.
+    pub max_datamovers_per_node: Option<usize>,
 }
 
 /// An NFS export mounted at `path`: `PATH=SERVER:EXPORT` on the command line.
@@ -140,6 +144,7 @@ impl Install {
             nfs_targets: Vec::new(),
             restore_kinds: Vec::new(),
             restore_into: Vec::new(),
+            max_datamovers_per_node: None,
         }
     }
 }
@@ -241,6 +246,9 @@ fn controller_args(install: &Install) -> Vec<String> {
         DATAMOVER.to_owned(),
         "--leader-elect".to_owned(),
     ];
+    if let Some(n) = install.max_datamovers_per_node {
+        args.extend(["--max-datamovers-per-node".to_owned(), n.to_string()]);
+    }
     for kind in &install.restore_kinds {
         args.extend(["--restore-kind".to_owned(), kind.to_string()]);
     }
@@ -346,6 +354,8 @@ pub fn controller_objects(install: &Install) -> Vec<Value> {
                 rule(&["batch"], &["jobs"], &["get", "list", "watch", "create", "delete"]),
                 rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "delete"]),
                 rule(&["cbt.storage.k8s.io"], &["snapshotmetadataservices"], &["get"]),
+                // Datamovers per node: the nodes, and the pods above.
+                rule(&[""], &["nodes"], &["list"]),
                 // Events on Backups and Restores (a repeat patches the first one's series).
                 rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
             ].into_iter().chain(restore_rules(install)).collect::<Vec<_>>()),

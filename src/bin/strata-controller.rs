@@ -32,9 +32,16 @@ struct Args {
     /// Watch only this namespace (all namespaces when absent).
     #[arg(long)]
     namespace: Option<String>,
-    /// Seconds between looks at snapshots and Jobs in progress.
+    /// Seconds between looks at what no watch reports (a restored claim's binding).
     #[arg(long, default_value_t = 5)]
     poll_seconds: u64,
+    /// Seconds after which a run waiting for a watched change (its snapshots, Jobs, claims,
+    /// another Backup) is looked at anyway: a safety net against a missed event.
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+    /// At most this many datamover pods on one node at once, across all runs (0: no bound).
+    #[arg(long, default_value_t = 2)]
+    max_datamovers_per_node: usize,
     /// This cluster's name in every target's layout (a DNS label), so clusters sharing a target
     /// keep apart; by default the uid of the `kube-system` namespace, which lives as long as
     /// the cluster.
@@ -102,6 +109,8 @@ async fn main() -> anyhow::Result<()> {
     let mut ctx = strata::operator_context(client.clone(), args.datamover_image);
     ctx.datamover_service_account = args.datamover_service_account;
     ctx.poll = Duration::from_secs(args.poll_seconds.max(1));
+    ctx.resync = Duration::from_secs(args.resync_seconds.max(1));
+    ctx.max_datamovers_per_node = args.max_datamovers_per_node;
     ctx.host_folder_targets = args.allow_host_folder_targets;
     ctx.restore_policy.kinds.extend(args.restore_kinds);
     ctx.restore_policy.namespaces = args.restore_into;

@@ -18,6 +18,10 @@
 //!   `FailedCreate` Event when refused; counts failed pods against `backoffLimit`, applies
 //!   `podFailurePolicy` rules on exit codes and the `DisruptionTarget` condition, and fails the
 //!   Job with `DeadlineExceeded` past its deadline;
+//! - a **scheduler** (docs "Assigning Pods to Nodes": required node affinity, `matchExpressions`
+//!   on node labels and `matchFields` on `metadata.name`, terms ORed): binds a pod to the node
+//!   its affinity allows that runs the fewest pods (ties by name), or leaves it Pending and
+//!   Unschedulable when none does; the cluster starts with node `node-1` ([`Sim::add_node`]);
 //! - a **kubelet** (docs "Pod Lifecycle", "Images", "Configure a Pod to use a ConfigMap/Secret"):
 //!   leaves a pod Pending and Unschedulable while a claim it uses is missing or unbound, in
 //!   `ErrImagePull` for an image the registry lacks, in `CreateContainerConfigError` for a
@@ -71,6 +75,8 @@ pub enum PodFault {
 struct Running {
     child: Child,
     oom: bool,
+    /// The node it runs on.
+    node: String,
 }
 
 #[derive(Default)]
@@ -88,6 +94,8 @@ struct State {
     next_event: u64,
     /// Pods the garbage collector deleted, as they were.
     deleted_pods: BTreeMap<String, Value>,
+    /// The most pods seen running on one node at once (sampled every kubelet round).
+    most_on_a_node: usize,
 }
 
 impl Drop for State {
@@ -192,14 +200,31 @@ impl Sim {
         self.mock.put(target, spec);
     }
 
-    /// An empty cluster whose registry holds [`IMAGE`].
+    /// A cluster of one node, `node-1`, whose registry holds [`IMAGE`].
     pub fn new() -> Self {
-        Sim {
+        let sim = Sim {
             mock: Mock::default(),
             dir: Arc::new(tempfile::tempdir().expect("temp dir")),
             images: Arc::new(Mutex::new(BTreeSet::from([IMAGE.to_owned()]))),
             state: Arc::default(),
-        }
+        };
+        sim.add_node("node-1");
+        sim
+    }
+
+    /// Node `name`, its `kubernetes.io/hostname` label the same.
+    pub fn add_node(&self, name: &str) {
+        self.mock.put(
+            &format!("/api/v1/nodes/{name}"),
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+    }
+
+    /// The most pods that ran on one node at once so far.
+    pub fn most_pods_on_a_node(&self) -> usize {
+        self.state.lock().unwrap().most_on_a_node
     }
 
     /// Paths of the stored objects of namespaced `resource` (`pods`, `jobs`, ...).
@@ -856,6 +881,15 @@ impl Sim {
                 self.start(path, pod);
             }
         }
+        {
+            let mut state = self.state.lock().unwrap();
+            let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+            for running in state.running.values() {
+                *per_node.entry(running.node.as_str()).or_default() += 1;
+            }
+            let most = per_node.values().copied().max().unwrap_or(0);
+            state.most_on_a_node = state.most_on_a_node.max(most);
+        }
         // Let the processes run; report the ones that ended.
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -902,6 +936,16 @@ impl Sim {
                 return;
             }
         }
+        let Some(node) = self.schedule(&pod) else {
+            let nodes = self.mock.names_under("/api/v1/nodes").len();
+            pod["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+                "status": "False", "reason": "Unschedulable",
+                "message": format!("0/{nodes} nodes are available: {nodes} node(s) didn't \
+                                    match Pod's node affinity/selector.")}]});
+            self.mock.put(path, pod);
+            return;
+        };
+        pod["spec"]["nodeName"] = json!(node);
         let Some(container) = spec["containers"].get(0).cloned() else {
             return;
         };
@@ -1023,12 +1067,36 @@ impl Sim {
             .lock()
             .unwrap()
             .running
-            .insert(path.to_owned(), Running { child, oom });
+            .insert(path.to_owned(), Running { child, oom, node });
         pod["status"] = json!({"phase": "Running", "startTime": rfc3339_now(),
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
             "containerStatuses": [{"name": container["name"], "ready": true, "restartCount": 0,
                 "image": image, "imageID": "", "state": {"running": {"startedAt": rfc3339_now()}}}]});
         self.mock.put(path, pod);
+    }
+
+    /// The node `pod` goes to: its `spec.nodeName`, else of the nodes its required node
+    /// affinity allows the one running the fewest pods (ties by name).
+    fn schedule(&self, pod: &Value) -> Option<String> {
+        if let Some(node) = pod["spec"]["nodeName"].as_str() {
+            return Some(node.to_owned());
+        }
+        let terms = pod["spec"]["affinity"]["nodeAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let state = self.state.lock().unwrap();
+        self.mock
+            .names_under("/api/v1/nodes")
+            .into_iter()
+            .filter_map(|name| self.mock.get(&format!("/api/v1/nodes/{name}")))
+            .filter(|node| terms.is_empty() || terms.iter().any(|t| term_matches(t, node)))
+            .filter_map(|node| node["metadata"]["name"].as_str().map(str::to_owned))
+            .min_by_key(|name| {
+                let here = state.running.values().filter(|r| &r.node == name).count();
+                (here, name.clone())
+            })
     }
 
     /// Report the pods whose processes ended.
@@ -1117,6 +1185,34 @@ fn pod_path(pod: &Value) -> String {
         pod["metadata"]["namespace"].as_str().unwrap_or_default(),
         pod["metadata"]["name"].as_str().unwrap_or_default()
     )
+}
+
+/// Whether `node` satisfies node selector term `term`: every `matchExpressions` requirement on
+/// its labels and every `matchFields` one on `metadata.name` (`In`, `NotIn`, `Exists`,
+/// `DoesNotExist`).
+fn term_matches(term: &Value, node: &Value) -> bool {
+    let requirements = |field: &str| term[field].as_array().cloned().unwrap_or_default();
+    let holds = |requirement: &Value, value: Option<&str>| {
+        let values: Vec<&str> = requirement["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        match requirement["operator"].as_str() {
+            Some("In") => value.is_some_and(|v| values.contains(&v)),
+            Some("NotIn") => value.is_none_or(|v| !values.contains(&v)),
+            Some("Exists") => value.is_some(),
+            Some("DoesNotExist") => value.is_none(),
+            _ => false,
+        }
+    };
+    requirements("matchExpressions").iter().all(|r| {
+        let key = r["key"].as_str().unwrap_or_default();
+        holds(r, node["metadata"]["labels"][key].as_str())
+    }) && requirements("matchFields")
+        .iter()
+        .all(|r| holds(r, node["metadata"]["name"].as_str()))
 }
 
 fn claims_of(pod: &Value) -> Vec<String> {

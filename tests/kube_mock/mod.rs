@@ -1,8 +1,9 @@
 //! An in-memory Kubernetes API server for the reconcile tests, plugged into `kube::Client::new`
 //! as a tower service (the pattern of strata-csi's tests): create (`POST`, 409 when taken), get
-//! and list (by URL path; query parameters ignored), merge and apply `PATCH` (of the object or
-//! of its `/status`), delete, and API discovery of the core kinds the tests use. JSON patches
-//! and the finalizer semantics of deletion are in their own section at the end.
+//! and list (by URL path, also across namespaces; of the query only equality label selectors),
+//! watch (`?watch=true`, in its own section), merge and apply `PATCH` (of the object or of its
+//! `/status`), delete, and API discovery of the core kinds the tests use. JSON patches and the
+//! finalizer semantics of deletion are in their own section at the end.
 //!
 //! Every write sets `metadata.resourceVersion`, and a PATCH carrying another one than the
 //! stored object's is refused with 409, as the API server does; [`Mock::fail`] makes chosen
@@ -13,9 +14,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use kube::client::Body;
 use serde_json::{Value, json};
+
+/// What the mock answers with: a whole body, or a watch's stream of events.
+type Answer = Response<UnsyncBoxBody<Bytes, std::convert::Infallible>>;
 
 #[derive(Default)]
 struct State {
@@ -31,6 +38,8 @@ struct State {
     rbac: Option<Vec<(Option<String>, Vec<Value>)>>,
     /// The requests RBAC refused.
     denied: Vec<String>,
+    /// Every write so far, for the watches.
+    changes: Vec<Change>,
 }
 
 #[derive(Clone, Default)]
@@ -38,15 +47,15 @@ pub struct Mock {
     state: Arc<Mutex<State>>,
 }
 
-fn respond(code: StatusCode, body: &Value) -> Response<Body> {
+fn respond(code: StatusCode, body: &Value) -> Answer {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())).boxed_unsync())
         .unwrap()
 }
 
-fn failure(code: StatusCode, reason: &str) -> Response<Body> {
+fn failure(code: StatusCode, reason: &str) -> Answer {
     respond(
         code,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -68,6 +77,28 @@ fn is_collection(path: &str) -> bool {
         [first, _, _] => *first == "namespaces",
         _ => false,
     }
+}
+
+/// Whether the object at `path` is in collection `collection`: directly under it, or, for a
+/// collection of all namespaces (`/api/v1/pods`), under `/api/v1/namespaces/N/pods`.
+fn in_collection(collection: &str, path: &str) -> bool {
+    let Some((parent, name)) = path.rsplit_once('/') else {
+        return false;
+    };
+    if name.is_empty() {
+        return false;
+    }
+    if parent == collection {
+        return true;
+    }
+    let Some((group, resource)) = collection.rsplit_once('/') else {
+        return false;
+    };
+    parent
+        .strip_prefix(group)
+        .and_then(|rest| rest.strip_prefix("/namespaces/"))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(namespace, rest)| !namespace.is_empty() && rest == resource)
 }
 
 /// Core kinds served by discovery: (plural, kind, namespaced).
@@ -137,6 +168,35 @@ impl State {
         }
     }
 
+    /// Store `object` (its resourceVersion already set) at `path`, as a watch reports it.
+    fn store(&mut self, path: &str, object: Value) {
+        let kind = if self.objects.contains_key(path) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.changes.push(Change {
+            version: self.version,
+            path: path.to_owned(),
+            kind,
+            object: object.clone(),
+        });
+        self.objects.insert(path.to_owned(), object);
+    }
+
+    /// Remove the object at `path`, as a watch reports it.
+    fn erase(&mut self, path: &str) -> Option<Value> {
+        let mut object = self.objects.remove(path)?;
+        self.new_version(&mut object);
+        self.changes.push(Change {
+            version: self.version,
+            path: path.to_owned(),
+            kind: "DELETED",
+            object: object.clone(),
+        });
+        Some(object)
+    }
+
     fn injected_failure(&self, request: &str) -> Option<StatusCode> {
         self.failures
             .iter()
@@ -159,7 +219,7 @@ impl Mock {
     pub fn put(&self, path: &str, mut object: Value) {
         let mut state = self.state.lock().unwrap();
         state.new_version(&mut object);
-        state.objects.insert(path.to_owned(), object);
+        state.store(path, object);
     }
 
     /// The objects every operator test in namespace `shop` starts from: the hostpath driver's
@@ -187,10 +247,11 @@ impl Mock {
         );
     }
 
-    /// An operator context on this mock that polls every 3 s.
+    /// An operator context on this mock that polls every 3 s and resyncs every 30 s.
     pub fn context(&self) -> strata::operator::Context {
         let mut ctx = strata::operator_context(self.client(), "registry.example/strata:test");
         ctx.poll = std::time::Duration::from_secs(3);
+        ctx.resync = std::time::Duration::from_secs(30);
         // The tests' datamovers share the test's filesystem.
         ctx.host_folder_targets = true;
         // The tests' mapped restores (shop to shop-copy or copy), as `--restore-into` grants.
@@ -230,7 +291,7 @@ impl Mock {
 
     /// Remove the object at `path` (as a controller's delete would); whether it was there.
     pub fn remove(&self, path: &str) -> bool {
-        self.state.lock().unwrap().objects.remove(path).is_some()
+        self.state.lock().unwrap().erase(path).is_some()
     }
 
     /// `"METHOD path"` of every request so far.
@@ -238,10 +299,11 @@ impl Mock {
         self.state.lock().unwrap().requests.clone()
     }
 
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    async fn handle(&self, req: Request<Body>) -> Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let selector = label_selector(req.uri().query().unwrap_or_default());
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let selector = label_selector(&query);
         let content_type = req
             .headers()
             .get("content-type")
@@ -256,8 +318,7 @@ impl Mock {
             return failure(code, code.canonical_reason().unwrap_or("Failure"));
         }
         if let Some(rules) = &state.rbac {
-            let query = ""; // `watch` never reaches the mock: the reconcilers only get and list.
-            if let Some(attributes) = attributes(method.as_str(), &path, query) {
+            if let Some(attributes) = attributes(method.as_str(), &path, &query) {
                 let granted = rules.iter().any(|(namespace, rules)| {
                     (namespace.is_none() || *namespace == attributes.namespace)
                         && allowed(rules, &attributes)
@@ -281,7 +342,7 @@ impl Mock {
                 object["metadata"]["creationTimestamp"] =
                     json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 state.new_version(&mut object);
-                state.objects.insert(at, object.clone());
+                state.store(&at, object.clone());
                 respond(StatusCode::CREATED, &object)
             }
             "GET" => {
@@ -294,20 +355,22 @@ impl Mock {
                 if !is_collection(&path) {
                     return failure(StatusCode::NOT_FOUND, "NotFound");
                 }
-                let prefix = format!("{path}/");
+                if query_value(&query, "watch") == Some("true") {
+                    let from = query_value(&query, "resourceVersion").and_then(|v| v.parse().ok());
+                    return self.watch(&mut state, path, selector, from);
+                }
                 let items: Vec<Value> = state
                     .objects
                     .iter()
-                    .filter(|(at, _)| {
-                        at.strip_prefix(&prefix)
-                            .is_some_and(|rest| !rest.contains('/'))
-                    })
+                    .filter(|(at, _)| in_collection(&path, at))
                     .filter(|(_, object)| selects(&selector, object))
                     .map(|(_, object)| object.clone())
                     .collect();
                 respond(
                     StatusCode::OK,
-                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+                    &json!({"apiVersion": "v1", "kind": "List",
+                            "metadata": {"resourceVersion": state.version.to_string()},
+                            "items": items}),
                 )
             }
             "PATCH" => {
@@ -326,7 +389,7 @@ impl Mock {
                     None if apply => {
                         let mut created = patch.clone();
                         state.new_version(&mut created);
-                        state.objects.insert(at.clone(), created.clone());
+                        state.store(&at, created.clone());
                         return respond(StatusCode::CREATED, &created);
                     }
                     None => return failure(StatusCode::NOT_FOUND, "NotFound"),
@@ -342,6 +405,7 @@ impl Mock {
                 object["metadata"]["resourceVersion"] = json!(version.to_string());
                 let object = object.clone();
                 state.version = version;
+                state.store(&at, object.clone());
                 release_if_finalized(&mut state, &at);
                 respond(StatusCode::OK, &object)
             }
@@ -402,7 +466,7 @@ pub fn refused_as_stale(
 // `test` is 422, and a `test` for null passes on a missing member, as the API server's patch
 // library has it (kube-runtime's finalizer helper relies on that).
 
-fn delete(state: &mut State, path: &str) -> Response<Body> {
+fn delete(state: &mut State, path: &str) -> Answer {
     let Some(object) = state.objects.get_mut(path) else {
         return failure(StatusCode::NOT_FOUND, "NotFound");
     };
@@ -410,14 +474,17 @@ fn delete(state: &mut State, path: &str) -> Response<Body> {
         .as_array()
         .is_some_and(|f| !f.is_empty());
     if !pending {
-        let object = state.objects.remove(path).unwrap();
+        let object = state.erase(path).unwrap();
         return respond(StatusCode::OK, &object);
     }
     if object["metadata"]["deletionTimestamp"].is_null() {
         object["metadata"]["deletionTimestamp"] =
             json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let mut marked = object.clone();
+        state.new_version(&mut marked);
+        state.store(path, marked);
     }
-    respond(StatusCode::OK, object)
+    respond(StatusCode::OK, &state.objects[path])
 }
 
 /// Remove the object at `path` if it is marked deleted and has no finalizer left.
@@ -429,11 +496,11 @@ fn release_if_finalized(state: &mut State, path: &str) {
                 .is_none_or(|f| f.is_empty())
     });
     if done {
-        state.objects.remove(path);
+        state.erase(path);
     }
 }
 
-fn json_patch_at(state: &mut State, path: &str, ops: &Value) -> Response<Body> {
+fn json_patch_at(state: &mut State, path: &str, ops: &Value) -> Answer {
     let Some(object) = state.objects.get_mut(path) else {
         return failure(StatusCode::NOT_FOUND, "NotFound");
     };
@@ -455,7 +522,7 @@ fn json_patch_at(state: &mut State, path: &str, ops: &Value) -> Response<Body> {
         return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid");
     }
     state.new_version(&mut patched);
-    state.objects.insert(path.to_owned(), patched.clone());
+    state.store(path, patched.clone());
     release_if_finalized(state, path);
     respond(StatusCode::OK, &patched)
 }
@@ -600,5 +667,98 @@ impl Mock {
     /// The requests refused so far, as `verb group/resource [name]`.
     pub fn denied(&self) -> Vec<String> {
         self.state.lock().unwrap().denied.clone()
+    }
+}
+
+// --- Watches ----------------------------------------------------------------------------------
+//
+// The API server's watch (docs "Kubernetes API Concepts", "Efficient detection of changes"): a
+// list answers with the collection's `metadata.resourceVersion`; a GET of the collection with
+// `?watch=true&resourceVersion=V` then streams every change after V, one JSON object a line,
+// `{"type": "ADDED" | "MODIFIED" | "DELETED", "object": ...}`, the object as the change left it
+// (as it was last, for DELETED). Without a resourceVersion the watch starts with an ADDED event
+// per existing object. The label selector applies to each event's object. No bookmarks, and no
+// "410 Gone": every change is kept.
+
+/// One write, as a watch reports it.
+struct Change {
+    /// The resourceVersion the write made.
+    version: u64,
+    path: String,
+    kind: &'static str,
+    object: Value,
+}
+
+/// The value of `key` in a URL query.
+fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl Mock {
+    /// The event stream of a watch of `collection` from resourceVersion `from`.
+    fn watch(
+        &self,
+        state: &mut State,
+        collection: String,
+        selector: Vec<(String, String)>,
+        from: Option<u64>,
+    ) -> Answer {
+        let mut initial = Vec::new();
+        let from = match from.filter(|v| *v > 0) {
+            Some(version) => version,
+            None => {
+                for (path, object) in &state.objects {
+                    if in_collection(&collection, path) && selects(&selector, object) {
+                        initial.push(json!({"type": "ADDED", "object": object}));
+                    }
+                }
+                state.version
+            }
+        };
+        let events = futures::stream::unfold(
+            (self.clone(), from, initial),
+            move |(mock, mut seen, mut pending)| {
+                let collection = collection.clone();
+                let selector = selector.clone();
+                async move {
+                    while pending.is_empty() {
+                        {
+                            let state = mock.state.lock().unwrap();
+                            let since = seen;
+                            for change in state.changes.iter().filter(|c| c.version > since) {
+                                seen = change.version;
+                                if in_collection(&collection, &change.path)
+                                    && selects(&selector, &change.object)
+                                {
+                                    pending.push(
+                                        json!({"type": change.kind, "object": change.object}),
+                                    );
+                                }
+                            }
+                        }
+                        if pending.is_empty() {
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                    }
+                    let mut lines = Vec::new();
+                    for event in pending.drain(..) {
+                        serde_json::to_writer(&mut lines, &event).unwrap();
+                        lines.push(b'\n');
+                    }
+                    let frame = http_body::Frame::data(Bytes::from(lines));
+                    Some((
+                        Ok::<_, std::convert::Infallible>(frame),
+                        (mock, seen, pending),
+                    ))
+                }
+            },
+        );
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(events).boxed_unsync())
+            .unwrap()
     }
 }

@@ -7,6 +7,7 @@ mod finalizer;
 mod health;
 mod jobs;
 mod lock;
+pub mod nodes;
 mod outcome;
 mod restore;
 mod staging;

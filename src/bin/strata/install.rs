@@ -33,6 +33,10 @@ pub struct Args {
     /// (repeat for each).
     #[arg(long = "restore-into", value_name = "FROM=INTO")]
     restore_into: Vec<NamespaceGrant>,
+    /// The controller's bound on datamover pods per node (its default, 2, when absent; 0 for
+    /// none).
+    #[arg(long, value_name = "N")]
+    max_datamovers_per_node: Option<usize>,
 }
 
 /// Print the CRDs, the controller and the datamovers' accounts as one YAML stream.
@@ -44,6 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         nfs_targets: args.nfs_targets,
         restore_kinds: args.restore_kinds,
         restore_into: args.restore_into,
+        max_datamovers_per_node: args.max_datamovers_per_node,
     };
     let yaml = manifests(&install)?;
     std::io::stdout()

@@ -160,8 +160,10 @@ impl<'a> Run<'a> {
         stash::remove(&self.ctx.client, &self.namespace, &self.owner).await
     }
 
+    /// Look again after a wait: every wait of a Backup ends with a change the run loop watches
+    /// (a snapshot, a Job, another Backup), so this is the safety net.
     fn requeue(&self) -> Action {
-        Action::requeue(self.ctx.poll)
+        Action::requeue(self.ctx.resync)
     }
 
     /// The names, labels and owner of the objects made for `volume`.

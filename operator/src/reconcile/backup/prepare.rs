@@ -1,6 +1,8 @@
 //! The `Preparing` step of a Backup after the locks: a VolumeSnapshot per PVC and, once all
 //! are ready, a Block-mode PVC from each snapshot and a datamover Job reading it.
 
+use std::collections::BTreeSet;
+
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Api;
@@ -12,7 +14,8 @@ use crate::error::{Error, Result};
 use crate::reconcile::cbt::{self, Plan};
 use crate::reconcile::jobs::age_of;
 use crate::reconcile::jobs::{Created, create_job};
-use crate::status::{ConditionStatus, Phase, set_condition};
+use crate::reconcile::nodes::{NodeSlots, SLOT_CONDITION, exclude};
+use crate::status::{ConditionStatus, Phase, condition, set_condition};
 use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
     storage_class_for_clone,
@@ -165,9 +168,23 @@ impl Run<'_> {
                     .collect::<Result<Vec<_>>>()
             })
             .await?;
-        let started = try_join_all(chosen.iter().zip(&previous).map(|(&i, previous)| {
-            self.start_datamover(&status.volumes[i], &ready[i], previous.as_deref(), &target)
-        }))
+        // A slot on some node for each (`nodes`), held until the Jobs exist; the volumes
+        // without one wait, like those beyond the limit, for a datamover to end.
+        let _counting = self.ctx.datamover_slots.lock().await;
+        let mut slots = NodeSlots::read(client, self.ctx.max_datamovers_per_node).await?;
+        let excluded: Vec<_> = chosen.iter().map_while(|_| slots.take()).collect();
+        self.record_slots(status, chosen.len() - excluded.len(), &slots);
+        let started = try_join_all(chosen.iter().zip(&previous).zip(&excluded).map(
+            |((&i, previous), excluded)| {
+                self.start_datamover(
+                    &status.volumes[i],
+                    &ready[i],
+                    previous.as_deref(),
+                    &target,
+                    excluded,
+                )
+            },
+        ))
         .await?;
         let mut any_new = false;
         for ((&i, (created, plan)), previous) in chosen.iter().zip(started).zip(previous) {
@@ -200,6 +217,36 @@ impl Run<'_> {
         }
         status.phase = Some(Phase::Copying);
         Ok(true)
+    }
+
+    /// The [`SLOT_CONDITION`]: False while `waiting` volumes find every node at the bound,
+    /// True again once none waits (set only after it was first False).
+    fn record_slots(&self, status: &mut BackupStatus, waiting: usize, slots: &NodeSlots) {
+        let generation = self.backup.metadata.generation;
+        if waiting > 0 {
+            set_condition(
+                &mut status.conditions,
+                SLOT_CONDITION,
+                ConditionStatus::False,
+                "NodesFull",
+                format!(
+                    "{waiting} volumes wait for a datamover slot: all {} nodes run (or may \
+                     soon run) {} datamovers, the controller's --max-datamovers-per-node",
+                    slots.nodes(),
+                    slots.limit()
+                ),
+                generation,
+            );
+        } else if condition(&status.conditions, SLOT_CONDITION).is_some() {
+            set_condition(
+                &mut status.conditions,
+                SLOT_CONDITION,
+                ConditionStatus::True,
+                "Scheduled",
+                "every started volume had a node with a free datamover slot".to_owned(),
+                generation,
+            );
+        }
     }
 
     /// The `ChangedBlockTracking` condition: whether every incremental lists changed blocks,
@@ -247,6 +294,7 @@ impl Run<'_> {
         source: &Source,
         latest: Option<&str>,
         target: &TargetAccess,
+        excluded_nodes: &BTreeSet<String>,
     ) -> Result<(Created, Option<Plan>)> {
         let Source {
             pvc,
@@ -303,6 +351,7 @@ impl Run<'_> {
         spec.credentials_secret = target.credentials_secret.clone();
         spec.service_account = self.ctx.datamover_service_account.clone();
         spec.target_mount = target.mount.clone();
+        spec.node_affinity = exclude(spec.node_affinity.take(), excluded_nodes);
         spec.active_deadline_seconds = self
             .ctx
             .datamover_deadline

@@ -187,24 +187,28 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| source.to_owned())
     }
 
+    /// One step; the waits for the Backup, the Jobs and the staging snapshots end with a change
+    /// the run loop watches (so `resync` is a safety net), that for a restored claim to bind
+    /// does not (`poll`).
     async fn step(&self, status: &mut RestoreStatus) -> Result<Action> {
+        let watched = Action::requeue(self.ctx.resync);
         if matches!(status.phase, None | Some(Phase::Pending | Phase::Preparing)) {
             let Some(source) = self.source(status).await? else {
-                return Ok(Action::requeue(self.ctx.poll));
+                return Ok(watched);
             };
             self.prepare(status, &source).await?;
         }
         if status.phase == Some(Phase::Copying) {
             self.copy(status).await?;
             // Finishing deletes the Jobs, which Copying reads: it runs in the next call, once
-            // the status says Finishing, so a call interrupted before writing the status never
-            // leaves a Copying run without its Jobs.
-            return Ok(Action::requeue(self.ctx.poll));
+            // the status says Finishing (its write is a watched change), so a call interrupted
+            // before writing the status never leaves a Copying run without its Jobs.
+            return Ok(watched);
         }
         if status.phase == Some(Phase::Finishing) {
             if status.objects_applied.is_none() {
                 let Some(source) = self.source(status).await? else {
-                    return Ok(Action::requeue(self.ctx.poll));
+                    return Ok(watched);
                 };
                 self.apply_objects(status, &source).await?;
             }
