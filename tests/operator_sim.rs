@@ -489,6 +489,37 @@ async fn a_folder_target_without_its_nfs_export_is_refused_by_name() {
     assert!(sim.pod_history("shop", &job_of(&sim, "nightly")).is_empty());
 }
 
+/// Deliverable 3, before each run: a Target that refuses writes stops the Backup before any
+/// snapshot is taken, under a condition naming the probe that failed; once the Target takes
+/// writes again the same Backup completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_refusing_writes_stops_the_backup_before_any_snapshot() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let probes = folder.path().join("target").join("probes");
+    // A file where the probes go: no write can succeed there, not even root's.
+    std::fs::create_dir_all(probes.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_dir(&probes);
+    std::fs::write(&probes, b"in the way").unwrap();
+    let refused = drive(&sim, &ctx, "nightly", 3, Duration::from_secs(1)).await;
+    assert!(!is_final(&refused), "{refused:?}");
+    let (state, _, why) = condition(&refused, "Retrying")
+        .or_else(|| condition(&refused, "Stalled"))
+        .expect("a Retrying or Stalled condition");
+    assert_eq!(state, "True");
+    assert!(why.contains("write a probe to"), "{why}");
+    let snapshots = sim
+        .mock
+        .names_under("/apis/snapshot.storage.k8s.io/v1/namespaces/shop/volumesnapshots");
+    assert!(snapshots.is_empty(), "{snapshots:?}");
+
+    std::fs::remove_file(&probes).unwrap();
+    let mut ctx = ctx;
+    ctx.backoff = Default::default();
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+}
+
 /// Item 10: two clusters backing up the same `shop/data` into one target keep separate
 /// chains under their cluster ids, and each restores its own data.
 #[tokio::test(flavor = "multi_thread")]
@@ -811,13 +842,7 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
         failed.message
     );
     assert!(sim.mock.get("/api/v1/namespaces/prod").is_none());
-    let written: Vec<String> = sim
-        .mock
-        .paths()
-        .into_iter()
-        .filter(|p| p.contains("/namespaces/prod/"))
-        .collect();
-    assert!(written.is_empty(), "{written:?}");
+    assert_eq!(written_in(&sim, "prod"), Vec::<String>::new());
 
     let mut narrow = context(&sim);
     narrow
@@ -835,13 +860,7 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
         failed.message
     );
     assert!(sim.mock.get("/api/v1/namespaces/copy").is_none());
-    let written: Vec<String> = sim
-        .mock
-        .paths()
-        .into_iter()
-        .filter(|p| p.contains("/namespaces/copy/"))
-        .collect();
-    assert!(written.is_empty(), "{written:?}");
+    assert_eq!(written_in(&sim, "copy"), Vec::<String>::new());
 
     let allowed = drive_restore_new(&sim, &ctx, "to-copy", "nightly", "copy").await;
     assert_eq!(allowed["phase"], "Completed", "{allowed}");
@@ -850,6 +869,16 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
             .get("/api/v1/namespaces/copy/configmaps/settings")
             .is_some()
     );
+}
+
+/// The paths of every object stored in namespace `ns`.
+fn written_in(sim: &Sim, ns: &str) -> Vec<String> {
+    let prefix = format!("/namespaces/{ns}/");
+    sim.mock
+        .paths()
+        .into_iter()
+        .filter(|p| p.contains(&prefix))
+        .collect()
 }
 
 /// Create Restore `name` of `backup` into `into` and drive it to its end.

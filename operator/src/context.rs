@@ -196,13 +196,17 @@ pub async fn cluster_uid(client: &Client) -> Result<String> {
 
 /// Whether `id` can name a cluster in a target's layout: a DNS label (RFC 1123).
 pub fn valid_cluster_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
+    is_dns_label(id)
+}
+
+/// Whether `s` is a DNS label (RFC 1123): 1 to 63 of `a-z`, `0-9` and `-`, not at either end.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Prefixes of object_store configuration keys; other Secret keys are the datamovers' business.

@@ -176,10 +176,7 @@ pub enum InstallError {
 }
 
 fn dns_label(name: &str) -> Result<(), InstallError> {
-    let bytes = name.as_bytes();
-    let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
-    let end = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if bytes.len() <= 63 && bytes.iter().all(inner) && end(bytes.first()) && end(bytes.last()) {
+    if crate::context::is_dns_label(name) {
         Ok(())
     } else {
         Err(InstallError::Namespace {

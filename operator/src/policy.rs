@@ -27,6 +27,8 @@ use std::str::FromStr;
 use serde_json::Value;
 use strata_discovery::ResourceKind;
 
+use crate::context::is_dns_label;
+
 /// A kind as RBAC names it: API group and plural resource.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupResource {
@@ -71,19 +73,9 @@ fn parse_error(entry: &str, reason: &'static str) -> PolicyParseError {
     }
 }
 
-/// Whether `s` is a DNS label or subdomain as resource names and groups are.
+/// Whether `s` is a DNS subdomain (RFC 1123) as resource names and groups are.
 fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 impl FromStr for GroupResource {

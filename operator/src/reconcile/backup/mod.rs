@@ -222,7 +222,17 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| self.namespace.clone());
         AppName::new(&app_name).map_err(Error::target("application name"))?;
         AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
-        self.target().await?;
+        // The Target's health before each run (issue 16, deliverable 3): it opens and takes a
+        // write, so a Target that cannot hold this backup (unreachable, refusing writes, wrong
+        // credentials) stops it before any snapshot is taken, with the cause's condition.
+        let target = self.target().await?;
+        let url = target.url.clone();
+        target
+            .with(move |t| {
+                t.check_writable()
+                    .map_err(Error::target(format!("write a probe to {url}")))
+            })
+            .await?;
         let app_spec = spec
             .application
             .app_spec(&self.namespace)
