@@ -1323,3 +1323,62 @@ async fn the_change_tracking_condition_covers_every_batch_of_volumes() {
         );
     }
 }
+
+/// A Restore's datamovers are held to the same bound per node: on one node with a bound of
+/// one, its three volumes are filled one at a time (the others wait under `DatamoverSlots`),
+/// and each restores byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restores_datamovers_stay_within_the_bound_per_node() {
+    let (sim, _folder) = cluster(json!({}));
+    for (name, seed) in [("logs", 51), ("index", 52)] {
+        sim.add_volume(
+            "shop",
+            name,
+            json!({"app": "db"}),
+            Some("fast"),
+            DRIVER,
+            &noise(1 << 20, seed),
+        );
+    }
+    let mut ctx = context(&sim);
+    ctx.max_datamovers_per_node = 1;
+    let done = drive(&sim, &ctx, "nightly", 30, Duration::from_millis(300)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let path = format!("{RESTORES}/copy");
+    let mut waited = false;
+    for _ in 0..60 {
+        let restore: Restore = serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+        let status = restore.status.clone().unwrap_or_default();
+        if status.phase.is_some_and(Phase::is_final) {
+            break;
+        }
+        let _ = reconcile_restore(&restore, &ctx).await;
+        let after: Restore = serde_json::from_value(sim.mock.get(&path).unwrap()).unwrap();
+        waited |= after.status.unwrap_or_default().conditions.iter().any(|c| {
+            c.type_ == "DatamoverSlots"
+                && c.reason == "NodesFull"
+                && c.status == strata::operator::status::ConditionStatus::False
+        });
+        sim.step(Duration::from_millis(300)).await;
+    }
+    let status = &sim.mock.get(&path).unwrap()["status"];
+    assert_eq!(status["phase"], "Completed", "{status}");
+    assert!(waited, "some volume waited for a slot");
+    assert_eq!(sim.most_pods_on_a_node(), 1, "one datamover a node at most");
+    for (pvc, expected) in [
+        ("data", noise(VOLUME_BYTES, 7)),
+        ("logs", noise(1 << 20, 51)),
+        ("index", noise(1 << 20, 52)),
+    ] {
+        let device = sim
+            .device_of_claim("copy", pvc)
+            .expect("restored claim bound");
+        assert!(std::fs::read(device).unwrap() == expected, "{pvc}");
+    }
+}

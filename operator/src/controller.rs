@@ -3,8 +3,9 @@
 //! [`reconcile_target`], until SIGTERM or Ctrl-C. Backups and Restores also watch the Jobs,
 //! PVCs and VolumeSnapshots they make (`run_of`), so a snapshot turning ready or a datamover
 //! ending is reconciled when it happens; a Backup waiting for another's locks, or for a free
-//! datamover slot on some node, and a Restore waiting for its Backup are woken by that Backup's
-//! or that datamover Job's change (`lock_waiters`, `slot_waiters`, `restores_of`). The
+//! datamover slot on some node (a Backup or a Restore), and a Restore waiting for its Backup are
+//! woken by that Backup's or that datamover Job's change (`lock_waiters`, `slot_waiters`,
+//! `restore_slot_waiters`, `restores_of`). The
 //! runs' requeue (`Context::resync`) is then only a safety net. Each reconcile of a run is counted and timed in the context's
 //! [`crate::metrics::Metrics`]; the context's [`crate::endpoint::Health`] learns when both
 //! watches have listed their resources.
@@ -148,6 +149,27 @@ fn slot_waiters(backups: Store<Backup>) -> impl Fn(Job) -> Vec<ObjectRef<Backup>
     }
 }
 
+/// For the Restores: a changed Job's own Restore, and the Restores waiting for a datamover
+/// slot ([`SLOT_CONDITION`]), which any datamover Job's change may free.
+fn restore_slot_waiters(restores: Store<Restore>) -> impl Fn(Job) -> Vec<ObjectRef<Restore>> {
+    let owner = run_of::<Restore, Job>(restores.clone());
+    move |job| {
+        let mut woken: Vec<ObjectRef<Restore>> = restores
+            .state()
+            .iter()
+            .filter(|r| {
+                r.status.as_ref().is_some_and(|status| {
+                    !status.phase.is_some_and(Phase::is_final)
+                        && waits(&status.conditions, SLOT_CONDITION)
+                })
+            })
+            .map(|r| ObjectRef::from_obj(&**r))
+            .collect();
+        woken.extend(owner(job));
+        woken
+    }
+}
+
 /// The Restores of a changed Backup (by `spec.backupRef`) that are not final: they wait for
 /// it to complete.
 fn restores_of(restores: Store<Restore>) -> impl Fn(Backup) -> Vec<ObjectRef<Restore>> {
@@ -246,7 +268,7 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
         .watches(
             api::<Job>(&client, namespace),
             owned(),
-            run_of(restore_store.clone()),
+            restore_slot_waiters(restore_store.clone()),
         )
         .watches(
             api::<Backup>(&client, namespace),

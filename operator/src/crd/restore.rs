@@ -60,8 +60,9 @@ pub struct RestoreStatus {
     /// The run's phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Observations: `Validated`, `VolumesRestored`, `ObjectsApplied`, `StagingCleanedUp`
-    /// (Filesystem volumes only), `Failed`.
+    /// Observations: `Validated`, `VolumesRestored`, `DatamoverSlots` (volumes waiting for a
+    /// node under the controller's bound), `ObjectsApplied`, `StagingCleanedUp` (Filesystem
+    /// volumes only), `Failed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Volumes and bytes restored.

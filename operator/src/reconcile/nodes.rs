@@ -3,7 +3,7 @@
 //! through the node's network and its block device attachments, so a node hosting many at once
 //! is slowed for its own workloads, and may hit its CSI driver's attach limit.
 //!
-//! Before a Backup creates a datamover Job, [`NodeSlots::read`] counts the live datamover pods
+//! Before a Backup or a Restore creates a datamover Job, [`NodeSlots::read`] counts the live datamover pods
 //! (label `strata.io/role=datamover`) on each node by `spec.nodeName`; the new Job's pod template
 //! then excludes the full nodes with a required node affinity `kubernetes.io/hostname NotIn
 //! [...]` ([`exclude`]). Topology spread constraints cannot say this: `maxSkew` bounds the
@@ -12,7 +12,7 @@
 //! pod unscheduled) counts against every node it may still land on, so the bound holds whatever
 //! node the scheduler picks; the price is that new Jobs wait while earlier ones are unplaced and
 //! the bound is reached on paper. When every node is full the volume waits
-//! ([`SLOT_CONDITION`]), and the run loop wakes the Backup when any datamover Job changes.
+//! ([`SLOT_CONDITION`]), and the run loop wakes the run when any datamover Job changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,6 +25,7 @@ use kube::{Api, Client};
 
 use super::jobs::{JobOutcome, job_outcome};
 use crate::error::{Error, Result};
+use crate::status::{Condition, ConditionStatus, condition, set_condition};
 use strata_csi::Role;
 use strata_csi::naming::{LABEL_ROLE, MANAGED_BY};
 
@@ -224,6 +225,40 @@ pub fn exclude(affinity: Option<NodeAffinity>, hosts: &BTreeSet<String>) -> Opti
             .push(requirement.clone());
     }
     Some(affinity)
+}
+
+/// The [`SLOT_CONDITION`] of a run: False while `waiting` volumes find every node at the
+/// bound, True again once none waits (set only after it was first False).
+pub fn record_slots(
+    conditions: &mut Vec<Condition>,
+    waiting: usize,
+    slots: &NodeSlots,
+    generation: Option<i64>,
+) {
+    if waiting > 0 {
+        set_condition(
+            conditions,
+            SLOT_CONDITION,
+            ConditionStatus::False,
+            "NodesFull",
+            format!(
+                "{waiting} volumes wait for a datamover slot: all {} nodes run (or may soon \
+                 run) {} datamovers, the controller's --max-datamovers-per-node",
+                slots.nodes(),
+                slots.limit()
+            ),
+            generation,
+        );
+    } else if condition(conditions, SLOT_CONDITION).is_some() {
+        set_condition(
+            conditions,
+            SLOT_CONDITION,
+            ConditionStatus::True,
+            "Scheduled",
+            "every started volume had a node with a free datamover slot".to_owned(),
+            generation,
+        );
+    }
 }
 
 #[cfg(test)]

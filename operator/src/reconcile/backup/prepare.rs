@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::reconcile::cbt::{self, Plan};
 use crate::reconcile::jobs::age_of;
 use crate::reconcile::jobs::{Created, create_job};
-use crate::reconcile::nodes::{NodeSlots, SLOT_CONDITION, exclude};
-use crate::status::{ConditionStatus, Phase, condition, set_condition};
+use crate::reconcile::nodes::{NodeSlots, exclude, record_slots};
+use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
     storage_class_for_clone,
@@ -173,7 +173,12 @@ impl Run<'_> {
         let _counting = self.ctx.datamover_slots.lock().await;
         let mut slots = NodeSlots::read(client, self.ctx.max_datamovers_per_node).await?;
         let excluded: Vec<_> = chosen.iter().map_while(|_| slots.take()).collect();
-        self.record_slots(status, chosen.len() - excluded.len(), &slots);
+        record_slots(
+            &mut status.conditions,
+            chosen.len() - excluded.len(),
+            &slots,
+            self.backup.metadata.generation,
+        );
         let started = try_join_all(chosen.iter().zip(&previous).zip(&excluded).map(
             |((&i, previous), excluded)| {
                 self.start_datamover(
@@ -217,36 +222,6 @@ impl Run<'_> {
         }
         status.phase = Some(Phase::Copying);
         Ok(true)
-    }
-
-    /// The [`SLOT_CONDITION`]: False while `waiting` volumes find every node at the bound,
-    /// True again once none waits (set only after it was first False).
-    fn record_slots(&self, status: &mut BackupStatus, waiting: usize, slots: &NodeSlots) {
-        let generation = self.backup.metadata.generation;
-        if waiting > 0 {
-            set_condition(
-                &mut status.conditions,
-                SLOT_CONDITION,
-                ConditionStatus::False,
-                "NodesFull",
-                format!(
-                    "{waiting} volumes wait for a datamover slot: all {} nodes run (or may \
-                     soon run) {} datamovers, the controller's --max-datamovers-per-node",
-                    slots.nodes(),
-                    slots.limit()
-                ),
-                generation,
-            );
-        } else if condition(&status.conditions, SLOT_CONDITION).is_some() {
-            set_condition(
-                &mut status.conditions,
-                SLOT_CONDITION,
-                ConditionStatus::True,
-                "Scheduled",
-                "every started volume had a node with a free datamover slot".to_owned(),
-                generation,
-            );
-        }
     }
 
     /// The `ChangedBlockTracking` condition: whether every incremental lists changed blocks,

@@ -15,10 +15,18 @@ impl Run<'_> {
     /// every volume is settled, move to Finishing.
     pub(super) async fn copy(&self, status: &mut RestoreStatus) -> Result<()> {
         let restored = self.restored_namespace(&self.source_namespace().await?);
+        if status.volumes.iter().any(|v| !v.started && !v.done) {
+            let Some(source) = self.source(status).await? else {
+                return Ok(());
+            };
+            let access = self.grant_access(&source, &restored).await?;
+            self.start_datamovers(status, &restored, &source.target, &access)
+                .await?;
+        }
         let read = finished_jobs(
             &self.ctx.client,
             |v| self.key(&restored, &v.pvc),
-            |_| true,
+            |v| v.started,
             &restored,
             &mut status.volumes,
             self.ctx.datamover_start_timeout,

@@ -1,7 +1,7 @@
 //! The first step of a Restore: recreating the Namespace and the PVCs (or their Block staging
 //! PVCs) and starting a restore datamover per volume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::try_join_all;
 use serde_json::Value;
@@ -12,9 +12,11 @@ use crate::crd::{RestoreStatus, Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::reconcile::access::{RunAccess, grant};
 use crate::reconcile::jobs::create_job;
+use crate::reconcile::nodes::{NodeSlots, exclude, record_slots};
 use crate::reconcile::staging::{create_staging, needs_staging};
 use crate::reconcile::volumes::{create_claim, progress};
 use crate::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
+use strata_csi::Role;
 use strata_csi::datamover::{Attach, DatamoverSpec, restore_job};
 use strata_discovery::RestorePlan;
 use strata_discovery::restore::apply;
@@ -83,43 +85,105 @@ impl Run<'_> {
         apply(&self.ctx.client, &namespaces, &self.apply_options())
             .await
             .map_err(Error::discovery("apply the Namespace"))?;
-        let access = grant(
-            &self.ctx.client,
-            &self.owner,
-            &self.namespace,
-            &restored,
-            source.target.credentials_secret.as_deref(),
-            self.ctx.datamover_service_account.as_deref(),
+        let access = self.grant_access(source, &restored).await?;
+        try_join_all(
+            claims
+                .into_iter()
+                .zip(&volumes)
+                .map(|(claim, volume)| self.restore_claim(claim, volume, &restored)),
         )
-        .await?;
-        try_join_all(claims.into_iter().zip(&volumes).map(|(claim, volume)| {
-            self.restore_volume(claim, volume, &restored, &source.target, &access)
-        }))
         .await?;
         status.backup_id = source.backup.backup_id.clone();
         status.progress = Some(progress(&volumes));
         status.volumes = volumes;
+        self.start_datamovers(status, &restored, &source.target, &access)
+            .await?;
         status.phase = Some(Phase::Copying);
         Ok(())
     }
 
-    /// Create the PVC (labelled with this run), or for a Filesystem one its Block staging PVC,
-    /// and the restore datamover that fills it.
-    async fn restore_volume(
+    /// The run's credentials and ServiceAccount in the restored namespace (made there once,
+    /// found again after).
+    pub(super) async fn grant_access(&self, source: &Source, restored: &str) -> Result<RunAccess> {
+        grant(
+            &self.ctx.client,
+            &self.owner,
+            &self.namespace,
+            restored,
+            source.target.credentials_secret.as_deref(),
+            self.ctx.datamover_service_account.as_deref(),
+        )
+        .await
+    }
+
+    /// Create the PVC (labelled with this run), or for a Filesystem one its Block staging PVC.
+    async fn restore_claim(
         &self,
         claim: Value,
         volume: &VolumeStatus,
         namespace: &str,
-        target: &TargetAccess,
-        access: &RunAccess,
     ) -> Result<()> {
         let client = &self.ctx.client;
         let pvc = self.restored_claim(claim)?;
         let key = self.key(namespace, &volume.pvc);
-        let filled = if volume.staging.is_some() {
-            create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?
+        if volume.staging.is_some() {
+            create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?;
         } else {
             create_claim(client, &pvc, &self.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Start the restore datamover of each volume not started yet, on a node with a free
+    /// slot under the controller's `--max-datamovers-per-node`, as a Backup does; the others
+    /// wait, under condition `DatamoverSlots`, for a datamover to end (`copy` calls this again).
+    pub(super) async fn start_datamovers(
+        &self,
+        status: &mut RestoreStatus,
+        namespace: &str,
+        target: &TargetAccess,
+        access: &RunAccess,
+    ) -> Result<()> {
+        let waiting: Vec<usize> = (0..status.volumes.len())
+            .filter(|&i| !status.volumes[i].started && !status.volumes[i].done)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let _counting = self.ctx.datamover_slots.lock().await;
+        let mut slots = NodeSlots::read(&self.ctx.client, self.ctx.max_datamovers_per_node).await?;
+        let excluded: Vec<_> = waiting.iter().map_while(|_| slots.take()).collect();
+        try_join_all(waiting.iter().zip(&excluded).map(|(&i, excluded)| {
+            self.start_datamover(&status.volumes[i], namespace, target, access, excluded)
+        }))
+        .await?;
+        for &i in &waiting[..excluded.len()] {
+            status.volumes[i].started = true;
+        }
+        record_slots(
+            &mut status.conditions,
+            waiting.len() - excluded.len(),
+            &slots,
+            self.restore.metadata.generation,
+        );
+        Ok(())
+    }
+
+    /// The restore datamover filling `volume`'s PVC (its staging PVC for a Filesystem one),
+    /// kept off the `excluded_nodes`.
+    async fn start_datamover(
+        &self,
+        volume: &VolumeStatus,
+        namespace: &str,
+        target: &TargetAccess,
+        access: &RunAccess,
+        excluded_nodes: &BTreeSet<String>,
+    ) -> Result<()> {
+        let client = &self.ctx.client;
+        let key = self.key(namespace, &volume.pvc);
+        let filled = if volume.staging.is_some() {
+            key.name(Role::Volume)
+        } else {
             volume.pvc.clone()
         };
         let mut spec = DatamoverSpec::new(
@@ -130,6 +194,7 @@ impl Run<'_> {
             &target.url,
             &volume.volume,
         );
+        spec.node_affinity = exclude(spec.node_affinity.take(), excluded_nodes);
         spec.credentials_secret = access.credentials_secret.clone();
         spec.service_account = access.service_account.clone();
         spec.target_mount = target.mount.clone();
