@@ -582,16 +582,14 @@ async fn a_datamover_that_cannot_start_is_reported_and_fails_the_backup() {
         .finished_backup("full", Duration::from_secs(300))
         .await;
     assert_eq!(failed.status.as_ref().unwrap().phase, Some(Phase::Failed));
+    // The locks go right after the final status is written.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(cluster.admin.clone(), &cluster.ns);
-    assert!(
-        leases
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    wait(Duration::from_secs(60), || async {
+        let left = leases.list(&ListParams::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
     controller.abort();
     cluster.tear_down().await;
 }

@@ -450,3 +450,43 @@ async fn a_restore_recreated_under_its_name_does_not_adopt_the_old_credentials()
     assert_eq!(access_copies(&sim, "secrets"), old_secrets);
     assert_eq!(access_copies(&sim, "serviceaccounts"), old_accounts);
 }
+
+/// A Restore of the Backup that has not ended reads its volume backups: the deletion waits
+/// (`Deleting` False, `RestoreInProgress`) and the data stays; once the Restore has ended the
+/// deletion goes ahead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deletion_waits_for_a_restore_reading_the_backup() {
+    let (sim, folder, ctx) = cluster();
+    back_up(&sim, &ctx, "full", "Full", "Delete").await;
+    let restore = "/apis/strata.io/v1alpha1/namespaces/shop/restores/copy";
+    sim.mock.put(
+        restore,
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "full"}, "namespaceMapping": {"shop": "copy"}},
+               "status": {"phase": "Copying"}}),
+    );
+    delete(&sim, &ctx, "full").await.unwrap();
+    let waiting = status(&sim, "full");
+    let deleting = waiting
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Deleting")
+        .expect("a Deleting condition");
+    assert_eq!(deleting.reason, "RestoreInProgress", "{deleting:?}");
+    assert!(
+        deleting.message.contains("Restore copy"),
+        "{}",
+        deleting.message
+    );
+    assert_eq!(app_backups(folder.path()), ["full"], "the data stays");
+
+    let mut ended = sim.mock.get(restore).unwrap();
+    ended["status"]["phase"] = json!("Completed");
+    sim.mock.put(restore, ended);
+    reconcile_backup(&sim.mock.backup("full"), &ctx)
+        .await
+        .unwrap();
+    assert!(sim.mock.get(&format!("{BACKUPS}/full")).is_none());
+    assert_eq!(app_backups(folder.path()), Vec::<String>::new());
+}

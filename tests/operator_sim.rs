@@ -1382,3 +1382,29 @@ async fn a_restores_datamovers_stay_within_the_bound_per_node() {
         assert!(std::fs::read(device).unwrap() == expected, "{pvc}");
     }
 }
+
+/// An existing destination Namespace is never applied over, even with `existingObjects:
+/// Update`: its labels (Pod Security levels among them) are the administrator's, not what the
+/// archive says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_never_applies_over_an_existing_namespace() {
+    let (sim, _folder) = cluster(json!({"owner": "tenant"}));
+    sim.add_namespace("copy", json!({"owner": "admin"}));
+    let ctx = context(&sim);
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"},
+                        "existingObjects": "Update"}}),
+    );
+    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let namespace = sim.mock.get("/api/v1/namespaces/copy").unwrap();
+    assert_eq!(
+        namespace["metadata"]["labels"]["owner"], "admin",
+        "{namespace}"
+    );
+}

@@ -128,12 +128,39 @@ fn backups_waiting(
 /// end (its final status) lets them take over the locks it held.
 fn lock_waiters(backups: Store<Backup>) -> impl Fn(Backup) -> Vec<ObjectRef<Backup>> {
     move |changed| {
-        backups_waiting(&backups, |b, status| {
+        let mut woken = backups_waiting(&backups, |b, status| {
             b.namespace() == changed.namespace()
                 && b.name_any() != changed.name_any()
                 && waits(&status.conditions, "VolumesLocked")
-        })
+        });
+        // A deleted Backup removing its data (often Completed, so not among the above) waits
+        // for the same locks.
+        woken.extend(
+            backups
+                .state()
+                .iter()
+                .filter(|b| {
+                    b.meta().deletion_timestamp.is_some()
+                        && b.namespace() == changed.namespace()
+                        && b.name_any() != changed.name_any()
+                        && b.status
+                            .as_ref()
+                            .is_some_and(|s| waits(&s.conditions, "Deleting"))
+                })
+                .map(|b| ObjectRef::from_obj(&**b)),
+        );
+        woken
     }
+}
+
+/// The Backup a changed Restore names: a deleted Backup whose data a Restore reads waits for
+/// that Restore to end.
+fn backup_of(restore: Restore) -> Vec<ObjectRef<Backup>> {
+    let mut backup = ObjectRef::new(&restore.spec.backup_ref.name);
+    if let Some(namespace) = restore.namespace() {
+        backup = backup.within(&namespace);
+    }
+    vec![backup]
 }
 
 /// The Backups waiting for a datamover slot on some node ([`SLOT_CONDITION`]): any datamover
@@ -241,6 +268,11 @@ pub async fn run(ctx: Context, namespace: Option<&str>) {
             api::<Backup>(&client, namespace),
             watcher::Config::default(),
             lock_waiters(backup_store.clone()),
+        )
+        .watches(
+            api::<Restore>(&client, namespace),
+            watcher::Config::default(),
+            backup_of,
         );
     let backups = watch_claims_and_snapshots(backups, &client, namespace, &backup_store);
     let backups = backups

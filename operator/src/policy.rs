@@ -243,7 +243,8 @@ impl RestorePolicy {
         refused
     }
 
-    fn namespace_refusal(&self, from: &str, into: &str) -> String {
+    /// The refusal of namespace `into` to a Restore in `from`, as [`Self::refusals`] words it.
+    pub fn namespace_refusal(&self, from: &str, into: &str) -> String {
         format!(
             "namespace {into}: a Restore in namespace {from} may write only into {from}{}",
             if self.namespaces.is_empty() {
@@ -265,10 +266,8 @@ impl RestorePolicy {
 /// The API group and kind of a JSON object (`apps/v1` → `apps`, `v1` → core).
 fn group_kind(object: &Value) -> (String, String) {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
-    let group = match api_version.split_once('/') {
-        Some((group, _)) => group,
-        None => "",
-    };
+    // Split as the apply splits it, so the check and the apply see one group.
+    let group = strata_discovery::group_of(api_version);
     let kind = object["kind"].as_str().unwrap_or_default();
     (group.to_owned(), kind.to_owned())
 }

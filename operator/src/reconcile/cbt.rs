@@ -22,8 +22,9 @@
 //!
 //! Nothing is left forever: each commit of a volume deletes its older bases, and deleting the
 //! PVC deletes its base (garbage collection); a PVC made again under the same name compares
-//! digests, as above. Retention never removes a volume's latest
-//! backup, which is the one a base names; a base naming another backup is never used.
+//! digests, as above. Retention never removes a volume's latest backup, but deleting a Backup
+//! with `deletionPolicy: Delete` may remove it (when no child stands on it); a base naming any
+//! backup but the latest is never used, so such a base only waits for the next commit.
 
 use std::collections::BTreeMap;
 

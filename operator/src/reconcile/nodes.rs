@@ -41,7 +41,8 @@ const HOSTNAME: &str = "kubernetes.io/hostname";
 pub struct NodeSlots {
     /// At most this many datamovers a node.
     limit: usize,
-    /// Hostnames of the nodes new pods may be scheduled to.
+    /// Hostnames of the nodes a datamover may run on (Ready, not cordoned, no NoSchedule or
+    /// NoExecute taint).
     nodes: BTreeSet<String>,
     /// Live datamover pods by their node's hostname.
     placed: BTreeMap<String, usize>,
@@ -104,12 +105,7 @@ impl NodeSlots {
             limit,
             nodes: nodes
                 .iter()
-                .filter(|n| {
-                    !n.spec
-                        .as_ref()
-                        .and_then(|s| s.unschedulable)
-                        .unwrap_or(false)
-                })
+                .filter(|n| may_run_datamovers(n))
                 .map(hostname)
                 .collect(),
             ..Default::default()
@@ -129,7 +125,11 @@ impl NodeSlots {
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get("batch.kubernetes.io/job-name"));
+                // `job-name` alone before Kubernetes 1.27.
+                .and_then(|l| {
+                    l.get("batch.kubernetes.io/job-name")
+                        .or_else(|| l.get("job-name"))
+                });
             on_a_node.insert((pod.metadata.namespace.clone(), job.cloned()));
         }
         for job in jobs {
@@ -178,6 +178,26 @@ impl NodeSlots {
     pub fn nodes(&self) -> usize {
         self.nodes.len()
     }
+}
+
+/// Whether a datamover pod may be scheduled to `node`: not cordoned, Ready, and without a
+/// `NoSchedule` or `NoExecute` taint (datamovers tolerate none). A node counted while it could
+/// never take the pod would make `take` keep new pods off every node that can.
+fn may_run_datamovers(node: &Node) -> bool {
+    let spec = node.spec.as_ref();
+    let cordoned = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+    let tainted = spec.and_then(|s| s.taints.as_ref()).is_some_and(|taints| {
+        taints
+            .iter()
+            .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+    });
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    !cordoned && !tainted && ready
 }
 
 /// The hostnames a Job's pod template excludes with `kubernetes.io/hostname NotIn`.
@@ -268,8 +288,39 @@ mod tests {
 
     fn node(name: &str) -> Node {
         serde_json::from_value(json!({"metadata": {"name": name,
-            "labels": {HOSTNAME: format!("host-{name}")}}}))
+            "labels": {HOSTNAME: format!("host-{name}")}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
         .unwrap()
+    }
+
+    #[test]
+    fn tainted_not_ready_and_cordoned_nodes_take_no_datamover() {
+        let mut control_plane = node("cp");
+        control_plane.spec = serde_json::from_value(json!({"taints": [{"key":
+            "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]}))
+        .unwrap();
+        let mut lost = node("lost");
+        lost.status =
+            serde_json::from_value(json!({"conditions": [{"type": "Ready", "status": "Unknown"}]}))
+                .unwrap();
+        let mut cordoned = node("cordoned");
+        cordoned.spec = serde_json::from_value(json!({"unschedulable": true})).unwrap();
+        let mut preferring = node("soft");
+        preferring.spec = serde_json::from_value(
+            json!({"taints": [{"key": "spot", "effect": "PreferNoSchedule"}]}),
+        )
+        .unwrap();
+        let nodes = [control_plane, lost, cordoned, preferring, node("w")];
+        let pods = [pod("j1", Some("w"), "Running")];
+        let mut slots = NodeSlots::count(1, &nodes, &pods, &[job("j1", &[])]);
+        assert_eq!(slots.nodes(), 2, "only soft and w may run datamovers");
+        // w is full; the new Job goes to soft, not to a node it could never run on.
+        assert_eq!(slots.take(), Some(BTreeSet::from(["host-w".to_owned()])));
+        assert_eq!(
+            slots.take(),
+            None,
+            "both are full now: the next volume waits"
+        );
     }
 
     fn pod(job: &str, node: Option<&str>, phase: &str) -> Pod {

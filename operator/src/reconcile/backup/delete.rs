@@ -7,7 +7,8 @@
 //! retention uses. Folding rewrites a chain other Backups' backups rest on, so it runs under
 //! the volumes' locks ([`lock`](crate::reconcile::lock)), as a commit's retention does: a
 //! Backup writing one of these volumes is waited for (condition `Deleting` False, reason
-//! `WaitingForBackup`). A failure keeps the finalizer, sets `Deleting` False with the cause as
+//! `WaitingForBackup`); so is a Restore of this Backup that has not ended, whose datamovers read
+//! these volume backups (reason `RestoreInProgress`). A failure keeps the finalizer, sets `Deleting` False with the cause as
 //! reason, publishes a Warning Event and is retried with the controller's backoff. The policy is
 //! read from the Backup as it is now, so a person whose target is gone for good lets the Backup
 //! go by setting it to Retain; a run that never reached its commit does not open the target.
@@ -31,7 +32,7 @@
 use kube::runtime::controller::Action;
 
 use super::Run;
-use crate::crd::BackupStatus;
+use crate::crd::{BackupStatus, Restore};
 use crate::error::{Error, Result};
 use crate::reconcile::finalizer;
 use crate::reconcile::lock::{self, Acquired};
@@ -48,6 +49,25 @@ impl Run<'_> {
             return Ok(Action::requeue(wait));
         }
         let mut written = status.clone();
+        match self.restore_in_progress().await {
+            Ok(Some(restore)) => {
+                set_condition(
+                    &mut written.conditions,
+                    "Deleting",
+                    ConditionStatus::False,
+                    "RestoreInProgress",
+                    format!(
+                        "Restore {restore} is reading this Backup's data; it is removed after \
+                         the Restore ends"
+                    ),
+                    self.backup.metadata.generation,
+                );
+                call.write(status, &written).await?;
+                return Ok(self.requeue());
+            }
+            Ok(None) => {}
+            Err(err) => return Err(call.deletion_failed(status, &mut written, err).await),
+        }
         match self.remove_data(status).await {
             Ok(true) => {
                 self.unlock(status).await?;
@@ -80,6 +100,30 @@ impl Run<'_> {
                 Err(call.deletion_failed(status, &mut written, err).await)
             }
         }
+    }
+
+    /// A Restore of this Backup that has not ended (nor been deleted): its volume backups are
+    /// what that Restore's datamovers read, so they stay until it ends.
+    async fn restore_in_progress(&self) -> Result<Option<String>> {
+        let restores: kube::Api<Restore> =
+            kube::Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let list = restores
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(Error::kube(format!("list Restores of {}", self.namespace)))?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|r| {
+                r.spec.backup_ref.name == self.name
+                    && r.metadata.deletion_timestamp.is_none()
+                    && !r
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(Phase::is_final)
+            })
+            .and_then(|r| r.metadata.name))
     }
 
     /// Stop the run, lock its volumes and delete its application backup; false while another

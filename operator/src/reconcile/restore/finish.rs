@@ -22,11 +22,14 @@ impl Run<'_> {
     ) -> Result<()> {
         let restored = self.restored_namespace(&source.namespace);
         let mut plan = self.plan(&source.metadata)?;
+        // The claims were made with the volumes, the Namespaces before them.
         plan.objects.retain(|o| {
-            !status
+            let namespace = o["kind"] == "Namespace" && o["apiVersion"] == "v1";
+            let claim = status
                 .volumes
                 .iter()
-                .any(|v| is_claim(o, &restored, &v.pvc))
+                .any(|v| is_claim(o, &restored, &v.pvc));
+            !namespace && !claim
         });
         let report = apply(&self.ctx.client, &plan, &self.apply_options())
             .await

@@ -304,10 +304,19 @@ impl<'a> Run<'a> {
             .kinds()
             .await
             .map_err(Error::discovery("discover the API's kinds"))?;
-        let refused = self
-            .ctx
-            .restore_policy
-            .refusals(&self.namespace, &plan.objects, &served);
+        let policy = &self.ctx.restore_policy;
+        let mut refused = policy.refusals(&self.namespace, &plan.objects, &served);
+        // The run writes into each mapped destination (its credentials, its account) whatever
+        // the archive holds.
+        for into in self.restore.spec.namespace_mapping.values() {
+            if !policy.allows_namespace(&self.namespace, into)
+                && !refused
+                    .iter()
+                    .any(|r| r.starts_with(&format!("namespace {into}:")))
+            {
+                refused.push(policy.namespace_refusal(&self.namespace, into));
+            }
+        }
         if refused.is_empty() {
             Ok(())
         } else {

@@ -19,7 +19,7 @@ use crate::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
 use strata_csi::Role;
 use strata_csi::datamover::{Attach, DatamoverSpec, restore_job};
 use strata_discovery::RestorePlan;
-use strata_discovery::restore::apply;
+use strata_discovery::restore::{ExistingPolicy, apply};
 
 impl Run<'_> {
     /// Validate, recreate the PVCs and start a restore datamover per volume.
@@ -82,7 +82,11 @@ impl Run<'_> {
                 .cloned()
                 .collect(),
         };
-        apply(&self.ctx.client, &namespaces, &self.apply_options())
+        // An existing Namespace is never applied over, whatever `existingObjects` says: its
+        // labels (Pod Security levels among them) are the administrator's, not the archive's.
+        let mut options = self.apply_options();
+        options.existing = ExistingPolicy::Skip;
+        apply(&self.ctx.client, &namespaces, &options)
             .await
             .map_err(Error::discovery("apply the Namespace"))?;
         let access = self.grant_access(source, &restored).await?;
