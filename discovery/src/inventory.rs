@@ -26,6 +26,7 @@ pub struct Inventory {
     kinds: Vec<ResourceKind>,
     by_key: HashMap<ObjectKey, usize>,
     by_uid: HashMap<String, usize>,
+    forbidden: Vec<ResourceKind>,
 }
 
 impl Inventory {
@@ -33,6 +34,7 @@ impl Inventory {
     pub async fn collect<S: ObjectSource>(source: &S, namespaces: &[String]) -> Result<Self> {
         let kinds = source.kinds().await?;
         let mut objects = Vec::new();
+        let mut forbidden = Vec::new();
         for kind in &kinds {
             if UNREAD_KINDS.contains(&(kind.group.as_str(), kind.kind.as_str())) {
                 continue;
@@ -47,12 +49,20 @@ impl Inventory {
                 // definitions): the others it may not list are left out, as if empty.
                 match source.list(kind, None).await {
                     Ok(listed) => objects.extend(listed),
-                    Err(err) if err.is_forbidden() => {}
+                    Err(err) if err.is_forbidden() => forbidden.push(kind.clone()),
                     Err(err) => return Err(err),
                 }
             }
         }
-        Ok(Self::from_objects(objects, kinds))
+        let mut inventory = Self::from_objects(objects, kinds);
+        inventory.forbidden = forbidden;
+        Ok(inventory)
+    }
+
+    /// The cluster-scoped kinds [`Inventory::collect`] left out because listing them was
+    /// forbidden: objects of these kinds an application refers to are not in it.
+    pub fn forbidden_kinds(&self) -> &[ResourceKind] {
+        &self.forbidden
     }
 
     /// An inventory over objects already read. Objects without a name or kind are dropped;
@@ -196,5 +206,11 @@ mod tests {
             .filter_map(|o| o.metadata.name.as_deref())
             .collect();
         assert_eq!(names, ["shop", "settings"]);
+        let skipped: Vec<&str> = inventory
+            .forbidden_kinds()
+            .iter()
+            .map(|k| k.kind.as_str())
+            .collect();
+        assert_eq!(skipped, ["ClusterRole"]);
     }
 }

@@ -249,6 +249,14 @@ impl<'a> Run<'a> {
         )))?;
         let mut app = discover(&inventory, &app_spec)
             .map_err(Error::discovery("discover the application"))?;
+        let forbidden: Vec<String> = inventory
+            .forbidden_kinds()
+            .iter()
+            .map(|k| match k.group.as_str() {
+                "" => k.plural.clone(),
+                group => format!("{}.{group}", k.plural),
+            })
+            .collect();
         // An excluded PVC keeps its object in the archive (a restore provisions it empty)
         // but has no volume backup.
         for wanted in &spec.volumes.include {
@@ -280,16 +288,25 @@ impl<'a> Run<'a> {
             .collect::<Result<_>>()?;
         status.application_name = Some(app_name);
         status.progress = Some(progress(&status.volumes));
+        let mut discovered = format!(
+            "{} objects, {} volumes",
+            metadata.objects.len(),
+            status.volumes.len()
+        );
+        // An operator's own objects include cluster-scoped ones (ClusterRoles, webhooks) the
+        // least-privilege roles may not read: say which kinds could not be looked at.
+        if spec.application.include_operators && !forbidden.is_empty() {
+            discovered.push_str(&format!(
+                "; not readable under the controller's RBAC, so left out: {}",
+                forbidden.join(", ")
+            ));
+        }
         set_condition(
             &mut status.conditions,
             "Discovered",
             ConditionStatus::True,
             "Discovered",
-            format!(
-                "{} objects, {} volumes",
-                metadata.objects.len(),
-                status.volumes.len()
-            ),
+            discovered,
             self.backup.metadata.generation,
         );
         status.phase = Some(Phase::Preparing);
