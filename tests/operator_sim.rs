@@ -41,6 +41,20 @@ fn add_backup(sim: &Sim, name: &str, uid: &str, mode: &str) {
     );
 }
 
+/// Block PVCs `logs` and `index` of 1 MiB (labelled `app=db`) holding noise of the seeds.
+fn add_small_volumes(sim: &Sim, logs: u64, index: u64) {
+    for (name, seed) in [("logs", logs), ("index", index)] {
+        sim.add_volume(
+            "shop",
+            name,
+            json!({"app": "db"}),
+            Some("fast"),
+            DRIVER,
+            &noise(1 << 20, seed),
+        );
+    }
+}
+
 fn context(sim: &Sim) -> Context {
     let mut ctx = sim.mock.context();
     ctx.image = IMAGE.to_owned();
@@ -1078,16 +1092,7 @@ async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
     let (sim, folder) = cluster(json!({}));
-    for (name, seed) in [("logs", 31), ("index", 32)] {
-        sim.add_volume(
-            "shop",
-            name,
-            json!({"app": "db"}),
-            Some("fast"),
-            DRIVER,
-            &noise(1 << 20, seed),
-        );
-    }
+    add_small_volumes(&sim, 31, 32);
     let path = format!("{BACKUPS}/nightly");
     let mut backup = sim.mock.get(&path).unwrap();
     backup["spec"]["maxParallelVolumes"] = json!(1);
@@ -1287,16 +1292,7 @@ async fn datamovers_per_node_stay_within_the_controllers_bound() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_change_tracking_condition_covers_every_batch_of_volumes() {
     let (sim, _folder) = cluster(json!({}));
-    for (name, seed) in [("logs", 41), ("index", 42)] {
-        sim.add_volume(
-            "shop",
-            name,
-            json!({"app": "db"}),
-            Some("fast"),
-            DRIVER,
-            &noise(1 << 20, seed),
-        );
-    }
+    add_small_volumes(&sim, 41, 42);
     let ctx = context(&sim);
     let full = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(full.phase, Some(Phase::Completed), "{full:?}");
@@ -1330,16 +1326,7 @@ async fn the_change_tracking_condition_covers_every_batch_of_volumes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restores_datamovers_stay_within_the_bound_per_node() {
     let (sim, _folder) = cluster(json!({}));
-    for (name, seed) in [("logs", 51), ("index", 52)] {
-        sim.add_volume(
-            "shop",
-            name,
-            json!({"app": "db"}),
-            Some("fast"),
-            DRIVER,
-            &noise(1 << 20, seed),
-        );
-    }
+    add_small_volumes(&sim, 51, 52);
     let mut ctx = context(&sim);
     ctx.max_datamovers_per_node = 1;
     let done = drive(&sim, &ctx, "nightly", 30, Duration::from_millis(300)).await;
