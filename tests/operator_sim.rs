@@ -388,21 +388,8 @@ async fn the_snapshot_class_follows_the_volumes_csi_driver_not_the_class_provisi
 /// driver.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_without_a_storage_class_is_backed_up() {
-    let sim = Sim::new();
-    sim.add_namespace("shop", json!({}));
-    sim.add_storage_class("fast", DRIVER, "Immediate");
-    sim.add_snapshot_class("csi-hostpath-snapclass", DRIVER);
-    sim.add_volume(
-        "shop",
-        "data",
-        json!({"app": "db"}),
-        None,
-        DRIVER,
-        &noise(VOLUME_BYTES, 7),
-    );
-    let folder = tempfile::tempdir().unwrap();
-    sim.mock
-        .put_snapshot_class_target_and_backup(&folder.path().join("target"));
+    let (sim, folder) =
+        cluster_sim::shop_cluster_of_class(json!({}), &noise(VOLUME_BYTES, 7), None);
     let ctx = context(&sim);
     let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");

@@ -144,6 +144,15 @@ fn rfc3339_now() -> String {
 /// Target `local` on the folder `target` of the returned directory; Backup `nightly` (Full) of
 /// `app=db`.
 pub fn shop_cluster(namespace_labels: Value, contents: &[u8]) -> (Sim, tempfile::TempDir) {
+    shop_cluster_of_class(namespace_labels, contents, Some("fast"))
+}
+
+/// [`shop_cluster`] with PVC `data` of StorageClass `class` (`None`: a claim without one).
+pub fn shop_cluster_of_class(
+    namespace_labels: Value,
+    contents: &[u8],
+    class: Option<&str>,
+) -> (Sim, tempfile::TempDir) {
     let sim = Sim::new();
     sim.add_namespace("shop", namespace_labels);
     sim.add_storage_class("fast", DRIVER, "Immediate");
@@ -152,7 +161,7 @@ pub fn shop_cluster(namespace_labels: Value, contents: &[u8]) -> (Sim, tempfile:
         "shop",
         "data",
         json!({"app": "db"}),
-        Some("fast"),
+        class,
         DRIVER,
         contents,
     );
