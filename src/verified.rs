@@ -6,11 +6,12 @@
 //! a backup that does not read as it was written fails with [`Error::Damaged`] naming the
 //! backup, and for clusters the guest offset, instead of handing out its bytes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use strata_chain::{ChainChecksums, ClusterChecksums};
 use strata_qcow2::{Image, OpenOptions};
-use strata_target::{BackupId, BackupManifest, Target, VolumeName};
+use strata_target::{BackupId, BackupManifest, PartStorage, Preopen, Target, VolumeName};
 
 use crate::volume::{CHECKSUMS_FILE, Error, Result, chain_text, side_file};
 
@@ -65,7 +66,9 @@ impl VerifiedChain {
 /// missing parent, a backup naming itself or a loop is damage), each layer's `checksums`
 /// side file is downloaded into a temporary file (its size and CRC checked against its
 /// manifest; read back through a small page cache, never held whole), the chain is opened from
-/// the backup's image object through the volume's storage no deeper than the manifests go,
+/// the backup's image object through the volume's storage no deeper than the manifests go
+/// (every image's HEAD, header and tables requested at once, while the side files download:
+/// a few round trips to object storage whatever the chain's depth),
 /// and each layer is compared with its manifest: backing name (`image_name(parent)`), virtual
 /// size, object size, cluster size (also the checksum list's), and the chain's depth.
 pub(crate) fn open_verified(
@@ -73,33 +76,78 @@ pub(crate) fn open_verified(
     volume: &VolumeName,
     id: Option<&BackupId>,
 ) -> Result<VerifiedChain> {
-    open_verified_in(target, volume, id, &target.storage(volume))
+    open_verified_with(target, volume, id, None)
 }
 
-/// [`open_verified`], opening the images through `storage` (a [`strata_target::PartStorage`]
-/// for a planned restore).
+/// [`open_verified`], opening the images through `storage`, a [`PartStorage`] for a planned
+/// restore, which opens all of the chain's images at once ([`PartStorage::preopen`]).
 pub(crate) fn open_verified_in(
     target: &Target,
     volume: &VolumeName,
     id: Option<&BackupId>,
-    storage: &dyn strata_qcow2::Storage,
+    storage: &PartStorage,
 ) -> Result<VerifiedChain> {
+    open_verified_with(target, volume, id, Some(storage))
+}
+
+/// Side files downloaded at once while a chain is opened.
+const PARALLEL_DOWNLOADS: usize = 16;
+
+fn open_verified_with(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+    parts: Option<&PartStorage>,
+) -> Result<VerifiedChain> {
+    // The latest backup comes from the listing of them all, which holds the chain's other
+    // manifests too; a given backup's chain is read in parallel batches
+    // (`Target::chain_candidates`). The walk to the base then reads none again.
+    let mut listed = HashMap::new();
     let top = match id {
-        Some(id) => target.backup(volume, id)?,
-        None => target
-            .latest(volume)?
-            .ok_or_else(|| Error::NotFound(format!("volume {volume} has no backups")))?,
+        Some(id) => {
+            let top = target.backup(volume, id)?;
+            listed = target.chain_candidates(volume, &top)?;
+            top
+        }
+        None => {
+            let mut all = target.backups(volume)?;
+            let top = all
+                .pop()
+                .ok_or_else(|| Error::NotFound(format!("volume {volume} has no backups")))?;
+            listed.extend(all.into_iter().map(|m| (m.id.clone(), m)));
+            top
+        }
     };
-    let manifests = manifest_chain(target, top.clone())?;
-    let mut lists = Vec::with_capacity(manifests.len());
-    for manifest in &manifests {
-        let list = target
-            .download_file(volume, &manifest.id, &side_file(CHECKSUMS_FILE))
-            .map_err(Error::from)
-            .and_then(|file| Ok(ClusterChecksums::open(file)?))
-            .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
-        lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
-    }
+    let manifests = manifest_chain(target, top.clone(), &mut listed)?;
+    // The images are opened (`PartStorage::preopen`) while every layer's checksum list is
+    // downloaded, several at once: each is one streaming GET, and none waits for another.
+    // The images are opened ahead (`VolumeStorage::open_chain`, `PartStorage::preopen`) while
+    // every layer's checksum list is downloaded, several at once: each is one streaming GET,
+    // and none waits for another. Opening ahead is only a head start: when it fails (a missing
+    // image, say), nothing is kept and the reader's own open below meets the failure and
+    // reports it as it always has.
+    let layers = preopen_layers(&manifests);
+    let (lists, chain) = std::thread::scope(|scope| {
+        let opening = scope.spawn(|| match parts {
+            Some(parts) => {
+                let _ = parts.preopen(&layers);
+                None
+            }
+            None => Some(target.storage(volume).open_chain(&layers)),
+        });
+        let lists = download_checksums(target, &manifests);
+        (lists, opening.join().ok().flatten())
+    });
+    let lists = lists?;
+    let plain;
+    let storage: &dyn strata_qcow2::Storage = match (parts, &chain) {
+        (Some(parts), _) => parts,
+        (None, Some(chain)) => chain,
+        (None, None) => {
+            plain = target.storage(volume);
+            &plain
+        }
+    };
     let check = Arc::new(ChainChecksums::new(lists));
     let options = OpenOptions {
         max_depth: manifests.len(),
@@ -127,8 +175,69 @@ pub(crate) fn open_verified_in(
     })
 }
 
+/// Downloads the checksum list of every backup of `manifests`, [`PARALLEL_DOWNLOADS`] at once,
+/// in their order.
+fn download_checksums(
+    target: &Target,
+    manifests: &[BackupManifest],
+) -> Result<Vec<(String, ClusterChecksums)>> {
+    let mut lists = Vec::with_capacity(manifests.len());
+    for batch in manifests.chunks(PARALLEL_DOWNLOADS) {
+        let downloaded: Vec<Result<ClusterChecksums>> = std::thread::scope(|scope| {
+            let downloads: Vec<_> = batch
+                .iter()
+                .map(|manifest| {
+                    scope.spawn(move || {
+                        target
+                            .download_file_of(manifest, &side_file(CHECKSUMS_FILE))
+                            .map_err(Error::from)
+                            .and_then(|file| Ok(ClusterChecksums::open(file)?))
+                    })
+                })
+                .collect();
+            downloads
+                .into_iter()
+                .map(|download| {
+                    download.join().unwrap_or_else(|_| {
+                        Err(Error::NotFound("a checksum list download panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for (manifest, list) in batch.iter().zip(downloaded) {
+            let list = list
+                .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
+            lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
+        }
+    }
+    Ok(lists)
+}
+
+/// The images of the chain `manifests` name, as the QCOW2 reader will open them: by the top
+/// image's object, then by each backing name a child's header must carry (which
+/// `check_layers` holds it to), each standing for the object its manifest names.
+fn preopen_layers(manifests: &[BackupManifest]) -> Vec<Preopen> {
+    manifests
+        .iter()
+        .enumerate()
+        .map(|(depth, m)| Preopen {
+            name: match depth {
+                0 => m.image.object.clone(),
+                _ => strata_target::image_name(&m.id),
+            },
+            object: m.image.object.clone(),
+            cluster_size: m.cluster_size,
+        })
+        .collect()
+}
+
 /// The manifests from `top` through `parent` to the base, top first.
-fn manifest_chain(target: &Target, top: BackupManifest) -> Result<Vec<BackupManifest>> {
+/// Parents found in `listed` (manifests the caller already read) are taken from there.
+fn manifest_chain(
+    target: &Target,
+    top: BackupManifest,
+    listed: &mut HashMap<BackupId, BackupManifest>,
+) -> Result<Vec<BackupManifest>> {
     let mut chain = vec![top];
     while let Some(last) = chain.last() {
         let Some(parent) = last.parent.clone() else {
@@ -151,6 +260,10 @@ fn manifest_chain(target: &Target, top: BackupManifest) -> Result<Vec<BackupMani
                     strata_target::MAX_CHAIN_DEPTH
                 ),
             ));
+        }
+        if let Some(manifest) = listed.remove(&parent) {
+            chain.push(manifest);
+            continue;
         }
         match target.backup(&last.volume, &parent) {
             Ok(manifest) => chain.push(manifest),

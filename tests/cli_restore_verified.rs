@@ -543,3 +543,33 @@ fn verify_reports_a_manifest_that_differs_from_its_image() {
     );
     assert!(stdout.contains(&format!("vol1/{}: ok", f.base)), "{stdout}");
 }
+
+/// A manifest stored under another backup's name (a copy, a rename by hand) is refused when the
+/// volume's backups are listed, as reading it by its name always refused it: the latest
+/// backup is not chosen from a listing that holds one backup twice, and the error names the
+/// file. Backups asked for by id still restore.
+#[test]
+fn a_manifest_under_another_backups_name_fails_the_listing_naming_it() {
+    let f = Fixture::new();
+    let stray = f.manifest("20300101T000000Z-00000000");
+    std::fs::copy(f.manifest(&f.base), &stray).expect("copy");
+    let out = strata(&[
+        "restore",
+        "--quiet",
+        "--target",
+        s(&f.target),
+        "--volume",
+        "vol1",
+        s(&f.dest()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("20300101T000000Z-00000000.json")
+            && stderr.contains(&format!("names backup vol1/{}", f.base)),
+        "{stderr}"
+    );
+    f.restores_as(&f.top, &f.top_bytes);
+    f.restores_as(&f.base, &f.base_bytes);
+}

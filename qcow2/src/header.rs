@@ -165,8 +165,9 @@ impl Header {
 
     /// Parses the first cluster of an image (or as much of it as the file holds).
     ///
-    /// `first` must hold at least the first `min(file_len, 2 MiB)` bytes; `file_len` is the
-    /// image's length, against which table offsets are checked.
+    /// `first` must hold at least the first cluster (`min(file_len, cluster size)` bytes, as
+    /// its `cluster_bits` give); `file_len` is the image's length, against which table
+    /// offsets are checked.
     pub fn parse(image: &str, first: &[u8], file_len: u64) -> Result<Self> {
         let fixed = Fields {
             image,

@@ -633,11 +633,31 @@ fn open_qcow2(
     source: Arc<dyn ReadAt>,
     len: u64,
 ) -> Result<Qcow2Layer> {
-    let first_len = len.min(1 << crate::header::MAX_CLUSTER_BITS) as usize;
-    let mut first = vec![0u8; first_len];
+    // The header, its extensions and the backing file name all lie in the first cluster
+    // (qcow2.rst, "Header" and "Header extensions"): read a page, then the rest of the cluster
+    // its `cluster_bits` give, so a 64 KiB-cluster image on object storage costs a 64 KiB
+    // read, not the largest cluster's 2 MiB. A bad `cluster_bits` is left to `Header::parse`.
+    let mut first = vec![0u8; len.min(4096) as usize];
     source
         .read_exact_at(&mut first, 0)
         .map_err(|e| io_err(&name, "reading the header", e))?;
+    let bits = first
+        .get(20..24)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .filter(|bits| {
+            (crate::header::MIN_CLUSTER_BITS..=crate::header::MAX_CLUSTER_BITS).contains(bits)
+        });
+    if let Some(bits) = bits {
+        let cluster = len.min(1 << bits) as usize;
+        if cluster > first.len() {
+            let read = first.len();
+            first.resize(cluster, 0);
+            source
+                .read_exact_at(&mut first[read..], read as u64)
+                .map_err(|e| io_err(&name, "reading the header", e))?;
+        }
+    }
     let header = Header::parse(&name, &first, len)?;
     let data_file = if header.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0 {
         let stored = header

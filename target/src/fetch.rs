@@ -29,7 +29,7 @@ use strata_qcow2::{ReadAt, Storage};
 
 use crate::error::{Error, Result};
 use crate::reader::ObjectReader;
-use crate::storage::{Opened, VolumeStorage};
+use crate::storage::{Opened, Preopen, VolumeStorage};
 
 /// A range of one source to fetch with one GET, and what needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,17 +174,47 @@ impl PartStorage {
     }
 }
 
+impl PartStorage {
+    /// Opens a chain's images before the QCOW2 reader asks for them. The HEADs go out
+    /// together, and with them, per image, the GETs of its first cluster (the header) and of
+    /// its last [`PREOPEN_TAIL`](crate::PREOPEN_TAIL) bytes (where strata's writer puts the L2, L1 and refcount
+    /// tables; at most half the reader's cache). Opened one image at a time, a chain costs
+    /// four or five round trips per image, each waiting for the one before: 64 images at
+    /// 20 ms a round trip would be six seconds before the first data GET.
+    ///
+    /// A name later opened that is not among `layers` is opened as [`Storage::open`] always
+    /// does; on a folder target this does nothing.
+    pub fn preopen(&self, layers: &[Preopen]) -> Result<()> {
+        let opened = self.storage.open_ahead(layers)?;
+        let mut readers = self.readers.lock().map_err(|_| Error::Runtime {
+            operation: "open images",
+        })?;
+        for (layer, opened) in layers.iter().zip(opened) {
+            if let Opened::Object(reader) = opened {
+                // Only metadata is read through the cache: no read-ahead, no streams.
+                readers.insert(layer.name.clone(), Arc::new(reader.without_read_ahead()));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Storage for PartStorage {
     fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>> {
+        let readers = || {
+            self.readers
+                .lock()
+                .map_err(|_| io::Error::other("part storage lock poisoned"))
+        };
+        if let Some(reader) = readers()?.get(path) {
+            return Ok(Arc::clone(reader) as Arc<dyn ReadAt>);
+        }
         match self.storage.open_source(path).map_err(io::Error::from)? {
             Opened::File(file) => Ok(Arc::new(file)),
             Opened::Object(reader) => {
                 // Only metadata is read through the cache: no read-ahead, no streams.
                 let reader = Arc::new(reader.without_read_ahead());
-                self.readers
-                    .lock()
-                    .map_err(|_| io::Error::other("part storage lock poisoned"))?
-                    .insert(path.to_owned(), Arc::clone(&reader));
+                readers()?.insert(path.to_owned(), Arc::clone(&reader));
                 Ok(reader)
             }
         }

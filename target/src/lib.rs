@@ -232,7 +232,7 @@ pub use reader::ObjectReader;
 pub use runtime::RetryPolicy;
 pub use side::SideBody;
 pub use sink::ImageUpload;
-pub use storage::VolumeStorage;
+pub use storage::{ChainStorage, PREOPEN_TAIL, Preopen, VolumeStorage};
 pub use target::Target;
 pub use upload::{BackupSpec, BackupUpload};
 

@@ -93,6 +93,38 @@ impl ObjectReader {
         self
     }
 
+    /// Starts the GETs of blocks `first..=last` (clamped to the object) that are neither cached
+    /// nor on their way, in the background: reads that need them then wait for them as for any
+    /// block in flight. Opening a chain asks for each image's header and table blocks this way,
+    /// so the images' first reads do not go to the store one after another.
+    pub(crate) fn prefetch(&self, first: u64, last: u64) {
+        let Some(last_block) = self.len.checked_sub(1).map(|end| end / self.block) else {
+            return;
+        };
+        let last = last.min(last_block);
+        if first > last {
+            return;
+        }
+        if let Ok(mut state) = self.lock() {
+            self.request(&mut state, first, last);
+        }
+    }
+
+    /// The object's length in bytes.
+    pub(crate) fn object_len(&self) -> u64 {
+        self.len
+    }
+
+    /// How many blocks the cache holds.
+    pub(crate) fn cache_blocks(&self) -> usize {
+        self.inner.options.read_cache_blocks
+    }
+
+    /// The cache's block size in bytes.
+    pub(crate) fn block_size(&self) -> u64 {
+        self.block
+    }
+
     /// Serves reads inside `start..start + bytes.len()` from `bytes` until [`unpin`](Self::unpin)
     /// is called with the returned key.
     pub(crate) fn pin(&self, start: u64, bytes: Bytes) -> u64 {

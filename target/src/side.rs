@@ -12,7 +12,7 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, Result};
-use crate::manifest::{Checksums, Crc32};
+use crate::manifest::{BackupManifest, Checksums, Crc32};
 use crate::name::{BackupId, FileName, VolumeName};
 use crate::target::Target;
 
@@ -128,7 +128,15 @@ impl Target {
         id: &BackupId,
         name: &FileName,
     ) -> Result<File> {
-        let (entry, path) = self.side_file_entry(volume, id, name)?;
+        let manifest = self.backup(volume, id)?;
+        self.download_file_of(&manifest, name)
+    }
+
+    /// [`download_file`](Self::download_file) of the backup `manifest` describes, checked
+    /// against that manifest (not read again): a caller that holds a chain's manifests
+    /// downloads their side files without a round trip each for the manifest.
+    pub fn download_file_of(&self, manifest: &BackupManifest, name: &FileName) -> Result<File> {
+        let (entry, path) = self.side_file_entry_of(manifest, name)?;
         let mut file = tempfile::tempfile()
             .map_err(|err| Error::io("create a temporary file for", &path, err))?;
         let (size, crc) = self.stream_object(&path, &mut file)?;

@@ -1,5 +1,6 @@
 //! Opening a target by URL, the repository marker, and reading what is committed.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ use crate::manifest::{BackupManifest, RepositoryMarker, from_json, to_json};
 use crate::name::{BackupId, VolumeName};
 use crate::options::TargetOptions;
 use crate::runtime::IoRuntime;
+
+/// Manifests read at once when a volume's backups are listed or a chain is walked.
+const PARALLEL_MANIFESTS: usize = 32;
 
 /// A backup repository on object storage or in a folder.
 ///
@@ -225,14 +229,28 @@ impl Target {
             let objects = inner
                 .list(&inner.layout.volume_dir(&volume, "backups"))
                 .await?;
-            let inner = &inner;
+            let (inner, volume) = (&inner, &volume);
             let mut manifests: Vec<BackupManifest> = futures::stream::iter(objects)
                 .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
                 .map(|meta| async move {
                     let bytes = inner.get_bytes(&meta.location).await?;
-                    from_json::<BackupManifest>("backup manifest", meta.location.as_ref(), &bytes)
+                    let manifest: BackupManifest =
+                        from_json("backup manifest", meta.location.as_ref(), &bytes)?;
+                    // As `Inner::manifest` checks: a manifest is the backup its name says.
+                    let stem = meta
+                        .location
+                        .filename()
+                        .and_then(|f| f.strip_suffix(".json"));
+                    if stem != Some(manifest.id.as_str()) || &manifest.volume != volume {
+                        return Err(Error::Corrupt {
+                            what: "backup manifest",
+                            path: meta.location.to_string(),
+                            reason: format!("names backup {}/{}", manifest.volume, manifest.id),
+                        });
+                    }
+                    Ok(manifest)
                 })
-                .buffer_unordered(8)
+                .buffer_unordered(PARALLEL_MANIFESTS)
                 .try_collect()
                 .await?;
             manifests.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
@@ -246,6 +264,85 @@ impl Target {
         self.block("read backup", |inner| async move {
             inner.manifest(&volume, &id).await
         })
+    }
+
+    /// Manifests of the backups of `volume` that the chain from `top` down to its base may
+    /// name, read [`PARALLEL_MANIFESTS`] at a time: from one listing of the volume's manifest
+    /// names, newest first by the creation time an id starts with, each batch starting at the
+    /// oldest parent the walk has not reached yet, until the walk reaches a base or the
+    /// listing runs out. A chain of 64 daily backups costs a LIST and two or three rounds of
+    /// GETs instead of 64 GETs one after another. Only speed depends on the ids' times: the
+    /// caller walks the chain itself and reads any parent not found here (and reports any
+    /// manifest that fails to read, which is left out here).
+    pub fn chain_candidates(
+        &self,
+        volume: &VolumeName,
+        top: &BackupManifest,
+    ) -> Result<HashMap<BackupId, BackupManifest>> {
+        let mut found = HashMap::new();
+        let Some(first_parent) = top.parent.clone() else {
+            return Ok(found);
+        };
+        // An id is `<creation time>-<random>`: backups made in the same second tie.
+        fn stamp(id: &BackupId) -> &str {
+            id.as_str()
+                .split_once('-')
+                .map_or(id.as_str(), |(time, _)| time)
+        }
+        let v = volume.clone();
+        let mut older: Vec<BackupId> = self.block("list backups", |inner| async move {
+            let objects = inner.list(&inner.layout.volume_dir(&v, "backups")).await?;
+            Ok(objects
+                .iter()
+                .filter_map(|meta| meta.location.filename()?.strip_suffix(".json"))
+                .filter_map(|stem| BackupId::new(stem).ok())
+                .collect())
+        })?;
+        older.retain(|id| id != &top.id && stamp(id) <= stamp(&top.id));
+        older.sort_unstable_by(|a, b| stamp(b).cmp(stamp(a)).then_with(|| b.cmp(a)));
+        let mut wanted = Some(first_parent);
+        let mut read = 0;
+        while let Some(parent) = wanted.take() {
+            let Some(from) = older[read..]
+                .iter()
+                .position(|id| stamp(id) <= stamp(&parent))
+                .map(|i| read + i)
+            else {
+                break;
+            };
+            let batch: Vec<BackupId> = older[from..]
+                .iter()
+                .take(PARALLEL_MANIFESTS)
+                .cloned()
+                .collect();
+            read = from + batch.len();
+            let v = volume.clone();
+            let manifests = self.block("read backups", |inner| async move {
+                let (inner, v) = (&inner, &v);
+                Ok(futures::stream::iter(batch)
+                    .map(|id| async move { inner.manifest(v, &id).await.ok() })
+                    .buffer_unordered(PARALLEL_MANIFESTS)
+                    .filter_map(std::future::ready)
+                    .collect::<Vec<_>>()
+                    .await)
+            })?;
+            found.extend(manifests.into_iter().map(|m| (m.id.clone(), m)));
+            // Walk down from the parent through what is read; ask for more where it stops (a
+            // parent named twice is a loop: the walk ends there).
+            let mut at = parent;
+            let mut seen = std::collections::HashSet::new();
+            while let Some(next) = found.get(&at).and_then(|m| m.parent.clone()) {
+                if !seen.insert(next.clone()) {
+                    break;
+                }
+                at = next;
+            }
+            // Each batch starts past the last, so this ends.
+            if !found.contains_key(&at) && read < older.len() {
+                wanted = Some(at);
+            }
+        }
+        Ok(found)
     }
 
     /// The length (base included) of the chain that ends in committed backup `manifest`,
