@@ -27,13 +27,16 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, mpsc};
 
-use strata_qcow2::{Extent, ExtentKind, HydrateStats, Image};
+use strata_qcow2::{DeviceZeroer, Extent, ExtentKind, HydrateStats, Image};
 use strata_target::{FetchPlanner, Fetched, InFlight, Part, PartStorage, TargetOptions};
 
 use crate::volume::{Error, Result};
 
 /// Writes the virtual disk of `image`, opened through `storage`, into `dest` (a new regular
-/// file, or a block device that reads zeros), by the fetch plan.
+/// file, or a block device), by the fetch plan. On a device that may not read zeros
+/// (`zero_device`), the ranges that read as zeros are zeroed as the walk meets them (adjacent
+/// ones at once, by [`DeviceZeroer`]: `fallocate`, written zeros only where refused) and data is
+/// written whole, zero blocks included; elsewhere they are left as they read.
 pub(crate) fn restore_planned(
     storage: &PartStorage,
     image: &Image,
@@ -41,6 +44,7 @@ pub(crate) fn restore_planned(
     dest: &File,
     dest_name: &str,
     device: bool,
+    zero_device: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<HydrateStats> {
     let size = image.virtual_size();
@@ -91,6 +95,8 @@ pub(crate) fn restore_planned(
             done_bytes: 0,
             flush,
             unflushed: 0,
+            zeroer: zero_device.then(|| DeviceZeroer::new(dest, dest_name)),
+            zeros: None,
         };
         let piece_max = (part_size - part_size % cluster).max(cluster);
         let planner = FetchPlanner::new(part_size, options.fetch_gap as u64);
@@ -145,6 +151,10 @@ struct Fetch<'a> {
     flush: mpsc::SyncSender<()>,
     /// Bytes written since the last flush request.
     unflushed: u64,
+    /// Zeroes the device's zero ranges, when it may not read zeros.
+    zeroer: Option<DeviceZeroer<'a>>,
+    /// The zero range met and not yet zeroed (guest start, end).
+    zeros: Option<(u64, u64)>,
 }
 
 impl Fetch<'_> {
@@ -164,8 +174,20 @@ impl Fetch<'_> {
                 if extent.kind.is_zero() {
                     image.check_zero_extent(&extent)?;
                     self.done_bytes += extent.length;
+                    if self.zeroer.is_some() {
+                        let (start, end) = (extent.start.get(), extent.end().get());
+                        self.zeros = match self.zeros {
+                            Some((from, to)) if to == start => Some((from, end)),
+                            pending => {
+                                self.zero(pending)?;
+                                Some((start, end))
+                            }
+                        };
+                    }
                     continue;
                 }
+                let pending = self.zeros.take();
+                self.zero(pending)?;
                 let end = extent.end().get();
                 let mut pos = extent.start.get();
                 while pos < end {
@@ -185,6 +207,8 @@ impl Fetch<'_> {
             }
             window += len;
         }
+        let pending = self.zeros.take();
+        self.zero(pending)?;
         for part in planner.finish() {
             self.start(part, progress)?;
         }
@@ -192,6 +216,17 @@ impl Fetch<'_> {
             self.write_next(progress)?;
         }
         Ok(self.stats)
+    }
+
+    /// Zeroes the device's range `zeros` (guest start, end), if any.
+    fn zero(&mut self, zeros: Option<(u64, u64)>) -> Result<()> {
+        if let (Some(zeroer), Some((start, end))) = (&self.zeroer, zeros) {
+            let zeroed = zeroer.zero(start, end - start)?;
+            self.stats.zeroed_bytes += zeroed.zeroed_bytes;
+            self.stats.written_bytes += zeroed.written_bytes;
+            self.unflushed += zeroed.written_bytes;
+        }
+        Ok(())
     }
 
     /// Starts the GET of `part`, first writing arrived parts while `concurrency` are
@@ -231,14 +266,20 @@ impl Fetch<'_> {
             self.buf.resize(piece.length as usize, 0);
             self.image.read_extent(piece, &mut self.buf)?;
             self.stats.data_bytes += piece.length;
-            let written =
-                write_sparse(self.dest, &self.buf, piece.start.get()).map_err(|source| {
-                    Error::Io {
-                        path: self.dest_name.to_owned(),
-                        action: "writing restored data",
-                        source,
-                    }
-                })?;
+            let offset = piece.start.get();
+            let written = match self.zeroer {
+                // A device that may hold old bytes gets every byte, zero blocks included.
+                Some(_) => self
+                    .dest
+                    .write_all_at(&self.buf, offset)
+                    .map(|()| self.buf.len() as u64),
+                None => write_sparse(self.dest, &self.buf, offset),
+            }
+            .map_err(|source| Error::Io {
+                path: self.dest_name.to_owned(),
+                action: "writing restored data",
+                source,
+            })?;
             self.stats.written_bytes += written;
             self.unflushed += written;
             self.done_bytes += piece.length;

@@ -277,9 +277,8 @@ pub fn open_backup(
 ///
 /// From object storage, the chain's data is fetched by a plan: parallel range GETs of large
 /// parts, each written as it arrives (`TargetOptions::fetch_part_size`, `fetch_concurrency`
-/// and `fetch_gap` tune it; memory: `TargetOptions::fetch_memory_bound`), except onto a block
-/// device whose zero ranges must be zeroed (without `target_is_zero`), which is hydrated in
-/// guest order through the readers' read-ahead.
+/// and `fetch_gap` tune it; memory: `TargetOptions::fetch_memory_bound`), onto a file or a
+/// block device; a device's zero ranges are zeroed (`fallocate`) unless `target_is_zero`.
 pub fn restore_volume(
     target: &Target,
     volume: &VolumeName,
@@ -309,10 +308,12 @@ pub fn restore_volume_with(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
     let device = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_block_device());
-    // From object storage, by a fetch plan (parallel GETs of large parts), wherever zero
-    // ranges need no zeroing: a device that must be zeroed is hydrated in guest order.
-    let planned = (!target.is_folder() && (!device || options.target_is_zero))
-        .then(|| PartStorage::new(target.storage(volume)));
+    // From object storage, by a fetch plan (parallel GETs of large parts), onto files and
+    // devices alike; a device not known to read zeros has its zero ranges zeroed as the plan
+    // walks them. (Hydrated in guest order through the readers' read-ahead instead, as
+    // before, a 320 MiB chain from s3s-fs onto a loop device took 1.60-1.87 s against
+    // 1.18-1.27 s by the plan.)
+    let planned = (!target.is_folder()).then(|| PartStorage::new(target.storage(volume)));
     let chain = match &planned {
         Some(storage) => open_verified_in(target, volume, id, storage)?,
         None => open_verified(target, volume, id)?,
@@ -337,6 +338,7 @@ pub fn restore_volume_with(
             &out,
             &written_name,
             device,
+            device && !options.target_is_zero,
             &mut reached,
         ),
         None => hydrate_with(&chain.image, &out, &written_name, options, &mut reached)

@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 #[path = "../target/tests/common/faulty.rs"]
 mod faulty;
+#[path = "../qcow2/tests/common/loop_device.rs"]
+mod loop_device;
 #[path = "../target/tests/common/moto.rs"]
 mod moto;
 mod strata_bin;
@@ -588,4 +590,89 @@ fn a_deep_chain_opens_in_a_few_round_trips_not_several_per_image() {
              {requests}"
         );
     }
+}
+
+/// Onto a block device that may hold old bytes, a restore from object storage goes by the same
+/// fetch plan as onto a file: every point of a chain with holes, zeroed ranges, compressed and
+/// random clusters reads back exactly, over a device filled with 0xee first, its zero ranges
+/// zeroed by `fallocate` (not written) and its data written whole; with `target_is_zero` the
+/// zero ranges are left alone. Before, such a device was hydrated in guest order through the
+/// readers' read-ahead, which was a third slower from s3s-fs.
+#[test]
+fn a_block_device_restores_from_object_storage_by_the_fetch_plan() {
+    let (store, target) = memory_target();
+    let volume = VolumeName::new("dev").unwrap();
+    let points = three_points(&target, &volume);
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("device.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let Some(device) = loop_device::Loop::attach(&backing) else {
+        return;
+    };
+    let dev = std::path::PathBuf::from(&device.device);
+    // Filled through the device itself, whose page cache would not see writes to the file.
+    let file = std::fs::File::options().write(true).open(&dev).unwrap();
+    let garbage = vec![0xee_u8; 4 << 20];
+    for (manifest, expected) in &points {
+        file.write_all_at(&garbage, 0).unwrap();
+        file.sync_all().unwrap();
+        store.reset(Faults::default());
+        let (_, stats) =
+            strata::restore_volume(&target, &volume, Some(&manifest.id), &dev, &mut |_| {})
+                .unwrap();
+        let restored = std::fs::read(&dev).unwrap();
+        assert!(restored == *expected, "point {}", manifest.id);
+        // By the plan: parts of at most the part size (guest-order hydration reads runs of
+        // up to `max_request` through the cache, or streams).
+        let data = store.data_gets();
+        assert!(
+            !data.is_empty() && data.iter().all(|r| r.end - r.start <= 256 << 10),
+            "{data:?}"
+        );
+        let zero_bytes = expected
+            .chunks(CLUSTER as usize)
+            .filter(|c| c.iter().all(|&b| b == 0))
+            .count() as u64
+            * CLUSTER;
+        assert!(
+            stats.zeroed_bytes >= zero_bytes && stats.zeroed_bytes > 0,
+            "{stats:?}: {zero_bytes} bytes of zero clusters"
+        );
+        assert_eq!(
+            stats.zeroed_bytes + stats.written_bytes,
+            4 << 20,
+            "{stats:?}"
+        );
+    }
+    // A device known to read zeros: its zero ranges are neither zeroed nor written.
+    let (manifest, _) = &points[2];
+    let mut options = strata::qcow2::HydrateOptions::default();
+    options.target_is_zero = true;
+    file.write_all_at(&garbage, 0).unwrap();
+    file.sync_all().unwrap();
+    let (_, stats) = strata::restore_volume_with(
+        &target,
+        &volume,
+        Some(&manifest.id),
+        &dev,
+        &options,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(stats.zeroed_bytes, 0, "{stats:?}");
+    let restored = std::fs::read(&dev).unwrap();
+    let first_hole = points[2]
+        .1
+        .chunks(CLUSTER as usize)
+        .position(|c| c.iter().all(|&b| b == 0))
+        .unwrap();
+    assert!(
+        restored[first_hole * CLUSTER as usize..][..CLUSTER as usize]
+            .iter()
+            .all(|&b| b == 0xee),
+        "a zero range was written although the device reads zeros"
+    );
 }

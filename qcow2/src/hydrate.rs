@@ -110,7 +110,7 @@ pub fn hydrate_with(
         dest,
         dest_name,
         device,
-        zeroing: Mutex::new(Zeroing::PunchHole),
+        zeroer: DeviceZeroer::new(dest, dest_name),
     };
     let zero_ranges = device && !options.target_is_zero;
     let mut stats = HydrateStats::default();
@@ -233,7 +233,7 @@ struct Output<'a> {
     dest: &'a File,
     dest_name: &'a str,
     device: bool,
-    zeroing: Mutex<Zeroing>,
+    zeroer: DeviceZeroer<'a>,
 }
 
 impl Output<'_> {
@@ -252,7 +252,9 @@ impl Output<'_> {
                     written_bytes: 0,
                     zeroed_bytes: 0,
                 };
-                self.zero(range, &mut done)?;
+                let zeroed = self.zeroer.zero(range.start.get(), range.len())?;
+                done.zeroed_bytes = zeroed.zeroed_bytes;
+                done.written_bytes = zeroed.written_bytes;
                 return Ok(done);
             }
         };
@@ -288,11 +290,39 @@ impl Output<'_> {
             .write_all_at(bytes, offset.get())
             .map_err(|e| io_err(self.dest_name, format!("writing at {offset}"), e))
     }
+}
 
-    /// Zeroes `len` bytes of the device at `offset` the cheapest way it accepts (see the
-    /// module docs), remembering what it refused.
-    fn zero(&self, range: GuestRange, done: &mut Done) -> Result<()> {
-        let (offset, len) = (range.start.get(), range.len());
+/// Zeroes ranges of a block device the cheapest way it accepts (see the module docs):
+/// `fallocate` punching a hole, else zeroing the range, else zeros written from one shared
+/// buffer, remembering what the device refused so later ranges go straight to what works.
+#[derive(Debug)]
+pub struct DeviceZeroer<'a> {
+    dest: &'a File,
+    dest_name: &'a str,
+    zeroing: Mutex<Zeroing>,
+}
+
+/// What zeroing a range cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Zeroed {
+    /// Bytes zeroed without data writes (`fallocate`).
+    pub zeroed_bytes: u64,
+    /// Bytes of zeros written, where the device refused `fallocate`.
+    pub written_bytes: u64,
+}
+
+impl<'a> DeviceZeroer<'a> {
+    /// A zeroer of `dest` (named `dest_name` in errors).
+    pub fn new(dest: &'a File, dest_name: &'a str) -> Self {
+        Self {
+            dest,
+            dest_name,
+            zeroing: Mutex::new(Zeroing::PunchHole),
+        }
+    }
+
+    /// Zeroes `len` bytes at `offset`.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<Zeroed> {
         let mut zeroing = self
             .zeroing
             .lock()
@@ -304,8 +334,10 @@ impl Output<'_> {
             };
             match rustix::fs::fallocate(self.dest, mode, offset, len) {
                 Ok(()) => {
-                    done.zeroed_bytes += len;
-                    return Ok(());
+                    return Ok(Zeroed {
+                        zeroed_bytes: len,
+                        written_bytes: 0,
+                    });
                 }
                 // Not offered by this device (or not for this alignment): try the next way.
                 Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV) => {
@@ -321,20 +353,18 @@ impl Output<'_> {
             }
         }
         drop(zeroing);
-        self.write_zeros(offset, len, done)
-    }
-
-    fn write_zeros(&self, mut offset: u64, len: u64, done: &mut Done) -> Result<()> {
-        let end = offset + len;
-        while offset < end {
-            let n = ZEROS.len().min((end - offset) as usize);
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let n = ZEROS.len().min((end - at) as usize);
             self.dest
-                .write_all_at(&ZEROS[..n], offset)
-                .map_err(|e| io_err(self.dest_name, format!("writing zeros at {offset:#x}"), e))?;
-            done.written_bytes += n as u64;
-            offset += n as u64;
+                .write_all_at(&ZEROS[..n], at)
+                .map_err(|e| io_err(self.dest_name, format!("writing zeros at {at:#x}"), e))?;
+            at += n as u64;
         }
-        Ok(())
+        Ok(Zeroed {
+            zeroed_bytes: 0,
+            written_bytes: len,
+        })
     }
 }
 

@@ -114,7 +114,8 @@ pub use check::{CheckFailure, ClusterCheck};
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use hydrate::{
-    HydrateOptions, HydrateStats, hydrate, hydrate_with, hydrate_with_progress, nonzero_spans,
+    DeviceZeroer, HydrateOptions, HydrateStats, Zeroed, hydrate, hydrate_with,
+    hydrate_with_progress, nonzero_spans,
 };
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};
 pub use io::{ImageSink, LocalStorage, ReadAt, Storage};

@@ -6,44 +6,15 @@
 //! it fails (CI runs as root and must run it).
 
 mod common;
+#[path = "common/loop_device.rs"]
+mod loop_device;
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 use common::Scratch;
+use loop_device::Loop;
 use strata_qcow2::{HydrateOptions, Image, hydrate_with};
-
-/// A loop device over a file, detached when dropped.
-struct Loop {
-    device: String,
-}
-
-impl Loop {
-    fn attach(file: &std::path::Path) -> Option<Self> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            if std::env::var_os("CI").is_some() {
-                panic!("losetup failed under CI: {why}");
-            }
-            eprintln!("SKIPPED block-device leg: losetup failed: {why}");
-            return None;
-        }
-        Some(Self {
-            device: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-    }
-}
 
 const SIZE: u64 = 64 << 20;
 
