@@ -34,19 +34,21 @@ use crate::volume::{Error, Result};
 
 /// Writes the virtual disk of `image`, opened through `storage`, into `dest` (a new regular
 /// file, or a block device), by the fetch plan. On a device that may not read zeros
-/// (`zero_device`), the ranges that read as zeros are zeroed as the walk meets them (adjacent
-/// ones at once, by [`DeviceZeroer`]: `fallocate`, written zeros only where refused) and data is
-/// written whole, zero blocks included; elsewhere they are left as they read.
+/// ([`DestKind::Device`] with `zero_ranges`), the ranges that read as zeros are zeroed as the
+/// walk meets them (adjacent ones at once, by [`DeviceZeroer`]: `fallocate`, written zeros only
+/// where refused) and data is written whole, zero blocks included; elsewhere they are left as
+/// they read.
 pub(crate) fn restore_planned(
     storage: &PartStorage,
     image: &Image,
     options: &TargetOptions,
-    dest: &File,
-    dest_name: &str,
-    device: bool,
-    zero_device: bool,
+    (dest, dest_name, kind): (&File, &str, DestKind),
     progress: &mut dyn FnMut(u64),
 ) -> Result<HydrateStats> {
+    let (device, zero_device) = match kind {
+        DestKind::File => (false, false),
+        DestKind::Device { zero_ranges } => (true, zero_ranges),
+    };
     let size = image.virtual_size();
     let io = |action: &'static str| {
         move |source| Error::Io {
@@ -120,6 +122,15 @@ pub(crate) fn restore_planned(
         }
         Ok(stats)
     })
+}
+
+/// What a restore writes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DestKind {
+    /// A new regular file: zeros stay holes.
+    File,
+    /// A block device; `zero_ranges` when it may not read zeros where the volume does.
+    Device { zero_ranges: bool },
 }
 
 /// Guest bytes whose map is resolved at once: the extents of one window are held (at most

@@ -28,7 +28,7 @@ use strata_target::{
     BackupId, BackupManifest, BackupSpec, FileName, PartStorage, SideBody, Target, VolumeName,
 };
 
-use crate::planned_restore::restore_planned;
+use crate::planned_restore::{DestKind, restore_planned};
 use crate::verified::{open_verified, open_verified_in};
 
 /// Side file holding the digest manifest of a backup.
@@ -335,10 +335,16 @@ pub fn restore_volume_with(
             storage,
             &chain.image,
             target.options(),
-            &out,
-            &written_name,
-            device,
-            device && !options.target_is_zero,
+            (
+                &out,
+                &written_name,
+                match device {
+                    true => DestKind::Device {
+                        zero_ranges: !options.target_is_zero,
+                    },
+                    false => DestKind::File,
+                },
+            ),
             &mut reached,
         ),
         None => hydrate_with(&chain.image, &out, &written_name, options, &mut reached)
