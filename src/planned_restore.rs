@@ -181,6 +181,9 @@ impl Fetch<'_> {
         let mut window = 0;
         while window < size {
             let len = WALK_WINDOW.min(size - window);
+            // Every layer's tables for this window are asked for together, so the walk waits
+            // for one round trip a window, not one per layer and table block.
+            image.prefetch_tables(window, len);
             for extent in image.map(window, len)? {
                 if extent.kind.is_zero() {
                     image.check_zero_extent(&extent)?;

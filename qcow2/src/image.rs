@@ -367,6 +367,17 @@ impl Image {
         }
     }
 
+    /// Hints every layer's source to fetch the tables that map guest bytes
+    /// `offset..offset + len` (see [`ReadAt::prefetch`]): from object storage, a walk of a
+    /// chain's window then waits for one round trip, not one per layer.
+    pub fn prefetch_tables(&self, offset: u64, len: u64) {
+        for layer in &self.layers {
+            if let Layer::Qcow2(q) = layer {
+                q.prefetch_tables(offset, len);
+            }
+        }
+    }
+
     /// The extents covering `offset..offset + len` (like `qemu-img map`).
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();

@@ -26,6 +26,12 @@ pub trait ReadAt: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+
+    /// A hint that `len` bytes at `offset` will be read soon: a source with latency (an
+    /// object store) may start fetching them; the default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 impl ReadAt for File {
@@ -77,6 +83,10 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
 
     fn len(&self) -> io::Result<u64> {
         (**self).len()
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        (**self).prefetch(offset, len);
     }
 }
 

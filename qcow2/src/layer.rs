@@ -234,6 +234,43 @@ impl Qcow2Layer {
         Ok(())
     }
 
+    /// Hints the image's source to fetch the L2 tables that map guest bytes
+    /// `offset..offset + len` and are not cached, so a walk that then looks them up in every
+    /// layer of a chain does not wait for each layer's table in turn.
+    pub fn prefetch_tables(&self, offset: u64, len: u64) {
+        let cluster_size = self.header.cluster_size();
+        let reach = self.header.l2_entries() * cluster_size;
+        let (first, end) = (offset / reach, offset.saturating_add(len).div_ceil(reach));
+        let mut tables: Vec<u64> = {
+            let cache = self.lock_cache();
+            self.l1
+                .iter()
+                .take(end as usize)
+                .skip(first as usize)
+                .map(|entry| entry & l2::OFFSET_MASK)
+                .filter(|&table| table != 0 && !cache.contains_key(&table))
+                .collect()
+        };
+        // Adjacent tables (strata's writer puts them side by side) are asked for as one range.
+        tables.sort_unstable();
+        let mut run: Option<(u64, u64)> = None;
+        for table in tables {
+            run = match run {
+                Some((start, end)) if table == end => Some((start, end + cluster_size)),
+                Some((start, end)) if table < end => Some((start, end)),
+                other => {
+                    if let Some((start, end)) = other {
+                        self.file.prefetch(start, end - start);
+                    }
+                    Some((table, table.saturating_add(cluster_size)))
+                }
+            };
+        }
+        if let Some((start, end)) = run {
+            self.file.prefetch(start, end - start);
+        }
+    }
+
     fn l2_table(&self, offset: u64, l1_offset: u64) -> Result<Arc<[u64]>> {
         if let Some(table) = self.lock_cache().get(&offset) {
             return Ok(Arc::clone(table));

@@ -97,7 +97,7 @@ impl ObjectReader {
     /// nor on their way, in the background: reads that need them then wait for them as for any
     /// block in flight. Opening a chain asks for each image's header and table blocks this way,
     /// so the images' first reads do not go to the store one after another.
-    pub(crate) fn prefetch(&self, first: u64, last: u64) {
+    pub(crate) fn prefetch_blocks(&self, first: u64, last: u64) {
         let Some(last_block) = self.len.checked_sub(1).map(|end| end / self.block) else {
             return;
         };
@@ -427,6 +427,15 @@ fn evict(state: &mut State, capacity: usize) {
 }
 
 impl ReadAt for ObjectReader {
+    /// Starts the GETs of the blocks covering `len` bytes at `offset` that are neither cached
+    /// nor on their way ([`prefetch_blocks`](Self::prefetch_blocks)).
+    fn prefetch(&self, offset: u64, len: u64) {
+        if len > 0 {
+            let last = offset.saturating_add(len - 1) / self.block;
+            self.prefetch_blocks(offset / self.block, last);
+        }
+    }
+
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());

@@ -379,10 +379,10 @@ impl VolumeStorage {
             let (len, block) = (reader.object_len(), reader.block_size());
             let cache = block.saturating_mul(reader.cache_blocks() as u64);
             let head = layer.cluster_size.clamp(1, len.max(1));
-            reader.prefetch(0, (head - 1) / block);
+            reader.prefetch_blocks(0, (head - 1) / block);
             let tail = PREOPEN_TAIL.min(cache / 2).min(len);
             if tail > 0 {
-                reader.prefetch((len - tail) / block, (len - 1) / block);
+                reader.prefetch_blocks((len - tail) / block, (len - 1) / block);
             }
         }
         Ok(opened)
