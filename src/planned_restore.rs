@@ -239,6 +239,10 @@ impl Fetch<'_> {
             self.stats.zeroed_bytes += zeroed.zeroed_bytes;
             self.stats.written_bytes += zeroed.written_bytes;
             self.unflushed += zeroed.written_bytes;
+            if self.unflushed >= FLUSH_EVERY {
+                let _ = self.flush.try_send(());
+                self.unflushed = 0;
+            }
         }
         Ok(())
     }

@@ -106,7 +106,9 @@ fn open_verified_with(
     let top = match id {
         Some(id) => {
             let top = target.backup(volume, id)?;
-            listed = target.chain_candidates(volume, &top)?;
+            // Only a speed-up: a store that refuses LIST (GET-only credentials) still restores
+            // by reading each parent in turn.
+            listed = target.chain_candidates(volume, &top).unwrap_or_default();
             top
         }
         None => {
@@ -119,8 +121,6 @@ fn open_verified_with(
         }
     };
     let manifests = manifest_chain(target, top.clone(), &mut listed)?;
-    // The images are opened (`PartStorage::preopen`) while every layer's checksum list is
-    // downloaded, several at once: each is one streaming GET, and none waits for another.
     // The images are opened ahead (`VolumeStorage::open_chain`, `PartStorage::preopen`) while
     // every layer's checksum list is downloaded, several at once: each is one streaming GET,
     // and none waits for another. Opening ahead is only a head start: when it fails (a missing

@@ -312,7 +312,7 @@ pub fn restore_volume_with(
     // devices alike; a device not known to read zeros has its zero ranges zeroed as the plan
     // walks them. (Hydrated in guest order through the readers' read-ahead instead, as
     // before, a 320 MiB chain from s3s-fs onto a loop device took 1.60-1.87 s against
-    // 1.18-1.27 s by the plan.)
+    // 1.34-1.37 s by the plan: docs/target.md.)
     let planned = (!target.is_folder()).then(|| PartStorage::new(target.storage(volume)));
     let chain = match &planned {
         Some(storage) => open_verified_in(target, volume, id, storage)?,

@@ -645,10 +645,12 @@ fn open_qcow2(
     len: u64,
 ) -> Result<Qcow2Layer> {
     // The header, its extensions and the backing file name all lie in the first cluster
-    // (qcow2.rst, "Header" and "Header extensions"): read a page, then the rest of the cluster
-    // its `cluster_bits` give, so a 64 KiB-cluster image on object storage costs a 64 KiB
-    // read, not the largest cluster's 2 MiB. A bad `cluster_bits` is left to `Header::parse`.
-    let mut first = vec![0u8; len.min(4096) as usize];
+    // (qcow2.rst, "Header" and "Header extensions"): read 64 KiB (the default cluster size),
+    // then the rest of the cluster its `cluster_bits` give where it is larger, so an image on
+    // object storage costs one 64 KiB read, not the largest cluster's 2 MiB (and a reader with
+    // read-ahead sees no sequential second read to start a stream on). A bad `cluster_bits`
+    // is left to `Header::parse`.
+    let mut first = vec![0u8; len.min(64 << 10) as usize];
     source
         .read_exact_at(&mut first, 0)
         .map_err(|e| io_err(&name, "reading the header", e))?;

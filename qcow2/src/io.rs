@@ -98,6 +98,10 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     fn len(&self) -> io::Result<u64> {
         (**self).len()
     }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        (**self).prefetch(offset, len);
+    }
 }
 
 fn eof() -> io::Error {

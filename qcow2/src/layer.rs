@@ -248,7 +248,13 @@ impl Qcow2Layer {
                 .take(end as usize)
                 .skip(first as usize)
                 .map(|entry| entry & l2::OFFSET_MASK)
-                .filter(|&table| table != 0 && !cache.contains_key(&table))
+                // Only what `l2_table` would read: aligned, inside the file, not cached.
+                .filter(|&table| {
+                    table != 0
+                        && table % cluster_size == 0
+                        && table.saturating_add(cluster_size) <= self.file_len
+                        && !cache.contains_key(&table)
+                })
                 .collect()
         };
         // Adjacent tables (strata's writer puts them side by side) are asked for as one range.

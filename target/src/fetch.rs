@@ -176,9 +176,9 @@ impl PartStorage {
 
 impl PartStorage {
     /// Opens a chain's images before the QCOW2 reader asks for them. The HEADs go out
-    /// together, and with them, per image, the GETs of its first cluster (the header) and of
+    /// together, then at once, per image, the GETs of its first cluster (the header) and of
     /// its last [`PREOPEN_TAIL`](crate::PREOPEN_TAIL) bytes (where strata's writer puts the L2, L1 and refcount
-    /// tables; at most half the reader's cache). Opened one image at a time, a chain costs
+    /// tables; at most a quarter of the reader's cache). Opened one image at a time, a chain costs
     /// four or five round trips per image, each waiting for the one before: 64 images at
     /// 20 ms a round trip would be six seconds before the first data GET.
     ///

@@ -101,11 +101,17 @@ impl ObjectReader {
         let Some(last_block) = self.len.checked_sub(1).map(|end| end / self.block) else {
             return;
         };
-        let last = last.min(last_block);
-        if first > last {
-            return;
-        }
         if let Ok(mut state) = self.lock() {
+            // A hint never holds more than half the cache in flight: a hostile image's tables
+            // (or a wrong cluster size) cannot make it fetch the whole object at once.
+            let room = (self.inner.options.read_cache_blocks as u64 / 2)
+                .saturating_sub(state.in_flight.len() as u64);
+            let last = last
+                .min(last_block)
+                .min(first.saturating_add(room).saturating_sub(1));
+            if room == 0 || first > last {
+                return;
+            }
             self.request(&mut state, first, last);
         }
     }
@@ -428,7 +434,7 @@ fn evict(state: &mut State, capacity: usize) {
 
 impl ReadAt for ObjectReader {
     /// Starts the GETs of the blocks covering `len` bytes at `offset` that are neither cached
-    /// nor on their way ([`prefetch_blocks`](Self::prefetch_blocks)).
+    /// nor on their way, at most half the cache in flight.
     fn prefetch(&self, offset: u64, len: u64) {
         if len > 0 {
             let last = offset.saturating_add(len - 1) / self.block;

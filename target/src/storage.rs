@@ -254,8 +254,8 @@ impl VolumeStorage {
     }
 
     /// Opens the objects `names` name, as [`open_source`](Self::open_source) opens one but
-    /// without resolving them through manifests (the caller holds those), their HEADs sent in
-    /// parallel: opening a chain of 64 images costs one round trip, not 64.
+    /// without resolving them through manifests (the caller holds those), their HEADs sent
+    /// [`PARALLEL_OPENS`] at a time: a chain of 64 images costs 4 round trips, not 64.
     pub(crate) fn open_objects(&self, names: &[String]) -> Result<Vec<Opened>> {
         if self.target.inner.local_root.is_some() {
             return names.iter().map(|name| self.open_object(name)).collect();
@@ -365,9 +365,10 @@ pub struct Preopen {
 pub const PREOPEN_TAIL: u64 = 2 << 20;
 
 impl VolumeStorage {
-    /// Opens `layers` together: their HEADs in parallel, and with them, per object, the GETs
+    /// Opens `layers` together: their HEADs in parallel, then at once, per object, the GETs
     /// of its first cluster (the header) and of its last [`PREOPEN_TAIL`] bytes (where
-    /// strata's writer puts the L2, L1 and refcount tables; at most half the reader's cache),
+    /// strata's writer puts the L2, L1 and refcount tables; at most a quarter of the reader's
+    /// cache),
     /// which land in the reader's cache. Files of a folder target are just opened.
     pub(crate) fn open_ahead(&self, layers: &[Preopen]) -> Result<Vec<Opened>> {
         let objects: Vec<String> = layers.iter().map(|layer| layer.object.clone()).collect();
@@ -378,9 +379,11 @@ impl VolumeStorage {
             };
             let (len, block) = (reader.object_len(), reader.block_size());
             let cache = block.saturating_mul(reader.cache_blocks() as u64);
-            let head = layer.cluster_size.clamp(1, len.max(1));
+            // The manifest's cluster size, within QCOW2's 512 B to 2 MiB (it is checked against
+            // the image only after the open).
+            let head = layer.cluster_size.clamp(512, 2 << 20).min(len.max(1));
             reader.prefetch_blocks(0, (head - 1) / block);
-            let tail = PREOPEN_TAIL.min(cache / 2).min(len);
+            let tail = PREOPEN_TAIL.min(cache / 4).min(len);
             if tail > 0 {
                 reader.prefetch_blocks((len - tail) / block, (len - 1) / block);
             }

@@ -267,7 +267,7 @@ impl Target {
     }
 
     /// Manifests of the backups of `volume` that the chain from `top` down to its base may
-    /// name, read [`PARALLEL_MANIFESTS`] at a time: from one listing of the volume's manifest
+    /// name, read 32 at a time: from one listing of the volume's manifest
     /// names, newest first by the creation time an id starts with, each batch starting at the
     /// oldest parent the walk has not reached yet, until the walk reaches a base or the
     /// listing runs out. A chain of 64 daily backups costs a LIST and two or three rounds of
@@ -303,6 +303,11 @@ impl Target {
         let mut wanted = Some(first_parent);
         let mut read = 0;
         while let Some(parent) = wanted.take() {
+            // A parent the listing does not hold (missing, or an id whose time sorts after its
+            // child's) is left to the caller's walk.
+            if !older[read..].contains(&parent) {
+                break;
+            }
             let Some(from) = older[read..]
                 .iter()
                 .position(|id| stamp(id) <= stamp(&parent))
