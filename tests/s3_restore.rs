@@ -48,16 +48,15 @@ struct Faults {
     latency: Duration,
 }
 
-/// Metadata reads of the restores here: the header area (an image's first 5 MiB, the
-/// minimum part size of a multipart upload, which its header is sent as; the reader's open
-/// reads the first cluster) and blocks of 32 KiB, at most two of them (an L2 table) at once.
-/// The fetch plan's parts here are longer (all but the compressed clusters' parts, which count
-/// as metadata). The image's tables lie at its end, which no data part reaches: the GET of its
-/// last bytes when a chain is opened ahead is metadata too.
+/// Metadata reads of the restores here: the header (an image's first cluster, 64 KiB) and
+/// blocks of 32 KiB, at most two of them (an L2 table) at once. The fetch plan's parts here are
+/// longer (all but the compressed clusters' parts, which count as metadata). The image's tables
+/// lie at its end, which no data part reaches: the GET of its last bytes when a chain is opened
+/// ahead is metadata too.
 const METADATA_GET: u64 = 32 << 10;
 
 fn is_data(range: &Range<u64>, object_len: u64) -> bool {
-    range.start >= 5 << 20 && range.end - range.start > 2 * METADATA_GET && range.end < object_len
+    range.end - range.start > 2 * METADATA_GET && range.end < object_len
 }
 
 /// Counts the GETs of image objects (their ranges) and the most in flight at once, and

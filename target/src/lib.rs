@@ -141,11 +141,11 @@
 //! # Streaming and memory
 //!
 //! [`ImageUpload`] implements [`strata_qcow2::ImageSink`]: body parts (16 MiB, doubling every
-//! 1,000 parts) are sent in the background, 4 at a time; the header area, handed over last, is
-//! multipart part 1, so [`ImageSink::min_header_len`](strata_qcow2::ImageSink::min_header_len)
-//! asks the writer for at least the store's minimum part size (5 MiB). One upload holds at most
-//! [`TargetOptions::upload_memory_bound`] bytes (80 MiB by default). On a filesystem the image
-//! is written in place with a 1 MiB write buffer.
+//! 1,000 parts) are sent in the background, 4 at a time; the header, handed over last, goes out
+//! as multipart part 1 with the body's first bytes (the store's minimum part size of them, 5
+//! MiB, held back), so the writer keeps its one-cluster header and an image holds no padding.
+//! One upload holds at most [`TargetOptions::upload_memory_bound`] bytes (85 MiB by default).
+//! On a filesystem the image is written in place with a 1 MiB write buffer.
 //!
 //! [`ObjectReader`] implements [`strata_qcow2::ReadAt`] over range GETs: 1 MiB blocks, a
 //! 32-block LRU cache, adjacent misses coalesced into one request (up to 4 MiB, larger windows

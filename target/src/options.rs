@@ -16,8 +16,8 @@ pub struct TargetOptions {
     pub part_size: usize,
     /// Parts of one upload in flight at once. Default 4.
     pub upload_concurrency: usize,
-    /// The store's minimum size of every part but the last; the header area, sent last as part
-    /// 1, is at least this long. Default 5 MiB (S3's rule).
+    /// The store's minimum size of every part but the last; an upload holds back this much of
+    /// the body's start, sent last with the header as part 1. Default 5 MiB (S3's rule).
     pub min_part_size: usize,
     /// Header area reserved at the start of images written to a filesystem target. Default
     /// 2 MiB, a whole number of clusters for every cluster size.
@@ -128,11 +128,13 @@ impl Default for TargetOptions {
 }
 
 impl TargetOptions {
-    /// Upper bound of the memory one image upload holds: the part being filled plus the parts in
-    /// flight (for the first 1,000 parts; the bound doubles with the part size after that).
+    /// Upper bound of the memory one image upload holds: the body's held-back start, the part
+    /// being filled and the parts in flight (for the first 1,000 parts; the bound doubles with
+    /// the part size after that).
     pub fn upload_memory_bound(&self) -> usize {
         self.part_size
             .saturating_mul(self.upload_concurrency.saturating_add(1))
+            .saturating_add(self.min_part_size)
     }
 
     /// Upper bound of the memory one open image's reader holds besides the caller's buffers:

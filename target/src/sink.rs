@@ -1,11 +1,14 @@
 //! [`ImageUpload`]: the [`ImageSink`] the QCOW2 writer streams a backup image into.
 //!
-//! On object stores it is a multipart upload whose part 1 is the header area, sent last:
-//! body parts 2, 3, ... are cut from the appended bytes and sent in the background, at most
+//! On object stores it is a multipart upload whose part 1, sent last, is the header followed by
+//! the body's first bytes (the store's minimum part size of them, 5 MiB on S3, held back in
+//! memory): every part but the last must be that long, and the header is only known at the end.
+//! Body parts 2, 3, ... are cut from the bytes after those and sent in the background, at most
 //! `upload_concurrency` at a time, so memory stays within
-//! [`TargetOptions::upload_memory_bound`](crate::TargetOptions::upload_memory_bound). The header
-//! area must be at least the store's minimum part size (5 MiB on S3), which
-//! [`ImageSink::min_header_len`] tells the writer. On filesystem targets the image is written
+//! [`TargetOptions::upload_memory_bound`](crate::TargetOptions::upload_memory_bound). The writer
+//! needs no header area larger than its own (one cluster): an image is as small as its content.
+//! (Before, the header area itself was padded to the minimum part size, so every image on S3,
+//! however small an incremental, carried 5 MiB of zeros.) On filesystem targets the image is written
 //! in place into a staging file that is renamed to its final name once complete
 //! ([`crate::local_sink`]).
 //!
@@ -78,7 +81,9 @@ impl ImageUpload {
 impl ImageSink for ImageUpload {
     fn min_header_len(&self) -> u64 {
         match &self.kind {
-            Kind::Multipart(sink) => sink.inner.options.min_part_size as u64,
+            // The writer's own one-cluster header: the sink holds back the body's first bytes
+            // to make part 1 long enough.
+            Kind::Multipart(_) => 0,
             Kind::Local(sink) => sink.reserved_header_len(),
         }
     }
@@ -117,6 +122,8 @@ struct MultipartSink {
     path: Path,
     object: String,
     upload: MultipartId,
+    /// The body's first bytes (up to the minimum part size), sent with the header as part 1.
+    head: Vec<u8>,
     /// The body part being filled.
     part: Vec<u8>,
     /// Index of the next body part (0 is the header, sent last).
@@ -158,13 +165,14 @@ impl MultipartSink {
                 .map_err(|err| Error::store("create multipart upload", &p, err))
         })?;
         let (sender, receiver) = mpsc::channel();
-        let part_size = inner.options.part_size;
+        let (part_size, min_part_size) = (inner.options.part_size, inner.options.min_part_size);
         Ok(Self {
             inner,
             store,
             path,
             object,
             upload,
+            head: Vec::with_capacity(min_part_size),
             part: Vec::with_capacity(part_size),
             next_index: 1,
             parts: vec![None],
@@ -197,6 +205,10 @@ impl MultipartSink {
         }
         self.body_crc.update(data);
         self.body_len += data.len() as u64;
+        let held = (self.inner.options.min_part_size - self.head.len()).min(data.len());
+        let (head, rest) = data.split_at(held);
+        self.head.extend_from_slice(head);
+        data = rest;
         while !data.is_empty() {
             let room = self.part_size(self.next_index) - self.part.len();
             let (now, rest) = data.split_at(room.min(data.len()));
@@ -267,12 +279,14 @@ impl MultipartSink {
         if self.closed {
             return Err(self.misuse("finish after the upload finished or failed"));
         }
-        let has_body = self.body_len > 0;
-        if has_body && header.len() < self.inner.options.min_part_size {
+        // Body parts follow only once the held-back head is full, so part 1 (header and head)
+        // is then at least the minimum part size; otherwise it is the only part.
+        let more_parts = self.next_index > 1 || !self.part.is_empty();
+        if more_parts && header.len() + self.head.len() < self.inner.options.min_part_size {
             self.abort();
             return Err(self.misuse(&format!(
-                "header area of {} bytes is below the minimum part size {} (see min_header_len)",
-                header.len(),
+                "first part of {} bytes is below the minimum part size {}",
+                header.len() + self.head.len(),
                 self.inner.options.min_part_size
             )));
         }
@@ -283,7 +297,10 @@ impl MultipartSink {
                 sink.next_index += 1;
                 sink.send(index, last.into())?;
             }
-            sink.send(0, Bytes::copy_from_slice(header))?;
+            let mut first = Vec::with_capacity(header.len() + sink.head.len());
+            first.extend_from_slice(header);
+            first.extend_from_slice(&std::mem::take(&mut sink.head));
+            sink.send(0, first.into())?;
             while sink.in_flight > 0 {
                 sink.wait_one()?;
             }
