@@ -13,10 +13,10 @@
 # `cargo install s3s-fs@0.14.1 --features binary`), or moto with SERVER=moto (moto assembles the
 # whole object for every ranged GET, so every ranged reader pays O(object) per request there).
 #
-# Measured 2026-12-01 (2 cores, load 2.5-5, another tenant's): s3s-fs 320 MiB, runs of 5 and 7
-# pairs: base 0.80 and 0.86, chain 0.62 and 0.64 (limit: 8 parallel curl GETs 308-401 MB/s,
-# 0.75-0.78 of boto3's time); moto 64 MiB, 3 pairs: base 0.54, chain 0.64. Before the chain was
-# opened in parallel (same day, load 1.4-2.3, 3 pairs): s3s-fs base 1.10, chain 1.34.
+# Measured 2026-12-01 (2 cores, load 2-5, another tenant's): s3s-fs 320 MiB, runs of 5, 7, 5, 5
+# pairs: base 0.80, 0.86, 0.79, 0.87, chain 0.62, 0.64, 0.66, 0.62 (limit: 8 parallel curl GETs
+# 257-339 MB/s, 0.63-0.83 of boto3's time); moto 64 MiB, 3 pairs: base 0.54, chain 0.64. Before
+# the chain was opened in parallel (same day, load 1.4-2.3, 3 pairs): s3s-fs base 1.10, chain 1.34.
 #
 #   cargo build --release --features cli --bin strata
 #   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
