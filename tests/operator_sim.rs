@@ -833,17 +833,12 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
 
     let refused = validate_restore_into(&sim, &ctx, "to-prod", "nightly", "prod").await;
     assert_eq!(refused.phase, Some(Phase::Failed), "{refused:?}");
-    let failed = restore_condition(&refused, "Failed");
-    assert_eq!(failed.reason, "NotAuthorized", "{failed:?}");
-    assert!(
-        failed
-            .message
-            .contains("namespace prod: a Restore in namespace shop may write only into shop"),
-        "{}",
-        failed.message
+    assert_refused_untouched(
+        &sim,
+        &refused,
+        "prod",
+        "namespace prod: a Restore in namespace shop may write only into shop",
     );
-    assert!(sim.mock.get("/api/v1/namespaces/prod").is_none());
-    assert_eq!(written_in(&sim, "prod"), Vec::<String>::new());
 
     let mut narrow = context(&sim);
     narrow
@@ -851,17 +846,12 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
         .kinds
         .retain(|k| k.resource != "configmaps");
     let refused = validate_restore_into(&sim, &narrow, "no-configmaps", "nightly", "copy").await;
-    let failed = restore_condition(&refused, "Failed");
-    assert_eq!(failed.reason, "NotAuthorized", "{refused:?}");
-    assert!(
-        failed
-            .message
-            .contains("ConfigMap settings: configmaps is not a kind the restore policy allows"),
-        "{}",
-        failed.message
+    assert_refused_untouched(
+        &sim,
+        &refused,
+        "copy",
+        "ConfigMap settings: configmaps is not a kind the restore policy allows",
     );
-    assert!(sim.mock.get("/api/v1/namespaces/copy").is_none());
-    assert_eq!(written_in(&sim, "copy"), Vec::<String>::new());
 
     let allowed = drive_restore_new(&sim, &ctx, "to-copy", "nightly", "copy").await;
     assert_eq!(allowed["phase"], "Completed", "{allowed}");
@@ -870,6 +860,21 @@ async fn a_restore_the_policy_refuses_fails_before_writing_anything() {
             .get("/api/v1/namespaces/copy/configmaps/settings")
             .is_some()
     );
+}
+
+/// The Restore failed `NotAuthorized` with a message containing `why`, and namespace `ns` was
+/// neither created nor written to.
+fn assert_refused_untouched(
+    sim: &Sim,
+    refused: &strata::operator::crd::RestoreStatus,
+    ns: &str,
+    why: &str,
+) {
+    let failed = restore_condition(refused, "Failed");
+    assert_eq!(failed.reason, "NotAuthorized", "{refused:?}");
+    assert!(failed.message.contains(why), "{}", failed.message);
+    assert!(sim.mock.get(&format!("/api/v1/namespaces/{ns}")).is_none());
+    assert_eq!(written_in(sim, ns), Vec::<String>::new());
 }
 
 /// The paths of every object stored in namespace `ns`.
