@@ -516,9 +516,15 @@ impl ReadAt for ObjectReader {
             if still.is_empty() {
                 return Ok(());
             }
-            // Evicted before this read got to it: ask again.
+            // Evicted before this read got to it, or beyond where the stream will go: ask
+            // again. The stream delivers only within the read-ahead window of the readers'
+            // position, and another read may have moved that position back and started a new
+            // stream there: waiting on it for a block past its window would wait forever.
+            let reach = state.last_end / self.block + max_window;
             for &index in &still {
-                let streamed = state.stream.is_some_and(|next| index >= next);
+                let streamed = state
+                    .stream
+                    .is_some_and(|next| index >= next && index <= reach);
                 if !state.in_flight.contains(&index) && !streamed {
                     self.request(&mut state, index, index);
                 }

@@ -213,3 +213,51 @@ fn a_failed_application_commit_is_invisible_and_collected() -> TestResult {
     assert_eq!(&target.read_app_archive(&app, &id)?[..], b"yaml");
     Ok(())
 }
+
+/// Readers racing over one image: a read waiting for a block that the sequential stream was
+/// to bring asks for the block itself when another read moves the readers' position back and
+/// starts a new stream there. It used to wait for the new stream, which never goes past its
+/// read-ahead window of the new position: the read, and the restore or serve behind it, hung
+/// for good (one run in about 25 of the conformance suite's concurrent readers on moto, on a
+/// loaded machine). Every GET here takes 300 ms, which orders the reads.
+#[test]
+fn a_read_left_behind_by_a_restarted_stream_fetches_its_block() -> TestResult {
+    const BLOCK: u64 = 64 << 10;
+    let v = volume("data");
+    let (store, target) = target(3)?;
+    let (base, bytes) = common::backup(&target, &v, None, 5, 4 << 20)?;
+    let image = target.open_image(&v, &base.id)?;
+    store.set_plan(Plan {
+        get_delay: Duration::from_millis(300),
+        ..Plan::default()
+    });
+    let read = |image: &Arc<dyn strata_qcow2::ReadAt>, block: u64| {
+        let mut buf = vec![0u8; 1000];
+        image.read_exact_at(&mut buf, block * BLOCK).map(|()| buf)
+    };
+    let expected = |block: u64| bytes[(block * BLOCK) as usize..][..1000].to_vec();
+    let in_background = |block: u64| {
+        let (image, (tx, rx)) = (Arc::clone(&image), std::sync::mpsc::channel());
+        std::thread::spawn(move || tx.send(read(&image, block)));
+        rx
+    };
+    // Block 40, then block 41 right after it: the second read starts a stream there and
+    // waits for it.
+    assert_eq!(read(&image, 40)?, expected(40));
+    let left_behind = in_background(41);
+    std::thread::sleep(Duration::from_millis(100));
+    // While that stream's first GET is on its way: a read far back (random access, so the
+    // stream stops), then the next block (sequential: a new stream from there).
+    let far_back = in_background(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(read(&image, 3)?, expected(3));
+    assert_eq!(
+        far_back.recv_timeout(Duration::from_secs(10))??,
+        expected(2)
+    );
+    match left_behind.recv_timeout(Duration::from_secs(10)) {
+        Ok(got) => assert_eq!(got?, expected(41)),
+        Err(_) => panic!("the read of block 41 still waits for a stream that never comes"),
+    }
+    Ok(())
+}

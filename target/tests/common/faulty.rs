@@ -26,6 +26,8 @@ pub struct Plan {
     pub fail_part: Option<(usize, usize)>,
     /// How many ranged reads come back one byte short.
     pub short_reads: usize,
+    /// How long every GET waits before it is answered: a store across a slow network.
+    pub get_delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,14 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         self.count("get")?;
+        let delay = self
+            .plan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let ranged = options.range.is_some();
         let result = self.inner.get_opts(location, options).await?;
         if !ranged || !self.short_read() {
