@@ -29,7 +29,7 @@ use strata_qcow2::{ReadAt, Storage};
 
 use crate::error::{Error, Result};
 use crate::reader::ObjectReader;
-use crate::storage::{Opened, Preopen, VolumeStorage};
+use crate::storage::{OpenAhead, Opened, Preopen, VolumeStorage};
 
 /// A range of one source to fetch with one GET, and what needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +122,8 @@ impl<T> FetchPlanner<T> {
 pub struct PartStorage {
     storage: VolumeStorage,
     readers: Mutex<HashMap<String, Arc<ObjectReader>>>,
+    /// The images [`preopen`](Self::preopen) fetches ahead as the ones before them are opened.
+    ahead: Mutex<OpenAhead>,
     next_id: AtomicU64,
 }
 
@@ -131,6 +133,7 @@ impl PartStorage {
         Self {
             storage,
             readers: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(OpenAhead::default()),
             next_id: AtomicU64::new(0),
         }
     }
@@ -176,25 +179,32 @@ impl PartStorage {
 
 impl PartStorage {
     /// Opens a chain's images before the QCOW2 reader asks for them. The HEADs go out
-    /// together, then at once, per image, the GETs of its first cluster (the header) and of
-    /// its last [`PREOPEN_TAIL`](crate::PREOPEN_TAIL) bytes (where strata's writer puts the L2, L1 and refcount
-    /// tables; at most a quarter of the reader's cache). Opened one image at a time, a chain costs
+    /// together, then, per image, the GETs of its first cluster (the header) and of its last
+    /// [`PREOPEN_TAIL`](crate::PREOPEN_TAIL) bytes (where strata's writer puts the L2, L1 and
+    /// refcount tables; at most a quarter of the reader's share of the cache): at once for as
+    /// many images as half the cache's budget holds, the others as the ones before them are
+    /// opened. Opened one image at a time, a chain costs
     /// four or five round trips per image, each waiting for the one before: 64 images at
     /// 20 ms a round trip would be six seconds before the first data GET.
     ///
     /// A name later opened that is not among `layers` is opened as [`Storage::open`] always
     /// does; on a folder target this does nothing.
     pub fn preopen(&self, layers: &[Preopen]) -> Result<()> {
-        let opened = self.storage.open_ahead(layers)?;
+        // Only metadata is read through the cache: no read-ahead, no streams.
+        let (opened, ahead) = self
+            .storage
+            .open_ahead(layers, ObjectReader::without_read_ahead)?;
         let mut readers = self.readers.lock().map_err(|_| Error::Runtime {
             operation: "open images",
         })?;
         for (layer, opened) in layers.iter().zip(opened) {
             if let Opened::Object(reader) = opened {
-                // Only metadata is read through the cache: no read-ahead, no streams.
-                readers.insert(layer.name.clone(), Arc::new(reader.without_read_ahead()));
+                readers.insert(layer.name.clone(), reader);
             }
         }
+        *self.ahead.lock().map_err(|_| Error::Runtime {
+            operation: "open images",
+        })? = ahead;
         Ok(())
     }
 }
@@ -206,6 +216,9 @@ impl Storage for PartStorage {
                 .lock()
                 .map_err(|_| io::Error::other("part storage lock poisoned"))
         };
+        if let Ok(ahead) = self.ahead.lock() {
+            ahead.opened(path);
+        }
         if let Some(reader) = readers()?.get(path) {
             return Ok(Arc::clone(reader) as Arc<dyn ReadAt>);
         }

@@ -147,11 +147,14 @@
 //! One upload holds at most [`TargetOptions::upload_memory_bound`] bytes (85 MiB by default).
 //! On a filesystem the image is written in place with a 1 MiB write buffer.
 //!
-//! [`ObjectReader`] implements [`strata_qcow2::ReadAt`] over range GETs: 1 MiB blocks, a
-//! 32-block LRU cache, adjacent misses coalesced into one request (up to 4 MiB, larger windows
-//! fetched in parallel), and a read-ahead window doubling to 16 MiB on sequential reads: at
-//! most [`TargetOptions::read_memory_bound`] bytes (48 MiB by default) per open image besides
-//! the caller's buffers. [`VolumeStorage`] implements [`strata_qcow2::Storage`], so the QCOW2
+//! [`ObjectReader`] implements [`strata_qcow2::ReadAt`] over range GETs: 1 MiB blocks (64 KiB
+//! for a planned restore's metadata readers), adjacent misses coalesced into one request (up to
+//! 4 MiB, larger windows fetched in parallel), and a read-ahead window doubling to 16 MiB on
+//! sequential reads. Blocks land in one LRU cache that all the target's readers share: at most
+//! [`TargetOptions::read_cache_budget`] bytes (64 MiB by default) over every open image, an
+//! image holding at most 32 MiB of it, so a 64-deep chain holds no more than one image would
+//! let it; at most [`TargetOptions::read_memory_bound`] bytes (48 MiB by default) per open
+//! image besides the caller's buffers. [`VolumeStorage`] implements [`strata_qcow2::Storage`], so the QCOW2
 //! reader opens a chain straight from the target and follows its relative backing names; on a
 //! filesystem target it opens the files themselves.
 //!
@@ -196,6 +199,7 @@
 //! - `gcs`: `gs://` targets. `azure`: `az://` targets.
 
 mod apps;
+mod cache;
 mod delete;
 mod error;
 mod failpoint;

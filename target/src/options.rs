@@ -24,8 +24,14 @@ pub struct TargetOptions {
     pub local_header_len: usize,
     /// Granule of range reads and of the read cache. Default 1 MiB.
     pub read_block_size: usize,
-    /// Blocks the read cache of one open image keeps. Default 32.
+    /// Blocks the read cache keeps of one open image at most. Default 32.
     pub read_cache_blocks: usize,
+    /// Bytes the read cache keeps over every open image of the target together, the least
+    /// recently used block of any image leaving first. Default 64 MiB: a chain opens one
+    /// reader per image and fetches each image's header and tables ahead (about 3 MiB an
+    /// image of a 64 KiB-cluster volume), so without this bound the cache grew with the
+    /// chain's depth (a 64-deep restore held some 260 MiB of it).
+    pub read_cache_budget: usize,
     /// Largest read-ahead window on sequential reads. Default 16 MiB.
     pub max_readahead: usize,
     /// Largest single range GET; bigger windows are fetched as several requests in parallel.
@@ -113,6 +119,7 @@ impl Default for TargetOptions {
             local_header_len: 2 * MIB,
             read_block_size: MIB,
             read_cache_blocks: 32,
+            read_cache_budget: 64 * MIB,
             max_readahead: 16 * MIB,
             max_request: 4 * MIB,
             fetch_part_size: 8 * MIB,
@@ -138,10 +145,15 @@ impl TargetOptions {
     }
 
     /// Upper bound of the memory one open image's reader holds besides the caller's buffers:
-    /// its cache plus a full read-ahead window in flight.
+    /// its share of the cache plus a full read-ahead window in flight. Over all the target's
+    /// readers, the cache holds at most [`read_cache_budget`](Self::read_cache_budget).
     pub fn read_memory_bound(&self) -> usize {
         self.read_block_size
             .saturating_mul(self.read_cache_blocks)
+            .min(
+                self.read_cache_budget
+                    .max(self.read_block_size.saturating_mul(2)),
+            )
             .saturating_add(self.max_readahead)
     }
 
@@ -158,6 +170,9 @@ impl TargetOptions {
         self.upload_concurrency = self.upload_concurrency.max(1);
         self.read_block_size = self.read_block_size.max(4096);
         self.read_cache_blocks = self.read_cache_blocks.max(2);
+        self.read_cache_budget = self
+            .read_cache_budget
+            .max(self.read_block_size.saturating_mul(2));
         self.max_readahead = self.max_readahead.max(self.read_block_size);
         self.max_request = self.max_request.max(self.read_block_size);
         self.io_threads = self.io_threads.max(1);

@@ -8,9 +8,10 @@
 //! When a read starts where the previous one ended, the blocks after it are requested too, in
 //! a window that doubles up to `max_readahead`; after a few sequential reads one streaming GET
 //! to the end of the object replaces the range GETs (one request instead of thousands, paced to
-//! stay within `max_readahead` of the reader, stopped on the next random read). Blocks land in a cache of `read_cache_blocks`
-//! blocks that evicts the least recently used; a reader copies each block it needs as soon as
-//! it lands, so eviction never loses data. A short or failed GET is retried; a block that keeps
+//! stay within `max_readahead` of the reader, stopped on the next random read). Blocks land in
+//! the target's [`BlockCache`], shared by all its readers within `read_cache_budget` bytes, each
+//! reader holding at most `read_cache_blocks` of them, the least recently used evicted first;
+//! a block evicted before a read got to it is fetched again. A short or failed GET is retried; a block that keeps
 //! failing fails the reads that need it, and is fetched afresh by the next read.
 //!
 //! A planned restore ([`crate::PartStorage`]) fetches large parts of the object itself and
@@ -27,6 +28,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use strata_qcow2::ReadAt;
 
+use crate::cache::{BlockCache, ReaderId};
 use crate::error::Error;
 use crate::target::Inner;
 
@@ -39,6 +41,10 @@ pub struct ObjectReader {
     path: Path,
     len: u64,
     block: u64,
+    /// This reader's key in the target's cache.
+    id: ReaderId,
+    /// Blocks of the cache this reader may hold: `read_cache_blocks` of the target's block size.
+    share: usize,
     state: Arc<Shared>,
     /// Parts fetched for a planned restore, by (start, serial), while their holders keep them.
     pinned: Mutex<Pinned>,
@@ -61,10 +67,10 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    cache: HashMap<u64, (Bytes, u64)>,
     in_flight: HashSet<u64>,
     failed: HashMap<u64, String>,
-    tick: u64,
+    /// The reader is dropped: what lands now is not cached.
+    closed: bool,
     last_end: u64,
     window: u64,
     /// The next block the sequential stream delivers, while one runs.
@@ -76,20 +82,30 @@ struct State {
 impl ObjectReader {
     pub(crate) fn new(inner: Arc<Inner>, path: Path, len: u64) -> Self {
         let block = inner.options.read_block_size as u64;
+        let id = inner.cache.register();
+        let share = inner.options.read_cache_blocks;
         Self {
             inner,
             path,
             len,
             block,
+            id,
+            share,
             state: Arc::new(Shared::default()),
             pinned: Mutex::new(Pinned::default()),
             read_ahead: true,
         }
     }
 
-    /// The reader with read-ahead off: every read fetches just the blocks it covers.
+    /// The reader with read-ahead off, for metadata only: every read fetches just the blocks
+    /// it covers, blocks of at most [`METADATA_BLOCK`] bytes (a header or an L2 table is one
+    /// cluster; a 1 MiB block would fetch and cache 16 times what a 64 KiB one needs), its
+    /// share of the cache the same in bytes.
     pub(crate) fn without_read_ahead(mut self) -> Self {
+        let bytes = self.block as usize * self.share;
         self.read_ahead = false;
+        self.block = self.block.min(METADATA_BLOCK);
+        self.share = (bytes / self.block as usize).max(2);
         self
     }
 
@@ -102,10 +118,13 @@ impl ObjectReader {
             return;
         };
         if let Ok(mut state) = self.lock() {
-            // A hint never holds more than half the cache in flight: a hostile image's tables
-            // (or a wrong cluster size) cannot make it fetch the whole object at once.
-            let room = (self.inner.options.read_cache_blocks as u64 / 2)
-                .saturating_sub(state.in_flight.len() as u64);
+            // A hint never holds more than half the reader's share of the cache in flight, nor
+            // (over all readers) half the budget: a hostile image's tables (or a wrong cluster
+            // size) cannot make it fetch the whole object at once, and what hints fetch lands
+            // before the cache must evict it.
+            let room = (self.share as u64 / 2)
+                .saturating_sub(state.in_flight.len() as u64)
+                .min(self.inner.cache.hint_room(self.block as usize) as u64);
             let last = last
                 .min(last_block)
                 .min(first.saturating_add(room).saturating_sub(1));
@@ -121,9 +140,9 @@ impl ObjectReader {
         self.len
     }
 
-    /// How many blocks the cache holds.
+    /// How many blocks of the cache this reader may hold.
     pub(crate) fn cache_blocks(&self) -> usize {
-        self.inner.options.read_cache_blocks
+        self.share
     }
 
     /// The cache's block size in bytes.
@@ -207,35 +226,42 @@ impl ObjectReader {
         let max_run = (self.inner.options.max_request as u64 / self.block).max(1);
         let mut block = first;
         while block <= last {
-            if state.cache.contains_key(&block) || state.in_flight.contains(&block) {
+            if state.in_flight.contains(&block) || self.cached(block) {
                 block += 1;
                 continue;
             }
             let start = block;
             while block <= last
                 && block - start < max_run
-                && !state.cache.contains_key(&block)
                 && !state.in_flight.contains(&block)
+                && !self.cached(block)
             {
                 state.in_flight.insert(block);
                 state.failed.remove(&block);
                 block += 1;
             }
+            self.inner.cache.requested((block - start) as usize);
             self.fetch(start, block);
         }
+    }
+
+    fn cached(&self, index: u64) -> bool {
+        self.inner.cache.contains(self.id, index)
     }
 
     /// Fetches blocks `first..end` in the background.
     fn fetch(&self, first: u64, end: u64) {
         let range = first * self.block..(end * self.block).min(self.len);
-        let (store, path, retry, shared, block) = (
+        let (store, path, retry, shared, block, cache, id) = (
             self.inner.store.clone(),
             self.path.clone(),
             self.inner.options.retry,
             self.state.clone(),
             self.block,
+            self.inner.cache.clone(),
+            self.id,
         );
-        let cache_blocks = self.inner.options.read_cache_blocks;
+        let share = self.share;
         self.inner.runtime.handle().spawn(async move {
             let result = retry.run(|| get_exact(&*store, &path, range.clone())).await;
             let Ok(mut state) = shared.state.lock() else {
@@ -246,19 +272,26 @@ impl ObjectReader {
                     for (i, index) in (first..end).enumerate() {
                         let from = (i as u64 * block) as usize;
                         let to = (from + block as usize).min(bytes.len());
-                        state.tick += 1;
-                        let tick = state.tick;
-                        state.in_flight.remove(&index);
-                        state
-                            .cache
-                            .insert(index, (bytes.slice(from.min(to)..to), tick));
+                        if state.in_flight.remove(&index) {
+                            cache.landed(1);
+                        }
+                        if !state.closed {
+                            // A block of its own: a slice would keep the whole response alive
+                            // after the cache evicted the block, and the budget would not hold.
+                            let block = match end - first {
+                                1 => bytes.clone(),
+                                _ => Bytes::copy_from_slice(&bytes[from.min(to)..to]),
+                            };
+                            cache.insert(id, index, block, share);
+                        }
                     }
-                    evict(&mut state, cache_blocks);
                 }
                 Err(err) => {
                     let message = with_causes(&Error::store("read", &path, err));
                     for index in first..end {
-                        state.in_flight.remove(&index);
+                        if state.in_flight.remove(&index) {
+                            cache.landed(1);
+                        }
                         state.failed.insert(index, message.clone());
                     }
                 }
@@ -267,6 +300,9 @@ impl ObjectReader {
         });
     }
 }
+
+/// The largest block of a metadata reader ([`ObjectReader::without_read_ahead`]).
+const METADATA_BLOCK: u64 = 64 << 10;
 
 /// Sequential reads in a row (as a read-ahead window in blocks) before a stream replaces range
 /// GETs.
@@ -287,7 +323,9 @@ impl ObjectReader {
             block: self.block,
             len: self.len,
             max_window: (self.inner.options.max_readahead as u64 / self.block).max(1),
-            cache_blocks: self.inner.options.read_cache_blocks,
+            cache: self.inner.cache.clone(),
+            id: self.id,
+            share: self.share,
         };
         self.inner.runtime.handle().spawn(async move {
             // A failed stream just ends; readers waiting on its blocks fall back to range GETs.
@@ -311,7 +349,9 @@ struct Stream {
     block: u64,
     len: u64,
     max_window: u64,
-    cache_blocks: usize,
+    cache: Arc<BlockCache>,
+    id: ReaderId,
+    share: usize,
 }
 
 impl Stream {
@@ -352,21 +392,21 @@ impl Stream {
                     }
                 }
             }
-            let bytes = pending.split_to(want).freeze();
+            // A block of its own, not a view of the stream's buffer (see `fetch`).
+            let bytes = Bytes::copy_from_slice(&pending.split_to(want));
             {
                 let Ok(mut state) = self.shared.state.lock() else {
                     return Ok(());
                 };
-                if state.generation != self.generation {
+                if state.generation != self.generation || state.closed {
                     return Ok(());
                 }
-                state.tick += 1;
-                let tick = state.tick;
-                state.in_flight.remove(&index);
+                if state.in_flight.remove(&index) {
+                    self.cache.landed(1);
+                }
                 state.failed.remove(&index);
-                state.cache.insert(index, (bytes, tick));
+                self.cache.insert(self.id, index, bytes, self.share);
                 state.stream = Some(index + 1);
-                evict(&mut state, self.cache_blocks);
             }
             self.shared.landed.notify_all();
             index += 1;
@@ -380,7 +420,9 @@ impl Drop for ObjectReader {
         if let Ok(mut state) = self.state.state.lock() {
             state.generation += 1;
             state.stream = None;
+            state.closed = true;
         }
+        self.inner.cache.forget(self.id);
     }
 }
 
@@ -416,20 +458,6 @@ fn with_causes(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
-}
-
-fn evict(state: &mut State, capacity: usize) {
-    while state.cache.len() > capacity {
-        let oldest = state
-            .cache
-            .iter()
-            .min_by_key(|(_, (_, tick))| *tick)
-            .map(|(k, _)| *k);
-        match oldest {
-            Some(key) => state.cache.remove(&key),
-            None => break,
-        };
-    }
 }
 
 impl ReadAt for ObjectReader {
@@ -480,8 +508,8 @@ impl ReadAt for ObjectReader {
         if state.window >= STREAM_AFTER {
             let here = matches!(state.stream, Some(next) if next >= first && next <= ahead + 1);
             if !here {
-                let start = (first..=ahead)
-                    .find(|b| !state.cache.contains_key(b) && !state.in_flight.contains(b));
+                let start =
+                    (first..=ahead).find(|&b| !state.in_flight.contains(&b) && !self.cached(b));
                 if let Some(start) = start {
                     self.start_stream(&mut state, start);
                 }
@@ -502,17 +530,14 @@ impl ReadAt for ObjectReader {
         loop {
             let mut still = Vec::new();
             for index in pending {
-                let next_tick = state.tick + 1;
-                if let Some((bytes, tick)) = state.cache.get_mut(&index) {
-                    state_copy(buf, offset, index * self.block, bytes);
-                    *tick = next_tick;
+                if let Some(bytes) = self.inner.cache.get(self.id, index) {
+                    state_copy(buf, offset, index * self.block, &bytes);
                 } else if let Some(message) = state.failed.remove(&index) {
                     return Err(io::Error::other(message));
                 } else {
                     still.push(index);
                 }
             }
-            state.tick += 1;
             if still.is_empty() {
                 return Ok(());
             }

@@ -365,30 +365,38 @@ pub struct Preopen {
 pub const PREOPEN_TAIL: u64 = 2 << 20;
 
 impl VolumeStorage {
-    /// Opens `layers` together: their HEADs in parallel, then at once, per object, the GETs
-    /// of its first cluster (the header) and of its last [`PREOPEN_TAIL`] bytes (where
-    /// strata's writer puts the L2, L1 and refcount tables; at most a quarter of the reader's
-    /// cache),
-    /// which land in the reader's cache. Files of a folder target are just opened.
-    pub(crate) fn open_ahead(&self, layers: &[Preopen]) -> Result<Vec<Opened>> {
+    /// Opens `layers` together: their HEADs in parallel, then the GETs of each object's first
+    /// cluster (the header) and of its last [`PREOPEN_TAIL`] bytes (where strata's writer puts
+    /// the L2, L1 and refcount tables; at most a quarter of the reader's share of the cache),
+    /// which land in the cache: at once for as many images as half the target's cache budget
+    /// holds, the others as the ones before them are opened ([`OpenAhead`]). Files of a folder
+    /// target are just opened.
+    pub(crate) fn open_ahead(
+        &self,
+        layers: &[Preopen],
+        wrap: impl Fn(ObjectReader) -> ObjectReader,
+    ) -> Result<(Vec<Opened<Arc<ObjectReader>>>, OpenAhead)> {
         let objects: Vec<String> = layers.iter().map(|layer| layer.object.clone()).collect();
-        let opened = self.open_objects(&objects)?;
-        for (layer, opened) in layers.iter().zip(&opened) {
-            let Opened::Object(reader) = opened else {
-                continue;
-            };
-            let (len, block) = (reader.object_len(), reader.block_size());
-            let cache = block.saturating_mul(reader.cache_blocks() as u64);
-            // The manifest's cluster size, within QCOW2's 512 B to 2 MiB (it is checked against
-            // the image only after the open).
-            let head = layer.cluster_size.clamp(512, 2 << 20).min(len.max(1));
-            reader.prefetch_blocks(0, (head - 1) / block);
-            let tail = PREOPEN_TAIL.min(cache / 4).min(len);
-            if tail > 0 {
-                reader.prefetch_blocks((len - tail) / block, (len - 1) / block);
+        let mut opened = Vec::with_capacity(layers.len());
+        let mut waiting = std::collections::VecDeque::new();
+        for (layer, object) in layers.iter().zip(self.open_objects(&objects)?) {
+            match object {
+                Opened::File(file) => opened.push(Opened::File(file)),
+                Opened::Object(reader) => {
+                    let reader = Arc::new(wrap(reader));
+                    let blocks = ahead_blocks(layer, &reader);
+                    waiting.push_back(Waiting {
+                        name: layer.name.clone(),
+                        reader: Arc::clone(&reader),
+                        blocks,
+                    });
+                    opened.push(Opened::Object(reader));
+                }
             }
         }
-        Ok(opened)
+        let options = &self.target.inner.options;
+        let room = (options.read_cache_budget / options.read_block_size / 2).max(1) as u64;
+        Ok((opened, OpenAhead::new(waiting, room)))
     }
 
     /// The [`Storage`] of one chain, its images opened ahead ([`Preopen`]): the QCOW2 reader's
@@ -397,25 +405,120 @@ impl VolumeStorage {
     /// take six seconds). When opening ahead fails (a missing image, say), nothing is kept, and
     /// the reader's own open meets the failure and reports it as [`Storage::open`] does.
     pub fn open_chain(&self, layers: &[Preopen]) -> ChainStorage {
-        let opened = self
-            .open_ahead(layers)
-            .map(|opened| {
-                layers
+        let (opened, ahead) = match self.open_ahead(layers, |reader| reader) {
+            Ok((opened, ahead)) => {
+                let opened = layers
                     .iter()
                     .zip(opened)
                     .map(|(layer, opened)| {
                         let reader: Arc<dyn ReadAt> = match opened {
                             Opened::File(file) => Arc::new(file),
-                            Opened::Object(reader) => Arc::new(reader),
+                            Opened::Object(reader) => reader,
                         };
                         (layer.name.clone(), reader)
                     })
-                    .collect()
-            })
-            .unwrap_or_default();
+                    .collect();
+                (opened, ahead)
+            }
+            Err(_) => Default::default(),
+        };
         ChainStorage {
             storage: self.clone(),
             opened: std::sync::Mutex::new(opened),
+            ahead,
+        }
+    }
+}
+
+/// The block ranges of `reader` that opening `layer` ahead fetches: its header, and its tail.
+fn ahead_blocks(layer: &Preopen, reader: &ObjectReader) -> Vec<(u64, u64)> {
+    let (len, block) = (reader.object_len(), reader.block_size());
+    let share = block.saturating_mul(reader.cache_blocks() as u64);
+    // The manifest's cluster size, within QCOW2's 512 B to 2 MiB (it is checked against the
+    // image only after the open).
+    let head = layer.cluster_size.clamp(512, 2 << 20).min(len.max(1));
+    let mut blocks = vec![(0, (head - 1) / block)];
+    let tail = PREOPEN_TAIL.min(share / 4).min(len);
+    if tail > 0 {
+        blocks.push(((len - tail) / block, (len - 1) / block));
+    }
+    blocks
+}
+
+/// The images of a chain still to be fetched ahead, and those fetched but not yet opened.
+/// Opening ahead fetches each image's header and tables into the target's cache before the
+/// QCOW2 reader asks for them; a deep chain's would not all fit the cache's budget, and what
+/// was fetched first would be evicted before its open. So images are fetched ahead while the
+/// blocks of those not yet opened stay within `room` (half the budget), and each open lets the
+/// next ones go.
+#[derive(Debug, Default)]
+pub(crate) struct OpenAhead {
+    state: std::sync::Mutex<AheadState>,
+    room: u64,
+}
+
+/// An image to fetch ahead: the name it will be opened by, its reader, the block ranges.
+#[derive(Debug)]
+struct Waiting {
+    name: String,
+    reader: Arc<ObjectReader>,
+    blocks: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct AheadState {
+    /// Images whose blocks are not requested yet, in the order the reader opens them.
+    waiting: std::collections::VecDeque<Waiting>,
+    /// Images whose blocks are requested and which are not opened yet, with their block counts.
+    fetched: Vec<(String, u64)>,
+}
+
+impl OpenAhead {
+    fn new(waiting: std::collections::VecDeque<Waiting>, room: u64) -> Self {
+        let ahead = Self {
+            state: std::sync::Mutex::new(AheadState {
+                waiting,
+                fetched: Vec::new(),
+            }),
+            room,
+        };
+        ahead.fill(None);
+        ahead
+    }
+
+    /// `name` is being opened: the images after it may be fetched ahead.
+    pub(crate) fn opened(&self, name: &str) {
+        self.fill(Some(name));
+    }
+
+    fn fill(&self, opened: Option<&str>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(name) = opened {
+            state.fetched.retain(|(fetched, _)| fetched != name);
+            // Opened before its turn (the reader asked for a later image first): it fetches
+            // its own blocks as it reads them.
+            state.waiting.retain(|waiting| waiting.name != name);
+        }
+        loop {
+            let held: u64 = state.fetched.iter().map(|(_, blocks)| blocks).sum();
+            let Some(next) = state.waiting.front() else {
+                break;
+            };
+            let blocks: u64 = next
+                .blocks
+                .iter()
+                .map(|(first, last)| last - first + 1)
+                .sum();
+            if !state.fetched.is_empty() && held + blocks > self.room {
+                break;
+            }
+            let Some(next) = state.waiting.pop_front() else {
+                break;
+            };
+            for (first, last) in next.blocks {
+                next.reader.prefetch_blocks(first, last);
+            }
+            state.fetched.push((next.name, blocks));
         }
     }
 }
@@ -426,6 +529,7 @@ impl VolumeStorage {
 pub struct ChainStorage {
     storage: VolumeStorage,
     opened: std::sync::Mutex<std::collections::HashMap<String, Arc<dyn ReadAt>>>,
+    ahead: OpenAhead,
 }
 
 impl std::fmt::Debug for ChainStorage {
@@ -443,6 +547,7 @@ impl Storage for ChainStorage {
             .lock()
             .map_err(|_| io::Error::other("chain storage lock poisoned"))?
             .remove(path);
+        self.ahead.opened(path);
         match ahead {
             Some(reader) => Ok(reader),
             None => self.storage.open(path),
@@ -451,9 +556,9 @@ impl Storage for ChainStorage {
 }
 
 /// An opened image: a file of a folder target, or an object.
-pub(crate) enum Opened {
+pub(crate) enum Opened<R = ObjectReader> {
     File(std::fs::File),
-    Object(ObjectReader),
+    Object(R),
 }
 
 impl Storage for VolumeStorage {

@@ -12,6 +12,7 @@ use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::layout::{FORMAT_NAME, FORMAT_VERSION, Layout};
 use crate::manifest::{BackupManifest, RepositoryMarker, from_json, to_json};
@@ -38,6 +39,8 @@ pub(crate) struct Inner {
     pub(crate) local_root: Option<PathBuf>,
     pub(crate) layout: Layout,
     pub(crate) options: TargetOptions,
+    /// The blocks every reader of the target holds, within `options.read_cache_budget`.
+    pub(crate) cache: Arc<BlockCache>,
     pub(crate) url: String,
     // Last, so it shuts down after everything that may hold tasks on it.
     pub(crate) runtime: IoRuntime,
@@ -74,6 +77,7 @@ impl Target {
 
     /// Like [`open`](Self::open), with explicit options.
     pub fn open_with(url: &str, options: TargetOptions) -> Result<Self> {
+        let options = options.sanitized();
         let parsed = crate::url::parse(url, &options.store_config)?;
         let runtime = IoRuntime::new(options.io_threads)?;
         let target = Target {
@@ -82,7 +86,8 @@ impl Target {
                 multipart: parsed.multipart,
                 local_root: parsed.local_root,
                 layout: Layout::new(parsed.prefix),
-                options: options.sanitized(),
+                cache: Arc::new(BlockCache::new(options.read_cache_budget)),
+                options,
                 url: url.to_string(),
                 runtime,
             }),
@@ -96,6 +101,7 @@ impl Target {
     where
         S: ObjectStore + MultipartStore,
     {
+        let options = options.sanitized();
         let prefix = Path::parse(prefix).map_err(|err| Error::InvalidUrl {
             url: prefix.to_string(),
             reason: err.to_string(),
@@ -108,7 +114,8 @@ impl Target {
                 multipart: Some(store),
                 local_root: None,
                 layout: Layout::new(prefix),
-                options: options.sanitized(),
+                cache: Arc::new(BlockCache::new(options.read_cache_budget)),
+                options,
                 url,
                 runtime,
             }),
@@ -143,6 +150,13 @@ impl Target {
     /// The options in force.
     pub fn options(&self) -> &TargetOptions {
         &self.inner.options
+    }
+
+    /// The most bytes the read cache of all the target's open images held at once since the
+    /// target was opened: at most [`TargetOptions::read_cache_budget`] (and one block) however
+    /// many images were open. A figure for tuning and tests.
+    pub fn read_cache_peak(&self) -> usize {
+        self.inner.cache.peak()
     }
 
     /// The local folder holding `volume`'s images on a filesystem target (where
