@@ -58,6 +58,10 @@ pub struct OpenOptions {
     /// Checks every stored cluster any reader of the image returns (see [`ClusterCheck`]);
     /// `None` reads unchecked.
     pub cluster_check: Option<Arc<dyn ClusterCheck>>,
+    /// Whether backing files are opened. When not (qemu's `backing: null`), the top image is
+    /// opened alone and what it does not store reads as zeros: enough to check what one image
+    /// stores without opening the chain under it. Default true.
+    pub follow_backing: bool,
 }
 
 impl Default for OpenOptions {
@@ -67,6 +71,7 @@ impl Default for OpenOptions {
             max_depth: DEFAULT_MAX_DEPTH,
             format: None,
             cluster_check: None,
+            follow_backing: true,
         }
     }
 }
@@ -78,6 +83,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("max_depth", &self.max_depth)
             .field("format", &self.format)
             .field("cluster_check", &self.cluster_check.is_some())
+            .field("follow_backing", &self.follow_backing)
             .finish()
     }
 }
@@ -232,7 +238,9 @@ impl Image {
                     feature: "cluster checks of an image with extended L2 entries".into(),
                 });
             }
-            if let Some(backing_name) = &layer.header.backing_file {
+            if let Some(backing_name) = &layer.header.backing_file
+                && options.follow_backing
+            {
                 let resolved = backing::resolve(
                     options.policy,
                     &top_dir,
