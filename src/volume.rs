@@ -432,7 +432,8 @@ pub struct VerifyReport {
 /// from the newest backup whose chain holds it (a chain checks every layer's manifest against
 /// its image, so each older backup of it is checked too), and each backup's own clusters are
 /// read from its image alone, not through the chain under it. Only when a chain fails are
-/// its older backups checked one by one, so the failure is reported where it lies.
+/// its older backups checked one by one, so a failure is reported at every backup whose chain
+/// it breaks, as when each was checked alone.
 pub fn verify(
     target: &Target,
     volume: Option<&VolumeName>,

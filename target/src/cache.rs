@@ -24,13 +24,14 @@ use bytes::Bytes;
 /// A reader's key in the cache.
 pub(crate) type ReaderId = u64;
 
-/// The blocks of every reader of a target, within a budget of blocks.
+/// The blocks of every reader of a target, within a budget of bytes (readers' blocks may
+/// differ in size: a planned restore's metadata readers use smaller ones).
 #[derive(Debug)]
 pub(crate) struct BlockCache {
     state: Mutex<CacheState>,
-    /// Bytes the budget allows (blocks of different readers are all one block size).
+    /// Bytes the budget allows.
     budget: usize,
-    /// Blocks requested from the store and not landed yet, over all readers.
+    /// Bytes requested from the store and not landed yet, over all readers.
     in_flight: AtomicUsize,
 }
 
@@ -104,12 +105,16 @@ impl BlockCache {
         state.bytes += len;
         state.peak = state.peak.max(state.bytes);
         while state.held.get(&reader).copied().unwrap_or(0) > share.max(1) {
-            let oldest = state.oldest(|(owner, _)| *owner == reader);
-            state.evict(oldest);
+            let Some(oldest) = state.oldest(|(owner, _)| *owner == reader) else {
+                break;
+            };
+            state.evict(Some(oldest));
         }
         while state.bytes > self.budget && state.blocks.len() > 1 {
-            let oldest = state.oldest(|_| true);
-            state.evict(oldest);
+            let Some(oldest) = state.oldest(|_| true) else {
+                break;
+            };
+            state.evict(Some(oldest));
         }
     }
 
@@ -128,26 +133,26 @@ impl BlockCache {
         state.held.remove(&reader);
     }
 
-    /// Notes `blocks` more blocks requested from the store.
-    pub(crate) fn requested(&self, blocks: usize) {
-        self.in_flight.fetch_add(blocks, Ordering::Relaxed);
+    /// Notes `bytes` more requested from the store.
+    pub(crate) fn requested(&self, bytes: usize) {
+        self.in_flight.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Notes `blocks` requested blocks landed (or failed).
-    pub(crate) fn landed(&self, blocks: usize) {
+    /// Notes `bytes` requested landed (or failed).
+    pub(crate) fn landed(&self, bytes: usize) {
         // Never below zero, whatever the order of the notes.
         let _ = self
             .in_flight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(blocks))
+                Some(n.saturating_sub(bytes))
             });
     }
 
-    /// Blocks a prefetch hint may still start, `block` bytes each: hints never hold more than
+    /// Blocks of `block` bytes a prefetch hint may still start: hints never hold more than
     /// half the budget in flight over all readers, so what they fetch lands before the cache
     /// must evict it.
     pub(crate) fn hint_room(&self, block: usize) -> usize {
-        (self.budget / block.max(1) / 2).saturating_sub(self.in_flight.load(Ordering::Relaxed))
+        (self.budget / 2).saturating_sub(self.in_flight.load(Ordering::Relaxed)) / block.max(1)
     }
 
     /// Bytes cached now.
@@ -235,9 +240,10 @@ mod tests {
     fn hints_keep_to_half_the_budget_in_flight() {
         let cache = BlockCache::new(64);
         assert_eq!(cache.hint_room(4), 8);
-        cache.requested(6);
+        cache.requested(24);
         assert_eq!(cache.hint_room(4), 2);
-        cache.landed(10);
+        assert_eq!(cache.hint_room(16), 0);
+        cache.landed(40);
         assert_eq!(cache.hint_room(4), 8);
     }
 }

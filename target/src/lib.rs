@@ -152,8 +152,8 @@
 //! 4 MiB, larger windows fetched in parallel), and a read-ahead window doubling to 16 MiB on
 //! sequential reads. Blocks land in one LRU cache that all the target's readers share: at most
 //! [`TargetOptions::read_cache_budget`] bytes (64 MiB by default) over every open image, an
-//! image holding at most 32 MiB of it, so a 64-deep chain holds no more than one image would
-//! let it; at most [`TargetOptions::read_memory_bound`] bytes (48 MiB by default) per open
+//! image holding at most 32 MiB of it, so a 64-deep chain holds no more than two images
+//! could; at most [`TargetOptions::read_memory_bound`] bytes (48 MiB by default) per open
 //! image besides the caller's buffers. [`VolumeStorage`] implements [`strata_qcow2::Storage`], so the QCOW2
 //! reader opens a chain straight from the target and follows its relative backing names; on a
 //! filesystem target it opens the files themselves.

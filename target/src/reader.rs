@@ -240,7 +240,9 @@ impl ObjectReader {
                 state.failed.remove(&block);
                 block += 1;
             }
-            self.inner.cache.requested((block - start) as usize);
+            self.inner
+                .cache
+                .requested((block - start) as usize * self.block as usize);
             self.fetch(start, block);
         }
     }
@@ -273,7 +275,7 @@ impl ObjectReader {
                         let from = (i as u64 * block) as usize;
                         let to = (from + block as usize).min(bytes.len());
                         if state.in_flight.remove(&index) {
-                            cache.landed(1);
+                            cache.landed(block as usize);
                         }
                         if !state.closed {
                             // A block of its own: a slice would keep the whole response alive
@@ -290,7 +292,7 @@ impl ObjectReader {
                     let message = with_causes(&Error::store("read", &path, err));
                     for index in first..end {
                         if state.in_flight.remove(&index) {
-                            cache.landed(1);
+                            cache.landed(block as usize);
                         }
                         state.failed.insert(index, message.clone());
                     }
@@ -402,7 +404,7 @@ impl Stream {
                     return Ok(());
                 }
                 if state.in_flight.remove(&index) {
-                    self.cache.landed(1);
+                    self.cache.landed(self.block as usize);
                 }
                 state.failed.remove(&index);
                 self.cache.insert(self.id, index, bytes, self.share);

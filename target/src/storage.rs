@@ -394,8 +394,7 @@ impl VolumeStorage {
                 }
             }
         }
-        let options = &self.target.inner.options;
-        let room = (options.read_cache_budget / options.read_block_size / 2).max(1) as u64;
+        let room = (self.target.inner.options.read_cache_budget / 2) as u64;
         Ok((opened, OpenAhead::new(waiting, room)))
     }
 
@@ -449,7 +448,7 @@ fn ahead_blocks(layer: &Preopen, reader: &ObjectReader) -> Vec<(u64, u64)> {
 /// Opening ahead fetches each image's header and tables into the target's cache before the
 /// QCOW2 reader asks for them; a deep chain's would not all fit the cache's budget, and what
 /// was fetched first would be evicted before its open. So images are fetched ahead while the
-/// blocks of those not yet opened stay within `room` (half the budget), and each open lets the
+/// bytes of those not yet opened stay within `room` (half the budget), and each open lets the
 /// next ones go.
 #[derive(Debug, Default)]
 pub(crate) struct OpenAhead {
@@ -469,7 +468,7 @@ struct Waiting {
 struct AheadState {
     /// Images whose blocks are not requested yet, in the order the reader opens them.
     waiting: std::collections::VecDeque<Waiting>,
-    /// Images whose blocks are requested and which are not opened yet, with their block counts.
+    /// Images whose blocks are requested and which are not opened yet, with those blocks' bytes.
     fetched: Vec<(String, u64)>,
 }
 
@@ -500,7 +499,7 @@ impl OpenAhead {
             state.waiting.retain(|waiting| waiting.name != name);
         }
         loop {
-            let held: u64 = state.fetched.iter().map(|(_, blocks)| blocks).sum();
+            let held: u64 = state.fetched.iter().map(|(_, bytes)| bytes).sum();
             let Some(next) = state.waiting.front() else {
                 break;
             };
@@ -509,7 +508,8 @@ impl OpenAhead {
                 .iter()
                 .map(|(first, last)| last - first + 1)
                 .sum();
-            if !state.fetched.is_empty() && held + blocks > self.room {
+            let bytes = blocks * next.reader.block_size();
+            if !state.fetched.is_empty() && held + bytes > self.room {
                 break;
             }
             let Some(next) = state.waiting.pop_front() else {
@@ -518,7 +518,7 @@ impl OpenAhead {
             for (first, last) in next.blocks {
                 next.reader.prefetch_blocks(first, last);
             }
-            state.fetched.push((next.name, blocks));
+            state.fetched.push((next.name, bytes));
         }
     }
 }
