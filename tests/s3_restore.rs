@@ -443,6 +443,39 @@ fn a_chain_restores_byte_identical_from_moto_in_parallel_coalesced_parts() {
     }
 }
 
+/// Flips one bit of the byte that image `object` of `volume` stores for guest offset `guest`
+/// (a data cluster of that image itself), in the store's copy.
+fn flip_stored_byte(
+    store: &Counting<object_store::memory::InMemory>,
+    volume: &str,
+    object: &str,
+    guest: u64,
+) {
+    let key = Path::from(format!("repo/volumes/{volume}/images/{object}"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut bytes = rt
+        .block_on(async { store.inner.get(&key).await?.bytes().await })
+        .unwrap()
+        .to_vec();
+    let scratch = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(scratch.path(), &bytes).unwrap();
+    // The image alone: the byte must be one it stores, not one of its backing files.
+    let image = strata::qcow2::Image::open_with_options(
+        scratch.path(),
+        &strata::qcow2::OpenOptions {
+            follow_backing: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let extent = image.map(guest, 1).unwrap()[0];
+    let strata::qcow2::ExtentKind::Data { host_offset, .. } = extent.kind else {
+        panic!("guest {guest:#x} is {extent:?}");
+    };
+    bytes[host_offset.get() as usize] ^= 0x40;
+    rt.block_on(store.inner.put(&key, bytes.into())).unwrap();
+}
+
 #[test]
 fn a_flipped_byte_mid_part_fails_the_restore_naming_the_backup_and_offset_and_leaves_no_file() {
     let (store, target) = memory_target();
@@ -451,21 +484,7 @@ fn a_flipped_byte_mid_part_fails_the_restore_naming_the_backup_and_offset_and_le
     let (base, _) = &points[0];
     // Flip a byte of guest cluster 34 (random data, never rewritten), inside a part.
     let guest = 34 * CLUSTER + 1000;
-    let key = Path::from(format!("repo/volumes/v/images/{}", base.image.object));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut bytes = rt
-        .block_on(async { store.inner.get(&key).await?.bytes().await })
-        .unwrap()
-        .to_vec();
-    let scratch = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(scratch.path(), &bytes).unwrap();
-    let image = strata::qcow2::Image::open(scratch.path()).unwrap();
-    let extent = image.map(guest, 1).unwrap()[0];
-    let strata::qcow2::ExtentKind::Data { host_offset, .. } = extent.kind else {
-        panic!("guest {guest:#x} is {extent:?}");
-    };
-    bytes[host_offset.get() as usize] ^= 0x40;
-    rt.block_on(store.inner.put(&key, bytes.into())).unwrap();
+    flip_stored_byte(&store, "v", &base.image.object, guest);
     let (top, _) = &points[2];
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("out.raw");
@@ -694,29 +713,8 @@ fn verifying_a_deep_chain_costs_requests_in_proportion_to_its_backups() {
     // One byte of the cluster the middle backup stored flipped: that backup, and no other.
     let layer = DEPTH / 2;
     let damaged = &points[layer as usize].0;
-    let key = Path::from(format!("repo/volumes/deep/images/{}", damaged.image.object));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut bytes = rt
-        .block_on(async { store.inner.get(&key).await?.bytes().await })
-        .unwrap()
-        .to_vec();
-    let scratch = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(scratch.path(), &bytes).unwrap();
-    let image = strata::qcow2::Image::open_with_options(
-        scratch.path(),
-        &strata::qcow2::OpenOptions {
-            follow_backing: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let guest = (layer * 5 % 32) * CLUSTER + 100;
-    let extent = image.map(guest, 1).unwrap()[0];
-    let strata::qcow2::ExtentKind::Data { host_offset, .. } = extent.kind else {
-        panic!("guest {guest:#x} is {extent:?}");
-    };
-    bytes[host_offset.get() as usize] ^= 0x40;
-    rt.block_on(store.inner.put(&key, bytes.into())).unwrap();
+    flip_stored_byte(&store, "deep", &damaged.image.object, guest);
     let reports = strata::verify(&target, Some(&volume), None).unwrap();
     for report in &reports {
         if report.id == damaged.id {
