@@ -13,10 +13,11 @@
 # `cargo install s3s-fs@0.14.1 --features binary`), or moto with SERVER=moto (moto assembles the
 # whole object for every ranged GET, so every ranged reader pays O(object) per request there).
 #
-# Measured 2026-12-01 (2 cores, load 2-5, another tenant's): s3s-fs 320 MiB, runs of 5, 7, 5, 5
-# pairs: base 0.80, 0.86, 0.79, 0.87, chain 0.62, 0.64, 0.66, 0.62 (limit: 8 parallel curl GETs
-# 257-339 MB/s, 0.63-0.83 of boto3's time); moto 64 MiB, 3 pairs: base 0.54, chain 0.64. Before
-# the chain was opened in parallel (same day, load 1.4-2.3, 3 pairs): s3s-fs base 1.10, chain 1.34.
+# Measured 2026-12-01, late (2 cores; the runs themselves load it to 3-5): s3s-fs 320 MiB,
+# output on a tmpfs, 7 pairs: base 0.64, chain 0.57 (limit: 8 parallel curl GETs 270-283 MB/s,
+# which strata's base restore matched); output on disk (OUT=disk), 5 pairs: base 0.76, chain
+# 0.59; moto 64 MiB, 3 pairs: base 0.52, chain 0.72. Earlier runs of this script, before each
+# run started from the same state, swung from 0.35 to 1.9 for the same binaries: see run_case.
 #
 #   cargo build --release --features cli --bin strata
 #   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
@@ -31,9 +32,17 @@ cases=${CASES:-base chain}
 read -r -a flags <<<"${FLAGS:-}"
 [ -x "$strata" ] || { echo "build it first: cargo build --release --features cli --bin strata" >&2; exit 2; }
 work=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
+pid= mounted=
+# Both sides write their output to $out: a tmpfs when run as root (OUT=disk to keep it on the
+# work dir's disk). A disk output adds this VM's page-cache effects to whichever side they land
+# on (see run_case), which drown the fetch path being compared.
+out=$work/out
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "$mounted" ] && umount "$out"; rm -rf "$work"; }
 trap cleanup EXIT
+mkdir "$out"
+if [ "${OUT:-tmpfs}" = tmpfs ] && [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=$((3 * mib + 256))m tmpfs "$out"; then
+  mounted=1
+fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 case "$server" in
@@ -94,14 +103,18 @@ run_case() {
   bytes=$(python3 "$work/keys.py" "$name" | awk '{s += $2} END {print s}')
   local -a ts tb cs cb
   for p in $(seq "$pairs"); do
-    rm -rf "$work/out.raw" "$work/objects"; mkdir "$work/objects"
     local a b c d s q c0 c1 c2 c3
-    strata_run() { c0=$(cpu); a=$(now)
-      "$strata" restore --target s3://bench/p --volume "$name" "${flags[@]}" -q "$work/out.raw" >/dev/null
+    # Each run starts in the same state: no dirty pages (the writeback of what ran before would
+    # land on whichever runs then), and its own previous output just removed, so the page
+    # cache it fills comes from pages freed a moment ago. On a VM with free page reporting
+    # (this one), memory freed more than about 2 s earlier has gone back to the host, and
+    # touching it again cost the side that ran second in a pair 1.3 s more of 320 MiB.
+    strata_run() { sync; rm -f "$out/out.raw"; c0=$(cpu); a=$(now)
+      "$strata" restore --target s3://bench/p --volume "$name" "${flags[@]}" -q "$out/out.raw" >/dev/null
       b=$(now); c1=$(cpu); }
-    boto_run() { c2=$(cpu); c=$(now)
+    boto_run() { sync; rm -rf "$out/objects"; mkdir "$out/objects"; c2=$(cpu); c=$(now)
       # shellcheck disable=SC2086
-      python3 "$work/get.py" "$work/objects" $keys
+      python3 "$work/get.py" "$out/objects" $keys
       d=$(now); c3=$(cpu); }
     if [ $((p % 2)) = 1 ]; then strata_run; boto_run; else boto_run; strata_run; fi
     s=$(echo "$b - $a" | bc); q=$(echo "$d - $c" | bc)
@@ -109,11 +122,11 @@ run_case() {
     printf '%s pair %d: strata restore %.3f s, boto3 download_file %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s\n' \
       "$name" "$p" "$s" "$q" "$(echo "$s / $q" | bc -l)" "${cs[-1]}" "${cb[-1]}"
   done
-  cmp -s "$work/out.raw" "$work/$name.raw" && echo "$name: restored volume matches"
+  cmp -s "$out/out.raw" "$work/$name.raw" && echo "$name: restored volume matches"
   local ms mb
   ms=$(median "${ts[@]}"); mb=$(median "${tb[@]}")
-  printf '%s median (%s, %d MiB volume, %d objects, %d MiB stored, %d pairs): strata %.3f s, boto3 %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s; load %s\n' \
-    "$name" "$server" "$mib" "$(wc -w <<<"$keys")" $((bytes >> 20)) "$pairs" "$ms" "$mb" \
+  printf '%s median (%s, output on %s, %d MiB volume, %d objects, %d MiB stored, %d pairs): strata %.3f s, boto3 %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s; load %s\n' \
+    "$name" "$server" "$([ -n "$mounted" ] && echo tmpfs || echo disk)" "$mib" "$(wc -w <<<"$keys")" $((bytes >> 20)) "$pairs" "$ms" "$mb" \
     "$(echo "$ms / $mb" | bc -l)" "$(median "${cs[@]}")" "$(median "${cb[@]}")" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 for name in $cases; do run_case "$name"; done

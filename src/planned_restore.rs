@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, mpsc};
 
 use strata_qcow2::{DeviceZeroer, Extent, ExtentKind, HydrateStats, Image};
@@ -292,7 +291,7 @@ impl Fetch<'_> {
             let offset = piece.start.get();
             let written = match self.zeroer {
                 // A device that may hold old bytes gets every byte, zero blocks included.
-                Some(_) => self.dest.write_all_at(buf, offset).map(|()| len as u64),
+                Some(_) => strata_qcow2::write_all_at(self.dest, buf, offset).map(|()| len as u64),
                 None => write_sparse(self.dest, buf, offset),
             }
             .map_err(|source| Error::Io {
@@ -321,7 +320,7 @@ impl Fetch<'_> {
 fn write_sparse(dest: &File, buf: &[u8], offset: u64) -> std::io::Result<u64> {
     let mut written = 0;
     for span in strata_qcow2::nonzero_spans(buf) {
-        dest.write_all_at(&buf[span.clone()], offset + span.start as u64)?;
+        strata_qcow2::write_all_at(dest, &buf[span.clone()], offset + span.start as u64)?;
         written += span.len() as u64;
     }
     Ok(written)

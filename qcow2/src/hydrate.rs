@@ -286,8 +286,7 @@ impl Output<'_> {
     }
 
     fn write(&self, bytes: &[u8], offset: GuestOffset) -> Result<()> {
-        self.dest
-            .write_all_at(bytes, offset.get())
+        crate::io::write_all_at(self.dest, bytes, offset.get())
             .map_err(|e| io_err(self.dest_name, format!("writing at {offset}"), e))
     }
 }

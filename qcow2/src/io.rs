@@ -180,3 +180,91 @@ pub trait ImageSink {
     /// visible.
     fn finish(&mut self, header: &[u8]) -> io::Result<()>;
 }
+
+/// The most Strata hands a file in one write call.
+///
+/// Linux sizes a regular file's page-cache folios by the write, so a write of 2 MiB or more
+/// takes 2 MiB folios. On a VM with free page reporting (virtio-balloon, Firecracker) those come
+/// from the high-order free blocks the guest has handed back to the host, and each first touch
+/// of them faults into the hypervisor: on the 2-core machine here, writing 320 MiB of fresh
+/// page cache with `dd bs=2M` took 2.2 to 2.6 s (most of it system time), and with `bs=1M` 0.14 to
+/// 0.19 s.
+/// Folios of up to 1 MiB keep nearly all of the large-folio gain on bare metal.
+pub const WRITE_CHUNK: usize = 1 << 20;
+
+/// `FileExt::write_all_at` in calls of at most [`WRITE_CHUNK`] bytes.
+pub fn write_all_at(dest: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut at = offset;
+    for chunk in bytes.chunks(WRITE_CHUNK) {
+        std::os::unix::fs::FileExt::write_all_at(dest, chunk, at)?;
+        at += chunk.len() as u64;
+    }
+    Ok(())
+}
+
+/// A [`Write`](std::io::Write) that hands its inner writer at most [`WRITE_CHUNK`] bytes a call
+/// (under a `BufWriter`, whose writes of more than its capacity go straight through).
+#[derive(Debug)]
+pub struct ChunkedWriter<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for ChunkedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(&buf[..buf.len().min(WRITE_CHUNK)])
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// Records the length of every write call it is given.
+    #[derive(Default)]
+    struct Calls {
+        lens: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.lens.push(buf.len());
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_chunked_writer_hands_on_at_most_a_chunk_a_call() {
+        let data = pattern(WRITE_CHUNK * 5 / 2);
+        let mut writer =
+            std::io::BufWriter::with_capacity(WRITE_CHUNK, ChunkedWriter(Calls::default()));
+        writer.write_all(&data).unwrap();
+        let ChunkedWriter(calls) = writer.into_inner().map_err(|e| e.into_error()).unwrap();
+        assert_eq!(calls.lens, [WRITE_CHUNK, WRITE_CHUNK, WRITE_CHUNK / 2]);
+        assert_eq!(calls.bytes, data);
+    }
+
+    #[test]
+    fn write_all_at_puts_every_chunk_at_its_offset() {
+        let file = tempfile::tempfile().unwrap();
+        let data = pattern(WRITE_CHUNK * 5 / 2 + 7);
+        write_all_at(&file, &data, 4093).unwrap();
+        let mut back = vec![0xAA; data.len() + 4093];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0).unwrap();
+        assert!(back[..4093].iter().all(|&b| b == 0));
+        assert_eq!(&back[4093..], &data[..]);
+    }
+}

@@ -118,7 +118,7 @@ pub use hydrate::{
     hydrate_with_progress, nonzero_spans,
 };
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};
-pub use io::{ImageSink, LocalStorage, ReadAt, Storage};
+pub use io::{ChunkedWriter, ImageSink, LocalStorage, ReadAt, Storage, WRITE_CHUNK, write_all_at};
 pub use map::{Extent, ExtentKind};
 pub use offset::{GuestOffset, GuestRange, HostOffset};
 

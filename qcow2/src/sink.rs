@@ -77,7 +77,9 @@ impl FileSink {
     }
 
     fn write_through(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)?;
+        for chunk in data.chunks(crate::io::WRITE_CHUNK) {
+            self.file.write_all(chunk)?;
+        }
         self.position += data.len() as u64;
         if let Some(len) = NonZeroU64::new(self.position - self.writeback_from)
             && len.get() >= WRITEBACK_STEP

@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use strata_qcow2::ChunkedWriter;
+
 use crate::error::{Error, Result};
 use crate::manifest::ImageInfo;
 use crate::sink::image_info;
@@ -27,7 +29,7 @@ pub(crate) struct LocalSink {
     path: PathBuf,
     object: String,
     reserved: u64,
-    file: Option<BufWriter<File>>,
+    file: Option<BufWriter<ChunkedWriter<File>>>,
     body_len: u64,
     body_crc: crc32fast::Hasher,
     result: Arc<Mutex<Option<ImageInfo>>>,
@@ -57,7 +59,7 @@ impl LocalSink {
             path,
             object,
             reserved,
-            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            file: Some(BufWriter::with_capacity(1 << 20, ChunkedWriter(file))),
             body_len: 0,
             body_crc: crc32fast::Hasher::new(),
             result,
@@ -92,7 +94,7 @@ impl LocalSink {
             let staging = staging.clone();
             move |err| Error::io(operation, staging, err)
         };
-        let file = writer
+        let ChunkedWriter(file) = writer
             .into_inner()
             .map_err(|err| io("write")(err.into_error()))?;
         let header_len = header.len() as u64;
