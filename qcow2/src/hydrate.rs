@@ -70,7 +70,8 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
 /// workers, at the runs' offsets, out of order (and its zero ranges are zeroed by them too);
 /// a regular file is written by this thread in order, only its non-zero 4 KiB blocks, as
 /// writes to one file serialize on its inode lock anyway (on a tmpfs, four writers spent a
-/// sixth of the CPU time spinning on it). Progress is the end of the finished prefix.
+/// sixth of the CPU time spinning on it). Progress is the end of the finished prefix: jobs are
+/// planned in guest order.
 /// Memory: six 4 MiB buffers besides the reader's caches.
 pub fn hydrate_with_progress(
     image: &Image,
@@ -199,6 +200,11 @@ fn plan_runs(image: &Image, size: u64, zero_ranges: bool, tasks: &mut Tasks<Job>
             return Ok(());
         }
         if let Some(range) = zeros.take() {
+            // Jobs go in guest order, so progress (the end of the finished prefix) holds: the
+            // data before the zeros first.
+            if !run.is_empty() {
+                submit(Job::Data(std::mem::take(&mut run)))?;
+            }
             submit(Job::Zero(range))?;
         }
         let mut pos = extent.start;
@@ -219,11 +225,11 @@ fn plan_runs(image: &Image, size: u64, zero_ranges: bool, tasks: &mut Tasks<Job>
         Err(Error::InvalidArgument(why)) if why == STOPPED => return Ok(()),
         walked => walked?,
     }
-    if let Some(range) = zeros.take() {
-        submit(Job::Zero(range))?;
-    }
     if !run.is_empty() {
         submit(Job::Data(run))?;
+    }
+    if let Some(range) = zeros.take() {
+        submit(Job::Zero(range))?;
     }
     Ok(())
 }

@@ -459,3 +459,56 @@ fn hydration_of_a_huge_sparse_image_is_fast_and_sparse() {
         meta.blocks()
     );
 }
+
+#[test]
+fn scattered_runs_of_a_chain_hydrate_in_place_sparse_and_in_order() {
+    // Three layers of 64 KiB runs spread over 256 MiB, each layer's runs between the others',
+    // some of them all zeros inside data clusters.
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "0.qcow2", "256M"]);
+    let mut data_runs = 0u64;
+    for layer in 0..3u64 {
+        let name = format!("{layer}.qcow2");
+        if layer > 0 {
+            s.overlay(&name, &format!("{}.qcow2", layer - 1));
+        }
+        let writes: Vec<String> = (0..120u64)
+            .map(|r| {
+                let offset = (r * 3 + layer) * (704 << 10);
+                match r % 10 {
+                    // Written zeros are stored as data by `write -P 0`.
+                    9 => format!("write -P 0 {offset} 64k"),
+                    _ => {
+                        data_runs += 1;
+                        format!("write -P {} {offset} 64k", (layer * 40 + r) % 250 + 1)
+                    }
+                }
+            })
+            .collect();
+        let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+        s.qemu_io(&name, &writes);
+    }
+    s.qemu_img(&["convert", "-O", "raw", "2.qcow2", "expected.raw"]);
+    let image = Image::open(s.path("2.qcow2")).expect("open");
+    let out = s.path("out.raw");
+    let dest = std::fs::File::create(&out).expect("create");
+    let mut reached = Vec::new();
+    strata_qcow2::hydrate_with_progress(&image, &dest, "out.raw", &mut |at| reached.push(at))
+        .expect("hydrate");
+    assert!(
+        std::fs::read(&out).expect("read") == std::fs::read(s.path("expected.raw")).expect("read"),
+        "the hydrated file differs from qemu-img's"
+    );
+    // Only the non-zero runs take blocks (a little more for the file system's own).
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&out).expect("stat").blocks() * 512;
+    assert!(
+        blocks >= data_runs * (64 << 10) && blocks < data_runs * (64 << 10) + (1 << 20),
+        "{blocks} bytes allocated for {data_runs} runs of 64 KiB"
+    );
+    assert!(
+        reached.windows(2).all(|w| w[0] <= w[1]),
+        "progress went back: {reached:?}"
+    );
+    assert_eq!(reached.last(), Some(&(256 << 20)));
+}
