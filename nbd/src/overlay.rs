@@ -255,9 +255,10 @@ impl Overlay {
         self.file.read_exact_at(buf, self.data_offset + offset)
     }
 
-    /// Writes overlay data at guest offset `offset` (the caller updates the map).
+    /// Writes overlay data at guest offset `offset` (the caller updates the map), at most
+    /// [`strata_qcow2::WRITE_CHUNK`] a call, as every write of Strata's to a file.
     pub(crate) fn write_data(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, self.data_offset + offset)
+        strata_qcow2::write_all_at(&self.file, buf, self.data_offset + offset)
     }
 
     /// Makes every completed write durable: syncs the data, then writes the changed pages of
