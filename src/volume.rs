@@ -471,7 +471,8 @@ pub fn verify(
             guest_offset: 0,
             problem: what,
         };
-        if let Err(e) = target.verify_image(&manifest.volume, &manifest.id) {
+        // The listed manifest is the one checked against (the listing checked its name).
+        if let Err(e) = target.verify_image_of(&manifest) {
             damage.push(problem(format!("image object: {}", chain_text(&e))));
         }
         let key = (manifest.volume.clone(), manifest.id.clone());
@@ -479,7 +480,7 @@ pub fn verify(
             damage.push(problem(chain));
         }
         let checksums = target
-            .download_file(&manifest.volume, &manifest.id, &side_file(CHECKSUMS_FILE))
+            .download_file_of(&manifest, &side_file(CHECKSUMS_FILE))
             .map_err(Error::from)
             .and_then(|file| Ok(ClusterChecksums::open(file)?));
         // Unverified: verify reports every damaged cluster instead of stopping at the first.

@@ -705,8 +705,10 @@ fn verifying_a_deep_chain_costs_requests_in_proportion_to_its_backups() {
             report.damage
         );
     }
+    // 227 here; 259 when each backup's manifest was read again for its image and its
+    // checksums, and 1,522 when each backup opened its whole chain.
     assert!(
-        requests <= 24 * DEPTH as usize,
+        requests <= 15 * DEPTH as usize,
         "verifying {DEPTH} backups took {requests} requests"
     );
 

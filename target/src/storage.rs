@@ -121,7 +121,22 @@ impl Target {
         dest: &mut dyn io::Write,
     ) -> Result<BackupManifest> {
         let manifest = self.backup(volume, id)?;
-        let path = self.inner.layout.image(volume, &manifest.image.object);
+        self.download_image_of(&manifest, dest)?;
+        Ok(manifest)
+    }
+
+    /// [`verify_image`](Self::verify_image) of the backup `manifest` describes, checked
+    /// against that manifest (not read again), as [`download_file_of`](Self::download_file_of)
+    /// does: `verify` holds the listed manifests and so spares a round trip for each.
+    pub fn verify_image_of(&self, manifest: &BackupManifest) -> Result<()> {
+        self.download_image_of(manifest, &mut io::sink())
+    }
+
+    fn download_image_of(&self, manifest: &BackupManifest, dest: &mut dyn io::Write) -> Result<()> {
+        let path = self
+            .inner
+            .layout
+            .image(&manifest.volume, &manifest.image.object);
         let (size, crc) = self.stream_object(&path, dest)?;
         check_image(manifest, &path, size, crc)
     }
@@ -199,11 +214,11 @@ impl io::Write for Checked<'_> {
 }
 
 fn check_image(
-    manifest: BackupManifest,
+    manifest: &BackupManifest,
     path: &object_store::path::Path,
     size: u64,
     crc: Crc32,
-) -> Result<BackupManifest> {
+) -> Result<()> {
     if size != manifest.image.size || crc != manifest.image.checksums.crc32 {
         return Err(Error::Corrupt {
             what: "image",
@@ -214,7 +229,7 @@ fn check_image(
             ),
         });
     }
-    Ok(manifest)
+    Ok(())
 }
 
 impl VolumeStorage {
