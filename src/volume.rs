@@ -520,13 +520,17 @@ fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> Error 
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, each said once: a cause whose message the text
+/// already holds (many errors print their source in their own message) is left out.
 pub fn chain_text(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = cause.source();
     }
     text

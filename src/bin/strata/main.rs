@@ -115,13 +115,17 @@ fn hint(err: &anyhow::Error) -> &'static str {
     }
 }
 
-/// The error and its causes on one line.
+/// The error and its causes on one line, each said once: many errors print their source in
+/// their own message, so a cause already in the text before it is left out.
 fn one_line(err: &anyhow::Error) -> String {
-    err.chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
-        .replace('\n', " ")
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
 }
 
 /// Options shared by commands that open images.
