@@ -1,5 +1,6 @@
 //! A disk that fills, for real: a small tmpfs (mounted here) as a folder target that runs out
-//! of room in the middle of a backup, and as the destination of a restore. The failing command
+//! of room in the middle of a backup, as the destination of a restore, and under the
+//! copy-on-write overlay of a served image (whose clients get `ENOSPC`). The failing command
 //! says so in one line naming the problem; nothing committed is lost; nothing half-written is
 //! listed or left behind; and once there is room again the next run works and chains on the
 //! last committed point.
@@ -207,4 +208,92 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
     let dest = work.path().join("restored.raw");
     ok(restore(&target, &id, &dest));
     assert!(std::fs::read(&dest).expect("restored") == content);
+}
+
+/// `strata serve-image IMAGE --writable-overlay OVERLAY` on 127.0.0.1, killed when dropped.
+struct Served(std::process::Child, String);
+
+impl Served {
+    fn start(image: &Path, overlay: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = strata_bin::strata_command()
+            .args(["serve-image", s(image), "--writable-overlay", s(overlay)])
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start serve-image");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(url.starts_with("nbd://127.0.0.1:"), "{line}");
+        Self(child, url)
+    }
+
+    /// qemu-io `commands` on the export: its status and what it printed.
+    fn qemu_io(&self, commands: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw"]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        let out = cmd.arg(&self.1).output().expect("run qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success() && !text.contains("failed"), text)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_served_overlay_on_a_full_disk_answers_enospc_and_keeps_what_it_flushed() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = work.path().join("base.qcow2");
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().expect(program);
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    };
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "64M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x5a 30M 1M", s(&image)]);
+    let Some(disk) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let overlay = disk.path().join("disk.cow");
+
+    let served = Served::start(&image, &overlay);
+    let (fine, text) = served.qemu_io(&["write -P 0x11 0 4M", "flush"]);
+    assert!(fine, "{text}");
+    // 16 MiB more do not fit: the client is told the disk is full, not that it failed.
+    let (fine, text) = served.qemu_io(&["write -P 0x22 8M 16M"]);
+    assert!(!fine, "a 16 MiB write fitted in an 8 MiB tmpfs: {text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    // The server goes on serving what it had.
+    let reads = [
+        "read -P 0x11 0 4M",
+        "read -P 0x5a 30M 1M",
+        "read -P 0 40M 1M",
+    ];
+    let (fine, text) = served.qemu_io(&reads);
+    assert!(fine, "{text}");
+    drop(served);
+
+    // Killed and started again on the same overlay: what was flushed is there.
+    let served = Served::start(&image, &overlay);
+    let (fine, text) = served.qemu_io(&reads);
+    assert!(fine, "{text}");
 }

@@ -5,10 +5,48 @@
 use strata_qcow2::{Extent, ExtentKind, GuestOffset, Image};
 
 use crate::overlay::{Granule, Overlay};
-use crate::proto::state;
+use crate::proto::{errno, state};
 
-/// Why a request failed, sent to the client in its error reply.
-pub(crate) type Failure = String;
+/// Why a request failed: the error its reply carries and the message logged with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// The NBD error value (proto.md "Error values"): `ENOSPC` when the overlay's file system
+    /// is full, so a client can tell a full disk from a failed one (qemu's `werror=enospc`,
+    /// its default, pauses the guest on it instead of failing its I/O), else `EIO`.
+    pub errno: u32,
+    pub message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            errno: errno::EIO,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
+impl std::ops::Deref for Failure {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+/// The NBD error value for an I/O error: a full file system (or quota) is `ENOSPC`.
+fn errno_of(err: &std::io::Error) -> u32 {
+    match rustix::io::Errno::from_io_error(err) {
+        Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => errno::ENOSPC,
+        _ => errno::EIO,
+    }
+}
 
 /// One piece of a read: `len` bytes at `start`, reading as zeros or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,19 +305,34 @@ impl Export {
 }
 
 fn io_failure(what: &str, err: &std::io::Error) -> Failure {
-    format!("{what} the overlay: {err}")
+    Failure {
+        errno: errno_of(err),
+        message: format!("{what} the overlay: {err}"),
+    }
 }
 
-/// An error and its causes on one line, for an error reply.
-fn describe(err: &dyn std::error::Error) -> String {
+/// An error and its causes on one line, for an error reply (`ENOSPC` when one of the causes is
+/// a full file system).
+fn describe(err: &(dyn std::error::Error + 'static)) -> Failure {
     let mut out = err.to_string();
-    let mut cause = err.source();
+    let mut errno = errno::EIO;
+    let mut cause = Some(err);
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && errno_of(io) == errno::ENOSPC
+        {
+            errno = errno::ENOSPC;
+        }
+        if !std::ptr::eq(c, err) {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+        }
         cause = c.source();
     }
-    out
+    Failure {
+        errno,
+        message: out,
+    }
 }
 
 /// `base:allocation` flags of an extent: unallocated in the whole chain is a hole that reads as

@@ -36,7 +36,8 @@
 //!   `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_TRIM` and `NBD_CMD_FLUSH` go to an [`Overlay`] file and
 //!   never to the backup; `READ_ONLY` is not advertised, `SEND_FUA`, `SEND_TRIM` and
 //!   `SEND_WRITE_ZEROES` are. A write past the end gets `ENOSPC`, a trim past it `EINVAL`
-//!   (proto.md "Error values"), and the connection goes on.
+//!   (proto.md "Error values"), and the connection goes on. A write or flush the overlay's
+//!   file system has no room for gets `ENOSPC` too, other failures `EIO`.
 //!
 //! # Client
 //!

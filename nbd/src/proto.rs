@@ -158,7 +158,8 @@ pub mod errno {
     pub const EIO: u32 = 5;
     /// `EINVAL`: bad offset, length or flags.
     pub const EINVAL: u32 = 22;
-    /// `ENOSPC`: a write past the end of the export.
+    /// `ENOSPC`: a write past the end of the export, or one the overlay's file system has no
+    /// room for.
     pub const ENOSPC: u32 = 28;
 }
 

@@ -66,7 +66,7 @@ impl Transmission<'_> {
         });
         let flushed = self.export.flush();
         result?;
-        flushed.map_err(|what| Error::Overlay { what })
+        flushed.map_err(|why| Error::Overlay { what: why.message })
     }
 
     /// One serving thread: takes the next request, answers it, and again, until the
@@ -152,7 +152,7 @@ impl Transmission<'_> {
             cmd::BLOCK_STATUS => self.block_status(&mut reply, request)?,
             cmd::FLUSH => match self.export.flush() {
                 Ok(()) => self.reply_error(&mut reply, request, 0, "")?,
-                Err(why) => self.reply_error(&mut reply, request, errno::EIO, &why)?,
+                Err(why) => self.reply_error(&mut reply, request, why.errno, &why)?,
             },
             cmd::WRITE => {
                 let payload = buffer.get(..request.length as usize).unwrap_or_default();
@@ -190,7 +190,7 @@ impl Transmission<'_> {
             .write(request.offset, u64::from(request.length), payload, fua)
         {
             Ok(()) => self.reply_error(reply, request, 0, ""),
-            Err(why) => self.reply_error(reply, request, errno::EIO, &why),
+            Err(why) => self.reply_error(reply, request, why.errno, &why),
         }
     }
 
