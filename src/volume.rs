@@ -387,17 +387,57 @@ fn partial_path(dest: &Path) -> std::path::PathBuf {
     name.into()
 }
 
-/// Opens a block device in place, or creates/truncates a regular file.
+/// Opens a block device in place, or creates/truncates a regular file, holding an exclusive
+/// `flock` on it while the returned file is open.
+///
+/// Two restores into one destination (a retried datamover while the first still runs) would
+/// otherwise share its partial file: the second's truncation would cut the first's writes,
+/// and the first would rename a file with holes into place and report success. The second
+/// now fails at once ("another restore is writing it"); a killed restore's lock goes with its
+/// process. Where the file system offers no locks (NFS mounted `nolock`), the file is opened
+/// as before.
 pub fn open_destination(path: &Path) -> Result<File> {
     let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if !device {
-        options.create(true).truncate(true);
+    if device {
+        return OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error(path, "opening the destination", e));
     }
-    options
-        .open(path)
-        .map_err(|e| io_error(path, "opening the destination", e))
+    loop {
+        // Not truncated before the lock is ours: that would cut another restore's writes.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io_error(path, "opening the destination", e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) | Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io_error(
+                    path,
+                    "another restore is writing it",
+                    rustix::io::Errno::WOULDBLOCK.into(),
+                ));
+            }
+            Err(e) => return Err(io_error(path, "locking the destination", e.into())),
+        }
+        // The restore that held the lock may have renamed the file into place meanwhile: then
+        // the name is a new file, and this one is not to be touched.
+        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            a.dev() == b.dev() && a.ino() == b.ino()
+        };
+        let held = file
+            .metadata()
+            .map_err(|e| io_error(path, "reading the destination's metadata", e))?;
+        if std::fs::metadata(path).is_ok_and(|named| same(&held, &named)) {
+            file.set_len(0)
+                .map_err(|e| io_error(path, "truncating the destination", e))?;
+            return Ok(file);
+        }
+    }
 }
 
 /// The committed backups of `volume`, or of every volume, oldest first.

@@ -2,7 +2,8 @@
 //! (an OOM kill, a node drain): onto a file, the destination is never half restored (it still
 //! holds what it held before, or the whole point), and onto a block device the next restore
 //! puts every byte right whatever the killed one left. Each time, the next restore succeeds
-//! and is exact, and no partial file is left.
+//! and is exact, and no partial file is left. And two restores into one file, one of them
+//! stopped while it writes, never write it at once.
 //!
 //! The device leg needs root for `losetup`; without it that leg says so and passes, except
 //! under `CI`.
@@ -193,4 +194,111 @@ fn a_restore_onto_a_device_killed_at_any_moment_is_put_right_by_the_next() {
         killed >= 3,
         "only {killed} of the restores were killed before they finished"
     );
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit(") ").next()?.split(' ').next()?.to_owned();
+            Some(state == "T")
+        })
+        .unwrap_or(false)
+}
+
+/// Starts a restore of `id` into `dest` and stops it (SIGSTOP) once it holds the partial file.
+fn stopped_restore(target: &str, id: &str, dest: &Path) -> Held {
+    let partial = dest.with_extension("raw.partial");
+    let child = strata_command()
+        .args([
+            "restore", "--target", target, "--volume", "vol", "--backup", id, "-q",
+        ])
+        .arg(dest)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start restore");
+    let held = Held(child);
+    let started = Instant::now();
+    while !partial.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no partial file"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = held.0.id().to_string();
+    ok(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .output()
+        .expect("kill"));
+    while !stopped(held.0.id()) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    held
+}
+
+/// A restore the test holds; killed if the test ends first, so no stopped process outlives it.
+struct Held(std::process::Child);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_restores_into_one_file_never_write_it_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (target, [(first_id, first), (second_id, second)]) = two_points(dir.path());
+    let dest = dir.path().join("restored.raw");
+    restore(&target, &first_id, &dest);
+
+    // A restore of the second point holds the partial file (stopped there, as a datamover on
+    // a partitioned node may be); a second restore into the same file fails at once, on one
+    // line, and touches neither file.
+    let mut held = stopped_restore(&target, &second_id, &dest);
+    let out = strata(&[
+        "restore",
+        "--target",
+        &target,
+        "--volume",
+        "vol",
+        "--backup",
+        &first_id,
+        "-q",
+        s(&dest),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second restore wrote the same file"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("another restore is writing it"), "{stderr}");
+    assert!(
+        std::fs::read(&dest).expect("read") == first,
+        "the destination changed"
+    );
+    let pid = held.0.id().to_string();
+    ok(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .output()
+        .expect("kill"));
+    assert!(
+        held.0.wait().expect("wait").success(),
+        "the first restore failed"
+    );
+    assert!(
+        std::fs::read(&dest).expect("read") == second,
+        "the first restore's file is not whole"
+    );
+
+    // A restore killed while it holds the file does not block the next one.
+    let mut held = stopped_restore(&target, &first_id, &dest);
+    held.0.kill().expect("SIGKILL");
+    held.0.wait().expect("wait");
+    restore(&target, &first_id, &dest);
+    assert!(std::fs::read(&dest).expect("read") == first);
 }
