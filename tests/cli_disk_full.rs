@@ -13,7 +13,7 @@ mod strata_bin;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use strata_bin::{noise, ok, s, strata};
+use strata_bin::{backup_vol, listing, noise, ok, restore_command, s, strata};
 
 const VOLUME: usize = 8 << 20;
 
@@ -82,33 +82,10 @@ fn assert_fails_for_want_of_room(out: &Output, what: &str) {
     );
 }
 
-/// The committed backups of volume `vol` as (id, parent), oldest first.
-fn listing(target: &str) -> Vec<(String, Option<String>)> {
-    let out = ok(strata(&["list", "--target", target, "--output", "json"]));
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list json");
-    entries
-        .iter()
-        .map(|e| {
-            (
-                e["id"].as_str().expect("id").to_string(),
-                e["parent"].as_str().map(str::to_string),
-            )
-        })
-        .collect()
-}
-
 fn restore(target: &str, id: &str, dest: &Path) -> Output {
-    strata(&[
-        "restore",
-        "--target",
-        target,
-        "--volume",
-        "vol",
-        "--backup",
-        id,
-        "-q",
-        s(dest),
-    ])
+    restore_command(target, id, dest)
+        .output()
+        .expect("run strata")
 }
 
 #[test]
@@ -122,17 +99,7 @@ fn a_backup_that_fills_its_folder_target_fails_cleanly_and_the_next_one_chains_o
     let volume = work.path().join("volume.raw");
     let first = noise(VOLUME, 1);
     std::fs::write(&volume, &first).expect("volume");
-    let backup = || {
-        strata(&[
-            "backup",
-            "--target",
-            &target,
-            "--volume",
-            "vol",
-            "-q",
-            s(&volume),
-        ])
-    };
+    let backup = || backup_vol(&target, &volume);
     ok(backup());
     let committed = listing(&target);
     assert_eq!(committed.len(), 1);
@@ -185,15 +152,7 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
     let volume = work.path().join("volume.raw");
     let content = noise(VOLUME, 3);
     std::fs::write(&volume, &content).expect("volume");
-    ok(strata(&[
-        "backup",
-        "--target",
-        &target,
-        "--volume",
-        "vol",
-        "-q",
-        s(&volume),
-    ]));
+    ok(backup_vol(&target, &volume));
     let id = listing(&target)[0].0.clone();
     let Some(disk) = Tmpfs::mount("4m") else {
         return;

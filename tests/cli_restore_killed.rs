@@ -17,7 +17,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use strata_bin::{noise, ok, s, strata, strata_command};
+use strata_bin::{backup_vol, listing, noise, ok, restore_command, s};
 
 const VOLUME: usize = 48 << 20;
 
@@ -32,15 +32,7 @@ fn two_points(dir: &Path) -> (String, [(String, Vec<u8>); 2]) {
     let mut content = noise(VOLUME, 11);
     std::fs::write(&volume, &content).expect("volume");
     let backup = || {
-        ok(strata(&[
-            "backup",
-            "--target",
-            &target,
-            "--volume",
-            "vol",
-            "-q",
-            s(&volume),
-        ]));
+        ok(backup_vol(&target, &volume));
     };
     backup();
     let first = content.clone();
@@ -57,20 +49,15 @@ fn two_points(dir: &Path) -> (String, [(String, Vec<u8>); 2]) {
     file.write_all_at(&zeros, 20 << 20).expect("zero");
     content[20 << 20..24 << 20].fill(0);
     backup();
-    let list = ok(strata(&["list", "--target", &target, "--output", "json"]));
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&list).expect("list json");
-    let id = |i: usize| entries[i]["id"].as_str().expect("id").to_string();
+    let ids = listing(&target);
+    let id = |i: usize| ids[i].0.clone();
     (target, [(id(0), first), (id(1), content)])
 }
 
 /// Starts `strata restore` of `id` into `dest`, kills it after `after`, and returns whether it
 /// had finished (successfully) first.
 fn restore_killed_after(target: &str, id: &str, dest: &Path, after: Duration) -> bool {
-    let mut child = strata_command()
-        .args([
-            "restore", "--target", target, "--volume", "vol", "--backup", id, "-q",
-        ])
-        .arg(dest)
+    let mut child = restore_command(target, id, dest)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("start restore");
@@ -91,18 +78,22 @@ fn restore_killed_after(target: &str, id: &str, dest: &Path, after: Duration) ->
     }
 }
 
+/// Most kills must land before the restore finished, or the test tests nothing.
+fn assert_enough_were_killed(killed: usize) {
+    eprintln!(
+        "{killed} of {} restores killed before they finished",
+        MOMENTS_MS.len()
+    );
+    assert!(
+        killed >= 3,
+        "only {killed} of the restores were killed before they finished"
+    );
+}
+
 fn restore(target: &str, id: &str, dest: &Path) {
-    ok(strata(&[
-        "restore",
-        "--target",
-        target,
-        "--volume",
-        "vol",
-        "--backup",
-        id,
-        "-q",
-        s(dest),
-    ]));
+    ok(restore_command(target, id, dest)
+        .output()
+        .expect("run strata"));
 }
 
 #[test]
@@ -145,14 +136,7 @@ fn a_restore_killed_at_any_moment_never_leaves_a_half_restored_file() {
             "a partial file is left after the restore that followed"
         );
     }
-    eprintln!(
-        "{killed} of {} restores killed before they finished",
-        MOMENTS_MS.len()
-    );
-    assert!(
-        killed >= 3,
-        "only {killed} of the restores were killed before they finished"
-    );
+    assert_enough_were_killed(killed);
 }
 
 #[test]
@@ -186,14 +170,7 @@ fn a_restore_onto_a_device_killed_at_any_moment_is_put_right_by_the_next() {
         file.write_all_at(&first, 0).expect("write the old content");
         file.sync_all().expect("sync");
     }
-    eprintln!(
-        "{killed} of {} restores killed before they finished",
-        MOMENTS_MS.len()
-    );
-    assert!(
-        killed >= 3,
-        "only {killed} of the restores were killed before they finished"
-    );
+    assert_enough_were_killed(killed);
 }
 
 /// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
@@ -210,11 +187,7 @@ fn stopped(pid: u32) -> bool {
 /// Starts a restore of `id` into `dest` and stops it (SIGSTOP) once it holds the partial file.
 fn stopped_restore(target: &str, id: &str, dest: &Path) -> Held {
     let partial = dest.with_extension("raw.partial");
-    let child = strata_command()
-        .args([
-            "restore", "--target", target, "--volume", "vol", "--backup", id, "-q",
-        ])
-        .arg(dest)
+    let child = restore_command(target, id, dest)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("start restore");
@@ -259,17 +232,9 @@ fn two_restores_into_one_file_never_write_it_at_once() {
     // a partitioned node may be); a second restore into the same file fails at once, on one
     // line, and touches neither file.
     let mut held = stopped_restore(&target, &second_id, &dest);
-    let out = strata(&[
-        "restore",
-        "--target",
-        &target,
-        "--volume",
-        "vol",
-        "--backup",
-        &first_id,
-        "-q",
-        s(&dest),
-    ]);
+    let out = restore_command(&target, &first_id, &dest)
+        .output()
+        .expect("run strata");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

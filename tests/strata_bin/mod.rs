@@ -81,3 +81,42 @@ pub fn assert_valid_manifests(text: &str, documents: usize) {
         "{report}"
     );
 }
+
+/// `strata restore` of backup `id` of volume `vol` in `target` into `dest`, not yet run.
+pub fn restore_command(target: &str, id: &str, dest: &Path) -> Command {
+    let mut command = strata_command();
+    command
+        .args([
+            "restore", "--target", target, "--volume", "vol", "--backup", id, "-q",
+        ])
+        .arg(dest);
+    command
+}
+
+/// `strata backup` of `source` into volume `vol` of `target`, run.
+pub fn backup_vol(target: &str, source: &Path) -> Output {
+    strata(&[
+        "backup",
+        "--target",
+        target,
+        "--volume",
+        "vol",
+        "-q",
+        s(source),
+    ])
+}
+
+/// The committed backups in `target` as (id, parent), oldest first (`strata list`).
+pub fn listing(target: &str) -> Vec<(String, Option<String>)> {
+    let out = ok(strata(&["list", "--target", target, "--output", "json"]));
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list json");
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_string(),
+                e["parent"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
