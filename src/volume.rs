@@ -404,7 +404,8 @@ pub fn open_destination(path: &Path) -> Result<File> {
             .open(path)
             .map_err(|e| io_error(path, "opening the destination", e));
     }
-    loop {
+    // A few tries: each is lost only to a restore that renamed the file away meanwhile.
+    for _ in 0..8 {
         // Not truncated before the lock is ours: that would cut another restore's writes.
         let file = OpenOptions::new()
             .write(true)
@@ -438,6 +439,11 @@ pub fn open_destination(path: &Path) -> Result<File> {
             return Ok(file);
         }
     }
+    Err(io_error(
+        path,
+        "other restores keep replacing it",
+        std::io::ErrorKind::ResourceBusy.into(),
+    ))
 }
 
 /// The committed backups of `volume`, or of every volume, oldest first.
