@@ -13,7 +13,7 @@ mod strata_bin;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use strata_bin::{backup_vol, listing, noise, ok, restore_command, s, strata};
+use strata_bin::{KillOnDrop, backup_vol, listing, noise, ok, restore_command, s, strata};
 
 const VOLUME: usize = 8 << 20;
 
@@ -170,7 +170,11 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
 }
 
 /// `strata serve-image IMAGE --writable-overlay OVERLAY` on 127.0.0.1, killed when dropped.
-struct Served(std::process::Child, String);
+struct Served {
+    /// Held for its drop: the server is killed with it.
+    _server: KillOnDrop,
+    url: String,
+}
 
 impl Served {
     fn start(image: &Path, overlay: &Path) -> Self {
@@ -192,7 +196,10 @@ impl Served {
             .unwrap_or_default()
             .to_owned();
         assert!(url.starts_with("nbd://127.0.0.1:"), "{line}");
-        Self(child, url)
+        Self {
+            _server: KillOnDrop(child),
+            url,
+        }
     }
 
     /// qemu-io `commands` on the export: its status and what it printed.
@@ -202,17 +209,10 @@ impl Served {
         for c in commands {
             cmd.args(["-c", c]);
         }
-        let out = cmd.arg(&self.1).output().expect("run qemu-io");
+        let out = cmd.arg(&self.url).output().expect("run qemu-io");
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.success() && !text.contains("failed"), text)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

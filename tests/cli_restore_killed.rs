@@ -17,7 +17,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use strata_bin::{backup_vol, listing, noise, ok, restore_command, s};
+use strata_bin::{KillOnDrop, backup_vol, listing, noise, ok, restore_command, s};
 
 const VOLUME: usize = 48 << 20;
 
@@ -185,13 +185,13 @@ fn stopped(pid: u32) -> bool {
 }
 
 /// Starts a restore of `id` into `dest` and stops it (SIGSTOP) once it holds the partial file.
-fn stopped_restore(target: &str, id: &str, dest: &Path) -> Held {
+fn stopped_restore(target: &str, id: &str, dest: &Path) -> KillOnDrop {
     let partial = dest.with_extension("raw.partial");
     let child = restore_command(target, id, dest)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("start restore");
-    let held = Held(child);
+    let held = KillOnDrop(child);
     let started = Instant::now();
     while !partial.exists() {
         assert!(
@@ -209,16 +209,6 @@ fn stopped_restore(target: &str, id: &str, dest: &Path) -> Held {
         std::thread::sleep(Duration::from_millis(1));
     }
     held
-}
-
-/// A restore the test holds; killed if the test ends first, so no stopped process outlives it.
-struct Held(std::process::Child);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -120,3 +120,14 @@ pub fn listing(target: &str) -> Vec<(String, Option<String>)> {
         })
         .collect()
 }
+
+/// A child process killed (and reaped) when dropped, so none outlives a failed test (a stopped
+/// one would keep the test's output open).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
