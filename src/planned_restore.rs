@@ -24,9 +24,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Mutex, mpsc};
+use std::sync::mpsc;
 
-use strata_qcow2::{DeviceZeroer, Extent, ExtentKind, HydrateStats, Image};
+use strata_qcow2::{DeviceZeroer, Extent, ExtentKind, HydrateStats, Image, WriteBehind};
 use strata_target::{FetchPlanner, Fetched, InFlight, Part, PartStorage, TargetOptions};
 
 use crate::volume::{Error, Result};
@@ -71,17 +71,7 @@ pub(crate) fn restore_planned(
     // Written data is flushed in the background while the fetch goes on, so the final flush
     // of the file (or device) waits for the tail only and the disk's writes overlap the
     // network's reads.
-    let flush_failed = Mutex::new(None);
-    let (flush, flush_requests) = mpsc::sync_channel::<()>(1);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for () in flush_requests {
-                if let Err(e) = dest.sync_data() {
-                    *flush_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                    return;
-                }
-            }
-        });
+    let (stats, flushed) = strata_qcow2::write_behind(dest, |behind| {
         let mut fetch = Fetch {
             storage,
             image,
@@ -94,33 +84,22 @@ pub(crate) fn restore_planned(
             buf: Vec::new(),
             stats: HydrateStats::default(),
             done_bytes: 0,
-            flush,
-            unflushed: 0,
+            behind,
             zeroer: zero_device.then(|| DeviceZeroer::new(dest, dest_name)),
             zeros: None,
         };
         let piece_max = (part_size - part_size % cluster).max(cluster);
         let planner = FetchPlanner::new(part_size, options.fetch_gap as u64);
         fetch.run(planner, piece_max, progress)
-        // Dropping `fetch` cancels what is in flight and ends the flusher.
-    })
-    .map(|stats| {
-        (
-            stats,
-            flush_failed.into_inner().unwrap_or_else(|e| e.into_inner()),
-        )
-    })
-    .and_then(|(stats, failed)| match failed {
-        Some(e) => Err(io("flushing restored data")(e)),
-        None => Ok(stats),
-    })
-    .inspect(|_| progress(size))
-    .and_then(|stats| {
-        if device {
-            dest.sync_data().map_err(io("flushing the device"))?;
-        }
-        Ok(stats)
-    })
+        // Dropping `fetch` cancels what is in flight.
+    });
+    let stats = stats?;
+    flushed.map_err(io("flushing restored data"))?;
+    progress(size);
+    if device {
+        dest.sync_data().map_err(io("flushing the device"))?;
+    }
+    Ok(stats)
 }
 
 /// What a restore writes into.
@@ -135,9 +114,6 @@ pub(crate) enum DestKind {
 /// Guest bytes whose map is resolved at once: the extents of one window are held (at most
 /// one per cluster, 16,384 at 64 KiB clusters), never the whole volume's.
 const WALK_WINDOW: u64 = 1 << 30;
-
-/// Bytes written between background flushes.
-const FLUSH_EVERY: u64 = 32 << 20;
 
 /// A part as it arrives, or why its GET failed.
 type Arrived = strata_target::Result<Fetched<Extent>>;
@@ -157,10 +133,8 @@ struct Fetch<'a> {
     stats: HydrateStats,
     /// Guest bytes written or known to read as zeros.
     done_bytes: u64,
-    /// Asks the flusher to flush what is written.
-    flush: mpsc::SyncSender<()>,
-    /// Bytes written since the last flush request.
-    unflushed: u64,
+    /// Counts what is written, for the background flushes.
+    behind: &'a WriteBehind,
     /// Zeroes the device's zero ranges, when it may not read zeros.
     zeroer: Option<DeviceZeroer<'a>>,
     /// The zero range met and not yet zeroed (guest start, end).
@@ -237,11 +211,7 @@ impl Fetch<'_> {
             let zeroed = zeroer.zero(start, end - start)?;
             self.stats.zeroed_bytes += zeroed.zeroed_bytes;
             self.stats.written_bytes += zeroed.written_bytes;
-            self.unflushed += zeroed.written_bytes;
-            if self.unflushed >= FLUSH_EVERY {
-                let _ = self.flush.try_send(());
-                self.unflushed = 0;
-            }
+            self.behind.wrote(zeroed.written_bytes);
         }
         Ok(())
     }
@@ -300,15 +270,10 @@ impl Fetch<'_> {
                 source,
             })?;
             self.stats.written_bytes += written;
-            self.unflushed += written;
+            self.behind.wrote(written);
             self.done_bytes += piece.length;
         }
         drop(part);
-        if self.unflushed >= FLUSH_EVERY {
-            // A flush under way already covers this; a stopped flusher left its error.
-            let _ = self.flush.try_send(());
-            self.unflushed = 0;
-        }
         progress(self.done_bytes);
         Ok(())
     }

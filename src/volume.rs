@@ -348,8 +348,13 @@ pub fn restore_volume_with(
             ),
             &mut reached,
         ),
-        None => hydrate_with(&chain.image, &out, &written_name, options, &mut reached)
-            .map_err(Error::from),
+        None => {
+            // Flushed as it is written, so the flush before the rename waits for the tail.
+            let mut options = *options;
+            options.flush = true;
+            hydrate_with(&chain.image, &out, &written_name, &options, &mut reached)
+                .map_err(Error::from)
+        }
     }
     .map_err(|e| chain.name_damage(e))
     .and_then(|stats| {

@@ -22,6 +22,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result, io_err};
 use crate::image::Image;
+use crate::io::{WriteBehind, write_behind};
 use crate::map::Extent;
 use crate::offset::{GuestOffset, GuestRange};
 use crate::pipeline::{Buffer, Pipeline, Tasks};
@@ -51,6 +52,9 @@ pub struct HydrateOptions {
     /// The destination already reads as zeros everywhere (a new regular file always does; a
     /// block device only when its provider guarantees it): zero ranges are left alone.
     pub target_is_zero: bool,
+    /// Flush a regular file's data before returning, as a block device's always is (a restore
+    /// does; a conversion, like `qemu-img convert`'s default, leaves it to the kernel).
+    pub flush: bool,
 }
 
 /// Writes the whole virtual disk of `image` into `dest`.
@@ -71,7 +75,9 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
 /// a regular file is written by this thread in order, only its non-zero 4 KiB blocks, as
 /// writes to one file serialize on its inode lock anyway (on a tmpfs, four writers spent a
 /// sixth of the CPU time spinning on it). Progress is the end of the finished prefix: jobs are
-/// planned in guest order.
+/// planned in guest order. A block device (and a regular file with [`HydrateOptions::flush`])
+/// is flushed before this returns, written behind ([`write_behind`](crate::write_behind)): a
+/// flush every [`FLUSH_EVERY`](crate::FLUSH_EVERY) bytes on a thread of its own.
 /// Memory: six 4 MiB buffers besides the reader's caches.
 pub fn hydrate_with_progress(
     image: &Image,
@@ -107,38 +113,53 @@ pub fn hydrate_with(
         dest.set_len(size)
             .map_err(|e| io_err(dest_name, "setting the file size", e))?;
     }
-    let output = Output {
-        dest,
-        dest_name,
-        device,
-        zeroer: DeviceZeroer::new(dest, dest_name),
-    };
     let zero_ranges = device && !options.target_is_zero;
-    let mut stats = HydrateStats::default();
-    Pipeline::new(WORKERS, RUN_BYTES).run(
-        |tasks| plan_runs(image, size, zero_ranges, tasks),
-        || Ok(()),
-        |(), job, buf| output.run(image, job, buf),
-        |done: Done, buf| {
-            // A regular file's data is written here, in order: writes to one file take its
-            // inode lock, so writers on several threads would only wait for each other.
-            for span in &done.spans {
-                let bytes = buf.bytes().get(span.clone()).unwrap_or_default();
-                output.write(bytes, done.start + span.start as u64)?;
-                stats.written_bytes += bytes.len() as u64;
-            }
-            stats.data_bytes += done.data_bytes;
-            stats.written_bytes += done.written_bytes;
-            stats.zeroed_bytes += done.zeroed_bytes;
-            progress(done.end.get());
-            Ok(())
-        },
-    )?;
-    progress(size);
-    if device {
-        dest.sync_data()
-            .map_err(|e| io_err(dest_name, "flushing the device", e))?;
+    let mut run = |behind: Option<&WriteBehind>| {
+        let output = Output {
+            dest,
+            dest_name,
+            device,
+            zeroer: DeviceZeroer::new(dest, dest_name),
+            behind,
+        };
+        let mut stats = HydrateStats::default();
+        Pipeline::new(WORKERS, RUN_BYTES).run(
+            |tasks| plan_runs(image, size, zero_ranges, tasks),
+            || Ok(()),
+            |(), job, buf| output.run(image, job, buf),
+            |done: Done, buf| {
+                // A regular file's data is written here, in order: writes to one file take its
+                // inode lock, so writers on several threads would only wait for each other.
+                for span in &done.spans {
+                    let bytes = buf.bytes().get(span.clone()).unwrap_or_default();
+                    output.write(bytes, done.start + span.start as u64)?;
+                    stats.written_bytes += bytes.len() as u64;
+                }
+                stats.data_bytes += done.data_bytes;
+                stats.written_bytes += done.written_bytes;
+                stats.zeroed_bytes += done.zeroed_bytes;
+                progress(done.end.get());
+                Ok(())
+            },
+        )?;
+        Ok(stats)
+    };
+    if !(device || options.flush) {
+        let stats = run(None)?;
+        progress(size);
+        return Ok(stats);
     }
+    // Flushed as it is written (`write_behind`), so the last flush waits for the tail only.
+    let (stats, flushed) = write_behind(dest, |behind| run(Some(behind)));
+    let flushing = match device {
+        true => "flushing the device",
+        false => "flushing written data",
+    };
+    let stats = stats?;
+    flushed.map_err(|e| io_err(dest_name, flushing, e))?;
+    progress(size);
+    dest.sync_data()
+        .map_err(|e| io_err(dest_name, flushing, e))?;
     Ok(stats)
 }
 
@@ -240,6 +261,8 @@ struct Output<'a> {
     dest_name: &'a str,
     device: bool,
     zeroer: DeviceZeroer<'a>,
+    /// Counts what is written, for the background flushes.
+    behind: Option<&'a WriteBehind>,
 }
 
 impl Output<'_> {
@@ -259,6 +282,9 @@ impl Output<'_> {
                     zeroed_bytes: 0,
                 };
                 let zeroed = self.zeroer.zero(range.start.get(), range.len())?;
+                if let Some(behind) = self.behind {
+                    behind.wrote(zeroed.written_bytes);
+                }
                 done.zeroed_bytes = zeroed.zeroed_bytes;
                 done.written_bytes = zeroed.written_bytes;
                 return Ok(done);
@@ -293,7 +319,11 @@ impl Output<'_> {
 
     fn write(&self, bytes: &[u8], offset: GuestOffset) -> Result<()> {
         crate::io::write_all_at(self.dest, bytes, offset.get())
-            .map_err(|e| io_err(self.dest_name, format!("writing at {offset}"), e))
+            .map_err(|e| io_err(self.dest_name, format!("writing at {offset}"), e))?;
+        if let Some(behind) = self.behind {
+            behind.wrote(bytes.len() as u64);
+        }
+        Ok(())
     }
 }
 

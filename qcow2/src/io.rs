@@ -11,7 +11,8 @@
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 /// Positional reads from an immutable byte source (a file, an object, a buffer).
 pub trait ReadAt: Send + Sync {
@@ -217,6 +218,60 @@ impl<W: std::io::Write> std::io::Write for ChunkedWriter<W> {
     }
 }
 
+/// Bytes written between the background flushes of a [`WriteBehind`].
+pub const FLUSH_EVERY: u64 = 32 << 20;
+
+/// Flushes a file's written data (`fdatasync`) on a thread of its own every [`FLUSH_EVERY`]
+/// bytes, so the device writes back while more is read and written, and the flush that ends
+/// the job waits for the tail only. Made by [`write_behind`]; writers report what they wrote
+/// with [`WriteBehind::wrote`], from any thread.
+///
+/// A flush that fails stops the flusher and is returned by [`write_behind`]: the kernel reports
+/// a writeback error to each open file once, so a later flush could succeed and hide it.
+#[derive(Debug)]
+pub struct WriteBehind {
+    requests: mpsc::SyncSender<()>,
+    unflushed: AtomicU64,
+}
+
+impl WriteBehind {
+    /// Counts `bytes` written; past [`FLUSH_EVERY`] since the last request, asks for a flush
+    /// (one asked for and not yet started covers these bytes too, so at most one waits).
+    pub fn wrote(&self, bytes: u64) {
+        let before = self.unflushed.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes >= FLUSH_EVERY && self.unflushed.swap(0, Ordering::Relaxed) >= FLUSH_EVERY
+        {
+            // Full: a flush is asked for already. Gone: the flusher stopped on an error, which
+            // `write_behind` returns.
+            let _ = self.requests.try_send(());
+        }
+    }
+}
+
+/// Runs `body` with a [`WriteBehind`] flushing `file`, and returns what `body` returned and the
+/// first background flush's error, if one failed. The caller still flushes at the end.
+pub fn write_behind<T>(file: &File, body: impl FnOnce(&WriteBehind) -> T) -> (T, io::Result<()>) {
+    let failed = Mutex::new(Ok(()));
+    let (requests, asked) = mpsc::sync_channel::<()>(1);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for () in asked {
+                if let Err(e) = file.sync_data() {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Err(e);
+                    return;
+                }
+            }
+        });
+        let behind = WriteBehind {
+            requests,
+            unflushed: AtomicU64::new(0),
+        };
+        body(&behind)
+        // Dropping `behind` ends the flusher, which the scope then joins.
+    });
+    (out, failed.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -266,5 +321,46 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 0).unwrap();
         assert!(back[..4093].iter().all(|&b| b == 0));
         assert_eq!(&back[4093..], &data[..]);
+    }
+
+    /// `/dev/null` refuses `fdatasync` (EINVAL), so a flush asked of it fails.
+    fn unflushable() -> File {
+        File::options().write(true).open("/dev/null").unwrap()
+    }
+
+    #[test]
+    fn write_behind_returns_a_background_flush_that_failed() {
+        let file = unflushable();
+        let (out, flushed) = write_behind(&file, |behind| {
+            // From several threads, in pieces that add up to the threshold.
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        for _ in 0..8 {
+                            behind.wrote(FLUSH_EVERY / 32);
+                        }
+                    });
+                }
+            });
+            "body's value"
+        });
+        assert_eq!(out, "body's value");
+        let error = flushed.expect_err("the flush of /dev/null fails");
+        assert_eq!(error.raw_os_error(), Some(libc_einval()));
+    }
+
+    #[test]
+    fn write_behind_asks_for_no_flush_below_the_threshold() {
+        let file = unflushable();
+        let (out, flushed) = write_behind(&file, |behind| {
+            behind.wrote(FLUSH_EVERY - 1);
+            7
+        });
+        assert_eq!(out, 7);
+        flushed.expect("nothing was flushed, so nothing failed");
+    }
+
+    fn libc_einval() -> i32 {
+        rustix::io::Errno::INVAL.raw_os_error()
     }
 }

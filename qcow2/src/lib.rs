@@ -118,7 +118,10 @@ pub use hydrate::{
     hydrate_with_progress, nonzero_spans,
 };
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};
-pub use io::{ChunkedWriter, ImageSink, LocalStorage, ReadAt, Storage, WRITE_CHUNK, write_all_at};
+pub use io::{
+    ChunkedWriter, FLUSH_EVERY, ImageSink, LocalStorage, ReadAt, Storage, WRITE_CHUNK, WriteBehind,
+    write_all_at, write_behind,
+};
 pub use map::{Extent, ExtentKind};
 pub use offset::{GuestOffset, GuestRange, HostOffset};
 
