@@ -26,7 +26,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::mpsc;
 
-use strata_qcow2::{DeviceZeroer, Extent, ExtentKind, HydrateStats, Image, WriteBehind};
+use strata_qcow2::pipeline::Buffer;
+use strata_qcow2::{
+    DeviceWriter, DeviceZeroer, Extent, ExtentKind, HydrateStats, Image, WriteBehind,
+};
 use strata_target::{FetchPlanner, Fetched, InFlight, Part, PartStorage, TargetOptions};
 
 use crate::volume::{Error, Result};
@@ -81,11 +84,12 @@ pub(crate) fn restore_planned(
             in_flight: HashMap::new(),
             unwritten: 0,
             channel: mpsc::channel(),
-            buf: Vec::new(),
+            buf: Buffer::new(0),
             stats: HydrateStats::default(),
             done_bytes: 0,
             behind,
             zeroer: zero_device.then(|| DeviceZeroer::new(dest, dest_name)),
+            device: device.then(|| DeviceWriter::new(dest)),
             zeros: None,
         };
         let piece_max = (part_size - part_size % cluster).max(cluster);
@@ -129,7 +133,7 @@ struct Fetch<'a> {
     /// Parts started and not yet written.
     unwritten: usize,
     channel: (mpsc::Sender<Arrived>, mpsc::Receiver<Arrived>),
-    buf: Vec<u8>,
+    buf: Buffer,
     stats: HydrateStats,
     /// Guest bytes written or known to read as zeros.
     done_bytes: u64,
@@ -137,6 +141,8 @@ struct Fetch<'a> {
     behind: &'a WriteBehind,
     /// Zeroes the device's zero ranges, when it may not read zeros.
     zeroer: Option<DeviceZeroer<'a>>,
+    /// Writes a device's data (direct where it can).
+    device: Option<DeviceWriter<'a>>,
     /// The zero range met and not yet zeroed (guest start, end).
     zeros: Option<(u64, u64)>,
 }
@@ -250,19 +256,17 @@ impl Fetch<'_> {
         self.unwritten -= 1;
         for piece in &part.part.items {
             // The buffer only grows: `read_extent` fills all of the slice it is given, so
-            // zeroing it again for every piece (up to 8 MiB) would be wasted work.
+            // zeroing it again for every piece (up to 8 MiB) would be wasted work. It starts on
+            // a page, so a device's writes from it can go direct.
             let len = piece.length as usize;
-            if self.buf.len() < len {
-                self.buf.resize(len, 0);
-            }
-            let buf = &mut self.buf[..len];
+            let buf = self.buf.resize(len);
             self.image.read_extent(piece, buf)?;
             self.stats.data_bytes += piece.length;
             let offset = piece.start.get();
-            let written = match self.zeroer {
+            let written = match (&self.zeroer, &self.device) {
                 // A device that may hold old bytes gets every byte, zero blocks included.
-                Some(_) => strata_qcow2::write_all_at(self.dest, buf, offset).map(|()| len as u64),
-                None => write_sparse(self.dest, buf, offset),
+                (Some(_), Some(device)) => device.write_all_at(buf, offset).map(|()| len as u64),
+                (_, device) => write_sparse(self.dest, device.as_ref(), buf, offset),
             }
             .map_err(|source| Error::Io {
                 path: self.dest_name.to_owned(),
@@ -282,10 +286,19 @@ impl Fetch<'_> {
 /// Writes the 4 KiB blocks of `buf` that are not all zeros at `offset` on (holes on a regular
 /// file, unwritten on a device known to read zeros), adjacent ones at once; returns the bytes
 /// written.
-fn write_sparse(dest: &File, buf: &[u8], offset: u64) -> std::io::Result<u64> {
+fn write_sparse(
+    dest: &File,
+    device: Option<&DeviceWriter<'_>>,
+    buf: &[u8],
+    offset: u64,
+) -> std::io::Result<u64> {
     let mut written = 0;
     for span in strata_qcow2::nonzero_spans(buf) {
-        strata_qcow2::write_all_at(dest, &buf[span.clone()], offset + span.start as u64)?;
+        let (bytes, at) = (&buf[span.clone()], offset + span.start as u64);
+        match device {
+            Some(device) => device.write_all_at(bytes, at)?,
+            None => strata_qcow2::write_all_at(dest, bytes, at)?,
+        }
         written += span.len() as u64;
     }
     Ok(written)

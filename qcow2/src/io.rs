@@ -188,9 +188,8 @@ pub trait ImageSink {
 /// takes 2 MiB folios. On a VM with free page reporting (virtio-balloon, Firecracker) those come
 /// from the high-order free blocks the guest has handed back to the host, and each first touch
 /// of them faults into the hypervisor: on the 2-core machine here, writing 320 MiB of fresh
-/// page cache with `dd bs=2M` took 2.2 to 2.6 s (most of it system time), and with `bs=1M` 0.14 to
-/// 0.19 s.
-/// Folios of up to 1 MiB keep nearly all of the large-folio gain on bare metal.
+/// page cache with `dd bs=2M` took 2.2 to 2.6 s (most of it system time), and with `bs=1M`
+/// 0.14 to 0.19 s. Folios of up to 1 MiB keep nearly all of the large-folio gain on bare metal.
 pub const WRITE_CHUNK: usize = 1 << 20;
 
 /// `FileExt::write_all_at` in calls of at most [`WRITE_CHUNK`] bytes.

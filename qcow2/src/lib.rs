@@ -114,7 +114,7 @@ pub use check::{CheckFailure, ClusterCheck};
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use hydrate::{
-    DeviceZeroer, HydrateOptions, HydrateStats, Zeroed, hydrate, hydrate_with,
+    DeviceWriter, DeviceZeroer, HydrateOptions, HydrateStats, Zeroed, hydrate, hydrate_with,
     hydrate_with_progress, nonzero_spans,
 };
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use common::Scratch;
 use loop_device::Loop;
-use strata_qcow2::{HydrateOptions, Image, hydrate_with};
+use strata_qcow2::{DeviceWriter, HydrateOptions, Image, hydrate_with};
 
 const SIZE: u64 = 64 << 20;
 
@@ -115,4 +115,81 @@ fn target_is_zero_leaves_zero_ranges_alone() {
     assert!(content[1 << 20..3 << 20].iter().all(|&b| b == 0xee));
     assert!(content[6 << 20..7 << 20] == expected[6 << 20..7 << 20]);
     assert!(content[8 << 20..].iter().all(|&b| b == 0xee));
+}
+
+/// The flags of this process's descriptors open on `path`, from `/proc/self/fdinfo`.
+fn open_flags_of(path: &std::path::Path) -> Vec<u32> {
+    let mut flags = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .flatten()
+    {
+        if std::fs::read_link(entry.path()).ok().as_deref() != Some(path) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(octal) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+            flags.push(u32::from_str_radix(octal.trim(), 8).expect("octal flags"));
+        }
+    }
+    flags
+}
+
+#[test]
+fn aligned_device_writes_go_around_the_page_cache_and_the_rest_through_it() {
+    const O_DIRECT: u32 = 0o40000;
+    let s = Scratch::new();
+    let Some((dev, device)) = garbage_device(&s) else {
+        return;
+    };
+    let writer = DeviceWriter::new(&device);
+    assert!(writer.is_direct(), "a loop device takes O_DIRECT");
+    let direct_fds = open_flags_of(std::path::Path::new(&dev.device))
+        .into_iter()
+        .filter(|f| f & O_DIRECT != 0)
+        .count();
+    assert_eq!(
+        direct_fds, 1,
+        "one descriptor of the device is open with O_DIRECT"
+    );
+    // Page-aligned memory, a whole number of blocks at a block-aligned offset: direct.
+    let mut memory = vec![0u8; (3 << 20) + 4096];
+    let start = memory.as_ptr().align_offset(4096);
+    let aligned = &mut memory[start..start + (3 << 20)];
+    aligned
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
+    writer
+        .write_all_at(aligned, 8 << 20)
+        .expect("aligned write");
+    assert_eq!(writer.direct_bytes(), 3 << 20);
+    // Misaligned offset and length: through the page cache, next to what went direct.
+    let odd = vec![0x42u8; 1000];
+    writer
+        .write_all_at(&odd, (11 << 20) + 100)
+        .expect("odd write");
+    assert_eq!(writer.direct_bytes(), 3 << 20);
+    device.sync_data().expect("flush");
+    let content = read_device(&device);
+    assert!(
+        content[8 << 20..11 << 20] == *aligned,
+        "the direct write landed"
+    );
+    assert!(
+        content[(11 << 20) + 100..(11 << 20) + 1100]
+            .iter()
+            .all(|&b| b == 0x42)
+    );
+    assert!(content[..8 << 20].iter().all(|&b| b == 0xee));
+    assert!(
+        content[11 << 20..(11 << 20) + 100]
+            .iter()
+            .all(|&b| b == 0xee)
+    );
+    assert!(content[(11 << 20) + 1100..].iter().all(|&b| b == 0xee));
 }
