@@ -11,7 +11,9 @@
 //! offers it), and only where the device refuses both, zeros written from one shared buffer.
 //! This is what `qemu-img convert -n` does with `BLKZEROOUT` and discard. A destination known to
 //! read zeros already (a freshly provisioned thin volume) skips even that with
-//! [`HydrateOptions::target_is_zero`], qemu-img's `--target-is-zero`.
+//! [`HydrateOptions::target_is_zero`], qemu-img's `--target-is-zero`. Its data goes around the
+//! page cache where the writes are aligned ([`DeviceWriter`], `O_DIRECT`), and what is written is
+//! flushed as it goes ([`write_behind`]), so the flush that ends the job waits for the tail only.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
