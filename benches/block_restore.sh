@@ -12,6 +12,10 @@
 # both tools is the device: the data must be written (128 MiB), and everything else zeroed
 # without data writes (fallocate / BLKZEROOUT); a tool that writes zeros writes 4 GiB.
 #
+# The chain is read cold (after `drop_caches`) by default, as a datamover reads it from a
+# target; CACHE=warm reads it into the page cache before each run instead, which leaves the
+# device's writes (and strata's flush of them) as the only disk work.
+#
 #   cargo build --release --features cli --bin strata
 #   sudo benches/block_restore.sh [PAIRS]          # STRATA=path/to/strata to override
 set -euo pipefail
@@ -37,7 +41,11 @@ dev=$(losetup -f --show "$work/device.img")
 
 now() { date +%s.%N; }
 declare -a ts tq tw
-timed() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; local a b; a=$(now); "$@"; b=$(now); echo "$b - $a" | bc; }
+prepare() {
+  sync
+  if [ "${CACHE:-cold}" = warm ]; then cat "$work"/*.qcow2 >/dev/null; else echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
+}
+timed() { prepare; local a b; a=$(now); "$@"; b=$(now); echo "$b - $a" | bc; }
 for p in $(seq "$pairs"); do
   s=$(timed "$strata" convert -O raw "$chain" "$dev")
   q=$(timed qemu-img convert -n -O raw "$chain" "$dev")
@@ -48,8 +56,8 @@ for p in $(seq "$pairs"); do
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 ms=$(median "${ts[@]}"); mq=$(median "${tq[@]}"); mw=$(median "${tw[@]}")
-printf 'median: strata %.3f s, qemu-img %.3f s unsafe (ratio %.3f), %.3f s writeback (ratio %.3f); load %s\n' \
-  "$ms" "$mq" "$(echo "$ms / $mq" | bc -l)" "$mw" "$(echo "$ms / $mw" | bc -l)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf 'median (%s chain): strata %.3f s, qemu-img %.3f s unsafe (ratio %.3f), %.3f s writeback (ratio %.3f); load %s\n' \
+  "${CACHE:-cold}" "$ms" "$mq" "$(echo "$ms / $mq" | bc -l)" "$mw" "$(echo "$ms / $mw" | bc -l)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 # The last copy (qemu-img's) and strata's read the same: check strata's once more.
 "$strata" convert -O raw "$chain" "$dev"
 qemu-img compare -q -f qcow2 -F raw "$chain" "$dev" && echo "strata's device content matches the chain"
