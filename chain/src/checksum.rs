@@ -90,13 +90,13 @@ impl ClusterChecksums {
 
     /// Decodes a list read back from a target (untrusted: every field is checked).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        Ok(Self::from_table(Table::decode(&FORMAT, bytes, |_| None)?))
+        Ok(Self::from_table(Table::decode(&FORMAT, bytes, clusters)?))
     }
 
     /// Opens a list stored in `file` (a side file downloaded from a target; untrusted: every
     /// field is checked, in one pass that holds no more than a page).
     pub fn open(file: std::fs::File) -> Result<Self> {
-        Ok(Self::from_table(Table::open(&FORMAT, file, |_| None)?))
+        Ok(Self::from_table(Table::open(&FORMAT, file, clusters)?))
     }
 
     fn from_table(table: Table<4>) -> Self {
@@ -105,6 +105,13 @@ impl ClusterChecksums {
             table,
         }
     }
+}
+
+/// The clusters a list with header `words` (the cluster size) may name: those whose guest
+/// offset `index * cluster size`, and the end of the cluster, fit in 64 bits. The list has no
+/// virtual size to bound it further; readers multiply indexes by the cluster size.
+fn clusters(words: &[u64]) -> Option<u64> {
+    Some(u64::MAX / words.first().copied().unwrap_or(1).max(1))
 }
 
 #[cfg(test)]
@@ -163,6 +170,29 @@ mod tests {
             assert!(err.contains("checksum list"), "{err}");
             assert!(err.contains(reason), "expected {reason:?} in {err:?}");
         }
+    }
+
+    #[test]
+    fn an_index_without_a_guest_offset_is_refused() {
+        let mut bytes = sample().encode().unwrap();
+        // The second entry's index becomes one whose offset (index * 64 KiB) overflows u64.
+        let index = u64::MAX / 65536;
+        bytes[36..44].copy_from_slice(&index.to_be_bytes());
+        let err = ClusterChecksums::decode(&bytes).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("cluster {index} out of range")),
+            "{err}"
+        );
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        let err = ClusterChecksums::open(file).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("cluster {index} out of range")),
+            "{err}"
+        );
+        // The last cluster that ends within 2^64 bytes is still accepted.
+        bytes[36..44].copy_from_slice(&(index - 1).to_be_bytes());
+        assert!(ClusterChecksums::decode(&bytes).is_ok());
     }
 
     #[test]
