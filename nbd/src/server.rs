@@ -1,6 +1,6 @@
 //! [`Server`]: accepts connections and serves each on its own thread.
 
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -150,27 +150,55 @@ impl Server {
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(Error::io("configuring the socket"))?;
-        let mut reader = BufReader::new(
+        let reader = BufReader::new(
             stream
                 .try_clone()
                 .map_err(Error::io("configuring the socket"))?,
         );
-        let mut writer = BufWriter::new(&stream);
-        let Some(session) = handshake::handshake(&mut reader, &mut writer, &inner.info)? else {
+        self.serve_session(reader, &stream, || {
+            stream
+                .set_read_timeout(None)
+                .map_err(Error::io("configuring the socket"))
+        })
+    }
+
+    /// Serves one connection whose client bytes come from `reader` and whose replies go to
+    /// `writer` (a Unix socket, a pipe pair, an in-memory stream): the handshake, then
+    /// transmission, to its end, as [`serve_connection`](Self::serve_connection) does. Unlike
+    /// that, it sets no timeout (the caller owns the streams) and does not count against the
+    /// client limit. `Ok` when the client disconnected cleanly, the reason otherwise.
+    pub fn serve_stream<R: Read + Send, W: Write + Send>(
+        &self,
+        reader: R,
+        writer: W,
+    ) -> Result<()> {
+        self.serve_session(BufReader::new(reader), writer, || Ok(()))
+    }
+
+    /// The handshake on `reader` and `writer`, then `between`, then transmission.
+    fn serve_session<R: Read + Send, W: Write + Send>(
+        &self,
+        mut reader: BufReader<R>,
+        mut writer: W,
+        between: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let negotiated = {
+            let mut buffered = BufWriter::new(&mut writer);
+            handshake::handshake(&mut reader, &mut buffered, &inner.info)?
+        };
+        let Some(session) = negotiated else {
             return Ok(());
         };
         // The handshake flushed its replies; transmission replies go out whole with
         // vectored writes, so they need no buffer.
-        drop(writer);
-        stream
-            .set_read_timeout(None)
-            .map_err(Error::io("configuring the socket"))?;
+        between()?;
         Transmission {
             export: &inner.export,
             session,
             max_request: inner.info.max_request,
         }
-        .run(reader, &stream)
+        .run(reader, writer)
     }
 }
 
@@ -180,5 +208,71 @@ struct ClientSlot<'a>(&'a AtomicUsize);
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{IHAVEOPT, NBD_MAGIC, OPTION_REPLY_MAGIC, REQUEST_MAGIC, cmd, opt, rep};
+
+    /// A server of a 1 MiB image of zeros.
+    fn server(dir: &tempfile::TempDir) -> Server {
+        let path = dir.path().join("disk.qcow2");
+        let sink = strata_qcow2::FileSink::create(&path).unwrap();
+        let writer =
+            strata_qcow2::Writer::new(sink, &strata_qcow2::WriterOptions::default(), 1 << 20)
+                .unwrap();
+        writer.finish().unwrap();
+        Server::new("disk", Image::open(&path).unwrap()).unwrap()
+    }
+
+    fn option(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_stream_gets_the_handshake_and_transmission() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        // No-zeroes client flags, NBD_OPT_EXPORT_NAME, one read of 16 bytes, NBD_CMD_DISC.
+        let mut client = 3u32.to_be_bytes().to_vec();
+        client.extend_from_slice(&option(opt::EXPORT_NAME, b"disk"));
+        for (kind, length) in [(cmd::READ, 16u32), (cmd::DISC, 0)] {
+            client.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            client.extend_from_slice(&0u16.to_be_bytes());
+            client.extend_from_slice(&kind.to_be_bytes());
+            client.extend_from_slice(&7u64.to_be_bytes());
+            client.extend_from_slice(&0u64.to_be_bytes());
+            client.extend_from_slice(&length.to_be_bytes());
+        }
+        let mut out = Vec::new();
+        server.serve_stream(client.as_slice(), &mut out).unwrap();
+        assert_eq!(out[..8], NBD_MAGIC.to_be_bytes());
+        // Greeting (18), size and flags (10), a simple reply (16) and its 16 bytes of data.
+        assert_eq!(out.len(), 18 + 10 + 16 + 16);
+        assert_eq!(out[18..26], (1u64 << 20).to_be_bytes());
+        assert_eq!(out[28..32], crate::proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(out[44..], [0u8; 16]);
+    }
+
+    #[test]
+    fn a_stream_that_aborts_ends_cleanly_and_garbage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        let mut client = 1u32.to_be_bytes().to_vec();
+        client.extend_from_slice(&option(opt::ABORT, &[]));
+        let mut out = Vec::new();
+        server.serve_stream(client.as_slice(), &mut out).unwrap();
+        assert_eq!(out[18..26], OPTION_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(out[30..34], rep::ACK.to_be_bytes());
+        let err = server
+            .serve_stream(&[0u8, 0, 0, 1, 1, 2, 3][..], std::io::sink())
+            .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
     }
 }
