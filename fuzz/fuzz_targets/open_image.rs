@@ -28,8 +28,13 @@ impl Storage for Halves {
 const READ_BUDGET: u64 = 64 << 20;
 
 fuzz_target!(|data: &[u8]| {
-    let split = data.len().min(usize::from(data.first().copied().unwrap_or(0)) * 256);
-    let (base, top) = data.split_at(split);
+    // The first byte says how long the backing image is (in 256-byte units) and is not part
+    // of either image, so a seed is that byte and the images, base first.
+    let Some((&selector, images)) = data.split_first() else {
+        return;
+    };
+    let split = images.len().min(usize::from(selector) * 256);
+    let (base, top) = images.split_at(split);
     let storage = Halves {
         top: Arc::new(top.to_vec()),
         base: Arc::new(base.to_vec()),

@@ -392,7 +392,8 @@ impl Header {
                 16,
             ));
         }
-        let end = offset + u64::from(size);
+        // An offset near 2^64 must not wrap around to a small end.
+        let end = offset.saturating_add(u64::from(size));
         if end > self.cluster_size() || end > first.len() as u64 {
             return Err(corrupt(
                 image,

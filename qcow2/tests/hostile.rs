@@ -363,6 +363,11 @@ fn backing_name_outside_the_first_cluster() {
     assert!(corrupt_what(Image::open(&path)).contains("backing file name"));
     patch(&path, 16, &5000u32.to_be_bytes());
     assert!(corrupt_what(Image::open(&path)).contains("longer than 1023"));
+    // An offset so large that offset + size wraps around to a small end (found by the
+    // open_image fuzz target: it panicked, slicing from the offset to the wrapped end).
+    patch(&path, 8, &0xffff_ffff_ffff_ff1fu64.to_be_bytes());
+    patch(&path, 16, &0x200u32.to_be_bytes());
+    assert!(corrupt_what(Image::open(&path)).contains("outside the first cluster"));
 }
 
 #[test]
