@@ -47,8 +47,9 @@ pub enum Error {
     /// Backing up, merging or verifying failed.
     #[error("chain")]
     Chain(#[from] strata_chain::Error),
-    /// Reading the chain failed.
-    #[error("image")]
+    /// Reading the chain, or writing the destination, failed. The message is the image
+    /// layer's own, which names the image or destination.
+    #[error(transparent)]
     Image(#[from] strata_qcow2::Error),
     /// The volume or destination could not be opened.
     #[error("{path}: {action}")]
