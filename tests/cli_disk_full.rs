@@ -1,6 +1,8 @@
 //! A disk that fills, for real: a small tmpfs (mounted here) as a folder target that runs out
-//! of room in the middle of a backup, as the destination of a restore, and under the
-//! copy-on-write overlay of a served image (whose clients get `ENOSPC`). The failing command
+//! of room in the middle of a backup, as the destination of a restore, under a thin block
+//! device (a loop device over a sparse file larger than its tmpfs, as a thin pool runs out)
+//! that a restore fills, and under the copy-on-write overlay of a served image (whose clients
+//! get `ENOSPC`). The failing command
 //! says so in one line naming the problem; nothing committed is lost; nothing half-written is
 //! listed or left behind; and once there is room again the next run works and chains on the
 //! last committed point.
@@ -8,6 +10,8 @@
 //! Needs root for `mount`; without it the tests say so and pass, except under `CI`, where they
 //! fail (CI runs as root and must run them).
 
+#[path = "../qcow2/tests/common/loop_device.rs"]
+mod loop_device;
 mod strata_bin;
 
 use std::path::{Path, PathBuf};
@@ -167,6 +171,62 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
     let dest = work.path().join("restored.raw");
     ok(restore(&target, &id, &dest));
     assert!(std::fs::read(&dest).expect("restored") == content);
+}
+
+#[test]
+fn a_restore_onto_a_thin_device_that_runs_out_of_room_fails_and_says_so() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let target = work.path().join("target");
+    let target = s(&target).to_string();
+    let volume = work.path().join("volume.raw");
+    // 24 MiB of incompressible data in a 32 MiB volume.
+    let mut content = noise(24 << 20, 4);
+    content.resize(32 << 20, 0);
+    std::fs::write(&volume, &content).expect("volume");
+    ok(backup_vol(&target, &volume));
+    let id = listing(&target)[0].0.clone();
+    // The device claims 32 MiB; what backs it has room for 8.
+    let Some(pool) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let backing = pool.path().join("thin.img");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("sparse backing file");
+    let Some(device) = loop_device::Loop::attach(&backing) else {
+        return;
+    };
+    let dest = Path::new(&device.device);
+    assert_fails_for_want_of_room(
+        &restore(&target, &id, dest),
+        "a restore onto a full thin device",
+    );
+    let stderr = String::from_utf8_lossy(&restore(&target, &id, dest).stderr).to_string();
+    assert!(
+        stderr.contains("the device content is incomplete"),
+        "the error does not say the device is incomplete: {stderr}"
+    );
+
+    // Room again (the pool grown): the same restore puts every byte right.
+    let out = Command::new("mount")
+        .args(["-o", "remount,size=48m"])
+        .arg(pool.path())
+        .output()
+        .expect("remount");
+    assert!(
+        out.status.success(),
+        "remount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(restore(&target, &id, dest));
+    let mut back = vec![0u8; content.len()];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(dest).expect("open device"),
+        &mut back,
+        0,
+    )
+    .expect("read device");
+    assert!(back == content, "the device differs from the volume");
 }
 
 /// `strata serve-image IMAGE --writable-overlay OVERLAY` on 127.0.0.1, killed when dropped.
