@@ -92,6 +92,18 @@ fn restore(target: &str, id: &str, dest: &Path) -> Output {
         .expect("run strata")
 }
 
+/// A folder target (in a new temporary directory, returned to keep it) holding one backup of a
+/// volume of `content`, and that backup's id.
+fn backed_up(content: &[u8]) -> (tempfile::TempDir, String, String) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let target = s(&work.path().join("target")).to_string();
+    let volume = work.path().join("volume.raw");
+    std::fs::write(&volume, content).expect("volume");
+    ok(backup_vol(&target, &volume));
+    let id = listing(&target)[0].0.clone();
+    (work, target, id)
+}
+
 #[test]
 fn a_backup_that_fills_its_folder_target_fails_cleanly_and_the_next_one_chains_on() {
     let Some(disk) = Tmpfs::mount("24m") else {
@@ -150,14 +162,8 @@ fn a_backup_that_fills_its_folder_target_fails_cleanly_and_the_next_one_chains_o
 
 #[test]
 fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
-    let work = tempfile::tempdir().expect("temp dir");
-    let target = work.path().join("target");
-    let target = s(&target).to_string();
-    let volume = work.path().join("volume.raw");
     let content = noise(VOLUME, 3);
-    std::fs::write(&volume, &content).expect("volume");
-    ok(backup_vol(&target, &volume));
-    let id = listing(&target)[0].0.clone();
+    let (work, target, id) = backed_up(&content);
     let Some(disk) = Tmpfs::mount("4m") else {
         return;
     };
@@ -175,16 +181,10 @@ fn a_restore_onto_a_full_disk_fails_cleanly_and_leaves_nothing_there() {
 
 #[test]
 fn a_restore_onto_a_thin_device_that_runs_out_of_room_fails_and_says_so() {
-    let work = tempfile::tempdir().expect("temp dir");
-    let target = work.path().join("target");
-    let target = s(&target).to_string();
-    let volume = work.path().join("volume.raw");
     // 24 MiB of incompressible data in a 32 MiB volume.
     let mut content = noise(24 << 20, 4);
     content.resize(32 << 20, 0);
-    std::fs::write(&volume, &content).expect("volume");
-    ok(backup_vol(&target, &volume));
-    let id = listing(&target)[0].0.clone();
+    let (_work, target, id) = backed_up(&content);
     // The device claims 32 MiB; what backs it has room for 8.
     let Some(pool) = Tmpfs::mount("8m") else {
         return;
