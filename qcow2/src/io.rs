@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 
 /// Positional reads from an immutable byte source (a file, an object, a buffer).
 pub trait ReadAt: Send + Sync {
@@ -222,53 +222,86 @@ pub const FLUSH_EVERY: u64 = 32 << 20;
 
 /// Flushes a file's written data (`fdatasync`) on a thread of its own every [`FLUSH_EVERY`]
 /// bytes, so the device writes back while more is read and written, and the flush that ends
-/// the job waits for the tail only. Made by [`write_behind`]; writers report what they wrote
-/// with [`WriteBehind::wrote`], from any thread.
+/// the job waits for the tail only. Writers report what they wrote with
+/// [`WriteBehind::wrote`], from any thread; [`WriteBehind::finish`] stops the flusher and says
+/// whether a flush failed. [`write_behind`] runs a closure with one.
 ///
-/// A flush that fails stops the flusher and is returned by [`write_behind`]: the kernel reports
-/// a writeback error to each open file once, so a later flush could succeed and hide it.
+/// A flush that fails stops the flusher and is returned by `finish`: the kernel reports a
+/// writeback error to each open file once, so a later flush could succeed and hide it.
 #[derive(Debug)]
 pub struct WriteBehind {
-    requests: mpsc::SyncSender<()>,
+    /// Asks the flusher for a flush; `None` without a flusher.
+    requests: Option<mpsc::SyncSender<()>>,
     unflushed: AtomicU64,
+    flusher: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 impl WriteBehind {
+    /// Starts a flusher of `file` (through a second descriptor of it). If none can be had (no
+    /// descriptor or thread left), [`wrote`](Self::wrote) asks for nothing and the caller's
+    /// final flush does all.
+    pub fn start(file: &File) -> Self {
+        let (requests, asked) = mpsc::sync_channel::<()>(1);
+        let flusher = file.try_clone().ok().and_then(|file| {
+            std::thread::Builder::new()
+                .name("strata-flush".into())
+                .spawn(move || {
+                    for () in asked {
+                        file.sync_data()?;
+                    }
+                    Ok(())
+                })
+                .ok()
+        });
+        Self {
+            requests: flusher.as_ref().map(|_| requests),
+            unflushed: AtomicU64::new(0),
+            flusher,
+        }
+    }
+
     /// Counts `bytes` written; past [`FLUSH_EVERY`] since the last request, asks for a flush
     /// (one asked for and not yet started covers these bytes too, so at most one waits).
     pub fn wrote(&self, bytes: u64) {
         let before = self.unflushed.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes >= FLUSH_EVERY && self.unflushed.swap(0, Ordering::Relaxed) >= FLUSH_EVERY
+        if before + bytes >= FLUSH_EVERY
+            && self.unflushed.swap(0, Ordering::Relaxed) >= FLUSH_EVERY
+            && let Some(requests) = &self.requests
         {
             // Full: a flush is asked for already. Gone: the flusher stopped on an error, which
-            // `write_behind` returns.
-            let _ = self.requests.try_send(());
+            // `finish` returns.
+            let _ = requests.try_send(());
         }
+    }
+
+    /// Stops the flusher once the flush asked for is done; the first flush that failed, if any.
+    /// The caller still flushes what came after.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        self.requests = None;
+        match self.flusher.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(flushed)) => flushed,
+            Some(Err(_)) => Err(io::Error::other("the background flush panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }
 
 /// Runs `body` with a [`WriteBehind`] flushing `file`, and returns what `body` returned and the
 /// first background flush's error, if one failed. The caller still flushes at the end.
 pub fn write_behind<T>(file: &File, body: impl FnOnce(&WriteBehind) -> T) -> (T, io::Result<()>) {
-    let failed = Mutex::new(Ok(()));
-    let (requests, asked) = mpsc::sync_channel::<()>(1);
-    let out = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for () in asked {
-                if let Err(e) = file.sync_data() {
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Err(e);
-                    return;
-                }
-            }
-        });
-        let behind = WriteBehind {
-            requests,
-            unflushed: AtomicU64::new(0),
-        };
-        body(&behind)
-        // Dropping `behind` ends the flusher, which the scope then joins.
-    });
-    (out, failed.into_inner().unwrap_or_else(|e| e.into_inner()))
+    let behind = WriteBehind::start(file);
+    let out = body(&behind);
+    (out, behind.finish())
 }
 
 #[cfg(test)]
@@ -357,6 +390,23 @@ mod tests {
         });
         assert_eq!(out, 7);
         flushed.expect("nothing was flushed, so nothing failed");
+    }
+
+    #[test]
+    fn a_write_behind_reports_its_failed_flush_at_finish_and_asks_no_more() {
+        let file = unflushable();
+        let behind = WriteBehind::start(&file);
+        behind.wrote(FLUSH_EVERY);
+        // More after the failure: the stopped flusher is not asked again, nothing blocks.
+        for _ in 0..4 {
+            behind.wrote(FLUSH_EVERY);
+        }
+        let error = behind.finish().expect_err("the flush of /dev/null fails");
+        assert_eq!(error.raw_os_error(), Some(libc_einval()));
+        // A flusher that flushed nothing finishes clean.
+        WriteBehind::start(&file)
+            .finish()
+            .expect("no flush asked, none failed");
     }
 
     fn libc_einval() -> i32 {

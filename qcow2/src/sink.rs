@@ -2,19 +2,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Advice, fadvise};
-
 use crate::ImageSink;
+use crate::io::WriteBehind;
 
 /// Appends are gathered into writes of this size.
 const WRITE_BUFFER: usize = 1 << 20;
-/// After this many bytes, writeback of what was written is started in the background, so the
-/// final fsync has little left to wait for.
-const WRITEBACK_STEP: u64 = 64 << 20;
 
 /// Writes an image into a local file or block device.
 ///
@@ -27,9 +22,10 @@ pub struct FileSink {
     file: File,
     /// Appended bytes not yet written; discarded (never flushed) when the sink is abandoned.
     buffer: Vec<u8>,
-    /// File offset where the next write lands, and where background writeback was started up to.
+    /// File offset where the next write lands.
     position: u64,
-    writeback_from: u64,
+    /// Flushes what is written as it goes, so the final flush waits for the tail only.
+    behind: Option<WriteBehind>,
     /// Set when this sink created the file and must remove it on failure.
     created: Option<PathBuf>,
     finished: bool,
@@ -48,10 +44,10 @@ impl FileSink {
         let regular = file.metadata()?.file_type().is_file();
         Ok(Self {
             created: regular.then(|| path.to_owned()),
+            behind: Some(WriteBehind::start(&file)),
             file,
             buffer: Vec::with_capacity(WRITE_BUFFER),
             position: 0,
-            writeback_from: 0,
             finished: false,
         })
     }
@@ -59,10 +55,10 @@ impl FileSink {
     /// Writes into an open file or block device, which it never removes.
     pub fn from_file(file: File) -> Self {
         Self {
+            behind: Some(WriteBehind::start(&file)),
             file,
             buffer: Vec::with_capacity(WRITE_BUFFER),
             position: 0,
-            writeback_from: 0,
             created: None,
             finished: false,
         }
@@ -81,13 +77,8 @@ impl FileSink {
             self.file.write_all(chunk)?;
         }
         self.position += data.len() as u64;
-        if let Some(len) = NonZeroU64::new(self.position - self.writeback_from)
-            && len.get() >= WRITEBACK_STEP
-        {
-            // POSIX_FADV_DONTNEED starts writeback of the dirty pages without waiting for it;
-            // it is only a hint, so its failure changes nothing.
-            let _ = fadvise(&self.file, self.writeback_from, Some(len), Advice::DontNeed);
-            self.writeback_from = self.position;
+        if let Some(behind) = &self.behind {
+            behind.wrote(data.len() as u64);
         }
         Ok(())
     }
@@ -103,7 +94,6 @@ impl ImageSink for FileSink {
             // Whatever the file held before (a previous, longer image) goes.
             self.file.set_len(0)?;
             self.position = self.file.seek(SeekFrom::Start(header_len))?;
-            self.writeback_from = self.position;
         } else {
             // A device keeps old bytes: blank the header area so no old magic survives.
             self.file.seek(SeekFrom::Start(0))?;
@@ -134,6 +124,9 @@ impl ImageSink for FileSink {
         self.flush_buffer()?;
         let file = &self.file;
         file.write_all_at(header, 0)?;
+        if let Some(behind) = self.behind.take() {
+            behind.finish()?;
+        }
         file.sync_data()?;
         self.finished = true;
         Ok(())

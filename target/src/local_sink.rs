@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use strata_qcow2::ChunkedWriter;
+use strata_qcow2::{ChunkedWriter, WriteBehind};
 
 use crate::error::{Error, Result};
 use crate::manifest::ImageInfo;
@@ -32,6 +32,8 @@ pub(crate) struct LocalSink {
     file: Option<BufWriter<ChunkedWriter<File>>>,
     body_len: u64,
     body_crc: crc32fast::Hasher,
+    /// Flushes the body as it is written, so the sync before the link waits for the tail.
+    behind: Option<WriteBehind>,
     result: Arc<Mutex<Option<ImageInfo>>>,
 }
 
@@ -59,6 +61,7 @@ impl LocalSink {
             path,
             object,
             reserved,
+            behind: Some(WriteBehind::start(&file)),
             file: Some(BufWriter::with_capacity(1 << 20, ChunkedWriter(file))),
             body_len: 0,
             body_crc: crc32fast::Hasher::new(),
@@ -84,6 +87,9 @@ impl LocalSink {
             .map_err(|err| Error::io("write", self.staging.display(), err))?;
         self.body_crc.update(data);
         self.body_len += data.len() as u64;
+        if let Some(behind) = &self.behind {
+            behind.wrote(data.len() as u64);
+        }
         Ok(())
     }
 
@@ -113,6 +119,9 @@ impl LocalSink {
         }
         file.set_len(header_len + self.body_len)
             .map_err(io("truncate"))?;
+        if let Some(behind) = self.behind.take() {
+            behind.finish().map_err(io("sync"))?;
+        }
         file.sync_all().map_err(io("sync"))?;
         std::fs::hard_link(&self.staging, &self.path)
             .map_err(|err| Error::io("publish", self.path.display(), err))?;
