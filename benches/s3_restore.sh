@@ -16,11 +16,14 @@
 # Measured 2026-12-01, late (2 cores; the runs themselves load it to 3-5): s3s-fs 320 MiB,
 # output on a tmpfs, 7 pairs: base 0.64, chain 0.57 (limit: 8 parallel curl GETs 270-283 MB/s,
 # which strata's base restore matched); output on disk (OUT=disk), 5 pairs: base 0.76, chain
-# 0.59; moto 64 MiB, 3 pairs: base 0.52, chain 0.72. Earlier runs of this script, before each
+# 0.59; moto 64 MiB, 3 pairs: base 0.52, chain 0.72. 2026-12-02, onto a loop device
+# (OUT=device, strata flushing it, boto3 not), 5 pairs: base 0.75, chain 0.64 (the binary
+# before direct device writes: base 1.25, 3 pairs). Earlier runs of this script, before each
 # run started from the same state, swung from 0.35 to 1.9 for the same binaries: see run_case.
 #
 #   cargo build --release --features cli --bin strata
 #   benches/s3_restore.sh [PAIRS] [MIB]   # STRATA=..., SERVER=s3s-fs|moto, CASES="base chain",
+#                                         # OUT=tmpfs|disk|device,
 #                                         # FLAGS="--fetch-part-size 16M --fetch-parallel 4"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +38,24 @@ work=$(mktemp -d)
 pid= mounted=
 # Both sides write their output to $out: a tmpfs when run as root (OUT=disk to keep it on the
 # work dir's disk). A disk output adds this VM's page-cache effects to whichever side they land
-# on (see run_case), which drown the fetch path being compared.
+# on (see run_case), which drown the fetch path being compared. OUT=device restores onto a loop
+# device over a file on the work dir's disk instead (root), as a datamover restores onto a raw
+# block volume, and flushes it; boto3 then downloads to that disk and does not flush.
 out=$work/out
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "$mounted" ] && umount "$out"; rm -rf "$work"; }
+dest=$out/out.raw dev=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "$mounted" ] && umount "$out"
+  [ -n "$dev" ] && losetup -d "$dev"; rm -rf "$work"
+}
 trap cleanup EXIT
 mkdir "$out"
 if [ "${OUT:-tmpfs}" = tmpfs ] && [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=$((3 * mib + 256))m tmpfs "$out"; then
   mounted=1
+fi
+if [ "${OUT:-tmpfs}" = device ]; then
+  truncate -s "${mib}M" "$work/device.img"
+  dev=$(losetup -f --show "$work/device.img")
+  dest=$dev
 fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -109,8 +123,8 @@ run_case() {
     # cache it fills comes from pages freed a moment ago. On a VM with free page reporting
     # (this one), memory freed more than about 2 s earlier has gone back to the host, and
     # touching it again cost the side that ran second in a pair 1.3 s more of 320 MiB.
-    strata_run() { sync; rm -f "$out/out.raw"; c0=$(cpu); a=$(now)
-      "$strata" restore --target s3://bench/p --volume "$name" "${flags[@]}" -q "$out/out.raw" >/dev/null
+    strata_run() { sync; [ -n "$dev" ] || rm -f "$dest"; c0=$(cpu); a=$(now)
+      "$strata" restore --target s3://bench/p --volume "$name" "${flags[@]}" -q "$dest" >/dev/null
       b=$(now); c1=$(cpu); }
     boto_run() { sync; rm -rf "$out/objects"; mkdir "$out/objects"; c2=$(cpu); c=$(now)
       # shellcheck disable=SC2086
@@ -122,11 +136,11 @@ run_case() {
     printf '%s pair %d: strata restore %.3f s, boto3 download_file %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s\n' \
       "$name" "$p" "$s" "$q" "$(echo "$s / $q" | bc -l)" "${cs[-1]}" "${cb[-1]}"
   done
-  cmp -s "$out/out.raw" "$work/$name.raw" && echo "$name: restored volume matches"
+  cmp -s -n $((mib << 20)) "$dest" "$work/$name.raw" && echo "$name: restored volume matches"
   local ms mb
   ms=$(median "${ts[@]}"); mb=$(median "${tb[@]}")
   printf '%s median (%s, output on %s, %d MiB volume, %d objects, %d MiB stored, %d pairs): strata %.3f s, boto3 %.3f s, ratio %.3f; server CPU %.2f s vs %.2f s; load %s\n' \
-    "$name" "$server" "$([ -n "$mounted" ] && echo tmpfs || echo disk)" "$mib" "$(wc -w <<<"$keys")" $((bytes >> 20)) "$pairs" "$ms" "$mb" \
+    "$name" "$server" "$([ -n "$dev" ] && echo "a loop device" || { [ -n "$mounted" ] && echo tmpfs || echo disk; })" "$mib" "$(wc -w <<<"$keys")" $((bytes >> 20)) "$pairs" "$ms" "$mb" \
     "$(echo "$ms / $mb" | bc -l)" "$(median "${cs[@]}")" "$(median "${cb[@]}")" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 for name in $cases; do run_case "$name"; done
