@@ -13,7 +13,7 @@
 //! read zeros already (a freshly provisioned thin volume) skips even that with
 //! [`HydrateOptions::target_is_zero`], qemu-img's `--target-is-zero`. Its data goes around the
 //! page cache where the writes are aligned ([`DeviceWriter`], `O_DIRECT`), and what is written is
-//! flushed as it goes ([`write_behind`]), so the flush that ends the job waits for the tail only.
+//! flushed as it goes ([`WriteBehind`]), so the flush that ends the job waits for the tail only.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -26,7 +26,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result, io_err};
 use crate::image::Image;
-use crate::io::{WriteBehind, write_behind};
+use crate::io::WriteBehind;
 use crate::map::Extent;
 use crate::offset::{GuestOffset, GuestRange};
 use crate::pipeline::{Buffer, Pipeline, Tasks};
@@ -80,7 +80,7 @@ pub fn hydrate(image: &Image, dest: &File, dest_name: &str) -> Result<HydrateSta
 /// writes to one file serialize on its inode lock anyway (on a tmpfs, four writers spent a
 /// sixth of the CPU time spinning on it). Progress is the end of the finished prefix: jobs are
 /// planned in guest order. A block device (and a regular file with [`HydrateOptions::flush`])
-/// is flushed before this returns, written behind ([`write_behind`](crate::write_behind)): a
+/// is flushed before this returns, written behind ([`WriteBehind`](crate::WriteBehind)): a
 /// flush every [`FLUSH_EVERY`](crate::FLUSH_EVERY) bytes on a thread of its own.
 /// Memory: six 4 MiB buffers besides the reader's caches.
 pub fn hydrate_with_progress(
@@ -118,53 +118,47 @@ pub fn hydrate_with(
             .map_err(|e| io_err(dest_name, "setting the file size", e))?;
     }
     let zero_ranges = device && !options.target_is_zero;
-    let mut run = |behind: Option<&WriteBehind>| {
-        let output = Output {
-            dest,
-            dest_name,
-            device,
-            zeroer: DeviceZeroer::new(dest, dest_name),
-            writer: device.then(|| DeviceWriter::new(dest)),
-            behind,
+    // A flushed destination is flushed as it is written, so the last flush waits for the tail.
+    let behind = (device || options.flush).then(|| WriteBehind::start(dest));
+    let output = Output {
+        dest,
+        dest_name,
+        device,
+        zeroer: DeviceZeroer::new(dest, dest_name),
+        writer: device.then(|| DeviceWriter::new(dest)),
+        behind: behind.as_ref(),
+    };
+    let mut stats = HydrateStats::default();
+    Pipeline::new(WORKERS, RUN_BYTES).run(
+        |tasks| plan_runs(image, size, zero_ranges, tasks),
+        || Ok(()),
+        |(), job, buf| output.run(image, job, buf),
+        |done: Done, buf| {
+            // A regular file's data is written here, in order: writes to one file take its
+            // inode lock, so writers on several threads would only wait for each other.
+            for span in &done.spans {
+                let bytes = buf.bytes().get(span.clone()).unwrap_or_default();
+                output.write(bytes, done.start + span.start as u64)?;
+                stats.written_bytes += bytes.len() as u64;
+            }
+            stats.data_bytes += done.data_bytes;
+            stats.written_bytes += done.written_bytes;
+            stats.zeroed_bytes += done.zeroed_bytes;
+            progress(done.end.get());
+            Ok(())
+        },
+    )?;
+    if let Some(behind) = behind {
+        let flushing = match device {
+            true => "flushing the device",
+            false => "flushing written data",
         };
-        let mut stats = HydrateStats::default();
-        Pipeline::new(WORKERS, RUN_BYTES).run(
-            |tasks| plan_runs(image, size, zero_ranges, tasks),
-            || Ok(()),
-            |(), job, buf| output.run(image, job, buf),
-            |done: Done, buf| {
-                // A regular file's data is written here, in order: writes to one file take its
-                // inode lock, so writers on several threads would only wait for each other.
-                for span in &done.spans {
-                    let bytes = buf.bytes().get(span.clone()).unwrap_or_default();
-                    output.write(bytes, done.start + span.start as u64)?;
-                    stats.written_bytes += bytes.len() as u64;
-                }
-                stats.data_bytes += done.data_bytes;
-                stats.written_bytes += done.written_bytes;
-                stats.zeroed_bytes += done.zeroed_bytes;
-                progress(done.end.get());
-                Ok(())
-            },
-        )?;
-        Ok(stats)
-    };
-    if !(device || options.flush) {
-        let stats = run(None)?;
-        progress(size);
-        return Ok(stats);
+        behind
+            .finish()
+            .and_then(|()| dest.sync_data())
+            .map_err(|e| io_err(dest_name, flushing, e))?;
     }
-    // Flushed as it is written (`write_behind`), so the last flush waits for the tail only.
-    let (stats, flushed) = write_behind(dest, |behind| run(Some(behind)));
-    let flushing = match device {
-        true => "flushing the device",
-        false => "flushing written data",
-    };
-    let stats = stats?;
-    flushed.map_err(|e| io_err(dest_name, flushing, e))?;
     progress(size);
-    dest.sync_data()
-        .map_err(|e| io_err(dest_name, flushing, e))?;
     Ok(stats)
 }
 
