@@ -123,7 +123,9 @@ impl Target {
         self.block("read application archive", move |inner| async move {
             let manifest = read_app_manifest(&inner, &app, &id).await?;
             let path = inner.layout.app_archive(&app, &id);
-            let archive = inner.get_bytes(&path).await?;
+            let archive = inner
+                .get_bytes_limited(&path, manifest.archive_size)
+                .await?;
             if archive.len() as u64 != manifest.archive_size
                 || crc32(&archive) != manifest.archive_checksums
             {

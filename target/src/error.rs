@@ -100,6 +100,21 @@ pub enum Error {
         /// What took its place.
         by: String,
     },
+    /// Every answer to the commit's manifest put was lost and the store could not say whether
+    /// it was stored: the backup may or may not be committed. Nothing it wrote was removed;
+    /// listing the volume tells, and [`Target::gc`](crate::Target::gc) removes its objects once
+    /// no manifest names them.
+    #[error("the commit's outcome is unknown: {0}; list the volume to see whether it committed")]
+    CommitUnknown(Box<Error>),
+    /// The backup is being deleted: its deleter holds its child slot. A deleter killed before
+    /// it removed the manifest leaves it so; deleting the backup again finishes the job.
+    #[error("backup {id} of volume {volume} is being deleted; delete it again if no delete runs")]
+    BeingDeleted {
+        /// The volume.
+        volume: String,
+        /// The backup.
+        id: String,
+    },
     /// Extending the parent would make a chain longer than any reader of this build opens.
     #[error(
         "backup {parent} of volume {volume} ends a chain of {length} images, the limit: take a \

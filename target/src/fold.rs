@@ -189,11 +189,21 @@ impl Target {
                         e_tag: got.meta.e_tag.clone(),
                         version: got.meta.version.clone(),
                     };
-                    Ok((got.bytes().await?, version))
+                    match got.meta.size > crate::target::MAX_RECORD {
+                        true => Ok(Err(got.meta.size)),
+                        false => Ok(Ok((got.bytes().await?, version))),
+                    }
                 })
                 .await
                 .map_err(|err| Error::store("get", &path, err))?;
-            let (bytes, version) = result;
+            let (bytes, version) = result.map_err(|size| Error::Corrupt {
+                what: "backup manifest",
+                path: path.to_string(),
+                reason: format!(
+                    "{size} bytes, more than the {} a manifest may have",
+                    crate::target::MAX_RECORD
+                ),
+            })?;
             let manifest: BackupManifest = from_json("backup manifest", path.as_ref(), &bytes)?;
             if manifest.id != id || manifest.volume != volume {
                 return Err(Error::Corrupt {

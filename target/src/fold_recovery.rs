@@ -91,6 +91,8 @@ impl Target {
         let volume = volume.clone();
         self.block("recover folds", move |inner| async move {
             let cutoff = Utc::now() - age;
+            // The store's time, read when a fold's writer is first judged.
+            let mut clock = None;
             let mut finished = Vec::new();
             for meta in inner
                 .list(&inner.layout.volume_dir(&volume, "folds"))
@@ -113,7 +115,8 @@ impl Target {
                 }
                 // A fold whose writer is alive is in progress, not stopped: leave it alone. On
                 // an object store, wait for a recent lease to lapse (or be renewed).
-                match inner.liveness(&volume, &intent.writer).await? {
+                let now = inner.store_now_once(&volume, &mut clock).await?;
+                match inner.liveness(&volume, &intent.writer, now).await? {
                     Liveness::Alive => continue,
                     Liveness::Dead => {}
                     Liveness::Watch { seen, lease } => {

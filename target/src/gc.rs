@@ -27,7 +27,7 @@ use crate::fold_recovery::{Needed, collect_retired};
 use crate::layout::{IMAGE_EXTENSION, id_from_key};
 use crate::liveness::Liveness;
 use crate::manifest::{Reservation, from_json};
-use crate::name::VolumeName;
+use crate::name::{BackupId, VolumeName};
 use crate::target::{Inner, Target};
 
 /// What [`Target::gc`] removed.
@@ -47,10 +47,17 @@ impl Target {
     /// object_store: give buckets a lifecycle rule that aborts them (after a day, say).
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
         let mut report = GcReport::default();
+        // A volume that fails (an unreadable record, say) does not keep the others from being
+        // collected; the first failure is returned once all were tried.
+        let mut failed = None;
         for volume in self.volumes()? {
-            report
-                .removed
-                .extend(self.gc_volume(&volume, grace)?.removed);
+            match self.gc_volume(&volume, grace) {
+                Ok(done) => report.removed.extend(done.removed),
+                Err(err) => failed = failed.or(Some(err)),
+            }
+        }
+        if let Some(err) = failed {
+            return Err(err);
         }
         let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let removed = self.block("gc", move |inner| async move {
@@ -99,6 +106,8 @@ async fn collect_volume(
     needed: &Needed,
 ) -> Result<Vec<String>> {
     let volume_prefix = inner.layout.volume(volume);
+    // The store's time, read when a writer is first judged.
+    let mut clock = None;
     let objects = inner.list(&volume_prefix).await?;
     let depth = volume_prefix.parts().count();
     let mut by_dir: HashMap<String, Vec<(ObjectMeta, Vec<String>)>> = HashMap::new();
@@ -137,11 +146,18 @@ async fn collect_volume(
             Err(err) => return Err(err),
         };
         let claim: Reservation = from_json("claim", meta.location.as_ref(), &bytes)?;
-        if !matches!(inner.liveness(volume, &claim.writer).await?, Liveness::Dead) {
+        let now = inner.store_now_once(volume, &mut clock).await?;
+        if !matches!(
+            inner.liveness(volume, &claim.writer, now).await?,
+            Liveness::Dead
+        ) {
             live_claims.insert(id);
         }
     }
     let live = |id: &str| committed.contains(id) || live_claims.contains(id);
+    // A writer may have committed since the listing: it creates its manifest before it
+    // releases its record, so one judged dead above that committed shows its manifest now.
+    let mut committed_since: HashMap<String, bool> = HashMap::new();
     let mut removed = Vec::new();
     for dir in ["images", "files", "children", "claims"] {
         for (meta, rest) in by_dir.get(dir).into_iter().flatten() {
@@ -164,13 +180,54 @@ async fn collect_volume(
                     None => continue,
                 }
             };
-            if !live(&id) {
+            if live(&id) {
+                continue;
+            }
+            let since = match committed_since.get(&id) {
+                Some(&since) => since,
+                None => {
+                    let since = match BackupId::new(&id) {
+                        Ok(backup) => match inner.manifest(volume, &backup).await {
+                            Ok(_) | Err(crate::Error::Corrupt { .. }) => true,
+                            Err(crate::Error::NotFound { .. }) => false,
+                            Err(err) => return Err(err),
+                        },
+                        Err(_) => false,
+                    };
+                    committed_since.insert(id.clone(), since);
+                    since
+                }
+            };
+            if !since {
                 inner.delete(&meta.location).await?;
                 removed.push(meta.location.to_string());
             }
         }
     }
-    for (meta, _) in by_dir.get("takeovers").into_iter().flatten() {
+    if let Some(root) = &inner.local_root {
+        let folder = crate::url::local_path(root, &volume_prefix);
+        for (file, parts, modified) in staged_files(&folder) {
+            // A side file's upload is staged for as long as it runs: spare a live writer's.
+            let owner_live = match parts.split_first() {
+                Some((dir, rest)) if dir == "files" => rest
+                    .first()
+                    .is_some_and(|id| live_claims.contains(id) && !committed.contains(id)),
+                _ => false,
+            };
+            if modified <= cutoff && !owner_live {
+                match std::fs::remove_file(&file) {
+                    Ok(()) => removed.push(file.display().to_string()),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(crate::Error::io("remove", file.display(), err)),
+                }
+            }
+        }
+    }
+    // Takeovers that are done, and clock probes a killed process left.
+    for (meta, _) in ["takeovers", "clock"]
+        .into_iter()
+        .flat_map(|dir| by_dir.get(dir).into_iter().flatten())
+    {
         if meta.last_modified <= cutoff {
             inner.delete(&meta.location).await?;
             removed.push(meta.location.to_string());
@@ -180,14 +237,52 @@ async fn collect_volume(
         let Some(token) = id_from_key(&meta.location, ".json") else {
             continue;
         };
-        if meta.last_modified <= cutoff
-            && matches!(inner.liveness(volume, &token).await?, Liveness::Dead)
-        {
+        if meta.last_modified > cutoff {
+            continue;
+        }
+        let now = inner.store_now_once(volume, &mut clock).await?;
+        if matches!(inner.liveness(volume, &token, now).await?, Liveness::Dead) {
             inner.delete(&meta.location).await?;
             removed.push(meta.location.to_string());
         }
     }
     Ok(removed)
+}
+
+/// On a folder target, the files under `folder` that object_store stages a put or a multipart
+/// upload in (`<name>#<n>`): its listing never shows them, so a killed writer's would stay.
+/// Each with its path, the parts of its name below `folder` (the `#<n>` left in the last) and
+/// when it last changed.
+fn staged_files(folder: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<String>, DateTime<Utc>)> {
+    let mut found = Vec::new();
+    // Volume folders are at most three deep (`files/<id>/<name>`, `takeovers/<parent>/...`).
+    let mut pending = vec![(folder.to_path_buf(), Vec::new())];
+    while let Some((dir, parts)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let mut parts: Vec<String> = parts.clone();
+            parts.push(name.clone());
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                if parts.len() < 3 {
+                    pending.push((entry.path(), parts));
+                }
+                continue;
+            }
+            let staged = name
+                .rsplit_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if let (true, Ok(modified)) = (staged, meta.modified()) {
+                found.push((entry.path(), parts, DateTime::<Utc>::from(modified)));
+            }
+        }
+    }
+    found
 }
 
 /// Metadata archives whose application manifest was never created.

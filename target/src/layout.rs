@@ -102,6 +102,11 @@ impl Layout {
         self.key(["volumes", volume.as_str(), "writers", &json(token)])
     }
 
+    /// A probe written to read the store's clock (see `Inner::store_now`).
+    pub(crate) fn clock_probe(&self, volume: &VolumeName, token: &str) -> Path {
+        self.key(["volumes", volume.as_str(), "clock", token])
+    }
+
     pub(crate) fn takeover(&self, volume: &VolumeName, parent: &BackupId, token: &str) -> Path {
         self.key([
             "volumes",

@@ -15,8 +15,10 @@
 //!   ([`TargetOptions::lease`](crate::TargetOptions::lease), 30 s by default), so a record that
 //!   has not changed for a whole lease belongs to a dead or cut-off writer. A later writer
 //!   judges that by watching the record's e-tag, so the clocks of writer, store and reader
-//!   need not agree; a record already older than two leases and a second by the store's clock
-//!   (Last-Modified has one-second resolution on S3) counts as lapsed at once.
+//!   need not agree. A record already older than two leases and a second (Last-Modified has
+//!   one-second resolution on S3) counts as lapsed at once, both times by the store's clock:
+//!   the judge's "now" is the Last-Modified of an object it has just written itself (its own
+//!   writer record, or a probe in `clock/`), never its own clock.
 //!
 //! A writer refuses to commit unless it renewed its lease within the last half lease, and a
 //! later writer takes over only after a full lease without a renewal, so a live writer is
@@ -221,6 +223,14 @@ async fn renew_once(
     Ok(())
 }
 
+/// The error for an overlay whose parent backup is not (or no longer) committed.
+pub(crate) fn parent_gone(volume: &VolumeName, parent: &BackupId) -> Error {
+    Error::NotFound {
+        what: "parent backup",
+        name: format!("{volume}/{parent}"),
+    }
+}
+
 fn poisoned(path: &Path) -> Error {
     Error::Upload {
         path: path.to_string(),
@@ -229,8 +239,50 @@ fn poisoned(path: &Path) -> Error {
 }
 
 impl Inner {
-    /// Whether the writer `token` of `volume` is alive (see the module docs).
-    pub(crate) async fn liveness(&self, volume: &VolumeName, token: &str) -> Result<Liveness> {
+    /// The store's clock, on an object store: the Last-Modified of a probe written now (and
+    /// removed again; `gc` removes one a killed process left). `None` on a folder, whose
+    /// writers are judged by their locks.
+    pub(crate) async fn store_now(&self, volume: &VolumeName) -> Result<Option<DateTime<Utc>>> {
+        if self.local_root.is_some() {
+            return Ok(None);
+        }
+        let probe = self
+            .layout
+            .clock_probe(volume, &format!("{:016x}", rand::random::<u64>()));
+        self.put(&probe, Bytes::new()).await?;
+        let meta = self
+            .options
+            .retry
+            .run(|| self.store.head(&probe))
+            .await
+            .map_err(|err| Error::store("head", &probe, err));
+        self.delete(&probe).await?;
+        Ok(Some(meta?.last_modified))
+    }
+
+    /// [`store_now`](Self::store_now), read once per `clock` (`None` until first asked).
+    pub(crate) async fn store_now_once(
+        &self,
+        volume: &VolumeName,
+        clock: &mut Option<Option<DateTime<Utc>>>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        if let Some(now) = *clock {
+            return Ok(now);
+        }
+        let now = self.store_now(volume).await?;
+        *clock = Some(now);
+        Ok(now)
+    }
+
+    /// Whether the writer `token` of `volume` is alive (see the module docs). `now` is the
+    /// store's time (see [`store_now`](Self::store_now)); without it a recent-looking record is
+    /// only ever watched.
+    pub(crate) async fn liveness(
+        &self,
+        volume: &VolumeName,
+        token: &str,
+        now: Option<DateTime<Utc>>,
+    ) -> Result<Liveness> {
         if token.is_empty()
             || token.len() > 64
             || !token
@@ -276,7 +328,7 @@ impl Inner {
         let lease = Duration::from_millis(record.lease_ms).min(MAX_LEASE);
         // Two leases, plus a second for stores whose Last-Modified has one-second resolution.
         let lapsed = chrono::Duration::from_std(lease * 2 + Duration::from_secs(1))
-            .is_ok_and(|two_leases| meta.last_modified + two_leases < Utc::now());
+            .is_ok_and(|two_leases| now.is_some_and(|now| meta.last_modified + two_leases < now));
         Ok(if lapsed {
             Liveness::Dead
         } else {
@@ -321,6 +373,19 @@ impl Inner {
     ) -> Result<()> {
         let slot = self.layout.child_slot(volume, parent);
         let bytes: Bytes = to_json(ours).into();
+        // The store's time: our own record was written just now (a lower bound, so a holder
+        // is judged lapsed later rather than sooner).
+        let own = self.layout.writer(volume, &ours.writer);
+        let now = match self.local_root {
+            Some(_) => None,
+            None => self
+                .options
+                .retry
+                .run(|| self.store.head(&own))
+                .await
+                .ok()
+                .map(|meta| meta.last_modified),
+        };
         // Each round either wins the slot or removes a dead writer's; a live one ends it.
         for _ in 0..8 {
             let held = match self.put_create(&slot, bytes.clone()).await? {
@@ -328,6 +393,16 @@ impl Inner {
                 Created::Exists(held) => held,
             };
             let holder: Reservation = from_json("child slot", slot.as_ref(), &held)?;
+            if &holder.backup == parent {
+                // A deleter's tombstone (see `delete_backup`): the parent is going away.
+                return Err(match self.is_committed(volume, parent).await? {
+                    true => Error::BeingDeleted {
+                        volume: volume.to_string(),
+                        id: parent.to_string(),
+                    },
+                    false => parent_gone(volume, parent),
+                });
+            }
             let not_head = || Error::ParentNotHead {
                 volume: volume.to_string(),
                 parent: parent.to_string(),
@@ -336,7 +411,7 @@ impl Inner {
             if self.is_committed(volume, &holder.backup).await? {
                 return Err(not_head());
             }
-            match self.liveness(volume, &holder.writer).await? {
+            match self.liveness(volume, &holder.writer, now).await? {
                 Liveness::Alive => return Err(not_head()),
                 Liveness::Dead => {}
                 Liveness::Watch { seen, lease } => {

@@ -34,6 +34,8 @@ pub(crate) struct LocalSink {
     body_crc: crc32fast::Hasher,
     /// Flushes the body as it is written, so the sync before the link waits for the tail.
     behind: Option<WriteBehind>,
+    /// Set once the image is published under its final name and the staging name is gone.
+    published: bool,
     result: Arc<Mutex<Option<ImageInfo>>>,
 }
 
@@ -65,6 +67,7 @@ impl LocalSink {
             file: Some(BufWriter::with_capacity(1 << 20, ChunkedWriter(file))),
             body_len: 0,
             body_crc: crc32fast::Hasher::new(),
+            published: false,
             result,
         })
     }
@@ -126,6 +129,7 @@ impl LocalSink {
         std::fs::hard_link(&self.staging, &self.path)
             .map_err(|err| Error::io("publish", self.path.display(), err))?;
         std::fs::remove_file(&self.staging).map_err(io("remove"))?;
+        self.published = true;
         if let Some(dir) = self.path.parent() {
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -140,8 +144,10 @@ impl LocalSink {
 
 impl Drop for LocalSink {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            // Best effort: an orphan staging file is removed by `gc` after the grace period.
+        if !self.published {
+            // A sink dropped or failed before its link (a full disk at the header, say) frees
+            // its space now. Best effort: an orphan staging file is removed by `gc` after the
+            // grace period.
             let _ = std::fs::remove_file(&self.staging);
         }
     }

@@ -54,9 +54,9 @@ impl Target {
     /// [`download_file`](Self::download_file).
     pub fn read_file(&self, volume: &VolumeName, id: &BackupId, name: &FileName) -> Result<Bytes> {
         let (entry, path) = self.side_file_entry(volume, id, name)?;
-        let key = path.clone();
+        let (key, size) = (path.clone(), entry.size);
         let bytes = self.block("read side file", move |inner| async move {
-            inner.get_bytes(&key).await
+            inner.get_bytes_limited(&key, size).await
         })?;
         let found = crate::manifest::crc32(&bytes);
         if bytes.len() as u64 != entry.size || found != entry.checksums {

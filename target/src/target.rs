@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -235,7 +236,9 @@ impl Target {
         })
     }
 
-    /// The committed backups of `volume`, oldest first (by creation time, then id). Backups in
+    /// The committed backups of `volume`, oldest first: by creation time, then id, except that
+    /// a backup always comes after its parent (the writers' clocks need not agree, and a child
+    /// written by a clock running behind its parent's is still the newer). Backups in
     /// progress, abandoned or interrupted are never listed.
     pub fn backups(&self, volume: &VolumeName) -> Result<Vec<BackupManifest>> {
         let volume = volume.clone();
@@ -244,7 +247,7 @@ impl Target {
                 .list(&inner.layout.volume_dir(&volume, "backups"))
                 .await?;
             let (inner, volume) = (&inner, &volume);
-            let mut manifests: Vec<BackupManifest> = futures::stream::iter(objects)
+            let manifests: Vec<BackupManifest> = futures::stream::iter(objects)
                 .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
                 .map(|meta| async move {
                     let bytes = inner.get_bytes(&meta.location).await?;
@@ -267,8 +270,7 @@ impl Target {
                 .buffer_unordered(PARALLEL_MANIFESTS)
                 .try_collect()
                 .await?;
-            manifests.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
-            Ok(manifests)
+            Ok(parents_first(manifests))
         })
     }
 
@@ -373,7 +375,8 @@ impl Target {
         })
     }
 
-    /// The most recently created committed backup of `volume`.
+    /// The most recently created committed backup of `volume` (the last of
+    /// [`backups`](Self::backups), so never a backup that has a committed child).
     pub fn latest(&self, volume: &VolumeName) -> Result<Option<BackupManifest>> {
         Ok(self.backups(volume)?.pop())
     }
@@ -411,12 +414,33 @@ impl Target {
 }
 
 impl Inner {
+    /// Reads a record (a manifest, reservation or writer record: JSON of a few KiB), refusing
+    /// one of more than [`MAX_RECORD`] bytes before its body is read: what is read back from
+    /// shared storage is untrusted, and manifests are read 32 at a time.
     pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
-        self.options
+        self.get_bytes_limited(path, MAX_RECORD).await
+    }
+
+    /// Reads the object at `path` whole, refusing (by its size, before reading the body) one of
+    /// more than `limit` bytes.
+    pub(crate) async fn get_bytes_limited(&self, path: &Path, limit: u64) -> Result<Bytes> {
+        let read = self
+            .options
             .retry
-            .run(|| async { self.store.get(path).await?.bytes().await })
+            .run(|| async {
+                let got = self.store.get(path).await?;
+                match got.meta.size > limit {
+                    true => Ok(Err(got.meta.size)),
+                    false => got.bytes().await.map(Ok),
+                }
+            })
             .await
-            .map_err(|err| Error::store("get", path, err))
+            .map_err(|err| Error::store("get", path, err))?;
+        read.map_err(|size| Error::Corrupt {
+            what: "stored object",
+            path: path.to_string(),
+            reason: format!("{size} bytes, more than the {limit} expected"),
+        })
     }
 
     pub(crate) async fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
@@ -539,6 +563,52 @@ fn bucket_of(url: &str) -> String {
         .unwrap_or_else(|| url.to_string())
 }
 
+/// `manifests` in creation order (then by id), each after its parent: ordered by the latest
+/// creation time on its chain, then by depth. A hostile parent loop ends the walk.
+fn parents_first(manifests: Vec<BackupManifest>) -> Vec<BackupManifest> {
+    let index: HashMap<&BackupId, usize> = manifests
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (&m.id, i))
+        .collect();
+    let mut keys: Vec<Option<(DateTime<Utc>, usize)>> = vec![None; manifests.len()];
+    for start in 0..manifests.len() {
+        // The path up to the first manifest with a key (or the base, or a loop).
+        let mut path = vec![start];
+        while let Some(parent) = manifests[path[path.len() - 1]].parent.as_ref() {
+            match index.get(parent) {
+                Some(&p) if keys[p].is_none() && !path.contains(&p) => path.push(p),
+                _ => break,
+            }
+        }
+        let top = path[path.len() - 1];
+        let mut key = manifests[top]
+            .parent
+            .as_ref()
+            .and_then(|parent| index.get(parent))
+            .and_then(|&p| keys[p])
+            .map_or((manifests[top].created, 0), |(time, depth)| {
+                (time.max(manifests[top].created), depth + 1)
+            });
+        keys[top] = Some(key);
+        for &i in path.iter().rev().skip(1) {
+            key = (key.0.max(manifests[i].created), key.1 + 1);
+            keys[i] = Some(key);
+        }
+    }
+    let mut keyed: Vec<_> = keys.into_iter().zip(manifests).collect();
+    keyed.sort_by(|(a, x), (b, y)| {
+        a.cmp(b)
+            .then_with(|| x.created.cmp(&y.created))
+            .then_with(|| x.id.cmp(&y.id))
+    });
+    keyed.into_iter().map(|(_, m)| m).collect()
+}
+
+/// The largest record [`Inner::get_bytes`] reads: a manifest naming a few side files is about
+/// a KiB.
+pub(crate) const MAX_RECORD: u64 = 1 << 20;
+
 /// Builds a fresh in-memory target store (shared by the `memory://` scheme and tests).
 pub(crate) fn memory_store() -> Arc<InMemory> {
     Arc::new(InMemory::new())
@@ -547,7 +617,10 @@ pub(crate) fn memory_store() -> Arc<InMemory> {
 /// Builds the filesystem store rooted at `folder`, creating the folder.
 pub(crate) fn local_store(folder: &std::path::Path) -> Result<Arc<LocalFileSystem>> {
     std::fs::create_dir_all(folder).map_err(|err| Error::io("create", folder.display(), err))?;
+    // Records are published by rename or link: synced first, so that a node that loses power
+    // never leaves an empty manifest or reservation behind (images sync themselves).
     let store = LocalFileSystem::new_with_prefix(folder)
-        .map_err(|err| Error::store("open", folder.display(), err))?;
+        .map_err(|err| Error::store("open", folder.display(), err))?
+        .with_fsync(true);
     Ok(Arc::new(store))
 }

@@ -96,10 +96,7 @@ impl Target {
                     .manifest(&volume, parent)
                     .await
                     .map_err(|err| match err {
-                        Error::NotFound { .. } => Error::NotFound {
-                            what: "parent backup",
-                            name: format!("{volume}/{parent}"),
-                        },
+                        Error::NotFound { .. } => crate::liveness::parent_gone(&volume, parent),
                         err => err,
                     })?;
                 inner.check_extendable(&manifest).await?;
@@ -122,6 +119,16 @@ impl Target {
                     inner.delete(&claim).await?;
                     lease.release(&inner).await?;
                     return Err(err);
+                }
+                // A delete of the parent may have finished between the first look and the
+                // slot (a deleter holds the slot while it deletes, so not after it).
+                if !inner.is_committed(&volume, parent).await? {
+                    inner
+                        .delete(&inner.layout.child_slot(&volume, parent))
+                        .await?;
+                    inner.delete(&claim).await?;
+                    lease.release(&inner).await?;
+                    return Err(crate::liveness::parent_gone(&volume, parent));
                 }
             }
             crate::failpoint::hit("claimed");
@@ -266,62 +273,75 @@ impl BackupUpload {
         );
         // Shared with the commit, so that a failed commit's clean-up (on drop) still releases it.
         let lease = self.lease.clone();
-        self.target
-            .block("commit backup", move |inner| async move {
-                if let Some(lease) = &lease {
-                    lease.confirm(&inner).await?;
+        let committed = self.target.block("commit backup", move |inner| async move {
+            if let Some(lease) = &lease {
+                lease.confirm(&inner).await?;
+            }
+            let claim_path = inner.layout.claim(&volume, &id);
+            let superseded = |by: String| Error::Superseded {
+                volume: volume.to_string(),
+                id: id.to_string(),
+                by,
+            };
+            let claim = match inner.get_bytes(&claim_path).await {
+                Err(Error::NotFound { .. }) => {
+                    return Err(superseded("gc, which removed its claim".into()));
                 }
-                let claim_path = inner.layout.claim(&volume, &id);
-                let superseded = |by: String| Error::Superseded {
-                    volume: volume.to_string(),
-                    id: id.to_string(),
-                    by,
+                other => other?,
+            };
+            let claim: Reservation = from_json("claim", claim_path.as_ref(), &claim)?;
+            if claim.writer != writer {
+                return Err(superseded("another writer of the same id".into()));
+            }
+            if let Some(parent) = &parent {
+                let slot = inner.layout.child_slot(&volume, parent);
+                let holder = match inner.get_bytes(&slot).await {
+                    Err(Error::NotFound { .. }) => None,
+                    other => Some(from_json::<Reservation>(
+                        "child slot",
+                        slot.as_ref(),
+                        &other?,
+                    )?),
                 };
-                let claim = match inner.get_bytes(&claim_path).await {
-                    Err(Error::NotFound { .. }) => {
-                        return Err(superseded("gc, which removed its claim".into()));
+                match holder {
+                    Some(holder) if holder.writer == writer => {}
+                    Some(holder) => {
+                        return Err(superseded(format!("backup {}", holder.backup)));
                     }
-                    other => other?,
-                };
-                let claim: Reservation = from_json("claim", claim_path.as_ref(), &claim)?;
-                if claim.writer != writer {
-                    return Err(superseded("another writer of the same id".into()));
+                    None => return Err(superseded("gc, which removed its child slot".into())),
                 }
-                if let Some(parent) = &parent {
-                    let slot = inner.layout.child_slot(&volume, parent);
-                    let holder = match inner.get_bytes(&slot).await {
-                        Err(Error::NotFound { .. }) => None,
-                        other => Some(from_json::<Reservation>(
-                            "child slot",
-                            slot.as_ref(),
-                            &other?,
-                        )?),
-                    };
-                    match holder {
-                        Some(holder) if holder.writer == writer => {}
-                        Some(holder) => {
-                            return Err(superseded(format!("backup {}", holder.backup)));
-                        }
-                        None => return Err(superseded("gc, which removed its child slot".into())),
-                    }
+            }
+            let path = inner.layout.manifest(&volume, &id);
+            let bytes: Bytes = to_json(&doc).into();
+            match inner.put_create(&path, bytes.clone()).await {
+                Ok(Created::New) => {}
+                Ok(Created::Exists(_)) => {
+                    return Err(Error::BackupExists {
+                        volume: volume.to_string(),
+                        id: id.to_string(),
+                    });
                 }
-                let path = inner.layout.manifest(&volume, &id);
-                match inner.put_create(&path, to_json(&doc).into()).await? {
-                    Created::New => {}
-                    Created::Exists(_) => {
-                        return Err(Error::BackupExists {
-                            volume: volume.to_string(),
-                            id: id.to_string(),
-                        });
-                    }
-                }
-                crate::failpoint::hit("after-manifest");
-                if let Some(lease) = &lease {
-                    // Committed: a leftover record is only removed later by gc.
-                    let _ = lease.release(&inner).await;
-                }
-                Ok(())
-            })?;
+                // Every answer was lost, but a put may still have been stored: the store
+                // decides, read back once more.
+                Err(err) => match inner.get_bytes(&path).await {
+                    Ok(stored) if stored == bytes => {}
+                    Err(Error::NotFound { .. }) => return Err(err),
+                    _ => return Err(Error::CommitUnknown(Box::new(err))),
+                },
+            }
+            crate::failpoint::hit("after-manifest");
+            if let Some(lease) = &lease {
+                // Committed: a leftover record is only removed later by gc.
+                let _ = lease.release(&inner).await;
+            }
+            Ok(())
+        });
+        if let Err(Error::CommitUnknown(_)) = committed {
+            // The manifest may exist: removing the image could leave it naming nothing. `gc`
+            // removes the rest once it sees no manifest (and no live writer).
+            self.done = true;
+        }
+        committed?;
         self.done = true;
         Ok(manifest)
     }

@@ -208,3 +208,41 @@ pub fn read_all(source: &Arc<dyn ReadAt>) -> std::io::Result<Vec<u8>> {
 pub fn volume(name: &str) -> VolumeName {
     VolumeName::new(name).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A tmpfs of a given size, unmounted when dropped: a disk that fills for real. Needs root for
+/// `mount`; without it a test says so and passes, except under `CI`, where it fails.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            if std::env::var_os("CI").is_some() {
+                panic!("mounting a tmpfs failed under CI: {why}");
+            }
+            eprintln!("SKIPPED: mounting a tmpfs failed: {why}");
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
