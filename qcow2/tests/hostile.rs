@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Scratch, be64, first_l2_entry, patch};
+use common::{Scratch, be64, first_l2_entry, hand_header, patch};
 use strata_qcow2::{BackingPolicy, Error, Image, OpenOptions, hydrate};
 
 /// A small valid v3 image with data in its first cluster.
@@ -191,6 +191,43 @@ fn unknown_incompatible_bits_are_named() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn control_characters_from_the_image_are_escaped_in_error_messages() {
+    let s = Scratch::new();
+    // An unknown incompatible bit (20) named, in the feature name table, by a string that
+    // would return the cursor, clear the line and print a green "OK".
+    let mut h = hand_header(16, 0, 0, 0, 1 << 20, None);
+    h[104..108].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+    h[108..112].copy_from_slice(&48u32.to_be_bytes());
+    h[113] = 20;
+    let name = b"x\r\x1b[2K\x1b[32mOK: restore complete\x1b[0m";
+    h[114..114 + name.len()].copy_from_slice(name);
+    std::fs::write(s.path("f"), &h).unwrap();
+    let err = Image::open(s.path("f")).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownIncompatibleFeatures { names, .. } if names.contains('\r')),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(r"'x\r\u{1b}[2K\u{1b}[32mOK: restore complete\u{1b}[0m'"),
+        "{err}"
+    );
+    // A backing name with the same trick; the lower layer does not exist.
+    std::fs::write(
+        s.path("t"),
+        hand_header(16, 0, 0, 0, 0, Some("b\r\x1b[2KOK")),
+    )
+    .unwrap();
+    let err = Image::open(s.path("t")).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(r"b\r\u{1b}[2KOK: I/O error while opening"),
+        "{err}"
+    );
 }
 
 #[test]
