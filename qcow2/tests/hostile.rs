@@ -392,6 +392,39 @@ fn corrupt_deflate_data() {
 }
 
 #[test]
+fn a_zstd_cluster_asking_for_a_128_mib_window_is_corrupt() {
+    let s = Scratch::new();
+    std::fs::write(s.path("a.raw"), vec![0x41; 65536]).expect("write");
+    s.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "a.raw",
+        "z.qcow2",
+    ]);
+    let entry = be64(&s.path("z.qcow2"), first_l2_entry(&s.path("z.qcow2")));
+    assert!(entry & (1 << 62) != 0, "the cluster is compressed");
+    let host = entry & ((1u64 << 54) - 1);
+    // The same 64 KiB of 'A' as one RLE block, in a frame declaring a 2^27-byte window.
+    let frame = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x88, 0x03, 0x00, 0x08, 0x41];
+    patch(&s.path("z.qcow2"), host, &frame);
+    let image = Image::open(s.path("z.qcow2")).expect("open");
+    match read_error(&image) {
+        Error::Corrupt { what, offset, .. } => {
+            assert!(
+                what.contains("compressed cluster: zstd data is invalid"),
+                "{what}"
+            );
+            assert_eq!(offset, host);
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
 fn backing_name_outside_the_first_cluster() {
     let s = Scratch::new();
     let path = valid(&s, "b.qcow2");
