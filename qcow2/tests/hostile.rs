@@ -128,6 +128,32 @@ fn unaligned_tables() {
 }
 
 #[test]
+fn a_chain_whose_l1_tables_pass_64_mib_is_refused() {
+    // Three images of 2 MiB clusters whose virtual size (2^61) needs a full 32 MiB L1 table
+    // each, in sparse files: the first two fill the chain's 64 MiB, the third is refused.
+    let s = Scratch::new();
+    let l1_entries = 4u32 << 20;
+    for i in 0..3 {
+        let next = format!("l{}", i + 1);
+        let backing = (i < 2).then_some(next.as_str());
+        let file = std::fs::File::create(s.path(&format!("l{i}"))).unwrap();
+        file.set_len((2 << 20) + u64::from(l1_entries) * 8).unwrap();
+        let header = hand_header(21, 1 << 61, l1_entries, 2 << 20, 0, backing);
+        std::os::unix::fs::FileExt::write_all_at(&file, &header, 0).unwrap();
+    }
+    match Image::open(s.path("l0")) {
+        Err(Error::Unsupported { image, feature }) => {
+            assert!(image.ends_with("l2"), "{image}");
+            assert_eq!(
+                feature,
+                "an L1 table of 33554432 bytes, past the chain's limit of 64 MiB of L1 tables"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
 fn giant_refcount_table() {
     let s = Scratch::new();
     let path = valid(&s, "rc.qcow2");
