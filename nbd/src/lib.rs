@@ -68,10 +68,10 @@
 //! a read above the maximum block size (32 MiB by default, advertised through
 //! `NBD_INFO_BLOCK_SIZE`) gets an `EINVAL` reply, and the connection goes on, since no payload
 //! follows such a request. A wrong magic, unknown client flags, an option over 16 KiB, more than
-//! 256 options, an oversized write (whose payload cannot be skipped safely) or a stalled
-//! handshake (30 s per step) ends that connection only; memory per connection stays bounded by
-//! four requests of the maximum block size (one per serving thread). At most 64 clients are
-//! served at once by default.
+//! 256 options, an oversized write (whose payload cannot be skipped safely) or a handshake not
+//! over within 30 s (however the client spreads its bytes) ends that connection only; memory
+//! per connection stays bounded by four requests of the maximum block size (one per serving
+//! thread). At most 64 clients are served at once by default.
 //!
 //! # Design
 //!

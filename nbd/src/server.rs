@@ -4,7 +4,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_qcow2::Image;
 
@@ -18,8 +18,8 @@ use crate::transmission::Transmission;
 pub const DEFAULT_MAX_REQUEST: u32 = 32 * 1024 * 1024;
 /// Clients served at once by default.
 pub const DEFAULT_MAX_CLIENTS: usize = 64;
-/// How long a client may take for each handshake step.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take for its whole handshake, from connecting to `NBD_OPT_GO`.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// An NBD server of one export (a QCOW2 chain, or a raw image) under one name: read-only, or
 /// copy-on-write over an [`Overlay`].
@@ -134,8 +134,13 @@ impl Server {
     }
 
     /// Serves one connection to its end: `Ok` when the client disconnected cleanly, the
-    /// reason otherwise.
+    /// reason otherwise. The handshake must be over within 30 s of the call, however the
+    /// client spreads its bytes; transmission may then idle for as long as it likes.
     pub fn serve_connection(&self, stream: TcpStream) -> Result<()> {
+        self.serve_connection_within(stream, HANDSHAKE_DEADLINE)
+    }
+
+    fn serve_connection_within(&self, stream: TcpStream, handshake: Duration) -> Result<()> {
         let inner = &self.inner;
         let previous = inner.clients.fetch_add(1, Ordering::SeqCst);
         let _slot = ClientSlot(&inner.clients);
@@ -147,16 +152,16 @@ impl Server {
         stream
             .set_nodelay(true)
             .map_err(Error::io("configuring the socket"))?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(Error::io("configuring the socket"))?;
-        let reader = BufReader::new(
-            stream
+        let reader = BufReader::new(ClientStream {
+            stream: stream
                 .try_clone()
                 .map_err(Error::io("configuring the socket"))?,
-        );
-        self.serve_session(reader, &stream, || {
-            stream
+            deadline: Some(Instant::now() + handshake),
+        });
+        self.serve_session(reader, &stream, |client| {
+            client.deadline = None;
+            client
+                .stream
                 .set_read_timeout(None)
                 .map_err(Error::io("configuring the socket"))
         })
@@ -172,15 +177,16 @@ impl Server {
         reader: R,
         writer: W,
     ) -> Result<()> {
-        self.serve_session(BufReader::new(reader), writer, || Ok(()))
+        self.serve_session(BufReader::new(reader), writer, |_| Ok(()))
     }
 
-    /// The handshake on `reader` and `writer`, then `between`, then transmission.
+    /// The handshake on `reader` and `writer`, then `between` on the reader's stream, then
+    /// transmission.
     fn serve_session<R: Read + Send, W: Write + Send>(
         &self,
         mut reader: BufReader<R>,
         mut writer: W,
-        between: impl FnOnce() -> Result<()>,
+        between: impl FnOnce(&mut R) -> Result<()>,
     ) -> Result<()> {
         let inner = &self.inner;
         let negotiated = {
@@ -192,13 +198,37 @@ impl Server {
         };
         // The handshake flushed its replies; transmission replies go out whole with
         // vectored writes, so they need no buffer.
-        between()?;
+        between(reader.get_mut())?;
         Transmission {
             export: &inner.export,
             session,
             max_request: inner.info.max_request,
         }
         .run(reader, writer)
+    }
+}
+
+/// A client's socket, read against a deadline while it has one: each read waits at most for
+/// the time left, so a client trickling a byte now and then cannot keep its handshake alive
+/// past the deadline, as a per-read timeout would let it.
+struct ClientStream {
+    stream: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the handshake took longer than its deadline",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
     }
 }
 
@@ -258,6 +288,42 @@ mod tests {
         assert_eq!(out[18..26], (1u64 << 20).to_be_bytes());
         assert_eq!(out[28..32], crate::proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
         assert_eq!(out[44..], [0u8; 16]);
+    }
+
+    #[test]
+    fn a_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Client flags, then an NBD_OPT_INFO of 1000 bytes, one byte every 100 ms (each read
+        // well inside the deadline), then silence with the socket held open.
+        let client = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut bytes = 1u32.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&option(opt::INFO, &[0; 1000]));
+            for byte in bytes.iter().take(30) {
+                if s.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (stream, _) = listener.accept().unwrap();
+        let started = Instant::now();
+        let err = server
+            .serve_connection_within(stream, Duration::from_secs(1))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, Error::Io { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{err:?}"
+        );
+        // A per-read timeout of 1 s would last the 3 s of trickling and 1 s more.
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        client.join().unwrap();
     }
 
     #[test]

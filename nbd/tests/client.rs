@@ -131,43 +131,60 @@ fn fake_server(misbehave: impl FnOnce(&mut TcpStream, u64) + Send + 'static) -> 
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
-        let mut flags = [0u8; 4];
-        s.read_exact(&mut flags).unwrap();
-        loop {
-            let mut head = [0u8; 16];
-            s.read_exact(&mut head).unwrap();
-            let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
-            let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data).unwrap();
-            if option == 10 {
-                option_reply(
-                    &mut s,
-                    option,
-                    4,
-                    &[&7u32.to_be_bytes()[..], b"base:allocation"].concat(),
-                );
-            }
-            if option == 7 {
-                let mut info = 0u16.to_be_bytes().to_vec();
-                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
-                info.extend_from_slice(&(1u16 | 2).to_be_bytes());
-                option_reply(&mut s, option, 3, &info);
-            }
-            option_reply(&mut s, option, 1, &[]);
-            if option == 7 {
-                break;
-            }
-        }
-        let mut request = [0u8; 28];
-        s.read_exact(&mut request).unwrap();
-        let cookie = u64::from_be_bytes(request[8..16].try_into().unwrap());
+        let cookie = fake_handshake(&mut s, 1 << 20, 0);
         misbehave(&mut s, cookie);
         // Hold the socket open so the client sees the misbehaviour, not an EOF.
         std::thread::sleep(Duration::from_secs(2));
     });
     format!("nbd://127.0.0.1:{port}/x")
+}
+
+/// The server's side of a correct handshake for an export of `size` bytes with the
+/// transmission flags `flags` (besides `HAS_FLAGS | READ_ONLY`); returns the cookie of the
+/// first request.
+fn fake_handshake(s: &mut TcpStream, size: u64, flags: u16) -> u64 {
+    s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+    let mut client_flags = [0u8; 4];
+    s.read_exact(&mut client_flags).unwrap();
+    loop {
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).unwrap();
+        let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).unwrap();
+        if option == 10 {
+            option_reply(
+                s,
+                option,
+                4,
+                &[&7u32.to_be_bytes()[..], b"base:allocation"].concat(),
+            );
+        }
+        if option == 7 {
+            let mut info = 0u16.to_be_bytes().to_vec();
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(&(1u16 | 2 | flags).to_be_bytes());
+            option_reply(s, option, 3, &info);
+        }
+        option_reply(s, option, 1, &[]);
+        if option == 7 {
+            break;
+        }
+    }
+    let mut request = [0u8; 28];
+    s.read_exact(&mut request).unwrap();
+    u64::from_be_bytes(request[8..16].try_into().unwrap())
+}
+
+/// A `base:allocation` block status chunk (context 7) with `extents` (length, flags).
+fn status_chunk(flags: u16, cookie: u64, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut payload = 7u32.to_be_bytes().to_vec();
+    for (len, state) in extents {
+        payload.extend_from_slice(&len.to_be_bytes());
+        payload.extend_from_slice(&state.to_be_bytes());
+    }
+    chunk(flags, 5, cookie, &payload)
 }
 
 fn option_reply(s: &mut TcpStream, option: u32, kind: u32, data: &[u8]) {
@@ -301,6 +318,81 @@ fn a_bad_reply_magic_and_a_huge_block_status_are_named() {
             .contains("block status chunk of 1073741824 bytes"),
         "{err}"
     );
+}
+
+#[test]
+fn a_second_block_status_chunk_is_refused_and_no_range_passes_the_export_end() {
+    // A first chunk covering the whole 1 MiB export, then a second that starts over at 0.
+    let url = fake_server(|s, cookie| {
+        s.write_all(&status_chunk(0, cookie, &[(1 << 20, 0)]))
+            .unwrap();
+        s.write_all(&status_chunk(1, cookie, &[(4096, 0), (4096, 3)]))
+            .unwrap();
+    });
+    let client = Client::open(&url).unwrap();
+    let err = client.next_data(0).unwrap_err();
+    assert!(matches!(err, Error::BadServer { .. }), "{err}");
+    assert!(
+        err.to_string().contains("second block status chunk"),
+        "{err}"
+    );
+
+    // One chunk whose last extent runs past the export: the data range ends at the end.
+    let url = fake_server(|s, cookie| {
+        s.write_all(&status_chunk(1, cookie, &[(4096, 3), (u32::MAX, 0)]))
+            .unwrap();
+    });
+    let client = Client::open(&url).unwrap();
+    assert_eq!(client.next_data(0).unwrap(), Some(4096..1 << 20));
+}
+
+#[test]
+fn a_flood_of_block_status_chunks_is_refused_at_the_second() {
+    // 2000 chunks of 4096 extents (64 MiB of descriptors) and then a done chunk: the client
+    // must stop at the second chunk instead of collecting them all.
+    let url = fake_server(|s, cookie| {
+        let extents = vec![(1, 0); 4096];
+        for _ in 0..2000 {
+            if s.write_all(&status_chunk(0, cookie, &extents)).is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(&chunk(1, 0, cookie, &[]));
+    });
+    let client = Client::open(&url).unwrap();
+    let err = client.next_data(0).unwrap_err();
+    assert!(
+        err.to_string().contains("second block status chunk"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pooled_connection_reporting_another_size_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // The first connection fails its first read (EIO), so the client drops it and opens
+        // a second, which reports a 2 MiB export and would answer a read with a hole.
+        let (mut first, _) = listener.accept().unwrap();
+        let cookie = fake_handshake(&mut first, 1 << 20, 0);
+        let mut reply = 0x6744_6698u32.to_be_bytes().to_vec();
+        reply.extend_from_slice(&5u32.to_be_bytes());
+        reply.extend_from_slice(&cookie.to_be_bytes());
+        first.write_all(&reply).unwrap();
+        let (mut second, _) = listener.accept().unwrap();
+        let cookie = fake_handshake(&mut second, 2 << 20, 0);
+        let mut hole = 0u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&4096u32.to_be_bytes());
+        let _ = second.write_all(&chunk(1, 2, cookie, &hole));
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let client = Client::open(&format!("nbd://127.0.0.1:{port}/x")).unwrap();
+    let err = client.read_at(&mut [0u8; 4096], 0).unwrap_err();
+    assert!(matches!(err, Error::Refused { code: 5, .. }), "{err}");
+    let err = client.read_at(&mut [0u8; 4096], 0).unwrap_err();
+    assert!(matches!(err, Error::BadServer { .. }), "{err}");
+    assert!(err.to_string().contains("2097152-byte export"), "{err}");
 }
 
 #[test]

@@ -28,9 +28,20 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Decodes one zstd frame into `out` (one cluster).
+///
+/// A frame names the window its decoder must keep (RFC 8878, "Window_Descriptor"), and
+/// libzstd allocates it before decoding a byte: left at its default limit (2^27), a 10-byte
+/// frame would cost 128 MiB per cluster read. A cluster's frame never needs a window beyond
+/// the cluster itself, so the limit is twice the cluster (zstd's smallest, 2^10, for tiny
+/// clusters) and a frame asking more is refused.
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+    let window_log = (out.len().next_power_of_two().trailing_zeros() + 1).max(10);
     let mut decoder = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
+    decoder
+        .set_parameter(DParameter::WindowLogMax(window_log))
+        .map_err(|e| format!("zstd decoder: {e}"))?;
     let mut src = InBuffer::around(input);
     let mut dst = OutBuffer::around(out);
     loop {
@@ -81,6 +92,20 @@ mod tests {
             decompress(kind, &packed, &mut out).expect("decodes");
             assert_eq!(out, data);
         }
+    }
+
+    #[test]
+    fn a_zstd_frame_with_a_window_larger_than_twice_the_cluster_is_refused() {
+        // Magic, frame header descriptor 0 (no content size), a window descriptor, then one
+        // last RLE block of 65536 'A's.
+        let frame = |window: u8| [0x28, 0xb5, 0x2f, 0xfd, 0x00, window, 0x03, 0x00, 0x08, 0x41];
+        let mut out = vec![0; 65536];
+        // Window log 27: libzstd's default limit would reserve 128 MiB for it.
+        let err = decompress(CompressionType::Zstd, &frame(0x88), &mut out).expect_err("27");
+        assert!(err.contains("zstd data is invalid"), "{err}");
+        // Window log 17, twice the cluster, decodes.
+        decompress(CompressionType::Zstd, &frame(0x38), &mut out).expect("17");
+        assert!(out.iter().all(|&b| b == b'A'));
     }
 
     #[test]

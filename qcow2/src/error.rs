@@ -1,16 +1,20 @@
 //! Errors of the QCOW2 reader and writer.
 
+use std::fmt;
 use std::io;
 
 /// A QCOW2 error: what went wrong, and where (the image's name, a file offset).
 ///
 /// `Display` names the problem and its place; the underlying cause, if any, is only available
-/// through [`std::error::Error::source`].
+/// through [`std::error::Error::source`]. Names and text that can come from an image (the
+/// names of lower layers and data files, feature names) are shown with control characters
+/// escaped (`\r`, `\u{1b}`), so a hostile image cannot rewrite the line an error is printed
+/// on; the fields keep the bytes as stored.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// Reading or writing the underlying bytes failed.
-    #[error("{image}: I/O error while {action}")]
+    #[error("{}: I/O error while {}", Escaped(.image), Escaped(.action))]
     Io {
         /// The image (or source) being accessed.
         image: String,
@@ -21,13 +25,13 @@ pub enum Error {
         source: io::Error,
     },
     /// The bytes do not start with the QCOW2 magic.
-    #[error("{image}: not a QCOW2 image (bad magic)")]
+    #[error("{}: not a QCOW2 image (bad magic)", Escaped(.image))]
     NotQcow2 {
         /// The image.
         image: String,
     },
     /// A structure in the image is invalid.
-    #[error("{image}: corrupt image: {what} (at offset {offset:#x})")]
+    #[error("{}: corrupt image: {} (at offset {offset:#x})", Escaped(.image), Escaped(.what))]
     Corrupt {
         /// The image.
         image: String,
@@ -37,7 +41,7 @@ pub enum Error {
         offset: u64,
     },
     /// The image uses a feature this reader refuses or does not implement.
-    #[error("{image}: unsupported: {feature}")]
+    #[error("{}: unsupported: {}", Escaped(.image), Escaped(.feature))]
     Unsupported {
         /// The image.
         image: String,
@@ -45,7 +49,11 @@ pub enum Error {
         feature: String,
     },
     /// Incompatible feature bits this implementation does not know are set.
-    #[error("{image}: unknown incompatible features {names} (bits {bits:#x}); refusing to open")]
+    #[error(
+        "{}: unknown incompatible features {} (bits {bits:#x}); refusing to open",
+        Escaped(.image),
+        Escaped(.names)
+    )]
     UnknownIncompatibleFeatures {
         /// The image.
         image: String,
@@ -55,7 +63,10 @@ pub enum Error {
         names: String,
     },
     /// The image is encrypted; encrypted images are refused.
-    #[error("{image}: image is encrypted ({method}); encrypted images are not supported")]
+    #[error(
+        "{}: image is encrypted ({method}); encrypted images are not supported",
+        Escaped(.image)
+    )]
     Encrypted {
         /// The image.
         image: String,
@@ -63,7 +74,7 @@ pub enum Error {
         method: &'static str,
     },
     /// A backing or external data file name was refused by the [`BackingPolicy`](crate::BackingPolicy).
-    #[error("{image}: {role} {name:?} refused: {reason}")]
+    #[error("{}: {role} {name:?} refused: {reason}", Escaped(.image))]
     PathRefused {
         /// The image naming the file.
         image: String,
@@ -75,7 +86,7 @@ pub enum Error {
         reason: &'static str,
     },
     /// The backing chain is longer than the configured limit.
-    #[error("{image}: backing chain deeper than the limit of {limit} images")]
+    #[error("{}: backing chain deeper than the limit of {limit} images", Escaped(.image))]
     ChainTooDeep {
         /// The image at which the limit was hit.
         image: String,
@@ -83,7 +94,11 @@ pub enum Error {
         limit: usize,
     },
     /// A backing file names an image already in the chain.
-    #[error("{image}: backing loop: {name} is already in the chain")]
+    #[error(
+        "{}: backing loop: {} is already in the chain",
+        Escaped(.image),
+        Escaped(.name)
+    )]
     BackingLoop {
         /// The image naming the file.
         image: String,
@@ -92,7 +107,11 @@ pub enum Error {
     },
     /// A stored cluster, or a range read as zeros, failed the chain's
     /// [`ClusterCheck`](crate::ClusterCheck): the read returns none of its bytes.
-    #[error("{image}: cluster at guest offset {guest_offset:#x} {problem}")]
+    #[error(
+        "{}: cluster at guest offset {guest_offset:#x} {}",
+        Escaped(.image),
+        Escaped(.problem)
+    )]
     ClusterCheck {
         /// The image (as the check names it, else its storage name).
         image: String,
@@ -165,6 +184,29 @@ pub enum Error {
     /// An invalid argument (option string, cluster size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+/// Text shown in a message with its control characters and bidirectional-text controls
+/// escaped as Rust escapes them (`\r`, `\u{1b}`, `\u{202e}`); everything else as it is.
+pub(crate) struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            let bidi = matches!(
+                c,
+                '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            );
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else if bidi {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Result with [`Error`].

@@ -8,7 +8,7 @@ use crate::check::{CheckFailure, ClusterCheck};
 use crate::error::{Error, Result, corrupt, io_err};
 use crate::header::{Header, MAGIC, incompat};
 use crate::io::{LocalStorage, ReadAt, Storage};
-use crate::layer::Qcow2Layer;
+use crate::layer::{ChainBudget, Qcow2Layer};
 use crate::map::{Extent, ExtentKind};
 use crate::offset::{GuestOffset, HostOffset};
 
@@ -197,6 +197,7 @@ impl Image {
     pub fn open_with(storage: &dyn Storage, name: &str, options: &OpenOptions) -> Result<Self> {
         let top_dir = backing::parent(name).to_owned();
         let mut layers = Vec::new();
+        let mut budget = ChainBudget::default();
         let mut seen = HashSet::new();
         let mut next = Some((name.to_owned(), options.format));
         seen.insert(backing::normalize(name));
@@ -231,7 +232,15 @@ impl Image {
                 });
                 break;
             }
-            let layer = open_qcow2(storage, options.policy, &top_dir, current, source, len)?;
+            let layer = open_qcow2(
+                storage,
+                options.policy,
+                &top_dir,
+                current,
+                source,
+                len,
+                &mut budget,
+            )?;
             if options.cluster_check.is_some() && layer.header.extended_l2() {
                 return Err(Error::Unsupported {
                     image: layer.name.clone(),
@@ -264,6 +273,12 @@ impl Image {
                 next = Some((resolved, format));
             }
             layers.push(Layer::Qcow2(Box::new(layer)));
+        }
+        let depth = layers.len();
+        for layer in &mut layers {
+            if let Layer::Qcow2(q) = layer {
+                q.share_cache(depth);
+            }
         }
         Ok(Self {
             layers,
@@ -651,6 +666,7 @@ fn open_qcow2(
     name: String,
     source: Arc<dyn ReadAt>,
     len: u64,
+    budget: &mut ChainBudget,
 ) -> Result<Qcow2Layer> {
     // The header, its extensions and the backing file name all lie in the first cluster
     // (qcow2.rst, "Header" and "Header extensions"): read 64 KiB (the default cluster size),
@@ -696,5 +712,5 @@ fn open_qcow2(
     } else {
         None
     };
-    Qcow2Layer::open(name, source, len, header, data_file)
+    Qcow2Layer::open(name, source, len, header, data_file, budget)
 }

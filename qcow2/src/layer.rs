@@ -2,18 +2,47 @@
 //! (qcow2.rst, "Cluster mapping").
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::compressed;
-use crate::error::{Result, corrupt, io_err};
+use crate::error::{Error, Result, corrupt, io_err};
 use crate::header::Header;
 use crate::io::ReadAt;
 use crate::l2::{self, Entry, Mapping};
 
-/// Bytes of L2 tables one image keeps cached (at least 16 tables): 1 MiB maps 8 GiB of guest
-/// at 64 KiB clusters and 512 MiB at 4 KiB, ahead of any sequential reader, and keeps a
-/// 64-deep chain's caches within 64 MiB.
+/// Bytes of L2 tables one image keeps cached at most: 1 MiB maps 8 GiB of guest at 64 KiB
+/// clusters and 512 MiB at 4 KiB, ahead of any sequential reader.
 const L2_CACHE_BYTES: u64 = 1 << 20;
+/// Bytes of L2 tables a whole chain keeps cached: its images share it (each at most
+/// [`L2_CACHE_BYTES`], so a 64-deep chain of 64 KiB clusters keeps 16 tables an image), and
+/// no image caches a table the chain has no room for.
+const CHAIN_L2_CACHE_BYTES: u64 = 64 << 20;
+/// Tables an image may cache however deep its chain, while the chain has room: a walk that
+/// crosses from one table to the next keeps the one it leaves.
+const MIN_CACHED_TABLES: u64 = 2;
+/// Bytes of L1 tables a whole chain may load. An image loads the entries its virtual size
+/// needs (qcow2.rst, "Cluster mapping": one entry maps an L2 table's reach), not its whole
+/// `l1_size`: a 1 TiB volume needs 16 KiB at 64 KiB clusters, so 64 MiB is 4,096 such images.
+const CHAIN_L1_BYTES: u64 = 64 << 20;
+
+/// What the tables of one chain may still cost: L1 bytes for the images not yet opened, and
+/// L2 cache bytes free across the chain (shared by its images' caches). Table sizes are the
+/// image's to choose (up to 32 MiB of L1 and 2 MiB per L2 table, checked against a length a
+/// sparse file has for free), so without a budget the chain's depth multiplies them.
+pub(crate) struct ChainBudget {
+    l1_left: u64,
+    l2_free: Arc<AtomicU64>,
+}
+
+impl Default for ChainBudget {
+    fn default() -> Self {
+        Self {
+            l1_left: CHAIN_L1_BYTES,
+            l2_free: Arc::new(AtomicU64::new(CHAIN_L2_CACHE_BYTES)),
+        }
+    }
+}
 
 /// An opened QCOW2 file.
 pub(crate) struct Qcow2Layer {
@@ -27,16 +56,20 @@ pub(crate) struct Qcow2Layer {
     l1: Vec<u64>,
     cache: Mutex<HashMap<u64, Arc<[u64]>>>,
     cache_capacity: usize,
+    /// The chain's free L2 cache bytes, which this image's cache takes from and gives back.
+    cache_free: Arc<AtomicU64>,
 }
 
 impl Qcow2Layer {
-    /// Parses the header and loads the L1 table; `data_file` is the opened external data file.
+    /// Loads the L1 entries the virtual size needs, from the chain's `budget`; `data_file` is
+    /// the opened external data file.
     pub fn open(
         name: String,
         file: Arc<dyn ReadAt>,
         file_len: u64,
         header: Header,
         data_file: Option<(String, Arc<dyn ReadAt>)>,
+        budget: &mut ChainBudget,
     ) -> Result<Self> {
         let data_file = match data_file {
             Some((data_name, source)) => {
@@ -47,7 +80,19 @@ impl Qcow2Layer {
             }
             None => None,
         };
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        // Entries past the virtual size are never looked up (the header checked that
+        // `l1_size` covers it).
+        let l1_bytes = header.required_l1_entries().min(u64::from(header.l1_size)) * 8;
+        budget.l1_left = budget.l1_left.checked_sub(l1_bytes).ok_or_else(|| {
+            Error::Unsupported {
+                image: name.clone(),
+                feature: format!(
+                    "an L1 table of {l1_bytes} bytes, past the chain's limit of {} MiB of L1 tables",
+                    CHAIN_L1_BYTES >> 20
+                ),
+            }
+        })?;
+        let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, header.l1_table_offset)
             .map_err(|e| {
                 io_err(
@@ -66,7 +111,7 @@ impl Qcow2Layer {
             extended: header.extended_l2(),
             data_file: data_file.is_some(),
         };
-        let cache_capacity = (L2_CACHE_BYTES / header.cluster_size()).max(16) as usize;
+        let cache_capacity = (L2_CACHE_BYTES / header.cluster_size()).max(MIN_CACHED_TABLES);
         Ok(Self {
             name,
             header,
@@ -76,8 +121,17 @@ impl Qcow2Layer {
             format,
             l1,
             cache: Mutex::new(HashMap::new()),
-            cache_capacity,
+            cache_capacity: cache_capacity as usize,
+            cache_free: Arc::clone(&budget.l2_free),
         })
+    }
+
+    /// Limits this image's L2 cache to its share of the chain's, `depth` images deep: at most
+    /// [`L2_CACHE_BYTES`], at least [`MIN_CACHED_TABLES`] tables.
+    pub fn share_cache(&mut self, depth: usize) {
+        let share = (CHAIN_L2_CACHE_BYTES / depth.max(1) as u64).min(L2_CACHE_BYTES);
+        let tables = (share / self.header.cluster_size()).max(MIN_CACHED_TABLES);
+        self.cache_capacity = tables as usize;
     }
 
     /// The virtual size.
@@ -309,11 +363,29 @@ impl Qcow2Layer {
             .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
             .collect();
         let mut cache = self.lock_cache();
-        if cache.len() >= self.cache_capacity {
-            cache.clear();
+        if !cache.contains_key(&offset) {
+            // Full, or the chain has no room: start over, giving this cache's bytes back, and
+            // cache the table only if the chain then has room for it.
+            if cache.len() >= self.cache_capacity || !self.take_cache_bytes(cluster_size) {
+                let held = cache.len() as u64 * cluster_size;
+                cache.clear();
+                self.cache_free.fetch_add(held, Ordering::Relaxed);
+                if !self.take_cache_bytes(cluster_size) {
+                    return Ok(table);
+                }
+            }
+            cache.insert(offset, Arc::clone(&table));
         }
-        cache.insert(offset, Arc::clone(&table));
         Ok(table)
+    }
+
+    /// Takes `bytes` from the chain's free L2 cache bytes, if it has them.
+    fn take_cache_bytes(&self, bytes: u64) -> bool {
+        self.cache_free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
+                free.checked_sub(bytes)
+            })
+            .is_ok()
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<[u64]>>> {

@@ -74,8 +74,12 @@
 //! Every size and offset is checked before memory is allocated or bytes are read: the L1
 //! table is capped at 32 MiB and must lie inside the file, the refcount table at 8 MiB, chains
 //! at [`DEFAULT_MAX_DEPTH`] with loop detection, and an entry pointing past the end of the file
-//! is an error rather than zeros. Memory per image is the L1 table plus a bounded L2 cache
-//! (32 MiB). No input makes the reader panic (a fuzz target in `fuzz/` keeps it so).
+//! is an error rather than zeros. Memory is bounded per chain, whatever its depth and table
+//! sizes: an image loads only the L1 entries its virtual size needs, and a chain's L1 tables
+//! may total 64 MiB (a 1 TiB volume needs 16 KiB an image at 64 KiB clusters); its images'
+//! L2 caches share 64 MiB (each at most 1 MiB, at least two tables while the chain has room),
+//! plus the tables a reader is looking up (one cluster each, a few per reading thread). No
+//! input makes the reader panic (a fuzz target in `fuzz/` keeps it so).
 //!
 //! # Design
 //!

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Scratch, be64, first_l2_entry, patch};
+use common::{Scratch, be64, first_l2_entry, hand_header, patch};
 use strata_qcow2::{BackingPolicy, Error, Image, OpenOptions, hydrate};
 
 /// A small valid v3 image with data in its first cluster.
@@ -128,6 +128,32 @@ fn unaligned_tables() {
 }
 
 #[test]
+fn a_chain_whose_l1_tables_pass_64_mib_is_refused() {
+    // Three images of 2 MiB clusters whose virtual size (2^61) needs a full 32 MiB L1 table
+    // each, in sparse files: the first two fill the chain's 64 MiB, the third is refused.
+    let s = Scratch::new();
+    let l1_entries = 4u32 << 20;
+    for i in 0..3 {
+        let next = format!("l{}", i + 1);
+        let backing = (i < 2).then_some(next.as_str());
+        let file = std::fs::File::create(s.path(&format!("l{i}"))).unwrap();
+        file.set_len((2 << 20) + u64::from(l1_entries) * 8).unwrap();
+        let header = hand_header(21, 1 << 61, l1_entries, 2 << 20, 0, backing);
+        std::os::unix::fs::FileExt::write_all_at(&file, &header, 0).unwrap();
+    }
+    match Image::open(s.path("l0")) {
+        Err(Error::Unsupported { image, feature }) => {
+            assert!(image.ends_with("l2"), "{image}");
+            assert_eq!(
+                feature,
+                "an L1 table of 33554432 bytes, past the chain's limit of 64 MiB of L1 tables"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
 fn giant_refcount_table() {
     let s = Scratch::new();
     let path = valid(&s, "rc.qcow2");
@@ -191,6 +217,43 @@ fn unknown_incompatible_bits_are_named() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn control_characters_from_the_image_are_escaped_in_error_messages() {
+    let s = Scratch::new();
+    // An unknown incompatible bit (20) named, in the feature name table, by a string that
+    // would return the cursor, clear the line and print a green "OK".
+    let mut h = hand_header(16, 0, 0, 0, 1 << 20, None);
+    h[104..108].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+    h[108..112].copy_from_slice(&48u32.to_be_bytes());
+    h[113] = 20;
+    let name = b"x\r\x1b[2K\x1b[32mOK: restore complete\x1b[0m";
+    h[114..114 + name.len()].copy_from_slice(name);
+    std::fs::write(s.path("f"), &h).unwrap();
+    let err = Image::open(s.path("f")).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownIncompatibleFeatures { names, .. } if names.contains('\r')),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(r"'x\r\u{1b}[2K\u{1b}[32mOK: restore complete\u{1b}[0m'"),
+        "{err}"
+    );
+    // A backing name with the same trick; the lower layer does not exist.
+    std::fs::write(
+        s.path("t"),
+        hand_header(16, 0, 0, 0, 0, Some("b\r\x1b[2KOK")),
+    )
+    .unwrap();
+    let err = Image::open(s.path("t")).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(r"b\r\u{1b}[2KOK: I/O error while opening"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -348,6 +411,39 @@ fn corrupt_deflate_data() {
     match read_error(&image) {
         Error::Corrupt { what, offset, .. } => {
             assert!(what.contains("compressed cluster"), "{what}");
+            assert_eq!(offset, host);
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn a_zstd_cluster_asking_for_a_128_mib_window_is_corrupt() {
+    let s = Scratch::new();
+    std::fs::write(s.path("a.raw"), vec![0x41; 65536]).expect("write");
+    s.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "a.raw",
+        "z.qcow2",
+    ]);
+    let entry = be64(&s.path("z.qcow2"), first_l2_entry(&s.path("z.qcow2")));
+    assert!(entry & (1 << 62) != 0, "the cluster is compressed");
+    let host = entry & ((1u64 << 54) - 1);
+    // The same 64 KiB of 'A' as one RLE block, in a frame declaring a 2^27-byte window.
+    let frame = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x88, 0x03, 0x00, 0x08, 0x41];
+    patch(&s.path("z.qcow2"), host, &frame);
+    let image = Image::open(s.path("z.qcow2")).expect("open");
+    match read_error(&image) {
+        Error::Corrupt { what, offset, .. } => {
+            assert!(
+                what.contains("compressed cluster: zstd data is invalid"),
+                "{what}"
+            );
             assert_eq!(offset, host);
         }
         other => panic!("unexpected {other}"),

@@ -344,12 +344,20 @@ impl Connection {
     }
 
     /// `base:allocation` descriptors (length, flags) from `offset` for up to `length` bytes;
-    /// they may cover less, never more than the export.
+    /// they may cover less, never more than the request or the export.
+    ///
+    /// A successful reply has exactly one status chunk per negotiated context, and only the
+    /// last descriptor may run past the request (proto.md `NBD_REPLY_TYPE_BLOCK_STATUS`): a
+    /// second chunk is refused before its payload is read, so one reply costs at most one
+    /// chunk of [`MAX_DESCRIPTORS`], and the last descriptor is cut at the request's end.
     pub fn block_status(&mut self, offset: u64, length: u32) -> Result<Vec<(u64, u32)>> {
         let Some(context) = self.negotiated.base_allocation else {
             return Ok(vec![(u64::from(length), 0)]);
         };
         let cookie = self.request(cmd::BLOCK_STATUS, offset, length)?;
+        let end = offset
+            .saturating_add(u64::from(length))
+            .min(self.negotiated.size);
         let mut descriptors = Vec::new();
         let mut failure = None;
         loop {
@@ -362,6 +370,11 @@ impl Connection {
                 }
                 Header::Chunk { flags, kind, len } => {
                     match kind {
+                        chunk::BLOCK_STATUS if !descriptors.is_empty() => {
+                            return Err(Error::bad_server(
+                                "a second block status chunk in one reply (one per context)",
+                            ));
+                        }
                         chunk::BLOCK_STATUS => {
                             let p = self.payload(len, 4 + 8 * MAX_DESCRIPTORS, "block status")?;
                             if p.len() < 12 || (p.len() - 4) % 8 != 0 {
@@ -382,10 +395,12 @@ impl Connection {
                                 if n == 0 {
                                     return Err(Error::bad_server("empty block status extent"));
                                 }
-                                let n = n.min(self.negotiated.size.saturating_sub(pos));
-                                if n == 0 {
-                                    return Err(Error::bad_server("block status past the end"));
+                                if pos >= end {
+                                    return Err(Error::bad_server(
+                                        "block status past the request or the export",
+                                    ));
                                 }
+                                let n = n.min(end - pos);
                                 descriptors.push((n, state));
                                 pos += n;
                             }

@@ -131,7 +131,8 @@ impl Client {
     }
 
     /// Runs `f` on a pooled connection. A connection that failed is dropped, since its
-    /// stream may be out of step; the next caller opens a fresh one.
+    /// stream may be out of step; the next caller opens a fresh one, refused if it reports
+    /// another export size than the first (every bound here is checked against that one).
     fn with_connection<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut conn = {
             let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
@@ -152,6 +153,12 @@ impl Client {
         let result = match conn.as_mut() {
             Some(conn) => f(conn),
             None => Connection::open(&self.addr, &self.export).and_then(|mut c| {
+                if c.negotiated.size != self.size {
+                    return Err(Error::bad_server(format!(
+                        "a new connection reports a {}-byte export, the first a {}-byte one",
+                        c.negotiated.size, self.size
+                    )));
+                }
                 let result = f(&mut c);
                 conn = Some(c);
                 result
@@ -201,7 +208,7 @@ impl Client {
                 let data = flags & (state::HOLE | state::ZERO) == 0;
                 match (data, start) {
                     (true, None) => start = Some(pos),
-                    (false, Some(s)) => return Ok(Some(s..pos)),
+                    (false, Some(s)) => return Ok(Some(s..pos.min(self.size))),
                     _ => {}
                 }
                 pos += len;

@@ -128,3 +128,33 @@ pub fn first_l2_entry(path: &Path) -> u64 {
     assert_ne!(l2, 0, "image has no L2 table");
     l2
 }
+
+/// A hand-built 4 KiB v3 header (for the hostile cases `qemu-img` refuses to make): 2^`bits`
+/// clusters, virtual size `size`, an L1 table of `l1_size` entries at `l1_offset`, the
+/// incompatible feature bits `incompat`, and `backing` stored at 512 when given.
+pub fn hand_header(
+    bits: u32,
+    size: u64,
+    l1_size: u32,
+    l1_offset: u64,
+    incompat: u64,
+    backing: Option<&str>,
+) -> Vec<u8> {
+    let mut h = vec![0u8; 4096];
+    h[..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    if let Some(name) = backing {
+        h[8..16].copy_from_slice(&512u64.to_be_bytes());
+        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        h[512..512 + name.len()].copy_from_slice(name.as_bytes());
+    }
+    h[20..24].copy_from_slice(&bits.to_be_bytes());
+    h[24..32].copy_from_slice(&size.to_be_bytes());
+    h[36..40].copy_from_slice(&l1_size.to_be_bytes());
+    h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+    h[72..80].copy_from_slice(&incompat.to_be_bytes());
+    // refcount_order 4, header_length 104.
+    h[96..100].copy_from_slice(&4u32.to_be_bytes());
+    h[100..104].copy_from_slice(&104u32.to_be_bytes());
+    h
+}

@@ -116,7 +116,9 @@ fn hint(err: &anyhow::Error) -> &'static str {
 }
 
 /// The error and its causes on one line, each said once: many errors print their source in
-/// their own message, so a cause already in the text before it is left out.
+/// their own message, so a cause already in the text before it is left out. A newline becomes
+/// a space and any other control character its escape (`\r`, `\u{1b}`): messages carry text
+/// from images and servers, which must not move the cursor or recolour the terminal.
 fn one_line(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
@@ -125,7 +127,15 @@ fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    parts.join(": ").replace('\n', " ")
+    let mut line = String::new();
+    for c in parts.join(": ").chars() {
+        match c {
+            '\n' => line.push(' '),
+            c if c.is_control() => line.extend(c.escape_debug()),
+            c => line.push(c),
+        }
+    }
+    line
 }
 
 /// Options shared by commands that open images.
@@ -160,6 +170,18 @@ pub enum Output {
     Human,
     /// JSON for programs.
     Json,
+}
+
+#[cfg(test)]
+mod error_line {
+    #[test]
+    fn one_line_escapes_control_characters_and_joins_lines() {
+        let err = anyhow::anyhow!("x\r\u{1b}[2K\u{1b}[32mOK\tdone\nnext").context("restoring");
+        assert_eq!(
+            super::one_line(&err),
+            r"restoring: x\r\u{1b}[2K\u{1b}[32mOK\tdone next"
+        );
+    }
 }
 
 /// What the datamover Jobs run parses with this CLI's parser into what the Job builder meant:
