@@ -47,8 +47,9 @@ pub enum Error {
         /// What was wrong.
         what: String,
     },
-    /// The server answered a request or option with an error.
-    #[error("the server refused {op}: {message} (error {code})")]
+    /// The server answered a request or option with an error. Its message is shown quoted,
+    /// with control characters escaped: it is the server's text, not ours.
+    #[error("the server refused {op}: {message:?} (error {code})")]
     Refused {
         /// What was asked.
         op: String,
@@ -112,5 +113,23 @@ impl Error {
 
     pub(crate) fn protocol(what: impl Into<String>) -> Self {
         Self::Protocol { what: what.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_servers_message_is_shown_quoted_with_control_characters_escaped() {
+        let err = Error::Refused {
+            op: "read".into(),
+            code: 5,
+            message: "x\r\u{1b}[2KOK".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            r#"the server refused read: "x\r\u{1b}[2KOK" (error 5)"#
+        );
     }
 }
