@@ -193,6 +193,17 @@ pub fn backup_volume(
         action: "reading the volume size",
         source: e,
     })?;
+    // A QCOW2 virtual size is whole 512-byte sectors (qcow2.rst, "Header": qemu rounds it up),
+    // so an image of another size would not be the volume's, and would never restore.
+    if size % 512 != 0 {
+        return Err(Error::Volume {
+            action: "checking the volume size",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{size} bytes is not a whole number of 512-byte sectors"),
+            ),
+        });
+    }
     let cluster_size = latest
         .as_ref()
         .map(|m| m.cluster_size)
@@ -324,6 +335,24 @@ pub fn restore_volume_with(
     let written = if device { dest } else { partial.as_path() };
     let out = open_destination(written)?;
     let total_bytes = chain.image.virtual_size();
+    if device {
+        // Checked before anything is written, so a device too small is left as it was.
+        let len = strata_qcow2::ReadAt::len(&out)
+            .map_err(|e| io_error(dest, "reading the device size", e))?;
+        if len < total_bytes {
+            return Err(io_error(
+                dest,
+                "checking the device size",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the device holds {len} bytes, the volume {total_bytes}; nothing was \
+                         written"
+                    ),
+                ),
+            ));
+        }
+    }
     let written_name = written.to_string_lossy();
     let mut reached = |reached| {
         progress(&Progress {
@@ -364,6 +393,15 @@ pub fn restore_volume_with(
                 .map_err(|e| io_error(written, "flushing the restored file", e))?;
             std::fs::rename(written, dest)
                 .map_err(|e| io_error(dest, "renaming the restored file into place", e))?;
+            // The rename is durable only once the folder is: a power loss must not bring the
+            // old file back after the restore said it was done.
+            let folder = match dest.parent() {
+                Some(folder) if !folder.as_os_str().is_empty() => folder,
+                _ => Path::new("."),
+            };
+            File::open(folder)
+                .and_then(|folder| folder.sync_all())
+                .map_err(|e| io_error(folder, "syncing the folder of the restored file", e))?;
         }
         Ok(stats)
     });
@@ -643,8 +681,8 @@ pub(crate) fn fold_verified(
         options.compression = defaults.compression;
         options.compression_level = defaults.compression_level;
         let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
-            strata_target::Error::Upload {
-                path: child.image.object.clone(),
+            strata_target::Error::Fold {
+                image: child.image.object.clone(),
                 reason: chain_text(&e),
             }
         })?;

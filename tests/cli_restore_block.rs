@@ -108,3 +108,53 @@ fn restores_onto_a_block_device_byte_for_byte() {
     assert!(content[9 << 20..10 << 20] == expected[9 << 20..10 << 20]);
     assert!(content[4 << 20..9 << 20].iter().all(|&b| b == 0xee));
 }
+
+#[test]
+fn a_device_smaller_than_the_volume_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volume = dir.path().join("volume.raw");
+    std::fs::write(&volume, vec![0x5au8; 1 << 20]).expect("volume");
+    let target = dir.path().join("target");
+    let (t, v) = (
+        target.to_str().expect("utf-8"),
+        volume.to_str().expect("utf-8"),
+    );
+    ok(&["backup", "--target", t, "--volume", "vol", "-q", v]);
+    let backing = dir.path().join("device.img");
+    std::fs::write(&backing, vec![0xeeu8; 512 << 10]).expect("backing");
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("losetup");
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "losetup failed under CI: {why}"
+        );
+        eprintln!("SKIPPED: losetup failed: {why}");
+        return;
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let out = strata_command()
+        .args(["restore", "--target", t, "--volume", "vol", "-q", &dev.0])
+        .output()
+        .expect("run strata");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the device holds 524288 bytes, the volume 1048576; nothing was written")
+            && !stderr.contains("incomplete"),
+        "{stderr}"
+    );
+    drop(dev);
+    assert!(
+        std::fs::read(&backing)
+            .expect("backing")
+            .iter()
+            .all(|&b| b == 0xee),
+        "the device was written"
+    );
+}

@@ -339,7 +339,7 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> Failure {
 /// zeros; a zero cluster reads as zeros but is allocated.
 fn allocation_flags(kind: ExtentKind) -> u32 {
     match kind {
-        ExtentKind::Unallocated => state::HOLE | state::ZERO,
+        ExtentKind::Unallocated | ExtentKind::Beyond { .. } => state::HOLE | state::ZERO,
         ExtentKind::Zero { .. } => state::ZERO,
         _ => 0,
     }

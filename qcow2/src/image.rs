@@ -433,7 +433,7 @@ impl Image {
                 return emit(Extent {
                     start: GuestOffset(pos),
                     length: end - pos,
-                    kind: ExtentKind::Unallocated,
+                    kind: ExtentKind::Beyond { depth },
                 });
             }
             let limit = end.min(layer_size) - pos;
@@ -485,7 +485,7 @@ impl Image {
     pub fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         let start = extent.start.get();
         match extent.kind {
-            ExtentKind::Zero { .. } | ExtentKind::Unallocated => {
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated | ExtentKind::Beyond { .. } => {
                 self.check_zeros(extent.kind, start, buf.len() as u64)?;
                 buf.fill(0);
                 Ok(())
@@ -607,9 +607,16 @@ impl Image {
     /// Checks that `len` guest bytes from `start`, which `kind` says read as zeros, may, when
     /// the image was opened with a [`ClusterCheck`].
     pub(crate) fn check_zeros(&self, kind: ExtentKind, start: u64, len: u64) -> Result<()> {
+        // Past an image's end, the images above it decide: its own list may name its partial
+        // last cluster, whose tail past the end rightly reads as zeros.
+        let deciding = match kind {
+            ExtentKind::Beyond { depth: 0 } => return Ok(()),
+            ExtentKind::Beyond { depth } => Some(depth - 1),
+            kind => kind.depth(),
+        };
         match &self.check {
             Some(check) => check
-                .zeros(kind.depth(), start, len)
+                .zeros(deciding, start, len)
                 .map_err(|failure| self.check_failed(check.as_ref(), failure)),
             None => Ok(()),
         }

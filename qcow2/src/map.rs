@@ -29,20 +29,32 @@ pub enum ExtentKind {
     },
     /// Allocated nowhere in the chain: reads as zeros.
     Unallocated,
+    /// Past the end of the image at `depth`, which is shorter than the chain (a volume that
+    /// grew): reads as zeros, decided by that image's size, whatever the images below it hold
+    /// (qcow2.rst, "Header": `size` is the virtual disk size; QEMU reads a backing file's
+    /// missing tail as zeros). Images above `depth` allocate nothing here.
+    Beyond {
+        /// Chain depth of the image whose end it is past.
+        depth: usize,
+    },
 }
 
 impl ExtentKind {
     /// Whether the range reads as zeros without reading any data.
     pub fn is_zero(self) -> bool {
-        matches!(self, Self::Zero { .. } | Self::Unallocated)
+        matches!(
+            self,
+            Self::Zero { .. } | Self::Unallocated | Self::Beyond { .. }
+        )
     }
 
     /// The chain depth that decides this range, if any image does.
     pub fn depth(self) -> Option<usize> {
         match self {
-            Self::Data { depth, .. } | Self::Compressed { depth, .. } | Self::Zero { depth } => {
-                Some(depth)
-            }
+            Self::Data { depth, .. }
+            | Self::Compressed { depth, .. }
+            | Self::Zero { depth }
+            | Self::Beyond { depth } => Some(depth),
             Self::Unallocated => None,
         }
     }
@@ -105,6 +117,7 @@ impl Extent {
             ) => a == b && ha + self.length == hb,
             (ExtentKind::Zero { depth: a }, ExtentKind::Zero { depth: b }) => a == b,
             (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
+            (ExtentKind::Beyond { depth: a }, ExtentKind::Beyond { depth: b }) => a == b,
             _ => false,
         };
         if merges {

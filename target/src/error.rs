@@ -106,6 +106,15 @@ pub enum Error {
     /// no manifest names them.
     #[error("the commit's outcome is unknown: {0}; list the volume to see whether it committed")]
     CommitUnknown(Box<Error>),
+    /// Writing the image of a fold (the merge of a backup into its child) failed: reading the
+    /// pair (a damaged cluster, say) or writing the new image.
+    #[error("folding into {image} failed: {reason}")]
+    Fold {
+        /// The image being folded into.
+        image: String,
+        /// Why, as the merge said it.
+        reason: String,
+    },
     /// The backup is being deleted: its deleter holds its child slot. A deleter killed before
     /// it removed the manifest leaves it so; deleting the backup again finishes the job.
     #[error("backup {id} of volume {volume} is being deleted; delete it again if no delete runs")]

@@ -33,7 +33,9 @@ impl Image {
     pub fn source_read(&self, extent: &Extent) -> Result<Option<SourceRead<'_>>> {
         let no_layer = |depth| Error::InvalidArgument(format!("no image at depth {depth}"));
         match extent.kind {
-            ExtentKind::Zero { .. } | ExtentKind::Unallocated => Ok(None),
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated | ExtentKind::Beyond { .. } => {
+                Ok(None)
+            }
             ExtentKind::Data { depth, host_offset } => {
                 match self.layers.get(depth).ok_or_else(|| no_layer(depth))? {
                     Layer::Raw { name, .. } => Ok(Some(SourceRead {

@@ -52,13 +52,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         }
                         ExtentKind::Compressed { depth, .. } => (depth, None, true),
                         ExtentKind::Zero { depth } => (depth, None, false),
-                        ExtentKind::Unallocated => (chain.len().saturating_sub(1), None, false),
+                        ExtentKind::Unallocated | ExtentKind::Beyond { .. } => {
+                            (chain.len().saturating_sub(1), None, false)
+                        }
                     };
                     ExtentJson {
                         start: e.start.get(),
                         length: e.length,
                         depth,
-                        present: e.kind.depth().is_some(),
+                        present: !matches!(
+                            e.kind,
+                            ExtentKind::Unallocated | ExtentKind::Beyond { .. }
+                        ),
                         zero: e.kind.is_zero(),
                         data: !e.kind.is_zero(),
                         compressed,
