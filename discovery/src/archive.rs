@@ -38,8 +38,11 @@ pub const INDEX_PATH: &str = "strata-metadata.json";
 pub const MAX_ENTRIES: usize = 200_000;
 /// Largest entry read (the API server stores objects up to about 1.5 MiB).
 pub const MAX_ENTRY_BYTES: u64 = 16 << 20;
-/// Most bytes read from all entries together.
-pub const MAX_TOTAL_BYTES: u64 = 2 << 30;
+/// Most bytes read from all entries together. The archive is read back from shared storage,
+/// so it is untrusted: its text and the objects parsed from it must fit well inside the
+/// controller's memory limit (512 MiB, `strata install`), many times over what a real
+/// application's objects take (a few MiB; the largest CRDs are about 1 MiB each).
+pub const MAX_TOTAL_BYTES: u64 = 64 << 20;
 
 /// Sanitized objects in restore order, with the volumes they use.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -169,15 +172,31 @@ impl MetadataBackup {
             entry: INDEX_PATH.into(),
             reason: "missing".into(),
         })?;
-        let mut objects = Vec::with_capacity(index.objects.len());
+        // Each listed document is parsed once, and its text dropped as it is: an index naming
+        // one document many times would otherwise multiply it.
+        let mut listed = std::collections::HashSet::new();
+        if let Some(path) = index
+            .objects
+            .iter()
+            .find(|path| !listed.insert(path.as_str()))
+        {
+            return Err(Error::Archive {
+                entry: path.clone(),
+                reason: "listed in the index more than once".into(),
+            });
+        }
+        let mut objects = Vec::with_capacity(index.objects.len().min(documents.len()));
         for path in &index.objects {
-            let text = documents.get(path).ok_or_else(|| Error::Archive {
+            let text = documents.remove(path).ok_or_else(|| Error::Archive {
                 entry: path.clone(),
                 reason: "listed in the index but absent".into(),
             })?;
-            let mut docs = yaml::documents(text, path)?;
+            let mut docs = yaml::documents(&text, path)?;
             match (docs.pop(), docs.is_empty()) {
-                (Some(object), true) => objects.push(object),
+                // Cleaned again as a backup cleans it: the archive is untrusted, and a field
+                // the backup removed (a claim's `volumeName`, binding it to a chosen volume,
+                // say) must not come back through it.
+                (Some(object), true) => objects.push(resanitize(object, path)?),
                 _ => {
                     return Err(Error::Archive {
                         entry: path.clone(),
@@ -191,6 +210,16 @@ impl MetadataBackup {
             volumes: index.volumes,
         })
     }
+}
+
+/// `object` as [`sanitize`] leaves it.
+fn resanitize(object: Value, path: &str) -> Result<Value> {
+    let dynamic: kube::api::DynamicObject =
+        serde_json::from_value(object).map_err(|e| Error::Archive {
+            entry: path.to_string(),
+            reason: format!("not a Kubernetes object: {e}"),
+        })?;
+    sanitize(&dynamic)
 }
 
 fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: &[u8]) -> std::io::Result<()> {

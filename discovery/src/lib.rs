@@ -85,7 +85,9 @@ mod volumes;
 mod yaml;
 
 pub use application::{AppSpec, Application, discover};
-pub use archive::{FORMAT, INDEX_PATH, MetadataBackup};
+pub use archive::{
+    FORMAT, INDEX_PATH, MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_TOTAL_BYTES, MetadataBackup,
+};
 pub use error::{Error, Result};
 pub use inventory::{Inventory, UNREAD_KINDS};
 pub use object::{ObjectKey, ObjectRef, group_of};

@@ -189,7 +189,8 @@ fn remove_if_empty(value: &mut Value, pointer: &str, key: &str) {
 ///   `creationTimestamp`, `managedFields`, `selfLink`, deletion fields;
 /// - Service: `clusterIP`/`clusterIPs` unless headless (`None`), `nodePort`s and
 ///   `healthCheckNodePort` (the target cluster allocates its own);
-/// - PersistentVolumeClaim: `volumeName` and binding annotations, so it binds anew;
+/// - PersistentVolumeClaim: `volumeName` and binding annotations, so it binds anew, and
+///   `dataSource`/`dataSourceRef`, since a restore fills it from the backup;
 /// - PersistentVolume: the `claimRef`'s uid and resourceVersion;
 /// - Pod: `nodeName`;
 /// - ServiceAccount: references to generated token Secrets;
@@ -226,7 +227,13 @@ pub fn sanitize(object: &DynamicObject) -> crate::Result<Value> {
             }
         }
         ("", "PersistentVolumeClaim") => {
-            remove_keys(&mut value, "/spec", &["volumeName"]);
+            // A restored claim's data comes from the backup, never from the snapshot or claim
+            // it was first provisioned from (usually gone, leaving the claim Pending).
+            remove_keys(
+                &mut value,
+                "/spec",
+                &["volumeName", "dataSource", "dataSourceRef"],
+            );
             remove_keys(&mut value, "/metadata/annotations", PVC_BINDING_ANNOTATIONS);
         }
         ("", "PersistentVolume") => {

@@ -364,3 +364,109 @@ fn hand_made_token_secrets_lose_data_and_the_old_account_uid() {
         json!({"kubernetes.io/service-account.name": "ci-bot", "team": "ci"})
     );
 }
+
+/// A tar.gz of `entries` (path, bytes), as a hostile writer of the target would make one.
+fn hostile_archive(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::best(),
+    ));
+    for (path, data) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, path, data.as_slice()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn an_index_naming_one_document_many_times_is_refused() {
+    // 600,000 mentions of one small document: 14 KB of archive that read as 600,000 objects.
+    let index = json!({
+        "format": strata_discovery::FORMAT,
+        "objects": vec!["objects/a"; 600_000],
+        "volumes": [],
+    });
+    let doc =
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: shop\n".to_vec();
+    let bytes = hostile_archive(&[
+        ("strata-metadata.json", serde_json::to_vec(&index).unwrap()),
+        ("objects/a", doc),
+    ]);
+    let err = MetadataBackup::read_archive(bytes.as_slice()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Archive { entry, reason } if entry == "objects/a"
+            && reason == "listed in the index more than once"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_archive_whose_text_passes_the_budget_is_refused_before_it_is_held() {
+    // 40 entries of 16 MiB of one byte: 650 KB of gzip that would hold 640 MiB of text.
+    let big = vec![b'#'; 16 << 20];
+    let index = json!({"format": strata_discovery::FORMAT, "objects": [], "volumes": []});
+    let names: Vec<String> = (0..40).map(|i| format!("objects/{i}")).collect();
+    let mut entries = vec![("strata-metadata.json", serde_json::to_vec(&index).unwrap())];
+    for name in &names {
+        entries.push((name.as_str(), big.clone()));
+    }
+    let bytes = hostile_archive(&entries);
+    drop(entries);
+    let err = MetadataBackup::read_archive(bytes.as_slice()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Limit { what, limit } if what == "metadata archive size"
+            && *limit == strata_discovery::MAX_TOTAL_BYTES),
+        "{err}"
+    );
+    assert!(strata_discovery::MAX_TOTAL_BYTES <= 64 << 20);
+}
+
+#[test]
+fn an_archive_is_cleaned_again_as_it_is_read() {
+    // A claim as a hostile writer would put it back: bound to a chosen volume, provisioned
+    // from a snapshot, with a status and a uid.
+    let claim = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data", "namespace": "shop", "uid": "1234", "resourceVersion": "9"},
+        "spec": {
+            "volumeName": "someone-elses-pv",
+            "dataSource": {"kind": "VolumeSnapshot", "name": "old", "apiGroup": "snapshot.storage.k8s.io"},
+            "dataSourceRef": {"kind": "VolumeSnapshot", "name": "old", "apiGroup": "snapshot.storage.k8s.io"},
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+        "status": {"phase": "Bound"},
+    });
+    let index = json!({
+        "format": strata_discovery::FORMAT,
+        "objects": ["objects/0000-core-PersistentVolumeClaim-shop-data.yaml"],
+        "volumes": [],
+    });
+    let bytes = hostile_archive(&[
+        ("strata-metadata.json", serde_json::to_vec(&index).unwrap()),
+        (
+            "objects/0000-core-PersistentVolumeClaim-shop-data.yaml",
+            serde_json::to_vec(&claim).unwrap(),
+        ),
+    ]);
+    let back = MetadataBackup::read_archive(bytes.as_slice()).unwrap();
+    let object = &back.objects[0];
+    for gone in [
+        "/spec/volumeName",
+        "/spec/dataSource",
+        "/spec/dataSourceRef",
+        "/status",
+        "/metadata/uid",
+        "/metadata/resourceVersion",
+    ] {
+        assert!(object.pointer(gone).is_none(), "{gone} is back: {object}");
+    }
+    assert_eq!(
+        object.pointer("/spec/resources/requests/storage"),
+        Some(&json!("1Gi"))
+    );
+}
