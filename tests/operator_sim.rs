@@ -814,6 +814,46 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
 }
 
+/// Retention that fails after the commit (an older application manifest that no longer reads)
+/// does not fail the Backup that committed: it completes, restorable, and says in its
+/// `RetentionApplied` condition why retention was not applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_failing_after_the_commit_leaves_the_backup_completed() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let device = sim.device_of_claim("shop", "data").unwrap();
+    std::fs::write(&device, noise(VOLUME_BYTES, 7)).unwrap();
+    add_backup_keeping(&sim, "first", "b-first", 5);
+    let first = drive(&sim, &ctx, "first", 12, Duration::from_secs(60)).await;
+    assert_eq!(first.phase, Some(Phase::Completed), "{first:?}");
+    // The first application backup's manifest no longer reads.
+    let apps = folder.path().join("target/applications");
+    let manifest = std::fs::read_dir(&apps)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|app| app.path().join("first.json"))
+        .find(|path| path.exists())
+        .expect("the first application backup's manifest");
+    std::fs::write(&manifest, b"{").unwrap();
+
+    let content = noise(VOLUME_BYTES, 8);
+    std::fs::write(&device, &content).unwrap();
+    add_backup_keeping(&sim, "second", "b-second", 1);
+    let second = drive(&sim, &ctx, "second", 12, Duration::from_secs(60)).await;
+    assert_eq!(second.phase, Some(Phase::Completed), "{second:?}");
+    let (state, reason, message) =
+        condition(&second, "RetentionApplied").expect("a RetentionApplied condition");
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("False", "RetentionFailed")
+    );
+    assert!(
+        message.contains("first.json") && message.contains("applied again at the next commit"),
+        "{message}"
+    );
+    assert!(restored(folder.path(), &backup_id(&second)) == content);
+}
+
 /// Item 7, restore authorisation: the restore policy is checked against the whole mapped plan
 /// before anything is written. A destination namespace no grant names, and a kind the policy
 /// lacks, each fail the Restore with reason NotAuthorized naming what was refused, and nothing

@@ -46,7 +46,7 @@ impl Run<'_> {
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
         let prune = self.ctx.prune;
         let target = self.target().await?;
-        let (retention, gc_failure) = target
+        let (retention, retention_failure, gc_failure) = target
             .with(move |t| {
                 let stashed = archive.is_some();
                 let earlier = match archive {
@@ -82,16 +82,22 @@ impl Run<'_> {
                         reason: format!("it disappeared before {app}/{id} was committed"),
                     });
                 }
-                let retention =
-                    match keep_last {
-                        Some(keep) => Some(prune(t, &app, keep.max(1)).map_err(|source| {
-                            Error::Retention {
+                // Committed: retention failing now (a damaged older backup, a fold raced by
+                // `strata prune`) must not fail the run that committed. It is reported in a
+                // condition and applied again at the next commit.
+                let (retention, retention_failure) = match keep_last {
+                    Some(keep) => match prune(t, &app, keep.max(1)) {
+                        Ok(retention) => (Some(retention), None),
+                        Err(source) => (
+                            None,
+                            Some(crate::reconcile::error_chain(&Error::Retention {
                                 app: app.to_string(),
                                 source,
-                            }
-                        })?),
-                        None => None,
-                    };
+                            })),
+                        ),
+                    },
+                    None => (None, None),
+                };
                 // What killed datamovers left behind (their writers' leftovers; their slots
                 // are taken over by the next backup anyway). A failure here does not undo the
                 // commit: it is reported in a condition and retried after the next commit.
@@ -107,6 +113,7 @@ impl Run<'_> {
                     .collect();
                 Ok((
                     retention,
+                    retention_failure,
                     (!failures.is_empty()).then(|| failures.join("; ")),
                 ))
             })
@@ -136,6 +143,25 @@ impl Run<'_> {
             format!("application backup {} written", self.name),
             generation,
         );
+        match &retention_failure {
+            Some(text) => set_condition(
+                &mut status.conditions,
+                "RetentionApplied",
+                ConditionStatus::False,
+                "RetentionFailed",
+                format!("{text}; applied again at the next commit"),
+                generation,
+            ),
+            None if keep_last.is_some() => set_condition(
+                &mut status.conditions,
+                "RetentionApplied",
+                ConditionStatus::True,
+                "Applied",
+                "older application backups past retention removed".to_string(),
+                generation,
+            ),
+            None => {}
+        }
         if let Some(retention) = &retention {
             self.mark_expired(status, retention).await?;
         }
