@@ -76,7 +76,9 @@ pub struct Context {
     pub delete_app_backup: DeleteAppBackup,
     /// How long a datamover pod may be unable to start (image pull, missing Secret or claim,
     /// refused by admission) before the run fails with the reason; meanwhile the run's
-    /// `DatamoversStarted` condition names it.
+    /// `DatamoversStarted` condition names it. Each attempt of the Job gets the whole window,
+    /// from its pod's creation or the previous pod's end, so a retry after an eviction or an
+    /// OOM kill is not charged the time the earlier pod ran.
     pub datamover_start_timeout: Duration,
     /// The datamover Jobs' `activeDeadlineSeconds`: a Job running longer is failed by the Job
     /// controller (`DeadlineExceeded`), so a hung writer cannot hold its volumes' locks forever.
