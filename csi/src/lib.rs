@@ -60,7 +60,7 @@ pub use pvc::{
     pvc_from_snapshot, staging_pvc,
 };
 pub use snapshot::{
-    ReadySnapshot, SnapshotState, check_adoptable, ready_or_failed, snapshot_state,
-    staging_snapshot, volume_snapshot,
+    ReadySnapshot, SnapshotLimits, SnapshotState, check_adoptable, ready_or_failed, snapshot_state,
+    staging_snapshot, volume_snapshot, waited_state,
 };
 pub use types::{DeletionPolicy, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};

@@ -5,6 +5,8 @@
 //! `boundVolumeSnapshotContentName` once bound, `readyToUse` once the storage system cut it,
 //! `error` while creation fails (the controller keeps retrying and clears it on success).
 
+use std::time::Duration;
+
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -100,6 +102,49 @@ pub fn ready_or_failed(snapshot: &VolumeSnapshot) -> Result<Option<ReadySnapshot
             name: snapshot.metadata.name.clone().unwrap_or_default(),
             message,
         }),
+    }
+}
+
+/// How long a run waits for a snapshot it took, each from the snapshot's creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotLimits {
+    /// How long a reported `status.error` may stand before it fails the run (the snapshot
+    /// controller retries and clears errors); zero fails at the first one.
+    pub error_grace: Duration,
+    /// How long the snapshot may be not ready, with or without an error, before it fails the
+    /// run: a snapshot controller that never posts a status, or a cut that never completes,
+    /// must not hold the run (and the locks it holds) forever.
+    pub ready_timeout: Duration,
+}
+
+/// Where `snapshot` stands after `waited` since its creation, as a run waiting within `limits`
+/// sees it: ready, still pending (with the error the controller is retrying, if any), or failed
+/// with [`Error::SnapshotFailed`] (an error that outlasted the grace) or
+/// [`Error::SnapshotTimeout`] (not ready within the timeout).
+pub fn waited_state(
+    snapshot: &VolumeSnapshot,
+    waited: Duration,
+    limits: SnapshotLimits,
+) -> Result<SnapshotState> {
+    let state = snapshot_state(snapshot);
+    let SnapshotState::Pending { error } = &state else {
+        return Ok(state);
+    };
+    let namespace = snapshot.metadata.namespace.clone().unwrap_or_default();
+    let name = snapshot.metadata.name.clone().unwrap_or_default();
+    match error {
+        Some(message) if waited >= limits.error_grace => Err(Error::SnapshotFailed {
+            namespace,
+            name,
+            message: message.clone(),
+        }),
+        _ if waited >= limits.ready_timeout => Err(Error::SnapshotTimeout {
+            namespace,
+            name,
+            waited,
+            last_error: error.clone(),
+        }),
+        _ => Ok(state),
     }
 }
 
@@ -207,6 +252,63 @@ mod tests {
             }
             other => panic!("expected SnapshotFailed, got {other:?}"),
         }
+    }
+
+    const LIMITS: SnapshotLimits = SnapshotLimits {
+        error_grace: Duration::from_secs(15 * 60),
+        ready_timeout: Duration::from_secs(30 * 60),
+    };
+
+    #[test]
+    fn a_snapshot_never_ready_fails_at_the_ready_timeout() {
+        let no_status = VolumeSnapshot {
+            status: None,
+            ..with_status(json!({}))
+        };
+        let not_ready =
+            with_status(json!({"readyToUse": false, "boundVolumeSnapshotContentName": "c1"}));
+        for snapshot in [&no_status, &not_ready] {
+            let before = LIMITS.ready_timeout - Duration::from_secs(1);
+            assert_eq!(
+                waited_state(snapshot, before, LIMITS).unwrap(),
+                SnapshotState::Pending { error: None }
+            );
+            match waited_state(snapshot, LIMITS.ready_timeout, LIMITS) {
+                Err(
+                    e @ Error::SnapshotTimeout {
+                        waited,
+                        last_error: None,
+                        ..
+                    },
+                ) => {
+                    assert_eq!(waited, LIMITS.ready_timeout);
+                    assert_eq!(e.to_string(), "VolumeSnapshot ns/s not ready after 1800s");
+                }
+                other => panic!("expected SnapshotTimeout, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_reported_error_fails_after_its_grace_and_a_ready_snapshot_never() {
+        let failing = with_status(json!({"readyToUse": false, "error": {"message": "busy"}}));
+        let within = LIMITS.error_grace - Duration::from_secs(1);
+        assert_eq!(
+            waited_state(&failing, within, LIMITS).unwrap(),
+            SnapshotState::Pending {
+                error: Some("busy".into())
+            }
+        );
+        assert!(matches!(
+            waited_state(&failing, LIMITS.error_grace, LIMITS),
+            Err(Error::SnapshotFailed { message, .. }) if message == "busy"
+        ));
+        let ready =
+            with_status(json!({"readyToUse": true, "boundVolumeSnapshotContentName": "c1"}));
+        assert!(matches!(
+            waited_state(&ready, Duration::from_secs(86_400), LIMITS),
+            Ok(SnapshotState::Ready(_))
+        ));
     }
 
     #[test]

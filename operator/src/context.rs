@@ -15,6 +15,7 @@ use super::endpoint::Health;
 use super::error::{Error, Result};
 use super::metrics::Metrics;
 use super::policy::RestorePolicy;
+use strata_csi::SnapshotLimits;
 use strata_csi::datamover::TargetMount;
 use strata_target::{
     AppBackupId, AppName, BackupId, Target, TargetOptions, VolumeBackupRef, VolumeName,
@@ -50,6 +51,11 @@ pub struct AppRetention {
     pub kept: Vec<AppBackupId>,
 }
 
+/// How long a run waits for a snapshot to become ready by default
+/// ([`Context::snapshot_ready_timeout`]): twice the error grace, so a snapshot the controller
+/// is still retrying fails with its error rather than with the timeout.
+pub const DEFAULT_SNAPSHOT_READY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Settings of the controller.
 #[derive(Clone)]
 pub struct Context {
@@ -66,7 +72,7 @@ pub struct Context {
     /// another Backup's end, a free datamover slot) waits before looking again anyway: a safety
     /// net, as every such change reconciles the run at once ([`crate::controller`]). It also
     /// bounds how late a waiting run notices a deadline (`datamover_start_timeout`,
-    /// `snapshot_error_grace`).
+    /// `snapshot_error_grace`, `snapshot_ready_timeout`).
     pub resync: Duration,
     /// Field manager for server-side apply of restored objects.
     pub field_manager: String,
@@ -76,7 +82,9 @@ pub struct Context {
     pub delete_app_backup: DeleteAppBackup,
     /// How long a datamover pod may be unable to start (image pull, missing Secret or claim,
     /// refused by admission) before the run fails with the reason; meanwhile the run's
-    /// `DatamoversStarted` condition names it.
+    /// `DatamoversStarted` condition names it. Each attempt of the Job gets the whole window,
+    /// from its pod's creation or the previous pod's end, so a retry after an eviction or an
+    /// OOM kill is not charged the time the earlier pod ran.
     pub datamover_start_timeout: Duration,
     /// The datamover Jobs' `activeDeadlineSeconds`: a Job running longer is failed by the Job
     /// controller (`DeadlineExceeded`), so a hung writer cannot hold its volumes' locks forever.
@@ -85,6 +93,12 @@ pub struct Context {
     /// snapshot controller posts transient errors and clears them on a later retry
     /// (external-snapshotter retries with exponential backoff up to about five minutes).
     pub snapshot_error_grace: Duration,
+    /// How long a Backup waits for a VolumeSnapshot to become ready, from its creation, before
+    /// the run fails naming it: a snapshot the controller never gives a status, or one that
+    /// stays `readyToUse: false` without an error, would otherwise hold the run and its
+    /// volumes' locks forever. A Restore's staging snapshot is held to
+    /// [`DEFAULT_SNAPSHOT_READY_TIMEOUT`].
+    pub snapshot_ready_timeout: Duration,
     /// This cluster's name in the target layout: every Target's URL gets `/<cluster_id>`
     /// appended, so two clusters writing to one target never interleave their chains (their
     /// volume names, `NAMESPACE.PVC`, may well be equal). `None` writes at the URL itself.
@@ -116,11 +130,20 @@ pub struct Context {
 }
 
 impl Context {
+    /// How long a Backup waits for its snapshots: errors for `snapshot_error_grace`, readiness
+    /// for `snapshot_ready_timeout`.
+    pub fn snapshot_limits(&self) -> SnapshotLimits {
+        SnapshotLimits {
+            error_grace: self.snapshot_error_grace,
+            ready_timeout: self.snapshot_ready_timeout,
+        }
+    }
+
     /// A context polling every five seconds, applying retention with `prune` and deleting
     /// application backups with `delete_app_backup`, publishing
     /// Events as [`events::reporter`](crate::events::reporter) says; datamover pods get ten
     /// minutes to start and a day to finish (a 2 TiB volume at 100 MB/s takes under six
-    /// hours), snapshots fifteen minutes to clear an error.
+    /// hours), snapshots fifteen minutes to clear an error and thirty to become ready.
     pub fn new(
         client: Client,
         image: impl Into<String>,
@@ -143,6 +166,7 @@ impl Context {
             datamover_start_timeout: Duration::from_secs(10 * 60),
             datamover_deadline: Some(Duration::from_secs(24 * 60 * 60)),
             snapshot_error_grace: Duration::from_secs(15 * 60),
+            snapshot_ready_timeout: DEFAULT_SNAPSHOT_READY_TIMEOUT,
             cluster_id: None,
             host_folder_targets: false,
             metrics,

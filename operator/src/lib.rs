@@ -59,8 +59,8 @@ mod selection;
 pub mod status;
 
 pub use context::{
-    AppRetention, BoxError, Context, DeleteAppBackup, Prune, TargetAccess, cluster_uid, folder_of,
-    valid_cluster_id, volume_name,
+    AppRetention, BoxError, Context, DEFAULT_SNAPSHOT_READY_TIMEOUT, DeleteAppBackup, Prune,
+    TargetAccess, cluster_uid, folder_of, valid_cluster_id, volume_name,
 };
 pub use error::{Error, ErrorClass, Result};
 pub use reconcile::{reconcile_backup, reconcile_restore, reconcile_target};

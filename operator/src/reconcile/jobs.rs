@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 
@@ -70,14 +71,15 @@ pub enum JobOutcome {
     Succeeded,
     /// The Job failed; the message of its `Failed` condition (reason and message).
     Failed(String),
-    /// The Job runs but its pod cannot start, for `age` since the Job was made.
+    /// The Job runs but its pod cannot start, for `age` since the current attempt began
+    /// (`waiting_since`).
     Stuck {
         /// What keeps it: the kubelet's waiting reason, `Unschedulable`, or the Job
         /// controller's `FailedCreate` (admission refused the pod).
         reason: String,
         /// The reason's message, naming the pod.
         message: String,
-        /// Since the Job's creation.
+        /// Since the current attempt began waiting for its pod.
         age: Duration,
     },
 }
@@ -98,18 +100,19 @@ const STUCK_WAITING: [&str; 6] = [
 /// Why the pod of a running Job has not started, if it is stuck rather than on its way: a
 /// waiting reason of [`STUCK_WAITING`], the `Unschedulable` reason of `PodScheduled` (a
 /// missing or unbound claim, no node fits), or, with no pod at all, the Job controller's
-/// latest `FailedCreate` Event (ServiceAccount or Pod Security admission refused the pod).
-/// `(reason, message)`.
+/// latest `FailedCreate` Event (ServiceAccount or Pod Security admission refused the pod)
+/// unless a pod was made or ended after it: an Event from before the Job's last pod says
+/// nothing about the next one, which the Job controller may just be holding back (its retry
+/// backoff). `(reason, message)`.
 pub fn why_not_started(pods: &[Pod], events: &[Event]) -> Option<(String, String)> {
-    let mut active = pods.iter().filter(|pod| {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        !matches!(phase, Some("Succeeded" | "Failed"))
-    });
+    let mut active = pods.iter().filter(|pod| !has_ended(pod));
     let Some(pod) = active.next() else {
+        let last_pod = last_attempt(pods, events);
         return events
             .iter()
             .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
-            .max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0))
+            .max_by_key(|e| event_time(e))
+            .filter(|e| last_pod.is_none_or(|pod| event_time(e).is_some_and(|t| t >= pod)))
             .map(|e| {
                 (
                     "FailedCreate".to_owned(),
@@ -184,6 +187,94 @@ pub fn job_outcome(job: &Job) -> JobOutcome {
     }
 }
 
+/// Whether `pod` has ended (phase `Succeeded` or `Failed`).
+fn has_ended(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// When an Event last happened: `lastTimestamp`, else `eventTime` (events.k8s.io writers),
+/// else when it was recorded.
+fn event_time(event: &Event) -> Option<Timestamp> {
+    event
+        .last_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
+        .or_else(|| event.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// When a pod that ended did: the latest of its containers' `finishedAt` and its conditions'
+/// `lastTransitionTime` (`Ready` turns False as it ends; an evicted pod's `DisruptionTarget`).
+fn ended_at(pod: &Pod) -> Option<Timestamp> {
+    let status = pod.status.as_ref()?;
+    let finished = status
+        .init_container_statuses
+        .iter()
+        .chain(&status.container_statuses)
+        .flatten()
+        .filter_map(|c| {
+            Some(
+                c.state
+                    .as_ref()?
+                    .terminated
+                    .as_ref()?
+                    .finished_at
+                    .as_ref()?
+                    .0,
+            )
+        });
+    let transitions = status
+        .conditions
+        .iter()
+        .flatten()
+        .filter_map(|c| Some(c.last_transition_time.as_ref()?.0));
+    finished.chain(transitions).max()
+}
+
+/// The latest sign of the Job's pods: a pod made, a pod that ended, or the Job controller's
+/// `SuccessfulCreate` Event (which outlives a pod deleted by an eviction, until Events expire).
+fn last_attempt(pods: &[Pod], events: &[Event]) -> Option<Timestamp> {
+    let made = pods
+        .iter()
+        .filter_map(|pod| Some(pod.metadata.creation_timestamp.as_ref()?.0));
+    let ended = pods
+        .iter()
+        .filter(|pod| has_ended(pod))
+        .filter_map(ended_at);
+    let created = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
+        .filter_map(event_time);
+    made.chain(ended).chain(created).max()
+}
+
+/// When the Job's current attempt began waiting for a pod that runs: the latest of the Job's
+/// creation and [`last_attempt`] (the current pod's creation, the end of the last pod that ran,
+/// the Job controller's last pod creation). Each retry of the Job controller (a pod OOM-killed,
+/// evicted by a drain) so gets its own start window, and the time a pod ran is never counted;
+/// a pod that never starts is still timed from its own creation.
+pub fn waiting_since(job: &Job, pods: &[Pod], events: &[Event]) -> Option<Timestamp> {
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    created.into_iter().chain(last_attempt(pods, events)).max()
+}
+
+/// What a Job that has not ended is doing, from its pods and, with none alive, its Events:
+/// [`JobOutcome::Stuck`] for as long as [`waiting_since`] when [`why_not_started`] finds a
+/// reason, else [`JobOutcome::Running`].
+pub fn running_outcome(job: &Job, pods: &[Pod], events: &[Event]) -> JobOutcome {
+    match why_not_started(pods, events) {
+        Some((reason, message)) => JobOutcome::Stuck {
+            reason,
+            message,
+            age: waiting_since(job, pods, events)
+                .map(|t| age_of(t.as_second()))
+                .unwrap_or_default(),
+        },
+        None => JobOutcome::Running,
+    }
+}
+
 /// Time since `seconds` after the epoch (zero for a time in the future: clocks differ).
 pub fn age_of(seconds: i64) -> Duration {
     Duration::from_secs(u64::try_from(chrono::Utc::now().timestamp() - seconds).unwrap_or(0))
@@ -214,10 +305,7 @@ pub async fn read_job(client: &Client, namespace: &str, name: &str) -> Result<Jo
         .await
         .map_err(Error::kube(format!("list pods of Job {namespace}/{name}")))?
         .items;
-    let events = if pods.iter().all(|p| {
-        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-        matches!(phase, Some("Succeeded" | "Failed"))
-    }) {
+    let events = if pods.iter().all(has_ended) {
         Api::<Event>::namespaced(client.clone(), namespace)
             .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
             .await
@@ -234,22 +322,7 @@ pub async fn read_job(client: &Client, namespace: &str, name: &str) -> Result<Jo
     } else {
         Vec::new()
     };
-    Ok(match why_not_started(&pods, &events) {
-        Some((reason, message)) => {
-            let age = job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| age_of(t.0.as_second()))
-                .unwrap_or_default();
-            JobOutcome::Stuck {
-                reason,
-                message,
-                age,
-            }
-        }
-        None => JobOutcome::Running,
-    })
+    Ok(running_outcome(&job, &pods, &events))
 }
 
 /// Delete Job `namespace/name` and its pods; already gone is fine.
@@ -349,5 +422,105 @@ mod tests {
             why_not_started(&[], &[event("SuccessfulCreate", "x")]),
             None
         );
+    }
+
+    /// `Context::datamover_start_timeout`'s default.
+    const START_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+    /// The time `minutes` ago, as the API server writes it.
+    fn ago(minutes: i64) -> String {
+        (chrono::Utc::now() - chrono::Duration::minutes(minutes))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+
+    fn job_created(minutes_ago: i64) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": "j",
+            "creationTimestamp": ago(minutes_ago)}, "status": {"active": 1}}))
+        .unwrap()
+    }
+
+    fn unschedulable(name: &str, created_minutes_ago: i64) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "creationTimestamp": ago(created_minutes_ago)},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
+                "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available",
+                "lastTransitionTime": ago(created_minutes_ago)}]}}))
+        .unwrap()
+    }
+
+    /// A pod that ran from `created` to `ended` minutes ago and was OOM-killed.
+    fn oom_killed(created: i64, ended: i64) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "j-old", "creationTimestamp": ago(created)},
+            "status": {"phase": "Failed",
+                "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": ago(ended)}],
+                "containerStatuses": [{"name": "datamover", "ready": false, "restartCount": 0,
+                    "image": "i", "imageID": "", "state": {"terminated": {"exitCode": 137,
+                    "reason": "OOMKilled", "startedAt": ago(created), "finishedAt": ago(ended)}}}]}}))
+        .unwrap()
+    }
+
+    fn event_at(reason: &str, message: &str, minutes_ago: i64) -> Event {
+        let mut event = event(reason, message);
+        event.last_timestamp = serde_json::from_value(json!(ago(minutes_ago))).unwrap();
+        event
+    }
+
+    fn stuck_for(outcome: JobOutcome) -> Duration {
+        match outcome {
+            JobOutcome::Stuck { age, .. } => age,
+            other => panic!("expected Stuck, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retried_pod_gets_its_own_start_window_not_the_jobs_age() {
+        // The datamover ran for 28 minutes and was OOM-killed; the Job controller's
+        // replacement has been unschedulable for a minute.
+        let job = job_created(30);
+        let pods = [oom_killed(30, 2), unschedulable("j-new", 1)];
+        let age = stuck_for(running_outcome(&job, &pods, &[]));
+        assert!(age < START_TIMEOUT, "{age:?}");
+        assert!(age >= Duration::from_secs(55), "{age:?}");
+        // Evicted by a drain and deleted: only the replacement is left.
+        let age = stuck_for(running_outcome(&job, &pods[1..], &[]));
+        assert!(age < START_TIMEOUT, "{age:?}");
+    }
+
+    #[test]
+    fn a_pod_that_never_starts_times_out_from_its_creation() {
+        let age = stuck_for(running_outcome(
+            &job_created(11),
+            &[unschedulable("j-1", 11)],
+            &[],
+        ));
+        assert!(age >= START_TIMEOUT, "{age:?}");
+        // Admission refusing every pod since the Job was made.
+        let refused = [event_at("FailedCreate", "forbidden", 0)];
+        let age = stuck_for(running_outcome(&job_created(11), &[], &refused));
+        assert!(age >= START_TIMEOUT, "{age:?}");
+    }
+
+    #[test]
+    fn a_failed_create_from_before_the_last_pod_is_not_why_the_retry_waits() {
+        // Admission refused the first pod 30 minutes ago, then let one through that ran until a
+        // minute ago; the Job controller holds the retry back, and no pod is alive.
+        let job = job_created(30);
+        let pods = [oom_killed(29, 1)];
+        let events = [
+            event_at("FailedCreate", "exceeded quota", 30),
+            event_at("SuccessfulCreate", "Created pod: j-old", 29),
+        ];
+        assert_eq!(running_outcome(&job, &pods, &events), JobOutcome::Running);
+        // Deleted by an eviction: the SuccessfulCreate Event still dates the last pod.
+        assert_eq!(running_outcome(&job, &[], &events), JobOutcome::Running);
+        // Refused again now: stuck, timed from the last pod's end.
+        let events = [event_at("FailedCreate", "exceeded quota", 0)];
+        let outcome = running_outcome(&job, &pods, &events);
+        assert!(
+            matches!(&outcome, JobOutcome::Stuck { reason, .. } if reason == "FailedCreate"),
+            "{outcome:?}"
+        );
+        assert!(stuck_for(outcome) < Duration::from_secs(2 * 60));
     }
 }

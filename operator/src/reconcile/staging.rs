@@ -23,11 +23,14 @@
 //! the staging PVC is [`Role::Volume`], its snapshot [`Role::Snapshot`], so each step finds what
 //! an earlier, interrupted reconcile made; the volume's [`Staging`] status records the step.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 
-use super::volumes::{Temporaries, claim_taken, cleanup, create_claim, restored_by};
+use super::volumes::{Temporaries, claim_taken, cleanup, create_claim, restored_by, snapshot_age};
+use crate::context::DEFAULT_SNAPSHOT_READY_TIMEOUT;
 use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::status::quantity_bytes;
@@ -35,7 +38,8 @@ use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
 };
 use strata_csi::{
-    Role, VolumeKey, claim_from_snapshot, ready_or_failed, staging_pvc, staging_snapshot,
+    Role, SnapshotLimits, SnapshotState, VolumeKey, claim_from_snapshot, staging_pvc,
+    staging_snapshot, waited_state,
 };
 
 /// Whether a volume's claim is restored through a staging volume: it is not `Block`.
@@ -116,10 +120,17 @@ pub async fn create_staging(
     Ok(key.name(Role::Volume))
 }
 
+/// How long a Restore waits for a staging snapshot: its first `status.error` fails the run, and
+/// so does a snapshot not ready within [`DEFAULT_SNAPSHOT_READY_TIMEOUT`].
+const STAGING_SNAPSHOT_LIMITS: SnapshotLimits = SnapshotLimits {
+    error_grace: Duration::ZERO,
+    ready_timeout: DEFAULT_SNAPSHOT_READY_TIMEOUT,
+};
+
 /// Move `volume` (filled, awaiting its snapshot) on: snapshot the staging PVC and, once the
 /// snapshot is ready, allow the mode change on its content and create `claim` (already labelled
-/// for this run) from it. The snapshot's `status.error` is an [`Error::Csi`], which fails the
-/// Restore.
+/// for this run) from it. The snapshot's `status.error`, or its not being ready within
+/// [`STAGING_SNAPSHOT_LIMITS`], is an [`Error::Csi`], which fails the Restore.
 pub async fn provision(
     client: &Client,
     key: &VolumeKey,
@@ -153,7 +164,9 @@ pub async fn provision(
     let snapshot = create_or_get_snapshot(client, &wanted)
         .await
         .map_err(Error::csi(operation.clone()))?;
-    let Some(ready) = ready_or_failed(&snapshot).map_err(Error::csi(operation))? else {
+    let state = waited_state(&snapshot, snapshot_age(&snapshot), STAGING_SNAPSHOT_LIMITS)
+        .map_err(Error::csi(operation))?;
+    let SnapshotState::Ready(ready) = state else {
         volume.staging = Some(Staging::Snapshotting);
         return Ok(());
     };
@@ -251,5 +264,31 @@ mod tests {
         assert!(!awaits_snapshot(&volume) && awaits_binding(&volume));
         volume.staging = None;
         assert!(!awaits_snapshot(&volume) && !awaits_binding(&volume));
+    }
+
+    #[test]
+    fn a_staging_snapshot_never_ready_fails_the_restore_at_the_timeout() {
+        let snapshot: strata_csi::VolumeSnapshot = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "shop"},
+            "spec": {"source": {"persistentVolumeClaimName": "staging"}},
+            "status": {"readyToUse": false}}))
+        .unwrap();
+        let before = DEFAULT_SNAPSHOT_READY_TIMEOUT - Duration::from_secs(1);
+        assert_eq!(
+            waited_state(&snapshot, before, STAGING_SNAPSHOT_LIMITS).unwrap(),
+            SnapshotState::Pending { error: None }
+        );
+        let timed_out = waited_state(
+            &snapshot,
+            DEFAULT_SNAPSHOT_READY_TIMEOUT,
+            STAGING_SNAPSHOT_LIMITS,
+        )
+        .map_err(Error::csi("snapshot of staging PVC staging"))
+        .unwrap_err();
+        assert_eq!(timed_out.class(), crate::error::ErrorClass::Permanent);
+        assert!(matches!(
+            &timed_out,
+            Error::Csi { source, .. } if matches!(**source, strata_csi::Error::SnapshotTimeout { .. })
+        ));
     }
 }

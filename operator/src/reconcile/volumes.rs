@@ -10,7 +10,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use super::cbt::LABEL_BASE;
-use super::jobs::{JobOutcome, delete_job, read_job};
+use super::jobs::{JobOutcome, age_of, delete_job, read_job};
 use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::status::{Condition, ConditionStatus, Progress, condition, set_condition};
@@ -88,6 +88,17 @@ pub async fn finished_jobs(
         }
     }
     Ok(read)
+}
+
+/// How long ago `snapshot` was created (zero without a `creationTimestamp`), which is how long
+/// its run has waited for it: the limits of [`strata_csi::SnapshotLimits`] count from there.
+pub fn snapshot_age(snapshot: &VolumeSnapshot) -> Duration {
+    snapshot
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| age_of(t.0.as_second()))
+        .unwrap_or_default()
 }
 
 /// The `DatamoversStarted` condition: False naming what keeps the stuck pods from starting,

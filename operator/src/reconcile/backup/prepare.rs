@@ -12,9 +12,9 @@ use crate::context::TargetAccess;
 use crate::crd::{BackupMode, BackupStatus, ChangeSource, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::reconcile::cbt::{self, Plan};
-use crate::reconcile::jobs::age_of;
 use crate::reconcile::jobs::{Created, create_job};
 use crate::reconcile::nodes::{NodeSlots, exclude, record_slots};
+use crate::reconcile::volumes::snapshot_age;
 use crate::status::{ConditionStatus, Phase, set_condition};
 use strata_csi::client::{
     allow_volume_mode_change, create_or_get_pvc, create_or_get_snapshot, snapshot_class_for_pvc,
@@ -24,7 +24,7 @@ use strata_csi::datamover::{self, Attach, DatamoverSpec, Step};
 use strata_csi::metadata::backup_job_with_changed_blocks;
 use strata_csi::{
     ReadySnapshot, Role, SnapshotState, VolumeMode, changes_volume_mode, pvc_from_snapshot,
-    snapshot_state, volume_snapshot,
+    volume_snapshot, waited_state,
 };
 use strata_target::VolumeName;
 
@@ -57,30 +57,19 @@ impl Run<'_> {
                 let snapshot = create_or_get_snapshot(client, &wanted)
                     .await
                     .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
-                let ready = match snapshot_state(&snapshot) {
+                // The snapshot controller posts errors it retries and clears; only one that
+                // outlasts the grace fails the run, as does a snapshot never ready in time.
+                let state = waited_state(
+                    &snapshot,
+                    snapshot_age(&snapshot),
+                    self.ctx.snapshot_limits(),
+                )
+                .map_err(Error::csi(format!("snapshot {}", v.pvc)))?;
+                let ready = match state {
                     SnapshotState::Ready(ready) => Some(ready),
                     SnapshotState::Pending {
                         error: Some(message),
-                    } => {
-                        // The snapshot controller posts errors it retries and clears; only
-                        // one that outlasts the grace fails the run.
-                        let age = snapshot
-                            .metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .map(|t| age_of(t.0.as_second()))
-                            .unwrap_or_default();
-                        if age >= self.ctx.snapshot_error_grace {
-                            return Err(Error::csi(format!("snapshot {}", v.pvc))(
-                                strata_csi::Error::SnapshotFailed {
-                                    namespace: self.namespace.clone(),
-                                    name: wanted.metadata.name.clone().unwrap_or_default(),
-                                    message,
-                                },
-                            ));
-                        }
-                        return Ok((None, Some(format!("{}: {message}", v.pvc))));
-                    }
+                    } => return Ok((None, Some(format!("{}: {message}", v.pvc)))),
                     _ => None,
                 };
                 Ok::<_, Error>((
