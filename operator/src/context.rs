@@ -96,8 +96,7 @@ pub struct Context {
     /// How long a Backup waits for a VolumeSnapshot to become ready, from its creation, before
     /// the run fails naming it: a snapshot the controller never gives a status, or one that
     /// stays `readyToUse: false` without an error, would otherwise hold the run and its
-    /// volumes' locks forever. A Restore's staging snapshot is held to
-    /// [`DEFAULT_SNAPSHOT_READY_TIMEOUT`].
+    /// volumes' locks forever. A Restore's staging snapshot is held to the same limit.
     pub snapshot_ready_timeout: Duration,
     /// This cluster's name in the target layout: every Target's URL gets `/<cluster_id>`
     /// appended, so two clusters writing to one target never interleave their chains (their

@@ -30,7 +30,6 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 
 use super::volumes::{Temporaries, claim_taken, cleanup, create_claim, restored_by, snapshot_age};
-use crate::context::DEFAULT_SNAPSHOT_READY_TIMEOUT;
 use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::status::quantity_bytes;
@@ -121,16 +120,19 @@ pub async fn create_staging(
 }
 
 /// How long a Restore waits for a staging snapshot: its first `status.error` fails the run, and
-/// so does a snapshot not ready within [`DEFAULT_SNAPSHOT_READY_TIMEOUT`].
-const STAGING_SNAPSHOT_LIMITS: SnapshotLimits = SnapshotLimits {
-    error_grace: Duration::ZERO,
-    ready_timeout: DEFAULT_SNAPSHOT_READY_TIMEOUT,
-};
+/// so does a snapshot not ready within `ready_timeout` (`Context::snapshot_ready_timeout`).
+fn staging_limits(ready_timeout: Duration) -> SnapshotLimits {
+    SnapshotLimits {
+        error_grace: Duration::ZERO,
+        ready_timeout,
+    }
+}
 
 /// Move `volume` (filled, awaiting its snapshot) on: snapshot the staging PVC and, once the
 /// snapshot is ready, allow the mode change on its content and create `claim` (already labelled
 /// for this run) from it. The snapshot's `status.error`, or its not being ready within
-/// [`STAGING_SNAPSHOT_LIMITS`], is an [`Error::Csi`], which fails the Restore.
+/// `ready_timeout` (see [`staging_limits`]), is an [`Error::Csi`], which fails the Restore.
+#[allow(clippy::too_many_arguments)]
 pub async fn provision(
     client: &Client,
     key: &VolumeKey,
@@ -138,6 +140,7 @@ pub async fn provision(
     claim: PersistentVolumeClaim,
     snapshot_class: Option<&str>,
     run: &str,
+    ready_timeout: Duration,
 ) -> Result<()> {
     let staging_name = key.name(Role::Volume);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &key.namespace);
@@ -164,8 +167,12 @@ pub async fn provision(
     let snapshot = create_or_get_snapshot(client, &wanted)
         .await
         .map_err(Error::csi(operation.clone()))?;
-    let state = waited_state(&snapshot, snapshot_age(&snapshot), STAGING_SNAPSHOT_LIMITS)
-        .map_err(Error::csi(operation))?;
+    let state = waited_state(
+        &snapshot,
+        snapshot_age(&snapshot),
+        staging_limits(ready_timeout),
+    )
+    .map_err(Error::csi(operation))?;
     let SnapshotState::Ready(ready) = state else {
         volume.staging = Some(Staging::Snapshotting);
         return Ok(());
@@ -230,6 +237,7 @@ pub async fn clean_up_once_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::DEFAULT_SNAPSHOT_READY_TIMEOUT;
 
     fn quantity(q: &str) -> Quantity {
         Quantity(q.to_owned())
@@ -275,13 +283,18 @@ mod tests {
         .unwrap();
         let before = DEFAULT_SNAPSHOT_READY_TIMEOUT - Duration::from_secs(1);
         assert_eq!(
-            waited_state(&snapshot, before, STAGING_SNAPSHOT_LIMITS).unwrap(),
+            waited_state(
+                &snapshot,
+                before,
+                staging_limits(DEFAULT_SNAPSHOT_READY_TIMEOUT)
+            )
+            .unwrap(),
             SnapshotState::Pending { error: None }
         );
         let timed_out = waited_state(
             &snapshot,
             DEFAULT_SNAPSHOT_READY_TIMEOUT,
-            STAGING_SNAPSHOT_LIMITS,
+            staging_limits(DEFAULT_SNAPSHOT_READY_TIMEOUT),
         )
         .map_err(Error::csi("snapshot of staging PVC staging"))
         .unwrap_err();

@@ -107,7 +107,16 @@ impl Run<'_> {
                         })?;
                         let claim = self.restored_claim(claim)?;
                         let key = self.key(restored, &volume.pvc);
-                        provision(&self.ctx.client, &key, volume, claim, class, &self.name).await
+                        provision(
+                            &self.ctx.client,
+                            &key,
+                            volume,
+                            claim,
+                            class,
+                            &self.name,
+                            self.ctx.snapshot_ready_timeout,
+                        )
+                        .await
                     }
                 }),
         )
