@@ -1162,6 +1162,52 @@ async fn a_backup_copies_at_most_max_parallel_volumes_at_once() {
     });
 }
 
+/// A PVC whose volume is already copied may go (a StatefulSet scaled down) while other volumes
+/// wait for a slot: the Backup still completes, every volume restorable. Every call of the
+/// Copying step looked up every source PVC again, and failed the whole run (InvalidSpec, "PVC
+/// disappeared") on the first one missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copied_volumes_pvc_deleted_while_others_wait_does_not_fail_the_backup() {
+    let (sim, folder) = cluster(json!({}));
+    add_small_volumes(&sim, 41, 42);
+    let path = format!("{BACKUPS}/nightly");
+    let mut backup = sim.mock.get(&path).unwrap();
+    backup["spec"]["maxParallelVolumes"] = json!(1);
+    sim.mock.put(&path, backup);
+    let ctx = context(&sim);
+    let mut deleted = None;
+    for _ in 0..30 {
+        let now = status(&sim, "nightly");
+        if is_final(&now) {
+            break;
+        }
+        if deleted.is_none() {
+            let waiting = now.volumes.iter().any(|v| !v.started);
+            if let Some(copied) = now.volumes.iter().find(|v| v.done).filter(|_| waiting) {
+                let claim = format!(
+                    "/api/v1/namespaces/shop/persistentvolumeclaims/{}",
+                    copied.pvc
+                );
+                assert!(sim.mock.remove(&claim), "{claim}");
+                deleted = Some(copied.pvc.clone());
+            }
+        }
+        let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+        sim.step(Duration::from_secs(60)).await;
+    }
+    let done = status(&sim, "nightly");
+    assert!(
+        deleted.is_some(),
+        "no volume was copied while others waited: {done:?}"
+    );
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    assert_restored(&folder.path().join("target"), &done, |pvc| match pvc {
+        "data" => noise(VOLUME_BYTES, 7),
+        "logs" => noise(1 << 20, 41),
+        _ => noise(1 << 20, 42),
+    });
+}
+
 /// Every volume backup of `done` restores from `target` to what `expected` says of its PVC.
 fn assert_restored(
     target: &std::path::Path,

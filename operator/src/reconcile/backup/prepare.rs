@@ -36,9 +36,14 @@ impl Run<'_> {
         let client = &self.ctx.client;
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &self.namespace);
         let class = self.backup.spec.snapshot_class_name.as_deref();
+        // Volumes already started have their snapshot and need nothing more here: their PVC
+        // may be gone meanwhile (a StatefulSet scaled down), which must not fail the rest.
         let snapshots = try_join_all(status.volumes.iter().map(|v| {
             let claims = claims.clone();
             async move {
+                if v.started || v.done {
+                    return Ok::<_, Error>((Some(None), None));
+                }
                 let pvc = claims
                     .get_opt(&v.pvc)
                     .await
@@ -73,10 +78,12 @@ impl Run<'_> {
                     _ => None,
                 };
                 Ok::<_, Error>((
-                    ready.map(|ready| Source {
-                        pvc,
-                        snapshot: ready,
-                        driver: class.driver,
+                    ready.map(|ready| {
+                        Some(Source {
+                            pvc,
+                            snapshot: ready,
+                            driver: class.driver,
+                        })
                     }),
                     None,
                 ))
@@ -86,10 +93,12 @@ impl Run<'_> {
         let (snapshots, errors): (Vec<_>, Vec<_>) = snapshots.into_iter().unzip();
         let errors: Vec<String> = errors.into_iter().flatten().collect();
         let total = snapshots.len();
-        let ready: Vec<Source> = snapshots.into_iter().flatten().collect();
+        // Per volume: `None` until its snapshot is ready, `Some(None)` once started.
+        let ready_count = snapshots.iter().filter(|s| s.is_some()).count();
+        let sources: Vec<Option<Source>> = snapshots.into_iter().map(Option::flatten).collect();
         let generation = self.backup.metadata.generation;
-        if ready.len() < total {
-            let mut message = format!("{} of {total} snapshots ready", ready.len());
+        if ready_count < total {
+            let mut message = format!("{ready_count} of {total} snapshots ready");
             if !errors.is_empty() {
                 message.push_str(&format!(
                     "; the snapshot controller reports (retrying): {}",
@@ -168,17 +177,32 @@ impl Run<'_> {
             &slots,
             self.backup.metadata.generation,
         );
-        let started = try_join_all(chosen.iter().zip(&previous).zip(&excluded).map(
-            |((&i, previous), excluded)| {
-                self.start_datamover(
-                    &status.volumes[i],
-                    &ready[i],
-                    previous.as_deref(),
-                    &target,
-                    excluded,
-                )
-            },
-        ))
+        // Chosen volumes are never started, so each has its snapshot's source.
+        let chosen_sources = chosen
+            .iter()
+            .map(|&i| {
+                sources[i].as_ref().ok_or_else(|| Error::InvalidSpec {
+                    what: "volume",
+                    reason: format!("no snapshot of {} to start from", status.volumes[i].pvc),
+                })
+            })
+            .collect::<Result<Vec<&Source>>>()?;
+        let started = try_join_all(
+            chosen
+                .iter()
+                .zip(&chosen_sources)
+                .zip(&previous)
+                .zip(&excluded)
+                .map(|(((&i, source), previous), excluded)| {
+                    self.start_datamover(
+                        &status.volumes[i],
+                        source,
+                        previous.as_deref(),
+                        &target,
+                        excluded,
+                    )
+                }),
+        )
         .await?;
         let mut any_new = false;
         for ((&i, (created, plan)), previous) in chosen.iter().zip(started).zip(previous) {
