@@ -20,6 +20,28 @@ impl Drop for Loop {
     }
 }
 
+/// `backing` as a loop device; `None` (said on stderr) where `losetup` fails, except under
+/// `CI`, where that fails the test.
+fn attach(backing: &std::path::Path) -> Option<Loop> {
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output()
+        .expect("losetup");
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "losetup failed under CI: {why}"
+        );
+        eprintln!("SKIPPED: losetup failed: {why}");
+        return None;
+    }
+    Some(Loop(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
 fn ok(args: &[&str]) -> String {
     let out = strata_command().args(args).output().expect("run strata");
     assert!(
@@ -53,21 +75,9 @@ fn restores_onto_a_block_device_byte_for_byte() {
         .write_all_at(&vec![0xeeu8; SIZE as usize], 0)
         .expect("garbage");
     device_file.sync_all().expect("sync");
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output()
-        .expect("losetup");
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "losetup failed under CI: {why}"
-        );
-        eprintln!("SKIPPED: losetup failed: {why}");
+    let Some(dev) = attach(&backing) else {
         return;
-    }
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    };
     let expected = std::fs::read(&volume).expect("volume");
     let read_device = || {
         let device = std::fs::File::open(&dev.0).expect("open device");
@@ -122,21 +132,9 @@ fn a_device_smaller_than_the_volume_is_refused_untouched() {
     ok(&["backup", "--target", t, "--volume", "vol", "-q", v]);
     let backing = dir.path().join("device.img");
     std::fs::write(&backing, vec![0xeeu8; 512 << 10]).expect("backing");
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output()
-        .expect("losetup");
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "losetup failed under CI: {why}"
-        );
-        eprintln!("SKIPPED: losetup failed: {why}");
+    let Some(dev) = attach(&backing) else {
         return;
-    }
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    };
     let out = strata_command()
         .args(["restore", "--target", t, "--volume", "vol", "-q", &dev.0])
         .output()

@@ -221,6 +221,18 @@ fn stopped_writer(memory: &Arc<InMemory>, parent: &BackupId) {
     std::mem::forget(upload);
 }
 
+/// A target holding a base backup of `volume()` whose overlay's writer stopped more than two
+/// leases and a second ago.
+fn base_with_a_long_stopped_writer() -> (Arc<InMemory>, Target, VolumeName, BackupManifest) {
+    let memory = Arc::new(InMemory::new());
+    let target = Target::from_store(memory.clone(), "", options()).expect("target");
+    let v = volume();
+    let base = commit(&target, &v, None);
+    stopped_writer(&memory, &base.id);
+    std::thread::sleep(Duration::from_millis(3300)); // two leases and a second
+    (memory, target, v, base)
+}
+
 fn volume() -> VolumeName {
     VolumeName::new("data").expect("volume name")
 }
@@ -346,12 +358,7 @@ fn a_client_whose_clock_runs_ahead_never_takes_over_a_live_writer() {
 
 #[test]
 fn a_writer_that_stopped_long_ago_is_still_taken_over_at_once_by_the_stores_clock() {
-    let memory = Arc::new(InMemory::new());
-    let target = Target::from_store(memory.clone(), "", options()).expect("target");
-    let v = volume();
-    let base = commit(&target, &v, None);
-    stopped_writer(&memory, &base.id);
-    std::thread::sleep(Duration::from_millis(3300)); // two leases and a second
+    let (_, target, v, base) = base_with_a_long_stopped_writer();
     let started = std::time::Instant::now();
     let next = commit(&target, &v, Some(base.id.clone()));
     assert!(
@@ -540,13 +547,8 @@ fn gc_removes_a_killed_writers_staged_uploads_on_a_folder() {
 
 #[test]
 fn gc_leaves_no_clock_probe_behind_on_an_object_store() {
-    let memory = Arc::new(InMemory::new());
-    let target = Target::from_store(memory.clone(), "", options()).expect("target");
-    let v = volume();
-    let base = commit(&target, &v, None);
     // A killed writer's claim, old enough for gc to judge its writer (by the store's clock).
-    stopped_writer(&memory, &base.id);
-    std::thread::sleep(Duration::from_millis(3300));
+    let (memory, target, _, _) = base_with_a_long_stopped_writer();
     let report = target.gc(Duration::ZERO).expect("gc");
     assert!(
         report.removed.iter().any(|key| key.contains("/claims/")),
