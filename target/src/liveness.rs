@@ -373,19 +373,8 @@ impl Inner {
     ) -> Result<()> {
         let slot = self.layout.child_slot(volume, parent);
         let bytes: Bytes = to_json(ours).into();
-        // The store's time: our own record was written just now (a lower bound, so a holder
-        // is judged lapsed later rather than sooner).
-        let own = self.layout.writer(volume, &ours.writer);
-        let now = match self.local_root {
-            Some(_) => None,
-            None => self
-                .options
-                .retry
-                .run(|| self.store.head(&own))
-                .await
-                .ok()
-                .map(|meta| meta.last_modified),
-        };
+        // The store's time, read once a holder must be judged (the first put usually wins).
+        let mut now: Option<Option<DateTime<Utc>>> = None;
         // Each round either wins the slot or removes a dead writer's; a live one ends it.
         for _ in 0..8 {
             let held = match self.put_create(&slot, bytes.clone()).await? {
@@ -411,6 +400,10 @@ impl Inner {
             if self.is_committed(volume, &holder.backup).await? {
                 return Err(not_head());
             }
+            let now = match now {
+                Some(now) => now,
+                None => *now.insert(self.own_record_time(volume, ours).await),
+            };
             match self.liveness(volume, &holder.writer, now).await? {
                 Liveness::Alive => return Err(not_head()),
                 Liveness::Dead => {}
@@ -456,6 +449,22 @@ impl Inner {
             path: slot.to_string(),
             reason: "the child slot kept changing hands".into(),
         })
+    }
+
+    /// The store's time by the Last-Modified of `ours`'s writer record, written just before
+    /// its claim (a lower bound, so a holder is judged lapsed later rather than sooner); `None`
+    /// on a folder, or when the record cannot be read.
+    async fn own_record_time(
+        &self,
+        volume: &VolumeName,
+        ours: &Reservation,
+    ) -> Option<DateTime<Utc>> {
+        if self.local_root.is_some() {
+            return None;
+        }
+        let own = self.layout.writer(volume, &ours.writer);
+        let meta = self.options.retry.run(|| self.store.head(&own)).await;
+        meta.ok().map(|meta| meta.last_modified)
     }
 
     /// Whether backup `id` of `volume` has a manifest.
