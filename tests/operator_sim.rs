@@ -659,6 +659,31 @@ async fn a_backup_recreated_under_its_name_does_not_adopt_the_old_job() {
     );
 }
 
+/// A Backup made again under the name of a committed one (the old object removed, its backup
+/// kept) can never commit: it fails at discovery, before a snapshot or a datamover.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_recreated_under_a_committed_name_fails_before_any_snapshot() {
+    let (sim, _folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    add_backup(&sim, "nightly", "b-1", "Full");
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    let snapshots = sim.mock.names_under(SNAPSHOTS);
+    assert!(sim.mock.remove(&format!("{BACKUPS}/nightly")));
+    add_backup(&sim, "nightly", "b-2", "Full");
+    let failed = drive(&sim, &ctx, "nightly", 3, Duration::from_secs(1)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let (_, _, why) = condition(&failed, "Failed").unwrap();
+    assert!(why.contains("already has a backup nightly"), "{why}");
+    let new_job = job_of(&sim, "nightly");
+    assert!(sim.mock.get(&format!("{JOBS}/{new_job}")).is_none());
+    assert_eq!(
+        sim.mock.names_under(SNAPSHOTS),
+        snapshots,
+        "no snapshot was taken"
+    );
+}
+
 /// Item 5: every object a running Backup made in its namespace names it as its controller
 /// owner, so the garbage collector removes whatever a run leaves.
 #[tokio::test(flavor = "multi_thread")]
@@ -1117,6 +1142,98 @@ async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
         why.contains("spec.volumes.include") && why.contains("\"nope\""),
         "{why}"
     );
+}
+
+/// A controller restarting between stashing the metadata and writing the status discovers
+/// again; if the volume selection changed meanwhile, the stash is replaced, so the committed
+/// archive names exactly the volumes backed up and the Backup restores. A stash that still
+/// disagrees at commit (tampered) fails the Backup and commits nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stash_from_a_lost_status_write_is_replaced_and_a_disagreeing_one_never_commits() {
+    let (sim, folder) = cluster(json!({}));
+    sim.add_volume(
+        "shop",
+        "cache",
+        json!({"app": "db"}),
+        Some("fast"),
+        DRIVER,
+        &noise(1 << 20, 9),
+    );
+    add_backup(&sim, "nightly", "b-1", "Full");
+    let ctx = context(&sim);
+    let stash = format!("{SECRETS}/{}", stash_name("nightly", "b-1"));
+    // Every status write is lost until the stash exists: a restart after `stash::store`.
+    sim.mock
+        .fail(&format!("PATCH {BACKUPS}/nightly/status"), 500);
+    for _ in 0..4 {
+        if sim.mock.get(&stash).is_some() {
+            break;
+        }
+        let _ = reconcile_backup(&sim.mock.backup("nightly"), &ctx).await;
+    }
+    sim.mock.heal();
+    assert!(
+        sim.mock.get(&stash).is_some(),
+        "discovery stashed the archive"
+    );
+    assert_eq!(status(&sim, "nightly").phase, None, "no status was written");
+    let path = format!("{BACKUPS}/nightly");
+    let mut edited = sim.mock.get(&path).unwrap();
+    edited["spec"]["volumes"] = json!({"exclude": ["cache"]});
+    sim.mock.put(&path, edited);
+
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+    let pvcs: Vec<&str> = done.volumes.iter().map(|v| v.pvc.as_str()).collect();
+    assert_eq!(pvcs, ["data"]);
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let data = sim.device_of_claim("copy", "data").unwrap();
+    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+
+    // A stash swapped after discovery for one naming another volume set.
+    add_backup(&sim, "weekly", "b-2", "Full");
+    let swapped = format!("{SECRETS}/{}", stash_name("weekly", "b-2"));
+    for _ in 0..4 {
+        if sim.mock.get(&swapped).is_some() {
+            break;
+        }
+        let _ = reconcile_backup(&sim.mock.backup("weekly"), &ctx).await;
+    }
+    let mut secret = sim.mock.get(&swapped).expect("weekly's stash");
+    let empty = strata::discovery::MetadataBackup {
+        objects: Vec::new(),
+        volumes: Vec::new(),
+    }
+    .write_archive(Vec::new())
+    .unwrap();
+    secret["data"]["metadata.tar.gz"] =
+        serde_json::to_value(k8s_openapi::ByteString(empty)).unwrap();
+    sim.mock.put(&swapped, secret);
+    let failed = drive(&sim, &ctx, "weekly", 12, Duration::from_secs(60)).await;
+    assert_eq!(failed.phase, Some(Phase::Failed), "{failed:?}");
+    let (_, _, why) = condition(&failed, "Failed").unwrap();
+    assert!(
+        why.contains("metadata stash")
+            && why.contains("lists volumes [] but the run backed up [shop/cache, shop/data]"),
+        "{why}"
+    );
+    let target =
+        strata::target::Target::open(folder.path().join("target").to_str().unwrap()).unwrap();
+    let app = strata::target::AppName::new("shop").unwrap();
+    let ids: Vec<String> = target
+        .app_backups(&app)
+        .unwrap()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(ids, ["nightly"], "nothing unrestorable committed");
 }
 
 /// Item 9: a Backup of many volumes copies at most `maxParallelVolumes` at once (each copy is a

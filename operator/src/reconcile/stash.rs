@@ -29,8 +29,14 @@ pub fn stash_name(run: &str, run_uid: &str) -> String {
     run_object_name("strata-metadata", run, run_uid)
 }
 
-/// Store `archive` for the run `owner` references, in `namespace`, owned by it; a stash already
-/// there (from an earlier reconcile of the same run) is kept.
+/// Store `archive` for the run `owner` references, in `namespace`, owned by it.
+///
+/// A stash already there is replaced: it was stored by an earlier discovery of the same run
+/// whose status write was lost (a controller restart in between), and the objects or the
+/// volume selection may have changed since, so only this discovery's archive matches the
+/// volumes this discovery lists. A Secret is replaced by deleting and creating it (the verbs
+/// the controller already holds); a crash in between leaves no stash and a run still
+/// `Pending`, which discovers again.
 pub async fn store(
     client: &Client,
     namespace: &str,
@@ -71,14 +77,59 @@ pub async fn store(
         ..Default::default()
     };
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(source) => Err(Error::Kube {
-            operation: format!("create Secret {namespace}/{name}"),
-            source,
-        }),
+    let create = || async {
+        api.create(&PostParams::default(), &secret)
+            .await
+            .map(|_| ())
+    };
+    let created = match create().await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            remove(client, namespace, &owner).await?;
+            create().await
+        }
+        other => other,
+    };
+    created.map_err(|source| Error::Kube {
+        operation: format!("create Secret {namespace}/{name}"),
+        source,
+    })
+}
+
+/// Check that the stashed `archive` describes the volumes the run backed up (`volumes`, as
+/// `(namespace, pvc)` pairs): an archive naming a volume without a backup, or missing one,
+/// would commit an application backup whose restore fails.
+pub fn check_volumes(archive: &[u8], volumes: &[(String, String)]) -> Result<()> {
+    let metadata = strata_discovery::MetadataBackup::read_archive(archive).map_err(|err| {
+        Error::InvalidSpec {
+            what: "metadata stash",
+            reason: format!("its archive does not read: {err}"),
+        }
+    })?;
+    let mut stashed: Vec<(String, String)> = metadata
+        .volumes
+        .into_iter()
+        .map(|v| (v.namespace, v.pvc))
+        .collect();
+    let mut copied = volumes.to_vec();
+    stashed.sort();
+    copied.sort();
+    if stashed != copied {
+        let names = |list: &[(String, String)]| {
+            list.iter()
+                .map(|(ns, pvc)| format!("{ns}/{pvc}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(Error::InvalidSpec {
+            what: "metadata stash",
+            reason: format!(
+                "its archive lists volumes [{}] but the run backed up [{}]",
+                names(&stashed),
+                names(&copied)
+            ),
+        });
     }
+    Ok(())
 }
 
 /// The archive stashed for the run `owner` references.

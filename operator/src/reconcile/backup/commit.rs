@@ -30,6 +30,14 @@ impl Run<'_> {
             Err(Error::NotFound { .. }) => None,
             Err(err) => return Err(err),
         };
+        if let Some(archive) = &archive {
+            let copied: Vec<(String, String)> = status
+                .volumes
+                .iter()
+                .map(|v| (self.namespace.clone(), v.pvc.clone()))
+                .collect();
+            stash::check_volumes(archive, &copied)?;
+        }
         let (app, id) = self.app_backup(status)?;
         let refs = status
             .volumes

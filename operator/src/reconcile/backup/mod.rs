@@ -220,17 +220,32 @@ impl<'a> Run<'a> {
             .application_name
             .clone()
             .unwrap_or_else(|| self.namespace.clone());
-        AppName::new(&app_name).map_err(Error::target("application name"))?;
-        AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
+        let app = AppName::new(&app_name).map_err(Error::target("application name"))?;
+        let id = AppBackupId::new(&self.name).map_err(Error::target("backup id"))?;
         // The Target's health before each run (issue 16, deliverable 3): it opens and takes a
         // write, so a Target that cannot hold this backup (unreachable, refusing writes, wrong
         // credentials) stops it before any snapshot is taken, with the cause's condition.
+        // A Backup made again under the name of one already committed (its object deleted,
+        // the backup kept) could never commit: it is stopped here rather than at the end.
         let target = self.target().await?;
         let url = target.url.clone();
         target
             .with(move |t| {
                 t.check_writable()
-                    .map_err(Error::target(format!("write a probe to {url}")))
+                    .map_err(Error::target(format!("write a probe to {url}")))?;
+                let committed = t
+                    .app_backups(&app)
+                    .map_err(Error::target(format!("list backups of {app}")))?;
+                if committed.iter().any(|m| m.id == id) {
+                    return Err(Error::InvalidSpec {
+                        what: "metadata.name",
+                        reason: format!(
+                            "application {app} already has a backup {id} in {url}; \
+                             name this Backup otherwise"
+                        ),
+                    });
+                }
+                Ok(())
             })
             .await?;
         let app_spec = spec
