@@ -3,7 +3,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use strata_qcow2::Image;
@@ -152,17 +152,26 @@ impl Server {
         stream
             .set_nodelay(true)
             .map_err(Error::io("configuring the socket"))?;
+        let deadline = Instant::now() + handshake;
         let reader = BufReader::new(ClientStream {
             stream: stream
                 .try_clone()
                 .map_err(Error::io("configuring the socket"))?,
-            deadline: Some(Instant::now() + handshake),
+            deadline: Some(deadline),
         });
-        self.serve_session(reader, &stream, |client| {
+        let handshaking = AtomicBool::new(true);
+        let writer = ReplyStream {
+            stream: &stream,
+            deadline,
+            handshaking: &handshaking,
+        };
+        self.serve_session(reader, writer, |client| {
             client.deadline = None;
+            handshaking.store(false, Ordering::SeqCst);
             client
                 .stream
                 .set_read_timeout(None)
+                .and_then(|()| client.stream.set_write_timeout(None))
                 .map_err(Error::io("configuring the socket"))
         })
     }
@@ -229,6 +238,42 @@ impl Read for ClientStream {
             self.stream.set_read_timeout(Some(left))?;
         }
         self.stream.read(buf)
+    }
+}
+
+/// The replies to a client, written against the handshake's deadline until it is over: each
+/// write waits at most for the time left, so a client that asks for many replies and never
+/// reads them cannot hold its thread and client slot past the deadline either.
+struct ReplyStream<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+    handshaking: &'a AtomicBool,
+}
+
+impl Write for ReplyStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.handshaking.load(Ordering::SeqCst) {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the handshake took longer than its deadline",
+                ));
+            }
+            self.stream.set_write_timeout(Some(left))?;
+        }
+        self.stream.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        if self.handshaking.load(Ordering::SeqCst) {
+            return self.write(bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b));
+        }
+        self.stream.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
     }
 }
 
@@ -322,6 +367,49 @@ mod tests {
             "{err:?}"
         );
         // A per-read timeout of 1 s would last the 3 s of trickling and 1 s more.
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        client.join().unwrap();
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_handshake_replies_ends_at_the_deadline() {
+        use rustix::net::sockopt;
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Client flags and NBD_OPT_INFO of export `disk`, each asking for its name 7000 times
+        // (180 KB of replies for 14 KB), into a socket whose receive buffer is tiny and never
+        // read; the client gives up writing after 3 s and leaves 3 s later.
+        let client = std::thread::spawn(move || {
+            let s = TcpStream::connect(addr).unwrap();
+            sockopt::set_socket_recv_buffer_size(&s, 1).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut data = b"\0\0\0\x04disk".to_vec();
+            data.extend_from_slice(&7000u16.to_be_bytes());
+            for _ in 0..7000 {
+                data.extend_from_slice(&1u16.to_be_bytes());
+            }
+            let mut bytes = 1u32.to_be_bytes().to_vec();
+            for _ in 0..8 {
+                bytes.extend_from_slice(&option(opt::INFO, &data));
+            }
+            let _ = (&s).write_all(&bytes);
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let (stream, _) = listener.accept().unwrap();
+        sockopt::set_socket_send_buffer_size(&stream, 1).unwrap();
+        let started = Instant::now();
+        let err = server
+            .serve_connection_within(stream, Duration::from_secs(1))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, Error::Io { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{err:?}"
+        );
+        // Without a write deadline the thread waits for the client to go, after 3 s.
         assert!(took < Duration::from_millis(1500), "{took:?}");
         client.join().unwrap();
     }

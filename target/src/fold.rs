@@ -180,30 +180,13 @@ impl Target {
         let (volume, id) = (volume.clone(), id.clone());
         self.block("read backup", move |inner| async move {
             let path = inner.layout.manifest(&volume, &id);
-            let result = inner
-                .options
-                .retry
-                .run(|| async {
-                    let got = inner.store.get(&path).await?;
-                    let version = UpdateVersion {
-                        e_tag: got.meta.e_tag.clone(),
-                        version: got.meta.version.clone(),
-                    };
-                    match got.meta.size > crate::target::MAX_RECORD {
-                        true => Ok(Err(got.meta.size)),
-                        false => Ok(Ok((got.bytes().await?, version))),
-                    }
-                })
-                .await
-                .map_err(|err| Error::store("get", &path, err))?;
-            let (bytes, version) = result.map_err(|size| Error::Corrupt {
-                what: "backup manifest",
-                path: path.to_string(),
-                reason: format!(
-                    "{size} bytes, more than the {} a manifest may have",
-                    crate::target::MAX_RECORD
-                ),
-            })?;
+            let (bytes, meta) = inner
+                .get_limited("backup manifest", &path, crate::target::MAX_RECORD)
+                .await?;
+            let version = UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            };
             let manifest: BackupManifest = from_json("backup manifest", path.as_ref(), &bytes)?;
             if manifest.id != id || manifest.volume != volume {
                 return Err(Error::Corrupt {

@@ -424,6 +424,19 @@ impl Inner {
     /// Reads the object at `path` whole, refusing (by its size, before reading the body) one of
     /// more than `limit` bytes.
     pub(crate) async fn get_bytes_limited(&self, path: &Path, limit: u64) -> Result<Bytes> {
+        self.get_limited("stored object", path, limit)
+            .await
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// The object at `path` with its metadata, refused as corrupt `what` when it is larger than
+    /// `limit` bytes, before its body is read.
+    pub(crate) async fn get_limited(
+        &self,
+        what: &'static str,
+        path: &Path,
+        limit: u64,
+    ) -> Result<(Bytes, ObjectMeta)> {
         let read = self
             .options
             .retry
@@ -431,13 +444,16 @@ impl Inner {
                 let got = self.store.get(path).await?;
                 match got.meta.size > limit {
                     true => Ok(Err(got.meta.size)),
-                    false => got.bytes().await.map(Ok),
+                    false => {
+                        let meta = got.meta.clone();
+                        got.bytes().await.map(|bytes| Ok((bytes, meta)))
+                    }
                 }
             })
             .await
             .map_err(|err| Error::store("get", path, err))?;
         read.map_err(|size| Error::Corrupt {
-            what: "stored object",
+            what,
             path: path.to_string(),
             reason: format!("{size} bytes, more than the {limit} expected"),
         })
