@@ -172,3 +172,77 @@ fn prune_killed_during_a_fold_leaves_every_point_restorable() {
     assert!(interrupted > 0, "no kill landed inside a fold");
     ok(strata(&["verify", "--target", s(&target)]));
 }
+
+/// A parent with two committed children (a writer cut off past its lease that still landed
+/// its manifest, or a tampered store) is a fork: `strata prune` refuses to fold it into either
+/// child, naming both, so neither branch loses the point it is built on.
+#[test]
+fn prune_refuses_to_fold_a_parent_the_chain_forks_at() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    let backup = |fill: u8, at: u64| {
+        file.write_all_at(&[fill; 65536], at).expect("write");
+        let out = ok(strata(&[
+            "backup",
+            "--quiet",
+            "--target",
+            s(&target),
+            "--volume",
+            "vol1",
+            s(&volume),
+        ]));
+        let id = out.lines().last().expect("id").trim().to_string();
+        (id, std::fs::read(&volume).expect("read"))
+    };
+    let (a, _) = backup(1, 0);
+    let (b, b_bytes) = backup(2, 1 << 20);
+    // Hide B (its manifest and its slot on A) while C is taken on A, then put B back.
+    let volume_dir = target.join("volumes/vol1");
+    let b_manifest = volume_dir.join(format!("backups/{b}.json"));
+    let slot = volume_dir.join(format!("children/{a}.json"));
+    let aside = dir.path().join("b.json");
+    std::fs::rename(&b_manifest, &aside).expect("hide B");
+    std::fs::remove_file(&slot).expect("free A's slot");
+    file.write_all_at(&[0; 65536], 1 << 20).expect("undo B");
+    let (c, c_bytes) = backup(3, 2 << 20);
+    std::fs::rename(&aside, &b_manifest).expect("put B back");
+    let mut ids = listed(&target);
+    ids.sort();
+    let mut all = vec![a.clone(), b.clone(), c.clone()];
+    all.sort();
+    assert_eq!(ids, all);
+
+    let out = strata(&[
+        "prune",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol1",
+        "--keep-last",
+        "2",
+    ]);
+    assert!(!out.status.success(), "prune folded a forked parent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the chain forks there") && err.contains(&b) && err.contains(&c),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for (id, bytes) in [(&b, &b_bytes), (&c, &c_bytes)] {
+        let dest = dir.path().join(format!("{id}.raw"));
+        ok(strata(&[
+            "restore",
+            "--target",
+            s(&target),
+            "--volume",
+            "vol1",
+            "--backup",
+            id,
+            s(&dest),
+        ]));
+        assert_eq!(&std::fs::read(&dest).expect("restored"), bytes, "{id}");
+    }
+}

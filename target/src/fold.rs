@@ -159,16 +159,40 @@ impl Target {
         Ok(manifest)
     }
 
-    /// The id of the committed backup whose parent is `parent`.
+    /// The id of the committed backup whose parent is `parent`, its only one.
+    ///
+    /// The child slot lets one child commit on a parent, but a writer cut off from the store
+    /// for longer than its lease may still land its manifest after a takeover, and a store can
+    /// be tampered with: a parent with two children is a fork, and folding it into one would
+    /// delete the point the other is built on, so it is refused, naming both.
     fn child_of(&self, volume: &VolumeName, parent: &BackupId) -> Result<BackupId> {
-        self.backups(volume)?
+        let children: Vec<BackupId> = self
+            .backups(volume)?
             .into_iter()
-            .find(|m| m.parent.as_ref() == Some(parent))
+            .filter(|m| m.parent.as_ref() == Some(parent))
             .map(|m| m.id)
-            .ok_or_else(|| Error::NotFound {
+            .collect();
+        match children.as_slice() {
+            [] => Err(Error::NotFound {
                 what: "child backup",
                 name: format!("{volume}/{parent}"),
-            })
+            }),
+            [child] => Ok(child.clone()),
+            [..] => Err(Error::Corrupt {
+                what: "backup chain",
+                path: format!("{volume}/{parent}"),
+                reason: format!(
+                    "the chain forks there: {} backups ({}) are built on it, so it is not \
+                     folded into one of them",
+                    children.len(),
+                    children
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
     }
 
     /// A committed manifest and the version (e-tag) a conditional update of it must match.
