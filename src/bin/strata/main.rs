@@ -70,6 +70,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(err) = exit_on_termination() {
+        eprintln!("strata: cannot handle termination signals: {err}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Info(args) => info::run(args),
         Command::Convert(args) => convert::run(args),
@@ -98,6 +102,49 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ends the process at once on SIGTERM, SIGINT or SIGHUP, with status 128 + the signal.
+///
+/// Evicting a pod or deleting its Job sends SIGTERM, then SIGKILL once the grace period is
+/// over. In a container `strata` runs as PID 1, and the kernel drops any signal PID 1 has no
+/// handler for: without this, a datamover the controller cancelled would go on writing (and
+/// could commit) for the whole grace period. Ending at once is what SIGKILL does, so what a
+/// stopped backup, restore or prune leaves behind is what the fault tests already cover:
+/// nothing committed is lost and the next run takes the interrupted one's records over. The
+/// handlers are in place before this returns.
+fn exit_on_termination() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let mut signals = runtime.block_on(async {
+        Ok::<_, std::io::Error>([
+            (15, signal(SignalKind::terminate())?),
+            (2, signal(SignalKind::interrupt())?),
+            (1, signal(SignalKind::hangup())?),
+        ])
+    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let number = runtime.block_on(async {
+                let [(t, term), (i, int), (h, hup)] = &mut signals;
+                tokio::select! {
+                    _ = term.recv() => *t,
+                    _ = int.recv() => *i,
+                    _ = hup.recv() => *h,
+                }
+            });
+            let name = match number {
+                15 => "SIGTERM",
+                2 => "SIGINT",
+                _ => "SIGHUP",
+            };
+            eprintln!("strata: stopped by {name}");
+            std::process::exit(128 + number);
+        })?;
+    Ok(())
 }
 
 /// What the user can do about an error, when the CLI has a flag for it.
