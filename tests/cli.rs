@@ -125,6 +125,43 @@ fn convert_hydrates_sparse_and_identical() {
     assert!(blocks * 512 < 4 << 20, "not sparse: {blocks} blocks");
 }
 
+/// A destination that is an input of the conversion (the source itself, by another path, or
+/// a backing file of its chain) is refused before it is opened, and left as it was.
+#[test]
+fn convert_refuses_to_overwrite_its_own_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let top = chain(dir.path());
+    let base = dir.path().join("base.qcow2");
+    let raw = dir.path().join("a.raw");
+    std::fs::write(&raw, vec![0x5a; 1 << 20]).expect("raw");
+    let alias = dir.path().join("alias.raw");
+    std::fs::hard_link(&raw, &alias).expect("link");
+    let cases: [(&[&str], &std::path::Path, &std::path::Path); 4] = [
+        (&["-O", "raw"], &raw, &raw),
+        (&["-O", "raw"], &raw, &alias),
+        (&["-O", "raw"], &top, &base),
+        (&["-f", "raw", "-O", "qcow2"], &raw, &alias),
+    ];
+    for (flags, source, dest) in cases {
+        let before = std::fs::read(dest).expect("before");
+        let out = strata()
+            .arg("convert")
+            .args(flags)
+            .arg(source)
+            .arg(dest)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?} {dest:?}: {err}");
+        assert!(err.contains("an input of the conversion"), "{err}");
+        assert_eq!(
+            std::fs::read(dest).expect("after"),
+            before,
+            "{dest:?} changed"
+        );
+    }
+}
+
 #[test]
 fn errors_are_one_line_with_status_1() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use strata::qcow2::{Format, HydrateOptions, Image, hydrate_with};
@@ -41,6 +41,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let format = args.source_format.as_deref().and_then(Format::parse);
     let image = Image::open_with_options(&args.source, &args.open.options(format))?;
+    let mut inputs = vec![args.source.clone()];
+    inputs.extend(
+        image
+            .chain()
+            .into_iter()
+            .map(|layer| PathBuf::from(layer.name)),
+    );
+    refuse_overwriting(&args.dest, &inputs)?;
     let dest = open_dest(&args.dest)?;
     let mut options = HydrateOptions::default();
     options.target_is_zero = args.target_is_zero;
@@ -51,6 +59,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &options,
         &mut |_| {},
     )?;
+    Ok(())
+}
+
+/// Refuses a destination that is one of the `inputs` (the same file, by device and inode,
+/// whatever the path): truncating it would destroy what is being converted.
+pub fn refuse_overwriting(dest: &Path, inputs: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(dest) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if let Ok(meta) = std::fs::metadata(input)
+            && (meta.dev(), meta.ino()) == (target.dev(), target.ino())
+        {
+            anyhow::bail!(
+                "{}: the destination is {}, an input of the conversion; write elsewhere",
+                dest.display(),
+                input.display()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -57,6 +57,11 @@ pub fn run(
             Some(chain)
         }
     };
+    let mut inputs = vec![source.to_path_buf()];
+    if let Some(chain) = &chain {
+        inputs.extend(chain.chain().into_iter().map(|layer| layer.name.into()));
+    }
+    crate::convert::refuse_overwriting(dest, &inputs)?;
     convert_raw_file(
         source,
         dest,
