@@ -151,7 +151,21 @@ impl Default for BackupOptions {
 
 /// Opens the volume at `path` (a file or block device) for a backup.
 pub fn open_volume(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| io_error(path, "opening the volume", e))
+    let file = File::open(path).map_err(|e| io_error(path, "opening the volume", e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| io_error(path, "opening the volume", e))?;
+    if meta.is_dir() {
+        return Err(io_error(
+            path,
+            "opening the volume",
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory, not a file or block device",
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// Backs up `source` (a file or block device from [`open_volume`], an NBD export, any

@@ -188,6 +188,19 @@ fn errors_are_one_line_with_status_1() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
+    // A directory given as the volume (a filesystem mount point) is named as one.
+    let target = dir.path().join("target");
+    let out = strata()
+        .args(["backup", "--target"])
+        .arg(&target)
+        .args(["--volume", "v"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("it is a directory"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 /// A backing file the default policy refuses is named, and so is the flag that allows it.

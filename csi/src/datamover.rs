@@ -6,7 +6,7 @@
 //! PATH` or
 //! `strata restore --target T --volume NAME [--backup ID] PATH`, where `PATH` is the device
 //! ([`DEVICE_PATH`], when the claim is attached as a raw block device through `volumeDevices`)
-//! or the mount point ([`MOUNT_PATH`], for a filesystem mount). Target credentials come from a
+//! or the volume's raw image in a filesystem mount ([`MOUNT_FILE`] under [`MOUNT_PATH`]). Target credentials come from a
 //! Secret through `envFrom`, so they never appear in the Job spec. The command line is a
 //! `strata_datamover::Invocation` ([`invocation`]), the type the `strata` CLI's parser flattens,
 //! so the two cannot drift apart unnoticed.
@@ -56,6 +56,10 @@ use crate::naming::{Role, VolumeKey};
 pub const DEVICE_PATH: &str = "/dev/xvda";
 /// Where a filesystem volume is mounted in the datamover container.
 pub const MOUNT_PATH: &str = "/mnt/volume";
+/// The file in a filesystem volume holding the volume's data as a raw image: what a backup
+/// reads and a restore writes (as `volume.img.partial` beside it until complete, inside the
+/// mount, since the container's root filesystem is read-only). A directory is no volume.
+pub const MOUNT_FILE: &str = "/mnt/volume/volume.img";
 /// Writable scratch space (an `emptyDir`); the root filesystem is read-only.
 pub const SCRATCH_PATH: &str = "/scratch";
 /// Non-root uid and gid for filesystem datamovers (the conventional "nonroot" id of distroless).
@@ -92,7 +96,8 @@ pub enum Step {
 pub enum Attach {
     /// As a raw block device at [`DEVICE_PATH`] (a `volumeMode: Block` claim).
     Block,
-    /// As a filesystem mounted at [`MOUNT_PATH`].
+    /// As a filesystem mounted at [`MOUNT_PATH`], the volume's data being the raw image file
+    /// [`MOUNT_FILE`] in it.
     Filesystem,
 }
 
@@ -222,7 +227,7 @@ pub fn pod_failure_policy() -> PodFailurePolicy {
 pub fn invocation(spec: &DatamoverSpec, step: &Step) -> Invocation {
     let path = match spec.attach {
         Attach::Block => DEVICE_PATH,
-        Attach::Filesystem => MOUNT_PATH,
+        Attach::Filesystem => MOUNT_FILE,
     };
     match step {
         Step::Backup {
@@ -535,14 +540,11 @@ mod tests {
             [
                 "strata",
                 "backup",
-                "--target",
-                "s3://bucket/prefix",
-                "--volume",
-                "shop/data",
-                "--changed-ranges",
-                "/scratch/ranges",
-                "--changed-since",
-                "b-6",
+                "--target=s3://bucket/prefix",
+                "--volume=shop/data",
+                "--changed-ranges=/scratch/ranges",
+                "--changed-since=b-6",
+                "--",
                 "/dev/xvda"
             ]
         );
@@ -562,11 +564,10 @@ mod tests {
             [
                 "strata",
                 "restore",
-                "--target",
-                "s3://bucket/prefix",
-                "--volume",
-                "shop/data",
-                "/mnt/volume"
+                "--target=s3://bucket/prefix",
+                "--volume=shop/data",
+                "--",
+                "/mnt/volume/volume.img"
             ]
         );
         assert_eq!(
@@ -575,8 +576,8 @@ mod tests {
                 &Step::Restore {
                     backup: Some("b-7".into())
                 }
-            )[6..],
-            ["--backup", "b-7", "/dev/xvda"]
+            )[4..],
+            ["--backup=b-7", "--", "/dev/xvda"]
         );
     }
 
@@ -661,7 +662,7 @@ mod tests {
             c["volumeMounts"][0],
             json!({"name": "data", "mountPath": "/mnt/volume", "readOnly": false})
         );
-        assert_eq!(c["args"].as_array().unwrap().last().unwrap(), "/mnt/volume");
+        assert_eq!(c["args"].as_array().unwrap().last().unwrap(), "/mnt/volume/volume.img");
         assert_eq!(
             pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
                 [0]["matchFields"],

@@ -18,8 +18,8 @@
 //! });
 //! assert_eq!(
 //!     restore.args(),
-//!     ["strata", "restore", "--target", "s3://backups/prod", "--volume", "shop.data",
-//!      "--backup", "b-7", "/dev/xvda"]
+//!     ["strata", "restore", "--target=s3://backups/prod", "--volume=shop.data",
+//!      "--backup=b-7", "--", "/dev/xvda"]
 //! );
 //! ```
 //!
@@ -94,24 +94,25 @@ impl Invocation {
                     "--changed-since",
                     backup.changed_since.as_deref(),
                 );
-                args.push(text(&backup.source));
+                args.extend(["--".to_owned(), text(&backup.source)]);
             }
             Invocation::Restore(restore) => {
                 args.push("restore".to_owned());
                 option(&mut args, "--target", Some(&restore.target));
                 option(&mut args, "--volume", Some(&restore.volume));
                 option(&mut args, "--backup", restore.backup.as_deref());
-                args.push(text(&restore.dest));
+                args.extend(["--".to_owned(), text(&restore.dest)]);
             }
         }
         args
     }
 }
 
-/// Appends `flag value` when there is a value.
+/// Appends `flag=value` when there is a value: as one argument, a value that starts with `-`
+/// (names may) is not taken for a flag.
 fn option(args: &mut Vec<String>, flag: &str, value: Option<&str>) {
     if let Some(value) = value {
-        args.extend([flag.to_owned(), value.to_owned()]);
+        args.push(format!("{flag}={value}"));
     }
 }
 
@@ -119,4 +120,48 @@ fn option(args: &mut Vec<String>, flag: &str, value: Option<&str>) {
 /// file names it chose).
 fn text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Backup {
+        #[command(flatten)]
+        args: BackupInvocation,
+    }
+
+    #[derive(Parser)]
+    struct Restore {
+        #[command(flatten)]
+        args: RestoreInvocation,
+    }
+
+    /// Names may start with `-` (a volume `-db`, a backup `-1`): each argument parses back to
+    /// the invocation it came from rather than as a flag.
+    #[test]
+    fn values_starting_with_a_dash_parse_back_as_values() {
+        let backup = BackupInvocation {
+            target: "-target".into(),
+            volume: "-db".into(),
+            changed_ranges: Some("-ranges".into()),
+            changed_since: Some("-1".into()),
+            full: true,
+            source: "-dev".into(),
+        };
+        let args = Invocation::Backup(backup.clone()).args();
+        let parsed = Backup::try_parse_from(args.iter().skip(1)).unwrap();
+        assert_eq!(parsed.args, backup);
+        let restore = RestoreInvocation {
+            target: "/t".into(),
+            volume: "-db".into(),
+            backup: Some("-1".into()),
+            dest: "-out".into(),
+        };
+        let args = Invocation::Restore(restore.clone()).args();
+        let parsed = Restore::try_parse_from(args.iter().skip(1)).unwrap();
+        assert_eq!(parsed.args, restore);
+    }
 }
