@@ -662,7 +662,10 @@ mod tests {
             c["volumeMounts"][0],
             json!({"name": "data", "mountPath": "/mnt/volume", "readOnly": false})
         );
-        assert_eq!(c["args"].as_array().unwrap().last().unwrap(), "/mnt/volume/volume.img");
+        assert_eq!(
+            c["args"].as_array().unwrap().last().unwrap(),
+            "/mnt/volume/volume.img"
+        );
         assert_eq!(
             pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
                 [0]["matchFields"],

@@ -9,9 +9,16 @@ use crate::manifest::{AppManifest, VolumeBackupRef, crc32, from_json, to_json};
 use crate::name::{AppBackupId, AppName};
 use crate::target::{Created, Inner, Target};
 
+/// Largest metadata archive an application backup may hold (64 MiB, the budget the discovery
+/// crate reads an archive's text within): a larger one is refused when stored, and a manifest
+/// claiming one, when read back, before anything is downloaded, since the archive is read
+/// whole into memory.
+pub const MAX_APP_ARCHIVE: u64 = 64 << 20;
+
 impl Target {
     /// Stores an application backup: the archive first, then its manifest, create-only, as the
-    /// commit. Fails with [`Error::BackupExists`] when the id is taken.
+    /// commit. Fails with [`Error::BackupExists`] when the id is taken, and with
+    /// [`Error::Upload`] for an archive of more than [`MAX_APP_ARCHIVE`] bytes.
     pub fn put_app_backup(
         &self,
         app: &AppName,
@@ -19,6 +26,15 @@ impl Target {
         volumes: Vec<VolumeBackupRef>,
         archive: Bytes,
     ) -> Result<AppManifest> {
+        if archive.len() as u64 > MAX_APP_ARCHIVE {
+            return Err(Error::Upload {
+                path: format!("application {app} backup {id}"),
+                reason: format!(
+                    "its metadata archive has {} bytes, more than the {MAX_APP_ARCHIVE} allowed",
+                    archive.len()
+                ),
+            });
+        }
         let manifest = AppManifest {
             format_version: FORMAT_VERSION,
             app: app.clone(),
@@ -123,6 +139,16 @@ impl Target {
         self.block("read application archive", move |inner| async move {
             let manifest = read_app_manifest(&inner, &app, &id).await?;
             let path = inner.layout.app_archive(&app, &id);
+            if manifest.archive_size > MAX_APP_ARCHIVE {
+                return Err(Error::Corrupt {
+                    what: "application manifest",
+                    path: inner.layout.app_manifest(&app, &id).to_string(),
+                    reason: format!(
+                        "its archive has {} bytes, more than the {MAX_APP_ARCHIVE} allowed",
+                        manifest.archive_size
+                    ),
+                });
+            }
             let archive = inner
                 .get_bytes_limited(&path, manifest.archive_size)
                 .await?;

@@ -222,6 +222,7 @@ mod target;
 mod upload;
 mod url;
 
+pub use apps::MAX_APP_ARCHIVE;
 pub use error::{Error, Result};
 pub use fetch::{FetchPlanner, Fetched, InFlight, Part, PartStorage};
 pub use gc::GcReport;

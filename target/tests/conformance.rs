@@ -266,7 +266,9 @@ fn gc_never_removes_a_live_writers_objects(f: Fixture) -> TestResult {
     write_image(&mut quiet, 2, 1 << 20)?;
     quiet.put_file(&FileName::new("digests")?, Bytes::from_static(b"x"))?;
     std::mem::forget(quiet);
-    std::thread::sleep(Duration::from_millis(1100));
+    // Past the two leases and a second after which gc would judge a writer that stopped
+    // renewing dead: only renewals keep this one's objects.
+    std::thread::sleep(Duration::from_millis(3500));
     assert!(f.target.gc(Duration::ZERO)?.removed.is_empty());
     // Nor does a later writer take the parent from it: on an object store it watches the
     // lease, sees it renewed and gives up.
@@ -392,9 +394,36 @@ fn application_backups_round_trip(f: Fixture) -> TestResult {
     assert_eq!(f.target.read_app_archive(&app, &id)?, archive);
     let again = f
         .target
-        .put_app_backup(&app, &id, refs, Bytes::from_static(b"other"));
+        .put_app_backup(&app, &id, refs.clone(), Bytes::from_static(b"other"));
     assert!(matches!(again, Err(Error::BackupExists { .. })));
     assert_eq!(f.target.read_app_archive(&app, &id)?, archive);
+    // An archive past the cap is refused when stored, and a manifest claiming one when read.
+    let huge = Bytes::from(vec![0u8; strata_target::MAX_APP_ARCHIVE as usize + 1]);
+    let refused = f
+        .target
+        .put_app_backup(&app, &AppBackupId::new("huge")?, refs, huge);
+    assert!(matches!(refused, Err(Error::Upload { .. })), "{refused:?}");
+    assert!(
+        f.target
+            .app_backups(&app)?
+            .iter()
+            .all(|m| m.id.as_str() != "huge")
+    );
+    if let Kind::Local = f.kind {
+        let path = format!("{}/applications/shop/nightly-1.json", f.url);
+        let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        doc["archive_size"] = serde_json::json!(1u64 << 30);
+        std::fs::write(&path, serde_json::to_vec(&doc)?)?;
+        let err = f
+            .target
+            .read_app_archive(&app, &id)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1073741824 bytes, more than the 67108864 allowed"),
+            "{err}"
+        );
+    }
     Ok(())
 }
 
