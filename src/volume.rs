@@ -185,7 +185,7 @@ pub fn backup_volume(
     } else {
         target.latest(volume)?
     };
-    let latest = match latest {
+    let mut latest = match latest {
         Some(latest) => {
             let limit = options
                 .max_chain_length
@@ -223,12 +223,25 @@ pub fn backup_volume(
         .map(|m| m.cluster_size)
         .or(options.cluster_size)
         .unwrap_or(strata_qcow2::DEFAULT_CLUSTER_SIZE);
-    let previous_digests = match &latest {
-        Some(parent) => Some(DigestManifest::open(target.download_file(
-            volume,
-            &parent.id,
-            &side_file(DIGESTS_FILE),
-        )?)?),
+    // The latest backup's digests are what an overlay is computed against. When they are gone
+    // or damaged (its image may still restore), every later incremental would fail the same
+    // way: the backup is a full one instead, saying why, and the chain starts again from it.
+    // A target that cannot be read fails the backup as before.
+    let parent_id = latest.as_ref().map(|m| m.id.clone());
+    let previous_digests = match &parent_id {
+        Some(parent) => match target.download_file(volume, parent, &side_file(DIGESTS_FILE)) {
+            Ok(file) => Some(DigestManifest::open(file)?),
+            Err(
+                e @ (strata_target::Error::NotFound { .. } | strata_target::Error::Corrupt { .. }),
+            ) => {
+                full_reason = Some(format!(
+                    "the digests of the latest backup {parent} do not read ({e})"
+                ));
+                latest = None;
+                None
+            }
+            Err(e) => return Err(e.into()),
+        },
         None => None,
     };
     let mut upload = target.begin_backup(

@@ -454,3 +454,92 @@ fn changed_blocks_allow_unavailable_leaves_no_list() {
     );
     assert!(!output.exists());
 }
+
+/// The latest backup's digests gone, cut short or grown (tampered): the next backup is a full
+/// one that says why, rather than every later backup failing, and every point still restores.
+#[test]
+fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    let mut points = Vec::new();
+    let digests = |id: &str| target.join(format!("volumes/vol/files/{id}/digests"));
+    let damages: [(&str, Box<dyn Fn(&Path)>); 3] = [
+        (
+            "removed",
+            Box::new(|p| std::fs::remove_file(p).expect("remove")),
+        ),
+        (
+            "cut short",
+            Box::new(|p| {
+                let len = std::fs::metadata(p).expect("stat").len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .and_then(|f| f.set_len(len / 2))
+                    .expect("truncate")
+            }),
+        ),
+        (
+            "grown",
+            Box::new(|p| {
+                let mut bytes = std::fs::read(p).expect("read");
+                bytes.extend_from_slice(&[0u8; 4096]);
+                std::fs::write(p, bytes).expect("write")
+            }),
+        ),
+    ];
+    file.write_all_at(&[1; 65536], 0).expect("write");
+    let first = ok(backup_named(&target, &volume));
+    let mut latest = first.lines().last().expect("id").to_string();
+    points.push((latest.clone(), std::fs::read(&volume).expect("read")));
+    for (round, (how, damage)) in damages.iter().enumerate() {
+        damage(&digests(&latest));
+        file.write_all_at(&[round as u8 + 2; 65536], (round as u64 + 1) << 20)
+            .expect("write");
+        let out = ok(backup_named(&target, &volume));
+        assert!(out.starts_with("full backup"), "{how}: {out}");
+        assert!(
+            out.contains(&format!(
+                "full because the digests of the latest backup {latest} do not read"
+            )),
+            "{how}: {out}"
+        );
+        latest = out.lines().last().expect("id").to_string();
+        points.push((latest.clone(), std::fs::read(&volume).expect("read")));
+    }
+    // The next backup, on intact digests, is an incremental again.
+    file.write_all_at(&[9; 65536], 3 << 20).expect("write");
+    let out = ok(backup_named(&target, &volume));
+    assert!(out.starts_with("incremental backup"), "{out}");
+    points.push((
+        out.lines().last().expect("id").to_string(),
+        std::fs::read(&volume).expect("read"),
+    ));
+    for (id, bytes) in points {
+        let dest = dir.path().join(format!("{id}.raw"));
+        let out = strata_bin::restore_command(s(&target), &id, &dest)
+            .output()
+            .expect("restore");
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&dest).expect("restored"), bytes, "{id}");
+    }
+}
+
+/// `strata backup` of `source` into volume `vol` of `target`, not quiet (its report lines).
+fn backup_named(target: &Path, source: &Path) -> Output {
+    strata(&[
+        "backup",
+        "--target",
+        s(target),
+        "--volume",
+        "vol",
+        s(source),
+    ])
+}

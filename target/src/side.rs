@@ -139,7 +139,7 @@ impl Target {
         let (entry, path) = self.side_file_entry_of(manifest, name)?;
         let mut file = tempfile::tempfile()
             .map_err(|err| Error::io("create a temporary file for", &path, err))?;
-        let (size, crc) = self.stream_object(&path, &mut file)?;
+        let (size, crc) = self.stream_object("side file", &path, entry.size, &mut file)?;
         if size != entry.size || crc != entry.checksums.crc32 {
             return Err(Error::Corrupt {
                 what: "side file",

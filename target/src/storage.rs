@@ -137,20 +137,48 @@ impl Target {
             .inner
             .layout
             .image(&manifest.volume, &manifest.image.object);
-        let (size, crc) = self.stream_object(&path, dest)?;
+        let (size, crc) = self.stream_object("image", &path, manifest.image.size, dest)?;
         check_image(manifest, &path, size, crc)
     }
 
+    ///
+    /// An object longer than `expected` bytes (its manifest's size) is refused as corrupt
+    /// `what` before it is streamed, and so is one that grows past it while streaming: what a
+    /// tampered store holds must not fill `TMPDIR`. A missing object is [`Error::NotFound`] on
+    /// every kind of target.
     pub(crate) fn stream_object(
         &self,
+        what: &'static str,
         path: &object_store::path::Path,
+        expected: u64,
         dest: &mut dyn io::Write,
     ) -> Result<(u64, Crc32)> {
+        let too_long = |size: u64| Error::Corrupt {
+            what,
+            path: path.to_string(),
+            reason: format!("{size} bytes or more, more than the {expected} its manifest says"),
+        };
         if let Some(root) = &self.inner.local_root {
             let file_path = crate::url::local_path(root, path);
-            let file = std::fs::File::open(&file_path)
-                .map_err(|err| Error::io("open", file_path.display(), err))?;
-            let mut reader = io::BufReader::with_capacity(1 << 20, file);
+            let file = std::fs::File::open(&file_path).map_err(|err| match err.kind() {
+                io::ErrorKind::NotFound => Error::NotFound {
+                    what: "object",
+                    name: path.to_string(),
+                },
+                _ => Error::io("open", file_path.display(), err),
+            })?;
+            let len = file
+                .metadata()
+                .map_err(|err| Error::io("open", file_path.display(), err))?
+                .len();
+            if len > expected {
+                return Err(too_long(len));
+            }
+            // One byte past what is expected shows a file that grew meanwhile.
+            let mut reader = io::Read::take(
+                io::BufReader::with_capacity(1 << 20, file),
+                expected.saturating_add(1),
+            );
             let mut check = Checked {
                 dest,
                 crc: crc32fast::Hasher::new(),
@@ -158,6 +186,9 @@ impl Target {
             };
             io::copy(&mut reader, &mut check)
                 .map_err(|err| Error::io("download", file_path.display(), err))?;
+            if check.size > expected {
+                return Err(too_long(check.size));
+            }
             return Ok((check.size, Crc32(check.crc.finalize())));
         }
         let p = path.clone();
@@ -167,6 +198,16 @@ impl Target {
                 .get(&p)
                 .await
                 .map_err(|err| Error::store("get", &p, err))?;
+            if result.meta.size > expected {
+                return Err(Error::Corrupt {
+                    what,
+                    path: p.to_string(),
+                    reason: format!(
+                        "{} bytes, more than the {expected} its manifest says",
+                        result.meta.size
+                    ),
+                });
+            }
             let (sender, receiver) = std::sync::mpsc::sync_channel(4);
             tokio::spawn(async move {
                 let mut stream = result.into_stream();
@@ -185,6 +226,9 @@ impl Target {
             let chunk = chunk.map_err(|err| Error::store("read", path, err))?;
             crc.update(&chunk);
             size += chunk.len() as u64;
+            if size > expected {
+                return Err(too_long(size));
+            }
             dest.write_all(&chunk)
                 .map_err(|err| Error::io("write download of", path, err))?;
         }
