@@ -162,10 +162,11 @@ fn open_verified_with(
                 format!("its image names backing file {image:?}, its manifest names no parent"),
             )
         }
-        e => damaged(
+        e if image_damage(&e) => damaged(
             &top,
             format!("its image chain does not open: {}", chain_text(&e)),
         ),
+        e => Error::Image(e),
     })?;
     check_layers(&manifests, &image, &check)?;
     Ok(VerifiedChain {
@@ -205,8 +206,10 @@ fn download_checksums(
                 .collect()
         });
         for (manifest, list) in batch.iter().zip(downloaded) {
-            let list = list
-                .map_err(|e| damaged(manifest, format!("its checksum list: {}", chain_text(&e))))?;
+            let list = list.map_err(|e| match is_damage(&e) {
+                true => damaged(manifest, format!("its checksum list: {}", chain_text(&e))),
+                false => e,
+            })?;
             lists.push((format!("backup {}/{}", manifest.volume, manifest.id), list));
         }
     }
@@ -340,6 +343,51 @@ fn check_layers(manifests: &[BackupManifest], image: &Image, check: &ChainChecks
         ));
     }
     Ok(())
+}
+
+/// Whether `e` says the backup itself is missing or wrong (an object gone, a size or CRC that
+/// differs from its manifest, content that does not parse), rather than that it could not be
+/// read from here (the store unreachable or refusing, `TMPDIR` full): only the first makes a
+/// backup damaged; the second is the run's own failure, reported as it is.
+pub(crate) fn is_damage(e: &Error) -> bool {
+    match e {
+        Error::Target(t) => target_damage(t),
+        Error::Chain(strata_chain::Error::Io { source, .. }) => io_damage(source),
+        Error::Chain(strata_chain::Error::Image(q)) | Error::Image(q) => image_damage(q),
+        Error::Io { source, .. } => io_damage(source),
+        Error::Volume { .. } => false,
+        _ => true,
+    }
+}
+
+fn target_damage(e: &strata_target::Error) -> bool {
+    matches!(
+        e,
+        strata_target::Error::NotFound { .. } | strata_target::Error::Corrupt { .. }
+    )
+}
+
+fn image_damage(e: &strata_qcow2::Error) -> bool {
+    match e {
+        strata_qcow2::Error::Io { source, .. } => io_damage(source),
+        _ => true,
+    }
+}
+
+/// An I/O error from reading a backup's objects: missing, cut short or inconsistent data is
+/// damage (the target's reader reports those kinds), anything else is the environment's.
+fn io_damage(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    if let Some(t) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<strata_target::Error>())
+    {
+        return target_damage(t);
+    }
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound | ErrorKind::UnexpectedEof | ErrorKind::InvalidData
+    )
 }
 
 fn damaged(manifest: &BackupManifest, problem: String) -> Error {

@@ -576,6 +576,7 @@ pub fn verify(
                     .iter()
                     .map(|layer| (layer.volume.clone(), layer.id.clone())),
             ),
+            Err(e) if !crate::verified::is_damage(&e) => return Err(e),
             Err(e) => {
                 chain_damage.insert(key, format!("chain: {}", chain_text(&e)));
             }
@@ -590,6 +591,10 @@ pub fn verify(
         };
         // The listed manifest is the one checked against (the listing checked its name).
         if let Err(e) = target.verify_image_of(&manifest) {
+            let e = Error::from(e);
+            if !crate::verified::is_damage(&e) {
+                return Err(e);
+            }
             damage.push(problem(format!("image object: {}", chain_text(&e))));
         }
         let key = (manifest.volume.clone(), manifest.id.clone());
@@ -613,6 +618,7 @@ pub fn verify(
         .map_err(Error::from);
         match (image, checksums) {
             (Ok(image), Ok(checksums)) => damage.extend(strata_chain::verify(&image, &checksums)),
+            (Err(e), _) | (_, Err(e)) if !crate::verified::is_damage(&e) => return Err(e),
             (Err(e), _) | (_, Err(e)) => damage.push(problem(chain_text(&e))),
         }
         reports.push(VerifyReport {

@@ -316,3 +316,43 @@ fn a_served_overlay_on_a_full_disk_answers_enospc_and_keeps_what_it_flushed() {
     let (fine, text) = served.qemu_io(&reads);
     assert!(fine, "{text}");
 }
+
+/// `TMPDIR` full (where side files are downloaded): `verify` and `restore` fail with the full
+/// disk, in one line, without calling the intact backup damaged; with room again, verify
+/// finds it whole.
+#[test]
+fn a_full_tmpdir_fails_verify_and_restore_without_calling_the_backup_damaged() {
+    let (work, target, id) = backed_up(&noise(VOLUME, 5));
+    let Some(tmp) = Tmpfs::mount("64k") else {
+        return;
+    };
+    // Fill it to the last byte.
+    let filler = tmp.path().join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![1u8; 4096];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let verify = strata_bin::strata_command()
+        .args(["verify", "--target", &target])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("verify");
+    assert_fails_for_want_of_room(&verify, "verify");
+    let said = String::from_utf8_lossy(&verify.stdout).to_string()
+        + &String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        !said.contains("DAMAGED") && !said.contains("damaged"),
+        "{said}"
+    );
+    let dest = work.path().join("restored.raw");
+    let restore = restore_command(&target, &id, &dest)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("restore");
+    assert_fails_for_want_of_room(&restore, "restore");
+    let said = String::from_utf8_lossy(&restore.stderr);
+    assert!(!said.contains(&format!("backup vol/{id}:")), "{said}");
+    std::fs::remove_file(&filler).expect("room again");
+    let verify = ok(strata(&["verify", "--target", &target]));
+    assert!(verify.contains("ok"), "{verify}");
+}

@@ -180,10 +180,9 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
             "strata",
             "backup",
             "--full",
-            "--target",
-            folder.path().to_str().unwrap(),
-            "--volume",
-            "shop.data",
+            format!("--target={}", folder.path().to_str().unwrap()),
+            "--volume=shop.data",
+            "--",
             "/dev/xvda"
         ])
     );
@@ -315,7 +314,7 @@ async fn backup_snapshots_then_copies_then_commits_and_cleans_up() {
         ["containers"][0]["args"]
         .clone();
     assert_eq!(args[1], "restore");
-    assert_eq!(args[7], volume_backup.as_str());
+    assert_eq!(args[4], format!("--backup={volume_backup}").as_str());
     assert_eq!(restore(&mock).status.unwrap().phase, Some(Phase::Copying));
 
     job_status(&mock, copy_jobs, &restore_job, complete());
@@ -602,14 +601,11 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
                 json!([
                     "strata",
                     "backup",
-                    "--target",
-                    folder.path().to_str().unwrap(),
-                    "--volume",
-                    "shop.data",
-                    "--changed-ranges",
-                    "/scratch/changed-ranges.json",
-                    "--changed-since",
-                    first,
+                    format!("--target={}", folder.path().to_str().unwrap()),
+                    "--volume=shop.data",
+                    "--changed-ranges=/scratch/changed-ranges.json",
+                    format!("--changed-since={first}"),
+                    "--",
                     "/dev/xvda"
                 ])
             );
@@ -663,10 +659,9 @@ async fn incrementals_list_changed_blocks_against_the_kept_base_snapshot() {
                 json!([
                     "strata",
                     "backup",
-                    "--target",
-                    folder.path().to_str().unwrap(),
-                    "--volume",
-                    "shop.data",
+                    format!("--target={}", folder.path().to_str().unwrap()),
+                    "--volume=shop.data",
+                    "--",
                     "/dev/xvda"
                 ])
             );
@@ -753,7 +748,12 @@ async fn without_a_metadata_service_incrementals_compare_digests_and_keep_no_sna
         |mock| {
             let pod = pod_spec(mock, "tuesday");
             assert!(pod.get("initContainers").is_none());
-            assert_eq!(pod["containers"][0]["args"][2], "--target");
+            assert!(
+                pod["containers"][0]["args"][2]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("--target=")),
+                "{pod}"
+            );
             let status = serde_json::to_value(mock.backup("tuesday").status.unwrap()).unwrap();
             assert_eq!(
                 condition(&status, "ChangedBlockTracking")["message"],

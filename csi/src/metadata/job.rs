@@ -239,12 +239,11 @@ mod tests {
         );
         let backup = &pod["containers"][0];
         assert_eq!(
-            backup["args"].as_array().unwrap()[6..],
+            backup["args"].as_array().unwrap()[4..],
             [
-                json!("--changed-ranges"),
-                json!(CHANGED_RANGES_PATH),
-                json!("--changed-since"),
-                json!("b-mon"),
+                json!(format!("--changed-ranges={CHANGED_RANGES_PATH}")),
+                json!("--changed-since=b-mon"),
+                json!("--"),
                 json!("/dev/xvda")
             ]
         );

@@ -233,10 +233,16 @@ impl<'a> Run<'a> {
             .with(move |t| {
                 t.check_writable()
                     .map_err(Error::target(format!("write a probe to {url}")))?;
-                let committed = t
-                    .app_backups(&app)
-                    .map_err(Error::target(format!("list backups of {app}")))?;
-                if committed.iter().any(|m| m.id == id) {
+                // Only this id's manifest is read: a damaged other backup of the
+                // application must not stop its next backups.
+                let taken = match t.app_backup(&app, &id) {
+                    Ok(_) | Err(strata_target::Error::Corrupt { .. }) => true,
+                    Err(strata_target::Error::NotFound { .. }) => false,
+                    Err(err) => {
+                        return Err(Error::target(format!("read backup {app}/{id}"))(err));
+                    }
+                };
+                if taken {
                     return Err(Error::InvalidSpec {
                         what: "metadata.name",
                         reason: format!(
