@@ -122,7 +122,14 @@ impl Target {
         write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, SideBody)>>,
     ) -> Result<BackupManifest> {
         let slot = Arc::new(Mutex::new(None));
-        let sink = ImageUpload::new(self, volume, &intent.image, &intent.writer, slot.clone())?;
+        let sink = ImageUpload::new(
+            self,
+            volume,
+            &intent.image,
+            &intent.writer,
+            slot.clone(),
+            Some(child.virtual_size),
+        )?;
         let files = write(sink, parent_manifest.parent.as_ref().map(image_name))?;
         let image = slot
             .lock()

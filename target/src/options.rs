@@ -11,8 +11,9 @@ const MIB: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TargetOptions {
-    /// Size of the first 1,000 body parts of a multipart upload; it doubles after every 1,000
-    /// parts so the 10,000-part limit of S3 is never reached. Default 16 MiB.
+    /// Size of the body parts of a multipart upload. An image upload knows its volume's size
+    /// and uses larger parts where 9,000 of these would not hold it (S3 allows 10,000); an
+    /// upload without that hint doubles its parts after every 1,000. Default 16 MiB.
     pub part_size: usize,
     /// Parts of one upload in flight at once. Default 4.
     pub upload_concurrency: usize,
@@ -136,8 +137,10 @@ impl Default for TargetOptions {
 
 impl TargetOptions {
     /// Upper bound of the memory one image upload holds: the body's held-back start, the part
-    /// being filled and the parts in flight (for the first 1,000 parts; the bound doubles with
-    /// the part size after that).
+    /// being filled and the parts in flight, for parts of `part_size` (images of volumes up to
+    /// about 140 GiB at the defaults). Past that, parts grow to spread the volume over 9,000
+    /// of them, and the bytes in flight stay within `upload_concurrency` parts of `part_size`
+    /// or one part: `min_part_size` + 2 parts, about 240 MiB for a 1 TiB volume.
     pub fn upload_memory_bound(&self) -> usize {
         self.part_size
             .saturating_mul(self.upload_concurrency.saturating_add(1))

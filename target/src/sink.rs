@@ -54,6 +54,7 @@ impl ImageUpload {
         object: &str,
         writer: &str,
         result: Arc<Mutex<Option<ImageInfo>>>,
+        size_hint: Option<u64>,
     ) -> Result<Self> {
         let inner = &target.inner;
         let object = object.to_string();
@@ -70,7 +71,14 @@ impl ImageUpload {
         let multipart = inner.multipart.clone().ok_or(Error::Unsupported {
             feature: "multipart uploads (MultipartStore)",
         })?;
-        let sink = MultipartSink::create(target.inner.clone(), multipart, path, object, result)?;
+        let sink = MultipartSink::create(
+            target.inner.clone(),
+            multipart,
+            path,
+            object,
+            result,
+            size_hint,
+        )?;
         Ok(Self {
             kind: Kind::Multipart(Box::new(sink)),
             appended: 0,
@@ -111,6 +119,23 @@ impl ImageSink for ImageUpload {
     }
 }
 
+/// Body parts a size hint is spread over, leaving 999 of S3's 10,000 for an image that
+/// outgrows its hint (part 0 is the header).
+const HINTED_PARTS: usize = 9000;
+
+/// The body part size for an image of about `size_hint` bytes (its volume's virtual size, which
+/// its data clusters never exceed): the configured size, or larger where 9,000 parts of it
+/// would not hold the hint and 1% more (the image's tables), in whole 64 KiB. Whether a hint set
+/// it comes second.
+fn hinted_part_size(configured: usize, size_hint: Option<u64>) -> (usize, bool) {
+    let Some(hint) = size_hint else {
+        return (configured, false);
+    };
+    let needed = (hint + hint / 100).div_ceil(HINTED_PARTS as u64);
+    let needed = usize::try_from(needed.div_ceil(64 << 10) << 16).unwrap_or(usize::MAX);
+    (configured.max(needed), true)
+}
+
 /// Where the `mid-upload` crash point fires: once this much of the body is handed over.
 const MID_UPLOAD: u64 = 1 << 20;
 
@@ -129,7 +154,14 @@ struct MultipartSink {
     /// Index of the next body part (0 is the header, sent last).
     next_index: usize,
     parts: Vec<Option<PartId>>,
+    /// Bytes of each part sent, by index, while in flight.
+    part_lens: Vec<usize>,
     in_flight: usize,
+    in_flight_bytes: usize,
+    /// Size of the body parts before any growth (see [`MultipartSink::part_size`]).
+    base_part: usize,
+    /// Whether `base_part` was chosen from a size hint.
+    hinted: bool,
     sender: mpsc::Sender<PartResult>,
     receiver: mpsc::Receiver<PartResult>,
     body_len: u64,
@@ -156,6 +188,7 @@ impl MultipartSink {
         path: Path,
         object: String,
         result: Arc<Mutex<Option<ImageInfo>>>,
+        size_hint: Option<u64>,
     ) -> Result<Self> {
         let (s, p, retry) = (store.clone(), path.clone(), inner.options.retry);
         let upload = inner.runtime.run("create multipart upload", async move {
@@ -165,7 +198,8 @@ impl MultipartSink {
                 .map_err(|err| Error::store("create multipart upload", &p, err))
         })?;
         let (sender, receiver) = mpsc::channel();
-        let (part_size, min_part_size) = (inner.options.part_size, inner.options.min_part_size);
+        let min_part_size = inner.options.min_part_size;
+        let (base_part, hinted) = hinted_part_size(inner.options.part_size, size_hint);
         Ok(Self {
             inner,
             store,
@@ -173,10 +207,14 @@ impl MultipartSink {
             object,
             upload,
             head: Vec::with_capacity(min_part_size),
-            part: Vec::with_capacity(part_size),
+            part: Vec::with_capacity(base_part),
             next_index: 1,
             parts: vec![None],
+            part_lens: vec![0],
             in_flight: 0,
+            in_flight_bytes: 0,
+            base_part,
+            hinted,
             sender,
             receiver,
             body_len: 0,
@@ -186,10 +224,16 @@ impl MultipartSink {
         })
     }
 
-    /// Size of body part `index`: doubles every 1,000 parts (S3 allows 10,000).
+    /// Size of body part `index` (S3 allows 10,000 parts). With a size hint the parts are
+    /// as large as 9,000 of them need and stay so (growing fast past 9,000 only should the
+    /// image outgrow its hint); without one they double every 1,000 parts.
     fn part_size(&self, index: usize) -> usize {
-        let doublings = u32::try_from(index / 1000).unwrap_or(u32::MAX).min(8);
-        self.inner.options.part_size.saturating_mul(1 << doublings)
+        let doublings = match self.hinted {
+            true => index.saturating_sub(HINTED_PARTS).div_ceil(100),
+            false => index / 1000,
+        };
+        let doublings = u32::try_from(doublings).unwrap_or(u32::MAX).min(8);
+        self.base_part.saturating_mul(1 << doublings)
     }
 
     fn misuse(&self, reason: &str) -> Error {
@@ -234,14 +278,25 @@ impl MultipartSink {
         outcome
     }
 
-    /// Sends part `index` in the background once fewer than `upload_concurrency` are in flight.
+    /// Sends part `index` in the background once fewer than `upload_concurrency` are in flight
+    /// and the bytes in flight, this part's included, stay within `upload_concurrency` parts
+    /// of the configured size (one part is always let through): parts that grow do not grow
+    /// the memory in flight with them.
     fn send(&mut self, index: usize, bytes: Bytes) -> Result<()> {
-        while self.in_flight >= self.inner.options.upload_concurrency {
+        let options = &self.inner.options;
+        let budget = options.part_size.saturating_mul(options.upload_concurrency);
+        while self.in_flight > 0
+            && (self.in_flight >= self.inner.options.upload_concurrency
+                || self.in_flight_bytes.saturating_add(bytes.len()) > budget)
+        {
             self.wait_one()?;
         }
         if self.parts.len() <= index {
             self.parts.resize(index + 1, None);
+            self.part_lens.resize(index + 1, 0);
         }
+        self.part_lens[index] = bytes.len();
+        self.in_flight_bytes += bytes.len();
         let (store, path, upload, retry) = (
             self.store.clone(),
             self.path.clone(),
@@ -269,6 +324,9 @@ impl MultipartSink {
         })?;
         self.in_flight -= 1;
         let (index, part) = message?;
+        if let Some(len) = self.part_lens.get_mut(index) {
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(std::mem::take(len));
+        }
         if let Some(slot) = self.parts.get_mut(index) {
             *slot = Some(part);
         }
@@ -387,5 +445,28 @@ pub(crate) fn image_info(
         checksums: Checksums {
             crc32: Crc32(crc.finalize()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn a_size_hint_spreads_the_image_over_nine_thousand_parts_of_one_size() {
+        // Small volumes keep the configured part size.
+        assert_eq!(hinted_part_size(16 * MIB, Some(4 << 30)), (16 * MIB, true));
+        assert_eq!(hinted_part_size(16 * MIB, None), (16 * MIB, false));
+        // A 1 TiB volume: parts of 117.6875 MiB (1% over 1 TiB in 9,000 parts, whole 64 KiB).
+        let (part, hinted) = hinted_part_size(16 * MIB, Some(1 << 40));
+        assert!(hinted);
+        assert_eq!(part, 117 * MIB + 11 * MIB / 16);
+        assert!(part as u64 * HINTED_PARTS as u64 >= (1u64 << 40) + (1u64 << 40) / 100);
+        // S3's largest object, 5 TiB, still fits below 10,000 parts.
+        let (part, _) = hinted_part_size(16 * MIB, Some(5 << 40));
+        assert!(part as u64 * 9000 >= 5 << 40);
+        assert!(part <= 5 << 30, "S3 parts are at most 5 GiB");
     }
 }

@@ -200,6 +200,7 @@ impl BackupUpload {
             &self.image_name(),
             &self.writer,
             self.image.clone(),
+            Some(self.virtual_size),
         )
     }
 
