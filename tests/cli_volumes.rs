@@ -455,6 +455,9 @@ fn changed_blocks_allow_unavailable_leaves_no_list() {
     assert!(!output.exists());
 }
 
+/// A way to damage a side file at a path.
+type Damage = Box<dyn Fn(&Path)>;
+
 /// The latest backup's digests gone, cut short or grown (tampered): the next backup is a full
 /// one that says why, rather than every later backup failing, and every point still restores.
 #[test]
@@ -466,7 +469,7 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
     file.set_len(4 << 20).expect("size");
     let mut points = Vec::new();
     let digests = |id: &str| target.join(format!("volumes/vol/files/{id}/digests"));
-    let damages: [(&str, Box<dyn Fn(&Path)>); 3] = [
+    let damages: [(&str, Damage); 3] = [
         (
             "removed",
             Box::new(|p| std::fs::remove_file(p).expect("remove")),
