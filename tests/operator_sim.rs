@@ -1114,16 +1114,7 @@ async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
         .collect();
     assert_eq!(volumes, ["shop.data"]);
 
-    sim.mock.put(
-        &format!("{RESTORES}/copy"),
-        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
-               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
-               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
-    );
-    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
-    assert_eq!(restored["phase"], "Completed", "{restored}");
-    let data = sim.device_of_claim("copy", "data").unwrap();
-    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+    restores_nightly_into_copy(&sim, &ctx).await;
     let cache = sim
         .mock
         .get("/api/v1/namespaces/copy/persistentvolumeclaims/cache")
@@ -1142,6 +1133,21 @@ async fn excluded_pvcs_are_not_copied_and_are_restored_empty() {
         why.contains("spec.volumes.include") && why.contains("\"nope\""),
         "{why}"
     );
+}
+
+/// Restore `copy` of Backup `nightly` into namespace `copy`: it completes and claim `data`
+/// holds the volume's bytes.
+async fn restores_nightly_into_copy(sim: &Sim, ctx: &Context) {
+    sim.mock.put(
+        &format!("{RESTORES}/copy"),
+        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
+               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
+               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
+    );
+    let restored = drive_restore(sim, ctx, "copy", 12).await;
+    assert_eq!(restored["phase"], "Completed", "{restored}");
+    let data = sim.device_of_claim("copy", "data").unwrap();
+    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
 }
 
 /// A controller restarting between stashing the metadata and writing the status discovers
@@ -1186,16 +1192,7 @@ async fn a_stash_from_a_lost_status_write_is_replaced_and_a_disagreeing_one_neve
     assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
     let pvcs: Vec<&str> = done.volumes.iter().map(|v| v.pvc.as_str()).collect();
     assert_eq!(pvcs, ["data"]);
-    sim.mock.put(
-        &format!("{RESTORES}/copy"),
-        json!({"apiVersion": "strata.io/v1alpha1", "kind": "Restore",
-               "metadata": {"name": "copy", "namespace": "shop", "uid": "r-1", "generation": 1},
-               "spec": {"backupRef": {"name": "nightly"}, "namespaceMapping": {"shop": "copy"}}}),
-    );
-    let restored = drive_restore(&sim, &ctx, "copy", 12).await;
-    assert_eq!(restored["phase"], "Completed", "{restored}");
-    let data = sim.device_of_claim("copy", "data").unwrap();
-    assert_eq!(std::fs::read(data).unwrap(), noise(VOLUME_BYTES, 7));
+    restores_nightly_into_copy(&sim, &ctx).await;
 
     // A stash swapped after discovery for one naming another volume set.
     add_backup(&sim, "weekly", "b-2", "Full");

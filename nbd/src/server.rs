@@ -335,6 +335,21 @@ mod tests {
         assert_eq!(out[44..], [0u8; 16]);
     }
 
+    /// Serves `stream` with a handshake deadline of 1 s and asserts it ends timed out, in time.
+    fn ends_at_a_deadline_of_one_second(server: &Server, stream: TcpStream) {
+        let started = Instant::now();
+        let err = server
+            .serve_connection_within(stream, Duration::from_secs(1))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, Error::Io { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{err:?}"
+        );
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
     #[test]
     fn a_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
@@ -356,18 +371,8 @@ mod tests {
             std::thread::sleep(Duration::from_secs(2));
         });
         let (stream, _) = listener.accept().unwrap();
-        let started = Instant::now();
-        let err = server
-            .serve_connection_within(stream, Duration::from_secs(1))
-            .unwrap_err();
-        let took = started.elapsed();
-        assert!(
-            matches!(&err, Error::Io { source, .. }
-                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
-            "{err:?}"
-        );
         // A per-read timeout of 1 s would last the 3 s of trickling and 1 s more.
-        assert!(took < Duration::from_millis(1500), "{took:?}");
+        ends_at_a_deadline_of_one_second(&server, stream);
         client.join().unwrap();
     }
 
@@ -399,18 +404,8 @@ mod tests {
         });
         let (stream, _) = listener.accept().unwrap();
         sockopt::set_socket_send_buffer_size(&stream, 1).unwrap();
-        let started = Instant::now();
-        let err = server
-            .serve_connection_within(stream, Duration::from_secs(1))
-            .unwrap_err();
-        let took = started.elapsed();
-        assert!(
-            matches!(&err, Error::Io { source, .. }
-                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
-            "{err:?}"
-        );
         // Without a write deadline the thread waits for the client to go, after 3 s.
-        assert!(took < Duration::from_millis(1500), "{took:?}");
+        ends_at_a_deadline_of_one_second(&server, stream);
         client.join().unwrap();
     }
 
