@@ -344,6 +344,8 @@ fn a_full_tmpdir_fails_verify_and_restore_without_calling_the_backup_damaged() {
         !said.contains("DAMAGED") && !said.contains("damaged"),
         "{said}"
     );
+    // The failing write is named as the local copy's, not as a download failing.
+    assert!(said.contains("write download of"), "{said}");
     let dest = work.path().join("restored.raw");
     let restore = restore_command(&target, &id, &dest)
         .env("TMPDIR", tmp.path())

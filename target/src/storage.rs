@@ -183,9 +183,13 @@ impl Target {
                 dest,
                 crc: crc32fast::Hasher::new(),
                 size: 0,
+                dest_failed: false,
             };
-            io::copy(&mut reader, &mut check)
-                .map_err(|err| Error::io("download", file_path.display(), err))?;
+            // A write that fails is the local copy's (TMPDIR full), not the target's.
+            io::copy(&mut reader, &mut check).map_err(|err| match check.dest_failed {
+                true => Error::io("write download of", path, err),
+                false => Error::io("download", file_path.display(), err),
+            })?;
             if check.size > expected {
                 return Err(too_long(check.size));
             }
@@ -241,11 +245,16 @@ struct Checked<'a> {
     dest: &'a mut dyn io::Write,
     crc: crc32fast::Hasher,
     size: u64,
+    /// Whether an error came from `dest` (the local copy) rather than the object read.
+    dest_failed: bool,
 }
 
 impl io::Write for Checked<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.dest.write(buf)?;
+        let n = self
+            .dest
+            .write(buf)
+            .inspect_err(|_| self.dest_failed = true)?;
         let written = buf.get(..n).unwrap_or_default();
         self.crc.update(written);
         self.size += n as u64;
