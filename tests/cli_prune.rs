@@ -3,7 +3,7 @@
 //! and the next `strata prune` finishes or rolls back the fold and completes.
 
 mod strata_bin;
-use strata_bin::{ok, s, strata, strata_command};
+use strata_bin::{backed_up_id, ok, restored_bytes, s, strata, strata_command};
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -29,18 +29,8 @@ fn check_every_point(target: &Path, dir: &Path, expected: &HashMap<String, Vec<u
     let images = target.join("volumes/vol1/images");
     for id in listed(target) {
         let dest = dir.join(format!("{id}.raw"));
-        ok(strata(&[
-            "restore",
-            "--target",
-            s(target),
-            "--volume",
-            "vol1",
-            "--backup",
-            &id,
-            s(&dest),
-        ]));
         assert!(
-            std::fs::read(&dest).expect("restored") == expected[&id],
+            restored_bytes(target, "vol1", &id, &dest) == expected[&id],
             "point {id} {when}"
         );
         let image = images.join(format!("{id}.qcow2"));
@@ -103,16 +93,7 @@ fn prune_killed_during_a_fold_leaves_every_point_restorable() {
         let offset = u64::from(i) * (4 << 20);
         file.write_all_at(&vec![0x10 + i; 24 << 20], offset)
             .expect("write");
-        let out = ok(strata(&[
-            "backup",
-            "--quiet",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            s(&volume),
-        ]));
-        let id = out.lines().last().expect("id").trim().to_string();
+        let id = backed_up_id(&target, "vol1", &volume);
         expected.insert(id, std::fs::read(&volume).expect("read"));
     }
     let volume_dir = target.join("volumes/vol1");
@@ -185,16 +166,7 @@ fn prune_refuses_to_fold_a_parent_the_chain_forks_at() {
     file.set_len(4 << 20).expect("size");
     let backup = |fill: u8, at: u64| {
         file.write_all_at(&[fill; 65536], at).expect("write");
-        let out = ok(strata(&[
-            "backup",
-            "--quiet",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            s(&volume),
-        ]));
-        let id = out.lines().last().expect("id").trim().to_string();
+        let id = backed_up_id(&target, "vol1", &volume);
         (id, std::fs::read(&volume).expect("read"))
     };
     let (a, _) = backup(1, 0);
@@ -233,16 +205,6 @@ fn prune_refuses_to_fold_a_parent_the_chain_forks_at() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     for (id, bytes) in [(&b, &b_bytes), (&c, &c_bytes)] {
         let dest = dir.path().join(format!("{id}.raw"));
-        ok(strata(&[
-            "restore",
-            "--target",
-            s(&target),
-            "--volume",
-            "vol1",
-            "--backup",
-            id,
-            s(&dest),
-        ]));
-        assert_eq!(&std::fs::read(&dest).expect("restored"), bytes, "{id}");
+        assert_eq!(&restored_bytes(&target, "vol1", id, &dest), bytes, "{id}");
     }
 }

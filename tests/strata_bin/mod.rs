@@ -106,6 +106,37 @@ pub fn backup_vol(target: &str, source: &Path) -> Output {
     ])
 }
 
+/// `strata backup --quiet` of `source` into volume `volume` of `target`, which must succeed;
+/// the new backup's id.
+pub fn backed_up_id(target: &Path, volume: &str, source: &Path) -> String {
+    let out = ok(strata(&[
+        "backup",
+        "--quiet",
+        "--target",
+        s(target),
+        "--volume",
+        volume,
+        s(source),
+    ]));
+    out.lines().last().expect("id").trim().to_string()
+}
+
+/// `strata restore` of backup `id` of volume `volume` in `target` into `dest`, which must
+/// succeed; the restored bytes.
+pub fn restored_bytes(target: &Path, volume: &str, id: &str, dest: &Path) -> Vec<u8> {
+    ok(strata(&[
+        "restore",
+        "--target",
+        s(target),
+        "--volume",
+        volume,
+        "--backup",
+        id,
+        s(dest),
+    ]));
+    std::fs::read(dest).expect("restored")
+}
+
 /// The committed backups in `target` as (id, parent), oldest first (`strata list`).
 pub fn listing(target: &str) -> Vec<(String, Option<String>)> {
     let out = ok(strata(&["list", "--target", target, "--output", "json"]));
