@@ -360,7 +360,8 @@ pub(crate) fn is_damage(e: &Error) -> bool {
     }
 }
 
-fn target_damage(e: &strata_target::Error) -> bool {
+/// [`is_damage`] of a target error: a missing object, or one that differs from its manifest.
+pub(crate) fn target_damage(e: &strata_target::Error) -> bool {
     matches!(
         e,
         strata_target::Error::NotFound { .. } | strata_target::Error::Corrupt { .. }

@@ -231,9 +231,7 @@ pub fn backup_volume(
     let previous_digests = match &parent_id {
         Some(parent) => match target.download_file(volume, parent, &side_file(DIGESTS_FILE)) {
             Ok(file) => Some(DigestManifest::open(file)?),
-            Err(
-                e @ (strata_target::Error::NotFound { .. } | strata_target::Error::Corrupt { .. }),
-            ) => {
+            Err(e) if crate::verified::target_damage(&e) => {
                 full_reason = Some(format!(
                     "the digests of the latest backup {parent} do not read ({e})"
                 ));

@@ -131,7 +131,9 @@ fn hinted_part_size(configured: usize, size_hint: Option<u64>) -> (usize, bool) 
     let Some(hint) = size_hint else {
         return (configured, false);
     };
-    let needed = (hint + hint / 100).div_ceil(HINTED_PARTS as u64);
+    let needed = hint
+        .saturating_add(hint / 100)
+        .div_ceil(HINTED_PARTS as u64);
     let needed = usize::try_from(needed.div_ceil(64 << 10) << 16).unwrap_or(usize::MAX);
     (configured.max(needed), true)
 }
