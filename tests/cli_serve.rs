@@ -114,6 +114,15 @@ fn serve_serves_the_latest_backup_of_a_volume_from_a_target() {
 #[test]
 fn serve_without_a_backup_fails_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
+    // A repository holding another volume: serve refuses a target without one earlier.
+    let other = dir.path().join("other.raw");
+    std::fs::write(&other, [7u8; 4096]).unwrap();
+    let made = strata()
+        .args(["backup", "-q", "--target", dir.path().to_str().unwrap()])
+        .args(["--volume", "other", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let out = strata()
         .args([
             "serve",

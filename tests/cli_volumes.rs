@@ -310,6 +310,18 @@ fn xxh3_digests_chosen_at_the_full_backup_carry_over() {
 #[test]
 fn restore_of_a_missing_volume_is_one_line_and_status_1() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // A repository holding another volume (a target without one is refused earlier).
+    let other = dir.path().join("other.raw");
+    std::fs::write(&other, [7u8; 4096]).expect("other volume");
+    ok(strata(&[
+        "backup",
+        "-q",
+        "--target",
+        s(dir.path()),
+        "--volume",
+        "other",
+        s(&other),
+    ]));
     let out = strata(&[
         "restore",
         "--target",
@@ -545,4 +557,61 @@ fn backup_named(target: &Path, source: &Path) -> Output {
         "vol",
         s(source),
     ])
+}
+
+/// Every command that only reads or removes refuses a target that holds no repository with
+/// one line naming it, and creates nothing there (a mistyped `--target` used to become a new
+/// empty repository that listed nothing and verified clean); `backup` still makes one.
+#[test]
+fn readers_refuse_a_target_without_a_repository_and_create_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("typo");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("empty folder");
+    let dest = dir.path().join("restored.raw");
+    for target in [&missing, &empty] {
+        let t = s(target);
+        let commands: [Vec<&str>; 6] = [
+            vec!["list", "--target", t],
+            vec!["verify", "--target", t],
+            vec!["restore", "--target", t, "--volume", "vol", s(&dest)],
+            vec![
+                "prune",
+                "--target",
+                t,
+                "--volume",
+                "vol",
+                "--keep-last",
+                "1",
+            ],
+            vec!["gc", "--target", t],
+            vec![
+                "serve",
+                "--target",
+                t,
+                "--volume",
+                "vol",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        ];
+        for args in commands {
+            let out = strata(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} succeeded");
+            assert!(
+                stderr.contains(&format!("repository {t} not found")),
+                "{args:?}: {stderr}"
+            );
+            assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        }
+        assert!(!dest.exists(), "a restore wrote {}", dest.display());
+    }
+    assert!(!missing.exists(), "the mistyped folder was created");
+    assert_eq!(std::fs::read_dir(&empty).expect("read").count(), 0);
+
+    let source = dir.path().join("vol.raw");
+    std::fs::write(&source, strata_bin::noise(1 << 20, 5)).expect("source");
+    ok(strata_bin::backup_vol(s(&missing), &source));
+    assert_eq!(strata_bin::listing(s(&missing)).len(), 1);
 }

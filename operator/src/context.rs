@@ -322,9 +322,28 @@ impl TargetAccess {
         T: Send + 'static,
         F: FnOnce(&Target) -> Result<T> + Send + 'static,
     {
+        self.open_and(true, work).await
+    }
+
+    /// Like [`with`](Self::with) for a reader (a Restore): a target that holds no repository
+    /// is an error, and nothing is created there.
+    pub async fn with_existing<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Target) -> Result<T> + Send + 'static,
+    {
+        self.open_and(false, work).await
+    }
+
+    async fn open_and<T, F>(&self, create: bool, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Target) -> Result<T> + Send + 'static,
+    {
         let url = self.url.clone();
         let mut options = TargetOptions::default();
         options.store_config = self.store_config.clone();
+        options.create = create;
         tokio::task::spawn_blocking(move || {
             let target =
                 Target::open_with(&url, options).map_err(Error::target(format!("open {url}")))?;

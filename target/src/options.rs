@@ -70,6 +70,12 @@ pub struct TargetOptions {
     /// Where the target reports what it waits for (a lapsing lease), for a command line to
     /// print. Silent by default.
     pub notices: Notices,
+    /// Whether opening a place that holds no repository makes one there (on a filesystem
+    /// target, the folder too). Default `true`, what a backup wants. A caller that only reads
+    /// or removes (list, verify, restore, serve, prune, gc) sets `false`: a mistyped path or
+    /// prefix is then [`Error::NotFound`](crate::Error::NotFound) of the repository, and
+    /// nothing is created there (restic's `repository does not exist`).
+    pub create: bool,
 }
 
 /// What receives each notice line.
@@ -131,6 +137,7 @@ impl Default for TargetOptions {
             store_config: Vec::new(),
             lease: Duration::from_secs(30),
             notices: Notices::default(),
+            create: true,
         }
     }
 }

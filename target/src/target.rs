@@ -66,7 +66,8 @@ pub(crate) enum Created {
 }
 
 impl Target {
-    /// Opens (and, when empty, initializes) the repository at `url` with default options.
+    /// Opens (and, when empty, initializes) the repository at `url` with default options;
+    /// [`TargetOptions::create`] `false` opens only a repository that exists.
     ///
     /// `url` is a folder path or `file://` URL, `memory://` (a fresh in-memory store),
     /// `s3://bucket/prefix` (configured from the `AWS_*` environment variables, such as
@@ -79,7 +80,7 @@ impl Target {
     /// Like [`open`](Self::open), with explicit options.
     pub fn open_with(url: &str, options: TargetOptions) -> Result<Self> {
         let options = options.sanitized();
-        let parsed = crate::url::parse(url, &options.store_config)?;
+        let parsed = crate::url::parse(url, &options.store_config, options.create)?;
         let runtime = IoRuntime::new(options.io_threads)?;
         let target = Target {
             inner: Arc::new(Inner {
@@ -179,6 +180,12 @@ impl Target {
             };
             let found = match inner.get_bytes(&path).await {
                 Ok(bytes) => bytes,
+                Err(Error::NotFound { .. }) if !inner.options.create => {
+                    return Err(Error::NotFound {
+                        what: "repository",
+                        name: inner.url.clone(),
+                    });
+                }
                 Err(Error::NotFound { .. }) => {
                     match inner.put_create(&path, to_json(&marker).into()).await {
                         Ok(Created::New) => return Ok(()),

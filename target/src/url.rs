@@ -23,9 +23,10 @@ fn invalid(url: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-pub(crate) fn parse(url: &str, config: &[(String, String)]) -> Result<Parsed> {
+/// Parses `url` into its store; a filesystem target's folder is made only when `create`.
+pub(crate) fn parse(url: &str, config: &[(String, String)], create: bool) -> Result<Parsed> {
     let Some((scheme, _)) = url.split_once("://") else {
-        return local(url, FsPath::new(url));
+        return local(url, FsPath::new(url), create);
     };
     match scheme {
         "file" => {
@@ -33,7 +34,7 @@ pub(crate) fn parse(url: &str, config: &[(String, String)]) -> Result<Parsed> {
             let folder = parsed
                 .to_file_path()
                 .map_err(|()| invalid(url, "not an absolute local path"))?;
-            local(url, &folder)
+            local(url, &folder, create)
         }
         "memory" => {
             let store = crate::target::memory_store();
@@ -51,9 +52,22 @@ pub(crate) fn parse(url: &str, config: &[(String, String)]) -> Result<Parsed> {
     }
 }
 
-fn local(url: &str, folder: &FsPath) -> Result<Parsed> {
+fn local(url: &str, folder: &FsPath, create: bool) -> Result<Parsed> {
     if folder.as_os_str().is_empty() {
         return Err(invalid(url, "empty path"));
+    }
+    if !create {
+        match std::fs::metadata(folder) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(invalid(url, "not a folder")),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound {
+                    what: "repository",
+                    name: url.to_string(),
+                });
+            }
+            Err(err) => return Err(Error::io("open", folder.display(), err)),
+        }
     }
     let store = crate::target::local_store(folder)?;
     let root =
@@ -162,11 +176,11 @@ mod tests {
     #[test]
     fn unknown_schemes_and_empty_paths_are_refused() {
         assert!(matches!(
-            parse("ftp://host/x", &[]).err(),
+            parse("ftp://host/x", &[], true).err(),
             Some(Error::InvalidUrl { .. })
         ));
         assert!(matches!(
-            parse("", &[]).err(),
+            parse("", &[], true).err(),
             Some(Error::InvalidUrl { .. })
         ));
     }

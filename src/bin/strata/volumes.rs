@@ -107,8 +107,17 @@ pub struct VerifyArgs {
     backup: Option<String>,
 }
 
+/// Opens a repository that must exist (list, verify, prune, gc): a mistyped target is an
+/// error, not a new empty repository.
 fn open_target(url: &str) -> anyhow::Result<Target> {
-    open_target_with(url, TargetOptions::default())
+    open_target_with(url, existing_only())
+}
+
+/// Default options that open only an existing repository.
+pub fn existing_only() -> TargetOptions {
+    let mut options = TargetOptions::default();
+    options.create = false;
+    options
 }
 
 /// Opens the target with `options`, its notices (a wait for a lapsing lease, a takeover)
@@ -313,7 +322,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
 
 /// Runs `strata restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let mut target_options = TargetOptions::default();
+    let mut target_options = existing_only();
     target_options.fetch_part_size = args.fetch_part_size;
     target_options.fetch_concurrency = args.fetch_parallel;
     target_options.fetch_gap = args.fetch_gap;

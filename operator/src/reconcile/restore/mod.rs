@@ -278,7 +278,7 @@ impl<'a> Run<'a> {
         let target =
             TargetAccess::resolve(self.ctx, &self.namespace, &backup.spec.target_ref.name).await?;
         let archive = target
-            .with(move |t| {
+            .with_existing(move |t| {
                 check_present(t, &app, &id)?;
                 t.read_app_archive(&app, &id)
                     .map_err(Error::target(format!("read the archive of {app}/{id}")))
