@@ -155,14 +155,22 @@ pub fn open_volume(path: &Path) -> Result<File> {
     let meta = file
         .metadata()
         .map_err(|e| io_error(path, "opening the volume", e))?;
-    if meta.is_dir() {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    // A character device (`/dev/null`, an NVMe `/dev/ng*`) has no size to read: backed up, it
+    // would be an empty volume, committed as the latest point of its chain.
+    let not_a_volume = if kind.is_dir() {
+        Some("it is a directory, not a file or block device")
+    } else if !kind.is_file() && !kind.is_block_device() {
+        Some("it is neither a regular file nor a block device")
+    } else {
+        None
+    };
+    if let Some(reason) = not_a_volume {
         return Err(io_error(
             path,
             "opening the volume",
-            std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "it is a directory, not a file or block device",
-            ),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
         ));
     }
     Ok(file)

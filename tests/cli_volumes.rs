@@ -615,3 +615,23 @@ fn readers_refuse_a_target_without_a_repository_and_create_nothing() {
     ok(strata_bin::backup_vol(s(&missing), &source));
     assert_eq!(strata_bin::listing(s(&missing)).len(), 1);
 }
+
+/// A character device is no volume: `backup /dev/null` used to commit an empty volume as the
+/// latest point of the chain. It is refused with one line, and nothing is committed.
+#[test]
+fn backup_refuses_a_character_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let source = dir.path().join("vol.raw");
+    std::fs::write(&source, strata_bin::noise(1 << 20, 9)).expect("source");
+    ok(strata_bin::backup_vol(s(&target), &source));
+    let out = strata_bin::backup_vol(s(&target), Path::new("/dev/null"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("neither a regular file nor a block device"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(strata_bin::listing(s(&target)).len(), 1);
+}
