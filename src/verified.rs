@@ -282,6 +282,30 @@ fn manifest_chain(
     Ok(chain)
 }
 
+/// The manifests of the chain that ends in `top` (top first), once every one is committed
+/// (as [`open_verified`] walks them, `listed` sparing reads) and every image is stored at its
+/// manifest's size ([`Target::check_images`]): what a backup checks before it extends the
+/// chain. Contents are not read; [`Error::Damaged`] names the first backup found wanting.
+pub(crate) fn stored_chain(
+    target: &Target,
+    top: BackupManifest,
+    listed: &mut HashMap<BackupId, BackupManifest>,
+) -> Result<Vec<BackupManifest>> {
+    let manifests = manifest_chain(target, top, listed)?;
+    match target.check_images(&manifests) {
+        Ok(()) => Ok(manifests),
+        Err(e) if target_damage(&e) => {
+            // Which backup it is: asked again one by one, only when one is wanting.
+            let broken = manifests
+                .iter()
+                .find(|m| target.check_images(std::slice::from_ref(m)).is_err())
+                .unwrap_or(&manifests[0]);
+            Err(damaged(broken, e.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Compares every layer of `image` with its manifest and checksum list.
 fn check_layers(manifests: &[BackupManifest], image: &Image, check: &ChainChecksums) -> Result<()> {
     let layers = image.chain();

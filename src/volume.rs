@@ -188,29 +188,38 @@ pub fn backup_volume(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupManifest> {
     let mut full_reason = None;
-    let latest = if options.full {
-        None
-    } else {
-        target.latest(volume)?
-    };
-    let mut latest = match latest {
-        Some(latest) => {
+    // An incremental extends the latest backup's chain only when every manifest of it is
+    // committed and every image is stored at its manifest's size: one deleted by an expiry
+    // rule or by hand would make the new point, and every later one, unrestorable. A broken
+    // chain (and one as long as chains may be) starts again with a full backup that says why;
+    // a target that cannot be read fails the backup.
+    let mut latest = None;
+    if !options.full {
+        let mut all = target.backups(volume)?;
+        if let Some(top) = all.pop() {
+            let mut listed = all.into_iter().map(|m| (m.id.clone(), m)).collect();
             let limit = options
                 .max_chain_length
                 .clamp(1, strata_target::MAX_CHAIN_DEPTH);
-            let length = target.chain_length(&latest)?;
-            if length >= limit {
-                full_reason = Some(format!(
-                    "the chain ending in {} has {length} images, the limit is {limit}",
-                    latest.id
-                ));
-                None
-            } else {
-                Some(latest)
+            match crate::verified::stored_chain(target, top.clone(), &mut listed) {
+                Ok(chain) if chain.len() >= limit => {
+                    full_reason = Some(format!(
+                        "the chain ending in {} has {} images, the limit is {limit}",
+                        top.id,
+                        chain.len()
+                    ));
+                }
+                Ok(_) => latest = Some(top),
+                Err(e) if crate::verified::is_damage(&e) => {
+                    full_reason = Some(format!(
+                        "the chain of the latest backup {} is broken ({e})",
+                        top.id
+                    ));
+                }
+                Err(e) => return Err(e),
             }
         }
-        None => None,
-    };
+    }
     let size = source.size().map_err(|e| Error::Volume {
         action: "reading the volume size",
         source: e,
@@ -238,7 +247,17 @@ pub fn backup_volume(
     let parent_id = latest.as_ref().map(|m| m.id.clone());
     let previous_digests = match &parent_id {
         Some(parent) => match target.download_file(volume, parent, &side_file(DIGESTS_FILE)) {
-            Ok(file) => Some(DigestManifest::open(file)?),
+            Ok(file) => match DigestManifest::open(file) {
+                Ok(digests) => Some(digests),
+                Err(e @ strata_chain::Error::Io { .. }) => return Err(e.into()),
+                Err(e) => {
+                    full_reason = Some(format!(
+                        "the digests of the latest backup {parent} do not read ({e})"
+                    ));
+                    latest = None;
+                    None
+                }
+            },
             Err(e) if crate::verified::target_damage(&e) => {
                 full_reason = Some(format!(
                     "the digests of the latest backup {parent} do not read ({e})"

@@ -481,7 +481,7 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
     file.set_len(4 << 20).expect("size");
     let mut points = Vec::new();
     let digests = |id: &str| target.join(format!("volumes/vol/files/{id}/digests"));
-    let damages: [(&str, Damage); 3] = [
+    let damages: [(&str, Damage); 4] = [
         (
             "removed",
             Box::new(|p| std::fs::remove_file(p).expect("remove")),
@@ -505,6 +505,34 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
                 std::fs::write(p, bytes).expect("write")
             }),
         ),
+        (
+            // Replaced by bytes that do not parse, and the manifest's size and CRC with
+            // theirs: only parsing the file finds it.
+            "rewritten with its manifest",
+            Box::new(|p| {
+                let garbage = vec![0x5a; std::fs::metadata(p).expect("stat").len() as usize];
+                std::fs::write(p, &garbage).expect("write");
+                let id = p.parent().and_then(|d| d.file_name()).expect("id");
+                let manifest = p
+                    .ancestors()
+                    .nth(3)
+                    .expect("volume folder")
+                    .join("backups")
+                    .join(id)
+                    .with_extension("json");
+                let mut json: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&manifest).expect("manifest"))
+                        .expect("json");
+                let files = json["files"].as_array_mut().expect("files");
+                let entry = files
+                    .iter_mut()
+                    .find(|f| f["name"] == "digests")
+                    .expect("digests entry");
+                entry["checksums"]["crc32"] = format!("{:08x}", crc32fast::hash(&garbage)).into();
+                std::fs::write(&manifest, serde_json::to_vec(&json).expect("json"))
+                    .expect("write manifest");
+            }),
+        ),
     ];
     file.write_all_at(&[1; 65536], 0).expect("write");
     let first = ok(backup_named(&target, &volume));
@@ -522,6 +550,10 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
             )),
             "{how}: {out}"
         );
+        // The rewritten file passed its size and CRC checks: what refused it is its parse.
+        if how.starts_with("rewritten") {
+            assert!(out.contains("malformed digest manifest"), "{how}: {out}");
+        }
         latest = out.lines().last().expect("id").to_string();
         points.push((latest.clone(), std::fs::read(&volume).expect("read")));
     }
@@ -533,6 +565,96 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
         out.lines().last().expect("id").to_string(),
         std::fs::read(&volume).expect("read"),
     ));
+    for (id, bytes) in points {
+        let dest = dir.path().join(format!("{id}.raw"));
+        let out = strata_bin::restore_command(s(&target), &id, &dest)
+            .output()
+            .expect("restore");
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&dest).expect("restored"), bytes, "{id}");
+    }
+}
+
+/// A chain the latest backup stands on, broken under it (its base image deleted, an image
+/// cut short, a parent's manifest deleted): the next backup is a full one that says which
+/// backup is wanting, rather than an incremental that could never restore, and it and the
+/// incremental after it restore.
+#[test]
+fn backups_over_a_broken_chain_start_a_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    let image = |id: &str| target.join(format!("volumes/vol/images/{id}.qcow2"));
+    let manifest = |id: &str| target.join(format!("volumes/vol/backups/{id}.json"));
+    // How, which backup of the three-deep chain (base first), and whether its image (else
+    // its manifest) is damaged.
+    let breaks = [
+        ("base image deleted", 0, true),
+        ("middle image cut short", 1, true),
+        ("middle manifest deleted", 1, false),
+    ];
+    let mut points: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut chain = Vec::new();
+    for (round, (how, at, image_goes)) in breaks.into_iter().enumerate() {
+        // The first round makes a chain of three; each later one extends the two backups the
+        // round before left to three.
+        while chain.len() < 3 {
+            let step = chain.len() as u64;
+            file.write_all_at(&[round as u8 * 3 + step as u8 + 1; 65536], step << 20)
+                .expect("write");
+            let out = ok(backup_named(&target, &volume));
+            assert_eq!(
+                out.starts_with("incremental backup"),
+                step > 0,
+                "{how}, step {step}: {out}"
+            );
+            chain.push(out.lines().last().expect("id").to_string());
+        }
+        let broken = chain[at].clone();
+        // A point of the round before that is damaged here no longer restores.
+        points.retain(|(id, _)| id != &broken);
+        match (image_goes, at) {
+            (true, 0) => std::fs::remove_file(image(&broken)).expect("remove image"),
+            (true, _) => {
+                let len = std::fs::metadata(image(&broken)).expect("stat").len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(image(&broken))
+                    .and_then(|f| f.set_len(len - 512))
+                    .expect("truncate")
+            }
+            (false, _) => std::fs::remove_file(manifest(&broken)).expect("remove manifest"),
+        }
+        file.write_all_at(&[0xee; 65536], 3 << 20).expect("write");
+        let out = ok(backup_named(&target, &volume));
+        let latest = chain.last().expect("latest").clone();
+        assert!(out.starts_with("full backup"), "{how}: {out}");
+        assert!(
+            out.contains(&format!(
+                "full because the chain of the latest backup {latest} is broken"
+            )),
+            "{how}: {out}"
+        );
+        // The reason names the backup that is wanting: the deleted manifest is named by the
+        // backup whose parent it was.
+        let named = if image_goes { &broken } else { &latest };
+        assert!(out.contains(&format!("backup vol/{named}")), "{how}: {out}");
+        chain.clear();
+        chain.push(out.lines().last().expect("id").to_string());
+        points.push((chain[0].clone(), std::fs::read(&volume).expect("read")));
+        // The new chain is whole: the next backup extends it.
+        file.write_all_at(&[0xdd; 4096], 3 << 20).expect("write");
+        let out = ok(backup_named(&target, &volume));
+        assert!(out.starts_with("incremental backup"), "{how}: {out}");
+        chain.push(out.lines().last().expect("id").to_string());
+        points.push((chain[1].clone(), std::fs::read(&volume).expect("read")));
+    }
     for (id, bytes) in points {
         let dest = dir.path().join(format!("{id}.raw"));
         let out = strata_bin::restore_command(s(&target), &id, &dest)

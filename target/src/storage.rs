@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use strata_qcow2::{ReadAt, Storage};
 
@@ -130,6 +130,60 @@ impl Target {
     /// does: `verify` holds the listed manifests and so spares a round trip for each.
     pub fn verify_image_of(&self, manifest: &BackupManifest) -> Result<()> {
         self.download_image_of(manifest, &mut io::sink())
+    }
+
+    /// Checks that the image of every backup of `manifests` is stored and has the size its
+    /// manifest gives: a HEAD each ([`PARALLEL_OPENS`] at once) on an object store, a `stat` on
+    /// a folder. A missing image is [`Error::NotFound`], one of another size [`Error::Corrupt`].
+    /// Only presence is checked, not content ([`verify_image_of`](Self::verify_image_of) reads
+    /// it): a backup that extends a chain checks this first, so that an image an expiry rule
+    /// deleted is noticed before a new point is built on it.
+    pub fn check_images(&self, manifests: &[BackupManifest]) -> Result<()> {
+        let mut objects = Vec::with_capacity(manifests.len());
+        for manifest in manifests {
+            let path = self
+                .storage(&manifest.volume)
+                .object_path(&manifest.image.object)?;
+            objects.push((path, manifest.image.size));
+        }
+        let wrong = |path: String, size: u64, expected: u64| Error::Corrupt {
+            what: "image",
+            path,
+            reason: format!("{size} bytes, its manifest says {expected}"),
+        };
+        if let Some(root) = &self.inner.local_root {
+            for (path, expected) in objects {
+                let file = crate::url::local_path(root, &path);
+                let size = match std::fs::metadata(&file) {
+                    Ok(meta) => meta.len(),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        return Err(Error::NotFound {
+                            what: "image",
+                            name: file.display().to_string(),
+                        });
+                    }
+                    Err(err) => return Err(Error::io("stat", file.display(), err)),
+                };
+                if size != expected {
+                    return Err(wrong(file.display().to_string(), size, expected));
+                }
+            }
+            return Ok(());
+        }
+        self.block("check images", move |inner| async move {
+            let inner = &inner;
+            futures::stream::iter(objects)
+                .map(|(path, expected)| async move {
+                    let size = image_size(inner, &path).await?;
+                    match size == expected {
+                        true => Ok(()),
+                        false => Err(wrong(path.to_string(), size, expected)),
+                    }
+                })
+                .buffer_unordered(PARALLEL_OPENS)
+                .try_collect::<()>()
+                .await
+        })
     }
 
     fn download_image_of(&self, manifest: &BackupManifest, dest: &mut dyn io::Write) -> Result<()> {
