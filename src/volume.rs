@@ -372,7 +372,11 @@ pub fn restore_volume_with(
     options: &HydrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(BackupManifest, strata_qcow2::HydrateStats)> {
-    let device = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_block_device());
+    let (resolved, existing) = restore_destination(target, dest)?;
+    let dest = resolved.as_path();
+    let device = existing
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
     // From object storage, by a fetch plan (parallel GETs of large parts), onto files and
     // devices alike; a device not known to read zeros has its zero ranges zeroed as the plan
     // walks them. (Hydrated in guest order through the readers' read-ahead instead, as
@@ -386,6 +390,9 @@ pub fn restore_volume_with(
     let partial = partial_path(dest);
     let written = if device { dest } else { partial.as_path() };
     let out = open_destination(written)?;
+    if let Some(old) = existing.as_ref().filter(|_| !device) {
+        keep_owner_and_mode(&out, written, old)?;
+    }
     let total_bytes = chain.image.virtual_size();
     if device {
         // Checked before anything is written, so a device too small is left as it was.
@@ -473,6 +480,83 @@ pub fn restore_volume_with(
                 source: Box::new(e),
             })
         }
+    }
+}
+
+/// Where a restore into `dest` writes, and what is there now, checked before anything is
+/// read or written:
+/// - a symbolic link is followed: the file it names is replaced and the link kept;
+/// - what exists there must be a regular file or a block device: anything else (`/dev/null`,
+///   a FIFO, a folder) would be replaced by the restored file;
+/// - on a folder target, the file may not be inside the repository, where the rename could
+///   replace the image of the very backup being restored.
+fn restore_destination(
+    target: &Target,
+    dest: &Path,
+) -> Result<(std::path::PathBuf, Option<std::fs::Metadata>)> {
+    let refuse = |problem: String| {
+        io_error(
+            dest,
+            "checking the destination",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, problem),
+        )
+    };
+    let linked = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink());
+    let path = match linked {
+        true => std::fs::canonicalize(dest)
+            .map_err(|e| io_error(dest, "following the symbolic link", e))?,
+        false => dest.to_path_buf(),
+    };
+    let existing = match std::fs::metadata(&path) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error(dest, "reading the destination's metadata", e)),
+    };
+    if let Some(kind) = existing.as_ref().map(std::fs::Metadata::file_type)
+        && !kind.is_file()
+        && !kind.is_block_device()
+    {
+        return Err(refuse(
+            "it is neither a regular file nor a block device".into(),
+        ));
+    }
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    if let (Some(root), Ok(folder)) = (
+        target
+            .local_root()
+            .and_then(|r| std::fs::canonicalize(r).ok()),
+        std::fs::canonicalize(folder),
+    ) && folder.starts_with(&root)
+    {
+        return Err(refuse(format!(
+            "it is inside the target's repository {}; restore elsewhere",
+            root.display()
+        )));
+    }
+    Ok((path, existing))
+}
+
+/// Gives the partial file `out` the permissions and (where this process may) the owner of the
+/// file it replaces: a restore over a 0600 file must not leave a world-readable one.
+fn keep_owner_and_mode(out: &File, written: &Path, old: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    rustix::fs::fchmod(out, rustix::fs::Mode::from_raw_mode(old.mode() & 0o7777))
+        .map_err(|e| io_error(written, "setting the restored file's permissions", e.into()))?;
+    let owner = (
+        rustix::fs::Uid::from_raw(old.uid()),
+        rustix::fs::Gid::from_raw(old.gid()),
+    );
+    match rustix::fs::fchown(out, Some(owner.0), Some(owner.1)) {
+        // Only a privileged process may give a file away; the mode is kept regardless.
+        Ok(()) | Err(rustix::io::Errno::PERM) => Ok(()),
+        Err(e) => Err(io_error(
+            written,
+            "setting the restored file's owner",
+            e.into(),
+        )),
     }
 }
 

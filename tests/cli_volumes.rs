@@ -310,6 +310,7 @@ fn xxh3_digests_chosen_at_the_full_backup_carry_over() {
 #[test]
 fn restore_of_a_missing_volume_is_one_line_and_status_1() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
     // A repository holding another volume (a target without one is refused earlier).
     let other = dir.path().join("other.raw");
     std::fs::write(&other, [7u8; 4096]).expect("other volume");
@@ -317,7 +318,7 @@ fn restore_of_a_missing_volume_is_one_line_and_status_1() {
         "backup",
         "-q",
         "--target",
-        s(dir.path()),
+        s(&target),
         "--volume",
         "other",
         s(&other),
@@ -325,7 +326,7 @@ fn restore_of_a_missing_volume_is_one_line_and_status_1() {
     let out = strata(&[
         "restore",
         "--target",
-        s(dir.path()),
+        s(&target),
         "--volume",
         "nope",
         s(&dir.path().join("x.raw")),
@@ -756,4 +757,91 @@ fn backup_refuses_a_character_device() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert_eq!(strata_bin::listing(s(&target)).len(), 1);
+}
+
+/// A restore whose destination is not a place for a volume is refused, one line, before
+/// anything is written: a character device (it used to be replaced by a regular file, the
+/// restore exiting 0), a folder, and a file inside a folder target's repository (the rename
+/// would have replaced the backup's own image). Each is left as it was.
+#[test]
+fn restore_refuses_destinations_that_are_not_for_a_volume() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let source = dir.path().join("vol.raw");
+    std::fs::write(&source, strata_bin::noise(1 << 20, 5)).expect("source");
+    let out = ok(strata_bin::backup_vol(s(&target), &source));
+    let id = out.lines().last().expect("id").to_string();
+    let image = target.join(format!("volumes/vol/images/{id}.qcow2"));
+    let image_bytes = std::fs::read(&image).expect("image");
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).expect("folder");
+    let cases: [(&Path, &str); 4] = [
+        (
+            Path::new("/dev/null"),
+            "neither a regular file nor a block device",
+        ),
+        (&folder, "neither a regular file nor a block device"),
+        (&image, "inside the target's repository"),
+        (
+            &target.join("restored.raw"),
+            "inside the target's repository",
+        ),
+    ];
+    for (dest, problem) in cases {
+        let out = strata_bin::restore_command(s(&target), &id, dest)
+            .output()
+            .expect("restore");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", dest.display());
+        assert!(stderr.contains(problem), "{}: {stderr}", dest.display());
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let null = std::fs::metadata("/dev/null").expect("/dev/null");
+    assert!(null.file_type().is_char_device(), "/dev/null is still one");
+    assert!(folder.is_dir() && !dir.path().join("a-folder.partial").exists());
+    assert_eq!(std::fs::read(&image).expect("image"), image_bytes);
+    assert!(!target.join("restored.raw").exists());
+    assert!(!target.join("restored.raw.partial").exists());
+    ok(strata(&["verify", "--target", s(&target)]));
+}
+
+/// A restore over an existing file keeps that file's permissions (a 0600 file does not become
+/// world-readable), and one through a symbolic link replaces the file the link names and
+/// keeps the link.
+#[test]
+fn restore_keeps_the_replaced_files_mode_and_follows_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let source = dir.path().join("vol.raw");
+    let data = strata_bin::noise(1 << 20, 6);
+    std::fs::write(&source, &data).expect("source");
+    let out = ok(strata_bin::backup_vol(s(&target), &source));
+    let id = out.lines().last().expect("id").to_string();
+
+    let private = dir.path().join("private.raw");
+    std::fs::write(&private, b"old").expect("old file");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    ok(strata_bin::restore_command(s(&target), &id, &private)
+        .output()
+        .expect("restore"));
+    assert_eq!(std::fs::read(&private).expect("restored"), data);
+    let mode = std::fs::metadata(&private)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+    let linked = dir.path().join("linked.raw");
+    let link = dir.path().join("link.raw");
+    std::fs::write(&linked, b"old").expect("old file");
+    std::os::unix::fs::symlink(&linked, &link).expect("symlink");
+    ok(strata_bin::restore_command(s(&target), &id, &link)
+        .output()
+        .expect("restore"));
+    let link_meta = std::fs::symlink_metadata(&link).expect("lstat");
+    assert!(link_meta.file_type().is_symlink(), "the link is kept");
+    assert_eq!(std::fs::read_link(&link).expect("readlink"), linked);
+    assert_eq!(std::fs::read(&linked).expect("restored"), data);
 }

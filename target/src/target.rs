@@ -161,6 +161,11 @@ impl Target {
         self.inner.cache.peak()
     }
 
+    /// The repository's folder on a filesystem target, `None` on object stores.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.inner.local_root.as_deref()
+    }
+
     /// The local folder holding `volume`'s images on a filesystem target (where
     /// `qemu-img info --backing-chain` works directly), `None` on object stores.
     pub fn local_image_dir(&self, volume: &VolumeName) -> Option<PathBuf> {
