@@ -26,7 +26,8 @@ use strata_qcow2::{
     CompressionType, HydrateOptions, Image, VolumeRead, WriterOptions, hydrate_with,
 };
 use strata_target::{
-    BackupId, BackupManifest, BackupSpec, FileName, PartStorage, SideBody, Target, VolumeName,
+    BackupId, BackupManifest, BackupSpec, FileName, PartStorage, SideBody, Target,
+    UnreadableManifest, VolumeName,
 };
 
 use crate::planned_restore::{DestKind, restore_planned};
@@ -195,7 +196,10 @@ pub fn backup_volume(
     // a target that cannot be read fails the backup.
     let mut latest = None;
     if !options.full {
-        let mut all = target.backups(volume)?;
+        // A manifest that does not read is no concern here unless it is of the latest chain
+        // (the walk below finds it) or holds the latest backup's child slot (its
+        // `begin_backup` refuses to fork it; then a full backup below): `verify` reports it.
+        let (mut all, _unreadable) = target.backups_readable(volume)?;
         if let Some(top) = all.pop() {
             let mut listed = all.into_iter().map(|m| (m.id.clone(), m)).collect();
             let limit = options
@@ -269,15 +273,29 @@ pub fn backup_volume(
         },
         None => None,
     };
-    let mut upload = target.begin_backup(
-        volume,
-        BackupSpec {
-            id: None,
-            parent: latest.as_ref().map(|m| m.id.clone()),
-            virtual_size: size,
-            cluster_size,
-        },
-    )?;
+    let spec = |parent: Option<BackupId>| BackupSpec {
+        id: None,
+        parent,
+        virtual_size: size,
+        cluster_size,
+    };
+    let mut previous_digests = previous_digests;
+    let mut upload = match target.begin_backup(volume, spec(latest.as_ref().map(|m| m.id.clone())))
+    {
+        Ok(upload) => upload,
+        // The latest backup's child slot is held by a backup whose manifest does not read
+        // (the real latest, damaged), or the latest was deleted meanwhile: a new chain.
+        Err(e) if crate::verified::target_damage(&e) && latest.is_some() => {
+            let parent = latest.take().map(|m| m.id.to_string()).unwrap_or_default();
+            full_reason = Some(format!(
+                "the latest backup {parent} cannot be extended ({})",
+                chain_text(&e)
+            ));
+            previous_digests = None;
+            target.begin_backup(volume, spec(None))?
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(reason) = full_reason {
         upload.set_full_reason(reason);
     }
@@ -626,17 +644,33 @@ pub fn open_destination(path: &Path) -> Result<File> {
     ))
 }
 
-/// The committed backups of `volume`, or of every volume, oldest first.
+/// The committed backups of `volume`, or of every volume, oldest first. Fails when a manifest
+/// does not read; [`list_readable`] lists the others.
 pub fn list(target: &Target, volume: Option<&VolumeName>) -> Result<Vec<BackupManifest>> {
+    let (all, mut unreadable) = list_readable(target, volume)?;
+    match unreadable.is_empty() {
+        true => Ok(all),
+        false => Err(unreadable.swap_remove(0).error.into()),
+    }
+}
+
+/// [`list`]'s backups that read, and the manifests that do not
+/// ([`Target::backups_readable`]): one damaged manifest hides no other backup.
+pub fn list_readable(
+    target: &Target,
+    volume: Option<&VolumeName>,
+) -> Result<(Vec<BackupManifest>, Vec<UnreadableManifest>)> {
     let volumes = match volume {
         Some(v) => vec![v.clone()],
         None => target.volumes()?,
     };
-    let mut all = Vec::new();
+    let (mut all, mut unreadable) = (Vec::new(), Vec::new());
     for v in &volumes {
-        all.extend(target.backups(v)?);
+        let (read, damaged) = target.backups_readable(v)?;
+        all.extend(read);
+        unreadable.extend(damaged);
     }
-    Ok(all)
+    Ok((all, unreadable))
 }
 
 /// What verify found in one backup.
@@ -665,9 +699,24 @@ pub fn verify(
     volume: Option<&VolumeName>,
     id: Option<&BackupId>,
 ) -> Result<Vec<VerifyReport>> {
-    let manifests: Vec<BackupManifest> = list(target, volume)?
+    let (listed, unreadable) = list_readable(target, volume)?;
+    let manifests: Vec<BackupManifest> = listed
         .into_iter()
         .filter(|manifest| id.is_none_or(|id| *id == manifest.id))
+        .collect();
+    // A manifest that does not read is that backup's damage; the others are verified still.
+    let mut reports: Vec<VerifyReport> = unreadable
+        .into_iter()
+        .filter_map(|m| Some((m.id?, m.volume, m.error)))
+        .filter(|(found, ..)| id.is_none_or(|id| id == found))
+        .map(|(id, volume, error)| VerifyReport {
+            volume,
+            id,
+            damage: vec![Damage {
+                guest_offset: None,
+                problem: format!("manifest: {}", chain_text(&error)),
+            }],
+        })
         .collect();
     // Newest first: each backup's chain unless a newer chain held it.
     let mut chains_checked = HashSet::new();
@@ -691,11 +740,10 @@ pub fn verify(
             }
         }
     }
-    let mut reports = Vec::new();
     for manifest in manifests {
         let mut damage = Vec::new();
         let problem = |what: String| Damage {
-            guest_offset: 0,
+            guest_offset: None,
             problem: what,
         };
         // The listed manifest is the one checked against (the listing checked its name).

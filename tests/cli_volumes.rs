@@ -845,3 +845,89 @@ fn restore_keeps_the_replaced_files_mode_and_follows_links() {
     assert_eq!(std::fs::read_link(&link).expect("readlink"), linked);
     assert_eq!(std::fs::read(&linked).expect("restored"), data);
 }
+
+/// One manifest that does not read (garbage where a backup's manifest was) hides no other
+/// backup: `list` names it on stderr and lists the rest, `verify` reports it as that backup's
+/// damage, verifies the others and exits 1, and `backup` goes on (a full backup when the
+/// damaged one holds the child slot of the latest that reads: it is the real latest).
+/// `verify --backup` of an id that does not exist says so.
+#[test]
+fn a_damaged_manifest_hides_no_other_backup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    let mut ids = Vec::new();
+    for step in 0..3u64 {
+        file.write_all_at(&[step as u8 + 1; 65536], step << 20)
+            .expect("write");
+        let out = ok(backup_named(&target, &volume));
+        ids.push(out.lines().last().expect("id").to_string());
+    }
+    let manifest = |id: &str| target.join(format!("volumes/vol/backups/{id}.json"));
+    // The latest is the damaged one.
+    std::fs::write(manifest(&ids[2]), b"{ not json").expect("damage");
+    let out = strata(&["list", "--target", s(&target), "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(&format!("{}.json", ids[2])),
+        "{stderr}"
+    );
+    let listed: Vec<String> = strata_bin::listing(s(&target))
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(listed, ids[..2]);
+
+    let out = strata(&["verify", "--target", s(&target)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("vol/{}: ok", ids[0])), "{stdout}");
+    assert!(stdout.contains(&format!("vol/{}: ok", ids[1])), "{stdout}");
+    assert!(
+        stdout.contains(&format!("vol/{}: DAMAGED: manifest: ", ids[2])),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("guest offset"), "{stdout}");
+
+    // The damaged backup holds the child slot of the latest that reads, which is not
+    // forked: a full backup, saying why.
+    file.write_all_at(&[9; 65536], 3 << 20).expect("write");
+    let out = ok(backup_named(&target, &volume));
+    assert!(out.starts_with("full backup"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "full because the latest backup {} cannot be extended",
+            ids[1]
+        )),
+        "{out}"
+    );
+    let full = out.lines().last().expect("id").to_string();
+    // The new chain is whole: incrementals again.
+    file.write_all_at(&[10; 4096], 0).expect("write");
+    let out = ok(backup_named(&target, &volume));
+    assert!(out.starts_with("incremental backup"), "{out}");
+    let dest = dir.path().join("restored.raw");
+    ok(
+        strata_bin::restore_command(s(&target), out.lines().last().expect("id"), &dest)
+            .output()
+            .expect("restore"),
+    );
+    assert_eq!(
+        std::fs::read(&dest).expect("restored"),
+        std::fs::read(&volume).expect("volume")
+    );
+    assert_ne!(full, ids[2]);
+
+    let unknown = "20200101T000000Z-00000000";
+    let out = strata(&["verify", "--target", s(&target), "--backup", unknown]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("backup {unknown} not found")),
+        "{stderr}"
+    );
+}

@@ -8,8 +8,9 @@ use crate::checksum::ClusterChecksums;
 /// One problem found in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
-    /// Guest offset of the damaged cluster (or where the structure could not be read).
-    pub guest_offset: u64,
+    /// Guest offset of the damaged cluster, or where the structure could not be read; `None`
+    /// for a problem of no one place (a checksum list that does not fit the image).
+    pub guest_offset: Option<u64>,
     /// What is wrong.
     pub problem: String,
 }
@@ -30,7 +31,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
     let mut damage = Vec::new();
     if checksums.cluster_size != cluster {
         damage.push(Damage {
-            guest_offset: 0,
+            guest_offset: None,
             problem: format!(
                 "checksums cover {} byte clusters, the image has {cluster}",
                 checksums.cluster_size
@@ -56,7 +57,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
             let crc = u32::from_be_bytes(crc);
             if Some(want) != index {
                 report.add(Damage {
-                    guest_offset: want * cluster,
+                    guest_offset: Some(want * cluster),
                     problem: "cluster in the checksum list is not stored".into(),
                 });
                 continue;
@@ -68,7 +69,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
                     let read = crc32fast::hash(&buf[..len]);
                     if read != crc {
                         report.add(Damage {
-                            guest_offset: offset,
+                            guest_offset: Some(offset),
                             problem: format!(
                                 "checksum mismatch: stored {crc:08x}, data {read:08x}"
                             ),
@@ -76,7 +77,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
                     }
                 }
                 Err(e) => report.add(Damage {
-                    guest_offset: offset,
+                    guest_offset: Some(offset),
                     problem: format!("unreadable: {e}"),
                 }),
             }
@@ -84,7 +85,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         }
         if let Some(have) = index {
             report.add(Damage {
-                guest_offset: have * cluster,
+                guest_offset: Some(have * cluster),
                 problem: "cluster stored but not in the checksum list".into(),
             });
         }
@@ -98,11 +99,11 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
         })
     });
     let problem = match (walked, list_error) {
-        (_, Some(e)) => Some((0, format!("checksum list: {e}"))),
-        (Err(e), None) => Some((error_offset(&e), format!("image structure: {e}"))),
+        (_, Some(e)) => Some((None, format!("checksum list: {e}"))),
+        (Err(e), None) => Some((Some(error_offset(&e)), format!("image structure: {e}"))),
         (Ok(()), None) => check(None, &mut report)
             .err()
-            .map(|e| (0, format!("checksum list: {e}"))),
+            .map(|e| (None, format!("checksum list: {e}"))),
     };
     if let Some((guest_offset, problem)) = problem {
         report.add(Damage {
@@ -131,7 +132,7 @@ impl Report {
     fn finish(mut self) -> Vec<Damage> {
         if self.more > 0 {
             self.listed.push(Damage {
-                guest_offset: 0,
+                guest_offset: None,
                 problem: format!("{} more problems not listed", self.more),
             });
         }

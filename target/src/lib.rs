@@ -238,7 +238,7 @@ pub use runtime::RetryPolicy;
 pub use side::SideBody;
 pub use sink::ImageUpload;
 pub use storage::{ChainStorage, PREOPEN_TAIL, Preopen, VolumeStorage};
-pub use target::Target;
+pub use target::{Target, UnreadableManifest};
 pub use upload::{BackupSpec, BackupUpload};
 
 /// The grace period `strata gc` and the controller give leftovers before removing them: long

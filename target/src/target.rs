@@ -252,37 +252,83 @@ impl Target {
     /// a backup always comes after its parent (the writers' clocks need not agree, and a child
     /// written by a clock running behind its parent's is still the newer). Backups in
     /// progress, abandoned or interrupted are never listed.
+    ///
+    /// Fails when any manifest does not read ([`Error::Corrupt`] naming it): what decides
+    /// which objects to delete or which backup is the latest must see them all.
+    /// [`backups_readable`](Self::backups_readable) lists the others too.
     pub fn backups(&self, volume: &VolumeName) -> Result<Vec<BackupManifest>> {
+        let (manifests, mut unreadable) = self.backups_readable(volume)?;
+        match unreadable.is_empty() {
+            true => Ok(manifests),
+            false => Err(unreadable.swap_remove(0).error),
+        }
+    }
+
+    /// [`backups`](Self::backups) that read, and each manifest that does not (damaged, too
+    /// large, not the backup its name says). A manifest deleted between the listing and its
+    /// read (a prune running) is left out; a store that cannot be read fails the call.
+    pub fn backups_readable(
+        &self,
+        volume: &VolumeName,
+    ) -> Result<(Vec<BackupManifest>, Vec<UnreadableManifest>)> {
         let volume = volume.clone();
         self.block("list backups", |inner| async move {
             let objects = inner
                 .list(&inner.layout.volume_dir(&volume, "backups"))
                 .await?;
             let (inner, volume) = (&inner, &volume);
-            let manifests: Vec<BackupManifest> = futures::stream::iter(objects)
-                .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
-                .map(|meta| async move {
-                    let bytes = inner.get_bytes(&meta.location).await?;
-                    let manifest: BackupManifest =
-                        from_json("backup manifest", meta.location.as_ref(), &bytes)?;
-                    // As `Inner::manifest` checks: a manifest is the backup its name says.
-                    let stem = meta
-                        .location
-                        .filename()
-                        .and_then(|f| f.strip_suffix(".json"));
-                    if stem != Some(manifest.id.as_str()) || &manifest.volume != volume {
-                        return Err(Error::Corrupt {
-                            what: "backup manifest",
-                            path: meta.location.to_string(),
-                            reason: format!("names backup {}/{}", manifest.volume, manifest.id),
+            let read: Vec<(object_store::path::Path, Result<BackupManifest>)> =
+                futures::stream::iter(objects)
+                    .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
+                    .map(|meta| async move {
+                        let read = async {
+                            let bytes = inner.get_bytes(&meta.location).await?;
+                            let manifest: BackupManifest =
+                                from_json("backup manifest", meta.location.as_ref(), &bytes)?;
+                            // As `Inner::manifest` checks: a manifest is the backup its name
+                            // says.
+                            let stem = meta
+                                .location
+                                .filename()
+                                .and_then(|f| f.strip_suffix(".json"));
+                            if stem != Some(manifest.id.as_str()) || &manifest.volume != volume {
+                                return Err(Error::Corrupt {
+                                    what: "backup manifest",
+                                    path: meta.location.to_string(),
+                                    reason: format!(
+                                        "names backup {}/{}",
+                                        manifest.volume, manifest.id
+                                    ),
+                                });
+                            }
+                            Ok(manifest)
+                        };
+                        (meta.location.clone(), read.await)
+                    })
+                    .buffer_unordered(PARALLEL_MANIFESTS)
+                    .collect()
+                    .await;
+            let (mut manifests, mut unreadable) = (Vec::new(), Vec::new());
+            for (path, read) in read {
+                match read {
+                    Ok(manifest) => manifests.push(manifest),
+                    Err(error @ Error::Corrupt { .. }) => {
+                        let id = path
+                            .filename()
+                            .and_then(|f| f.strip_suffix(".json"))
+                            .and_then(|stem| BackupId::new(stem).ok());
+                        unreadable.push(UnreadableManifest {
+                            volume: volume.clone(),
+                            id,
+                            error,
                         });
                     }
-                    Ok(manifest)
-                })
-                .buffer_unordered(PARALLEL_MANIFESTS)
-                .try_collect()
-                .await?;
-            Ok(parents_first(manifests))
+                    Err(Error::NotFound { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            unreadable.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok((parents_first(manifests), unreadable))
         })
     }
 
@@ -423,6 +469,19 @@ impl Target {
         chain.reverse();
         Ok(chain)
     }
+}
+
+/// A backup manifest that is listed but does not read: its bytes are not a manifest, it is
+/// larger than a manifest may be, or it names another backup
+/// ([`Target::backups_readable`]).
+#[derive(Debug)]
+pub struct UnreadableManifest {
+    /// The volume it is listed under.
+    pub volume: VolumeName,
+    /// The backup its object's name says it is, when that name is a valid id.
+    pub id: Option<BackupId>,
+    /// What is wrong with it ([`Error::Corrupt`], naming the object).
+    pub error: Error,
 }
 
 impl Inner {

@@ -369,7 +369,13 @@ struct ListEntry {
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let target = open_target(&args.target)?;
     let volume = args.volume.as_deref().map(VolumeName::new).transpose()?;
-    let entries: Vec<ListEntry> = strata::list(&target, volume.as_ref())?
+    // A manifest that does not read hides no other backup: it is named on stderr, one line
+    // each, and the others are listed (`strata verify` reports it as damage).
+    let (listed, unreadable) = strata::list_readable(&target, volume.as_ref())?;
+    for damaged in &unreadable {
+        eprintln!("strata: warning: {}", strata::chain_text(&damaged.error));
+    }
+    let entries: Vec<ListEntry> = listed
         .into_iter()
         .map(|m| ListEntry {
             id: m.id.to_string(),
@@ -419,15 +425,24 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         }
         for d in &report.damage {
             damaged += 1;
+            let at = d
+                .guest_offset
+                .map(|offset| format!(" at guest offset {offset:#x}"))
+                .unwrap_or_default();
             writeln!(
                 out,
-                "{}/{}: DAMAGED at guest offset {:#x}: {}",
-                report.volume, report.id, d.guest_offset, d.problem
+                "{}/{}: DAMAGED{at}: {}",
+                report.volume, report.id, d.problem
             )?;
         }
     }
     if reports.is_empty() {
-        anyhow::bail!("no backups to verify");
+        match (&id, &volume) {
+            (Some(id), Some(volume)) => anyhow::bail!("backup {volume}/{id} not found"),
+            (Some(id), None) => anyhow::bail!("backup {id} not found"),
+            (None, Some(volume)) => anyhow::bail!("volume {volume} has no backups to verify"),
+            (None, None) => anyhow::bail!("no backups to verify"),
+        }
     }
     if damaged > 0 {
         anyhow::bail!("{damaged} problems found in {} backups", reports.len());
