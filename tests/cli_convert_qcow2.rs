@@ -129,3 +129,95 @@ fn bad_option_is_one_line_and_exit_1() {
     assert!(stderr.contains("zstd"), "{stderr}");
     assert!(!dir.path().join("v.qcow2").exists());
 }
+
+/// A QCOW2 source converts to QCOW2 as qemu-img converts it, whether or not `-f qcow2` is
+/// given: the chain is read as the volume (an overlay on its base flattens into one image),
+/// never the source file's own bytes taken as guest data. Zero and unallocated ranges are
+/// not stored.
+#[test]
+fn a_qcow2_chain_converts_to_one_qcow2_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let qemu = |args: &[&str]| {
+        let out = qemu_img(dir, args);
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    qemu(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    let io = |image: &str, command: &str| {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", command, image])
+            .current_dir(dir)
+            .output()
+            .expect("qemu-io runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    io("base.qcow2", "write -P 0x41 0 1M");
+    io("top.qcow2", "write -P 0x42 512k 64k");
+    io("top.qcow2", "write -z 8M 1M");
+    for (format, out_name) in [(None, "flat-probed.qcow2"), (Some("qcow2"), "flat.qcow2")] {
+        let mut args = vec!["convert"];
+        if let Some(format) = format {
+            args.extend(["-f", format]);
+        }
+        args.extend(["-O", "qcow2", "top.qcow2", out_name]);
+        let out = strata(dir, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        qemu(&["check", "-q", out_name]);
+        qemu(&["compare", "-q", "top.qcow2", out_name]);
+        let info = qemu_img(dir, &["info", "--output", "json", out_name]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        // 1 MiB of data in 64 KiB clusters, and the metadata around it: far less than the
+        // source files hold together, and nothing of the zeroed 1 MiB.
+        let len = std::fs::metadata(dir.join(out_name)).unwrap().len();
+        assert!(len < (1 << 20) + 6 * 65536, "{out_name}: {len} bytes");
+    }
+}
+
+/// A destination that is neither a file nor a block device is refused, not replaced by the
+/// converted file. (A conversion that fails part-way: `tests/cli_disk_full.rs`.)
+#[test]
+fn a_destination_that_is_not_a_file_or_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    sparse_volume(&dir.join("v.raw"), &[(0, 0x41, 1 << 20)]);
+    for output in ["raw", "qcow2"] {
+        let out = strata(dir, &["convert", "-O", output, "v.raw", "/dev/null"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("neither a regular file nor a block device"),
+            "{stderr}"
+        );
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            std::fs::metadata("/dev/null")
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+    }
+}

@@ -358,3 +358,44 @@ fn a_full_tmpdir_fails_verify_and_restore_without_calling_the_backup_damaged() {
     let verify = ok(strata(&["verify", "--target", &target]));
     assert!(verify.contains("ok"), "{verify}");
 }
+
+/// `strata convert` into a disk that fills part-way, to raw and to QCOW2: it fails with one
+/// line naming the full disk, a new destination is not created (nor its partial file left),
+/// and an existing one keeps its bytes; with room, the same conversion then succeeds.
+#[test]
+fn a_conversion_that_fills_its_disk_leaves_the_destination_as_it_was() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let raw = work.path().join("volume.raw");
+    std::fs::write(&raw, noise(VOLUME, 7)).expect("volume");
+    let image = work.path().join("volume.qcow2");
+    ok(strata(&["convert", "-O", "qcow2", s(&raw), s(&image)]));
+    let old = disk.path().join("old.raw");
+    std::fs::write(&old, b"earlier content").expect("old destination");
+    for (output, source, dest) in [
+        ("raw", &image, "new.raw"),
+        ("raw", &image, "old.raw"),
+        ("qcow2", &raw, "new.qcow2"),
+        ("qcow2", &image, "old.raw"),
+    ] {
+        let dest = disk.path().join(dest);
+        let out = strata(&["convert", "-O", output, s(source), s(&dest)]);
+        assert_fails_for_want_of_room(
+            &out,
+            &format!("convert -O {output} into {}", dest.display()),
+        );
+    }
+    let mut left: Vec<PathBuf> = files(disk.path());
+    left.sort();
+    assert_eq!(left, vec![old.clone()]);
+    assert_eq!(std::fs::read(&old).expect("old"), b"earlier content");
+    // Where there is room the same conversion writes the volume.
+    let roomy = work.path().join("restored.raw");
+    ok(strata(&["convert", "-O", "raw", s(&image), s(&roomy)]));
+    assert_eq!(
+        std::fs::read(&roomy).expect("restored"),
+        std::fs::read(&raw).expect("volume")
+    );
+}

@@ -79,6 +79,48 @@ impl<T: VolumeRead + ?Sized> VolumeRead for &T {
     }
 }
 
+/// Guest bytes mapped at a time when [`Image::next_data`](VolumeRead::next_data) looks for
+/// data: the extents of one window are held, at most one per cluster of it.
+const MAP_WINDOW: u64 = 1 << 30;
+
+/// A chain read as a raw volume (`strata convert -O qcow2` of a QCOW2 source, as
+/// `qemu-img convert` reads any format): its guest bytes, and as holes every range the chain
+/// says reads as zeros without storing data (unallocated down to the base, zero clusters, past
+/// a shorter layer's end), so those are never read.
+impl VolumeRead for crate::Image {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.virtual_size())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset).map_err(io::Error::other)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let size = self.virtual_size();
+        let mut at = offset;
+        while at < size {
+            let len = MAP_WINDOW.min(size - at);
+            let extents = self.map(at, len).map_err(io::Error::other)?;
+            let mut data: Option<Range<u64>> = None;
+            for extent in extents {
+                let range = extent.start.0..extent.end().0;
+                match (&mut data, extent.kind.is_zero()) {
+                    (None, false) => data = Some(range),
+                    (Some(found), false) if found.end == range.start => found.end = range.end,
+                    (Some(_), _) => break,
+                    (None, true) => {}
+                }
+            }
+            if data.is_some() {
+                return Ok(data);
+            }
+            at += len;
+        }
+        Ok(None)
+    }
+}
+
 /// Any [`ReadAt`] source (a buffer, an object) as a volume with no holes.
 #[derive(Debug, Clone)]
 pub struct DenseVolume<R>(pub R);

@@ -207,6 +207,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// No repository at `url`: what a reader that may not create one meets there.
+    pub(crate) fn no_repository(url: impl ToString) -> Self {
+        Error::NotFound {
+            what: "repository",
+            name: url.to_string(),
+        }
+    }
+
     pub(crate) fn store(
         operation: &'static str,
         path: impl ToString,

@@ -186,10 +186,7 @@ impl Target {
             let found = match inner.get_bytes(&path).await {
                 Ok(bytes) => bytes,
                 Err(Error::NotFound { .. }) if !inner.options.create => {
-                    return Err(Error::NotFound {
-                        what: "repository",
-                        name: inner.url.clone(),
-                    });
+                    return Err(Error::no_repository(&inner.url));
                 }
                 Err(Error::NotFound { .. }) => {
                     match inner.put_create(&path, to_json(&marker).into()).await {

@@ -23,9 +23,26 @@ fn invalid(url: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The schemes [`parse`] opens.
+const KNOWN_SCHEMES: [&str; 9] = [
+    "file", "memory", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss",
+];
+
 /// Parses `url` into its store; a filesystem target's folder is made only when `create`.
 pub(crate) fn parse(url: &str, config: &[(String, String)], create: bool) -> Result<Parsed> {
     let Some((scheme, _)) = url.split_once("://") else {
+        // `s3:/bucket` or `s3:bucket` is a mistyped URL, not a folder named `s3:` (restic's
+        // `s3:host/bucket` form included): a scheme this parser knows, then a colon, in the
+        // first path segment. A path that means such a folder can say `./s3:...`.
+        let first = url.split('/').next().unwrap_or_default();
+        if let Some((scheme, _)) = first.split_once(':')
+            && KNOWN_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str())
+        {
+            return Err(invalid(
+                url,
+                format!("a {scheme} URL is written {scheme}://...; for a folder, write ./{url}"),
+            ));
+        }
         return local(url, FsPath::new(url), create);
     };
     match scheme {
@@ -61,10 +78,7 @@ fn local(url: &str, folder: &FsPath, create: bool) -> Result<Parsed> {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(invalid(url, "not a folder")),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound {
-                    what: "repository",
-                    name: url.to_string(),
-                });
+                return Err(Error::no_repository(url));
             }
             Err(err) => return Err(Error::io("open", folder.display(), err)),
         }

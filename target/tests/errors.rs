@@ -112,3 +112,32 @@ fn a_prefix_without_a_repository_is_refused_to_readers_and_left_untouched() -> T
     Target::open_with(&url, options)?;
     Ok(())
 }
+
+/// A URL with one slash, or none, after its scheme (`s3:/bucket`, `S3:bucket`, `gs:/b`) is
+/// refused as a mistyped URL, not opened as a local folder named `s3:` in the working folder;
+/// `./s3:/x` is such a folder on purpose.
+#[test]
+fn a_scheme_without_its_two_slashes_is_refused() -> TestResult {
+    for url in [
+        "s3:/bucket/prefix",
+        "S3:bucket",
+        "gs:/bucket",
+        "file:/tmp/x",
+    ] {
+        let err = Target::open_with(url, common::small_options())
+            .err()
+            .ok_or_else(|| format!("{url} opened"))?;
+        assert!(matches!(&err, Error::InvalidUrl { .. }), "{url}: {err}");
+        assert!(err.to_string().contains("://"), "{url}: {err}");
+        let folder = url.split('/').next().unwrap_or_default();
+        assert!(
+            !std::path::Path::new(folder).exists(),
+            "{url} made {folder}"
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let odd = dir.path().join("s3:").join("x");
+    Target::open_with(&odd.display().to_string(), common::small_options())?;
+    assert!(odd.join(strata_target::MARKER).exists());
+    Ok(())
+}

@@ -49,17 +49,68 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|layer| PathBuf::from(layer.name)),
     );
     refuse_overwriting(&args.dest, &inputs)?;
-    let dest = open_dest(&args.dest)?;
     let mut options = HydrateOptions::default();
     options.target_is_zero = args.target_is_zero;
-    hydrate_with(
-        &image,
-        &dest,
-        &args.dest.to_string_lossy(),
-        &options,
-        &mut |_| {},
-    )?;
-    Ok(())
+    write_replacing(&args.dest, |written| {
+        let dest = open_dest(written)?;
+        hydrate_with(
+            &image,
+            &dest,
+            &written.to_string_lossy(),
+            &options,
+            &mut |_| {},
+        )?;
+        Ok(())
+    })
+}
+
+/// Runs `write` on where a conversion into `dest` writes: a block device in place; a regular
+/// file as `DEST.partial`, synced and renamed over `DEST` once `write` succeeded, and removed
+/// when it failed. A failed conversion (a damaged source, a full disk) so leaves no
+/// half-written file that looks converted, and an earlier `DEST` as it was.
+pub fn write_replacing(
+    dest: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // A link is followed: the file it names is replaced, the link kept.
+    let linked = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink());
+    let resolved;
+    let dest = match linked {
+        true => {
+            resolved = std::fs::canonicalize(dest)
+                .with_context(|| format!("{}: cannot follow the link", dest.display()))?;
+            resolved.as_path()
+        }
+        false => dest,
+    };
+    let existing = std::fs::metadata(dest).ok();
+    match existing.as_ref().map(std::fs::Metadata::file_type) {
+        Some(kind) if kind.is_block_device() => return write(dest),
+        Some(kind) if !kind.is_file() => anyhow::bail!(
+            "{}: the destination is neither a regular file nor a block device",
+            dest.display()
+        ),
+        _ => {}
+    }
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let written = write(&partial).and_then(|()| {
+        // A replaced file keeps its permissions.
+        if let Some(old) = &existing {
+            std::fs::set_permissions(&partial, old.permissions())
+                .with_context(|| format!("{}: cannot set its permissions", partial.display()))?;
+        }
+        File::open(&partial)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("{}: cannot sync it", partial.display()))?;
+        std::fs::rename(&partial, dest)
+            .with_context(|| format!("{}: cannot rename it into place", dest.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// Refuses a destination that is one of the `inputs` (the same file, by device and inode,
@@ -84,7 +135,7 @@ pub fn refuse_overwriting(dest: &Path, inputs: &[PathBuf]) -> anyhow::Result<()>
 }
 
 /// Opens a block device in place, or creates/truncates a regular file.
-fn open_dest(path: &PathBuf) -> anyhow::Result<File> {
+fn open_dest(path: &Path) -> anyhow::Result<File> {
     let is_device = std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);

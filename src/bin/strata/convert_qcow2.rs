@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
-use strata::qcow2::{Format, Image, WriterOptions, convert_raw_file};
+use anyhow::Context;
+use strata::qcow2::{FileSink, Format, Image, WriterOptions, convert_raw, convert_raw_file};
 
 use crate::OpenArgs;
 
@@ -27,7 +27,9 @@ pub struct Args {
     backing_format: Option<String>,
 }
 
-/// Converts raw `source` into QCOW2 `dest`.
+/// Converts `source` into QCOW2 `dest`: a raw file or device, or (as qemu-img converts any
+/// format) a QCOW2 image, whose chain is read as the volume it stands for. The format is
+/// probed from the magic unless `-f` names it.
 pub fn run(
     args: Args,
     open: OpenArgs,
@@ -35,9 +37,6 @@ pub fn run(
     source: &Path,
     dest: &Path,
 ) -> anyhow::Result<()> {
-    if source_format.is_some_and(|format| format != "raw") {
-        bail!("-O qcow2 converts raw sources only (-f raw)");
-    }
     let mut options = WriterOptions::default();
     if let Some(list) = &args.options {
         options.parse_qemu_options(list)?;
@@ -45,6 +44,16 @@ pub fn run(
     if args.compress {
         options.compress();
     }
+    // A QCOW2 source is read through its chain: its bytes are not the volume's.
+    let image = match source_format {
+        Some("raw") => None,
+        _ => {
+            let format = source_format.and_then(Format::parse);
+            let image = Image::open_with_options(source, &open.options(format))
+                .with_context(|| format!("{}: cannot open the source", source.display()))?;
+            (image.format() != Format::Raw).then_some(image)
+        }
+    };
     let chain = match &args.backing {
         None => None,
         Some(name) => {
@@ -58,16 +67,20 @@ pub fn run(
         }
     };
     let mut inputs = vec![source.to_path_buf()];
-    if let Some(chain) = &chain {
+    for chain in image.iter().chain(&chain) {
         inputs.extend(chain.chain().into_iter().map(|layer| layer.name.into()));
     }
     crate::convert::refuse_overwriting(dest, &inputs)?;
-    convert_raw_file(
-        source,
-        dest,
-        &options,
-        chain.as_ref().map(|chain| chain as _),
-    )
-    .with_context(|| format!("{}: conversion failed", dest.display()))?;
-    Ok(())
+    let backing = chain.as_ref().map(|chain| chain as _);
+    crate::convert::write_replacing(dest, |written| {
+        match &image {
+            Some(image) => {
+                let sink = FileSink::create(written)
+                    .with_context(|| format!("{}: cannot create it", written.display()))?;
+                convert_raw(image, sink, &options, backing).map(|_| ())
+            }
+            None => convert_raw_file(source, written, &options, backing).map(|_| ()),
+        }
+        .with_context(|| format!("{}: conversion failed", dest.display()))
+    })
 }

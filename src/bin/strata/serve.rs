@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use strata::nbd::{Overlay, Server};
 use strata::qcow2::Image;
-use strata::target::{BackupId, Target, VolumeName};
+use strata::target::{BackupId, VolumeName};
 
 use crate::OpenArgs;
 
@@ -56,8 +56,7 @@ pub struct ImageArgs {
 /// Runs `strata serve`: serves a backup point straight from its target, read-only or over a
 /// writable overlay.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let target = Target::open_with(&args.target, crate::volumes::existing_only())
-        .with_context(|| format!("opening {}", args.target))?;
+    let target = crate::volumes::open_target(&args.target)?;
     let volume = VolumeName::new(args.volume.clone())?;
     let id = args.backup.clone().map(BackupId::new).transpose()?;
     // Verified: a read of a cluster that fails its checksum gets an error reply naming the

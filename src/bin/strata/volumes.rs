@@ -107,9 +107,9 @@ pub struct VerifyArgs {
     backup: Option<String>,
 }
 
-/// Opens a repository that must exist (list, verify, prune, gc): a mistyped target is an
-/// error, not a new empty repository.
-fn open_target(url: &str) -> anyhow::Result<Target> {
+/// Opens a repository that must exist (list, verify, prune, gc, serve): a mistyped target is
+/// an error, not a new empty repository. Its notices are printed on stderr.
+pub fn open_target(url: &str) -> anyhow::Result<Target> {
     open_target_with(url, existing_only())
 }
 
