@@ -133,7 +133,7 @@ impl Target {
     }
 
     /// Checks that the image of every backup of `manifests` is stored and has the size its
-    /// manifest gives: a HEAD each ([`PARALLEL_OPENS`] at once) on an object store, a `stat` on
+    /// manifest gives: a HEAD each (16 at once) on an object store, a `stat` on
     /// a folder. A missing image is [`Error::NotFound`], one of another size [`Error::Corrupt`].
     /// Only presence is checked, not content ([`verify_image_of`](Self::verify_image_of) reads
     /// it): a backup that extends a chain checks this first, so that an image an expiry rule
