@@ -876,3 +876,54 @@ fn a_chain_with_many_tables_restores_in_a_few_round_trips() {
          another:{requests}"
     );
 }
+
+/// On S3 (moto), a base image deleted under a chain (an expiry rule, say) is found by the
+/// next backup's HEADs: it is a full one saying which backup is wanting, not an incremental
+/// that could never restore, and it restores byte-identical.
+#[test]
+fn a_backup_over_a_deleted_base_image_on_moto_starts_a_new_chain() {
+    let Some((store, target)) = s3_target("broken-chain") else {
+        return;
+    };
+    let volume = VolumeName::new("vol").unwrap();
+    let points = three_points(&target, &volume);
+    let base = &points[0].0;
+    let suffix = format!("/volumes/vol/images/{}", base.image.object);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let keys: Vec<Path> = store
+            .inner
+            .list(None)
+            .filter_map(|meta| async move { meta.ok().map(|m| m.location) })
+            .filter(|key| std::future::ready(key.as_ref().ends_with(&suffix)))
+            .collect()
+            .await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        store.inner.delete(&keys[0]).await.unwrap();
+    });
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut content = points[2].1.clone();
+    content[..4096].fill(0x77);
+    std::fs::write(file.path(), &content).unwrap();
+    let manifest = strata::backup_volume(
+        &target,
+        &volume,
+        file.as_file(),
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(manifest.parent, None);
+    let reason = manifest.full_reason.clone().expect("a reason");
+    assert!(
+        reason.contains(&format!(
+            "chain of the latest backup {} is broken",
+            points[2].0.id
+        )) && reason.contains(&format!("backup vol/{}", base.id)),
+        "{reason}"
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let dest = dest.path().join("restored.raw");
+    restore_into(&target, &volume, &manifest, &dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+}
