@@ -112,10 +112,25 @@ fn open_verified_with(
             top
         }
         None => {
-            let mut all = target.backups(volume)?;
+            // A manifest that does not read may be the latest backup's (named as created in the
+            // same second or later): then the latest cannot be told, and a backup asked for by
+            // id still restores. Older ones matter only if the chain names them.
+            let (mut all, unreadable) = target.backups_readable(volume)?;
             let top = all
                 .pop()
                 .ok_or_else(|| Error::NotFound(format!("volume {volume} has no backups")))?;
+            if let Some(damaged) = unreadable.iter().find(|u| stamp(&u.id) >= stamp(&top.id)) {
+                return Err(Error::Damaged {
+                    volume: volume.clone(),
+                    id: damaged.id.clone(),
+                    problem: format!(
+                        "its manifest does not read ({}), so the latest backup cannot be told \
+                         from {}: ask for a backup by its id",
+                        chain_text(&damaged.error),
+                        top.id
+                    ),
+                });
+            }
             listed.extend(all.into_iter().map(|m| (m.id.clone(), m)));
             top
         }
@@ -174,6 +189,11 @@ fn open_verified_with(
         manifests,
         image,
     })
+}
+
+/// The creation time an id starts with (to the second).
+fn stamp(id: &BackupId) -> &str {
+    id.as_str().split('-').next().unwrap_or_default()
 }
 
 /// Downloads the checksum list of every backup of `manifests`, [`PARALLEL_DOWNLOADS`] at once,

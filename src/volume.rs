@@ -503,7 +503,8 @@ pub fn restore_volume_with(
 
 /// Where a restore into `dest` writes, and what is there now, checked before anything is
 /// read or written:
-/// - a symbolic link is followed: the file it names is replaced and the link kept;
+/// - a symbolic link is followed ([`follow_links`]): the file it names is replaced (or
+///   created) and the link kept;
 /// - what exists there must be a regular file or a block device: anything else (`/dev/null`,
 ///   a FIFO, a folder) would be replaced by the restored file;
 /// - on a folder target, the file may not be inside the repository, where the rename could
@@ -519,12 +520,7 @@ fn restore_destination(
             std::io::Error::new(std::io::ErrorKind::InvalidInput, problem),
         )
     };
-    let linked = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink());
-    let path = match linked {
-        true => std::fs::canonicalize(dest)
-            .map_err(|e| io_error(dest, "following the symbolic link", e))?,
-        false => dest.to_path_buf(),
-    };
+    let path = follow_links(dest).map_err(|e| io_error(dest, "following the symbolic link", e))?;
     let existing = match std::fs::metadata(&path) {
         Ok(meta) => Some(meta),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -555,6 +551,27 @@ fn restore_destination(
         )));
     }
     Ok((path, existing))
+}
+
+/// `path` with its symbolic links followed, to where a file would be written: a link to a file
+/// not created yet resolves to that file's path (as `cp` writes through it). At most 40 links
+/// (the kernel's limit), else `ELOOP`.
+pub fn follow_links(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path)?;
+                // A relative target is relative to the link's folder; an absolute one replaces it.
+                path = match path.parent() {
+                    Some(folder) => folder.join(target),
+                    None => target,
+                };
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(rustix::io::Errno::LOOP.into())
 }
 
 /// Gives the partial file `out` the permissions and (where this process may) the owner of the
@@ -707,9 +724,8 @@ pub fn verify(
     // A manifest that does not read is that backup's damage; the others are verified still.
     let mut reports: Vec<VerifyReport> = unreadable
         .into_iter()
-        .filter_map(|m| Some((m.id?, m.volume, m.error)))
-        .filter(|(found, ..)| id.is_none_or(|id| id == found))
-        .map(|(id, volume, error)| VerifyReport {
+        .filter(|m| id.is_none_or(|id| *id == m.id))
+        .map(|UnreadableManifest { volume, id, error }| VerifyReport {
             volume,
             id,
             damage: vec![Damage {

@@ -136,14 +136,22 @@ fn convert_refuses_to_overwrite_its_own_input() {
     std::fs::write(&raw, vec![0x5a; 1 << 20]).expect("raw");
     let alias = dir.path().join("alias.raw");
     std::fs::hard_link(&raw, &alias).expect("link");
-    let cases: [(&[&str], &std::path::Path, &std::path::Path); 4] = [
+    // A source named as the partial file a conversion into `disk` writes first (what a
+    // killed restore into `disk` leaves): it would be emptied before it is read.
+    let partial = dir.path().join("disk.partial");
+    std::fs::write(&partial, vec![0x6b; 1 << 20]).expect("partial");
+    let disk = dir.path().join("disk");
+    let cases: [(&[&str], &std::path::Path, &std::path::Path); 6] = [
         (&["-O", "raw"], &raw, &raw),
         (&["-O", "raw"], &raw, &alias),
         (&["-O", "raw"], &top, &base),
         (&["-f", "raw", "-O", "qcow2"], &raw, &alias),
+        (&["-O", "raw"], &partial, &disk),
+        (&["-f", "raw", "-O", "qcow2"], &partial, &disk),
     ];
     for (flags, source, dest) in cases {
-        let before = std::fs::read(dest).expect("before");
+        let before = std::fs::read(dest).ok();
+        let source_before = std::fs::read(source).expect("source");
         let out = strata()
             .arg("convert")
             .args(flags)
@@ -154,10 +162,11 @@ fn convert_refuses_to_overwrite_its_own_input() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{flags:?} {dest:?}: {err}");
         assert!(err.contains("an input of the conversion"), "{err}");
+        assert_eq!(std::fs::read(dest).ok(), before, "{dest:?} changed");
         assert_eq!(
-            std::fs::read(dest).expect("after"),
-            before,
-            "{dest:?} changed"
+            std::fs::read(source).expect("source after"),
+            source_before,
+            "{source:?} changed"
         );
     }
 }

@@ -204,8 +204,13 @@ fn a_destination_that_is_not_a_file_or_device_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     sparse_volume(&dir.join("v.raw"), &[(0, 0x41, 1 << 20)]);
-    for output in ["raw", "qcow2"] {
-        let out = strata(dir, &["convert", "-O", output, "v.raw", "/dev/null"]);
+    std::os::unix::fs::symlink("/dev/null", dir.join("null-link")).unwrap();
+    for (output, dest) in [
+        ("raw", "/dev/null"),
+        ("qcow2", "/dev/null"),
+        ("raw", "null-link"),
+    ] {
+        let out = strata(dir, &["convert", "-O", output, "v.raw", dest]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(
@@ -220,4 +225,33 @@ fn a_destination_that_is_not_a_file_or_device_is_refused() {
                 .is_char_device()
         );
     }
+}
+
+/// A conversion over an existing file keeps its permissions: a 0600 file stays 0600 (its
+/// replacement is created so, never readable by others meanwhile).
+#[test]
+fn a_replaced_destination_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    sparse_volume(&dir.join("v.raw"), &[(0, 0x41, 1 << 20)]);
+    for (output, dest) in [("qcow2", "v.qcow2"), ("raw", "copy.raw")] {
+        let path = dir.join(dest);
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let source = if output == "raw" { "v.qcow2" } else { "v.raw" };
+        let out = strata(dir, &["convert", "-O", output, source, dest]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{dest}: {mode:o}");
+    }
+    assert!(
+        qemu_img(dir, &["compare", "-q", "-f", "raw", "v.raw", "copy.raw"])
+            .status
+            .success()
+    );
 }

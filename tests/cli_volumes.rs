@@ -844,6 +844,23 @@ fn restore_keeps_the_replaced_files_mode_and_follows_links() {
     assert!(link_meta.file_type().is_symlink(), "the link is kept");
     assert_eq!(std::fs::read_link(&link).expect("readlink"), linked);
     assert_eq!(std::fs::read(&linked).expect("restored"), data);
+
+    // A link to a file not made yet (relative, as links often are): that file is made.
+    let dangling = dir.path().join("dangling.raw");
+    std::os::unix::fs::symlink("made-by-restore.raw", &dangling).expect("symlink");
+    ok(strata_bin::restore_command(s(&target), &id, &dangling)
+        .output()
+        .expect("restore"));
+    assert!(
+        std::fs::symlink_metadata(&dangling)
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("made-by-restore.raw")).expect("restored"),
+        data
+    );
 }
 
 /// One manifest that does not read (garbage where a backup's manifest was) hides no other
@@ -893,10 +910,45 @@ fn a_damaged_manifest_hides_no_other_backup() {
     );
     assert!(!stdout.contains("guest offset"), "{stdout}");
 
+    // Restoring "the latest" cannot tell which it is: refused, naming the damaged one; by id
+    // the others restore.
+    let dest = dir.path().join("restored.raw");
+    let out = strata(&[
+        "restore",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol",
+        s(&dest),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "backup vol/{}: its manifest does not read",
+            ids[2]
+        )) && stderr.contains("ask for a backup by its id"),
+        "{stderr}"
+    );
+    ok(strata_bin::restore_command(s(&target), &ids[1], &dest)
+        .output()
+        .expect("restore"));
+
     // The damaged backup holds the child slot of the latest that reads, which is not
-    // forked: a full backup, saying why.
+    // forked: a full backup, saying why (with the flags that look at the latest backup). A
+    // second later, so that its id tells it is newer than the damaged one.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     file.write_all_at(&[9; 65536], 3 << 20).expect("write");
-    let out = ok(backup_named(&target, &volume));
+    let out = ok(strata(&[
+        "backup",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol",
+        "--digests",
+        "blake3",
+        s(&volume),
+    ]));
     assert!(out.starts_with("full backup"), "{out}");
     assert!(
         out.contains(&format!(
@@ -906,16 +958,32 @@ fn a_damaged_manifest_hides_no_other_backup() {
         "{out}"
     );
     let full = out.lines().last().expect("id").to_string();
-    // The new chain is whole: incrementals again.
+    // The new chain is whole: incrementals again, changed ranges since it used, and the
+    // latest restores.
     file.write_all_at(&[10; 4096], 0).expect("write");
-    let out = ok(backup_named(&target, &volume));
+    let ranges = dir.path().join("ranges.json");
+    std::fs::write(&ranges, r#"[{"offset": 0, "length": 4096}]"#).expect("ranges");
+    let out = ok(strata(&[
+        "backup",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol",
+        "--changed-ranges",
+        s(&ranges),
+        "--changed-since",
+        &full,
+        s(&volume),
+    ]));
     assert!(out.starts_with("incremental backup"), "{out}");
-    let dest = dir.path().join("restored.raw");
-    ok(
-        strata_bin::restore_command(s(&target), out.lines().last().expect("id"), &dest)
-            .output()
-            .expect("restore"),
-    );
+    ok(strata(&[
+        "restore",
+        "--target",
+        s(&target),
+        "--volume",
+        "vol",
+        s(&dest),
+    ]));
     assert_eq!(
         std::fs::read(&dest).expect("restored"),
         std::fs::read(&volume).expect("volume")

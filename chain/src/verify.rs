@@ -100,7 +100,7 @@ pub fn verify(image: &Image, checksums: &ClusterChecksums) -> Vec<Damage> {
     });
     let problem = match (walked, list_error) {
         (_, Some(e)) => Some((None, format!("checksum list: {e}"))),
-        (Err(e), None) => Some((Some(error_offset(&e)), format!("image structure: {e}"))),
+        (Err(e), None) => Some((error_offset(&e), format!("image structure: {e}"))),
         (Ok(()), None) => check(None, &mut report)
             .err()
             .map(|e| (None, format!("checksum list: {e}"))),
@@ -140,10 +140,10 @@ impl Report {
     }
 }
 
-fn error_offset(e: &strata_qcow2::Error) -> u64 {
+fn error_offset(e: &strata_qcow2::Error) -> Option<u64> {
     match e {
-        strata_qcow2::Error::OutOfRange { offset, .. } => *offset,
-        _ => 0,
+        strata_qcow2::Error::OutOfRange { offset, .. } => Some(*offset),
+        _ => None,
     }
 }
 

@@ -79,14 +79,21 @@ impl<T: VolumeRead + ?Sized> VolumeRead for &T {
     }
 }
 
-/// Guest bytes mapped at a time when [`Image::next_data`](VolumeRead::next_data) looks for
-/// data: the extents of one window are held, at most one per cluster of it.
-const MAP_WINDOW: u64 = 1 << 30;
+/// Clusters mapped by the first look of [`Image::next_data`](VolumeRead::next_data); each
+/// look past a stretch of zeros maps twice as many, up to [`MAP_WINDOW_MAX`] bytes.
+const MAP_WINDOW_CLUSTERS: u64 = 16;
+/// The most guest bytes one look maps (the extents held: at most one per cluster of it).
+const MAP_WINDOW_MAX: u64 = 1 << 30;
 
 /// A chain read as a raw volume (`strata convert -O qcow2` of a QCOW2 source, as
 /// `qemu-img convert` reads any format): its guest bytes, and as holes every range the chain
 /// says reads as zeros without storing data (unallocated down to the base, zero clusters, past
 /// a shorter layer's end), so those are never read.
+///
+/// Mapping costs in proportion to the clusters mapped, and the caller asks once per data
+/// range: each answer maps from a small window, doubled while only zeros are found, so an
+/// image of alternating clusters costs a few clusters' mapping a range (not a whole window's)
+/// and a long run of zeros a logarithmic number of looks.
 impl VolumeRead for crate::Image {
     fn size(&self) -> io::Result<u64> {
         Ok(self.virtual_size())
@@ -98,9 +105,10 @@ impl VolumeRead for crate::Image {
 
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         let size = self.virtual_size();
+        let mut window = self.cluster_size().saturating_mul(MAP_WINDOW_CLUSTERS);
         let mut at = offset;
         while at < size {
-            let len = MAP_WINDOW.min(size - at);
+            let len = window.min(size - at);
             let extents = self.map(at, len).map_err(io::Error::other)?;
             let mut data: Option<Range<u64>> = None;
             for extent in extents {
@@ -116,6 +124,7 @@ impl VolumeRead for crate::Image {
                 return Ok(data);
             }
             at += len;
+            window = window.saturating_mul(2).min(MAP_WINDOW_MAX);
         }
         Ok(None)
     }

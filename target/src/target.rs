@@ -274,46 +274,48 @@ impl Target {
                 .list(&inner.layout.volume_dir(&volume, "backups"))
                 .await?;
             let (inner, volume) = (&inner, &volume);
-            let read: Vec<(object_store::path::Path, Result<BackupManifest>)> =
-                futures::stream::iter(objects)
-                    .filter(|meta| std::future::ready(meta.location.as_ref().ends_with(".json")))
-                    .map(|meta| async move {
-                        let read = async {
-                            let bytes = inner.get_bytes(&meta.location).await?;
-                            let manifest: BackupManifest =
-                                from_json("backup manifest", meta.location.as_ref(), &bytes)?;
-                            // As `Inner::manifest` checks: a manifest is the backup its name
-                            // says.
-                            let stem = meta
-                                .location
-                                .filename()
-                                .and_then(|f| f.strip_suffix(".json"));
-                            if stem != Some(manifest.id.as_str()) || &manifest.volume != volume {
-                                return Err(Error::Corrupt {
-                                    what: "backup manifest",
-                                    path: meta.location.to_string(),
-                                    reason: format!(
-                                        "names backup {}/{}",
-                                        manifest.volume, manifest.id
-                                    ),
-                                });
-                            }
-                            Ok(manifest)
-                        };
-                        (meta.location.clone(), read.await)
-                    })
-                    .buffer_unordered(PARALLEL_MANIFESTS)
-                    .collect()
-                    .await;
+            let read: Vec<(BackupId, Result<BackupManifest>)> = futures::stream::iter(objects)
+                .filter_map(|meta| {
+                    // Only `<id>.json` can be a manifest (backups are read by id): any
+                    // other object there is not a backup, and no reader looks at it.
+                    let id = meta
+                        .location
+                        .filename()
+                        .and_then(|f| f.strip_suffix(".json"))
+                        .and_then(|stem| BackupId::new(stem).ok());
+                    std::future::ready(id.map(|id| (id, meta)))
+                })
+                .map(|(id, meta)| async move {
+                    let read = async {
+                        let bytes = inner.get_bytes(&meta.location).await?;
+                        let manifest: BackupManifest =
+                            from_json("backup manifest", meta.location.as_ref(), &bytes)?;
+                        // As `Inner::manifest` checks: a manifest is the backup its name
+                        // says.
+                        let stem = meta
+                            .location
+                            .filename()
+                            .and_then(|f| f.strip_suffix(".json"));
+                        if stem != Some(manifest.id.as_str()) || &manifest.volume != volume {
+                            return Err(Error::Corrupt {
+                                what: "backup manifest",
+                                path: meta.location.to_string(),
+                                reason: format!("names backup {}/{}", manifest.volume, manifest.id),
+                            });
+                        }
+                        Ok(manifest)
+                    };
+                    let read = read.await;
+                    (id, read)
+                })
+                .buffer_unordered(PARALLEL_MANIFESTS)
+                .collect()
+                .await;
             let (mut manifests, mut unreadable) = (Vec::new(), Vec::new());
-            for (path, read) in read {
+            for (id, read) in read {
                 match read {
                     Ok(manifest) => manifests.push(manifest),
                     Err(error @ Error::Corrupt { .. }) => {
-                        let id = path
-                            .filename()
-                            .and_then(|f| f.strip_suffix(".json"))
-                            .and_then(|stem| BackupId::new(stem).ok());
                         unreadable.push(UnreadableManifest {
                             volume: volume.clone(),
                             id,
@@ -436,6 +438,13 @@ impl Target {
         Ok(self.backups(volume)?.pop())
     }
 
+    /// The most recently created backup of `volume` whose manifest reads (the last of
+    /// [`backups_readable`](Self::backups_readable)): for choices that stay safe when a
+    /// damaged manifest is the real latest (whether changed ranges apply, a notice).
+    pub fn latest_readable(&self, volume: &VolumeName) -> Result<Option<BackupManifest>> {
+        Ok(self.backups_readable(volume)?.0.pop())
+    }
+
     /// The chain that ends in backup `id`, base first. Fails with [`Error::Corrupt`] when a
     /// parent is missing or the chain loops.
     pub fn chain(&self, volume: &VolumeName, id: &BackupId) -> Result<Vec<BackupManifest>> {
@@ -475,8 +484,8 @@ impl Target {
 pub struct UnreadableManifest {
     /// The volume it is listed under.
     pub volume: VolumeName,
-    /// The backup its object's name says it is, when that name is a valid id.
-    pub id: Option<BackupId>,
+    /// The backup its object's name (`<id>.json`) says it is.
+    pub id: BackupId,
     /// What is wrong with it ([`Error::Corrupt`], naming the object).
     pub error: Error,
 }

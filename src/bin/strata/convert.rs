@@ -64,25 +64,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Runs `write` on where a conversion into `dest` writes: a block device in place; a regular
-/// file as `DEST.partial`, synced and renamed over `DEST` once `write` succeeded, and removed
-/// when it failed. A failed conversion (a damaged source, a full disk) so leaves no
-/// half-written file that looks converted, and an earlier `DEST` as it was.
+/// Runs `write` on where a conversion into `dest` writes, and puts the result in place.
+///
+/// A regular file is written as `DEST.partial` (created with the mode of the file it replaces,
+/// so its content is never more readable than before), synced, renamed over `DEST` and the
+/// folder synced; it is removed when `write` fails. A failed conversion (a damaged source, a
+/// full disk) so leaves no half-written file that looks converted, and an earlier `DEST` as
+/// it was. Written in place instead: a block device; and an existing file that a rename cannot
+/// replace (a mount point, such as a file bind-mounted into a container, or one in a folder
+/// this process may not write). A symbolic link is followed.
 pub fn write_replacing(
     dest: &Path,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    // A link is followed: the file it names is replaced, the link kept.
-    let linked = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink());
-    let resolved;
-    let dest = match linked {
-        true => {
-            resolved = std::fs::canonicalize(dest)
-                .with_context(|| format!("{}: cannot follow the link", dest.display()))?;
-            resolved.as_path()
-        }
-        false => dest,
-    };
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let dest = &strata::follow_links(dest)
+        .with_context(|| format!("{}: cannot follow the link", dest.display()))?;
     let existing = std::fs::metadata(dest).ok();
     match existing.as_ref().map(std::fs::Metadata::file_type) {
         Some(kind) if kind.is_block_device() => return write(dest),
@@ -92,20 +89,54 @@ pub fn write_replacing(
         ),
         _ => {}
     }
-    let mut partial = dest.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let written = write(&partial).and_then(|()| {
-        // A replaced file keeps its permissions.
-        if let Some(old) = &existing {
-            std::fs::set_permissions(&partial, old.permissions())
-                .with_context(|| format!("{}: cannot set its permissions", partial.display()))?;
+    let folder = match dest.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    let mounted = existing.as_ref().is_some_and(|meta| {
+        std::fs::metadata(folder).is_ok_and(|folder| folder.dev() != meta.dev())
+    });
+    if mounted {
+        return write(dest);
+    }
+    let partial = partial_of(dest);
+    let mode = existing.as_ref().map_or(0o666, |meta| meta.mode() & 0o7777);
+    let created = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&partial);
+    let file = match created {
+        Ok(file) => file,
+        // No room for a new name beside it: the file itself is written, as before.
+        Err(e)
+            if existing.is_some()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+        {
+            return write(dest);
         }
-        File::open(&partial)
-            .and_then(|file| file.sync_all())
+        Err(e) => {
+            return Err(e).with_context(|| format!("{}: cannot create it", partial.display()));
+        }
+    };
+    // A partial file left by an earlier run keeps its own mode through `create`.
+    if existing.is_some() {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("{}: cannot set its permissions", partial.display()))?;
+    }
+    let written = write(&partial).and_then(|()| {
+        file.sync_all()
             .with_context(|| format!("{}: cannot sync it", partial.display()))?;
         std::fs::rename(&partial, dest)
-            .with_context(|| format!("{}: cannot rename it into place", dest.display()))
+            .with_context(|| format!("{}: cannot rename it into place", dest.display()))?;
+        // The rename is durable once the folder is.
+        File::open(folder)
+            .and_then(|folder| folder.sync_all())
+            .with_context(|| format!("{}: cannot sync the folder", folder.display()))
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&partial);
@@ -113,22 +144,35 @@ pub fn write_replacing(
     written
 }
 
+/// Where a conversion into a regular file `dest` writes before the rename.
+fn partial_of(dest: &Path) -> PathBuf {
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(".partial");
+    PathBuf::from(partial)
+}
+
 /// Refuses a destination that is one of the `inputs` (the same file, by device and inode,
 /// whatever the path): truncating it would destroy what is being converted.
 pub fn refuse_overwriting(dest: &Path, inputs: &[PathBuf]) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(target) = std::fs::metadata(dest) else {
-        return Ok(());
-    };
-    for input in inputs {
-        if let Ok(meta) = std::fs::metadata(input)
-            && (meta.dev(), meta.ino()) == (target.dev(), target.ino())
-        {
-            anyhow::bail!(
-                "{}: the destination is {}, an input of the conversion; write elsewhere",
-                dest.display(),
-                input.display()
-            );
+    // `DEST.partial`, which a file conversion writes first, counts as the destination too.
+    let dest = strata::follow_links(dest).unwrap_or_else(|_| dest.to_path_buf());
+    for written in [partial_of(&dest), dest.clone()] {
+        let Ok(target) = std::fs::metadata(&written) else {
+            continue;
+        };
+        for input in inputs {
+            if let Ok(meta) = std::fs::metadata(input)
+                && (meta.dev(), meta.ino()) == (target.dev(), target.ino())
+            {
+                anyhow::bail!(
+                    "{}: the conversion would write {}, which is {}, an input of the \
+                     conversion; write elsewhere",
+                    dest.display(),
+                    written.display(),
+                    input.display()
+                );
+            }
         }
     }
     Ok(())

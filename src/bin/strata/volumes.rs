@@ -238,7 +238,7 @@ fn usable_ranges(
     let why = if !path.exists() {
         format!("no changed ranges at {}", path.display())
     } else {
-        match target.latest(volume)? {
+        match target.latest_readable(volume)? {
             Some(latest) if latest.id.as_str() == since => return Ok(true),
             Some(latest) => format!(
                 "the ranges are since {since}, the latest backup is {}",
@@ -266,7 +266,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if let Some(asked) = args.digests.filter(|_| !args.job.full) {
-        if target.latest(&volume)?.is_some() {
+        if target.latest_readable(&volume)?.is_some() {
             eprintln!(
                 "strata: an incremental keeps its chain's digests; --digests {} applies to the \
                  next --full backup",
