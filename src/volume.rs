@@ -353,7 +353,8 @@ pub fn open_backup(
 
 /// Restores backup `id` (the latest when `None`) of `volume` into `dest`: a regular file
 /// (written sparse as `DEST.partial`, renamed to `dest` once complete) or a block device
-/// (written in place). Every cluster is verified as it is read ([`open_backup`]); on any
+/// (written in place, as is a file that is a mount point, which no rename can replace). Every
+/// cluster is verified as it is read ([`open_backup`]); on any
 /// failure a file destination is left as it was (the partial file is removed) and a block
 /// device's error ([`Error::Incomplete`]) says its content is incomplete. `progress` is called
 /// as the chain is walked.
@@ -405,10 +406,17 @@ pub fn restore_volume_with(
         Some(storage) => open_verified_in(target, volume, id, storage)?,
         None => open_verified(target, volume, id)?,
     };
+    // A file that is a mount point (bind-mounted into a container) cannot be replaced by a
+    // rename: it is written in place, as a device is.
+    let mounted = !device && existing.is_some() && is_mount_point(dest);
     let partial = partial_path(dest);
-    let written = if device { dest } else { partial.as_path() };
+    let written = if device || mounted {
+        dest
+    } else {
+        partial.as_path()
+    };
     let out = open_destination(written)?;
-    if let Some(old) = existing.as_ref().filter(|_| !device) {
+    if let Some(old) = existing.as_ref().filter(|_| !device && !mounted) {
         keep_owner_and_mode(&out, written, old)?;
     }
     let total_bytes = chain.image.virtual_size();
@@ -468,6 +476,8 @@ pub fn restore_volume_with(
         if !device {
             out.sync_all()
                 .map_err(|e| io_error(written, "flushing the restored file", e))?;
+        }
+        if !device && !mounted {
             std::fs::rename(written, dest)
                 .map_err(|e| io_error(dest, "renaming the restored file into place", e))?;
             // The rename is durable only once the folder is: a power loss must not bring the
@@ -487,6 +497,8 @@ pub fn restore_volume_with(
         Err(e) => {
             let state = if device {
                 "the device content is incomplete"
+            } else if mounted {
+                "the file is a mount point, written in place: its content is incomplete"
             } else if std::fs::remove_file(written).is_ok() {
                 "nothing written there, the partial file was removed"
             } else {
@@ -551,6 +563,38 @@ fn restore_destination(
         )));
     }
     Ok((path, existing))
+}
+
+/// Whether `path` is a mount point (a file bind-mounted over another, as a container runtime
+/// mounts one): its mount differs from its folder's (`statx` `STATX_MNT_ID`, Linux 5.8; where
+/// that is not reported, its device). A rename cannot replace it (`EBUSY`).
+pub fn is_mount_point(path: &Path) -> bool {
+    use rustix::fs::{AtFlags, CWD, StatxFlags, statx};
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    let mount = |p: &Path| {
+        statx(
+            CWD,
+            p,
+            AtFlags::empty(),
+            StatxFlags::MNT_ID | StatxFlags::BASIC_STATS,
+        )
+        .ok()
+    };
+    match (mount(path), mount(folder)) {
+        (Some(file), Some(folder))
+            if StatxFlags::from_bits_retain(file.stx_mask & folder.stx_mask)
+                .contains(StatxFlags::MNT_ID) =>
+        {
+            file.stx_mnt_id != folder.stx_mnt_id
+        }
+        (Some(file), Some(folder)) => {
+            (file.stx_dev_major, file.stx_dev_minor) != (folder.stx_dev_major, folder.stx_dev_minor)
+        }
+        _ => false,
+    }
 }
 
 /// `path` with its symbolic links followed, to where a file would be written: a link to a file
@@ -710,7 +754,9 @@ pub struct VerifyReport {
 /// its image, so each older backup of it is checked too), and each backup's own clusters are
 /// read from its image alone, not through the chain under it. Only when a chain fails are
 /// its older backups checked one by one, so a failure is reported at every backup whose chain
-/// it breaks, as when each was checked alone.
+/// it breaks, as when each was checked alone. A backup with damage (its clusters, image or
+/// manifest) is named at every backup verified here whose chain holds it ("chain: backup ...
+/// under it is damaged"): those do not restore either.
 pub fn verify(
     target: &Target,
     volume: Option<&VolumeName>,
@@ -734,22 +780,30 @@ pub fn verify(
             }],
         })
         .collect();
-    // Newest first: each backup's chain unless a newer chain held it.
-    let mut chains_checked = HashSet::new();
+    // Newest first: each backup's chain unless a newer chain held it. Each backup of a chain
+    // checked is kept with the backups under it.
+    type Key = (VolumeName, BackupId);
+    let mut below: HashMap<Key, Vec<Key>> = HashMap::new();
     let mut chain_damage = HashMap::new();
     for manifest in manifests.iter().rev() {
         let key = (manifest.volume.clone(), manifest.id.clone());
-        if chains_checked.contains(&key) {
+        if below.contains_key(&key) {
             continue;
         }
         // The chain restore would read: manifests against images (no data is read here).
         match open_verified(target, &manifest.volume, Some(&manifest.id)) {
-            Ok(chain) => chains_checked.extend(
-                chain
+            Ok(chain) => {
+                let keys: Vec<Key> = chain
                     .manifests
                     .iter()
-                    .map(|layer| (layer.volume.clone(), layer.id.clone())),
-            ),
+                    .map(|layer| (layer.volume.clone(), layer.id.clone()))
+                    .collect();
+                for (i, key) in keys.iter().enumerate() {
+                    below
+                        .entry(key.clone())
+                        .or_insert_with(|| keys[i + 1..].to_vec());
+                }
+            }
             Err(e) if !crate::verified::is_damage(&e) => return Err(e),
             Err(e) => {
                 chain_damage.insert(key, format!("chain: {}", chain_text(&e)));
@@ -799,6 +853,25 @@ pub fn verify(
             id: manifest.id.clone(),
             damage,
         });
+    }
+    // A backup whose own clusters are intact does not restore when one under it is damaged:
+    // said at it too, so that no point that would fail to restore reads "ok".
+    let damaged: HashSet<Key> = reports
+        .iter()
+        .filter(|r| !r.damage.is_empty())
+        .map(|r| (r.volume.clone(), r.id.clone()))
+        .collect();
+    for report in &mut reports {
+        let key = (report.volume.clone(), report.id.clone());
+        if let Some((volume, id)) = below
+            .get(&key)
+            .and_then(|under| under.iter().find(|k| damaged.contains(*k)))
+        {
+            report.damage.push(Damage {
+                guest_offset: None,
+                problem: format!("chain: backup {volume}/{id} under it is damaged"),
+            });
+        }
     }
     Ok(reports)
 }

@@ -399,3 +399,75 @@ fn a_conversion_that_fills_its_disk_leaves_the_destination_as_it_was() {
         std::fs::read(&raw).expect("volume")
     );
 }
+
+/// A destination file that is a mount point (a file bind-mounted into a container, say) cannot
+/// be replaced by a rename: `strata convert` writes it in place, and it reads as the volume.
+#[test]
+fn a_conversion_into_a_bind_mounted_file_writes_it_in_place() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let raw = work.path().join("volume.raw");
+    let content = noise(VOLUME, 8);
+    std::fs::write(&raw, &content).expect("volume");
+    let image = work.path().join("volume.qcow2");
+    ok(strata(&["convert", "-O", "qcow2", s(&raw), s(&image)]));
+    let mounted = work.path().join("mounted.raw");
+    let backing = work.path().join("backing.raw");
+    std::fs::write(&mounted, b"").expect("mount point");
+    std::fs::write(&backing, b"earlier").expect("backing file");
+    let out = Command::new("mount")
+        .arg("--bind")
+        .arg(&backing)
+        .arg(&mounted)
+        .output()
+        .expect("run mount");
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bind-mounting a file failed under CI: {why}"
+        );
+        eprintln!("SKIPPED: bind-mounting a file failed: {why}");
+        return;
+    }
+    let converted = strata(&["convert", "-O", "raw", s(&image), s(&mounted)]);
+    let read = std::fs::read(&mounted).expect("read");
+    let _ = Command::new("umount").arg(&mounted).status();
+    ok(converted);
+    assert_eq!(read, content);
+    assert_eq!(std::fs::read(&backing).expect("backing"), content);
+    assert!(!work.path().join("mounted.raw.partial").exists());
+}
+
+/// `strata restore` into a bind-mounted file: written in place (a rename over a mount point
+/// fails with EBUSY after all the work), reading as the backup.
+#[test]
+fn a_restore_into_a_bind_mounted_file_writes_it_in_place() {
+    let content = noise(VOLUME, 9);
+    let (work, target, id) = backed_up(&content);
+    let mounted = work.path().join("mounted.raw");
+    let backing = work.path().join("backing.raw");
+    std::fs::write(&mounted, b"").expect("mount point");
+    std::fs::write(&backing, b"earlier").expect("backing file");
+    let out = Command::new("mount")
+        .arg("--bind")
+        .arg(&backing)
+        .arg(&mounted)
+        .output()
+        .expect("run mount");
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bind-mounting a file failed under CI: {why}"
+        );
+        eprintln!("SKIPPED: bind-mounting a file failed: {why}");
+        return;
+    }
+    let restored = restore(&target, &id, &mounted);
+    let read = std::fs::read(&mounted).expect("read");
+    let _ = Command::new("umount").arg(&mounted).status();
+    ok(restored);
+    assert_eq!(read, content);
+    assert_eq!(std::fs::read(&backing).expect("backing"), content);
+    assert!(!work.path().join("mounted.raw.partial").exists());
+}

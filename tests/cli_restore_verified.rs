@@ -528,6 +528,39 @@ fn prune_refuses_to_fold_a_cluster_that_fails_its_checksum() {
     assert_eq!(verify.status.code(), Some(1));
 }
 
+/// A flipped byte in the base: verify names the cluster at the base, and the incremental on
+/// it, whose own clusters are intact but which does not restore, is damaged too: no point
+/// that fails to restore reads "ok".
+#[test]
+fn verify_names_a_damaged_base_at_every_backup_built_on_it() {
+    let f = Fixture::new();
+    let guest = MIB + 0x20000;
+    flip(
+        &f.image(&f.base),
+        host_offset(&f.image(&f.base), guest) + 10,
+        0xff,
+    );
+    let out = strata(&["verify", "--target", s(&f.target)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "vol1/{}: DAMAGED at guest offset {guest:#x}: checksum mismatch",
+            f.base
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "vol1/{}: DAMAGED: chain: backup vol1/{} under it is damaged",
+            f.top, f.base
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(": ok"), "{stdout}");
+    f.restore_fails(&f.top);
+}
+
 #[test]
 fn verify_reports_a_manifest_that_differs_from_its_image() {
     let f = Fixture::new();

@@ -93,10 +93,7 @@ pub fn write_replacing(
         Some(folder) if !folder.as_os_str().is_empty() => folder,
         _ => Path::new("."),
     };
-    let mounted = existing.as_ref().is_some_and(|meta| {
-        std::fs::metadata(folder).is_ok_and(|folder| folder.dev() != meta.dev())
-    });
-    if mounted {
+    if existing.is_some() && strata::is_mount_point(dest) {
         return write(dest);
     }
     let partial = partial_of(dest);
