@@ -712,12 +712,17 @@ fn verifying_a_deep_chain_costs_requests_in_proportion_to_its_backups() {
         "verifying {DEPTH} backups took {requests} requests"
     );
 
-    // One byte of the cluster the middle backup stored flipped: that backup, and no other.
+    // One byte of the cluster the middle backup stored flipped: that backup's cluster, and
+    // at each backup above it (which do not restore) the damage under it; none below.
     let layer = DEPTH / 2;
     let damaged = &points[layer as usize].0;
     let guest = (layer * 5 % 32) * CLUSTER + 100;
     flip_stored_byte(&store, "deep", &damaged.image.object, guest);
     let reports = strata::verify(&target, Some(&volume), None).unwrap();
+    let above: Vec<_> = points[layer as usize + 1..]
+        .iter()
+        .map(|(m, _)| m.id.clone())
+        .collect();
     for report in &reports {
         if report.id == damaged.id {
             let text: Vec<_> = report.damage.iter().map(|d| d.problem.as_str()).collect();
@@ -725,6 +730,17 @@ fn verifying_a_deep_chain_costs_requests_in_proportion_to_its_backups() {
                 text.iter().any(|p| p.starts_with("image object:"))
                     && text.iter().any(|p| p.starts_with("checksum mismatch")),
                 "{text:?}"
+            );
+        } else if above.contains(&report.id) {
+            let text: Vec<_> = report.damage.iter().map(|d| d.problem.as_str()).collect();
+            assert_eq!(
+                text,
+                [format!(
+                    "chain: backup deep/{} under it is damaged",
+                    damaged.id
+                )],
+                "{}",
+                report.id
             );
         } else {
             assert!(
