@@ -49,8 +49,8 @@ pub use strata_target as target;
 pub use volume::{
     BackupOptions, CHECKSUMS_FILE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_MAX_CHAIN_LENGTH,
     DIGESTS_FILE, Error, Result, VerifyReport, backup_volume, chain_text, follow_links,
-    is_mount_point, list, list_readable, open_backup, open_destination, open_volume, prune,
-    restore_volume, restore_volume_with, verify,
+    is_mount_point, list, list_readable, open_backup, open_backup_leased, open_destination,
+    open_volume, prune, restore_volume, restore_volume_with, verify,
 };
 
 /// The operator's settings for a controller whose Backups apply retention with

@@ -351,6 +351,29 @@ pub fn open_backup(
     Ok((chain.manifest, chain.image))
 }
 
+/// The ids of `manifests`.
+fn chain_ids(manifests: &[BackupManifest]) -> Vec<BackupId> {
+    manifests.iter().map(|m| m.id.clone()).collect()
+}
+
+/// [`open_backup`] for a reader that keeps the chain open (an NBD export): recorded as a
+/// reader of the volume first, so that what a fold supersedes while it reads stays, and
+/// `delete_backup` refuses the chain's backups, until the returned lease is dropped
+/// (`strata_target::ReadLease`; `None` where the target cannot record it, as
+/// [`Target::try_begin_read`] says).
+pub fn open_backup_leased(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+) -> Result<(BackupManifest, Image, Option<strata_target::ReadLease>)> {
+    let lease = target.try_begin_read(volume);
+    let chain = open_verified(target, volume, id)?;
+    if let Some(lease) = &lease {
+        lease.reading(&chain_ids(&chain.manifests))?;
+    }
+    Ok((chain.manifest, chain.image, lease))
+}
+
 /// Restores backup `id` (the latest when `None`) of `volume` into `dest`: a regular file
 /// (written sparse as `DEST.partial`, renamed to `dest` once complete) or a block device
 /// (written in place, as is a file that is a mount point, which no rename can replace). Every
@@ -402,10 +425,16 @@ pub fn restore_volume_with(
     // before, a 320 MiB chain from s3s-fs onto a loop device took 1.60-1.87 s against
     // 1.34-1.37 s by the plan: docs/target.md.)
     let planned = (!target.is_folder()).then(|| PartStorage::new(target.storage(volume)));
+    // Recorded as a reader before the chain is opened, so that what a fold supersedes while
+    // it reads stays until it is done (`strata_target::ReadLease`).
+    let lease = target.try_begin_read(volume);
     let chain = match &planned {
         Some(storage) => open_verified_in(target, volume, id, storage)?,
         None => open_verified(target, volume, id)?,
     };
+    if let Some(lease) = &lease {
+        lease.reading(&chain_ids(&chain.manifests))?;
+    }
     // A file that is a mount point (bind-mounted into a container) cannot be replaced by a
     // rename: it is written in place, as a device is.
     let mounted = !device && existing.is_some() && is_mount_point(dest);

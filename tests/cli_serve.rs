@@ -287,3 +287,48 @@ fn serve_refuses_reads_of_a_cluster_that_fails_its_checksum() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// `strata serve` on a folder target records itself as a reader of the volume while it
+/// serves: the backup it serves cannot be deleted. Killed (SIGKILL), it leaves its record with
+/// no lock on it: once that record is older than a moment, `gc` removes it and the backup
+/// can be deleted.
+#[test]
+fn serve_is_a_reader_until_it_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = dir.path().join("target");
+    let source = dir.path().join("vol.raw");
+    std::fs::write(&source, strata_bin::noise(1 << 20, 3)).unwrap();
+    let id = strata_bin::backed_up_id(&target_dir, "vol", &source);
+    let served = serve(&[
+        "serve",
+        "--target",
+        target_dir.to_str().unwrap(),
+        "--volume",
+        "vol",
+    ]);
+    let target = Target::open(target_dir.to_str().unwrap()).unwrap();
+    let volume = VolumeName::new("vol").unwrap();
+    let backup = strata::target::BackupId::new(&id).unwrap();
+    let err = target.delete_backup(&volume, &backup).unwrap_err();
+    assert!(
+        matches!(err, strata::target::Error::BeingRead { .. }),
+        "{err}"
+    );
+    drop(served);
+    let readers = target_dir.join("volumes/vol/readers");
+    let records: Vec<_> = std::fs::read_dir(&readers)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    // Past the moment a record's lock may lag its creation.
+    let out = Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .arg(&records[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    target.gc(std::time::Duration::ZERO).unwrap();
+    assert!(!records[0].exists(), "the killed reader's record stays");
+    target.delete_backup(&volume, &backup).unwrap();
+}

@@ -943,3 +943,47 @@ fn a_backup_over_a_deleted_base_image_on_moto_starts_a_new_chain() {
     restore_into(&target, &volume, &manifest, &dest).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), content);
 }
+
+/// A reader that opened a chain before `prune` folded it keeps reading it on S3 (moto): while
+/// its lease lives, `gc` with no grace keeps every object the folds superseded, and the
+/// chain's backups cannot be deleted; the whole point still reads as it was. Once the reader
+/// is done, the same `gc` removes them. (Without the lease, the reader's GETs of the folded
+/// images would find nothing.)
+#[test]
+fn a_reader_keeps_what_a_fold_supersedes_until_it_is_done() {
+    let Some((_, target)) = s3_target("reader-lease") else {
+        return;
+    };
+    let volume = VolumeName::new("vol").unwrap();
+    let points = three_points(&target, &volume);
+    let (top, expected) = (&points[2].0, &points[2].1);
+    let (_, image, lease) = strata::open_backup_leased(&target, &volume, Some(&top.id)).unwrap();
+    let lease = lease.expect("a reader recorded on S3");
+    let pruned = strata::prune(&target, &volume, 1).unwrap();
+    assert_eq!(pruned.len(), 2, "{pruned:?}");
+    let kept = target.gc(Duration::ZERO).unwrap();
+    assert!(
+        !kept.removed.iter().any(|key| key.contains("/images/")),
+        "gc removed images a reader reads: {:?}",
+        kept.removed
+    );
+    let err = target.delete_backup(&volume, &top.id).unwrap_err();
+    assert!(
+        matches!(err, strata::target::Error::BeingRead { .. }),
+        "{err}"
+    );
+    let mut read = vec![0u8; expected.len()];
+    image.read_at(&mut read, 0).unwrap();
+    assert!(read == *expected, "the point read differs");
+    drop(lease);
+    let removed = target.gc(Duration::ZERO).unwrap().removed;
+    assert!(
+        removed.iter().any(|key| key.contains("/images/")),
+        "nothing superseded was removed once the reader was done: {removed:?}"
+    );
+    // The point restores from what the folds left.
+    let dest = tempfile::tempdir().unwrap();
+    let dest = dest.path().join("restored.raw");
+    restore_into(&target, &volume, top, &dest).unwrap();
+    assert!(std::fs::read(&dest).unwrap() == *expected);
+}

@@ -327,7 +327,8 @@ fn classify_target(err: &strata_target::Error) -> (ErrorClass, &'static str) {
         | T::ParentNotHead { .. }
         | T::Superseded { .. }
         | T::FoldInProgress { .. }
-        | T::HasChild { .. } => (Transient, "TargetBusy"),
+        | T::HasChild { .. }
+        | T::BeingRead { .. } => (Transient, "TargetBusy"),
         _ => (Transient, "TargetUnavailable"),
     }
 }

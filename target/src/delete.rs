@@ -24,6 +24,17 @@ impl Target {
         let (volume, id) = (volume.clone(), id.clone());
         self.block("delete backup", move |inner| async move {
             let manifest = inner.manifest(&volume, &id).await?;
+            // A live reader's chain is not cut under it (`crate::ReadLease`).
+            let readers = inner.live_readers(&volume).await?;
+            if readers
+                .iter()
+                .any(|read| read.is_empty() || read.contains(&id))
+            {
+                return Err(Error::BeingRead {
+                    volume: volume.to_string(),
+                    id: id.to_string(),
+                });
+            }
             let slot = inner.layout.child_slot(&volume, &id);
             let tombstone = Reservation {
                 backup: id.clone(),

@@ -124,6 +124,17 @@ pub enum Error {
         /// The backup.
         id: String,
     },
+    /// The backup cannot be deleted now: a live reader (a restore, an NBD export) reads it
+    /// (see [`crate::ReadLease`]).
+    #[error(
+        "backup {id} of volume {volume} is being read (a restore or an export); try again when it ends"
+    )]
+    BeingRead {
+        /// The volume.
+        volume: String,
+        /// The backup.
+        id: String,
+    },
     /// Extending the parent would make a chain longer than any reader of this build opens.
     #[error(
         "backup {parent} of volume {volume} ends a chain of {length} images, the limit: take a \

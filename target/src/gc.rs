@@ -41,8 +41,10 @@ impl Target {
     /// Removes the leftovers of backups that were never committed and whose writers are dead
     /// (see the module docs), once older than `grace`: partial images, side files, claims and
     /// child slots, the dead writers' records, and finished takeovers; and the objects folds
-    /// superseded more than `grace` ago (a reader that opened a chain before a fold must be
-    /// done within `grace` of the fold). Objects of live writers and of committed backups are
+    /// superseded more than `grace` ago, unless a reader of the volume is alive
+    /// ([`crate::ReadLease`]: a reader that opened a chain before a fold keeps it until it is
+    /// done; an unrecorded one must be done within `grace`). Objects of live writers and of
+    /// committed backups are
     /// never touched. Incomplete multipart uploads of a killed writer cannot be listed through
     /// object_store: give buckets a lifecycle rule that aborts them (after a day, say).
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
@@ -76,9 +78,19 @@ impl Target {
         let volume = volume.clone();
         let removed = self.block("gc", move |inner| async move {
             let cutoff = Utc::now() - grace;
-            let needed = Needed::of_volume(&inner, &volume, cutoff).await?;
+            // While a reader of the volume is alive (it may read a chain opened before a
+            // fold), everything a fold superseded stays, however long ago: `crate::ReadLease`.
+            let read = !inner.live_readers(&volume).await?.is_empty();
+            let retired_cutoff = if read {
+                DateTime::<Utc>::MIN_UTC
+            } else {
+                cutoff
+            };
+            let needed = Needed::of_volume(&inner, &volume, retired_cutoff).await?;
             let mut removed = collect_volume(&inner, &volume, cutoff, &needed).await?;
-            removed.extend(collect_retired(&inner, &volume, cutoff, &needed).await?);
+            if !read {
+                removed.extend(collect_retired(&inner, &volume, cutoff, &needed).await?);
+            }
             Ok(removed)
         })?;
         Ok(GcReport { removed })

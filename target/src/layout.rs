@@ -102,6 +102,11 @@ impl Layout {
         self.key(["volumes", volume.as_str(), "writers", &json(token)])
     }
 
+    /// The record of a live reader of the volume (see `crate::ReadLease`).
+    pub(crate) fn reader(&self, volume: &VolumeName, token: &str) -> Path {
+        self.key(["volumes", volume.as_str(), "readers", &json(token)])
+    }
+
     /// A probe written to read the store's clock (see `Inner::store_now`).
     pub(crate) fn clock_probe(&self, volume: &VolumeName, token: &str) -> Path {
         self.key(["volumes", volume.as_str(), "clock", token])

@@ -214,6 +214,7 @@ mod manifest;
 mod name;
 mod options;
 mod reader;
+mod readers;
 mod runtime;
 mod side;
 mod sink;
@@ -234,6 +235,7 @@ pub use manifest::{
 pub use name::{AppBackupId, AppName, BackupId, FileName, VolumeName};
 pub use options::{Notices, TargetOptions};
 pub use reader::ObjectReader;
+pub use readers::ReadLease;
 pub use runtime::RetryPolicy;
 pub use side::SideBody;
 pub use sink::ImageUpload;

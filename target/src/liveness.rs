@@ -52,15 +52,42 @@ const MAX_LEASE: Duration = Duration::from_secs(600);
 
 /// The record a live writer keeps (`writers/<token>.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct WriterRecord {
+pub(crate) struct WriterRecord {
     writer: String,
     volume: VolumeName,
-    backup: BackupId,
+    /// The backup a writer writes; none in a reader's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backup: Option<BackupId>,
+    /// A reader's record only: the backups of the chain it reads, empty until it has opened
+    /// the chain (then it counts as reading every backup of the volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reading: Option<Vec<BackupId>>,
     /// The lease, in milliseconds, on object stores; folder writers hold a lock instead.
     lease_ms: u64,
     /// How often the record was renewed, so that every renewal changes its bytes.
     renewals: u64,
     renewed: DateTime<Utc>,
+}
+
+impl WriterRecord {
+    /// The record of holder `token` of `volume`, under the target's lease; `reading` for a
+    /// reader.
+    pub(crate) fn new(
+        inner: &Inner,
+        token: &str,
+        volume: &VolumeName,
+        reading: Option<Vec<BackupId>>,
+    ) -> Self {
+        WriterRecord {
+            writer: token.to_owned(),
+            volume: volume.clone(),
+            backup: None,
+            reading,
+            lease_ms: u64::try_from(inner.options.lease.as_millis()).unwrap_or(u64::MAX),
+            renewals: 0,
+            renewed: Utc::now(),
+        }
+    }
 }
 
 /// What a later writer makes of the writer named by a reservation.
@@ -101,21 +128,30 @@ impl WriterLease {
         reservation: &Reservation,
     ) -> Result<Self> {
         let path = inner.layout.writer(volume, &reservation.writer);
-        let lease = inner.options.lease;
+        let record = WriterRecord::new(inner, &reservation.writer, volume, None);
         let record = WriterRecord {
-            writer: reservation.writer.clone(),
-            volume: volume.clone(),
-            backup: reservation.backup.clone(),
-            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-            renewals: 0,
-            renewed: Utc::now(),
+            backup: Some(reservation.backup.clone()),
+            ..record
         };
-        let started = Instant::now();
-        if let Created::Exists(_) = inner.put_create(&path, to_json(&record).into()).await? {
-            return Err(Error::BackupExists {
+        Self::hold(inner, path, record)
+            .await?
+            .ok_or_else(|| Error::BackupExists {
                 volume: volume.to_string(),
                 id: reservation.backup.to_string(),
-            });
+            })
+    }
+
+    /// Writes `record` at `path` (create-only: `None` when one is there already) and starts
+    /// proving its holder alive: a writer's, or a reader's ([`crate::ReadLease`]).
+    pub(crate) async fn hold(
+        inner: &Arc<Inner>,
+        path: Path,
+        record: WriterRecord,
+    ) -> Result<Option<Self>> {
+        let lease = inner.options.lease;
+        let started = Instant::now();
+        if let Created::Exists(_) = inner.put_create(&path, to_json(&record).into()).await? {
+            return Ok(None);
         }
         let valid_until = Arc::new(Mutex::new(started + lease / 2));
         let record = Arc::new(Mutex::new(record));
@@ -141,13 +177,21 @@ impl WriterLease {
                 )
             }
         };
-        Ok(Self {
+        Ok(Some(Self {
             path,
             _lock: lock,
             renewer,
             valid_until,
             record,
-        })
+        }))
+    }
+
+    /// Replaces the record's list of backups read, and writes it now.
+    pub(crate) async fn set_reading(&self, inner: &Inner, reading: Vec<BackupId>) -> Result<()> {
+        if let Ok(mut record) = self.record.lock() {
+            record.reading = Some(reading);
+        }
+        renew_once(inner, &self.path, &self.record, &self.valid_until).await
     }
 
     /// Makes sure the lease is still ours for at least half a lease: renews it now unless the
@@ -295,13 +339,24 @@ impl Inner {
                 reason: format!("writer token {token:?} is not a plain token"),
             });
         }
-        let path = self.layout.writer(volume, token);
+        self.liveness_at(&self.layout.writer(volume, token), now)
+            .await
+            .map(|(liveness, _)| liveness)
+    }
+
+    /// [`liveness`](Self::liveness) of the holder of the record at `path` (a writer's or a
+    /// reader's), with the record where it was read (object stores only).
+    pub(crate) async fn liveness_at(
+        &self,
+        path: &Path,
+        now: Option<DateTime<Utc>>,
+    ) -> Result<(Liveness, Option<WriterRecord>)> {
         if let Some(root) = &self.local_root {
-            let file_path = crate::url::local_path(root, &path);
+            let file_path = crate::url::local_path(root, path);
             let file = match File::open(&file_path) {
                 Ok(file) => file,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(Liveness::Dead);
+                    return Ok((Liveness::Dead, None));
                 }
                 Err(err) => return Err(Error::io("open", file_path.display(), err)),
             };
@@ -309,19 +364,25 @@ impl Inner {
                 &file,
                 rustix::fs::FlockOperation::NonBlockingLockExclusive,
             ) {
-                Ok(()) => Ok(Liveness::Dead),
-                Err(rustix::io::Errno::WOULDBLOCK) => Ok(Liveness::Alive),
+                Ok(()) => Ok((Liveness::Dead, None)),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    // Its holder's: what it says (a reader's chain) is read while it is held.
+                    let record = std::fs::read(&file_path)
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                    Ok((Liveness::Alive, record))
+                }
                 Err(err) => Err(Error::io("lock", file_path.display(), err.into())),
             };
         }
-        let meta = match self.options.retry.run(|| self.store.head(&path)).await {
+        let meta = match self.options.retry.run(|| self.store.head(path)).await {
             Ok(meta) => meta,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Liveness::Dead),
-            Err(err) => return Err(Error::store("head", &path, err)),
+            Err(object_store::Error::NotFound { .. }) => return Ok((Liveness::Dead, None)),
+            Err(err) => return Err(Error::store("head", path, err)),
         };
-        let record: WriterRecord = match self.get_bytes(&path).await {
+        let record: WriterRecord = match self.get_bytes(path).await {
             Ok(bytes) => from_json("writer record", path.as_ref(), &bytes)?,
-            Err(Error::NotFound { .. }) => return Ok(Liveness::Dead),
+            Err(Error::NotFound { .. }) => return Ok((Liveness::Dead, None)),
             Err(err) => return Err(err),
         };
         // The holder's own lease counts, bounded so that a hostile record cannot stall us.
@@ -330,9 +391,9 @@ impl Inner {
         let lapsed = chrono::Duration::from_std(lease * 2 + Duration::from_secs(1))
             .is_ok_and(|two_leases| now.is_some_and(|now| meta.last_modified + two_leases < now));
         Ok(if lapsed {
-            Liveness::Dead
+            (Liveness::Dead, Some(record))
         } else {
-            Liveness::Watch { seen: meta, lease }
+            (Liveness::Watch { seen: meta, lease }, Some(record))
         })
     }
 

@@ -61,7 +61,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let id = args.backup.clone().map(BackupId::new).transpose()?;
     // Verified: a read of a cluster that fails its checksum gets an error reply naming the
     // backup and the guest offset, never the damaged bytes.
-    let (manifest, image) = strata::open_backup(&target, &volume, id.as_ref())?;
+    // Recorded as a reader for as long as it serves: gc keeps what a fold supersedes.
+    let (manifest, image, _lease) = strata::open_backup_leased(&target, &volume, id.as_ref())?;
     let owner = format!("backup {} of volume {volume}", manifest.id);
     let name = args.listen.export.clone().unwrap_or(args.volume);
     listen_and_serve(&args.listen, name, image, &owner)
