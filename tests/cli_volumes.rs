@@ -566,18 +566,7 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
         out.lines().last().expect("id").to_string(),
         std::fs::read(&volume).expect("read"),
     ));
-    for (id, bytes) in points {
-        let dest = dir.path().join(format!("{id}.raw"));
-        let out = strata_bin::restore_command(s(&target), &id, &dest)
-            .output()
-            .expect("restore");
-        assert!(
-            out.status.success(),
-            "{id}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(std::fs::read(&dest).expect("restored"), bytes, "{id}");
-    }
+    restore_every_point(&target, dir.path(), points);
 }
 
 /// A chain the latest backup stands on, broken under it (its base image deleted, an image
@@ -656,9 +645,15 @@ fn backups_over_a_broken_chain_start_a_new_one() {
         chain.push(out.lines().last().expect("id").to_string());
         points.push((chain[1].clone(), std::fs::read(&volume).expect("read")));
     }
+    restore_every_point(&target, dir.path(), points);
+}
+
+/// Restores each `(id, bytes)` point of volume `vol` of `target` into `dir` and checks it
+/// reads as `bytes`.
+fn restore_every_point(target: &Path, dir: &Path, points: Vec<(String, Vec<u8>)>) {
     for (id, bytes) in points {
-        let dest = dir.path().join(format!("{id}.raw"));
-        let out = strata_bin::restore_command(s(&target), &id, &dest)
+        let dest = dir.join(format!("{id}.raw"));
+        let out = strata_bin::restore_command(s(target), &id, &dest)
             .output()
             .expect("restore");
         assert!(
