@@ -289,9 +289,10 @@ fn serve_refuses_reads_of_a_cluster_that_fails_its_checksum() {
 }
 
 /// `strata serve` on a folder target records itself as a reader of the volume while it
-/// serves: the backup it serves cannot be deleted. Killed (SIGKILL), it leaves its record with
-/// no lock on it: once that record is older than a moment, `gc` removes it and the backup
-/// can be deleted.
+/// serves, proved alive by the lock it holds on its record (judged here on a record made to
+/// look a minute old, past the moment a fresh record counts as alive unlocked): the backup it
+/// serves cannot be deleted and gc keeps the record. Killed (SIGKILL), it leaves the record
+/// unlocked: `gc` removes it and the backup can be deleted.
 #[test]
 fn serve_is_a_reader_until_it_is_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -309,26 +310,35 @@ fn serve_is_a_reader_until_it_is_killed() {
     let target = Target::open(target_dir.to_str().unwrap()).unwrap();
     let volume = VolumeName::new("vol").unwrap();
     let backup = strata::target::BackupId::new(&id).unwrap();
-    let err = target.delete_backup(&volume, &backup).unwrap_err();
-    assert!(
-        matches!(err, strata::target::Error::BeingRead { .. }),
-        "{err}"
-    );
-    drop(served);
     let readers = target_dir.join("volumes/vol/readers");
     let records: Vec<_> = std::fs::read_dir(&readers)
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .collect();
     assert_eq!(records.len(), 1, "{records:?}");
-    // Past the moment a record's lock may lag its creation.
-    let out = Command::new("touch")
-        .args(["-d", "1 minute ago"])
-        .arg(&records[0])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let record = &records[0];
+    // The record names the chain it reads.
+    let text = std::fs::read_to_string(record).unwrap();
+    assert!(text.contains(&id), "{text}");
+    let age = |path: &Path| {
+        let out = Command::new("touch")
+            .args(["-d", "1 minute ago"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    age(record);
     target.gc(std::time::Duration::ZERO).unwrap();
-    assert!(!records[0].exists(), "the killed reader's record stays");
+    assert!(record.exists(), "gc removed a live reader's record");
+    let err = target.delete_backup(&volume, &backup).unwrap_err();
+    assert!(
+        matches!(err, strata::target::Error::BeingRead { .. }),
+        "{err}"
+    );
+    drop(served);
+    age(record);
+    target.gc(std::time::Duration::ZERO).unwrap();
+    assert!(!record.exists(), "the killed reader's record stays");
     target.delete_backup(&volume, &backup).unwrap();
 }

@@ -48,7 +48,7 @@ use crate::name::{BackupId, VolumeName};
 use crate::target::{Created, Inner};
 
 /// The longest lease a writer record is believed to ask for.
-const MAX_LEASE: Duration = Duration::from_secs(600);
+pub(crate) const MAX_LEASE: Duration = Duration::from_secs(600);
 
 /// The record a live writer keeps (`writers/<token>.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +112,7 @@ pub(crate) enum Liveness {
 pub(crate) struct WriterLease {
     path: Path,
     /// Folder targets: the file whose `flock` proves the writer alive.
-    _lock: Option<File>,
+    lock: Option<File>,
     /// Object stores: the task that renews the record.
     renewer: Option<tokio::task::AbortHandle>,
     /// Until when the lease is surely still ours (half a lease after the last renewal began).
@@ -158,7 +158,12 @@ impl WriterLease {
         let (lock, renewer) = match &inner.local_root {
             Some(root) => {
                 let file_path = crate::url::local_path(root, &path);
-                let file = File::open(&file_path)
+                // Writable: a reader's record is rewritten through this locked handle
+                // (`set_reading`); a put would replace the file, and the lock with it.
+                let file = File::options()
+                    .read(true)
+                    .write(true)
+                    .open(&file_path)
                     .map_err(|err| Error::io("open", file_path.display(), err))?;
                 rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                     .map_err(|err| Error::io("lock", file_path.display(), err.into()))?;
@@ -179,7 +184,7 @@ impl WriterLease {
         };
         Ok(Some(Self {
             path,
-            _lock: lock,
+            lock,
             renewer,
             valid_until,
             record,
@@ -191,7 +196,16 @@ impl WriterLease {
         if let Ok(mut record) = self.record.lock() {
             record.reading = Some(reading);
         }
-        renew_once(inner, &self.path, &self.record, &self.valid_until).await
+        let Some(file) = &self.lock else {
+            return renew_once(inner, &self.path, &self.record, &self.valid_until).await;
+        };
+        // On a folder the record is rewritten in place, through the handle that holds its lock
+        // (a reader of it meanwhile may see it torn: it then counts as reading everything).
+        let bytes = to_json(&*self.record.lock().map_err(|_| poisoned(&self.path))?);
+        let written = file
+            .set_len(0)
+            .and_then(|()| std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0));
+        written.map_err(|err| Error::io("write", self.path.as_ref(), err))
     }
 
     /// Makes sure the lease is still ours for at least half a lease: renews it now unless the

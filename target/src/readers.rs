@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::error::{Error, Result};
-use crate::liveness::{Liveness, WriterLease, WriterRecord};
+use crate::liveness::{Liveness, MAX_LEASE, WriterLease, WriterRecord};
 use crate::name::{BackupId, VolumeName};
 use crate::target::{Inner, Target};
 
@@ -125,12 +125,24 @@ impl Inner {
         {
             let now = self.store_now_once(volume, &mut clock).await?;
             let fresh = self.local_root.is_some() && meta.last_modified + fresh > Utc::now();
-            match self.liveness_at(&meta.location, now).await? {
-                (Liveness::Dead, _) if !fresh => self.delete(&meta.location).await?,
-                (Liveness::Dead, _) => live.push(Vec::new()),
-                (_, record) => {
+            match self.liveness_at(&meta.location, now).await {
+                Ok((Liveness::Dead, _)) if !fresh => self.delete(&meta.location).await?,
+                Ok((Liveness::Dead, _)) => live.push(Vec::new()),
+                Ok((_, record)) => {
                     live.push(record.and_then(|record| record.reading).unwrap_or_default())
                 }
+                // Not a record (damaged, or put there by hand): judged by its age alone, by
+                // the store's clock, against the longest lease a record may ask for, so that
+                // it cannot hold gc and deletes off for ever.
+                Err(Error::Corrupt { .. }) => {
+                    let stale = chrono::Duration::from_std(MAX_LEASE * 2)
+                        .is_ok_and(|two| meta.last_modified + two < now.unwrap_or_else(Utc::now));
+                    match stale {
+                        true => self.delete(&meta.location).await?,
+                        false => live.push(Vec::new()),
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(live)
