@@ -48,7 +48,7 @@ pub use strata_qcow2 as qcow2;
 pub use strata_target as target;
 pub use volume::{
     BackupOptions, CHECKSUMS_FILE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_MAX_CHAIN_LENGTH,
-    DIGESTS_FILE, Error, Result, VerifyReport, backup_volume, chain_text, follow_links,
+    DIGESTS_FILE, Error, Pruned, Result, VerifyReport, backup_volume, chain_text, follow_links,
     is_mount_point, list, list_readable, open_backup, open_backup_leased, open_destination,
     open_volume, prune, restore_volume, restore_volume_with, verify,
 };

@@ -936,37 +936,63 @@ pub fn chain_text(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// What [`prune`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Pruned {
+    /// The backups removed (folded into their child, or deleted when nothing was built on
+    /// them), oldest first.
+    pub removed: Vec<BackupId>,
+    /// Backups due for removal that were kept because a live reader (a restore, an export)
+    /// reads them and nothing was built on them; a later prune removes them.
+    pub being_read: Vec<BackupId>,
+}
+
 /// Retention: keeps the newest `keep_last` backups of `volume`, folding each older backup into
-/// its child (so every kept point stays restorable) and returns the ids removed.
+/// its child (so every kept point stays restorable), and says what it removed.
 ///
 /// A fold never rewrites an object in place (see "Guarantees" in `strata_target`): readers that
 /// opened a chain before the fold keep reading it until `gc` removes the superseded objects. A
 /// fold that stopped (a crash, a failed request) is first finished or rolled back, from the
-/// intent record the target keeps; run one prune per volume at a time.
-pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<Vec<BackupId>> {
+/// intent record the target keeps; run one prune per volume at a time. An older backup with
+/// nothing built on it that a live reader reads cannot be deleted under it
+/// ([`strata_target::Error::BeingRead`]): it is kept ([`Pruned::being_read`]) and the other
+/// older ones are still removed, so no more than `keep_last` backups besides those remain.
+pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<Pruned> {
     if keep_last == 0 {
         return Err(Error::NotFound(
             "keep-last must keep at least one backup".into(),
         ));
     }
-    let mut removed = target.recover_folds(volume, std::time::Duration::ZERO)?;
+    let mut pruned = Pruned {
+        removed: target.recover_folds(volume, std::time::Duration::ZERO)?,
+        being_read: Vec::new(),
+    };
     loop {
         let backups = target.backups(volume)?;
-        if backups.len() <= keep_last {
-            return Ok(removed);
-        }
-        let oldest = &backups[0];
+        let excess = backups.len().saturating_sub(keep_last);
+        let Some(oldest) = backups[..excess]
+            .iter()
+            .find(|m| !pruned.being_read.contains(&m.id))
+        else {
+            return Ok(pruned);
+        };
         let Some(child) = backups
             .iter()
             .find(|m| m.parent.as_ref() == Some(&oldest.id))
         else {
             // A chain of its own with nothing built on it: simply dropped.
-            target.delete_backup(volume, &oldest.id)?;
-            removed.push(oldest.id.clone());
+            match target.delete_backup(volume, &oldest.id) {
+                Ok(_) => pruned.removed.push(oldest.id.clone()),
+                Err(strata_target::Error::BeingRead { .. }) => {
+                    pruned.being_read.push(oldest.id.clone());
+                }
+                Err(e) => return Err(e.into()),
+            }
             continue;
         };
         fold_verified(target, volume, &oldest.id, child)?;
-        removed.push(oldest.id.clone());
+        pruned.removed.push(oldest.id.clone());
     }
 }
 

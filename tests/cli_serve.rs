@@ -342,3 +342,112 @@ fn serve_is_a_reader_until_it_is_killed() {
     assert!(!record.exists(), "the killed reader's record stays");
     target.delete_backup(&volume, &backup).unwrap();
 }
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
+        .is_some_and(|state| state == 'T')
+}
+
+/// A reader that starts while `prune` deletes the backup it reads keeps it: `prune` is stopped
+/// (SIGSTOP, crash point `delete-slot-taken`) after the delete has checked the readers and
+/// taken the backup's child slot, `serve` of that backup starts, and `prune` resumes. The
+/// delete sees the reader on its second look, before any data goes, puts the manifest back
+/// and `prune` keeps the backup, saying why, and exits 0; the export reads the backup whole.
+/// Once the reader is gone, the next prune removes it.
+#[test]
+fn a_reader_that_starts_while_prune_deletes_its_backup_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = dir.path().join("target");
+    let t = target_dir.to_str().unwrap();
+    let source = dir.path().join("vol.raw");
+    let old_bytes = strata_bin::noise(1 << 20, 5);
+    std::fs::write(&source, &old_bytes).unwrap();
+    let old = strata_bin::backed_up_id(&target_dir, "vol", &source);
+    let new_bytes = strata_bin::noise(1 << 20, 6);
+    std::fs::write(&source, &new_bytes).unwrap();
+    let out = strata()
+        .args(["backup", "-q", "--full", "--target", t, "--volume", "vol"])
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("an id")
+        .trim()
+        .to_string();
+    let prune_args = [
+        "prune",
+        "--target",
+        t,
+        "--volume",
+        "vol",
+        "--keep-last",
+        "1",
+    ];
+    let pruning = strata()
+        .args(prune_args)
+        .env("STRATA_FAILPOINT", "delete-slot-taken:stop")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stopped(pruning.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prune never reached its delete"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let served = serve(&["serve", "--target", t, "--volume", "vol", "--backup", &old]);
+    run("kill", &["-CONT", &pruning.id().to_string()]);
+    let pruned = pruning.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&pruned.stderr);
+    assert!(pruned.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "kept vol/{old}: a restore or an export is reading it"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&pruned.stdout).contains("0 backups removed, 2 kept"),
+        "{}",
+        String::from_utf8_lossy(&pruned.stdout)
+    );
+    assert!(copy_over_nbd(&served.1, dir.path()) == old_bytes);
+    let restored = dir.path().join("old.raw");
+    assert!(strata_bin::restored_bytes(&target_dir, "vol", &old, &restored) == old_bytes);
+    drop(served);
+    // The killed reader's record, unlocked, is judged dead once it is no longer fresh.
+    for record in std::fs::read_dir(target_dir.join("volumes/vol/readers")).unwrap() {
+        run(
+            "touch",
+            &[
+                "-d",
+                "1 minute ago",
+                record.unwrap().path().to_str().unwrap(),
+            ],
+        );
+    }
+    let again = strata().args(prune_args).output().unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(stdout.contains(&format!("removed {old}")), "{stdout}");
+    assert!(stdout.contains("1 backups removed, 1 kept"), "{stdout}");
+    let restored = dir.path().join("new.raw");
+    assert!(strata_bin::restored_bytes(&target_dir, "vol", &new, &restored) == new_bytes);
+}

@@ -48,8 +48,12 @@ fn backups_prune_and_restore_on_an_object_store() {
     for (id, expected) in &points {
         assert!(restore(&target, &volume, id) == *expected, "point {id}");
     }
-    let removed = strata::prune(&target, &volume, 2).expect("prune");
-    assert_eq!(removed, vec![points[0].0.clone(), points[1].0.clone()]);
+    let pruned = strata::prune(&target, &volume, 2).expect("prune");
+    assert_eq!(
+        pruned.removed,
+        vec![points[0].0.clone(), points[1].0.clone()]
+    );
+    assert_eq!(pruned.being_read, []);
     let kept = strata::list(&target, Some(&volume)).expect("list");
     assert_eq!(kept.len(), 2);
     assert_eq!(kept[0].id, points[2].0);
@@ -118,7 +122,10 @@ fn restores_opened_before_a_prune_read_every_point_unchanged() {
         prune.join().expect("prune thread")
     })
     .expect("prune");
-    assert_eq!(removed, vec![points[0].0.clone(), points[1].0.clone()]);
+    assert_eq!(
+        removed.removed,
+        vec![points[0].0.clone(), points[1].0.clone()]
+    );
     read_all("after the prune");
     for (id, expected) in &points[2..] {
         assert!(
@@ -137,4 +144,52 @@ fn restores_opened_before_a_prune_read_every_point_unchanged() {
     let reports = strata::verify(&target, Some(&volume), None).expect("verify");
     assert_eq!(reports.len(), 2);
     assert!(reports.iter().all(|r| r.damage.is_empty()), "{reports:?}");
+}
+
+/// Retention keeps a backup a live reader reads when it would have to delete it (a chain of
+/// its own with nothing built on it), and still removes the other backups past `keep_last`:
+/// with backups A (a chain of its own), B (a new chain) and B1 on B, and a reader of A,
+/// `prune` keeping one folds B into B1 and keeps A, saying so; once the reader is done, the
+/// next prune deletes A. Every kept point restores.
+#[test]
+fn prune_keeps_a_backup_being_read_and_removes_the_others() {
+    let target = Target::open("memory://").expect("memory target");
+    let volume = VolumeName::new("db").expect("name");
+    let file = tempfile::NamedTempFile::new().expect("volume");
+    file.as_file().set_len(4 << 20).expect("size");
+    let a = write_and_back_up(&target, &volume, file.as_file(), 0, 1 << 20, 1);
+    let a_bytes = std::fs::read(file.path()).expect("read");
+    file.as_file()
+        .write_all_at(&[2; 1 << 20], 1 << 20)
+        .expect("write");
+    let full = strata::BackupOptions {
+        full: true,
+        ..Default::default()
+    };
+    let b = strata::backup_volume(&target, &volume, file.as_file(), &full, &mut |_| {})
+        .expect("full backup");
+    assert_eq!(b.parent, None);
+    let b1 = write_and_back_up(&target, &volume, file.as_file(), 3 << 20, 4096, 3);
+    assert_eq!(b1.parent.as_ref(), Some(&b.id));
+    let b1_bytes = std::fs::read(file.path()).expect("read");
+    let (_, image, lease) =
+        strata::open_backup_leased(&target, &volume, Some(&a.id)).expect("open A");
+    assert!(lease.is_some(), "no reader recorded");
+    let pruned = strata::prune(&target, &volume, 1).expect("prune");
+    assert_eq!(pruned.removed, std::slice::from_ref(&b.id));
+    assert_eq!(pruned.being_read, std::slice::from_ref(&a.id));
+    let ids: Vec<_> = strata::list(&target, Some(&volume))
+        .expect("list")
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [a.id.clone(), b1.id.clone()]);
+    let mut read = vec![0; a_bytes.len()];
+    image.read_at(&mut read, 0).expect("read A");
+    assert!(read == a_bytes, "A reads other bytes");
+    drop(lease);
+    let pruned = strata::prune(&target, &volume, 1).expect("prune");
+    assert_eq!(pruned.removed, std::slice::from_ref(&a.id));
+    assert_eq!(pruned.being_read, []);
+    assert!(restore(&target, &volume, &b1.id) == b1_bytes);
 }

@@ -4,6 +4,13 @@
 //! start an overlay on a backup that is going away, and a backup that has a child (committed
 //! or in progress) is refused. Then the manifest goes first, so readers stop seeing the backup
 //! before any of its data disappears, and the parent becomes the head of its chain again.
+//!
+//! A backup a live reader reads is refused ([`Error::BeingRead`]), checked twice: before
+//! anything changes, and again once the manifest is gone, before any data goes. A reader
+//! records itself before it reads manifests, so one that started between the two checks and
+//! found the backup is seen by the second, and the delete is undone (the manifest put back as
+//! it was stored, the child slot freed); one that starts after the manifest went does not find
+//! the backup.
 
 use chrono::Utc;
 
@@ -15,7 +22,8 @@ use crate::target::{Created, Target};
 
 impl Target {
     /// Deletes committed backup `id` of `volume`, which must have no child. Returns its
-    /// manifest. Fails with [`Error::HasChild`] when another backup extends it.
+    /// manifest. Fails with [`Error::HasChild`] when another backup extends it, and with
+    /// [`Error::BeingRead`] when a live reader reads it.
     pub fn delete_backup(
         &self,
         volume: &VolumeName,
@@ -23,17 +31,14 @@ impl Target {
     ) -> Result<crate::BackupManifest> {
         let (volume, id) = (volume.clone(), id.clone());
         self.block("delete backup", move |inner| async move {
-            let manifest = inner.manifest(&volume, &id).await?;
+            let (manifest, stored) = inner.manifest_and_bytes(&volume, &id).await?;
+            let being_read = || Error::BeingRead {
+                volume: volume.to_string(),
+                id: id.to_string(),
+            };
             // A live reader's chain is not cut under it (`crate::ReadLease`).
-            let readers = inner.live_readers(&volume).await?;
-            if readers
-                .iter()
-                .any(|read| read.is_empty() || read.contains(&id))
-            {
-                return Err(Error::BeingRead {
-                    volume: volume.to_string(),
-                    id: id.to_string(),
-                });
+            if inner.reads(&volume, &id).await? {
+                return Err(being_read());
             }
             let slot = inner.layout.child_slot(&volume, &id);
             let tombstone = Reservation {
@@ -55,7 +60,17 @@ impl Target {
                     });
                 }
             }
-            inner.delete(&inner.layout.manifest(&volume, &id)).await?;
+            crate::failpoint::hit("delete-slot-taken");
+            let manifest_path = inner.layout.manifest(&volume, &id);
+            inner.delete(&manifest_path).await?;
+            // A reader records itself before it reads a manifest, so one that found this
+            // backup before the manifest went is listed now; one that starts later does not
+            // find it. Seen now, the delete is undone: the manifest put back, the slot freed.
+            if inner.reads(&volume, &id).await? {
+                inner.put(&manifest_path, stored).await?;
+                inner.delete(&slot).await?;
+                return Err(being_read());
+            }
             inner
                 .delete(&inner.layout.image(&volume, &manifest.image.object))
                 .await?;
@@ -79,5 +94,15 @@ impl Target {
             inner.delete(&slot).await?;
             Ok(manifest)
         })
+    }
+}
+
+impl crate::target::Inner {
+    /// Whether a live reader of `volume` reads backup `id` (or has not said yet what it reads).
+    async fn reads(&self, volume: &VolumeName, id: &BackupId) -> Result<bool> {
+        let readers = self.live_readers(volume).await?;
+        Ok(readers
+            .iter()
+            .any(|read| read.is_empty() || read.contains(id)))
     }
 }

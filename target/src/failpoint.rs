@@ -9,7 +9,8 @@
 //! image's first MiB is sent), `image-complete` (the image is published, side files not yet
 //! stored), `before-manifest` (side files stored, the commit not yet made), `after-manifest`
 //! (committed, the lease not yet released). Expiring an application backup passes
-//! `app-manifest-deleted` (its manifest deleted, its archive not yet).
+//! `app-manifest-deleted` (its manifest deleted, its archive not yet); deleting a backup
+//! passes `delete-slot-taken` (readers checked and its child slot taken, nothing deleted).
 
 /// Kills the process with SIGKILL when `STRATA_FAILPOINT` is `point`, stops it with SIGSTOP
 /// when it is `point:stop` (feature `failpoints`).

@@ -591,6 +591,15 @@ impl Inner {
         volume: &VolumeName,
         id: &BackupId,
     ) -> Result<BackupManifest> {
+        Ok(self.manifest_and_bytes(volume, id).await?.0)
+    }
+
+    /// [`Inner::manifest`] with the bytes stored, to put back as they were.
+    pub(crate) async fn manifest_and_bytes(
+        &self,
+        volume: &VolumeName,
+        id: &BackupId,
+    ) -> Result<(BackupManifest, Bytes)> {
         let path = self.layout.manifest(volume, id);
         let bytes = match self.get_bytes(&path).await {
             Err(Error::NotFound { .. }) => {
@@ -609,7 +618,7 @@ impl Inner {
                 reason: format!("names backup {}/{}", manifest.volume, manifest.id),
             });
         }
-        Ok(manifest)
+        Ok((manifest, bytes))
     }
 }
 

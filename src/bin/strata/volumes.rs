@@ -491,16 +491,20 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let volume = VolumeName::new(args.volume.as_deref().unwrap_or_default())?;
-    let removed = strata::prune(&target, &volume, args.keep_last)?;
-    for id in &removed {
-        writeln!(out, "folded {id} into its child")?;
+    let pruned = strata::prune(&target, &volume, args.keep_last)?;
+    for id in &pruned.removed {
+        writeln!(out, "removed {id}")?;
+    }
+    for id in &pruned.being_read {
+        eprintln!(
+            "strata: kept {volume}/{id}: a restore or an export is reading it; prune again once it is done"
+        );
     }
     writeln!(
         out,
         "{} backups removed, {} kept",
-        removed.len(),
-        args.keep_last
-            .min(strata::list(&target, Some(&volume))?.len())
+        pruned.removed.len(),
+        strata::list(&target, Some(&volume))?.len()
     )?;
     Ok(())
 }
