@@ -304,16 +304,37 @@ fn manifest_chain(
 
 /// The manifests of the chain that ends in `top` (top first), once every one is committed
 /// (as [`open_verified`] walks them, `listed` sparing reads) and every image is stored at its
-/// manifest's size ([`Target::check_images`]): what a backup checks before it extends the
-/// chain. Contents are not read; [`Error::Damaged`] names the first backup found wanting.
+/// manifest's size ([`Target::check_images`]), and no backup of it carries a damage mark (a
+/// verify or a restore that read its data found it damaged: [`Target::mark_damaged`]): what a
+/// backup checks before it extends the chain. Contents are not read; [`Error::Damaged`] names
+/// the first backup found wanting.
 pub(crate) fn stored_chain(
     target: &Target,
     top: BackupManifest,
     listed: &mut HashMap<BackupId, BackupManifest>,
 ) -> Result<Vec<BackupManifest>> {
+    let volume = top.volume.clone();
     let manifests = manifest_chain(target, top, listed)?;
     match target.check_images(&manifests) {
-        Ok(()) => Ok(manifests),
+        Ok(()) => {
+            // What a check that read the data found (`Target::mark_damaged`): the newest
+            // marked backup of the chain is named.
+            let marks = target.damage_marks(&volume)?;
+            let marked = manifests
+                .iter()
+                .find_map(|m| Some((m, marks.iter().find(|mark| mark.backup == m.id)?)));
+            match marked {
+                Some((manifest, mark)) => Err(damaged(
+                    manifest,
+                    format!(
+                        "a check on {} found its data damaged: {}",
+                        mark.found.format("%Y-%m-%d %H:%M UTC"),
+                        mark.problem
+                    ),
+                )),
+                None => Ok(manifests),
+            }
+        }
         Err(e) if target_damage(&e) => {
             // Which backup it is: asked again one by one, only when one is wanting.
             let broken = manifests
@@ -433,6 +454,24 @@ fn io_damage(e: &std::io::Error) -> bool {
         e.kind(),
         ErrorKind::NotFound | ErrorKind::UnexpectedEof | ErrorKind::InvalidData
     )
+}
+
+/// Marks the backup `error` names as damaged ([`Error::Damaged`], what a restore found reading
+/// it), so that the next backup of the volume starts a new chain instead of building on it
+/// ([`Target::mark_damaged`]). A target that cannot store the mark says so in its notices.
+pub(crate) fn mark_found(target: &Target, error: &Error) {
+    if let Error::Damaged {
+        volume,
+        id,
+        problem,
+    } = error
+        && let Err(e) = target.mark_damaged(volume, id, problem)
+    {
+        target.notice(&format!(
+            "backup {volume}/{id} is damaged and could not be marked so ({e}); a backup may \
+             still be built on it"
+        ));
+    }
 }
 
 fn damaged(manifest: &BackupManifest, problem: String) -> Error {

@@ -430,9 +430,10 @@ pub fn restore_volume_with(
     // it reads stays until it is done (`strata_target::ReadLease`).
     let lease = target.try_begin_read(volume);
     let chain = match &planned {
-        Some(storage) => open_verified_in(target, volume, id, storage)?,
-        None => open_verified(target, volume, id)?,
-    };
+        Some(storage) => open_verified_in(target, volume, id, storage),
+        None => open_verified(target, volume, id),
+    }
+    .inspect_err(|e| crate::verified::mark_found(target, e))?;
     if let Some(lease) = &lease {
         // Unsaid, the record counts as reading every backup of the volume: still safe.
         let _ = lease.reading(&chain_ids(&chain.manifests));
@@ -503,6 +504,7 @@ pub fn restore_volume_with(
         }
     }
     .map_err(|e| chain.name_damage(e))
+    .inspect_err(|e| crate::verified::mark_found(target, e))
     .and_then(|stats| {
         if !device {
             out.sync_all()
@@ -885,6 +887,7 @@ pub fn verify(
             damage,
         });
     }
+    record_verdicts(target, &reports)?;
     // A backup whose own clusters are intact does not restore when one under it is damaged:
     // said at it too, so that no point that would fail to restore reads "ok".
     let damaged: HashSet<Key> = reports
@@ -905,6 +908,50 @@ pub fn verify(
         }
     }
     Ok(reports)
+}
+
+/// Marks each backup `reports` found damaged (its own data, image or manifest), so that no
+/// backup is built on it ([`Target::mark_damaged`]), and removes the marks of those found
+/// whole. A target that cannot store a mark (read-only credentials) says so in its notices;
+/// the verify goes on.
+fn record_verdicts(target: &Target, reports: &[VerifyReport]) -> Result<()> {
+    let mut marked: HashMap<VolumeName, HashSet<BackupId>> = HashMap::new();
+    for report in reports {
+        if !marked.contains_key(&report.volume) {
+            let marks = target.damage_marks(&report.volume)?;
+            marked.insert(
+                report.volume.clone(),
+                marks.into_iter().map(|mark| mark.backup).collect(),
+            );
+        }
+        let was_marked = marked
+            .get(&report.volume)
+            .is_some_and(|ids| ids.contains(&report.id));
+        let recorded = if !report.damage.is_empty() {
+            // Every finding, as far as a mark keeps them (1 KiB).
+            let problem = report
+                .damage
+                .iter()
+                .map(|damage| match damage.guest_offset {
+                    Some(offset) => format!("{} at guest offset {offset:#x}", damage.problem),
+                    None => damage.problem.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            target.mark_damaged(&report.volume, &report.id, &problem)
+        } else if was_marked {
+            target.clear_damaged(&report.volume, &report.id)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = recorded {
+            target.notice(&format!(
+                "backup {}/{}: the verdict could not be recorded ({e}); a backup may still be built on it",
+                report.volume, report.id
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn side_file(name: &str) -> FileName {

@@ -609,3 +609,93 @@ fn a_manifest_under_another_backups_name_fails_the_listing_naming_it() {
     f.restores_as(&f.top, &f.top_bytes);
     f.restores_as(&f.base, &f.base_bytes);
 }
+
+/// The manifest of backup `id` in the fixture's target, as JSON.
+fn manifest_json(f: &Fixture, id: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(f.manifest(id)).expect("manifest")).expect("json")
+}
+
+/// Writes 4 KiB of `byte` at the start of the fixture's volume and backs it up; the new id.
+fn change_and_back_up(f: &Fixture, byte: u8) -> String {
+    let volume = f.dir.path().join("volume.raw");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&volume)
+        .expect("volume");
+    file.write_all_at(&[byte; 4096], 0).expect("write");
+    backup(&f.target, &volume)
+}
+
+/// Damage that `verify` found is remembered beside the backup, and the next backup starts a
+/// new chain instead of building on it (before, its image being stored at its size, the
+/// backup extended the damaged chain, and the new point did not restore). A verify that finds
+/// the backup whole again removes the mark.
+#[test]
+fn after_verify_finds_a_base_damaged_the_next_backup_starts_a_new_chain() {
+    let f = Fixture::new();
+    let guest = MIB + 0x20000;
+    let at = host_offset(&f.image(&f.base), guest) + 10;
+    flip(&f.image(&f.base), at, 0xff);
+    let mark = f
+        .target
+        .join("volumes/vol1/damaged")
+        .join(format!("{}.json", f.base));
+    let out = strata(&["verify", "--target", s(&f.target)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(mark.exists(), "verify left no mark");
+    let text = std::fs::read_to_string(&mark).expect("mark");
+    assert!(
+        text.contains("checksum mismatch") && text.contains(&format!("at guest offset {guest:#x}")),
+        "{text}"
+    );
+    let next = change_and_back_up(&f, 0x66);
+    let manifest = manifest_json(&f, &next);
+    assert_eq!(manifest["parent"], serde_json::Value::Null, "{manifest}");
+    let reason = manifest["full_reason"].as_str().expect("a full reason");
+    assert!(
+        reason.contains(&format!("backup vol1/{}", f.base))
+            && reason.contains("found its data damaged")
+            && reason.contains("checksum mismatch"),
+        "{reason}"
+    );
+    let mut expected = f.top_bytes.clone();
+    expected[..4096].fill(0x66);
+    f.restores_as(&next, &expected);
+    // Repaired (the byte flipped back), the base verifies whole and loses its mark.
+    flip(&f.image(&f.base), at, 0xff);
+    let out = strata(&["verify", "--target", s(&f.target)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!mark.exists(), "the repaired backup keeps its mark");
+}
+
+/// A restore that finds a cluster failing its checksum marks the backup that stored it too:
+/// the next backup starts a new chain, naming it.
+#[test]
+fn after_a_restore_finds_a_base_damaged_the_next_backup_starts_a_new_chain() {
+    let f = Fixture::new();
+    let guest = MIB + 0x20000;
+    flip(
+        &f.image(&f.base),
+        host_offset(&f.image(&f.base), guest) + 10,
+        0xff,
+    );
+    f.restore_fails(&f.top);
+    let next = change_and_back_up(&f, 0x67);
+    let manifest = manifest_json(&f, &next);
+    assert_eq!(manifest["parent"], serde_json::Value::Null, "{manifest}");
+    let reason = manifest["full_reason"].as_str().expect("a full reason");
+    assert!(
+        reason.contains(&format!("backup vol1/{}", f.base))
+            && reason.contains(&format!(
+                "found its data damaged: cluster at guest offset {guest:#x} fails its checksum"
+            )),
+        "{reason}"
+    );
+    let mut expected = f.top_bytes.clone();
+    expected[..4096].fill(0x67);
+    f.restores_as(&next, &expected);
+}

@@ -140,7 +140,7 @@ fn backup_restore_list_verify_round_trip() {
         "2",
     ]));
     assert!(
-        pruned.contains(&format!("folded {}", points[0].0)),
+        pruned.contains(&format!("removed {}", points[0].0)),
         "{pruned}"
     );
     let points: Vec<(String, Vec<u8>)> = points.into_iter().skip(1).collect();

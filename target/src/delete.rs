@@ -80,6 +80,9 @@ impl Target {
             for file in inner.list(&inner.layout.files_dir(&volume, &id)).await? {
                 inner.delete(&file.location).await?;
             }
+            inner
+                .delete(&inner.layout.damage_mark(&volume, &id))
+                .await?;
             if let Some(parent) = &manifest.parent {
                 let parent_slot = inner.layout.child_slot(&volume, parent);
                 if let Ok(bytes) = inner.get_bytes(&parent_slot).await {

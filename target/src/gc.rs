@@ -6,7 +6,8 @@
 //! objects are never removed, however long it runs. Records of dead writers and finished
 //! takeovers go too, once older than the grace period. Data objects go first, claims after
 //! them and writer records last, so an interrupted `gc` is simply run again.
-//! Application metadata archives without a manifest are garbage after the grace period too.
+//! Application metadata archives without a manifest are garbage after the grace period too, as
+//! are damage marks (`crate::damage`) of backups no longer committed.
 //! Folds: an intent older than the grace period is finished or rolled back first
 //! ([`Target::recover_folds`]); objects a committed fold superseded are removed once their
 //! retired record is older than the grace period; nothing a committed manifest, a fold in
@@ -106,7 +107,7 @@ fn owner(dir: &str, key: &Path, rest: &[String]) -> Option<String> {
             Some(id.to_string())
         }
         "files" => rest.first().cloned(),
-        "claims" | "backups" => id_from_key(key, ".json"),
+        "claims" | "backups" | "damaged" => id_from_key(key, ".json"),
         _ => None,
     }
 }
@@ -171,7 +172,7 @@ async fn collect_volume(
     // releases its record, so one judged dead above that committed shows its manifest now.
     let mut committed_since: HashMap<String, bool> = HashMap::new();
     let mut removed = Vec::new();
-    for dir in ["images", "files", "children", "claims"] {
+    for dir in ["images", "files", "damaged", "children", "claims"] {
         for (meta, rest) in by_dir.get(dir).into_iter().flatten() {
             if meta.last_modified > cutoff || needed.contains(&meta.location) {
                 continue;

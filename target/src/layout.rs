@@ -15,6 +15,8 @@
 //! <prefix>/volumes/<volume>/files/<id>/<token>/<name>   side files a fold wrote for <id>
 //! <prefix>/volumes/<volume>/folds/<parent>.json  intent of a fold of <parent> into its child
 //! <prefix>/volumes/<volume>/retired/<token>.json objects a committed fold superseded (for gc)
+//! <prefix>/volumes/<volume>/readers/<token>.json the record of a live reader (lock or lease)
+//! <prefix>/volumes/<volume>/damaged/<id>.json    what a check found damaged in backup <id>
 //! <prefix>/applications/<app>/<id>.json          application backup manifest (commit point)
 //! <prefix>/applications/<app>/<id>.archive       its metadata archive
 //! ```
@@ -147,6 +149,11 @@ impl Layout {
             None => Ok(self.file(volume, id, &file.name)),
             Some(object) => self.under(self.files_dir(volume, id), object),
         }
+    }
+
+    /// The damage mark of backup `id` (see `crate::damage`).
+    pub(crate) fn damage_mark(&self, volume: &VolumeName, id: &BackupId) -> Path {
+        self.key(["volumes", volume.as_str(), "damaged", &json(id.as_str())])
     }
 
     /// The intent record of a fold of `parent` into its child.

@@ -200,6 +200,7 @@
 
 mod apps;
 mod cache;
+mod damage;
 mod delete;
 mod error;
 mod failpoint;
@@ -224,6 +225,7 @@ mod upload;
 mod url;
 
 pub use apps::MAX_APP_ARCHIVE;
+pub use damage::DamageMark;
 pub use error::{Error, Result};
 pub use fetch::{FetchPlanner, Fetched, InFlight, Part, PartStorage};
 pub use gc::GcReport;

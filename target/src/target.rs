@@ -154,6 +154,12 @@ impl Target {
         &self.inner.options
     }
 
+    /// Says `line` through the target's notices (`TargetOptions::notices`): what the caller
+    /// of an operation on this target should hear though the operation goes on.
+    pub fn notice(&self, line: &str) {
+        self.inner.options.notices.tell(line);
+    }
+
     /// The most bytes the read cache of all the target's open images held at once since the
     /// target was opened: at most [`TargetOptions::read_cache_budget`] (and one block) however
     /// many images were open. A figure for tuning and tests.
