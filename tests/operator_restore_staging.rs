@@ -28,7 +28,11 @@ const COPY_JOBS: &str = "/apis/batch/v1/namespaces/shop-copy/jobs";
 
 fn claim(name: &str, mode: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-           "metadata": {"name": name, "namespace": "shop", "labels": {"app": "db"}},
+           "metadata": {"name": name, "namespace": "shop", "labels": {"app": "db"},
+                        "finalizers": ["kubernetes.io/pvc-protection", "example.com/keep"],
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                             "name": "db", "uid": "uid-of-the-source-cluster",
+                                             "controller": true}]},
            "spec": {"storageClassName": "fast", "volumeMode": mode,
                     "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
            "status": {"phase": "Bound", "capacity": {"storage": "1Mi"}}})
@@ -211,6 +215,10 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
     let raw = mock.get(&format!("{COPY_PVCS}/raw")).unwrap();
     assert_eq!(raw["spec"]["volumeMode"], "Block");
     assert_eq!(raw["spec"]["storageClassName"], "fast-copy");
+    // The source cluster's owner (its uid unknown here: the garbage collector would delete
+    // the claim) and finalizers are not carried over.
+    assert_eq!(raw["metadata"]["ownerReferences"], Value::Null, "{raw}");
+    assert_eq!(raw["metadata"]["finalizers"], Value::Null, "{raw}");
     let pod_claim = |job: &str| {
         mock.get(&format!("{COPY_JOBS}/{job}")).unwrap()["spec"]["template"]["spec"]["volumes"][0]
             ["persistentVolumeClaim"]["claimName"]
@@ -291,6 +299,8 @@ async fn filesystem_pvc_is_restored_through_a_block_staging_volume_and_a_snapsho
         .expect("PVC made from the staging snapshot");
     assert_eq!(data["metadata"]["labels"]["app"], "db");
     assert_eq!(data["metadata"]["labels"]["strata.io/run"], "copy");
+    assert_eq!(data["metadata"]["ownerReferences"], Value::Null, "{data}");
+    assert_eq!(data["metadata"]["finalizers"], Value::Null, "{data}");
     assert_eq!(
         data["spec"],
         json!({"storageClassName": "fast-copy", "volumeMode": "Filesystem",

@@ -88,8 +88,27 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// The longest condition message the CRDs accept (`maxLength`, as `metav1.Condition`'s).
+pub const MESSAGE_LIMIT: usize = 32768;
+
+/// `message` cut to [`MESSAGE_LIMIT`] bytes (so characters too) on a character boundary,
+/// ending with a note that it was cut: a longer one fails the whole status write (422), and
+/// the run would then be retried for ever without ever showing why.
+fn fit_message(message: String) -> String {
+    const CUT: &str = " ... (cut: the message was longer than a condition holds)";
+    if message.len() <= MESSAGE_LIMIT {
+        return message;
+    }
+    let mut end = MESSAGE_LIMIT - CUT.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT}", &message[..end])
+}
+
 /// Set condition `type_` in `conditions`: replaced in place, its `lastTransitionTime` kept
-/// unless `status` changes.
+/// unless `status` changes; a message longer than a condition holds is cut
+/// ([`MESSAGE_LIMIT`]).
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -98,7 +117,7 @@ pub fn set_condition(
     message: impl Into<String>,
     generation: Option<i64>,
 ) {
-    let message = message.into();
+    let message = fit_message(message.into());
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(existing) => {
             if existing.status != status {
@@ -155,6 +174,34 @@ pub fn quantity_bytes(quantity: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut_to_what_the_crd_accepts() {
+        let mut conditions = vec![];
+        let long = format!("a{}", "é".repeat(MESSAGE_LIMIT));
+        set_condition(
+            &mut conditions,
+            "Failed",
+            ConditionStatus::True,
+            "NotAuthorized",
+            long.clone(),
+            None,
+        );
+        let message = &conditions[0].message;
+        assert!(message.len() <= MESSAGE_LIMIT, "{}", message.len());
+        assert!(message.len() > MESSAGE_LIMIT - 100, "{}", message.len());
+        assert!(long.starts_with(message.split(" ... (cut").next().unwrap()));
+        assert!(message.ends_with("longer than a condition holds)"));
+        set_condition(
+            &mut conditions,
+            "Failed",
+            ConditionStatus::True,
+            "NotAuthorized",
+            "short",
+            None,
+        );
+        assert_eq!(conditions[0].message, "short");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_seconds() {

@@ -84,6 +84,29 @@ fn larger<'a>(a: Option<&'a Quantity>, b: Option<&'a Quantity>) -> Option<&'a Qu
     }
 }
 
+/// Raises `claim`'s storage request to `size_bytes` (the backed-up volume's size) when it asks
+/// for less or cannot be read: a volume provisioned larger than its request (EBS rounds 1500Mi
+/// up to 2Gi) restored through a provisioner that gives exactly what is asked would be a device
+/// too small for the restore, which refuses it.
+pub(crate) fn request_at_least(claim: &mut PersistentVolumeClaim, size_bytes: Option<u64>) {
+    let Some(size) = size_bytes else {
+        return;
+    };
+    let wanted = Quantity(size.to_string());
+    let grown = larger(request(claim), Some(&wanted)).cloned();
+    if grown.as_ref() == request(claim) && grown.is_some() {
+        return;
+    }
+    let requests = claim
+        .spec
+        .get_or_insert_with(Default::default)
+        .resources
+        .get_or_insert_with(Default::default)
+        .requests
+        .get_or_insert_with(Default::default);
+    requests.insert("storage".to_owned(), grown.unwrap_or(wanted));
+}
+
 /// Check that `claim`'s name is free (or taken by this run's earlier reconcile) and create the
 /// Block staging PVC for `key`, as large as the backed-up volume (`size_bytes`, its provisioned
 /// capacity) or the claim's request, whichever is larger. Returns the staging PVC's name.
@@ -241,6 +264,33 @@ mod tests {
 
     fn quantity(q: &str) -> Quantity {
         Quantity(q.to_owned())
+    }
+
+    #[test]
+    fn a_claim_asks_at_least_for_the_backed_up_size() {
+        let claim = |q: Option<&str>| PersistentVolumeClaim {
+            spec: Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+                resources: q.map(|q| k8s_openapi::api::core::v1::VolumeResourceRequirements {
+                    requests: Some([("storage".to_owned(), quantity(q))].into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let grown = |q: Option<&str>, size: Option<u64>| {
+            let mut c = claim(q);
+            request_at_least(&mut c, size);
+            request(&c).cloned()
+        };
+        // 1500Mi provisioned as 2Gi: the restored claim asks for the 2Gi.
+        assert_eq!(
+            grown(Some("1500Mi"), Some(2 << 30)),
+            Some(quantity("2147483648"))
+        );
+        assert_eq!(grown(Some("2Gi"), Some(1 << 30)), Some(quantity("2Gi")));
+        assert_eq!(grown(Some("1Gi"), None), Some(quantity("1Gi")));
+        assert_eq!(grown(None, Some(4096)), Some(quantity("4096")));
     }
 
     #[test]

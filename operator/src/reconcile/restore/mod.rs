@@ -349,13 +349,25 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The archived (mapped) claim `claim`, labelled with this run.
+    /// The archived (mapped) claim `claim`, labelled with this run, without the source
+    /// cluster's owner references and finalizers.
+    ///
+    /// Claims are created before the objects that own them are applied (those come in
+    /// Finishing, with new uids): a claim naming an owner uid this cluster does not have is
+    /// deleted by the garbage collector as soon as no pod uses it (a StatefulSet's claims
+    /// with `persistentVolumeClaimRetentionPolicy: Delete`, an operator's claims such as a
+    /// CloudNativePG cluster's), and the owner's controller then makes an empty one; with
+    /// `OwnerReferencesPermissionEnforcement` the create is refused. A finalizer of a
+    /// controller the cluster may not run would block the claim's deletion for ever. The
+    /// owning controller adopts its claims again once it runs.
     fn restored_claim(&self, claim: Value) -> Result<PersistentVolumeClaim> {
         let mut pvc: PersistentVolumeClaim =
             serde_json::from_value(claim).map_err(|e| Error::InvalidSpec {
                 what: "archived PVC",
                 reason: e.to_string(),
             })?;
+        pvc.metadata.owner_references = None;
+        pvc.metadata.finalizers = None;
         label_restored(&mut pvc, &self.name);
         Ok(pvc)
     }

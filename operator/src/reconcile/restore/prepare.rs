@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::reconcile::access::{RunAccess, grant};
 use crate::reconcile::jobs::create_job;
 use crate::reconcile::nodes::{NodeSlots, exclude, record_slots};
-use crate::reconcile::staging::{create_staging, needs_staging};
+use crate::reconcile::staging::{create_staging, needs_staging, request_at_least};
 use crate::reconcile::volumes::{create_claim, progress};
 use crate::status::{ConditionStatus, Phase, quantity_bytes, set_condition};
 use strata_csi::Role;
@@ -128,11 +128,13 @@ impl Run<'_> {
         namespace: &str,
     ) -> Result<()> {
         let client = &self.ctx.client;
-        let pvc = self.restored_claim(claim)?;
+        let mut pvc = self.restored_claim(claim)?;
         let key = self.key(namespace, &volume.pvc);
         if volume.staging.is_some() {
             create_staging(client, &key, &pvc, volume.size_bytes, &self.name).await?;
         } else {
+            // Written in place: the device must hold the whole backed-up volume.
+            request_at_least(&mut pvc, volume.size_bytes);
             create_claim(client, &pvc, &self.name).await?;
         }
         Ok(())
