@@ -249,3 +249,30 @@ fn a_refused_backing_file_names_trust_backing() {
         String::from_utf8_lossy(&trusted.stderr)
     );
 }
+
+/// A lease longer than other writers honour (10 minutes) is refused before anything runs:
+/// renewed every third of it, it would lapse in their eyes while its writer lives.
+#[test]
+fn a_lease_longer_than_ten_minutes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("vol.raw");
+    std::fs::write(&source, [0u8; 4096]).unwrap();
+    let target = dir.path().join("target");
+    let out = strata_bin::strata(&[
+        "backup",
+        "--lease",
+        "40m",
+        "--target",
+        target.to_str().unwrap(),
+        "--volume",
+        "v",
+        source.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("longer than the longest lease, 10m"),
+        "{stderr}"
+    );
+    assert!(!target.exists(), "the refused backup made its target");
+}

@@ -473,3 +473,56 @@ fn a_stalled_writer_on_a_folder_keeps_its_slot() {
     let work = tempfile::tempdir().expect("temp dir");
     assert!(leg.restore(&listed[1].0, &work.path().join("w.raw")) == content);
 }
+
+/// A writer killed while it takes over a dead writer's slot (crash point `takeover-recorded`:
+/// its takeover record made, the dead slot not yet removed) does not block the volume: the
+/// next backup judges the killed taker dead too, removes its record, takes the slot over and
+/// commits on the base. Before, every later backup failed with "the child slot kept changing
+/// hands" until gc's grace had passed.
+fn killed_taker(leg: &Leg) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let (source_arg, source) = new_volume(work.path());
+    let source_arg = source_arg.as_str();
+    write_version(&source, 1);
+    leg.ok(&leg.backup_args(source_arg));
+    let base = leg.list()[0].0.clone();
+    write_version(&source, 2);
+    for point in ["mid-upload", "takeover-recorded"] {
+        let killed = leg
+            .command(&leg.backup_args(source_arg))
+            .env("STRATA_FAILPOINT", point)
+            .output()
+            .expect("run strata");
+        assert_eq!(
+            killed.status.signal(),
+            Some(9),
+            "{point}: {:?}: {}",
+            killed.status,
+            String::from_utf8_lossy(&killed.stderr)
+        );
+    }
+    let content = write_version(&source, 3);
+    let next = leg.run(&leg.backup_args(source_arg));
+    let stderr = String::from_utf8_lossy(&next.stderr);
+    assert!(next.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("took over from the dead writer"),
+        "{stderr}"
+    );
+    let listed = leg.list();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[1].1.as_deref(), Some(base.as_str()));
+    assert!(leg.restore(&listed[1].0, &work.path().join("r.raw")) == content);
+}
+
+#[test]
+fn a_writer_killed_while_taking_over_does_not_block_the_volume_on_a_folder() {
+    killed_taker(&Leg::folder());
+}
+
+#[test]
+fn a_writer_killed_while_taking_over_does_not_block_the_volume_on_s3() {
+    if let Some(leg) = Leg::s3("killed-taker") {
+        killed_taker(&leg);
+    }
+}

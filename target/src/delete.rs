@@ -13,6 +13,7 @@
 //! the backup.
 
 use chrono::Utc;
+use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
 use crate::layout::image_name;
@@ -67,9 +68,18 @@ impl Target {
             // backup before the manifest went is listed now; one that starts later does not
             // find it. Seen now, the delete is undone: the manifest put back, the slot freed.
             if inner.reads(&volume, &id).await? {
-                inner.put(&manifest_path, stored).await?;
-                inner.delete(&slot).await?;
-                return Err(being_read());
+                // Put back only what still restores: a gc that ran in between found the id
+                // uncommitted and may have removed its data (the image goes with the rest).
+                let image = inner.layout.image(&volume, &manifest.image.object);
+                match inner.options.retry.run(|| inner.store.head(&image)).await {
+                    Ok(meta) if meta.size == manifest.image.size => {
+                        inner.put(&manifest_path, stored).await?;
+                        inner.delete(&slot).await?;
+                        return Err(being_read());
+                    }
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(err) => return Err(Error::store("head", &image, err)),
+                }
             }
             inner
                 .delete(&inner.layout.image(&volume, &manifest.image.object))

@@ -10,7 +10,9 @@
 //! stored), `before-manifest` (side files stored, the commit not yet made), `after-manifest`
 //! (committed, the lease not yet released). Expiring an application backup passes
 //! `app-manifest-deleted` (its manifest deleted, its archive not yet); deleting a backup
-//! passes `delete-slot-taken` (readers checked and its child slot taken, nothing deleted).
+//! passes `delete-slot-taken` (readers checked and its child slot taken, nothing deleted). A
+//! backup taking over a dead writer's child slot passes `takeover-recorded` (its takeover
+//! record made, the dead writer's slot not yet removed).
 
 /// Kills the process with SIGKILL when `STRATA_FAILPOINT` is `point`, stops it with SIGSTOP
 /// when it is `point:stop` (feature `failpoints`).

@@ -89,7 +89,7 @@ impl Target {
                 Created::New => Ok(lease),
                 Created::Exists(other) => {
                     lease.release(&inner).await?;
-                    let other: FoldIntent = from_json("fold intent", path.as_ref(), &other)?;
+                    let other = FoldIntent::parse(path.as_ref(), &other)?;
                     Err(Error::FoldInProgress {
                         volume: volume_c.to_string(),
                         parent: doc.parent.to_string(),
@@ -270,7 +270,7 @@ async fn check_intent_is_ours(
         Err(Error::NotFound { .. }) => return Err(lost()),
         other => other?,
     };
-    let found: FoldIntent = from_json("fold intent", path.as_ref(), &bytes)?;
+    let found = FoldIntent::parse(path.as_ref(), &bytes)?;
     if found.writer != intent.writer {
         return Err(lost());
     }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fold::named_objects;
-use crate::layout::image_name;
+use crate::layout::{fold_image_name, image_name};
 use crate::liveness::Liveness;
 use crate::manifest::{BackupManifest, Reservation, from_json, to_json};
 use crate::name::{BackupId, VolumeName};
@@ -71,6 +71,102 @@ pub(crate) struct Retired {
     pub retired: DateTime<Utc>,
 }
 
+impl FoldIntent {
+    /// The intent record at `path`, refused as corrupt unless it has the form a fold writes:
+    /// recovery deletes what it names, so a record written by hand or damaged must not name
+    /// anything else (a `files` of `backups` would delete every manifest).
+    pub(crate) fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        let intent: FoldIntent = from_json("fold intent", path, bytes)?;
+        let corrupt = |reason: String| Error::Corrupt {
+            what: "fold intent",
+            path: path.to_string(),
+            reason,
+        };
+        if !plain_token(&intent.writer) {
+            return Err(corrupt(format!(
+                "writer {:?} is not a token",
+                intent.writer
+            )));
+        }
+        if intent.child == intent.parent {
+            return Err(corrupt(format!("folds {} into itself", intent.parent)));
+        }
+        if intent.image != fold_image_name(&intent.child, &intent.writer) {
+            return Err(corrupt(format!(
+                "image {:?} is not the fold's",
+                intent.image
+            )));
+        }
+        if intent.files != format!("files/{}/{}", intent.child, intent.writer) {
+            return Err(corrupt(format!(
+                "files {:?} are not the fold's",
+                intent.files
+            )));
+        }
+        if let Some(object) = intent
+            .superseded
+            .iter()
+            .find(|object| !of_backups(object, &intent.parent, &intent.child))
+        {
+            return Err(corrupt(format!(
+                "supersedes {object:?}, which is neither backup's"
+            )));
+        }
+        Ok(intent)
+    }
+}
+
+impl Retired {
+    /// The retired record at `path`, refused as corrupt unless every object it names is an
+    /// image or a side file of the fold's two backups (gc deletes them).
+    pub(crate) fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        let retired: Retired = from_json("retired record", path, bytes)?;
+        if let Some(object) = retired
+            .objects
+            .iter()
+            .find(|object| !of_backups(object, &retired.parent, &retired.child))
+        {
+            return Err(Error::Corrupt {
+                what: "retired record",
+                path: path.to_string(),
+                reason: format!("names {object:?}, which is neither backup's"),
+            });
+        }
+        Ok(retired)
+    }
+}
+
+/// Whether `token` is a writer token as writers make them.
+fn plain_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 64
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `object` (relative to the volume folder) is an image or a side file of `parent` or
+/// `child`: the only objects a fold supersedes.
+fn of_backups(object: &str, parent: &BackupId, child: &BackupId) -> bool {
+    let plain = |name: &str| !name.is_empty() && name != "." && name != "..";
+    match object.split('/').collect::<Vec<_>>().as_slice() {
+        // `<id>.qcow2`, or a fold's `<id>.<token>.qcow2`, of either backup.
+        ["images", name] => [parent, child].iter().any(|id| {
+            name.strip_prefix(id.as_str())
+                .and_then(|rest| rest.strip_suffix(crate::layout::IMAGE_EXTENSION))
+                .is_some_and(|token| {
+                    token.is_empty() || token.strip_prefix('.').is_some_and(plain_token)
+                })
+        }),
+        ["files", id, rest @ ..] => {
+            (*id == parent.as_str() || *id == child.as_str())
+                && !rest.is_empty()
+                && rest.iter().all(|name| plain(name))
+        }
+        _ => false,
+    }
+}
+
 /// What recovery did with a stopped fold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Recovered {
@@ -105,7 +201,7 @@ impl Target {
                     Err(Error::NotFound { .. }) => continue,
                     other => other?,
                 };
-                let intent: FoldIntent = from_json("fold intent", meta.location.as_ref(), &bytes)?;
+                let intent = FoldIntent::parse(meta.location.as_ref(), &bytes)?;
                 if inner.layout.fold_intent(&volume, &intent.parent) != meta.location {
                     return Err(Error::Corrupt {
                         what: "fold intent",
@@ -311,7 +407,7 @@ impl Needed {
         let layout = &inner.layout;
         for meta in inner.list(&layout.volume_dir(volume, "folds")).await? {
             let intent: FoldIntent = match inner.get_bytes(&meta.location).await {
-                Ok(bytes) => from_json("fold intent", meta.location.as_ref(), &bytes)?,
+                Ok(bytes) => FoldIntent::parse(meta.location.as_ref(), &bytes)?,
                 Err(Error::NotFound { .. }) => continue,
                 Err(err) => return Err(err),
             };
@@ -339,7 +435,7 @@ impl Needed {
                 continue;
             }
             let retired: Retired = match inner.get_bytes(&meta.location).await {
-                Ok(bytes) => from_json("retired record", meta.location.as_ref(), &bytes)?,
+                Ok(bytes) => Retired::parse(meta.location.as_ref(), &bytes)?,
                 Err(Error::NotFound { .. }) => continue,
                 Err(err) => return Err(err),
             };
@@ -378,7 +474,7 @@ pub(crate) async fn collect_retired(
             continue;
         }
         let retired: Retired = match inner.get_bytes(&meta.location).await {
-            Ok(bytes) => from_json("retired record", meta.location.as_ref(), &bytes)?,
+            Ok(bytes) => Retired::parse(meta.location.as_ref(), &bytes)?,
             Err(Error::NotFound { .. }) => continue,
             Err(err) => return Err(err),
         };
@@ -402,4 +498,75 @@ pub(crate) async fn collect_retired(
         removed.push(meta.location.to_string());
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intent() -> FoldIntent {
+        let parent = BackupId::new("20261203T000000Z-00000001").unwrap();
+        let child = BackupId::new("20261203T000001Z-00000002").unwrap();
+        let writer = "fold-0123456789abcdef".to_string();
+        FoldIntent {
+            image: fold_image_name(&child, &writer),
+            files: format!("files/{child}/{writer}"),
+            superseded: vec![
+                format!("images/{parent}.qcow2"),
+                format!("images/{parent}.fold-00.qcow2"),
+                format!("files/{parent}/digests"),
+                format!("files/{child}/fold-00/checksums"),
+            ],
+            parent,
+            child,
+            grandparent: None,
+            writer,
+            created: Utc::now(),
+        }
+    }
+
+    fn parsed(intent: &FoldIntent) -> Result<FoldIntent> {
+        FoldIntent::parse("folds/x.json", &to_json(intent))
+    }
+
+    #[test]
+    fn an_intent_naming_anything_but_the_folds_objects_is_corrupt() {
+        let good = intent();
+        assert_eq!(parsed(&good).unwrap(), good);
+        type Edit = fn(&mut FoldIntent);
+        let edits: [(&str, Edit); 8] = [
+            ("files", |i| i.files = "backups".into()),
+            ("image", |i| i.image = "../backups/x.json".into()),
+            ("writer", |i| i.writer = "a/b".into()),
+            ("itself", |i| i.child = i.parent.clone()),
+            ("manifests", |i| i.superseded.push("backups/x.json".into())),
+            ("other backup", |i| {
+                i.superseded.push("files/other/digests".into())
+            }),
+            ("dot dot", |i| {
+                i.superseded.push("files/x/../../backups".into())
+            }),
+            ("another image", |i| {
+                i.superseded.push("images/other.qcow2".into())
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            assert!(
+                matches!(parsed(&bad), Err(Error::Corrupt { .. })),
+                "{what}: {bad:?} was accepted"
+            );
+        }
+        let retired = Retired {
+            parent: good.parent.clone(),
+            child: good.child.clone(),
+            objects: vec!["claims/x.json".into()],
+            retired: Utc::now(),
+        };
+        assert!(matches!(
+            Retired::parse("retired/x.json", &to_json(&retired)),
+            Err(Error::Corrupt { .. })
+        ));
+    }
 }

@@ -268,7 +268,8 @@ async fn collect_volume(
 /// when it last changed.
 fn staged_files(folder: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<String>, DateTime<Utc>)> {
     let mut found = Vec::new();
-    // Volume folders are at most three deep (`files/<id>/<name>`, `takeovers/<parent>/...`).
+    // Volume folders are at most four deep (`files/<id>/<name>`, a fold's
+    // `files/<id>/<token>/<name>`, `takeovers/<parent>/...`).
     let mut pending = vec![(folder.to_path_buf(), Vec::new())];
     while let Some((dir, parts)) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -282,7 +283,7 @@ fn staged_files(folder: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<String
                 continue;
             };
             if meta.is_dir() {
-                if parts.len() < 3 {
+                if parts.len() < 4 {
                     pending.push((entry.path(), parts));
                 }
                 continue;

@@ -367,7 +367,19 @@ impl Inner {
     ) -> Result<(Liveness, Option<WriterRecord>)> {
         if let Some(root) = &self.local_root {
             let file_path = crate::url::local_path(root, path);
-            let file = match File::open(&file_path) {
+            // Opened for writing where allowed: on NFS, `flock` is a POSIX lock over the
+            // whole file, and an exclusive one needs a descriptor open for writing (EBADF on a
+            // read-only one). Read-only credentials fall back to a read-only descriptor.
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&file_path)
+                .or_else(|err| match err.kind() {
+                    std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem => File::open(&file_path),
+                    _ => Err(err),
+                });
+            let file = match opened {
                 Ok(file) => file,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                     return Ok((Liveness::Dead, None));
@@ -502,11 +514,33 @@ impl Inner {
                 return Err(not_head());
             }
             let takeover = self.layout.takeover(volume, parent, &holder.writer);
-            if let Created::Exists(_) = self.put_create(&takeover, bytes.clone()).await? {
-                // Another writer is taking this slot over; see what it holds next round.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Created::Exists(record) = self.put_create(&takeover, bytes.clone()).await? {
+                // Another writer is taking this slot over; see what it holds next round. One
+                // that died between its record and the slot's removal (killed, a failed
+                // request) would hold every later writer off until gc's grace: its record is
+                // removed once its own writer is judged dead, and the slot taken over anew.
+                let taker: Option<Reservation> =
+                    from_json("takeover record", takeover.as_ref(), &record).ok();
+                let dead = match &taker {
+                    Some(taker) => match self.liveness(volume, &taker.writer, now).await? {
+                        Liveness::Alive => false,
+                        Liveness::Dead => true,
+                        Liveness::Watch { seen, lease } => {
+                            self.lease_lapses(volume, &taker.writer, &seen, lease)
+                                .await?
+                        }
+                    },
+                    // Not a record a writer wrote: nobody is taking over through it.
+                    None => true,
+                };
+                if dead {
+                    self.delete(&takeover).await?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 continue;
             }
+            crate::failpoint::hit("takeover-recorded");
             match self.get_bytes(&slot).await {
                 Ok(now) if now == held => {
                     self.delete(&slot).await?;

@@ -65,7 +65,8 @@ pub struct TargetOptions {
     pub store_config: Vec<(String, String)>,
     /// How long a writer's lease on an object store lasts without a renewal (it renews every
     /// third of it): a writer killed mid-backup holds up the volume's next backup for about
-    /// this long. Folder targets use an OS lock instead and never wait. Default 30 s.
+    /// this long. Folder targets use an OS lock instead and never wait. Default 30 s; at least
+    /// 300 ms and at most 10 minutes (what other writers honour).
     pub lease: Duration,
     /// Where the target reports what it waits for (a lapsing lease), for a command line to
     /// print. Silent by default.
@@ -186,7 +187,12 @@ impl TargetOptions {
         self.max_readahead = self.max_readahead.max(self.read_block_size);
         self.max_request = self.max_request.max(self.read_block_size);
         self.io_threads = self.io_threads.max(1);
-        self.lease = self.lease.max(Duration::from_millis(300));
+        // At most the longest lease another writer honours (it judges a record by its
+        // holder's lease, capped there so a hostile record cannot stall it): a longer one
+        // would renew less often than others watch, and a live writer be taken over.
+        self.lease = self
+            .lease
+            .clamp(Duration::from_millis(300), crate::liveness::MAX_LEASE);
         self
     }
 }

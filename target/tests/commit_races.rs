@@ -521,8 +521,19 @@ fn gc_removes_a_killed_writers_staged_uploads_on_a_folder() {
     std::fs::write(&side, vec![1u8; 3 << 20]).expect("write");
     let record = repo.join("volumes/data/writers/0123456789abcdef.json#2");
     std::fs::write(&record, b"{").expect("write");
+    // A killed fold's side file, staged one folder deeper (`files/<id>/<token>/<name>`).
+    let fold_files = files.join("fold-0123456789abcdef");
+    std::fs::create_dir_all(&fold_files).expect("mkdir");
+    let fold_side = fold_files.join("checksums#1");
+    std::fs::write(&fold_side, b"part").expect("write");
     std::thread::sleep(Duration::from_millis(20));
     let report = target.gc(Duration::ZERO).expect("gc");
+    assert!(
+        !fold_side.exists(),
+        "left {} (removed {:?})",
+        fold_side.display(),
+        report.removed
+    );
     assert!(
         !side.exists(),
         "left {} (removed {:?})",

@@ -32,7 +32,8 @@ pub struct BackupArgs {
     max_chain_length: usize,
     /// On object storage, how long this writer's lease lasts without a renewal (`30s`, `2m`):
     /// were it killed, the volume's next backup waits about this long before taking over.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    /// At most 10m: other writers honour no longer lease.
+    #[arg(long, value_name = "DURATION", value_parser = parse_lease, default_value = "30s")]
     lease: Duration,
     /// Compression of the stored clusters: `none`, `zlib[:LEVEL]` (0-9) or `zstd[:LEVEL]`
     /// (1-22; the default is zstd at level 1). Clusters that do not shrink are stored raw.
@@ -183,6 +184,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Parses `--lease`: a duration of at most 10 minutes, the longest lease other writers honour
+/// (a longer one would be renewed less often than they watch it, and a live writer taken over).
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    match lease > Duration::from_secs(600) {
+        true => Err(format!("{text:?} is longer than the longest lease, 10m")),
+        false => Ok(lease),
+    }
 }
 
 /// Parses a size in bytes: a number with `K`, `M` or `G` (powers of 1024, `KiB`... too).
