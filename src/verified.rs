@@ -93,11 +93,74 @@ pub(crate) fn open_verified_in(
 /// Side files downloaded at once while a chain is opened.
 const PARALLEL_DOWNLOADS: usize = 16;
 
+/// How many times a chain is opened anew on a folder whose manifests changed while it opened.
+const FOLDER_REOPENS: usize = 4;
+
+/// [`open_once`], opened anew on a folder when a manifest of the chain changed meanwhile.
+///
+/// On a folder a fold ends by renaming the merged image over `<child>.qcow2` (qemu-img follows
+/// backing names by file name), so a reader that read the manifests before a fold and opened
+/// the files after it would meet the merged image under the old manifests and take a healthy
+/// backup for a damaged one. Once the files are open (what they hold no longer changes for
+/// this reader), every manifest the chain was checked against is read again; when one differs
+/// or is gone, the chain is opened anew. Object stores need none of it: a fold writes new
+/// objects and never renames one over another.
 fn open_verified_with(
     target: &Target,
     volume: &VolumeName,
     id: Option<&BackupId>,
     parts: Option<&PartStorage>,
+) -> Result<VerifiedChain> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (read, opened) = open_once(target, volume, id, parts);
+        if !target.is_folder() || tries >= FOLDER_REOPENS {
+            return opened;
+        }
+        match &opened {
+            Err(e) if !is_damage(e) => return opened,
+            // Damage found walking the manifests (a parent gone): a fold may have removed it
+            // meanwhile; the walk is cheap on a folder, so it is walked again.
+            Err(_) if read.is_empty() => continue,
+            _ if unchanged(target, &read)? => return opened,
+            _ => continue,
+        }
+    }
+}
+
+/// Whether every manifest of `read` is still stored as it was read.
+fn unchanged(target: &Target, read: &[BackupManifest]) -> Result<bool> {
+    for manifest in read {
+        match target.backup(&manifest.volume, &manifest.id) {
+            Ok(now) if now == *manifest => {}
+            Ok(_) => return Ok(false),
+            Err(strata_target::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Opens the chain once; with the manifests it was checked against (none when it failed
+/// before they were all read).
+fn open_once(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+    parts: Option<&PartStorage>,
+) -> (Vec<BackupManifest>, Result<VerifiedChain>) {
+    let mut read = Vec::new();
+    let opened = open_once_into(target, volume, id, parts, &mut read);
+    (read, opened)
+}
+
+fn open_once_into(
+    target: &Target,
+    volume: &VolumeName,
+    id: Option<&BackupId>,
+    parts: Option<&PartStorage>,
+    read: &mut Vec<BackupManifest>,
 ) -> Result<VerifiedChain> {
     // The latest backup comes from the listing of them all, which holds the chain's other
     // manifests too; a given backup's chain is read in parallel batches
@@ -136,6 +199,8 @@ fn open_verified_with(
         }
     };
     let manifests = manifest_chain(target, top.clone(), &mut listed)?;
+    read.clone_from(&manifests);
+    strata_target::failpoint("chain-manifests-read");
     // The images are opened ahead (`VolumeStorage::open_chain`, `PartStorage::preopen`) while
     // every layer's checksum list is downloaded, several at once: each is one streaming GET,
     // and none waits for another. Opening ahead is only a head start: when it fails (a missing

@@ -790,10 +790,25 @@ pub struct VerifyReport {
 /// it breaks, as when each was checked alone. A backup with damage (its clusters, image or
 /// manifest) is named at every backup verified here whose chain holds it ("chain: backup ...
 /// under it is damaged"): those do not restore either.
+///
+/// A backup found damaged whose manifest changed meanwhile (a prune folded it, or folded its
+/// parent into it) is verified again as it is now, or left out when it is gone: what a fold
+/// changed while it was read is no damage. Each backup found damaged is marked so
+/// ([`Target::mark_damaged`]), and the next backup of the volume starts a new chain instead of
+/// building on it; one found whole loses an earlier mark.
 pub fn verify(
     target: &Target,
     volume: Option<&VolumeName>,
     id: Option<&BackupId>,
+) -> Result<Vec<VerifyReport>> {
+    verify_with(target, volume, id, true)
+}
+
+fn verify_with(
+    target: &Target,
+    volume: Option<&VolumeName>,
+    id: Option<&BackupId>,
+    recheck: bool,
 ) -> Result<Vec<VerifyReport>> {
     let (listed, unreadable) = list_readable(target, volume)?;
     let manifests: Vec<BackupManifest> = listed
@@ -843,6 +858,10 @@ pub fn verify(
             }
         }
     }
+    let verified: HashMap<Key, BackupManifest> = manifests
+        .iter()
+        .map(|m| ((m.volume.clone(), m.id.clone()), m.clone()))
+        .collect();
     for manifest in manifests {
         let mut damage = Vec::new();
         let problem = |what: String| Damage {
@@ -887,6 +906,9 @@ pub fn verify(
             damage,
         });
     }
+    if recheck {
+        reports = recheck_changed(target, reports, &verified)?;
+    }
     record_verdicts(target, &reports)?;
     // A backup whose own clusters are intact does not restore when one under it is damaged:
     // said at it too, so that no point that would fail to restore reads "ok".
@@ -908,6 +930,34 @@ pub fn verify(
         }
     }
     Ok(reports)
+}
+
+/// `reports` with each damaged backup whose manifest is no longer the one `verified` holds
+/// verified again as it is now, or left out when its manifest is gone.
+fn recheck_changed(
+    target: &Target,
+    reports: Vec<VerifyReport>,
+    verified: &HashMap<(VolumeName, BackupId), BackupManifest>,
+) -> Result<Vec<VerifyReport>> {
+    let mut checked = Vec::with_capacity(reports.len());
+    for report in reports {
+        let key = (report.volume.clone(), report.id.clone());
+        let Some(was) = verified.get(&key).filter(|_| !report.damage.is_empty()) else {
+            checked.push(report);
+            continue;
+        };
+        match target.backup(&report.volume, &report.id) {
+            Ok(now) if now == *was => checked.push(report),
+            Ok(_) => checked.extend(
+                verify_with(target, Some(&report.volume), Some(&report.id), false)?
+                    .into_iter()
+                    .filter(|again| again.id == report.id),
+            ),
+            Err(strata_target::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(checked)
 }
 
 /// Marks each backup `reports` found damaged (its own data, image or manifest), so that no

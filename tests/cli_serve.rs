@@ -451,3 +451,110 @@ fn a_reader_that_starts_while_prune_deletes_its_backup_keeps_it() {
     let restored = dir.path().join("new.raw");
     assert!(strata_bin::restored_bytes(&target_dir, "vol", &new, &restored) == new_bytes);
 }
+
+/// Runs `command` (armed with a `:stop` crash point) until it exits, running `meanwhile` once
+/// the first time it stops and resuming it (SIGCONT) each time it stops; its output.
+fn stopped_once_then(mut command: Command, meanwhile: impl FnOnce()) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut meanwhile = Some(meanwhile);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never finished");
+        if stopped(child.id()) {
+            if let Some(run) = meanwhile.take() {
+                run();
+            }
+            run("kill", &["-CONT", &child.id().to_string()]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// On a folder a fold ends by renaming the merged image over `<child>.qcow2`. A restore and a
+/// verify that read the chain's manifests before a prune folded it and opened the images
+/// after (each stopped with SIGSTOP between the two: crash point `chain-manifests-read`)
+/// would meet the merged image under the old manifests and report a healthy backup damaged
+/// (and mark it so). They read the manifests again once the images are open and open the
+/// chain anew: the restore gives the point's bytes, verify finds nothing damaged and marks
+/// nothing.
+#[test]
+fn a_restore_and_a_verify_that_a_fold_overtakes_on_a_folder_read_the_chain_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = dir.path().join("target");
+    let t = target_dir.to_str().unwrap().to_owned();
+    let source = dir.path().join("vol.raw");
+    let mut bytes = strata_bin::noise(1 << 20, 7);
+    std::fs::write(&source, &bytes).unwrap();
+    strata_bin::backed_up_id(&target_dir, "vol", &source);
+    let mut tops = Vec::new();
+    for round in 0..3u8 {
+        bytes[..4096].fill(round + 1);
+        std::fs::write(&source, &bytes).unwrap();
+        tops.push(strata_bin::backed_up_id(&target_dir, "vol", &source));
+    }
+    let prune = |keep: &str| {
+        let t = t.clone();
+        let keep = keep.to_owned();
+        move || {
+            let out = strata()
+                .args([
+                    "prune",
+                    "--target",
+                    &t,
+                    "--volume",
+                    "vol",
+                    "--keep-last",
+                    &keep,
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    let dest = dir.path().join("restored.raw");
+    let mut restore = strata();
+    restore
+        .args([
+            "restore", "-q", "--target", &t, "--volume", "vol", "--backup", &tops[2],
+        ])
+        .arg(&dest)
+        .env("STRATA_FAILPOINT", "chain-manifests-read:stop");
+    let out = stopped_once_then(restore, prune("2"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == bytes,
+        "the restored point differs"
+    );
+    let mut verify = strata();
+    verify
+        .args(["verify", "--target", &t])
+        .env("STRATA_FAILPOINT", "chain-manifests-read:stop");
+    let out = stopped_once_then(verify, prune("1"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("DAMAGED"), "{stdout}");
+    let marks = target_dir.join("volumes/vol/damaged");
+    assert!(
+        !marks.exists() || std::fs::read_dir(&marks).unwrap().next().is_none(),
+        "a healthy backup was marked damaged"
+    );
+    let again = dir.path().join("again.raw");
+    assert!(strata_bin::restored_bytes(&target_dir, "vol", &tops[2], &again) == bytes);
+}

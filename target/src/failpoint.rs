@@ -12,7 +12,8 @@
 //! `app-manifest-deleted` (its manifest deleted, its archive not yet); deleting a backup
 //! passes `delete-slot-taken` (readers checked and its child slot taken, nothing deleted). A
 //! backup taking over a dead writer's child slot passes `takeover-recorded` (its takeover
-//! record made, the dead writer's slot not yet removed).
+//! record made, the dead writer's slot not yet removed). Opening a chain for reading passes
+//! `chain-manifests-read` (its manifests read, its images not yet opened).
 
 /// Kills the process with SIGKILL when `STRATA_FAILPOINT` is `point`, stops it with SIGSTOP
 /// when it is `point:stop` (feature `failpoints`).

@@ -224,6 +224,13 @@ mod target;
 mod upload;
 mod url;
 
+/// A named crash point for the fault tests of crates built on this one, as this crate's own
+/// (`STRATA_FAILPOINT`; does nothing without the `failpoints` feature).
+#[doc(hidden)]
+pub fn failpoint(point: &str) {
+    failpoint::hit(point);
+}
+
 pub use apps::MAX_APP_ARCHIVE;
 pub use damage::DamageMark;
 pub use error::{Error, Result};
