@@ -125,8 +125,9 @@ fn convert_hydrates_sparse_and_identical() {
     assert!(blocks * 512 < 4 << 20, "not sparse: {blocks} blocks");
 }
 
-/// A destination that is an input of the conversion (the source itself, by another path, or
-/// a backing file of its chain) is refused before it is opened, and left as it was.
+/// A destination that is an input of the conversion (the source itself, by another path, a
+/// backing file of its chain, or an external data file) is refused before it is opened, and
+/// left as it was.
 #[test]
 fn convert_refuses_to_overwrite_its_own_input() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -141,13 +142,37 @@ fn convert_refuses_to_overwrite_its_own_input() {
     let partial = dir.path().join("disk.partial");
     std::fs::write(&partial, vec![0x6b; 1 << 20]).expect("partial");
     let disk = dir.path().join("disk");
-    let cases: [(&[&str], &std::path::Path, &std::path::Path); 6] = [
+    // An image whose clusters are in an external data file, named relative to it.
+    let qemu = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(dir.path())
+            .output()
+            .expect("run qemu");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=ext.raw",
+        "ext.qcow2",
+        "1M",
+    ]);
+    qemu(&["qemu-io", "-c", "write -P 0x4d 0 64k", "ext.qcow2"]);
+    let (external, data_file) = (dir.path().join("ext.qcow2"), dir.path().join("ext.raw"));
+    let cases: [(&[&str], &std::path::Path, &std::path::Path); 8] = [
         (&["-O", "raw"], &raw, &raw),
         (&["-O", "raw"], &raw, &alias),
         (&["-O", "raw"], &top, &base),
         (&["-f", "raw", "-O", "qcow2"], &raw, &alias),
         (&["-O", "raw"], &partial, &disk),
         (&["-f", "raw", "-O", "qcow2"], &partial, &disk),
+        (&["-O", "raw"], &external, &data_file),
+        (&["-O", "qcow2"], &external, &data_file),
     ];
     for (flags, source, dest) in cases {
         let before = std::fs::read(dest).ok();
@@ -167,6 +192,49 @@ fn convert_refuses_to_overwrite_its_own_input() {
             std::fs::read(source).expect("source after"),
             source_before,
             "{source:?} changed"
+        );
+    }
+}
+
+/// Names stored in an image reach the terminal escaped: a backing name holding a terminal
+/// control sequence is printed as its escape by `info` and `map`.
+#[test]
+fn info_and_map_escape_the_names_an_image_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = "b\u{1b}[2Jase.qcow2";
+    run(
+        dir.path(),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base, "1M"],
+    );
+    run(dir.path(), "qemu-io", &["-c", "write -P 0x21 0 64k", base]);
+    run(
+        dir.path(),
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base,
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    for command in ["info", "map"] {
+        let out = strata()
+            .arg(command)
+            .arg(dir.path().join("top.qcow2"))
+            .output()
+            .expect("run");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command}: {out:?}");
+        assert!(!printed.contains('\u{1b}'), "{command}: {printed:?}");
+        assert!(
+            printed.contains("b\\u{1b}[2Jase.qcow2"),
+            "{command}: {printed}"
         );
     }
 }

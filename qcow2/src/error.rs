@@ -187,8 +187,10 @@ pub enum Error {
 }
 
 /// Text shown in a message with its control characters and bidirectional-text controls
-/// escaped as Rust escapes them (`\r`, `\u{1b}`, `\u{202e}`); everything else as it is.
-pub(crate) struct Escaped<'a>(pub &'a str);
+/// escaped as Rust escapes them (`\r`, `\u{1b}`, `\u{202e}`); everything else as it is. For
+/// names and strings read from an image (untrusted) on their way to a terminal.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

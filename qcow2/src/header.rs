@@ -196,7 +196,10 @@ impl Header {
             ));
         }
         let cluster_size = 1u64 << cluster_bits;
-        let size = fixed.u64(24)?;
+        // The disk is whole 512-byte sectors: QEMU keeps `size / 512` of them and reads an
+        // image whose `size` is not a multiple of 512 as that many (qemu-img info, convert
+        // and compare all see the shorter disk), so the same bytes are read here.
+        let size = fixed.u64(24)? & !511;
         let crypt_method = fixed.u32(32)?;
         match crypt_method {
             0 => {}

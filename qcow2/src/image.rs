@@ -208,9 +208,26 @@ impl Image {
                     limit: options.max_depth,
                 });
             }
-            let source = storage
-                .open(&current)
-                .map_err(|e| io_err(&current, "opening", e))?;
+            // A name found in an image (any layer but the top) is opened inside the top's
+            // folder under the confined policy.
+            let opened = if layers.is_empty() || options.policy == BackingPolicy::Permissive {
+                storage.open(&current)
+            } else {
+                storage.open_inside(&current, &top_dir)
+            };
+            let source = match opened {
+                Ok(source) => source,
+                Err(e) if crate::io::is_outside_folder(&e) => {
+                    let named_by = layers.last().map_or("", Layer::name);
+                    return Err(Error::PathRefused {
+                        image: named_by.to_owned(),
+                        role: "backing file",
+                        name: current,
+                        reason: "a symbolic link leads out of the top image's folder",
+                    });
+                }
+                Err(e) => return Err(io_err(&current, "opening", e)),
+            };
             let len = source
                 .len()
                 .map_err(|e| io_err(&current, "reading the length", e))?;
@@ -712,9 +729,22 @@ fn open_qcow2(
                 feature: "external data file without a data file name extension".into(),
             })?;
         let resolved = backing::resolve(policy, top_dir, &name, "external data file", stored)?;
-        let opened = storage
-            .open(&resolved)
-            .map_err(|e| io_err(&resolved, "opening the external data file", e))?;
+        let opened = match policy {
+            BackingPolicy::Confined => storage.open_inside(&resolved, top_dir),
+            BackingPolicy::Permissive => storage.open(&resolved),
+        }
+        .map_err(|e| {
+            if crate::io::is_outside_folder(&e) {
+                Error::PathRefused {
+                    image: name.clone(),
+                    role: "external data file",
+                    name: stored.to_owned(),
+                    reason: "a symbolic link leads out of the top image's folder",
+                }
+            } else {
+                io_err(&resolved, "opening the external data file", e)
+            }
+        })?;
         Some((resolved, opened))
     } else {
         None

@@ -119,6 +119,19 @@ fn eof() -> io::Error {
 pub trait Storage: Send + Sync {
     /// Opens the source called `path`.
     fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>>;
+
+    /// Opens `path`, a name found inside an image and checked to lie in the folder `top_dir`
+    /// under [`BackingPolicy::Confined`](crate::BackingPolicy::Confined), refusing a source
+    /// that lies elsewhere once links are followed (with an error made by [`outside_folder`],
+    /// which the reader reports as [`Error::PathRefused`](crate::Error::PathRefused)).
+    ///
+    /// The default opens it as [`open`](Self::open) does, which is right only for storage
+    /// whose names are not links (objects of a bucket, a target's manifests): a `Storage` over
+    /// a local or network filesystem must check, as [`LocalStorage`] does.
+    fn open_inside(&self, path: &str, top_dir: &str) -> io::Result<Arc<dyn ReadAt>> {
+        let _ = top_dir;
+        self.open(path)
+    }
 }
 
 /// [`Storage`] on the local filesystem; relative names are relative to `root`.
@@ -141,14 +154,73 @@ impl LocalStorage {
     }
 }
 
+impl LocalStorage {
+    fn full(&self, path: &str) -> PathBuf {
+        match (&self.root, path) {
+            (Some(root), "") => root.clone(),
+            (Some(root), path) => root.join(path),
+            (None, "") => PathBuf::from("."),
+            (None, path) => PathBuf::from(path),
+        }
+    }
+}
+
 impl Storage for LocalStorage {
     fn open(&self, path: &str) -> io::Result<Arc<dyn ReadAt>> {
-        let full = match &self.root {
-            Some(root) => root.join(path),
-            None => PathBuf::from(path),
-        };
-        Ok(Arc::new(File::open(full)?))
+        Ok(Arc::new(File::open(self.full(path))?))
     }
+
+    /// Opens the file, then asks where the opened file really is (after every symbolic link
+    /// on the way, so that a link swapped in meanwhile is seen too) and refuses it unless that
+    /// is inside `top_dir` with its own links followed: a name that stays in the folder as
+    /// text may still lead out of it through a link stored there.
+    fn open_inside(&self, path: &str, top_dir: &str) -> io::Result<Arc<dyn ReadAt>> {
+        let full = self.full(path);
+        let file = File::open(&full)?;
+        let folder = std::fs::canonicalize(self.full(top_dir))?;
+        let real = opened_path(&file, &full)?;
+        if !real.starts_with(&folder) {
+            return Err(outside_folder());
+        }
+        Ok(Arc::new(file))
+    }
+}
+
+/// The error [`Storage::open_inside`] returns for a source outside the top image's folder.
+pub fn outside_folder() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, OutsideFolder)
+}
+
+/// Whether `err` is [`outside_folder`]'s.
+pub(crate) fn is_outside_folder(err: &io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<OutsideFolder>())
+}
+
+/// The cause of [`outside_folder`].
+#[derive(Debug)]
+struct OutsideFolder;
+
+impl std::fmt::Display for OutsideFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a symbolic link leads out of the top image's folder")
+    }
+}
+
+impl std::error::Error for OutsideFolder {}
+
+/// Where the file `file`, opened by the name `full`, is: the kernel's name for the open file
+/// on Linux, the name with every link resolved elsewhere.
+fn opened_path(file: &File, full: &std::path::Path) -> io::Result<PathBuf> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(real) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            return Ok(real);
+        }
+    }
+    let _ = file;
+    std::fs::canonicalize(full)
 }
 
 /// Where a one-pass QCOW2 writer sends an image.

@@ -115,7 +115,7 @@ mod writer;
 
 pub use backing::BackingPolicy;
 pub use check::{CheckFailure, ClusterCheck};
-pub use error::{Error, Result};
+pub use error::{Error, Escaped, Result};
 pub use header::CompressionType;
 pub use hydrate::{
     DeviceWriter, DeviceZeroer, HydrateOptions, HydrateStats, Zeroed, hydrate, hydrate_with,
@@ -124,7 +124,7 @@ pub use hydrate::{
 pub use image::{DEFAULT_MAX_DEPTH, Format, Image, LayerInfo, OpenOptions, Qcow2Info, SourceRead};
 pub use io::{
     ChunkedWriter, FLUSH_EVERY, ImageSink, LocalStorage, ReadAt, Storage, WRITE_CHUNK, WriteBehind,
-    write_all_at, write_behind,
+    outside_folder, write_all_at, write_behind,
 };
 pub use map::{Extent, ExtentKind};
 pub use offset::{GuestOffset, GuestRange, HostOffset};

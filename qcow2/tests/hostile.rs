@@ -369,6 +369,45 @@ fn absolute_and_climbing_backing_paths() {
 }
 
 #[test]
+fn backing_names_that_lead_out_through_a_symbolic_link_are_refused() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("vol")).expect("mkdir");
+    std::fs::create_dir(s.path("elsewhere")).expect("mkdir");
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "elsewhere/base.qcow2", "1M"]);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "vol/inside.qcow2", "1M"]);
+    // A link to a folder outside, a link to a file outside, and a link that stays inside.
+    std::os::unix::fs::symlink(s.path("elsewhere"), s.path("vol/dir")).expect("symlink");
+    std::os::unix::fs::symlink(s.path("elsewhere/base.qcow2"), s.path("vol/file.qcow2"))
+        .expect("symlink");
+    std::os::unix::fs::symlink("inside.qcow2", s.path("vol/alias.qcow2")).expect("symlink");
+    for (top, backing) in [
+        ("vol/through-dir.qcow2", "dir/base.qcow2"),
+        ("vol/through-file.qcow2", "file.qcow2"),
+        ("vol/through-alias.qcow2", "alias.qcow2"),
+    ] {
+        s.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", top,
+        ]);
+    }
+    for top in ["vol/through-dir.qcow2", "vol/through-file.qcow2"] {
+        match Image::open(s.path(top)) {
+            Err(Error::PathRefused { reason, .. }) => {
+                assert!(reason.contains("symbolic link"), "{top}: {reason}");
+            }
+            other => panic!("{top}: unexpected {other:?}"),
+        }
+        let permissive = OpenOptions {
+            policy: BackingPolicy::Permissive,
+            ..OpenOptions::default()
+        };
+        let trusted = Image::open_with_options(s.path(top), &permissive).expect("trusted");
+        assert_eq!(trusted.depth(), 2);
+    }
+    let inside = Image::open(s.path("vol/through-alias.qcow2")).expect("a link inside");
+    assert_eq!(inside.depth(), 2);
+}
+
+#[test]
 fn encrypted_images_are_refused() {
     let s = Scratch::new();
     s.qemu_img(&[

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Scratch;
+use common::{Scratch, patch};
 use strata_qcow2::{BackingPolicy, ExtentKind, Image, OpenOptions};
 
 /// Scattered writes, zero writes and discards, some unaligned, some crossing clusters.
@@ -42,6 +42,28 @@ fn every_version_and_cluster_size() {
             assert_eq!(q.cluster_size, cluster);
         }
     }
+}
+
+#[test]
+fn a_size_that_is_not_whole_sectors_reads_as_qemu_reads_it() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "odd.qcow2", "1M"]);
+    s.qemu_io("odd.qcow2", &["write -P 0x11 0 1M"]);
+    // 100 bytes past the last whole sector: QEMU keeps whole sectors only.
+    patch(
+        &s.path("odd.qcow2"),
+        24,
+        &((1u64 << 20) + 100).to_be_bytes(),
+    );
+    let info = s.qemu_img(&["info", "--output=json", "odd.qcow2"]);
+    assert!(info.contains("\"virtual-size\": 1048576"), "{info}");
+    assert_eq!(
+        Image::open(s.path("odd.qcow2"))
+            .expect("open")
+            .virtual_size(),
+        1 << 20
+    );
+    s.assert_hydrates_like_qemu("odd.qcow2");
 }
 
 #[test]

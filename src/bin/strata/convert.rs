@@ -42,12 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let format = args.source_format.as_deref().and_then(Format::parse);
     let image = Image::open_with_options(&args.source, &args.open.options(format))?;
     let mut inputs = vec![args.source.clone()];
-    inputs.extend(
-        image
-            .chain()
-            .into_iter()
-            .map(|layer| PathBuf::from(layer.name)),
-    );
+    inputs.extend(chain_inputs(&image));
     refuse_overwriting(&args.dest, &inputs)?;
     let mut options = HydrateOptions::default();
     options.target_is_zero = args.target_is_zero;
@@ -146,6 +141,18 @@ fn partial_of(dest: &Path) -> PathBuf {
     let mut partial = dest.as_os_str().to_owned();
     partial.push(".partial");
     PathBuf::from(partial)
+}
+
+/// The files a conversion of `image` reads: each image of its chain and each external data
+/// file.
+pub fn chain_inputs(image: &Image) -> Vec<PathBuf> {
+    let mut inputs = Vec::new();
+    for layer in image.chain() {
+        let data_file = layer.qcow2.and_then(|q| q.data_file);
+        inputs.push(PathBuf::from(layer.name));
+        inputs.extend(data_file.map(PathBuf::from));
+    }
+    inputs
 }
 
 /// Refuses a destination that is one of the `inputs` (the same file, by device and inode,

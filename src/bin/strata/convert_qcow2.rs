@@ -68,7 +68,7 @@ pub fn run(
     };
     let mut inputs = vec![source.to_path_buf()];
     for chain in image.iter().chain(&chain) {
-        inputs.extend(chain.chain().into_iter().map(|layer| layer.name.into()));
+        inputs.extend(crate::convert::chain_inputs(chain));
     }
     crate::convert::refuse_overwriting(dest, &inputs)?;
     let backing = chain.as_ref().map(|chain| chain as _);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::io::Write;
 
 use serde::Serialize;
-use strata::qcow2::{Image, LayerInfo};
+use strata::qcow2::{Escaped, Image, LayerInfo};
 
 use crate::{OpenArgs, Output};
 
@@ -116,7 +116,9 @@ fn print_human(out: &mut impl Write, info: &InfoJson) -> std::io::Result<()> {
             writeln!(out)?;
         }
         first = false;
-        writeln!(out, "image: {}", layer.filename)?;
+        // Names come from the image: escaped, so that none moves the
+        // cursor or recolours the terminal (the JSON output escapes them as JSON does).
+        writeln!(out, "image: {}", Escaped(&layer.filename))?;
         writeln!(out, "file format: {}", layer.format)?;
         writeln!(out, "virtual size: {} bytes", layer.virtual_size)?;
         writeln!(out, "file size: {} bytes", layer.actual_size)?;
@@ -124,8 +126,12 @@ fn print_human(out: &mut impl Write, info: &InfoJson) -> std::io::Result<()> {
             writeln!(out, "cluster_size: {cluster}")?;
         }
         if let Some(backing) = &layer.backing_filename {
+            let backing = Escaped(backing);
             match &layer.backing_filename_format {
-                Some(format) => writeln!(out, "backing file: {backing} (format: {format})")?,
+                Some(format) => {
+                    let format = Escaped(format);
+                    writeln!(out, "backing file: {backing} (format: {format})")?;
+                }
                 None => writeln!(out, "backing file: {backing}")?,
             }
         }
@@ -138,7 +144,7 @@ fn print_human(out: &mut impl Write, info: &InfoJson) -> std::io::Result<()> {
             writeln!(out, "dirty: {}", q.dirty)?;
             writeln!(out, "extended l2: {}", q.extended_l2)?;
             if let Some(data_file) = &q.data_file {
-                writeln!(out, "data file: {data_file}")?;
+                writeln!(out, "data file: {}", Escaped(data_file))?;
             }
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::io::Write;
 
 use serde::Serialize;
-use strata::qcow2::{ExtentKind, Image};
+use strata::qcow2::{Escaped, ExtentKind, Image};
 
 use crate::{OpenArgs, Output};
 
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )?;
             for e in &extents {
                 if let ExtentKind::Data { depth, host_offset } = e.kind {
-                    let file = chain.get(depth).map_or("", |l| l.name.as_str());
+                    let file = Escaped(chain.get(depth).map_or("", |l| l.name.as_str()));
                     writeln!(
                         out,
                         "{:<16}{:<16}{:<16}{file}",
