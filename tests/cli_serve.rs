@@ -31,7 +31,12 @@ impl Drop for Served {
 
 /// Starts `strata ARGS --listen 127.0.0.1:0` and reads the URL from its first line.
 fn serve(args: &[&str]) -> Served {
-    let mut child = strata()
+    serve_by(strata(), args)
+}
+
+/// [`serve`] with `command` standing for `strata` (the binary under a wrapper).
+fn serve_by(mut command: Command, args: &[&str]) -> Served {
+    let mut child = command
         .args(args)
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -77,6 +82,47 @@ fn serve_image_serves_a_local_chain() {
         "qemu-img",
         &["convert", "-O", "raw", b, reference.to_str().unwrap()],
     );
+    assert_eq!(
+        copy_over_nbd(&served.1, dir.path()),
+        std::fs::read(reference).unwrap()
+    );
+}
+
+#[test]
+fn serve_image_outlives_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let b = base.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", b, "4M"]);
+    run("qemu-io", &["-c", "write -P 0x3c 512k 64k", b]);
+    // 48 descriptors for the server; each client it accepts takes two, so the 80 below run
+    // it out and its accept fails with EMFILE while they stay connected.
+    let mut limited = Command::new("prlimit");
+    limited.args(["--nofile=48", "--", env!("CARGO_BIN_EXE_strata")]);
+    let mut served = serve_by(limited, &["serve-image", b]);
+    let port = served
+        .1
+        .trim_start_matches("nbd://")
+        .split(['/', ':'])
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let address = format!("127.0.0.1:{port}");
+    let clients: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&address).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(
+        served.0.try_wait().unwrap().is_none(),
+        "the server ended when it ran out of descriptors"
+    );
+    drop(clients);
+    let reference = dir.path().join("reference.raw");
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", b, reference.to_str().unwrap()],
+    );
+    // The clients gone, it serves again.
     assert_eq!(
         copy_over_nbd(&served.1, dir.path()),
         std::fs::read(reference).unwrap()

@@ -44,7 +44,10 @@ impl<'d> Reply<'d> {
             })
             .collect();
         let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
-        write_all_vectored(&mut *out, &mut slices).map_err(Error::io("sending a reply"))
+        // The flush ends the reply: a writer with a deadline per reply starts the next one.
+        write_all_vectored(&mut *out, &mut slices)
+            .and_then(|()| out.flush())
+            .map_err(Error::io("sending a reply"))
     }
 }
 

@@ -20,6 +20,16 @@ pub const DEFAULT_MAX_REQUEST: u32 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_CLIENTS: usize = 64;
 /// How long a client may take for its whole handshake, from connecting to `NBD_OPT_GO`.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a reply may wait, once transmission started, for the client to take any of its
+/// bytes. A client may idle between requests for as long as it likes, but one that asks and
+/// never reads would otherwise hold its requests' buffers (up to four of the maximum block
+/// size) and its threads for as long as it keeps the socket open.
+const REPLY_DEADLINE: Duration = Duration::from_secs(120);
+/// The first pause after an `accept` that failed for a reason that passes (the process out of
+/// file descriptors, a connection reset while it waited); each further failure doubles it.
+const ACCEPT_PAUSE_FIRST: Duration = Duration::from_millis(5);
+/// The longest pause between two tries of a failing `accept`.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// An NBD server of one export (a QCOW2 chain, or a raw image) under one name: read-only, or
 /// copy-on-write over an [`Overlay`].
@@ -118,18 +128,43 @@ impl Server {
     }
 
     /// Accepts connections on `listener` forever, each served on its own thread. A client's
-    /// errors end only its own connection; only a failing listener ends this call.
+    /// errors end only its own connection. An `accept` that fails for a reason that passes
+    /// (no file descriptor or memory left for now, a connection aborted or reset while it
+    /// waited, the network errors Linux hands on from a pending connection: accept(2)) is
+    /// tried again after a pause that doubles up to a second, and a client thread that cannot
+    /// be started drops that connection only; only a listener that cannot accept at all (not
+    /// a listening socket) ends this call.
+    ///
+    /// Memory: each connection holds at most four requests' buffers (of up to the maximum
+    /// block size) while they are served, and a reply the client does not take within two
+    /// minutes ends its connection.
     pub fn serve(&self, listener: &TcpListener) -> Result<()> {
+        let mut pause = Duration::ZERO;
         loop {
-            let (stream, _) = listener.accept().map_err(Error::io("accepting a client"))?;
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(err) if accept_passes(&err) => {
+                    pause = (pause * 2).clamp(ACCEPT_PAUSE_FIRST, ACCEPT_PAUSE_MAX);
+                    std::thread::sleep(pause);
+                    continue;
+                }
+                Err(err) => return Err(Error::io("accepting a client")(err)),
+            };
             let server = self.clone();
-            std::thread::Builder::new()
+            let started = std::thread::Builder::new()
                 .name("strata-nbd-client".into())
                 .spawn(move || {
                     // A failed connection concerns only that client.
                     let _ = server.serve_connection(stream);
-                })
-                .map_err(Error::io("starting a client thread"))?;
+                });
+            // A thread that cannot be started (the process is out of threads or memory)
+            // drops that connection, closed with the closure that held it.
+            if started.is_err() {
+                pause = (pause * 2).clamp(ACCEPT_PAUSE_FIRST, ACCEPT_PAUSE_MAX);
+                std::thread::sleep(pause);
+            } else {
+                pause = Duration::ZERO;
+            }
         }
     }
 
@@ -137,10 +172,15 @@ impl Server {
     /// reason otherwise. The handshake must be over within 30 s of the call, however the
     /// client spreads its bytes; transmission may then idle for as long as it likes.
     pub fn serve_connection(&self, stream: TcpStream) -> Result<()> {
-        self.serve_connection_within(stream, HANDSHAKE_DEADLINE)
+        self.serve_connection_within(stream, HANDSHAKE_DEADLINE, REPLY_DEADLINE)
     }
 
-    fn serve_connection_within(&self, stream: TcpStream, handshake: Duration) -> Result<()> {
+    fn serve_connection_within(
+        &self,
+        stream: TcpStream,
+        handshake: Duration,
+        reply: Duration,
+    ) -> Result<()> {
         let inner = &self.inner;
         let previous = inner.clients.fetch_add(1, Ordering::SeqCst);
         let _slot = ClientSlot(&inner.clients);
@@ -164,6 +204,8 @@ impl Server {
             stream: &stream,
             deadline,
             handshaking: &handshaking,
+            reply,
+            reply_deadline: None,
         };
         self.serve_session(reader, writer, |client| {
             client.deadline = None;
@@ -171,7 +213,6 @@ impl Server {
             client
                 .stream
                 .set_read_timeout(None)
-                .and_then(|()| client.stream.set_write_timeout(None))
                 .map_err(Error::io("configuring the socket"))
         })
     }
@@ -243,38 +284,108 @@ impl Read for ClientStream {
 
 /// The replies to a client, written against the handshake's deadline until it is over: each
 /// write waits at most for the time left, so a client that asks for many replies and never
-/// reads them cannot hold its thread and client slot past the deadline either.
+/// reads them cannot hold its thread and client slot past the deadline either. In
+/// transmission each reply (its writes up to the flush that ends it, [`Reply::send`]) must be
+/// taken within `reply` of its first byte, however the client trickles its reads.
+///
+/// A write that fails shuts the socket down both ways, so the connection's other threads
+/// (waiting to send their replies, or for the next request) end at once rather than each
+/// waiting out its own deadline.
+///
+/// [`Reply::send`]: crate::reply::Reply::send
 struct ReplyStream<'a> {
     stream: &'a TcpStream,
     deadline: Instant,
     handshaking: &'a AtomicBool,
+    reply: Duration,
+    /// When the reply being written must be out (none between replies).
+    reply_deadline: Option<Instant>,
+}
+
+impl ReplyStream<'_> {
+    /// Sets the socket's write timeout to what is left of the current deadline.
+    fn arm(&mut self) -> std::io::Result<()> {
+        let deadline = if self.handshaking.load(Ordering::SeqCst) {
+            self.deadline
+        } else {
+            *self
+                .reply_deadline
+                .get_or_insert_with(|| Instant::now() + self.reply)
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not take its reply in time",
+            ));
+        }
+        self.stream.set_write_timeout(Some(left))
+    }
+
+    /// `result`, with the socket shut down when it failed.
+    fn ending<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if result.is_err() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        result
+    }
 }
 
 impl Write for ReplyStream<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.handshaking.load(Ordering::SeqCst) {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the handshake took longer than its deadline",
-                ));
-            }
-            self.stream.set_write_timeout(Some(left))?;
-        }
-        self.stream.write(buf)
+        let written = self.arm().and_then(|()| self.stream.write(buf));
+        self.ending(written)
     }
 
     fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        if self.handshaking.load(Ordering::SeqCst) {
-            return self.write(bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b));
-        }
-        self.stream.write_vectored(bufs)
+        let written = self.arm().and_then(|()| self.stream.write_vectored(bufs));
+        self.ending(written)
     }
 
+    /// Ends a reply: the next write starts the next reply's deadline.
     fn flush(&mut self) -> std::io::Result<()> {
-        self.stream.flush()
+        self.reply_deadline = None;
+        let flushed = self.stream.flush();
+        self.ending(flushed)
     }
+}
+
+/// Whether a failed `accept` concerns that one try (or one pending connection) only, so the
+/// listener is tried again.
+fn accept_passes(err: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    use std::io::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+            | ErrorKind::TimedOut
+            | ErrorKind::OutOfMemory
+    ) {
+        return true;
+    }
+    let Some(code) = err.raw_os_error() else {
+        return false;
+    };
+    [
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::NOBUFS,
+        Errno::NOMEM,
+        Errno::PROTO,
+        Errno::PERM,
+        Errno::NETDOWN,
+        Errno::NOPROTOOPT,
+        Errno::HOSTDOWN,
+        Errno::NONET,
+        Errno::HOSTUNREACH,
+        Errno::OPNOTSUPP,
+        Errno::NETUNREACH,
+    ]
+    .iter()
+    .any(|errno| errno.raw_os_error() == code)
 }
 
 /// Gives a client's slot back when its connection ends.
@@ -339,7 +450,7 @@ mod tests {
     fn ends_at_a_deadline_of_one_second(server: &Server, stream: TcpStream) {
         let started = Instant::now();
         let err = server
-            .serve_connection_within(stream, Duration::from_secs(1))
+            .serve_connection_within(stream, Duration::from_secs(1), REPLY_DEADLINE)
             .unwrap_err();
         let took = started.elapsed();
         assert!(
@@ -407,6 +518,107 @@ mod tests {
         // Without a write deadline the thread waits for the client to go, after 3 s.
         ends_at_a_deadline_of_one_second(&server, stream);
         client.join().unwrap();
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_ends_at_the_reply_deadline() {
+        use rustix::net::sockopt;
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A whole handshake (NBD_OPT_EXPORT_NAME), then reads of the whole 1 MiB export, 64
+        // of them, into a socket whose receive buffer is tiny and never read; the client
+        // holds the socket 6 s.
+        let client = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            sockopt::set_socket_recv_buffer_size(&s, 1).unwrap();
+            let mut bytes = 3u32.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&option(opt::EXPORT_NAME, b"disk"));
+            for handle in 0..64u64 {
+                bytes.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                bytes.extend_from_slice(&0u16.to_be_bytes());
+                bytes.extend_from_slice(&cmd::READ.to_be_bytes());
+                bytes.extend_from_slice(&handle.to_be_bytes());
+                bytes.extend_from_slice(&0u64.to_be_bytes());
+                bytes.extend_from_slice(&(1u32 << 20).to_be_bytes());
+            }
+            s.write_all(&bytes).unwrap();
+            std::thread::sleep(Duration::from_secs(6));
+        });
+        let (stream, _) = listener.accept().unwrap();
+        sockopt::set_socket_send_buffer_size(&stream, 1).unwrap();
+        let started = Instant::now();
+        let err = server
+            .serve_connection_within(stream, Duration::from_secs(30), Duration::from_secs(1))
+            .unwrap_err();
+        let took = started.elapsed();
+        // The reply that timed out, or another thread's once the socket was shut down.
+        assert!(matches!(&err, Error::Io { .. }), "{err:?}");
+        // Without a reply deadline the server waits for the client to go, after 6 s; without
+        // the shutdown each of the four serving threads waits out its own deadline.
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        client.join().unwrap();
+    }
+
+    #[test]
+    fn a_client_trickling_its_reads_ends_at_the_reply_deadline() {
+        use rustix::net::sockopt;
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // One read of the whole 1 MiB export, then 100 bytes of the reply every 100 ms: each
+        // write of the server makes progress well within a per-write timeout, for 6 s.
+        let client = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            sockopt::set_socket_recv_buffer_size(&s, 1).unwrap();
+            let mut bytes = 3u32.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&option(opt::EXPORT_NAME, b"disk"));
+            bytes.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            bytes.extend_from_slice(&0u16.to_be_bytes());
+            bytes.extend_from_slice(&cmd::READ.to_be_bytes());
+            bytes.extend_from_slice(&1u64.to_be_bytes());
+            bytes.extend_from_slice(&0u64.to_be_bytes());
+            bytes.extend_from_slice(&(1u32 << 20).to_be_bytes());
+            s.write_all(&bytes).unwrap();
+            let mut chunk = [0u8; 100];
+            for _ in 0..60 {
+                if matches!(s.read(&mut chunk), Ok(0) | Err(_)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (stream, _) = listener.accept().unwrap();
+        sockopt::set_socket_send_buffer_size(&stream, 1).unwrap();
+        let started = Instant::now();
+        let err = server
+            .serve_connection_within(stream, Duration::from_secs(30), Duration::from_secs(1))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(&err, Error::Io { .. }), "{err:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        client.join().unwrap();
+    }
+
+    #[test]
+    fn accept_failures_that_pass_are_told_from_a_broken_listener() {
+        use rustix::io::Errno;
+        for passing in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::CONNABORTED,
+        ] {
+            let err = std::io::Error::from_raw_os_error(passing.raw_os_error());
+            assert!(accept_passes(&err), "{err}");
+        }
+        for broken in [Errno::BADF, Errno::NOTSOCK, Errno::INVAL] {
+            let err = std::io::Error::from_raw_os_error(broken.raw_os_error());
+            assert!(!accept_passes(&err), "{err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,11 @@ use crate::reply::Reply;
 const MAX_DESCRIPTORS: usize = 4096;
 /// The message of a request past the end of the export.
 const PAST_END: &str = "range past the end of the export";
+/// The most a serving thread keeps allocated between requests: a buffer grown past it for a
+/// larger request is let go once that request is answered, so a connection that asked for a
+/// few maximum-size blocks long ago does not hold them while it idles. Clients copying a disk
+/// ask for up to 2 MiB at a time (qemu-img convert, nbdcopy), which stays allocation-free.
+const KEEP_BUFFER: usize = 4 << 20;
 /// Requests of one connection served at once. Clients such as qemu keep several requests in
 /// flight; serving them in parallel overlaps storage latency (object storage above all)
 /// and the copies. Memory per connection stays bounded by `SERVERS` requests.
@@ -78,9 +83,9 @@ impl Transmission<'_> {
         output: &Mutex<W>,
         ended: &AtomicBool,
     ) -> Result<()> {
-        // One buffer per thread for read data and write payloads: it only grows (up to the
-        // maximum block size), and every use overwrites the bytes it needs, so it is neither
-        // reallocated nor zeroed per request.
+        // One buffer per thread for read data and write payloads: it grows up to the maximum
+        // block size, and every use overwrites the bytes it needs, so it is neither
+        // reallocated nor zeroed per request of up to `KEEP_BUFFER` bytes.
         let mut buffer = Vec::new();
         loop {
             let request = {
@@ -102,7 +107,9 @@ impl Transmission<'_> {
                     }
                 }
             };
-            if let Err(err) = self.handle(output, &request, &mut buffer) {
+            let handled = self.handle(output, &request, &mut buffer);
+            settle(&mut buffer);
+            if let Err(err) = handled {
                 ended.store(true, Ordering::SeqCst);
                 return Err(err);
             }
@@ -327,6 +334,13 @@ impl Transmission<'_> {
     }
 }
 
+/// Lets go of `buffer` when a request grew it past [`KEEP_BUFFER`].
+fn settle(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > KEEP_BUFFER {
+        *buffer = Vec::new();
+    }
+}
+
 /// The first `len` bytes of `buffer`, grown to hold them if needed.
 fn sized(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
     if buffer.len() < len {
@@ -357,4 +371,21 @@ fn data_chunk<'d>(
         .map_err(Error::io("sending read data"))?;
     reply.data(data);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_grown_past_the_kept_size_is_let_go_and_a_smaller_one_kept() {
+        let mut copying = Vec::new();
+        sized(&mut copying, 2 << 20);
+        settle(&mut copying);
+        assert!(copying.capacity() >= 2 << 20);
+        let mut large = Vec::new();
+        sized(&mut large, 32 << 20);
+        settle(&mut large);
+        assert_eq!(large.capacity(), 0);
+    }
 }
