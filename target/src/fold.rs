@@ -98,8 +98,15 @@ impl Target {
                 }
             }
         })?;
-        let outcome =
-            self.fold_under_intent(volume, &parent_manifest, child, version, &intent, write);
+        let lease = Arc::new(lease);
+        let outcome = self.fold_under_intent(
+            volume,
+            &parent_manifest,
+            child,
+            version,
+            (&intent, &lease),
+            write,
+        );
         if outcome.is_err() {
             // Best effort: whatever this cannot finish, the next prune (or gc) recovers.
             let _ = self.recover_fold(volume, &intent);
@@ -111,14 +118,14 @@ impl Target {
         outcome
     }
 
-    /// Steps 2 to 4 of the fold, once the intent record is ours.
+    /// Steps 2 to 4 of the fold, once the intent record is ours and `lease` proves it alive.
     fn fold_under_intent(
         &self,
         volume: &VolumeName,
         parent_manifest: &BackupManifest,
         child: BackupManifest,
         version: Option<UpdateVersion>,
-        intent: &FoldIntent,
+        (intent, lease): (&FoldIntent, &Arc<WriterLease>),
         write: impl FnOnce(ImageUpload, Option<String>) -> Result<Vec<(FileName, SideBody)>>,
     ) -> Result<BackupManifest> {
         let slot = Arc::new(Mutex::new(None));
@@ -158,7 +165,12 @@ impl Target {
             manifest.files.push(entry);
         }
         let (volume_c, intent_c, doc) = (volume.clone(), intent.clone(), manifest.clone());
+        let lease = lease.clone();
         self.block("fold backup", move |inner| async move {
+            // As a backup's commit does: the lease is surely ours for half a lease more (a
+            // fold stopped for longer than its lease may have been judged dead and rolled
+            // back), then the intent is checked to be still ours, then the switch.
+            lease.confirm(&inner).await?;
             check_intent_is_ours(&inner, &volume_c, &intent_c).await?;
             switch_manifest(&inner, &volume_c, &doc, version).await?;
             roll_forward(&inner, &volume_c, &intent_c).await

@@ -318,9 +318,7 @@ pub(crate) async fn roll_forward(
     inner
         .delete(&inner.layout.claim(volume, &intent.parent))
         .await?;
-    inner
-        .delete(&inner.layout.fold_intent(volume, &intent.parent))
-        .await
+    delete_intent(inner, volume, intent).await
 }
 
 /// Undoes a fold that never committed: its new objects, then its intent.
@@ -336,9 +334,27 @@ async fn roll_back(inner: &Inner, volume: &VolumeName, intent: &FoldIntent) -> R
     for file in inner.list(&files).await? {
         inner.delete(&file.location).await?;
     }
-    inner
-        .delete(&inner.layout.fold_intent(volume, &intent.parent))
-        .await
+    delete_intent(inner, volume, intent).await
+}
+
+/// Removes the intent record of `intent`'s fold, unless the record there is another fold's: two
+/// recoveries of one stopped fold may run at once (a prune's and a gc's), and once the first
+/// has removed the record a new fold of the same parent may have made its own, which the
+/// second must leave alone. The stores have no conditional delete, so what is left is the
+/// moment between this read and the delete: a new fold's record made exactly then goes, and
+/// that fold then fails its commit (`check_intent_is_ours`) and rolls itself back; no
+/// committed backup is touched.
+async fn delete_intent(inner: &Inner, volume: &VolumeName, intent: &FoldIntent) -> Result<()> {
+    let path = inner.layout.fold_intent(volume, &intent.parent);
+    let bytes = match inner.get_bytes(&path).await {
+        Err(Error::NotFound { .. }) => return Ok(()),
+        other => other?,
+    };
+    // A record that does not parse is no other fold's: it goes.
+    match FoldIntent::parse(path.as_ref(), &bytes) {
+        Ok(found) if found.writer != intent.writer => Ok(()),
+        _ => inner.delete(&path).await,
+    }
 }
 
 /// On a folder, makes `<child>.qcow2` the merged image, atomically: qemu-img follows the
@@ -523,6 +539,52 @@ mod tests {
             writer,
             created: Utc::now(),
         }
+    }
+
+    #[test]
+    fn rolling_back_a_stopped_fold_leaves_a_later_folds_intent_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = crate::Target::open(dir.path().to_str().unwrap()).unwrap();
+        let volume = VolumeName::new("data").unwrap();
+        let stopped = intent();
+        let mut later = intent();
+        later.writer = "fold-fedcba9876543210".into();
+        later.image = fold_image_name(&later.child, &later.writer);
+        later.files = format!("files/{}/{}", later.child, later.writer);
+        let (volume_c, later_c) = (volume.clone(), later.clone());
+        target
+            .block("test", move |inner| async move {
+                let path = inner.layout.fold_intent(&volume_c, &later_c.parent);
+                inner.put(&path, to_json(&later_c).into()).await
+            })
+            .unwrap();
+        // The child has no manifest naming the merged image: the stopped fold is rolled back.
+        target.recover_fold(&volume, &stopped).unwrap();
+        let (volume_c, parent) = (volume.clone(), later.parent.clone());
+        let kept = target
+            .block("test", move |inner| async move {
+                let path = inner.layout.fold_intent(&volume_c, &parent);
+                inner.get_bytes(&path).await
+            })
+            .unwrap();
+        assert_eq!(FoldIntent::parse("folds/x.json", &kept).unwrap(), later);
+        // Its own record, once there, goes.
+        let (volume_c, stopped_c) = (volume.clone(), stopped.clone());
+        target
+            .block("test", move |inner| async move {
+                let path = inner.layout.fold_intent(&volume_c, &stopped_c.parent);
+                inner.put(&path, to_json(&stopped_c).into()).await
+            })
+            .unwrap();
+        target.recover_fold(&volume, &stopped).unwrap();
+        let (volume_c, parent) = (volume.clone(), stopped.parent.clone());
+        let gone = target
+            .block("test", move |inner| async move {
+                let path = inner.layout.fold_intent(&volume_c, &parent);
+                inner.get_bytes(&path).await
+            })
+            .unwrap_err();
+        assert!(matches!(gone, Error::NotFound { .. }), "{gone:?}");
     }
 
     fn parsed(intent: &FoldIntent) -> Result<FoldIntent> {
