@@ -34,7 +34,7 @@ mod retention;
 mod verified;
 mod volume;
 
-pub use retention::{Expiry, delete_app_backup, expire_app_backups};
+pub use retention::{Expiry, delete_app_backup, expire_app_backups, expire_app_backups_keeping};
 pub use strata_chain as chain;
 #[cfg(feature = "kubernetes")]
 pub use strata_csi as csi;
@@ -61,8 +61,8 @@ pub fn operator_context(client: kube::Client, image: impl Into<String>) -> opera
     operator::Context::new(
         client,
         image,
-        |target, app, keep_last| {
-            let expiry = expire_app_backups(target, app, keep_last)?;
+        |target, app, keep_last, pinned| {
+            let expiry = expire_app_backups_keeping(target, app, keep_last, pinned)?;
             Ok(operator::AppRetention {
                 expired: expiry.expired,
                 kept: expiry.kept,

@@ -60,6 +60,20 @@ pub struct Expiry {
 /// longer knows the volume and leaves those backups (space, never a broken restore).
 /// Run one expiry per application at a time (the operator's per-PVC locks do).
 pub fn expire_app_backups(target: &Target, app: &AppName, keep_last: usize) -> Result<Expiry> {
+    expire_app_backups_keeping(target, app, keep_last, &[])
+}
+
+/// [`expire_app_backups`], keeping besides the newest `keep_last` the application backups of
+/// `pinned` (those a restore under way reads: the operator's Restores read a Backup's archive
+/// again when they apply its objects, after the volumes are filled). A pinned backup is
+/// listed as kept and its volume backups stay named; the next retention without the pin
+/// expires it.
+pub fn expire_app_backups_keeping(
+    target: &Target,
+    app: &AppName,
+    keep_last: usize,
+    pinned: &[AppBackupId],
+) -> Result<Expiry> {
     if keep_last == 0 {
         return Err(Error::NotFound(
             "keep-last must keep at least one application backup".into(),
@@ -67,8 +81,15 @@ pub fn expire_app_backups(target: &Target, app: &AppName, keep_last: usize) -> R
     }
     let backups = target.app_backups(app)?;
     let split = backups.len().saturating_sub(keep_last);
-    let (expired, kept) = backups.split_at(split);
-    for old in expired {
+    let (expired, kept): (Vec<_>, Vec<_>) = backups
+        .iter()
+        .enumerate()
+        .partition(|(at, m)| *at < split && !pinned.contains(&m.id));
+    let (expired, kept): (Vec<_>, Vec<_>) = (
+        expired.into_iter().map(|(_, m)| m).collect(),
+        kept.into_iter().map(|(_, m)| m).collect(),
+    );
+    for old in &expired {
         target.delete_app_backup(app, &old.id)?;
     }
     let named = named_volume_backups(target)?;

@@ -419,6 +419,42 @@ async fn a_failed_staging_snapshot_fails_the_restore_with_its_error() {
     assert!(mock.get(&format!("{COPY_PVCS}/data")).is_none());
 }
 
+/// A Restore that fails stops its datamovers still running (they would go on writing and
+/// hold their nodes' datamover slots until their 24-hour deadline) and keeps the failed one,
+/// with its pod's logs, for inspection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_restore_stops_its_running_datamovers_and_keeps_the_failed_one() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = mock.context();
+    backed_up(&mock, &ctx, folder.path()).await;
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let job = |pvc| {
+        let name = mock
+            .run_key("restores", "copy", "shop-copy", pvc)
+            .name(Role::Datamover);
+        format!("{COPY_JOBS}/{name}")
+    };
+    assert!(mock.get(&job("data")).is_some() && mock.get(&job("raw")).is_some());
+    update(
+        &mock,
+        &job("raw"),
+        json!({"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "Job has reached the backoff limit"}]}}),
+    );
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let status = restore(&mock).status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    assert!(
+        mock.get(&job("data")).is_none(),
+        "the running datamover is stopped"
+    );
+    assert!(
+        mock.get(&job("raw")).is_some(),
+        "the failed datamover stays"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_filesystem_pvc_name_taken_by_someone_else_is_refused_before_copying() {
     let folder = tempfile::tempdir().unwrap();
@@ -530,4 +566,40 @@ async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_na
         ["raw"],
         "the restored claim stays"
     );
+}
+
+/// A Restore whose status lost the volumes it had started (a status write that failed after
+/// its objects were made), deleted, still removes its Jobs and staging objects in the mapped
+/// namespace: they are found by the run's labels, and the restored claim stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_restore_whose_status_lost_its_volumes_still_removes_its_staging_objects() {
+    let folder = tempfile::tempdir().unwrap();
+    let mock = cluster(folder.path());
+    let ctx = mock.context();
+    backed_up(&mock, &ctx, folder.path()).await;
+    let key = mock.run_key("restores", "copy", "shop-copy", "data");
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let job = key.name(Role::Datamover);
+    update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    let staging = key.name(Role::Volume);
+    let snapshot = key.name(Role::Snapshot);
+    assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_some());
+    assert!(mock.get(&format!("{COPY_SNAPSHOTS}/{snapshot}")).is_some());
+    update(
+        &mock,
+        &format!("{RESTORES}/copy"),
+        json!({"status": {"volumes": []}}),
+    );
+    assert!(restore(&mock).status.unwrap().volumes.is_empty());
+
+    kube::Api::<Restore>::namespaced(mock.client(), "shop")
+        .delete("copy", &Default::default())
+        .await
+        .unwrap();
+    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
+    assert!(mock.get(&format!("{RESTORES}/copy")).is_none());
+    assert!(mock.names_under(COPY_JOBS).is_empty());
+    assert!(mock.names_under(COPY_SNAPSHOTS).is_empty());
+    assert_eq!(mock.names_under(COPY_PVCS), ["raw"]);
 }

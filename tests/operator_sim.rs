@@ -583,6 +583,53 @@ fn committed(folder: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
+/// A metadata archive larger than one Secret holds (a Helm release's history of release
+/// Secrets, each an incompressible gzip of the chart, does that; here, ConfigMaps of
+/// incompressible binary data) is stashed in parts and committed whole; every part goes with
+/// the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metadata_archive_larger_than_a_secret_is_stashed_in_parts_and_committed_whole() {
+    const CONFIG_MAPS: &str = "/api/v1/namespaces/shop/configmaps";
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let mut charts = Vec::new();
+    for revision in 1..=3u64 {
+        let name = format!("chart-v{revision}");
+        let blob =
+            serde_json::to_value(k8s_openapi::ByteString(noise(700 << 10, 40 + revision))).unwrap();
+        sim.mock.put(
+            &format!("{CONFIG_MAPS}/{name}"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": name, "namespace": "shop", "labels": {"app": "db"}},
+                   "binaryData": {"chart.tgz": blob}}),
+        );
+        charts.push(name);
+    }
+    let done = drive(&sim, &ctx, "nightly", 12, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Some(Phase::Completed), "{done:?}");
+
+    let target =
+        strata::target::Target::open(folder.path().join("target").to_str().unwrap()).unwrap();
+    let app = strata::target::AppName::new("shop").unwrap();
+    let committed = target.app_backups(&app).unwrap();
+    let archive = target.read_app_archive(&app, &committed[0].id).unwrap();
+    assert!(archive.len() > 2 << 20, "{} bytes", archive.len());
+    let metadata = strata::discovery::MetadataBackup::read_archive(&archive[..]).unwrap();
+    let mut saved: Vec<&str> = metadata
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .filter(|name| name.starts_with("chart-"))
+        .collect();
+    saved.sort_unstable();
+    assert_eq!(saved, charts);
+    assert!(
+        sim.mock.names_under(SECRETS).is_empty(),
+        "the stash's parts went"
+    );
+}
+
 /// Item 5: deleting a Backup whose datamover is writing cancels the run through the finalizer:
 /// the Job goes and its writer is killed, the temporaries and the stash are deleted, the lock
 /// released, nothing is committed; the next Backup of the volume completes.
@@ -837,6 +884,45 @@ async fn keep_last_expires_whole_application_backups_and_marks_the_expired_backu
     assert_ne!(accepted.phase, Some(Phase::Failed), "{accepted:?}");
     let validated = restore_condition(&accepted, "Validated");
     assert_eq!(validated.reason, "Validated", "{accepted:?}");
+}
+
+/// A Restore under way pins the application backup it restores: a later Backup's retention
+/// keeps it past `keepLast` (not Expired), so the Restore still reads its archive when it
+/// applies the objects; once the Restore ended, the next retention expires it.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_application_backup_a_running_restore_reads() {
+    let (sim, folder) = cluster(json!({}));
+    let ctx = context(&sim);
+    let device = sim.device_of_claim("shop", "data").unwrap();
+    let first_content = noise(VOLUME_BYTES, 300);
+    std::fs::write(&device, &first_content).unwrap();
+    add_backup_keeping(&sim, "first", "b-first", 1);
+    let first = drive(&sim, &ctx, "first", 12, Duration::from_secs(60)).await;
+    assert_eq!(first.phase, Some(Phase::Completed), "{first:?}");
+    let started = validate_restore(&sim, &ctx, "from-first", "first").await;
+    assert!(
+        !started.phase.is_some_and(Phase::is_final),
+        "the restore is under way: {started:?}"
+    );
+
+    std::fs::write(&device, noise(VOLUME_BYTES, 301)).unwrap();
+    add_backup_keeping(&sim, "second", "b-second", 1);
+    let second = drive(&sim, &ctx, "second", 12, Duration::from_secs(60)).await;
+    assert_eq!(second.phase, Some(Phase::Completed), "{second:?}");
+    assert_eq!(condition(&status(&sim, "first"), "Expired"), None);
+    assert!(restored(folder.path(), &backup_id(&first)) == first_content);
+    let done = drive_restore(&sim, &ctx, "from-first", 12).await;
+    assert_eq!(done["phase"], "Completed", "{done}");
+
+    std::fs::write(&device, noise(VOLUME_BYTES, 302)).unwrap();
+    add_backup_keeping(&sim, "third", "b-third", 1);
+    let third = drive(&sim, &ctx, "third", 12, Duration::from_secs(60)).await;
+    assert_eq!(third.phase, Some(Phase::Completed), "{third:?}");
+    let (state, reason, _) = condition(&status(&sim, "first"), "Expired").expect("expired now");
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("True", "RetentionExpired")
+    );
 }
 
 /// Retention that fails after the commit (an older application manifest that no longer reads)

@@ -95,6 +95,12 @@ async fn a_target_refusing_writes_is_reachable_but_not_writable() {
     assert_eq!(status.writable, Some(false), "{status:?}");
     let message = status.message.unwrap();
     assert!(message.contains("write a probe"), "{message}");
+    // Writable again: the message of the failed check goes (a merge patch naming no message
+    // would keep it).
+    std::fs::remove_file(folder.join("probes")).unwrap();
+    let status = checked(&mock, &ctx).await;
+    assert_eq!(status.writable, Some(true), "{status:?}");
+    assert_eq!(status.message, None, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

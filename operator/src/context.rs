@@ -24,12 +24,13 @@ use strata_target::{
 /// An error from outside the operator (the retention the facade supplies).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Retention of an application: keep its newest `keep_last` application backups, expire the
-/// older ones and remove the volume backups no remaining application backup names. The data
-/// path's flows live in the facade above this crate, so the controller is handed
-/// `strata::expire_app_backups` ([`Context::new`]'s caller supplies it;
-/// `strata::operator_context` wires it).
-pub type Prune = fn(&Target, &AppName, usize) -> std::result::Result<AppRetention, BoxError>;
+/// Retention of an application: keep its newest `keep_last` application backups and the
+/// pinned ones (those a Restore under way reads), expire the other older ones and remove the
+/// volume backups no remaining application backup names. The data path's flows live in the
+/// facade above this crate, so the controller is handed `strata::expire_app_backups_keeping`
+/// ([`Context::new`]'s caller supplies it; `strata::operator_context` wires it).
+pub type Prune =
+    fn(&Target, &AppName, usize, &[AppBackupId]) -> std::result::Result<AppRetention, BoxError>;
 
 /// Deleting one application backup (a Backup with `deletionPolicy: Delete`): its manifest,
 /// then each of the volume backups given (those it names) that no remaining application

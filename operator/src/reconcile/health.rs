@@ -31,6 +31,11 @@ pub async fn reconcile_target(target: &Target, ctx: &Context) -> Result<Action> 
         &namespace,
         &name,
         target.metadata.resource_version.as_deref(),
+        target
+            .status
+            .as_ref()
+            .map(|s| serde_json::json!(s))
+            .as_ref(),
         &status,
     )
     .await?;

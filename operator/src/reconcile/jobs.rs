@@ -325,6 +325,24 @@ pub async fn read_job(client: &Client, namespace: &str, name: &str) -> Result<Jo
     Ok(running_outcome(&job, &pods, &events))
 }
 
+/// Delete Job `namespace/name` and its pods unless it has ended; already gone is fine. For the
+/// datamovers of a run that failed: one still running (or waiting for its pod) would go on
+/// writing a volume no one will use and hold a datamover slot of its node until its
+/// deadline, while one that ended stays, with its pod's logs, for inspection.
+pub async fn stop_job(client: &Client, namespace: &str, name: &str) -> Result<()> {
+    let api: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let job = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("get Job {namespace}/{name}")))?;
+    match job {
+        Some(job) if job_outcome(&job) == JobOutcome::Running => {
+            delete_job(client, namespace, name).await
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Delete Job `namespace/name` and its pods; already gone is fine.
 pub async fn delete_job(client: &Client, namespace: &str, name: &str) -> Result<()> {
     let api: Api<Job> = Api::namespaced(client.clone(), namespace);

@@ -31,7 +31,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::status::{Condition, ConditionStatus, set_condition};
@@ -92,6 +92,29 @@ fn controller_of<K: Resource<DynamicType = ()>>(
     })
 }
 
+/// The merge patch (RFC 7386) that turns `before` into `after`: `after`, with a null for each
+/// member `before` has and `after` lacks, in nested objects too. A merge patch leaves a member
+/// it does not name as it was, and the statuses leave out what is unknown
+/// (`skip_serializing_if`), so without the nulls a field that went away (a Target's message
+/// once it is healthy again) would stay, stale, for ever.
+fn merge_patch(before: &Value, after: &Value) -> Value {
+    let (Value::Object(old), Value::Object(new)) = (before, after) else {
+        return after.clone();
+    };
+    let mut patch = serde_json::Map::new();
+    for (key, value) in new {
+        let member = match old.get(key) {
+            Some(was) => merge_patch(was, value),
+            None => value.clone(),
+        };
+        patch.insert(key.clone(), member);
+    }
+    for key in old.keys().filter(|key| !new.contains_key(*key)) {
+        patch.insert(key.clone(), Value::Null);
+    }
+    Value::Object(patch)
+}
+
 /// Write `status` as the status of the `K` `namespace/name`, by a merge patch carrying
 /// `resource_version`, the version of the object the reconcile read; the version the write
 /// made.
@@ -103,11 +126,15 @@ fn controller_of<K: Resource<DynamicType = ()>>(
 /// watch event not yet seen), and during a rolling update two controllers run. Without the
 /// check, such a write would put an older phase back or forget the ids a newer one recorded;
 /// with it, the write fails as a transient error and the next call starts from a fresh read.
+///
+/// `before` is the status as read, when the write replaces it whole: what it has and
+/// `status` lacks is removed ([`merge_patch`]).
 async fn patch_status<K>(
     client: &Client,
     namespace: &str,
     name: &str,
     resource_version: Option<&str>,
+    before: Option<&Value>,
     status: &impl Serialize,
 ) -> Result<Option<String>>
 where
@@ -117,6 +144,11 @@ where
         + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let status = json!(status);
+    let status = match before {
+        Some(before) => merge_patch(before, &status),
+        None => status,
+    };
     let mut patch = json!({ "status": status });
     if let Some(version) = resource_version {
         patch["metadata"] = json!({ "resourceVersion": version });
@@ -129,4 +161,27 @@ where
             K::kind(&())
         )))?;
     Ok(written.meta().resource_version.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_patch_removes_what_went_away_nested_too_and_replaces_arrays() {
+        let before = json!({"phase": "Copying", "message": "stale",
+                            "progress": {"volumesDone": 1, "bytesTotal": 9},
+                            "conditions": [{"type": "Retrying"}]});
+        let after = json!({"phase": "Completed", "progress": {"volumesDone": 2},
+                           "conditions": []});
+        let patch = merge_patch(&before, &after);
+        assert_eq!(
+            patch,
+            json!({"phase": "Completed", "message": null,
+                   "progress": {"volumesDone": 2, "bytesTotal": null}, "conditions": []})
+        );
+        let mut applied = before.clone();
+        json_patch::merge(&mut applied, &patch);
+        assert_eq!(applied, after);
+    }
 }

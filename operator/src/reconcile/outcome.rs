@@ -167,6 +167,7 @@ where
             self.namespace,
             self.name,
             self.version(),
+            Some(&serde_json::json!(before)),
             status,
         )
         .await

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
 use super::cbt::LABEL_BASE;
@@ -15,7 +16,7 @@ use crate::crd::{Staging, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::status::{Condition, ConditionStatus, Progress, condition, set_condition};
 use strata_csi::client::{delete_pvc, delete_snapshot};
-use strata_csi::naming::{LABEL_RUN, label_value};
+use strata_csi::naming::{LABEL_ROLE, LABEL_RUN, LABEL_RUN_UID, label_value};
 use strata_csi::{Role, VolumeKey, VolumeSnapshot};
 
 /// What reading the datamover Jobs found.
@@ -240,6 +241,61 @@ async fn is_base(client: &Client, namespace: &str, name: &str) -> Result<bool> {
     Ok(snapshot
         .and_then(|s| s.metadata.labels)
         .is_some_and(|l| l.contains_key(LABEL_BASE)))
+}
+
+/// Delete every temporary object of run `uid` in `namespace` found by its labels
+/// (`strata.io/run-uid` and a datamover, volume or snapshot role), whatever the run's status
+/// says: the Jobs first, as they use the claims, then the claims, then the snapshots. For a
+/// run whose status lost volumes it had started (a status write that failed after the objects
+/// were made) in a namespace where owner references cannot reach them. Restored claims carry
+/// no run uid, and stay.
+pub async fn cleanup_labelled(client: &Client, namespace: &str, uid: &str) -> Result<()> {
+    let selector = |role: Role| {
+        ListParams::default().labels(&format!(
+            "{LABEL_RUN_UID}={},{LABEL_ROLE}={}",
+            label_value(uid),
+            role.as_str()
+        ))
+    };
+    let names = |items: Vec<Option<String>>| items.into_iter().flatten().collect::<Vec<_>>();
+    let jobs = Api::<Job>::namespaced(client.clone(), namespace)
+        .list(&selector(Role::Datamover))
+        .await
+        .map_err(Error::kube(format!("list the run's Jobs in {namespace}")))?;
+    for job in names(jobs.items.into_iter().map(|j| j.metadata.name).collect()) {
+        delete_job(client, namespace, &job).await?;
+    }
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .list(&selector(Role::Volume))
+        .await
+        .map_err(Error::kube(format!("list the run's PVCs in {namespace}")))?;
+    for claim in names(claims.items.into_iter().map(|c| c.metadata.name).collect()) {
+        delete_pvc(client, namespace, &claim)
+            .await
+            .map_err(Error::csi(format!("delete PVC {namespace}/{claim}")))?;
+    }
+    // A cluster without the snapshot CRDs (Block volumes alone need none) has no snapshots.
+    let snapshots = match Api::<VolumeSnapshot>::namespaced(client.clone(), namespace)
+        .list(&selector(Role::Snapshot))
+        .await
+    {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(source) => {
+            return Err(Error::Kube {
+                operation: format!("list the run's VolumeSnapshots in {namespace}"),
+                source,
+            });
+        }
+    };
+    for snapshot in names(snapshots.into_iter().map(|s| s.metadata.name).collect()) {
+        delete_snapshot(client, namespace, &snapshot)
+            .await
+            .map_err(Error::csi(format!(
+                "delete VolumeSnapshot {namespace}/{snapshot}"
+            )))?;
+    }
+    Ok(())
 }
 
 /// Delete the run's temporary objects of every volume (named by `key`): the Job (with its

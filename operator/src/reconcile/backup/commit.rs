@@ -11,14 +11,14 @@ use serde_json::json;
 
 use super::Run;
 use crate::context::AppRetention;
-use crate::crd::{Backup, BackupStatus, CleanupPolicy, VolumeStatus};
+use crate::crd::{Backup, BackupStatus, CleanupPolicy, Restore, VolumeStatus};
 use crate::error::{Error, Result};
 use crate::reconcile::volumes::{Temporaries, cleanup};
 use crate::reconcile::{cbt, patch_status, stash};
 use crate::status::{ConditionStatus, Phase, condition, set_condition};
 use strata_csi::Role;
 use strata_csi::client::delete_pvc;
-use strata_target::{BackupId, VolumeBackupRef, VolumeName};
+use strata_target::{AppBackupId, BackupId, VolumeBackupRef, VolumeName};
 
 impl Run<'_> {
     /// Commit the application backup, apply retention, clean up.
@@ -52,6 +52,10 @@ impl Run<'_> {
             .collect::<Result<Vec<_>>>()?;
         let ids: Vec<String> = refs.iter().map(|r| r.backup.to_string()).collect();
         let keep_last = self.backup.spec.retention.map(|r| r.keep_last as usize);
+        let pinned = match keep_last {
+            Some(_) => self.pinned_by_restores().await?,
+            None => Vec::new(),
+        };
         let prune = self.ctx.prune;
         let target = self.target().await?;
         let (retention, retention_failure, gc_failure) = target
@@ -94,7 +98,7 @@ impl Run<'_> {
                 // `strata prune`) must not fail the run that committed. It is reported in a
                 // condition and applied again at the next commit.
                 let (retention, retention_failure) = match keep_last {
-                    Some(keep) => match prune(t, &app, keep.max(1)) {
+                    Some(keep) => match prune(t, &app, keep.max(1), &pinned) {
                         Ok(retention) => (Some(retention), None),
                         Err(source) => (
                             None,
@@ -187,6 +191,29 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The application backups a Restore under way in this namespace reads, which retention
+    /// keeps: a Restore reads its Backup's archive again when it applies the objects, after
+    /// the volumes are filled, so expiring it meanwhile would fail the Restore at its last
+    /// step. A Restore names a Backup of its own namespace, whose application backup id is
+    /// the Backup's name.
+    async fn pinned_by_restores(&self) -> Result<Vec<AppBackupId>> {
+        let api: Api<Restore> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let restores = api
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube(format!("list Restores in {}", self.namespace)))?;
+        Ok(restores
+            .into_iter()
+            .filter(|r| {
+                !r.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(Phase::is_final)
+            })
+            .filter_map(|r| AppBackupId::new(&r.spec.backup_ref.name).ok())
+            .collect())
+    }
+
     /// Give each Completed Backup of this application whose application backup retention
     /// expired (its `status.backupId` is no longer among those kept) the condition `Expired`
     /// (True, reason `RetentionExpired`, naming this Backup). Its phase stays `Completed`: the
@@ -243,6 +270,7 @@ impl Run<'_> {
                 &self.namespace,
                 &name,
                 other.metadata.resource_version.as_deref(),
+                None,
                 &json!({ "conditions": other_status.conditions }),
             )
             .await?;

@@ -40,13 +40,13 @@ use serde_json::Value;
 use super::namespace_and_name;
 use super::outcome::Call;
 use super::volumes::label_restored;
-use super::volumes::{Temporaries, cleanup};
+use super::volumes::{Temporaries, cleanup, cleanup_labelled};
 use super::{controller_of, finalizer};
 use crate::context::{Context, TargetAccess};
 use crate::crd::{Backup, BackupStatus, ExistingObjects, Restore, RestoreStatus};
 use crate::error::{Error, ErrorClass, Result};
 use crate::status::{ConditionStatus, Phase, set_condition};
-use strata_csi::VolumeKey;
+use strata_csi::{Role, VolumeKey};
 use strata_discovery::restore::{ApplyOptions, ExistingPolicy};
 use strata_discovery::{
     LiveSource, MetadataBackup, ObjectSource, RestoreOrder, RestorePlan, Transforms,
@@ -103,8 +103,15 @@ pub async fn reconcile_restore(restore: &Restore, ctx: &Context) -> Result<Actio
     }
     let before = status.clone();
     let outcome = match run.step(&mut status).await {
-        // The run's copies of the credentials go with it; a failed removal is retried.
-        Err(err) if err.class() == ErrorClass::Permanent => run.revoke_access().await.and(Err(err)),
+        // The run's copies of the credentials go with it, and its datamovers still running;
+        // a failed removal is retried.
+        Err(err) if err.class() == ErrorClass::Permanent => {
+            let stopped = match run.revoke_access().await {
+                Ok(()) => run.stop_datamovers(&status).await,
+                Err(failed) => Err(failed),
+            };
+            stopped.and(Err(err))
+        }
         outcome => outcome,
     };
     let action = call.end(&before, &mut status, outcome).await?;
@@ -157,7 +164,22 @@ impl<'a> Run<'a> {
             &staged,
             Temporaries::SnapshotAndClaim,
         )
-        .await
+        .await?;
+        // What the status does not name (a status write lost after the objects were made),
+        // found by the run's labels: in a mapped namespace no owner reference reaches it.
+        cleanup_labelled(&self.ctx.client, &restored, &self.owner.uid).await
+    }
+
+    /// Delete the run's datamover Jobs that have not ended ([`super::jobs::stop_job`]): a
+    /// failed Restore's other volumes are of no use, and their Jobs would hold datamover slots
+    /// for up to their deadline.
+    async fn stop_datamovers(&self, status: &RestoreStatus) -> Result<()> {
+        let restored = self.restored_namespace(&self.namespace);
+        for volume in &status.volumes {
+            let job = self.key(&restored, &volume.pvc).name(Role::Datamover);
+            super::jobs::stop_job(&self.ctx.client, &restored, &job).await?;
+        }
+        Ok(())
     }
 
     /// Remove the credentials and ServiceAccount made for the run in a mapped namespace.
