@@ -350,11 +350,14 @@ pub fn job(spec: &DatamoverSpec, step: &Step) -> Result<Job> {
         ..Default::default()
     });
     if let Some(mount) = &spec.target_mount {
-        // A restore only reads the target.
+        // Read-write for a restore too, though it reads only backups: it records itself as a
+        // reader of the volume (`strata_target::ReadLease`), so that a prune's fold does not
+        // have what it reads collected under it, and it marks a backup it finds damaged.
+        // Mounted read-only, every in-cluster restore read unrecorded.
         volume_mounts.push(VolumeMount {
             name: TARGET_VOLUME.to_owned(),
             mount_path: mount.path.clone(),
-            read_only: Some(!read_only),
+            read_only: Some(false),
             ..Default::default()
         });
     }
@@ -473,7 +476,7 @@ mod tests {
     use serde_json::{Value, json};
 
     #[test]
-    fn a_folder_targets_nfs_export_is_mounted_at_its_path_read_only_for_restores() {
+    fn a_folder_targets_nfs_export_is_mounted_at_its_path_writable_for_restores_too() {
         let mut spec = spec(Attach::Block);
         spec.target = "/targets/nas".into();
         spec.target_mount = Some(TargetMount {
@@ -481,9 +484,10 @@ mod tests {
             export: "/exports/strata".into(),
             path: "/targets/nas".into(),
         });
+        // A restore records itself as a reader on the target, and marks damage it finds.
         for (job, read_only) in [
             (backup_job(&spec, None).unwrap(), false),
-            (restore_job(&spec, None).unwrap(), true),
+            (restore_job(&spec, None).unwrap(), false),
         ] {
             let job = serde_json::to_value(job).unwrap();
             let pod = &job["spec"]["template"]["spec"];

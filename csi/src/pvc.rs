@@ -144,9 +144,10 @@ pub fn staging_pvc(
 }
 
 /// `claim` to be provisioned from snapshot `snapshot` (same namespace): `spec.dataSource` names
-/// it, any other source (`dataSourceRef`) is dropped, and the request becomes `size` when given
-/// (the provisioner refuses a claim smaller than the snapshot's `restoreSize`). The volume mode
-/// is left as the claim has it.
+/// it, any other source (`dataSourceRef`) and any `selector` are dropped (the CSI
+/// external-provisioner refuses a claim with a selector), and the request becomes `size` when
+/// given (the provisioner refuses a claim smaller than the snapshot's `restoreSize`). The
+/// volume mode is left as the claim has it.
 pub fn claim_from_snapshot(
     mut claim: PersistentVolumeClaim,
     snapshot: &str,
@@ -159,6 +160,7 @@ pub fn claim_from_snapshot(
         name: snapshot.to_owned(),
     });
     spec.data_source_ref = None;
+    spec.selector = None;
     if let Some(size) = size {
         spec.resources
             .get_or_insert_with(Default::default)
@@ -299,6 +301,12 @@ mod tests {
         claim.metadata.labels = Some(BTreeMap::from([("app".to_owned(), "db".to_owned())]));
         let spec = claim.spec.as_mut().unwrap();
         spec.data_source_ref = Some(Default::default());
+        spec.selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some(BTreeMap::from([("disk".to_owned(), "fast".to_owned())])),
+                ..Default::default()
+            },
+        );
         let made = claim_from_snapshot(claim.clone(), "strata-snapshot-x", None);
         let value = serde_json::to_value(&made).unwrap();
         assert_eq!(value["metadata"]["labels"]["app"], "db");
@@ -308,6 +316,7 @@ mod tests {
             json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "strata-snapshot-x"})
         );
         assert!(value["spec"].get("dataSourceRef").is_none());
+        assert!(value["spec"].get("selector").is_none(), "{value}");
         assert_eq!(value["spec"]["resources"]["requests"]["storage"], "10Gi");
         let grown = claim_from_snapshot(claim, "s", Some(Quantity("12Gi".into())));
         assert_eq!(

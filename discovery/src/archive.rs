@@ -43,6 +43,8 @@ pub const MAX_ENTRY_BYTES: u64 = 16 << 20;
 /// controller's memory limit (512 MiB, `strata install`), many times over what a real
 /// application's objects take (a few MiB; the largest CRDs are about 1 MiB each).
 pub const MAX_TOTAL_BYTES: u64 = 64 << 20;
+/// Longest entry name (a GNU long-name record) read from an archive.
+const MAX_NAME_BYTES: u64 = 4096;
 
 /// Sanitized objects in restore order, with the volumes they use.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -85,6 +87,15 @@ impl MetadataBackup {
         let io = |e| Error::io("writing metadata archive", "", e);
         let mut tar = tar::Builder::new(GzEncoder::new(writer, Compression::default()));
         let mut paths = Vec::with_capacity(self.objects.len());
+        // Every number as wide as the last (at least four digits), so that the files sort in
+        // restore order however many there are (`kubectl apply -f objects/` reads them so).
+        let width = self
+            .objects
+            .len()
+            .saturating_sub(1)
+            .to_string()
+            .len()
+            .max(4);
         let mut documents = Vec::with_capacity(self.objects.len());
         for (i, object) in self.objects.iter().enumerate() {
             let r = reference(object)?;
@@ -95,7 +106,7 @@ impl MetadataBackup {
             };
             let ns = r.namespace.as_deref().unwrap_or("_");
             paths.push(format!(
-                "objects/{i:04}-{group}-{}-{ns}-{}.yaml",
+                "objects/{i:0width$}-{group}-{}-{ns}-{}.yaml",
                 r.kind, r.name
             ));
             documents.push(yaml::to_yaml(object, &r.to_string())?);
@@ -121,34 +132,79 @@ impl MetadataBackup {
         let mut index: Option<Index> = None;
         let mut documents: HashMap<String, String> = HashMap::new();
         let mut total = 0u64;
-        for (n, entry) in tar.entries().map_err(io)?.enumerate() {
-            if n >= MAX_ENTRIES {
+        let mut files = 0usize;
+        // Raw entries: the tar reader would otherwise read a GNU long-name or PAX record
+        // whole, however large, before any check here, and let a PAX `size` stand for the
+        // header's. The writer uses ustar headers and GNU long names only
+        // (`tar::Builder::append_data`), so those alone are read, each bounded.
+        let mut long_name: Option<String> = None;
+        for entry in tar.entries().map_err(io)?.raw(true) {
+            let mut entry = entry.map_err(io)?;
+            let kind = entry.header().entry_type();
+            if kind == tar::EntryType::GNULongName {
+                let size = entry.header().size().map_err(io)?;
+                if size > MAX_NAME_BYTES || long_name.is_some() {
+                    return Err(Error::Archive {
+                        entry: "a long-name record".into(),
+                        reason: format!(
+                            "holds {size} bytes or follows another (a name holds at most \
+                             {MAX_NAME_BYTES})"
+                        ),
+                    });
+                }
+                let mut name = Vec::new();
+                (&mut entry)
+                    .take(MAX_NAME_BYTES)
+                    .read_to_end(&mut name)
+                    .map_err(io)?;
+                while name.last() == Some(&0) {
+                    name.pop();
+                }
+                long_name = Some(String::from_utf8_lossy(&name).into_owned());
+                continue;
+            }
+            let path = match long_name.take() {
+                Some(name) => name,
+                None => entry.path().map_err(io)?.to_string_lossy().into_owned(),
+            };
+            if kind != tar::EntryType::Regular {
+                return Err(Error::Archive {
+                    entry: path,
+                    reason: format!("unexpected entry of type {kind:?}"),
+                });
+            }
+            files += 1;
+            if files > MAX_ENTRIES {
                 return Err(Error::Limit {
                     what: "metadata archive entries".into(),
                     limit: MAX_ENTRIES as u64,
                 });
             }
-            let entry = entry.map_err(io)?;
-            let path = entry.path().map_err(io)?.to_string_lossy().into_owned();
-            let size = entry.header().size().map_err(io)?;
-            if size > MAX_ENTRY_BYTES {
+            if entry.header().size().map_err(io)? > MAX_ENTRY_BYTES {
                 return Err(Error::Limit {
-                    what: format!("archive entry {path}"),
+                    what: format!("archive entry {path:?}"),
                     limit: MAX_ENTRY_BYTES,
                 });
             }
-            total += size;
+            let mut text = String::new();
+            let read = entry
+                .take(MAX_ENTRY_BYTES + 1)
+                .read_to_string(&mut text)
+                .map_err(io)?;
+            if read as u64 > MAX_ENTRY_BYTES {
+                return Err(Error::Limit {
+                    what: format!("archive entry {path:?}"),
+                    limit: MAX_ENTRY_BYTES,
+                });
+            }
+            // What was read counts, whatever the headers said.
+            total += read as u64;
             if total > MAX_TOTAL_BYTES {
                 return Err(Error::Limit {
                     what: "metadata archive size".into(),
                     limit: MAX_TOTAL_BYTES,
                 });
             }
-            let mut text = String::new();
-            entry
-                .take(MAX_ENTRY_BYTES)
-                .read_to_string(&mut text)
-                .map_err(io)?;
             if path == INDEX_PATH {
                 let parsed: Index =
                     serde_json::from_str(&text).map_err(|e| Error::json("archive index", e))?;
@@ -159,7 +215,10 @@ impl MetadataBackup {
                     });
                 }
                 index = Some(parsed);
-            } else if path.starts_with("objects/") && !path.contains("..") {
+            } else if path.starts_with("objects/") {
+                // Nothing is ever unpacked to disk (a document is found by its path in the
+                // index), so a name with `..` in it (RBAC allows a Role named `a..b`) is
+                // only a name.
                 documents.insert(path, text);
             } else {
                 return Err(Error::Archive {

@@ -228,11 +228,14 @@ pub fn sanitize(object: &DynamicObject) -> crate::Result<Value> {
         }
         ("", "PersistentVolumeClaim") => {
             // A restored claim's data comes from the backup, never from the snapshot or claim
-            // it was first provisioned from (usually gone, leaving the claim Pending).
+            // it was first provisioned from (usually gone, leaving the claim Pending). Its
+            // volume is provisioned anew, so a `selector` (binding to a chosen pre-made
+            // volume) goes too: the CSI external-provisioner refuses a claim that has one
+            // ("claim Selector is not supported"), which would stay Pending for ever.
             remove_keys(
                 &mut value,
                 "/spec",
-                &["volumeName", "dataSource", "dataSourceRef"],
+                &["volumeName", "dataSource", "dataSourceRef", "selector"],
             );
             remove_keys(&mut value, "/metadata/annotations", PVC_BINDING_ANNOTATIONS);
         }

@@ -433,6 +433,7 @@ fn an_archive_is_cleaned_again_as_it_is_read() {
         "metadata": {"name": "data", "namespace": "shop", "uid": "1234", "resourceVersion": "9"},
         "spec": {
             "volumeName": "someone-elses-pv",
+            "selector": {"matchLabels": {"disk": "chosen"}},
             "dataSource": {"kind": "VolumeSnapshot", "name": "old", "apiGroup": "snapshot.storage.k8s.io"},
             "dataSourceRef": {"kind": "VolumeSnapshot", "name": "old", "apiGroup": "snapshot.storage.k8s.io"},
             "accessModes": ["ReadWriteOnce"],
@@ -456,6 +457,7 @@ fn an_archive_is_cleaned_again_as_it_is_read() {
     let object = &back.objects[0];
     for gone in [
         "/spec/volumeName",
+        "/spec/selector",
         "/spec/dataSource",
         "/spec/dataSourceRef",
         "/status",
@@ -468,4 +470,111 @@ fn an_archive_is_cleaned_again_as_it_is_read() {
         object.pointer("/spec/resources/requests/storage"),
         Some(&json!("1Gi"))
     );
+}
+
+/// A valid archive of one ConfigMap whose document is `name`, with `before` appended ahead of
+/// that document (a record a hostile writer slips in).
+fn archive_with(
+    name: &str,
+    before: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>),
+) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let append = |tar: &mut tar::Builder<_>, path: &str, data: &[u8]| {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, path, data).unwrap();
+    };
+    let index = json!({"format": strata_discovery::FORMAT, "objects": [name], "volumes": []});
+    append(
+        &mut tar,
+        "strata-metadata.json",
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    before(&mut tar);
+    let doc = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: shop\n";
+    append(&mut tar, name, doc);
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn records_the_writer_never_makes_are_refused_and_names_are_bounded() {
+    // The archive reads as it is.
+    let plain = archive_with("objects/a", |_| {});
+    assert_eq!(
+        MetadataBackup::read_archive(plain.as_slice())
+            .unwrap()
+            .objects
+            .len(),
+        1
+    );
+    // A PAX record: its `size` would stand for the header's, past every size check.
+    let pax = archive_with("objects/a", |tar| {
+        tar.append_pax_extensions([("comment", &b"x"[..])]).unwrap();
+    });
+    let err = MetadataBackup::read_archive(pax.as_slice()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Archive { reason, .. } if reason.contains("XHeader")),
+        "{err}"
+    );
+    // A name longer than any object's path (a long-name record is read whole).
+    let long = format!("objects/{}", "a".repeat(5000));
+    let bytes = archive_with(&long, |_| {});
+    let err = MetadataBackup::read_archive(bytes.as_slice()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Archive { entry, .. } if entry == "a long-name record"),
+        "{err}"
+    );
+    // A long name within the bound reads.
+    let fine = format!("objects/{}", "b".repeat(300));
+    let bytes = archive_with(&fine, |_| {});
+    assert_eq!(
+        MetadataBackup::read_archive(bytes.as_slice())
+            .unwrap()
+            .objects
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn an_object_named_with_two_dots_round_trips() {
+    let mut b = backup();
+    b.objects.push(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "a..b"}, "rules": []}),
+    );
+    let bytes = b.write_archive(Vec::new()).unwrap();
+    let back = MetadataBackup::read_archive(bytes.as_slice()).unwrap();
+    assert_eq!(back, b);
+}
+
+#[test]
+fn the_documents_of_ten_thousand_objects_sort_in_restore_order() {
+    let objects: Vec<Value> = (0..10_001)
+        .map(|i| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": format!("c{i}"), "namespace": "shop"}})
+        })
+        .collect();
+    let b = MetadataBackup {
+        objects,
+        volumes: vec![],
+    };
+    let bytes = b.write_archive(Vec::new()).unwrap();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    let written: Vec<String> = tar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .filter(|p| p.starts_with("objects/"))
+        .collect();
+    let mut sorted = written.clone();
+    sorted.sort();
+    assert_eq!(sorted, written, "file order is restore order");
+    assert!(written[0].starts_with("objects/00000-"), "{}", written[0]);
 }
