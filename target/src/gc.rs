@@ -34,7 +34,7 @@ use crate::target::{Inner, Target};
 /// What [`Target::gc`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Keys of the objects removed.
+    /// Keys of the objects removed (dead readers' records among them).
     pub removed: Vec<String>,
 }
 
@@ -81,14 +81,18 @@ impl Target {
             let cutoff = Utc::now() - grace;
             // While a reader of the volume is alive (it may read a chain opened before a
             // fold), everything a fold superseded stays, however long ago: `crate::ReadLease`.
-            let read = !inner.live_readers(&volume).await?.is_empty();
+            let mut removed = Vec::new();
+            let read = !inner
+                .live_readers_removing(&volume, &mut removed)
+                .await?
+                .is_empty();
             let retired_cutoff = if read {
                 DateTime::<Utc>::MIN_UTC
             } else {
                 cutoff
             };
             let needed = Needed::of_volume(&inner, &volume, retired_cutoff).await?;
-            let mut removed = collect_volume(&inner, &volume, cutoff, &needed).await?;
+            removed.extend(collect_volume(&inner, &volume, cutoff, &needed).await?);
             if !read {
                 removed.extend(collect_retired(&inner, &volume, cutoff, &needed).await?);
             }

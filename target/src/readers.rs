@@ -116,6 +116,16 @@ impl Inner {
     /// (a reader locks its record just after creating it). Records of dead readers are
     /// removed.
     pub(crate) async fn live_readers(&self, volume: &VolumeName) -> Result<Vec<Vec<BackupId>>> {
+        self.live_readers_removing(volume, &mut Vec::new()).await
+    }
+
+    /// [`live_readers`](Self::live_readers), adding to `removed` the keys of the dead
+    /// readers' records it removed (for [`crate::GcReport`]).
+    pub(crate) async fn live_readers_removing(
+        &self,
+        volume: &VolumeName,
+        removed: &mut Vec<String>,
+    ) -> Result<Vec<Vec<BackupId>>> {
         let mut live = Vec::new();
         let mut clock = None;
         let fresh = chrono::Duration::from_std(FRESH).unwrap_or(chrono::Duration::MAX);
@@ -126,7 +136,10 @@ impl Inner {
             let now = self.store_now_once(volume, &mut clock).await?;
             let fresh = self.local_root.is_some() && meta.last_modified + fresh > Utc::now();
             match self.liveness_at(&meta.location, now).await {
-                Ok((Liveness::Dead, _)) if !fresh => self.delete(&meta.location).await?,
+                Ok((Liveness::Dead, _)) if !fresh => {
+                    self.delete(&meta.location).await?;
+                    removed.push(meta.location.to_string());
+                }
                 Ok((Liveness::Dead, _)) => live.push(Vec::new()),
                 Ok((_, record)) => {
                     live.push(record.and_then(|record| record.reading).unwrap_or_default())
@@ -138,7 +151,10 @@ impl Inner {
                     let stale = chrono::Duration::from_std(MAX_LEASE * 2)
                         .is_ok_and(|two| meta.last_modified + two < now.unwrap_or_else(Utc::now));
                     match stale {
-                        true => self.delete(&meta.location).await?,
+                        true => {
+                            self.delete(&meta.location).await?;
+                            removed.push(meta.location.to_string());
+                        }
                         false => live.push(Vec::new()),
                     }
                 }

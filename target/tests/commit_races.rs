@@ -39,6 +39,8 @@ struct Skewed {
     lost_manifest_answers: AtomicUsize,
     /// Cut off: every put fails, as for a writer whose network (or process) is gone.
     cut: std::sync::atomic::AtomicBool,
+    /// Keys holding the text, reported older by the duration (listed and read).
+    aged: Mutex<Option<(String, chrono::Duration)>>,
 }
 
 impl fmt::Debug for Skewed {
@@ -62,7 +64,16 @@ impl Skewed {
             after_get: Mutex::new(None),
             lost_manifest_answers: AtomicUsize::new(0),
             cut: std::sync::atomic::AtomicBool::new(false),
+            aged: Mutex::new(None),
         })
+    }
+
+    /// How much older than it is the store reports `key`.
+    fn age_of(&self, key: &str) -> chrono::Duration {
+        match &*self.aged.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((text, age)) if key.contains(text.as_str()) => *age,
+            _ => chrono::Duration::zero(),
+        }
     }
 
     fn take_hook(slot: &Mutex<Option<(String, Hook)>>, key: &str) -> Option<Hook> {
@@ -110,7 +121,7 @@ impl ObjectStore for Skewed {
 
     async fn get_opts(&self, l: &Path, o: GetOptions) -> Result<GetResult> {
         let mut got = self.inner.get_opts(l, o).await?;
-        got.meta.last_modified -= self.skew;
+        got.meta.last_modified -= self.skew + self.age_of(l.as_ref());
         if let Some(hook) = Self::take_hook(&self.after_get, l.as_ref()) {
             tokio::task::block_in_place(hook);
         }
@@ -128,10 +139,16 @@ impl ObjectStore for Skewed {
         let key = prefix.map(|p| p.to_string()).unwrap_or_default();
         let hook = Self::take_hook(&self.after_list, &key);
         let (inner, prefix, skew) = (self.inner.clone(), prefix.cloned(), self.skew);
+        let aged = self.aged.lock().unwrap_or_else(|e| e.into_inner()).clone();
         futures::stream::once(async move {
             let mut items: Vec<ObjectMeta> = inner.list(prefix.as_ref()).try_collect().await?;
             for meta in &mut items {
                 meta.last_modified -= skew;
+                if let Some((text, age)) = &aged
+                    && meta.location.as_ref().contains(text.as_str())
+                {
+                    meta.last_modified -= *age;
+                }
             }
             if let Some(hook) = hook {
                 tokio::task::block_in_place(hook);
@@ -628,4 +645,28 @@ fn an_unreadable_child_slot_is_named_and_gc_still_collects_the_other_volumes() {
     assert!(gc.contains("child slot"), "{gc}");
     let left = listed(&memory, "volumes/b/images");
     assert_eq!(left.len(), 1, "volume b was not collected: {left:?}");
+}
+
+/// A reader record that does not parse (damaged, or put there by hand) counts as a live reader
+/// until it is two of the longest leases (20 minutes) old by the store's clock: then gc
+/// removes it, and says so in its report.
+#[test]
+fn an_unreadable_reader_record_holds_off_until_twenty_minutes_old_then_goes() {
+    let memory = Arc::new(InMemory::new());
+    let v = volume();
+    let key = "volumes/data/readers/reader-0123456789abcdef.json";
+    put(&memory, key, b"not a record".to_vec());
+    for (minutes, kept) in [(19, true), (21, false)] {
+        let store = Skewed::new(memory.clone(), Duration::ZERO);
+        *store.aged.lock().expect("aged") =
+            Some(("/readers/".into(), chrono::Duration::minutes(minutes)));
+        let target = Target::from_store(store, "", options()).expect("target");
+        let report = target.gc_volume(&v, Duration::ZERO).expect("gc");
+        assert_eq!(exists(&memory, key), kept, "{minutes} minutes old");
+        assert_eq!(
+            report.removed.iter().any(|removed| removed == key),
+            !kept,
+            "{minutes} minutes old: {report:?}"
+        );
+    }
 }
