@@ -184,10 +184,24 @@ fn remove_unnamed(
         .into_iter()
         .filter(|id| !named.contains(&(volume.clone(), id.clone())))
         .collect();
-    for id in &unreferenced {
-        remove_volume_backup(target, volume, id)?;
+    let mut removed = Vec::with_capacity(unreferenced.len());
+    for id in unreferenced {
+        match remove_volume_backup(target, volume, &id) {
+            Ok(()) => removed.push(id),
+            // As `prune` does: the damage is marked (the next backup starts a new chain), this
+            // backup stays, and the others are still removed.
+            Err(Error::Damaged {
+                id: damaged,
+                problem,
+                ..
+            }) => target.notice(&format!(
+                "backup {volume}/{damaged} is damaged ({problem}): {id} was not folded into \
+                 it; delete it, or restore from a later point"
+            )),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(unreferenced)
+    Ok(removed)
 }
 
 /// Removes volume backup `id`: folded into its child when it has one, deleted otherwise.

@@ -1043,6 +1043,10 @@ pub struct Pruned {
     /// Backups due for removal that were kept because a live reader (a restore, an export)
     /// reads them and nothing was built on them; a later prune removes them.
     pub being_read: Vec<BackupId>,
+    /// Backups due for removal that were kept because their fold found damage in the chain,
+    /// each with what the fold said (the damaged backup is marked, [`Target::mark_damaged`]:
+    /// the next backup starts a new chain); the other older ones are still removed.
+    pub damaged: Vec<(BackupId, String)>,
 }
 
 /// Retention: keeps the newest `keep_last` backups of `volume`, folding each older backup into
@@ -1064,14 +1068,14 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<P
     let mut pruned = Pruned {
         removed: target.recover_folds(volume, std::time::Duration::ZERO)?,
         being_read: Vec::new(),
+        damaged: Vec::new(),
     };
     loop {
         let backups = target.backups(volume)?;
         let excess = backups.len().saturating_sub(keep_last);
-        let Some(oldest) = backups[..excess]
-            .iter()
-            .find(|m| !pruned.being_read.contains(&m.id))
-        else {
+        let Some(oldest) = backups[..excess].iter().find(|m| {
+            !pruned.being_read.contains(&m.id) && !pruned.damaged.iter().any(|(id, _)| *id == m.id)
+        }) else {
             return Ok(pruned);
         };
         let Some(child) = backups
@@ -1088,8 +1092,20 @@ pub fn prune(target: &Target, volume: &VolumeName, keep_last: usize) -> Result<P
             }
             continue;
         };
-        fold_verified(target, volume, &oldest.id, child)?;
-        pruned.removed.push(oldest.id.clone());
+        match fold_verified(target, volume, &oldest.id, child) {
+            Ok(()) => pruned.removed.push(oldest.id.clone()),
+            // Damage stops this fold only (it is marked: the next backup starts a new chain);
+            // the other older backups are still removed, so one damaged backup does not stop
+            // retention for good.
+            Err(damage @ Error::Damaged { .. }) => {
+                let said = format!(
+                    "folding into {} failed: {damage}",
+                    strata_target::image_name(&child.id)
+                );
+                pruned.damaged.push((oldest.id.clone(), said));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -1104,25 +1120,59 @@ pub(crate) fn fold_verified(
     parent: &BackupId,
     child: &BackupManifest,
 ) -> Result<()> {
-    let (_, chain) = open_backup(target, volume, Some(&child.id))?;
+    let opened = crate::verified::open_verified(target, volume, Some(&child.id))
+        .inspect_err(|e| crate::verified::mark_found(target, e))?;
     let cluster_size = child.cluster_size;
-    target.fold_into_child(volume, parent, |sink, backing| {
+    let mut found = None;
+    let folded = target.fold_into_child(volume, parent, |sink, backing| {
+        let changed = || strata_target::Error::Fold {
+            image: child.image.object.clone(),
+            reason: "the chain changed after it was opened (another prune folded it \
+                     meanwhile); prune again"
+                .into(),
+        };
+        // What is folded is the chain as opened: a fold of the parent by another prune that
+        // committed in between (before this fold's intent, which makes any later one wait)
+        // changed the parent's manifest, and merging the old parent over its new backing
+        // file would lose the clusters the other fold moved into it.
+        for manifest in opened.manifests.iter().take(2) {
+            match target.backup(volume, &manifest.id) {
+                Ok(now) if now == *manifest => {}
+                Ok(_) | Err(strata_target::Error::NotFound { .. }) => return Err(changed()),
+                Err(e) => return Err(e),
+            }
+        }
         let defaults = BackupOptions::default();
         let mut options = WriterOptions::default();
         options.cluster_size = cluster_size;
         options.backing_file = backing;
         options.compression = defaults.compression;
         options.compression_level = defaults.compression_level;
-        let (_, _, checksums) = strata_chain::merge(&chain, sink, &options).map_err(|e| {
-            strata_target::Error::Fold {
-                image: child.image.object.clone(),
-                reason: chain_text(&e),
-            }
-        })?;
+        let (_, _, checksums) =
+            strata_chain::merge(&opened.image, sink, &options).map_err(|e| {
+                let reason = chain_text(&e);
+                // A damaged cluster is named and marked, as a restore marks it.
+                let named = opened.name_damage(match e {
+                    strata_chain::Error::Image(image) => Error::Image(image),
+                    other => Error::Chain(other),
+                });
+                if matches!(named, Error::Damaged { .. }) {
+                    crate::verified::mark_found(target, &named);
+                    found = Some(named);
+                }
+                strata_target::Error::Fold {
+                    image: child.image.object.clone(),
+                    reason,
+                }
+            })?;
         Ok(vec![(
             side_file(CHECKSUMS_FILE),
             SideBody::from_reader(checksums.into_reader()),
         )])
-    })?;
-    Ok(())
+    });
+    match (folded, found) {
+        (Ok(_), _) => Ok(()),
+        (Err(_), Some(damage)) => Err(damage),
+        (Err(e), None) => Err(e.into()),
+    }
 }

@@ -672,6 +672,52 @@ fn after_verify_finds_a_base_damaged_the_next_backup_starts_a_new_chain() {
     assert!(!mark.exists(), "the repaired backup keeps its mark");
 }
 
+/// A prune whose fold finds a cluster failing its checksum marks the backup that stored it
+/// and keeps it, still folds the other older backups, and fails saying so: one damaged backup
+/// no longer stops retention for good. The next backup starts a new chain.
+#[test]
+fn a_prune_that_finds_a_base_damaged_marks_it_and_still_folds_the_others() {
+    let f = Fixture::new();
+    change_and_back_up(&f, 0x5a);
+    let guest = MIB + 0x20000;
+    flip(
+        &f.image(&f.base),
+        host_offset(&f.image(&f.base), guest) + 10,
+        0xff,
+    );
+    let out = strata(&[
+        "prune",
+        "--keep-last",
+        "1",
+        "--target",
+        s(&f.target),
+        "--volume",
+        "vol1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "backup vol1/{}: cluster at guest offset {guest:#x}",
+            f.base
+        )) && stderr.contains("marked damaged"),
+        "{stderr}"
+    );
+    // The middle backup was folded into the third all the same.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("removed {}", f.top)), "{stdout}");
+    let mark = f
+        .target
+        .join("volumes/vol1/damaged")
+        .join(format!("{}.json", f.base));
+    assert!(mark.exists(), "the prune left no mark");
+    assert!(f.image(&f.base).exists(), "the damaged base was removed");
+    let next = change_and_back_up(&f, 0x6b);
+    let manifest = manifest_json(&f, &next);
+    assert_eq!(manifest["parent"], serde_json::Value::Null, "{manifest}");
+}
+
 /// A restore that finds a cluster failing its checksum marks the backup that stored it too:
 /// the next backup starts a new chain, naming it.
 #[test]

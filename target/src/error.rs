@@ -158,8 +158,9 @@ pub enum Error {
         /// The backup that extends it.
         child: String,
     },
-    /// Another fold of this backup into its child is in progress (or stopped and not yet
-    /// recovered: the next `prune`, or `gc` after the grace period, finishes or rolls it back).
+    /// Another fold of the volume (of backup `parent` into its child) is in progress, or
+    /// stopped and not yet recovered (the next `prune`, or `gc` after the grace period,
+    /// finishes or rolls it back): one fold of a volume runs at a time.
     #[error("backup {parent} of volume {volume} is already being folded by {writer}")]
     FoldInProgress {
         /// The volume.

@@ -86,7 +86,37 @@ impl Target {
             let lease = WriterLease::acquire(&inner, &volume_c, &holder).await?;
             let path = inner.layout.fold_intent(&volume_c, &doc.parent);
             match inner.put_create(&path, to_json(&doc).into()).await? {
-                Created::New => Ok(lease),
+                Created::New => {
+                    // One fold of a volume at a time: two folds of neighbouring parents
+                    // (G into P and P into C) would each merge the chain as it was before
+                    // the other. Every fold makes its intent, then looks for another's: of
+                    // two that race, at least one sees the other and steps back (both may;
+                    // the next prune folds).
+                    let folds = inner
+                        .list(&inner.layout.volume_dir(&volume_c, "folds"))
+                        .await?;
+                    let Some(other) = folds.iter().find(|meta| meta.location != path) else {
+                        return Ok(lease);
+                    };
+                    let writer = match inner.get_bytes(&other.location).await {
+                        Ok(bytes) => FoldIntent::parse(other.location.as_ref(), &bytes)
+                            .map(|other| other.writer)
+                            .unwrap_or_else(|_| "unknown".into()),
+                        Err(_) => "unknown".into(),
+                    };
+                    inner.delete(&path).await?;
+                    lease.release(&inner).await?;
+                    Err(Error::FoldInProgress {
+                        volume: volume_c.to_string(),
+                        parent: other
+                            .location
+                            .filename()
+                            .and_then(|name| name.strip_suffix(".json"))
+                            .unwrap_or_default()
+                            .to_owned(),
+                        writer,
+                    })
+                }
                 Created::Exists(other) => {
                     lease.release(&inner).await?;
                     let other = FoldIntent::parse(path.as_ref(), &other)?;

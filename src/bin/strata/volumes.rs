@@ -517,6 +517,19 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<()> {
         pruned.removed.len(),
         strata::list(&target, Some(&volume))?.len()
     )?;
+    // Done what it could (the other older backups are removed); the damage fails the run.
+    if !pruned.damaged.is_empty() {
+        let said: Vec<&str> = pruned
+            .damaged
+            .iter()
+            .map(|(_, said)| said.as_str())
+            .collect();
+        anyhow::bail!(
+            "{}; marked damaged (the next backup starts a new chain) and kept: delete it, or \
+             restore from a later point",
+            said.join("; ")
+        );
+    }
     Ok(())
 }
 
