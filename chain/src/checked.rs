@@ -72,6 +72,7 @@ impl ClusterCheck for ChainChecksums {
             depth,
             guest_offset,
             problem,
+            unchecked: false,
         };
         let Some((_, list)) = self.layers.get(depth) else {
             return Err(failure(
@@ -100,6 +101,7 @@ impl ClusterCheck for ChainChecksums {
         }
         match self.listed_above(Some(depth), guest_offset, data.len() as u64)? {
             Some((above, at)) => Err(CheckFailure {
+                unchecked: false,
                 depth: above,
                 guest_offset: at,
                 problem: format!(
@@ -115,6 +117,7 @@ impl ClusterCheck for ChainChecksums {
         // The image deciding the range, and every image above it.
         match self.listed_above(depth.map(|d| d + 1), guest_offset, len)? {
             Some((listed, at)) => Err(CheckFailure {
+                unchecked: false,
                 depth: listed,
                 guest_offset: at,
                 problem: "is in its checksum list but reads as zeros".into(),
@@ -128,7 +131,9 @@ impl ClusterCheck for ChainChecksums {
     }
 }
 
-/// A check that failed because the checksum list of the image at `depth` could not be read.
+/// A check that failed because the checksum list of the image at `depth` could not be read:
+/// unchecked when reading it back failed (the list waits in a local temporary file, checked
+/// when it was downloaded), damage when what it read back is malformed.
 fn unreadable(depth: usize, guest_offset: u64, error: &crate::Error) -> CheckFailure {
     let mut problem = format!("cannot be checked: its checksum list does not read back: {error}");
     let mut source = std::error::Error::source(error);
@@ -140,6 +145,7 @@ fn unreadable(depth: usize, guest_offset: u64, error: &crate::Error) -> CheckFai
         depth,
         guest_offset,
         problem,
+        unchecked: matches!(error, crate::Error::Io { .. }),
     }
 }
 
@@ -148,6 +154,18 @@ mod tests {
     use super::*;
 
     const CLUSTER: u64 = 65536;
+
+    #[test]
+    fn a_list_that_does_not_read_back_is_unchecked_and_a_malformed_one_damage() {
+        let local = crate::Error::Io {
+            what: "reading the checksum list",
+            offset: 0,
+            source: std::io::Error::other("EIO from the temporary file"),
+        };
+        assert!(unreadable(1, 0, &local).unchecked);
+        let malformed = crate::Error::Mismatch("an entry out of order".into());
+        assert!(!unreadable(1, 0, &malformed).unchecked);
+    }
 
     fn list(clusters: &[(u64, &[u8])]) -> ClusterChecksums {
         let mut list = ClusterChecksums::new(CLUSTER);

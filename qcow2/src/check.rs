@@ -17,6 +17,11 @@ pub struct CheckFailure {
     pub guest_offset: u64,
     /// What is wrong, in a few words after "cluster at guest offset 0x...".
     pub problem: String,
+    /// The check could not be made (what it checks against did not read back: a local I/O
+    /// error), rather than finding the cluster wrong: the read fails with
+    /// [`Error::Io`](crate::Error::Io), not [`Error::ClusterCheck`](crate::Error::ClusterCheck),
+    /// so that the backup is not taken for damaged.
+    pub unchecked: bool,
 }
 
 /// Checks the clusters a chain's readers return, against what the caller knows they must hold.

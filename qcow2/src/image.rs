@@ -645,6 +645,16 @@ impl Image {
                 .get(failure.depth)
                 .map_or_else(String::new, |layer| layer.name().to_owned())
         });
+        if failure.unchecked {
+            return Error::Io {
+                image,
+                action: format!(
+                    "checking the cluster at guest offset {:#x}",
+                    failure.guest_offset
+                ),
+                source: std::io::Error::other(failure.problem),
+            };
+        }
         Error::ClusterCheck {
             image,
             depth: failure.depth,

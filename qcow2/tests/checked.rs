@@ -14,6 +14,8 @@ struct Recorder {
     stored: Mutex<Vec<(usize, u64, usize, u8)>>,
     zeros: Mutex<Vec<(Option<usize>, u64, u64)>>,
     fail_at: Option<u64>,
+    /// The failure is one of the check itself (what it checks against did not read).
+    unchecked: bool,
 }
 
 impl ClusterCheck for Recorder {
@@ -27,6 +29,7 @@ impl ClusterCheck for Recorder {
                 depth,
                 guest_offset,
                 problem: "is not what was written".into(),
+                unchecked: self.unchecked,
             }),
             _ => Ok(()),
         }
@@ -127,6 +130,26 @@ fn a_failed_check_fails_the_read_naming_the_image_and_offset() {
         hydrate(&image, &out, "out.raw"),
         Err(Error::ClusterCheck { depth: 1, .. })
     ));
+}
+
+/// A check that could not be made (its own list did not read back) fails the read as an I/O
+/// error of the image, not as a cluster found wrong: the backup is not taken for damaged.
+#[test]
+fn a_check_that_could_not_be_made_is_an_io_error_not_a_cluster_check() {
+    let s = Scratch::new();
+    chain(&s);
+    let recorder = Arc::new(Recorder {
+        fail_at: Some(0),
+        unchecked: true,
+        ..Recorder::default()
+    });
+    let image = Image::open_with_options(s.path("top.qcow2"), &checked(&recorder)).unwrap();
+    let mut buf = vec![7u8; 4096];
+    let err = image.read_at(&mut buf, 100).unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { action, .. } if action.contains("guest offset 0x0")),
+        "{err:?}"
+    );
 }
 
 #[test]
