@@ -236,6 +236,21 @@ fn transforms_map_namespaces_classes_labels_and_patch() {
         .unwrap();
     assert_eq!(decoded.release.namespace, "shop-restored");
     assert_eq!(decoded.release.version, 2);
+    // So do the objects it rendered (the chart sets their namespace): `helm uninstall` of the
+    // copy must not reach the source's objects.
+    let rendered = decoded.release.manifest_objects().unwrap();
+    assert!(
+        rendered
+            .iter()
+            .any(|r| r.namespace.as_deref() == Some("shop-restored")),
+        "{rendered:?}"
+    );
+    assert!(
+        rendered
+            .iter()
+            .all(|r| r.namespace.as_deref() != Some("shop")),
+        "{rendered:?}"
+    );
 }
 
 #[test]

@@ -171,6 +171,19 @@ impl Transforms {
             return Ok(());
         };
         stored.release.namespace = target.clone();
+        // The rendered objects name their namespace too (many charts set
+        // `metadata.namespace` in every template): left as they were, `helm upgrade` or
+        // `helm uninstall` of the restored copy would work on the source namespace's
+        // objects.
+        stored.release.manifest =
+            map_manifest_namespaces(&stored.release.manifest, &self.namespaces);
+        if let Some(hooks) = stored.release.hooks.as_mut().and_then(Value::as_array_mut) {
+            for hook in hooks {
+                if let Some(Value::String(manifest)) = hook.get_mut("manifest") {
+                    *manifest = map_manifest_namespaces(manifest, &self.namespaces);
+                }
+            }
+        }
         let encoded = match stored.driver {
             helm::Driver::Secret => helm::encode_secret_data(&stored.release)?,
             helm::Driver::ConfigMap => helm::encode_release(&stored.release)?,
@@ -179,5 +192,98 @@ impl Transforms {
             *slot = Value::String(encoded);
         }
         Ok(())
+    }
+}
+
+/// `manifest`, a YAML stream Helm rendered, with each document's `metadata.namespace` mapped
+/// by `mapping`. A line edit of the `namespace:` line directly under a document's top-level
+/// `metadata:` (its first indentation level), so that everything else stays as Helm wrote it:
+/// the `# Source:` comments, the order, the quoting (kept as found).
+fn map_manifest_namespaces(manifest: &str, mapping: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(manifest.len());
+    // Inside a top-level `metadata:` block, and the indentation of its keys once seen.
+    let mut metadata: Option<Option<usize>> = None;
+    for line in manifest.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let ending = &line[body.len()..];
+        let text = body.trim_start();
+        let indent = body.len() - text.len();
+        if text.is_empty() || text.starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        if indent == 0 {
+            metadata = (text == "metadata:").then_some(None);
+            out.push_str(line);
+            continue;
+        }
+        let Some(level) = metadata.as_mut() else {
+            out.push_str(line);
+            continue;
+        };
+        let level = *level.get_or_insert(indent);
+        let mapped = (indent == level)
+            .then(|| text.strip_prefix("namespace:"))
+            .flatten()
+            .and_then(|value| {
+                let value = value.trim();
+                let (quote, bare) = match value.as_bytes().first() {
+                    Some(b'"') => ("\"", value.trim_matches('"')),
+                    Some(b'\'') => ("'", value.trim_matches('\'')),
+                    _ => ("", value),
+                };
+                mapping.get(bare).map(|to| (quote, to))
+            });
+        match mapped {
+            Some((quote, to)) => {
+                out.push_str(&body[..indent]);
+                out.push_str(&format!("namespace: {quote}{to}{quote}"));
+                out.push_str(ending);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_under_metadata_are_mapped_and_nothing_else() {
+        let mapping = BTreeMap::from([("shop".to_owned(), "shop-copy".to_owned())]);
+        let lines = |namespaces: [&str; 2]| {
+            [
+                "---",
+                "# Source: c/templates/a.yaml",
+                "apiVersion: v1",
+                "kind: ConfigMap",
+                "metadata:",
+                "  name: a",
+                namespaces[0],
+                "data:",
+                "  namespace: shop",
+                "---",
+                "apiVersion: v1",
+                "kind: Service",
+                "metadata:",
+                "  name: b",
+                "  labels:",
+                "    namespace: shop",
+                namespaces[1],
+                "spec:",
+                "  type: ClusterIP",
+                "---",
+                "kind: Role",
+                "metadata:",
+                "  namespace: 'other'",
+                "",
+            ]
+            .join("\n")
+        };
+        let manifest = lines(["  namespace: \"shop\"", "  namespace: shop"]);
+        let expected = lines(["  namespace: \"shop-copy\"", "  namespace: shop-copy"]);
+        assert_eq!(map_manifest_namespaces(&manifest, &mapping), expected);
     }
 }
