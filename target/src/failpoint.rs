@@ -28,6 +28,23 @@ pub(crate) fn hit(point: &str) {
         _ => return,
     };
     let _ = rustix::process::kill_process(rustix::process::getpid(), signal);
+    if signal == rustix::process::Signal::STOP {
+        // A signal to the process is taken by one of its threads, not necessarily this one
+        // (the main thread, waiting, is woken first): until that thread stops the others,
+        // this one runs on past the crash point (a test saw a delete it was to stop before
+        // already done). It waits, in system calls, until the process shows stopped; its
+        // next call then stops it too.
+        for _ in 0..1000 {
+            let state = std::fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next());
+            if state == Some('T') {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Does nothing: crash points need the `failpoints` feature.
