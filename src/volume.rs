@@ -119,6 +119,12 @@ pub struct BackupOptions {
     pub full: bool,
     /// Changed ranges from changed-block tracking; `None` compares digests.
     pub changed_ranges: Option<Vec<ByteRange>>,
+    /// The backup [`Self::changed_ranges`] describe the change since: they are used only when
+    /// the new backup's parent is that backup, decided once its child slot is taken (another
+    /// backup committed between the caller's look and this one would otherwise have the
+    /// ranges laid over the wrong parent); else digests are compared, and a notice says why.
+    /// `None`: the caller vouches for the ranges.
+    pub changed_since: Option<BackupId>,
     /// Cluster size of a new chain (64 KiB when `None`); incrementals keep their chain's.
     pub cluster_size: Option<u64>,
     /// Digests of a new chain (BLAKE3 by default); incrementals keep their chain's, so a
@@ -141,6 +147,7 @@ impl Default for BackupOptions {
         Self {
             full: false,
             changed_ranges: None,
+            changed_since: None,
             cluster_size: None,
             digests: DigestAlgorithm::default(),
             max_chain_length: DEFAULT_MAX_CHAIN_LENGTH,
@@ -252,6 +259,26 @@ pub fn backup_volume(
     let previous_digests = match &parent_id {
         Some(parent) => match target.download_file(volume, parent, &side_file(DIGESTS_FILE)) {
             Ok(file) => match DigestManifest::open(file) {
+                // Digests of another geometry than the backup's (a side file from another
+                // backup, put back by hand) would fail every later incremental the same way.
+                Ok(digests)
+                    if latest.as_ref().is_some_and(|m| {
+                        (m.cluster_size, m.virtual_size)
+                            != (digests.cluster_size, digests.virtual_size)
+                    }) =>
+                {
+                    let (cluster, size) = latest
+                        .as_ref()
+                        .map(|m| (m.cluster_size, m.virtual_size))
+                        .unwrap_or_default();
+                    full_reason = Some(format!(
+                        "the digests of the latest backup {parent} cover {} byte clusters of \
+                         {} bytes, the backup {cluster} byte clusters of {size} bytes",
+                        digests.cluster_size, digests.virtual_size
+                    ));
+                    latest = None;
+                    None
+                }
                 Ok(digests) => Some(digests),
                 Err(e @ strata_chain::Error::Io { .. }) => return Err(e.into()),
                 Err(e) => {
@@ -304,7 +331,20 @@ pub fn backup_volume(
     writer_options.backing_file = upload.backing_name();
     writer_options.compression = options.compression;
     writer_options.compression_level = options.compression_level;
-    let change = match (&options.changed_ranges, &previous_digests) {
+    // The parent is fixed now (its child slot is this backup's).
+    let parent = latest.as_ref().map(|m| &m.id);
+    let ranges = match (&options.changed_ranges, &options.changed_since) {
+        (Some(_), Some(since)) if parent != Some(since) => {
+            target.notice(&format!(
+                "the changed ranges are since {since}, this backup's parent is {}; comparing \
+                 digests",
+                parent.map_or_else(|| "none".to_owned(), ToString::to_string)
+            ));
+            &None
+        }
+        (ranges, _) => ranges,
+    };
+    let change = match (ranges, &previous_digests) {
         (Some(ranges), previous) => ChangeSource::ChangedRanges {
             ranges,
             previous: previous.as_ref(),

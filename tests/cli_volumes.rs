@@ -569,6 +569,118 @@ fn backups_after_the_latest_digests_are_lost_or_damaged_start_a_new_chain() {
     restore_every_point(&target, dir.path(), points);
 }
 
+/// Changed ranges describe the change since the latest backup: a backup that is taken full
+/// all the same (`--full`, a chain at its length limit, the first of a volume) reads the whole
+/// volume, never only the ranges (its base image would read zeros everywhere else).
+#[test]
+fn a_full_backup_given_changed_ranges_reads_the_whole_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    file.write_all_at(&[0x11; 1 << 20], 0).expect("write");
+    let ranges = dir.path().join("ranges.json");
+    std::fs::write(
+        &ranges,
+        format!(r#"[{{"offset": {}, "length": 4096}}]"#, 2 << 20),
+    )
+    .expect("ranges");
+    let first = backup(&target, &volume, &["--changed-ranges", s(&ranges)]);
+    restore_and_check(
+        &target,
+        dir.path(),
+        &first,
+        "",
+        &std::fs::read(&volume).expect("read"),
+    );
+    file.write_all_at(&[0x22; 4096], 2 << 20).expect("write");
+    for extra in [&["--full"][..], &["--max-chain-length", "1"][..]] {
+        let mut args = vec!["--changed-ranges", s(&ranges)];
+        args.extend_from_slice(extra);
+        let id = backup(&target, &volume, &args);
+        restore_and_check(
+            &target,
+            dir.path(),
+            &id,
+            "",
+            &std::fs::read(&volume).expect("read"),
+        );
+    }
+}
+
+/// Digests of another geometry than their backup's (another volume's side file put there by
+/// hand, with its manifest's size and CRC): the next backup is a full one that says so, and
+/// the one after it an incremental again (before, every later incremental failed).
+#[test]
+fn digests_of_another_geometry_make_the_next_backup_full() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    let volume = dir.path().join("volume.raw");
+    let file = std::fs::File::create(&volume).expect("volume");
+    file.set_len(4 << 20).expect("size");
+    file.write_all_at(&[1; 65536], 0).expect("write");
+    let latest = backup(&target, &volume, &[]);
+    // Another volume of 4 KiB clusters in the same target; its digests go over vol1's.
+    let other = ok(strata(&[
+        "backup",
+        "--quiet",
+        "--target",
+        s(&target),
+        "--volume",
+        "other",
+        "--cluster-size",
+        "4096",
+        s(&volume),
+    ]));
+    let other = other.lines().last().expect("id").trim().to_owned();
+    let theirs = std::fs::read(target.join(format!("volumes/other/files/{other}/digests")))
+        .expect("their digests");
+    std::fs::write(
+        target.join(format!("volumes/vol1/files/{latest}/digests")),
+        &theirs,
+    )
+    .expect("swap");
+    let manifest = target.join(format!("volumes/vol1/backups/{latest}.json"));
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
+    let entry = json["files"]
+        .as_array_mut()
+        .expect("files")
+        .iter_mut()
+        .find(|f| f["name"] == "digests")
+        .expect("digests entry");
+    entry["size"] = theirs.len().into();
+    entry["checksums"]["crc32"] = format!("{:08x}", crc32fast::hash(&theirs)).into();
+    std::fs::write(&manifest, serde_json::to_vec(&json).expect("json")).expect("manifest");
+
+    file.write_all_at(&[2; 65536], 1 << 20).expect("write");
+    let out = backup_output(&target, &volume, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full = backup_id_of(&out);
+    let text = std::fs::read_to_string(target.join(format!("volumes/vol1/backups/{full}.json")))
+        .expect("manifest");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(json["parent"], serde_json::Value::Null, "{stdout}");
+    assert!(
+        json["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cover 4096 byte clusters")),
+        "{text}"
+    );
+    file.write_all_at(&[3; 65536], 2 << 20).expect("write");
+    let next = backup(&target, &volume, &[]);
+    let text = std::fs::read_to_string(target.join(format!("volumes/vol1/backups/{next}.json")))
+        .expect("manifest");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(json["parent"].as_str(), Some(full.as_str()));
+}
+
 /// A chain the latest backup stands on, broken under it (its base image deleted, an image
 /// cut short, a parent's manifest deleted): the next backup is a full one that says which
 /// backup is wanting, rather than an incremental that could never restore, and it and the

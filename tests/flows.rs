@@ -193,3 +193,36 @@ fn prune_keeps_a_backup_being_read_and_removes_the_others() {
     assert_eq!(pruned.being_read, []);
     assert!(restore(&target, &volume, &b1.id) == b1_bytes);
 }
+
+/// Changed ranges are used only over the backup they are since: decided once the new backup's
+/// parent is fixed (another backup may commit between the caller's look and the backup), and
+/// digests are compared otherwise.
+#[test]
+fn changed_ranges_since_another_backup_than_the_parent_are_not_used() {
+    let target = Target::open("memory://").expect("memory target");
+    let volume = VolumeName::new("db").expect("name");
+    let file = tempfile::NamedTempFile::new().expect("volume");
+    file.as_file().set_len(4 << 20).expect("size");
+    let base = write_and_back_up(&target, &volume, file.as_file(), 0, 4096, 1);
+    let second = write_and_back_up(&target, &volume, file.as_file(), 1 << 20, 4096, 2);
+    // Ranges saying nothing changed, over each backup in turn.
+    let over = |since: &strata::target::BackupId, byte: u8| {
+        file.as_file()
+            .write_all_at(&[byte; 4096], 2 << 20)
+            .expect("write");
+        let options = strata::BackupOptions {
+            changed_ranges: Some(Vec::new()),
+            changed_since: Some(since.clone()),
+            ..Default::default()
+        };
+        strata::backup_volume(&target, &volume, file.as_file(), &options, &mut |_| {})
+            .expect("backup")
+    };
+    // Since the base, not the parent: digests find the change.
+    let third = over(&base.id, 3);
+    assert_eq!(third.parent.as_ref(), Some(&second.id));
+    assert!(restore(&target, &volume, &third.id) == std::fs::read(file.path()).expect("read"));
+    // Since the parent: the ranges are trusted, so the unlisted change is not seen.
+    let fourth = over(&third.id, 4);
+    assert_eq!(restore(&target, &volume, &fourth.id)[2 << 20], 3);
+}

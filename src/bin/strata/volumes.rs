@@ -270,9 +270,20 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let volume = VolumeName::new(&args.job.volume)?;
     let changed_ranges = match &args.job.changed_ranges {
         Some(path) if usable_ranges(&target, &volume, path, args.job.changed_since.as_deref())? => {
-            Some(strata::chain::parse_changed_ranges(
-                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            )?)
+            let read =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // Ranges that do not parse only make the backup compare digests: slower, as
+            // exact.
+            match strata::chain::parse_changed_ranges(&read) {
+                Ok(ranges) => Some(ranges),
+                Err(e) => {
+                    eprintln!(
+                        "strata: the changed ranges at {} do not read ({e}); comparing digests",
+                        path.display()
+                    );
+                    None
+                }
+            }
         }
         _ => None,
     };
@@ -289,6 +300,12 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let options = strata::BackupOptions {
         full: args.job.full,
         changed_ranges,
+        changed_since: args
+            .job
+            .changed_since
+            .as_deref()
+            .map(BackupId::new)
+            .transpose()?,
         cluster_size: args.cluster_size,
         digests: match args.digests.unwrap_or(DigestChoice::Blake3) {
             DigestChoice::Blake3 => strata::chain::DigestAlgorithm::Blake3,
