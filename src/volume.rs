@@ -488,8 +488,12 @@ pub fn restore_volume_with(
         partial.as_path()
     };
     let out = open_destination(written)?;
-    if let Some(old) = existing.as_ref().filter(|_| !device && !mounted) {
-        keep_owner_and_mode(&out, written, old)?;
+    if let Some(old) = existing.as_ref().filter(|_| !device && !mounted)
+        && let Err(e) = keep_owner_and_mode(&out, written, old)
+    {
+        // Nothing was restored: the partial file goes, the destination stays as it was.
+        let _ = std::fs::remove_file(written);
+        return Err(e);
     }
     let total_bytes = chain.image.virtual_size();
     if device {

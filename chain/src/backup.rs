@@ -243,7 +243,14 @@ impl State<'_> {
                 }
                 let differs = match self.source {
                     ChangeSource::Full => !zero,
-                    ChangeSource::ChangedRanges { .. } => true,
+                    // The ranges say where to look (changed-block tracking reports in coarse
+                    // blocks, and may list what was written with the same bytes): with the
+                    // previous digests, a cluster read is stored only if it differs, so an
+                    // overlay holds the changed clusters whatever the ranges' grain.
+                    ChangeSource::ChangedRanges {
+                        previous: Some(_), ..
+                    } => new_digest != self.cursor.get(index)?,
+                    ChangeSource::ChangedRanges { previous: None, .. } => true,
                     ChangeSource::Digests { .. } => new_digest != self.cursor.get(index)?,
                     ChangeSource::Compare { .. } => chunk.differs.get(i).copied().unwrap_or(true),
                 };

@@ -369,3 +369,47 @@ fn full_backup_of_a_sparse_volume_costs_its_data_not_its_size() {
         .len();
     assert!(image_len < 20 << 20, "image of {image_len} bytes");
 }
+
+/// Ranges coarser than the change (changed-block tracking reports in blocks, doubling as it
+/// merges them): the overlay stores only the clusters that differ from the previous point.
+#[test]
+fn ranges_wider_than_the_change_store_only_the_changed_clusters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = dir.path().join("volume.raw");
+    let size = 16 * CLUSTER;
+    std::fs::write(&volume, vec![0u8; size as usize]).expect("volume");
+    apply(
+        &volume,
+        &[Change::Write {
+            offset: 0,
+            len: 8 * CLUSTER,
+            byte: 0x5a,
+        }],
+    );
+    let mut repo = Repo::new(dir.path());
+    repo.take(&volume, "full", &[]);
+    apply(
+        &volume,
+        &[Change::Write {
+            offset: 3 * CLUSTER + 100,
+            len: 4096,
+            byte: 0x77,
+        }],
+    );
+    let everything = [ByteRange {
+        offset: 0,
+        length: size,
+    }];
+    let outcome = repo.take(&volume, "ranges", &everything);
+    assert_eq!(
+        outcome.progress.changed_clusters, 1,
+        "{:?}",
+        outcome.progress
+    );
+    assert_eq!(
+        outcome.progress.zeroed_clusters, 0,
+        "{:?}",
+        outcome.progress
+    );
+    assert!(repo.restore(1) == std::fs::read(&volume).expect("read"));
+}
