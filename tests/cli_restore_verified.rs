@@ -489,6 +489,19 @@ fn a_flipped_byte_in_a_compressed_cluster_that_still_decompresses_fails_its_chec
     assert!(!dest.exists());
 }
 
+/// `strata prune --keep-last 1` of the fixture's volume.
+fn prune_to_one(f: &Fixture) -> std::process::Output {
+    strata(&[
+        "prune",
+        "--target",
+        s(&f.target),
+        "--volume",
+        "vol1",
+        "--keep-last",
+        "1",
+    ])
+}
+
 #[test]
 fn prune_refuses_to_fold_a_cluster_that_fails_its_checksum() {
     let f = Fixture::new();
@@ -498,15 +511,7 @@ fn prune_refuses_to_fold_a_cluster_that_fails_its_checksum() {
         host_offset(&f.image(&f.base), guest) + 1,
         0x20,
     );
-    let out = strata(&[
-        "prune",
-        "--target",
-        s(&f.target),
-        "--volume",
-        "vol1",
-        "--keep-last",
-        "1",
-    ]);
+    let out = prune_to_one(&f);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -685,15 +690,7 @@ fn a_prune_that_finds_a_base_damaged_marks_it_and_still_folds_the_others() {
         host_offset(&f.image(&f.base), guest) + 10,
         0xff,
     );
-    let out = strata(&[
-        "prune",
-        "--keep-last",
-        "1",
-        "--target",
-        s(&f.target),
-        "--volume",
-        "vol1",
-    ]);
+    let out = prune_to_one(&f);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

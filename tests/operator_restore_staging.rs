@@ -520,11 +520,11 @@ async fn the_restores_snapshot_class_overrides_the_default_choice() {
     assert_eq!(taken["spec"]["volumeSnapshotClassName"], "hostpath-retain");
 }
 
-/// Issue 16 item 5: a Restore into another namespace cannot own what it makes there (owner
-/// references do not cross namespaces); deleted mid-way, its finalizer deletes its Jobs and
-/// staging objects there by name, and leaves the claims it restored.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_namespace() {
+/// A Restore into `shop-copy` with its Filesystem volume staged (Job done, staging PVC and
+/// snapshot made), its status' volumes then emptied when `lose_volumes` (a status write lost
+/// after its objects were made), deleted: its finalizer removes its Jobs and staging objects
+/// there, by name or by the run's labels, leaves the claims it restored, and goes.
+async fn staged_then_deleted(lose_volumes: bool) {
     let folder = tempfile::tempdir().unwrap();
     let mock = cluster(folder.path());
     let ctx = mock.context();
@@ -549,6 +549,14 @@ async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_na
         restore(&mock).metadata.finalizers,
         Some(vec![strata::operator::reconcile::FINALIZER.to_owned()])
     );
+    if lose_volumes {
+        update(
+            &mock,
+            &format!("{RESTORES}/copy"),
+            json!({"status": {"volumes": []}}),
+        );
+        assert!(restore(&mock).status.unwrap().volumes.is_empty());
+    }
 
     kube::Api::<Restore>::namespaced(mock.client(), "shop")
         .delete("copy", &Default::default())
@@ -568,38 +576,17 @@ async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_na
     );
 }
 
-/// A Restore whose status lost the volumes it had started (a status write that failed after
-/// its objects were made), deleted, still removes its Jobs and staging objects in the mapped
-/// namespace: they are found by the run's labels, and the restored claim stays.
+/// Issue 16 item 5: a Restore into another namespace cannot own what it makes there (owner
+/// references do not cross namespaces); deleted mid-way, its finalizer deletes its Jobs and
+/// staging objects there by name, and leaves the claims it restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_restore_removes_its_jobs_and_staging_objects_in_the_mapped_namespace() {
+    staged_then_deleted(false).await;
+}
+
+/// A Restore whose status lost the volumes it had started, deleted, still removes its Jobs and
+/// staging objects in the mapped namespace: they are found by the run's labels.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_restore_whose_status_lost_its_volumes_still_removes_its_staging_objects() {
-    let folder = tempfile::tempdir().unwrap();
-    let mock = cluster(folder.path());
-    let ctx = mock.context();
-    backed_up(&mock, &ctx, folder.path()).await;
-    let key = mock.run_key("restores", "copy", "shop-copy", "data");
-    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
-    let job = key.name(Role::Datamover);
-    update(&mock, &format!("{COPY_JOBS}/{job}"), complete());
-    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
-    let staging = key.name(Role::Volume);
-    let snapshot = key.name(Role::Snapshot);
-    assert!(mock.get(&format!("{COPY_PVCS}/{staging}")).is_some());
-    assert!(mock.get(&format!("{COPY_SNAPSHOTS}/{snapshot}")).is_some());
-    update(
-        &mock,
-        &format!("{RESTORES}/copy"),
-        json!({"status": {"volumes": []}}),
-    );
-    assert!(restore(&mock).status.unwrap().volumes.is_empty());
-
-    kube::Api::<Restore>::namespaced(mock.client(), "shop")
-        .delete("copy", &Default::default())
-        .await
-        .unwrap();
-    reconcile_restore(&restore(&mock), &ctx).await.unwrap();
-    assert!(mock.get(&format!("{RESTORES}/copy")).is_none());
-    assert!(mock.names_under(COPY_JOBS).is_empty());
-    assert!(mock.names_under(COPY_SNAPSHOTS).is_empty());
-    assert_eq!(mock.names_under(COPY_PVCS), ["raw"]);
+    staged_then_deleted(true).await;
 }

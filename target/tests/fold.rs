@@ -458,9 +458,10 @@ fn a_child_manifest_changed_during_the_fold_is_not_overwritten() -> TestResult {
     Ok(())
 }
 
-/// A second fold of the same parent is refused while the first one's intent stands.
-#[test]
-fn a_second_fold_of_the_same_parent_is_refused() -> TestResult {
+/// Folds p0 into p1 of a 3-deep chain and, while its intent stands, tries a fold of
+/// `second`: it is refused, naming p0's fold. The first fold commits; the refused one left
+/// no intent behind, and p2 reads as it did.
+fn a_second_fold_while_p0_folds(second: &str) -> TestResult {
     let dir = tempfile::tempdir()?;
     let ids = ids(3);
     let points = make_chain(dir.path(), &ids)?;
@@ -469,13 +470,14 @@ fn a_second_fold_of_the_same_parent_is_refused() -> TestResult {
     let v = VolumeName::new("fold")?;
     store_chain(&f.target, &v, &ids, &points)?;
     let other = f.reopen();
+    let second: BackupId = second.parse()?;
     let folded = f
         .target
         .fold_into_child(&v, &"p0".parse()?, |mut sink, _| {
-            let second = other.fold_into_child(&v, &"p0".parse()?, |_, _| Ok(Vec::new()));
+            let refused = other.fold_into_child(&v, &second, |_, _| Ok(Vec::new()));
             assert!(
-                matches!(second, Err(Error::FoldInProgress { ref parent, .. }) if parent == "p0"),
-                "{second:?}"
+                matches!(refused, Err(Error::FoldInProgress { ref parent, .. }) if parent == "p0"),
+                "{refused:?}"
             );
             stream_into(&mut sink, &merged).map_err(|e| Error::Upload {
                 path: "merged".into(),
@@ -484,39 +486,6 @@ fn a_second_fold_of_the_same_parent_is_refused() -> TestResult {
             Ok(Vec::new())
         })?;
     assert_eq!(folded.parent, None);
-    assert!(restore(&f.target, &v, &bid("p2"))? == points[2].raw);
-    Ok(())
-}
-
-/// A fold of another parent of the same volume is refused while the first one's intent
-/// stands: folding p1 into p2 while p0 is folded into p1 would merge p1 as it was before the
-/// first fold, over the backing file the first one removes.
-#[test]
-fn a_fold_of_a_neighbouring_parent_waits_for_the_first() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let ids = ids(3);
-    let points = make_chain(dir.path(), &ids)?;
-    let merged = merged_image(dir.path(), &ids, 0)?;
-    let f = fixture(Kind::Local);
-    let v = VolumeName::new("fold")?;
-    store_chain(&f.target, &v, &ids, &points)?;
-    let other = f.reopen();
-    let folded = f
-        .target
-        .fold_into_child(&v, &"p0".parse()?, |mut sink, _| {
-            let second = other.fold_into_child(&v, &"p1".parse()?, |_, _| Ok(Vec::new()));
-            assert!(
-                matches!(second, Err(Error::FoldInProgress { ref parent, .. }) if parent == "p0"),
-                "{second:?}"
-            );
-            stream_into(&mut sink, &merged).map_err(|e| Error::Upload {
-                path: "merged".into(),
-                reason: e.to_string(),
-            })?;
-            Ok(Vec::new())
-        })?;
-    assert_eq!(folded.parent, None);
-    // The refused fold left no intent behind: the next fold of p1 runs.
     assert!(
         other
             .recover_folds(&v, std::time::Duration::ZERO)?
@@ -524,4 +493,18 @@ fn a_fold_of_a_neighbouring_parent_waits_for_the_first() -> TestResult {
     );
     assert!(restore(&f.target, &v, &bid("p2"))? == points[2].raw);
     Ok(())
+}
+
+/// A second fold of the same parent is refused while the first one's intent stands.
+#[test]
+fn a_second_fold_of_the_same_parent_is_refused() -> TestResult {
+    a_second_fold_while_p0_folds("p0")
+}
+
+/// A fold of another parent of the same volume is refused while the first one's intent
+/// stands: folding p1 into p2 while p0 is folded into p1 would merge p1 as it was before the
+/// first fold, over the backing file the first one removes.
+#[test]
+fn a_fold_of_a_neighbouring_parent_waits_for_the_first() -> TestResult {
+    a_second_fold_while_p0_folds("p1")
 }
