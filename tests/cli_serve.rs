@@ -77,15 +77,17 @@ fn serve_image_serves_a_local_chain() {
     run("qemu-io", &["-c", "write -P 0x5a 1M 64k", b]);
     let served = serve(&["serve-image", b, "--export", "vol"]);
     assert!(served.1.ends_with("/vol"), "{}", served.1);
-    let reference = dir.path().join("reference.raw");
+    assert_serves(&served.1, b, dir.path());
+}
+
+/// What `url` serves is what `qemu-img convert` reads of `image`.
+fn assert_serves(url: &str, image: &str, dir: &Path) {
+    let reference = dir.join("reference.raw");
     run(
         "qemu-img",
-        &["convert", "-O", "raw", b, reference.to_str().unwrap()],
+        &["convert", "-O", "raw", image, reference.to_str().unwrap()],
     );
-    assert_eq!(
-        copy_over_nbd(&served.1, dir.path()),
-        std::fs::read(reference).unwrap()
-    );
+    assert_eq!(copy_over_nbd(url, dir), std::fs::read(reference).unwrap());
 }
 
 #[test]
@@ -117,16 +119,8 @@ fn serve_image_outlives_running_out_of_file_descriptors() {
         "the server ended when it ran out of descriptors"
     );
     drop(clients);
-    let reference = dir.path().join("reference.raw");
-    run(
-        "qemu-img",
-        &["convert", "-O", "raw", b, reference.to_str().unwrap()],
-    );
     // The clients gone, it serves again.
-    assert_eq!(
-        copy_over_nbd(&served.1, dir.path()),
-        std::fs::read(reference).unwrap()
-    );
+    assert_serves(&served.1, b, dir.path());
 }
 
 #[test]
