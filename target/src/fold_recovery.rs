@@ -541,6 +541,31 @@ mod tests {
         }
     }
 
+    /// Stores `intent` as its parent's intent record on `volume`.
+    fn put_intent(target: &crate::Target, volume: &VolumeName, intent: &FoldIntent) {
+        let (volume, intent) = (volume.clone(), intent.clone());
+        target
+            .block("test", move |inner| async move {
+                let path = inner.layout.fold_intent(&volume, &intent.parent);
+                inner.put(&path, to_json(&intent).into()).await
+            })
+            .unwrap();
+    }
+
+    /// The intent record of `parent` on `volume`.
+    fn read_intent(
+        target: &crate::Target,
+        volume: &VolumeName,
+        parent: &BackupId,
+    ) -> Result<bytes::Bytes> {
+        let (volume, parent) = (volume.clone(), parent.clone());
+        target.block("test", move |inner| async move {
+            inner
+                .get_bytes(&inner.layout.fold_intent(&volume, &parent))
+                .await
+        })
+    }
+
     #[test]
     fn rolling_back_a_stopped_fold_leaves_a_later_folds_intent_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -551,39 +576,15 @@ mod tests {
         later.writer = "fold-fedcba9876543210".into();
         later.image = fold_image_name(&later.child, &later.writer);
         later.files = format!("files/{}/{}", later.child, later.writer);
-        let (volume_c, later_c) = (volume.clone(), later.clone());
-        target
-            .block("test", move |inner| async move {
-                let path = inner.layout.fold_intent(&volume_c, &later_c.parent);
-                inner.put(&path, to_json(&later_c).into()).await
-            })
-            .unwrap();
+        put_intent(&target, &volume, &later);
         // The child has no manifest naming the merged image: the stopped fold is rolled back.
         target.recover_fold(&volume, &stopped).unwrap();
-        let (volume_c, parent) = (volume.clone(), later.parent.clone());
-        let kept = target
-            .block("test", move |inner| async move {
-                let path = inner.layout.fold_intent(&volume_c, &parent);
-                inner.get_bytes(&path).await
-            })
-            .unwrap();
+        let kept = read_intent(&target, &volume, &later.parent).unwrap();
         assert_eq!(FoldIntent::parse("folds/x.json", &kept).unwrap(), later);
         // Its own record, once there, goes.
-        let (volume_c, stopped_c) = (volume.clone(), stopped.clone());
-        target
-            .block("test", move |inner| async move {
-                let path = inner.layout.fold_intent(&volume_c, &stopped_c.parent);
-                inner.put(&path, to_json(&stopped_c).into()).await
-            })
-            .unwrap();
+        put_intent(&target, &volume, &stopped);
         target.recover_fold(&volume, &stopped).unwrap();
-        let (volume_c, parent) = (volume.clone(), stopped.parent.clone());
-        let gone = target
-            .block("test", move |inner| async move {
-                let path = inner.layout.fold_intent(&volume_c, &parent);
-                inner.get_bytes(&path).await
-            })
-            .unwrap_err();
+        let gone = read_intent(&target, &volume, &stopped.parent).unwrap_err();
         assert!(matches!(gone, Error::NotFound { .. }), "{gone:?}");
     }
 
